@@ -1,0 +1,1 @@
+//! Table of RFC 7143 §13 keys and their negotiation rules. (implemented by the iscsi helper)

@@ -1,0 +1,81 @@
+//! SCSI device server, transport-independent: a command carries an I_T nexus identity,
+//! a LUN, a CDB and its Data-Out buffer, never an iSCSI type.
+//!
+//! Execution is synchronous and may block on backend I/O; the transport runs it on a
+//! blocking pool so the async runtime never waits on the disk.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// SCSI status codes (SAM-5).
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+    pub const CONDITION_MET: u8 = 0x04;
+    pub const BUSY: u8 = 0x08;
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+    pub const TASK_SET_FULL: u8 = 0x28;
+    pub const ACA_ACTIVE: u8 = 0x30;
+    pub const TASK_ABORTED: u8 = 0x40;
+}
+
+/// An I_T nexus: (initiator port, target port).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItNexus {
+    /// iSCSI initiator name (e.g. `iqn.1994-05.com.redhat:abc`).
+    pub initiator_name: String,
+    /// Initiator session id; part of the initiator port identity.
+    pub isid: [u8; 6],
+    pub target_name: String,
+    /// Target portal group tag; part of the target port identity.
+    pub tpgt: u16,
+    /// SCSI relative target port identifier (1-based, derived from the TPGT).
+    pub relative_port_id: u16,
+}
+
+impl ItNexus {
+    /// `InitiatorName,i,0x<ISID>` as in RFC 7143 §4.4.2.
+    pub fn initiator_port_id(&self) -> String {
+        format!("{},i,0x{}", self.initiator_name, hex::encode(self.isid))
+    }
+    /// `TargetName,t,0x<TPGT>`.
+    pub fn target_port_id(&self) -> String {
+        format!("{},t,0x{:04x}", self.target_name, self.tpgt)
+    }
+}
+
+/// SAM task attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+/// One SCSI command as the device server sees it.
+#[derive(Debug, Clone)]
+pub struct ScsiCommand {
+    pub nexus: Arc<ItNexus>,
+    /// The LUN as decoded by the transport (flat, 0-based).
+    pub lun: u64,
+    pub cdb: Bytes,
+    /// Data-Out as received (may be shorter than the CDB asks for, when the transport's
+    /// expected length was shorter).
+    pub data_out: Bytes,
+    /// Expected Data-In length from the transport; data_in longer than this is truncated by
+    /// the transport, which reports the residual.
+    pub data_in_len: u32,
+    pub attr: TaskAttr,
+}
+
+/// Result of executing a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScsiOutcome {
+    pub status: u8,
+    /// Encoded sense data (fixed or descriptor format, as the LUN's D_SENSE says).
+    pub sense: Option<Bytes>,
+    /// Data-In produced (already limited by the CDB's allocation/transfer length).
+    pub data_in: Bytes,
+}

@@ -1,0 +1,1 @@
+//! Block backends and durable LUN metadata. (implemented by the scsi/store helper)

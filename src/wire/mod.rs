@@ -1,0 +1,9 @@
+//! Wire layer: PDU codec (BHS, AHS, data segment, padding, digests) and the text
+//! key=value codec. Pure functions over bytes; no I/O.
+
+pub mod codec;
+pub mod pdu;
+pub mod text;
+
+pub use codec::{encode, DigestConfig, PduDecoder, WireError};
+pub use pdu::*;
