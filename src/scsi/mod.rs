@@ -4,6 +4,8 @@
 //! Execution is synchronous and may block on backend I/O; the transport runs it on a
 //! blocking pool so the async runtime never waits on the disk.
 
+pub mod backend;
+
 use bytes::Bytes;
 use std::sync::Arc;
 
