@@ -49,7 +49,10 @@ enum State {
     /// Waiting for CHAP_A.
     Algorithm,
     /// Challenge sent; waiting for CHAP_N / CHAP_R.
-    Response { id: u8, challenge: [u8; CHALLENGE_LEN] },
+    Response {
+        id: u8,
+        challenge: [u8; CHALLENGE_LEN],
+    },
     /// The initiator is authenticated (and the target too if asked).
     Done,
 }
@@ -96,7 +99,10 @@ impl ChapExchange {
         if creds.secret.len() < WEAK_SECRET_LEN {
             tracing::warn!(user = %creds.username, "CHAP secret shorter than {WEAK_SECRET_LEN} bytes is weak");
         }
-        Self { creds, state: State::Algorithm }
+        Self {
+            creds,
+            state: State::Algorithm,
+        }
     }
 
     /// Has the initiator proved its identity?
@@ -105,10 +111,18 @@ impl ChapExchange {
     }
 
     /// Feed the CHAP keys of one request; returns the keys to answer with.
-    pub fn step(&mut self, input: &ChapInput, rng: &mut dyn RngCore) -> Result<Vec<(String, String)>, ChapError> {
+    pub fn step(
+        &mut self,
+        input: &ChapInput,
+        rng: &mut dyn RngCore,
+    ) -> Result<Vec<(String, String)>, ChapError> {
         match self.state.clone() {
             State::Algorithm => {
-                if input.name.is_some() || input.response.is_some() || input.id.is_some() || input.challenge.is_some() {
+                if input.name.is_some()
+                    || input.response.is_some()
+                    || input.id.is_some()
+                    || input.challenge.is_some()
+                {
                     return Err(ChapError::OutOfOrder("CHAP_N/CHAP_R/CHAP_I/CHAP_C"));
                 }
                 let Some(algs) = &input.algorithms else {
@@ -161,7 +175,12 @@ impl ChapExchange {
         }
     }
 
-    fn answer_mutual(&self, id: &str, challenge: &str, ours: &[u8]) -> Result<Vec<(String, String)>, ChapError> {
+    fn answer_mutual(
+        &self,
+        id: &str,
+        challenge: &str,
+        ours: &[u8],
+    ) -> Result<Vec<(String, String)>, ChapError> {
         let Some((user, secret)) = &self.creds.mutual else {
             return Err(ChapError::MutualNotConfigured);
         };
@@ -182,7 +201,10 @@ impl ChapExchange {
             return Err(ChapError::SameSecret);
         }
         let response = chap_response(id, secret, &challenge);
-        Ok(vec![("CHAP_N".into(), user.clone()), ("CHAP_R".into(), encode_hex(&response))])
+        Ok(vec![
+            ("CHAP_N".into(), user.clone()),
+            ("CHAP_R".into(), encode_hex(&response)),
+        ])
     }
 }
 
@@ -309,7 +331,15 @@ mod tests {
         assert_eq!(c.len(), CHALLENGE_LEN);
         let r = encode_hex(&chap_response(id, b"alice-secret-123", &c));
         let out = x
-            .step(&input(&[("CHAP_N", "alice"), ("CHAP_R", &r), ("CHAP_I", "9"), ("CHAP_C", "0x0102030405")]), &mut rng)
+            .step(
+                &input(&[
+                    ("CHAP_N", "alice"),
+                    ("CHAP_R", &r),
+                    ("CHAP_I", "9"),
+                    ("CHAP_C", "0x0102030405"),
+                ]),
+                &mut rng,
+            )
             .unwrap();
         assert!(x.is_complete());
         assert_eq!(get(&out, "CHAP_N"), "target");
@@ -321,20 +351,40 @@ mod tests {
     fn failures() {
         let mut rng = StdRng::seed_from_u64(1);
         let mut x = ChapExchange::new(creds(false));
-        assert_eq!(x.step(&input(&[("CHAP_A", "6")]), &mut rng), Err(ChapError::NoAlgorithm("6".into())));
+        assert_eq!(
+            x.step(&input(&[("CHAP_A", "6")]), &mut rng),
+            Err(ChapError::NoAlgorithm("6".into()))
+        );
         let out = x.step(&input(&[("CHAP_A", "5")]), &mut rng).unwrap();
         let id: u8 = get(&out, "CHAP_I").parse().unwrap();
         let c = decode_binary(get(&out, "CHAP_C")).unwrap();
         let good = encode_hex(&chap_response(id, b"alice-secret-123", &c));
         let mut y = x.clone();
-        assert_eq!(y.step(&input(&[("CHAP_N", "alice")]), &mut rng), Err(ChapError::MissingResponse));
-        let mut y = x.clone();
-        assert_eq!(y.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", "0x00")]), &mut rng), Err(ChapError::WrongResponse));
-        let mut y = x.clone();
-        assert_eq!(y.step(&input(&[("CHAP_N", "bob"), ("CHAP_R", &good)]), &mut rng), Err(ChapError::WrongName("bob".into())));
+        assert_eq!(
+            y.step(&input(&[("CHAP_N", "alice")]), &mut rng),
+            Err(ChapError::MissingResponse)
+        );
         let mut y = x.clone();
         assert_eq!(
-            y.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", &good), ("CHAP_I", "1"), ("CHAP_C", "0x01")]), &mut rng),
+            y.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", "0x00")]), &mut rng),
+            Err(ChapError::WrongResponse)
+        );
+        let mut y = x.clone();
+        assert_eq!(
+            y.step(&input(&[("CHAP_N", "bob"), ("CHAP_R", &good)]), &mut rng),
+            Err(ChapError::WrongName("bob".into()))
+        );
+        let mut y = x.clone();
+        assert_eq!(
+            y.step(
+                &input(&[
+                    ("CHAP_N", "alice"),
+                    ("CHAP_R", &good),
+                    ("CHAP_I", "1"),
+                    ("CHAP_C", "0x01")
+                ]),
+                &mut rng
+            ),
             Err(ChapError::MutualNotConfigured)
         );
         // base64 response is accepted too.
@@ -352,7 +402,10 @@ mod tests {
             }
             s
         };
-        assert_eq!(x.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", &b64)]), &mut rng), Ok(vec![]));
+        assert_eq!(
+            x.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", &b64)]), &mut rng),
+            Ok(vec![])
+        );
     }
 
     #[test]
@@ -364,7 +417,15 @@ mod tests {
         let cs = get(&out, "CHAP_C").to_string();
         let c = decode_binary(&cs).unwrap();
         let r = encode_hex(&chap_response(id, b"alice-secret-123", &c));
-        let res = x.step(&input(&[("CHAP_N", "alice"), ("CHAP_R", &r), ("CHAP_I", &id.to_string()), ("CHAP_C", &cs)]), &mut rng);
+        let res = x.step(
+            &input(&[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &r),
+                ("CHAP_I", &id.to_string()),
+                ("CHAP_C", &cs),
+            ]),
+            &mut rng,
+        );
         assert_eq!(res, Err(ChapError::Reflection));
     }
 }

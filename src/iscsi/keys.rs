@@ -118,7 +118,12 @@ fn no(_: &TargetKeyPolicy) -> Ours {
     Ours::Bool(false)
 }
 
-const fn key(name: &'static str, rule: Rule, phase: Phase, ours: fn(&TargetKeyPolicy) -> Ours) -> KeyDef {
+const fn key(
+    name: &'static str,
+    rule: Rule,
+    phase: Phase,
+    ours: fn(&TargetKeyPolicy) -> Ours,
+) -> KeyDef {
     KeyDef {
         name,
         rule,
@@ -151,16 +156,29 @@ const fn identity(name: &'static str, sender: Sender) -> KeyDef {
 /// Every key the target understands. Anything else (including X-* and X#* keys) is
 /// answered NotUnderstood.
 pub static KEYS: &[KeyDef] = &[
-    KeyDef { scope: Scope::Connection, default: Some("None"), ..key("HeaderDigest", Rule::List, Phase::Operational, digests) },
-    KeyDef { scope: Scope::Connection, default: Some("None"), ..key("DataDigest", Rule::List, Phase::Operational, digests) },
+    KeyDef {
+        scope: Scope::Connection,
+        default: Some("None"),
+        ..key("HeaderDigest", Rule::List, Phase::Operational, digests)
+    },
+    KeyDef {
+        scope: Scope::Connection,
+        default: Some("None"),
+        ..key("DataDigest", Rule::List, Phase::Operational, digests)
+    },
     // Only one connection per session is supported.
     KeyDef {
         default: Some("1"),
         range: Some((1, 65535)),
         in_discovery: false,
-        ..key("MaxConnections", Rule::Min, Phase::Operational, |_| Ours::Num(1))
+        ..key("MaxConnections", Rule::Min, Phase::Operational, |_| {
+            Ours::Num(1)
+        })
     },
-    KeyDef { sender: Sender::Initiator, ..key("SendTargets", Rule::FullFeatureOnly, Phase::Any, nothing) },
+    KeyDef {
+        sender: Sender::Initiator,
+        ..key("SendTargets", Rule::FullFeatureOnly, Phase::Any, nothing)
+    },
     identity("TargetName", Sender::Initiator),
     identity("InitiatorName", Sender::Initiator),
     identity("TargetAlias", Sender::Target),
@@ -170,24 +188,35 @@ pub static KEYS: &[KeyDef] = &[
     KeyDef {
         default: Some("Yes"),
         in_discovery: false,
-        ..key("InitialR2T", Rule::Or, Phase::Operational, |p| Ours::Bool(p.initial_r2t))
+        ..key("InitialR2T", Rule::Or, Phase::Operational, |p| {
+            Ours::Bool(p.initial_r2t)
+        })
     },
     KeyDef {
         default: Some("Yes"),
         in_discovery: false,
-        ..key("ImmediateData", Rule::And, Phase::Operational, |p| Ours::Bool(p.immediate_data))
+        ..key("ImmediateData", Rule::And, Phase::Operational, |p| {
+            Ours::Bool(p.immediate_data)
+        })
     },
     KeyDef {
         scope: Scope::Connection,
         default: Some("8192"),
         range: LEN_RANGE,
-        ..key("MaxRecvDataSegmentLength", Rule::Declarative, Phase::Any, nothing)
+        ..key(
+            "MaxRecvDataSegmentLength",
+            Rule::Declarative,
+            Phase::Any,
+            nothing,
+        )
     },
     KeyDef {
         default: Some("262144"),
         range: LEN_RANGE,
         in_discovery: false,
-        ..key("MaxBurstLength", Rule::Min, Phase::Operational, |p| Ours::Num(p.max_burst_length))
+        ..key("MaxBurstLength", Rule::Min, Phase::Operational, |p| {
+            Ours::Num(p.max_burst_length)
+        })
     },
     KeyDef {
         default: Some("65536"),
@@ -197,46 +226,102 @@ pub static KEYS: &[KeyDef] = &[
         irrelevant: Some(|a| a.flag("InitialR2T") && !a.flag("ImmediateData")),
         // FirstBurstLength MUST NOT exceed MaxBurstLength.
         cap: Some(|a| a.num("MaxBurstLength")),
-        ..key("FirstBurstLength", Rule::Min, Phase::Operational, |p| Ours::Num(p.first_burst_length))
+        ..key("FirstBurstLength", Rule::Min, Phase::Operational, |p| {
+            Ours::Num(p.first_burst_length)
+        })
     },
     // We are happy with whatever wait the initiator wants.
-    KeyDef { default: Some("2"), range: TIME_RANGE, ..key("DefaultTime2Wait", Rule::Max, Phase::Operational, |_| Ours::Num(0)) },
-    KeyDef { default: Some("20"), range: TIME_RANGE, ..key("DefaultTime2Retain", Rule::Min, Phase::Operational, |_| Ours::Num(20)) },
+    KeyDef {
+        default: Some("2"),
+        range: TIME_RANGE,
+        ..key("DefaultTime2Wait", Rule::Max, Phase::Operational, |_| {
+            Ours::Num(0)
+        })
+    },
+    KeyDef {
+        default: Some("20"),
+        range: TIME_RANGE,
+        ..key("DefaultTime2Retain", Rule::Min, Phase::Operational, |_| {
+            Ours::Num(20)
+        })
+    },
     KeyDef {
         default: Some("1"),
         range: Some((1, 65535)),
         in_discovery: false,
-        ..key("MaxOutstandingR2T", Rule::Min, Phase::Operational, |p| Ours::Num(p.max_outstanding_r2t))
+        ..key("MaxOutstandingR2T", Rule::Min, Phase::Operational, |p| {
+            Ours::Num(p.max_outstanding_r2t)
+        })
     },
     // Data reassembly out of order is not implemented: insist on order.
-    KeyDef { default: Some("Yes"), in_discovery: false, ..key("DataPDUInOrder", Rule::Or, Phase::Operational, yes) },
-    KeyDef { default: Some("Yes"), in_discovery: false, ..key("DataSequenceInOrder", Rule::Or, Phase::Operational, yes) },
+    KeyDef {
+        default: Some("Yes"),
+        in_discovery: false,
+        ..key("DataPDUInOrder", Rule::Or, Phase::Operational, yes)
+    },
+    KeyDef {
+        default: Some("Yes"),
+        in_discovery: false,
+        ..key("DataSequenceInOrder", Rule::Or, Phase::Operational, yes)
+    },
     // Only ERL 0 is implemented.
-    KeyDef { default: Some("0"), range: Some((0, 2)), ..key("ErrorRecoveryLevel", Rule::Min, Phase::Operational, |_| Ours::Num(0)) },
-    KeyDef { sender: Sender::Initiator, default: Some("Normal"), ..identity("SessionType", Sender::Initiator) },
-    KeyDef { scope: Scope::Connection, default: Some("None"), ..key("AuthMethod", Rule::Auth, Phase::Security, nothing) },
+    KeyDef {
+        default: Some("0"),
+        range: Some((0, 2)),
+        ..key("ErrorRecoveryLevel", Rule::Min, Phase::Operational, |_| {
+            Ours::Num(0)
+        })
+    },
+    KeyDef {
+        sender: Sender::Initiator,
+        default: Some("Normal"),
+        ..identity("SessionType", Sender::Initiator)
+    },
+    KeyDef {
+        scope: Scope::Connection,
+        default: Some("None"),
+        ..key("AuthMethod", Rule::Auth, Phase::Security, nothing)
+    },
     auth("CHAP_A"),
     auth("CHAP_I"),
     auth("CHAP_C"),
     auth("CHAP_N"),
     auth("CHAP_R"),
     // Markers are obsolete (RFC 7143 §13.25); "No" keeps them off with RFC 3720 peers.
-    KeyDef { scope: Scope::Connection, default: Some("No"), ..key("OFMarker", Rule::And, Phase::Operational, no) },
-    KeyDef { scope: Scope::Connection, default: Some("No"), ..key("IFMarker", Rule::And, Phase::Operational, no) },
-    KeyDef { scope: Scope::Connection, ..key("OFMarkInt", Rule::Reject, Phase::Operational, nothing) },
-    KeyDef { scope: Scope::Connection, ..key("IFMarkInt", Rule::Reject, Phase::Operational, nothing) },
+    KeyDef {
+        scope: Scope::Connection,
+        default: Some("No"),
+        ..key("OFMarker", Rule::And, Phase::Operational, no)
+    },
+    KeyDef {
+        scope: Scope::Connection,
+        default: Some("No"),
+        ..key("IFMarker", Rule::And, Phase::Operational, no)
+    },
+    KeyDef {
+        scope: Scope::Connection,
+        ..key("OFMarkInt", Rule::Reject, Phase::Operational, nothing)
+    },
+    KeyDef {
+        scope: Scope::Connection,
+        ..key("IFMarkInt", Rule::Reject, Phase::Operational, nothing)
+    },
     // RFC 7143 §13.23: we implement neither ResponseFence nor FastAbort.
     KeyDef {
         default: Some("RFC3720"),
         in_discovery: false,
-        ..key("TaskReporting", Rule::List, Phase::Operational, |_| Ours::Values(&["RFC3720"]))
+        ..key("TaskReporting", Rule::List, Phase::Operational, |_| {
+            Ours::Values(&["RFC3720"])
+        })
     },
     // RFC 7143 §13.24: level 1 is RFC 7143 itself; RFC 7144 features (level 2) are not.
     KeyDef {
         default: Some("1"),
         range: Some((0, 31)),
         in_discovery: false,
-        ..key("iSCSIProtocolLevel", Rule::Min, Phase::Operational, |_| Ours::Num(1))
+        ..key("iSCSIProtocolLevel", Rule::Min, Phase::Operational, |_| {
+            Ours::Num(1)
+        })
     },
 ];
 
@@ -252,7 +337,10 @@ pub const REJECT: &str = "Reject";
 
 /// Parse a numerical value: decimal or `0x` hex (RFC 7143 §6.1).
 pub fn parse_number(value: &str) -> Option<u64> {
-    if let Some(hex) = value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
         if hex.is_empty() || hex.len() > 16 {
             return None;
         }
@@ -284,14 +372,23 @@ pub fn bool_str(b: bool) -> &'static str {
 ///
 /// `discovery` selects the Irrelevant rule for session-only keys; `agreed` feeds the
 /// cross-key rules. Returns None for keys that are not answered (declarations).
-pub fn answer(def: &KeyDef, value: &str, policy: &TargetKeyPolicy, discovery: bool, agreed: &dyn Agreed) -> Option<String> {
+pub fn answer(
+    def: &KeyDef,
+    value: &str,
+    policy: &TargetKeyPolicy,
+    discovery: bool,
+    agreed: &dyn Agreed,
+) -> Option<String> {
     if discovery && !def.in_discovery {
         return Some(IRRELEVANT.into());
     }
     if def.irrelevant.is_some_and(|f| f(agreed)) {
         return Some(IRRELEVANT.into());
     }
-    let in_range = |n: u64| def.range.map_or(true, |(lo, hi)| n >= u64::from(lo) && n <= u64::from(hi));
+    let in_range = |n: u64| {
+        def.range
+            .map_or(true, |(lo, hi)| n >= u64::from(lo) && n <= u64::from(hi))
+    };
     let ans = match (def.rule, (def.ours)(policy)) {
         (Rule::List, Ours::Values(supported)) => value
             .split(',')
@@ -310,7 +407,11 @@ pub fn answer(def: &KeyDef, value: &str, policy: &TargetKeyPolicy, discovery: bo
             Some(n) if in_range(n) => {
                 // In range, so it fits u32.
                 let n = n as u32;
-                let mut r = if def.rule == Rule::Min { n.min(ours) } else { n.max(ours) };
+                let mut r = if def.rule == Rule::Min {
+                    n.min(ours)
+                } else {
+                    n.max(ours)
+                };
                 if let Some(cap) = def.cap {
                     r = r.min(cap(agreed));
                 }
@@ -343,31 +444,54 @@ mod tests {
     struct Defaults;
     impl Agreed for Defaults {
         fn num(&self, key: &str) -> u32 {
-            lookup(key).and_then(|k| k.default).and_then(parse_number).map_or(0, |n| n as u32)
+            lookup(key)
+                .and_then(|k| k.default)
+                .and_then(parse_number)
+                .map_or(0, |n| n as u32)
         }
         fn flag(&self, key: &str) -> bool {
-            lookup(key).and_then(|k| k.default).and_then(parse_bool).unwrap_or(false)
+            lookup(key)
+                .and_then(|k| k.default)
+                .and_then(parse_bool)
+                .unwrap_or(false)
         }
     }
 
     fn ans(key: &str, value: &str) -> Option<String> {
-        answer(lookup(key).unwrap(), value, &TargetKeyPolicy::default(), false, &Defaults)
+        answer(
+            lookup(key).unwrap(),
+            value,
+            &TargetKeyPolicy::default(),
+            false,
+            &Defaults,
+        )
     }
 
     #[test]
     fn table_is_consistent() {
         for (i, k) in KEYS.iter().enumerate() {
-            assert!(KEYS[i + 1..].iter().all(|o| o.name != k.name), "duplicate {}", k.name);
+            assert!(
+                KEYS[i + 1..].iter().all(|o| o.name != k.name),
+                "duplicate {}",
+                k.name
+            );
             if let (Some(d), Some((lo, hi))) = (k.default, k.range) {
                 let n = parse_number(d).unwrap();
-                assert!(n >= lo.into() && n <= hi.into(), "{} default out of range", k.name);
+                assert!(
+                    n >= lo.into() && n <= hi.into(),
+                    "{} default out of range",
+                    k.name
+                );
             }
         }
     }
 
     #[test]
     fn numeric_rules() {
-        assert_eq!(ans("MaxBurstLength", "16776192").as_deref(), Some("1048576"));
+        assert_eq!(
+            ans("MaxBurstLength", "16776192").as_deref(),
+            Some("1048576")
+        );
         assert_eq!(ans("MaxBurstLength", "4096").as_deref(), Some("4096"));
         assert_eq!(ans("MaxBurstLength", "0x1000").as_deref(), Some("4096"));
         assert_eq!(ans("MaxBurstLength", "511").as_deref(), Some("Reject"));
@@ -384,7 +508,10 @@ mod tests {
         assert_eq!(ans("iSCSIProtocolLevel", "2").as_deref(), Some("1"));
         assert_eq!(ans("iSCSIProtocolLevel", "0").as_deref(), Some("0"));
         // FirstBurstLength is capped by (default) MaxBurstLength.
-        assert_eq!(ans("FirstBurstLength", "16776192").as_deref(), Some("262144"));
+        assert_eq!(
+            ans("FirstBurstLength", "16776192").as_deref(),
+            Some("262144")
+        );
     }
 
     #[test]
@@ -395,13 +522,22 @@ mod tests {
         assert_eq!(ans("DataPDUInOrder", "No").as_deref(), Some("Yes"));
         assert_eq!(ans("IFMarker", "Yes").as_deref(), Some("No"));
         assert_eq!(ans("OFMarkInt", "2048~8192").as_deref(), Some("Reject"));
-        assert_eq!(ans("HeaderDigest", "CRC32C,None").as_deref(), Some("CRC32C"));
+        assert_eq!(
+            ans("HeaderDigest", "CRC32C,None").as_deref(),
+            Some("CRC32C")
+        );
         assert_eq!(ans("HeaderDigest", "None,CRC32C").as_deref(), Some("None"));
         assert_eq!(ans("DataDigest", "MD5").as_deref(), Some("Reject"));
-        assert_eq!(ans("TaskReporting", "FastAbort,RFC3720").as_deref(), Some("RFC3720"));
+        assert_eq!(
+            ans("TaskReporting", "FastAbort,RFC3720").as_deref(),
+            Some("RFC3720")
+        );
         assert_eq!(ans("SendTargets", "All").as_deref(), Some("Irrelevant"));
         assert_eq!(ans("MaxRecvDataSegmentLength", "262144"), None);
-        assert_eq!(ans("MaxRecvDataSegmentLength", "100").as_deref(), Some("Reject"));
+        assert_eq!(
+            ans("MaxRecvDataSegmentLength", "100").as_deref(),
+            Some("Reject")
+        );
     }
 
     #[test]

@@ -4,3 +4,4 @@
 pub mod chap;
 pub mod keys;
 pub mod login;
+pub mod negotiation;
