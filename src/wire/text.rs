@@ -8,7 +8,9 @@ pub fn parse_text(data: &[u8]) -> Result<Vec<(String, String)>, WireError> {
     let mut out = Vec::new();
     for item in data.split(|&b| b == 0).filter(|i| !i.is_empty()) {
         let s = std::str::from_utf8(item).map_err(|_| WireError::Malformed("text not UTF-8"))?;
-        let (k, v) = s.split_once('=').ok_or(WireError::Malformed("text item without '='"))?;
+        let (k, v) = s
+            .split_once('=')
+            .ok_or(WireError::Malformed("text item without '='"))?;
         if k.is_empty() {
             return Err(WireError::Malformed("empty text key"));
         }
