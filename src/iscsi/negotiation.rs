@@ -186,6 +186,8 @@ impl Negotiation {
                 self.agreed.insert(name, ans);
                 Ok(())
             }
+            // Other answers made the key moot; its default stands.
+            Some(ans) if ans == keys::IRRELEVANT => Ok(()),
             _ => Err(NegotiationError::BadAnswer {
                 key: name,
                 value: value.into(),
@@ -198,25 +200,38 @@ impl Negotiation {
     /// nothing needs changing (the common case with default policies).
     pub fn target_offers(&mut self, policy: &TargetKeyPolicy) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for def in keys::KEYS {
-            if !matches!(
-                def.rule,
-                Rule::Min | Rule::Max | Rule::And | Rule::Or | Rule::List
-            ) || self.seen.contains_key(def.name)
-                || self.agreed.contains_key(def.name)
-                || self.offered.contains_key(def.name)
-            {
-                continue;
-            }
-            let Some(default) = def.default else { continue };
-            let Some(ans) = keys::answer(def, default, policy, self.discovery, self) else {
-                continue;
+        // Keys with cross-key rules are judged last, seeing our other offers as agreed.
+        for cross in [false, true] {
+            let view = if cross {
+                let mut v = self.clone();
+                v.agreed
+                    .extend(self.offered.iter().map(|(k, o)| (*k, o.clone())));
+                v
+            } else {
+                self.clone()
             };
-            if is_special_answer(&ans) || ans == default {
-                continue;
+            for def in keys::KEYS {
+                if (def.irrelevant.is_some() || def.cap.is_some()) != cross
+                    || !matches!(
+                        def.rule,
+                        Rule::Min | Rule::Max | Rule::And | Rule::Or | Rule::List
+                    )
+                    || self.seen.contains_key(def.name)
+                    || self.agreed.contains_key(def.name)
+                    || self.offered.contains_key(def.name)
+                {
+                    continue;
+                }
+                let Some(default) = def.default else { continue };
+                let Some(ans) = keys::answer(def, default, policy, self.discovery, &view) else {
+                    continue;
+                };
+                if is_special_answer(&ans) || ans == default {
+                    continue;
+                }
+                self.offered.insert(def.name, ans.clone());
+                out.push((def.name.to_string(), ans));
             }
-            self.offered.insert(def.name, ans.clone());
-            out.push((def.name.to_string(), ans));
         }
         out
     }
