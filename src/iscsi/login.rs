@@ -491,14 +491,14 @@ impl LoginMachine {
                 };
                 let creds = authority
                     .normal_session(&target, &initiator_name)
-                    .map_err(|s| (s, format!("target {target} refused")))?;
+                    .map_err(|s| (s, format!("{initiator_name} refused for target {target}")))?;
                 (Some(target), creds)
             }
             SessionType::Discovery => (
                 None,
                 authority
                     .discovery_session(&initiator_name)
-                    .map_err(|s| (s, "discovery refused".into()))?,
+                    .map_err(|s| (s, format!("{initiator_name} refused for discovery")))?,
             ),
         };
         if req.csg == OPERATIONAL && creds.is_some() {
