@@ -1,7 +1,13 @@
 //! Login phase state machine (RFC 7143 §6): security negotiation with CHAP, operational
 //! negotiation, stage transitions. (interface; implemented by the iscsi helper)
 
-use crate::wire::{LoginRequest, Pdu};
+use super::chap::{ChapExchange, ChapInput};
+use super::negotiation::Negotiation;
+use crate::wire::text::{encode_text, parse_text};
+use crate::wire::{Bhs, LoginRequest, LoginResponse, Pdu};
+use bytes::Bytes;
+use rand::rngs::{OsRng, StdRng};
+use rand::{RngCore, SeedableRng};
 
 /// Login status class/detail (RFC 7143 §11.13.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,22 +17,70 @@ pub struct LoginStatus {
 }
 
 impl LoginStatus {
-    pub const SUCCESS: Self = Self { class: 0, detail: 0 };
-    pub const INITIATOR_ERROR: Self = Self { class: 2, detail: 0 };
-    pub const AUTH_FAILURE: Self = Self { class: 2, detail: 1 };
-    pub const AUTHORIZATION_FAILURE: Self = Self { class: 2, detail: 2 };
-    pub const NOT_FOUND: Self = Self { class: 2, detail: 3 };
-    pub const TARGET_REMOVED: Self = Self { class: 2, detail: 4 };
-    pub const UNSUPPORTED_VERSION: Self = Self { class: 2, detail: 5 };
-    pub const TOO_MANY_CONNECTIONS: Self = Self { class: 2, detail: 6 };
-    pub const MISSING_PARAMETER: Self = Self { class: 2, detail: 7 };
-    pub const CANT_INCLUDE_IN_SESSION: Self = Self { class: 2, detail: 8 };
-    pub const SESSION_TYPE_NOT_SUPPORTED: Self = Self { class: 2, detail: 9 };
-    pub const SESSION_DOES_NOT_EXIST: Self = Self { class: 2, detail: 10 };
-    pub const INVALID_DURING_LOGIN: Self = Self { class: 2, detail: 11 };
-    pub const TARGET_ERROR: Self = Self { class: 3, detail: 0 };
-    pub const SERVICE_UNAVAILABLE: Self = Self { class: 3, detail: 1 };
-    pub const OUT_OF_RESOURCES: Self = Self { class: 3, detail: 2 };
+    pub const SUCCESS: Self = Self {
+        class: 0,
+        detail: 0,
+    };
+    pub const INITIATOR_ERROR: Self = Self {
+        class: 2,
+        detail: 0,
+    };
+    pub const AUTH_FAILURE: Self = Self {
+        class: 2,
+        detail: 1,
+    };
+    pub const AUTHORIZATION_FAILURE: Self = Self {
+        class: 2,
+        detail: 2,
+    };
+    pub const NOT_FOUND: Self = Self {
+        class: 2,
+        detail: 3,
+    };
+    pub const TARGET_REMOVED: Self = Self {
+        class: 2,
+        detail: 4,
+    };
+    pub const UNSUPPORTED_VERSION: Self = Self {
+        class: 2,
+        detail: 5,
+    };
+    pub const TOO_MANY_CONNECTIONS: Self = Self {
+        class: 2,
+        detail: 6,
+    };
+    pub const MISSING_PARAMETER: Self = Self {
+        class: 2,
+        detail: 7,
+    };
+    pub const CANT_INCLUDE_IN_SESSION: Self = Self {
+        class: 2,
+        detail: 8,
+    };
+    pub const SESSION_TYPE_NOT_SUPPORTED: Self = Self {
+        class: 2,
+        detail: 9,
+    };
+    pub const SESSION_DOES_NOT_EXIST: Self = Self {
+        class: 2,
+        detail: 10,
+    };
+    pub const INVALID_DURING_LOGIN: Self = Self {
+        class: 2,
+        detail: 11,
+    };
+    pub const TARGET_ERROR: Self = Self {
+        class: 3,
+        detail: 0,
+    };
+    pub const SERVICE_UNAVAILABLE: Self = Self {
+        class: 3,
+        detail: 1,
+    };
+    pub const OUT_OF_RESOURCES: Self = Self {
+        class: 3,
+        detail: 2,
+    };
 }
 
 /// CHAP secrets that apply to one login.
@@ -44,7 +98,11 @@ pub trait LoginAuthority {
     /// Normal session: may `initiator` log in to `target`? `Ok(None)` = no authentication
     /// required; `Ok(Some(c))` = CHAP required with `c`. Err = refuse with that status
     /// (NOT_FOUND for an unknown target, AUTHORIZATION_FAILURE for an ACL miss).
-    fn normal_session(&self, target: &str, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus>;
+    fn normal_session(
+        &self,
+        target: &str,
+        initiator: &str,
+    ) -> Result<Option<ChapCredentials>, LoginStatus>;
     /// Discovery session: same contract.
     fn discovery_session(&self, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus>;
     /// Resolve the TSIH of the login: 0 asks for a new session (return a fresh non-zero
@@ -143,22 +201,1278 @@ pub enum LoginStep {
     Fail(Pdu),
 }
 
+/// Command window granted at login: MaxCmdSN = ExpCmdSN + QUEUE_DEPTH - 1.
+pub const QUEUE_DEPTH: u32 = 128;
+
+/// Largest login text (all continuation pieces together) we buffer.
+pub const MAX_LOGIN_TEXT: usize = 64 * 1024;
+
+/// Login stages (CSG/NSG values, RFC 7143 §11.12.3).
+const SECURITY: u8 = 0;
+const OPERATIONAL: u8 = 1;
+const FULL_FEATURE: u8 = 3;
+
+/// Where authentication stands.
+#[derive(Debug)]
+enum Auth {
+    /// No AuthMethod agreed yet.
+    Pending,
+    /// AuthMethod=None agreed, or no security stage needed.
+    NotRequired,
+    /// AuthMethod=CHAP agreed.
+    Chap(Box<ChapExchange>),
+}
+
+/// Identity fixed by the leading request.
+#[derive(Debug, Clone)]
+struct Leading {
+    isid: [u8; 6],
+    tsih: u16,
+    cid: u16,
+    initiator_name: String,
+    initiator_alias: Option<String>,
+    target_name: Option<String>,
+    session_type: SessionType,
+    /// CHAP credentials the authority demands (None = no authentication).
+    creds: Option<ChapCredentials>,
+}
+
 /// Per-connection login state machine.
 #[derive(Debug)]
 pub struct LoginMachine {
     policy: TargetKeyPolicy,
+    rng: StdRng,
+    /// Header fields of the first request (ISID, TSIH, CID must not change).
+    first: Option<LoginRequest>,
+    leading: Option<Leading>,
+    /// Stage the next request must be in (its CSG).
+    stage: u8,
+    auth: Auth,
+    negotiation: Negotiation,
+    /// Text of a request split over several PDUs (C bit).
+    pending_text: Vec<u8>,
+    /// StatSN of the next response.
+    stat_sn: u32,
+    /// The first response with keys has been sent (target declarations done).
+    declared: bool,
+    finished: bool,
 }
 
 impl LoginMachine {
     pub fn new(policy: TargetKeyPolicy) -> Self {
-        Self { policy }
+        Self::with_rng(
+            policy,
+            StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::seed_from_u64(0)),
+        )
+    }
+
+    /// Deterministic randomness (CHAP identifiers/challenges, initial StatSN) for tests.
+    pub fn with_rng(policy: TargetKeyPolicy, mut rng: StdRng) -> Self {
+        let stat_sn = rng.next_u32();
+        Self {
+            policy,
+            rng,
+            first: None,
+            leading: None,
+            stage: SECURITY,
+            auth: Auth::Pending,
+            negotiation: Negotiation::default(),
+            pending_text: Vec::new(),
+            stat_sn,
+            declared: false,
+            finished: false,
+        }
     }
 
     /// Feed one PDU received during the login phase (normally a Login Request; anything
     /// else fails the login with INVALID_DURING_LOGIN).
     pub fn on_pdu(&mut self, pdu: &Pdu, authority: &dyn LoginAuthority) -> LoginStep {
-        let _ = (pdu, authority, &self.policy);
-        let _: Option<LoginRequest> = None;
-        todo!()
+        let Bhs::LoginRequest(req) = &pdu.bhs else {
+            let req = self.first.clone().unwrap_or_default();
+            return self.fail(
+                &req,
+                LoginStatus::INVALID_DURING_LOGIN,
+                "non-login PDU during login",
+            );
+        };
+        if self.finished {
+            return self.fail(
+                req,
+                LoginStatus::INITIATOR_ERROR,
+                "login request after the login ended",
+            );
+        }
+        match self.step(req, &pdu.data, authority) {
+            Ok(step) => step,
+            Err((status, reason)) => self.fail(req, status, &reason),
+        }
+    }
+
+    fn step(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        authority: &dyn LoginAuthority,
+    ) -> Result<LoginStep, (LoginStatus, String)> {
+        let err = |reason: &str| (LoginStatus::INITIATOR_ERROR, reason.to_string());
+        match &self.first {
+            None => {
+                // We speak version 0 only (RFC 7143 §11.12.4).
+                if req.version_min > 0 {
+                    return Err((
+                        LoginStatus::UNSUPPORTED_VERSION,
+                        format!("version {}..{}", req.version_min, req.version_max),
+                    ));
+                }
+                if req.csg != SECURITY && req.csg != OPERATIONAL {
+                    return Err(err("first request not in a negotiation stage"));
+                }
+                self.stage = req.csg;
+                self.first = Some(req.clone());
+            }
+            Some(first) => {
+                if (first.isid, first.tsih, first.cid) != (req.isid, req.tsih, req.cid) {
+                    return Err(err("ISID, TSIH or CID changed during login"));
+                }
+            }
+        }
+        if req.csg != self.stage {
+            return Err(err("CSG does not match the login stage"));
+        }
+        if req.transit && req.continue_ {
+            return Err(err("T and C both set"));
+        }
+        if req.transit
+            && !(req.nsg > req.csg && (req.nsg == OPERATIONAL || req.nsg == FULL_FEATURE))
+        {
+            return Err(err("invalid NSG"));
+        }
+        if self.pending_text.len() + data.len() > MAX_LOGIN_TEXT {
+            return Err(err("login text too long"));
+        }
+        self.pending_text.extend_from_slice(data);
+        if req.continue_ {
+            // More text follows: acknowledge with an empty response in the same stage.
+            return Ok(LoginStep::Continue(self.response(
+                req,
+                false,
+                req.csg,
+                Bytes::new(),
+            )));
+        }
+        let text = std::mem::take(&mut self.pending_text);
+        let pairs = parse_text(&text).map_err(|e| err(&format!("bad login text: {e}")))?;
+
+        if self.leading.is_none() {
+            self.leading = Some(self.admit(req, &pairs, authority)?);
+        }
+        let security = req.csg == SECURITY;
+        let batch = self
+            .negotiation
+            .process(&pairs, security, &self.policy)
+            .map_err(|e| err(&e.to_string()))?;
+        let mut out = batch.responses;
+        if security {
+            out.extend(self.authenticate(&batch.auth)?);
+        }
+
+        // Does the target agree to move on?
+        let mut transit = req.transit;
+        if transit && security {
+            transit = match &self.auth {
+                Auth::NotRequired => true,
+                Auth::Chap(x) => x.is_complete(),
+                Auth::Pending if self.creds().is_none() => true,
+                Auth::Pending => {
+                    return Err((
+                        LoginStatus::AUTH_FAILURE,
+                        "initiator skipped authentication".into(),
+                    ))
+                }
+            };
+        }
+        if transit && req.nsg == FULL_FEATURE && !security {
+            let offers = self.negotiation.target_offers(&self.policy);
+            if !offers.is_empty() || self.negotiation.pending_offers() {
+                out.extend(offers);
+                transit = false;
+            }
+        }
+
+        // Target declarations: TPGT and alias first, our receive limit once we negotiate.
+        let leading = self
+            .leading
+            .clone()
+            .ok_or_else(|| err("no leading request"))?;
+        if !self.declared {
+            self.declared = true;
+            if leading.session_type == SessionType::Normal {
+                out.push(("TargetPortalGroupTag".into(), authority.tpgt().to_string()));
+                if let Some(alias) = &self.policy.target_alias {
+                    out.push(("TargetAlias".into(), alias.clone()));
+                }
+            }
+        }
+        if !security || (transit && req.nsg == FULL_FEATURE) {
+            out.extend(self.negotiation.declare_mrdsl(&self.policy));
+        }
+
+        if !transit {
+            return Ok(LoginStep::Continue(self.response(
+                req,
+                false,
+                req.nsg,
+                encode_text(&out),
+            )));
+        }
+        if req.nsg != FULL_FEATURE {
+            self.stage = req.nsg;
+            return Ok(LoginStep::Continue(self.response(
+                req,
+                true,
+                req.nsg,
+                encode_text(&out),
+            )));
+        }
+        let tsih = authority
+            .resolve_tsih(&leading.initiator_name, leading.isid, leading.tsih)
+            .map_err(|s| (s, "TSIH not accepted".to_string()))?;
+        let mut pdu = self.response(req, true, FULL_FEATURE, encode_text(&out));
+        if let Bhs::LoginResponse(r) = &mut pdu.bhs {
+            r.tsih = tsih;
+        }
+        self.finished = true;
+        let outcome = LoginOutcome {
+            session_type: leading.session_type,
+            initiator_name: leading.initiator_name,
+            initiator_alias: leading.initiator_alias,
+            target_name: leading.target_name,
+            isid: leading.isid,
+            tsih,
+            cid: leading.cid,
+            session: self.negotiation.session_params(),
+            connection: self.negotiation.connection_params(&self.policy),
+            exp_cmd_sn: req.cmd_sn,
+            next_stat_sn: self.stat_sn,
+        };
+        tracing::info!(initiator = %outcome.initiator_name, target = ?outcome.target_name, tsih, "login complete");
+        Ok(LoginStep::Complete(pdu, Box::new(outcome)))
+    }
+
+    fn creds(&self) -> Option<&ChapCredentials> {
+        self.leading.as_ref().and_then(|l| l.creds.as_ref())
+    }
+
+    /// Checks of the leading (first complete) request: identity, session type, authority.
+    fn admit(
+        &mut self,
+        req: &LoginRequest,
+        pairs: &[(String, String)],
+        authority: &dyn LoginAuthority,
+    ) -> Result<Leading, (LoginStatus, String)> {
+        let get = |k: &str| pairs.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+        let Some(initiator_name) = get("InitiatorName").filter(|n| !n.is_empty()) else {
+            return Err((LoginStatus::MISSING_PARAMETER, "no InitiatorName".into()));
+        };
+        let session_type = match get("SessionType").as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(other) => {
+                return Err((
+                    LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
+                    format!("SessionType={other}"),
+                ))
+            }
+        };
+        let (target_name, creds) = match session_type {
+            SessionType::Normal => {
+                let Some(target) = get("TargetName").filter(|n| !n.is_empty()) else {
+                    return Err((LoginStatus::MISSING_PARAMETER, "no TargetName".into()));
+                };
+                let creds = authority
+                    .normal_session(&target, &initiator_name)
+                    .map_err(|s| (s, format!("{initiator_name} refused for target {target}")))?;
+                (Some(target), creds)
+            }
+            SessionType::Discovery => (
+                None,
+                authority
+                    .discovery_session(&initiator_name)
+                    .map_err(|s| (s, format!("{initiator_name} refused for discovery")))?,
+            ),
+        };
+        if req.csg == OPERATIONAL && creds.is_some() {
+            // RFC 7143 §6.3: a target that requires authentication fails a login that
+            // starts in operational negotiation.
+            return Err((
+                LoginStatus::AUTH_FAILURE,
+                "authentication required but security stage skipped".into(),
+            ));
+        }
+        if req.csg == OPERATIONAL {
+            self.auth = Auth::NotRequired;
+        }
+        self.negotiation = Negotiation::new(session_type == SessionType::Discovery);
+        Ok(Leading {
+            isid: req.isid,
+            tsih: req.tsih,
+            cid: req.cid,
+            initiator_name,
+            initiator_alias: get("InitiatorAlias"),
+            target_name,
+            session_type,
+            creds,
+        })
+    }
+
+    /// AuthMethod selection and the CHAP exchange of one security-stage request.
+    fn authenticate(
+        &mut self,
+        keys: &[(&'static str, String)],
+    ) -> Result<Vec<(String, String)>, (LoginStatus, String)> {
+        let auth_fail = |reason: String| (LoginStatus::AUTH_FAILURE, reason);
+        let mut out = Vec::new();
+        let mut chap = ChapInput::default();
+        let mut method = None;
+        for (k, v) in keys {
+            if !chap.set(k, v) {
+                method = Some(v.as_str());
+            }
+        }
+        if let Some(offered) = method {
+            if !matches!(self.auth, Auth::Pending) {
+                return Err((
+                    LoginStatus::INITIATOR_ERROR,
+                    "AuthMethod renegotiated".into(),
+                ));
+            }
+            let offered: Vec<&str> = offered.split(',').collect();
+            let answer = match self.creds().cloned() {
+                Some(creds) if offered.contains(&"CHAP") => {
+                    self.auth = Auth::Chap(Box::new(ChapExchange::new(creds)));
+                    "CHAP"
+                }
+                Some(_) => {
+                    return Err(auth_fail(format!(
+                        "CHAP required, initiator offered AuthMethod={}",
+                        offered.join(",")
+                    )))
+                }
+                None if offered.contains(&"None") => {
+                    self.auth = Auth::NotRequired;
+                    "None"
+                }
+                // We have no secret to run CHAP with; the initiator decides what next.
+                None => super::keys::REJECT,
+            };
+            out.push(("AuthMethod".to_string(), answer.to_string()));
+        }
+        if !chap.is_empty() {
+            let Auth::Chap(x) = &mut self.auth else {
+                return Err((
+                    LoginStatus::INITIATOR_ERROR,
+                    "CHAP keys without AuthMethod=CHAP".into(),
+                ));
+            };
+            out.extend(
+                x.step(&chap, &mut self.rng)
+                    .map_err(|e| auth_fail(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// A Login Response echoing `req`, taking the next StatSN.
+    fn response(&mut self, req: &LoginRequest, transit: bool, nsg: u8, data: Bytes) -> Pdu {
+        let stat_sn = self.stat_sn;
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        Pdu {
+            bhs: Bhs::LoginResponse(LoginResponse {
+                transit,
+                continue_: false,
+                csg: req.csg,
+                nsg: if transit { nsg } else { 0 },
+                version_max: 0,
+                version_active: 0,
+                isid: req.isid,
+                tsih: req.tsih,
+                itt: req.itt,
+                stat_sn,
+                exp_cmd_sn: req.cmd_sn,
+                max_cmd_sn: req.cmd_sn.wrapping_add(QUEUE_DEPTH - 1),
+                status_class: 0,
+                status_detail: 0,
+            }),
+            ahs: Vec::new(),
+            data,
+        }
+    }
+
+    /// End the login: a response with `status`, no keys, T=0.
+    fn fail(&mut self, req: &LoginRequest, status: LoginStatus, reason: &str) -> LoginStep {
+        self.finished = true;
+        let initiator = self
+            .leading
+            .as_ref()
+            .map_or("(unknown)", |l| l.initiator_name.as_str());
+        tracing::warn!(
+            initiator,
+            class = status.class,
+            detail = status.detail,
+            reason,
+            "login failed"
+        );
+        let mut pdu = self.response(req, false, 0, Bytes::new());
+        if let Bhs::LoginResponse(r) = &mut pdu.bhs {
+            r.status_class = status.class;
+            r.status_detail = status.detail;
+        }
+        LoginStep::Fail(pdu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::chap::{chap_response, decode_binary, encode_hex};
+    use md5::{Digest, Md5};
+    use proptest::prelude::*;
+
+    const TARGET: &str = "iqn.2026-01.org.holdfast:disk1";
+    const INITIATOR: &str = "iqn.2004-10.com.ubuntu:01:abcdef";
+
+    /// Authority with one target; CHAP if `creds` is set; one ACL entry.
+    struct Auth0 {
+        creds: Option<ChapCredentials>,
+    }
+
+    impl LoginAuthority for Auth0 {
+        fn normal_session(
+            &self,
+            target: &str,
+            initiator: &str,
+        ) -> Result<Option<ChapCredentials>, LoginStatus> {
+            if target != TARGET {
+                return Err(LoginStatus::NOT_FOUND);
+            }
+            if initiator != INITIATOR {
+                return Err(LoginStatus::AUTHORIZATION_FAILURE);
+            }
+            Ok(self.creds.clone())
+        }
+        fn discovery_session(
+            &self,
+            _initiator: &str,
+        ) -> Result<Option<ChapCredentials>, LoginStatus> {
+            Ok(self.creds.clone())
+        }
+        fn resolve_tsih(
+            &self,
+            _initiator: &str,
+            _isid: [u8; 6],
+            tsih: u16,
+        ) -> Result<u16, LoginStatus> {
+            match tsih {
+                0 => Ok(0x1234),
+                _ => Err(LoginStatus::SESSION_DOES_NOT_EXIST),
+            }
+        }
+        fn tpgt(&self) -> u16 {
+            7
+        }
+    }
+
+    fn plain() -> Auth0 {
+        Auth0 { creds: None }
+    }
+
+    fn chap_creds(mutual: bool) -> ChapCredentials {
+        ChapCredentials {
+            username: "node1".into(),
+            secret: b"node1-secret-0123".to_vec(),
+            mutual: mutual.then(|| ("holdfast".into(), b"target-secret-4567".to_vec())),
+        }
+    }
+
+    fn machine() -> LoginMachine {
+        LoginMachine::with_rng(TargetKeyPolicy::default(), StdRng::seed_from_u64(42))
+    }
+
+    fn req(csg: u8, nsg: u8, transit: bool, keys: &[(&str, &str)]) -> Pdu {
+        let mut data = Vec::new();
+        for (k, v) in keys {
+            data.extend_from_slice(format!("{k}={v}\0").as_bytes());
+        }
+        raw(csg, nsg, transit, false, data)
+    }
+
+    fn raw(csg: u8, nsg: u8, transit: bool, continue_: bool, data: Vec<u8>) -> Pdu {
+        Pdu {
+            bhs: Bhs::LoginRequest(LoginRequest {
+                transit,
+                continue_,
+                csg,
+                nsg,
+                version_max: 0,
+                version_min: 0,
+                isid: [0x80, 0, 0x02, 0x3d, 0, 1],
+                tsih: 0,
+                itt: 0x11,
+                cid: 0,
+                cmd_sn: 100,
+                exp_stat_sn: 0,
+            }),
+            ahs: vec![],
+            data: Bytes::from(data),
+        }
+    }
+
+    fn resp(step: &LoginStep) -> (&LoginResponse, Vec<(String, String)>) {
+        let pdu = match step {
+            LoginStep::Continue(p) | LoginStep::Complete(p, _) | LoginStep::Fail(p) => p,
+        };
+        let Bhs::LoginResponse(r) = &pdu.bhs else {
+            panic!("not a login response")
+        };
+        (r, parse_text(&pdu.data).unwrap())
+    }
+
+    fn get<'a>(keys: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        keys.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str())
+    }
+
+    fn status(step: &LoginStep) -> LoginStatus {
+        let (r, _) = resp(step);
+        LoginStatus {
+            class: r.status_class,
+            detail: r.status_detail,
+        }
+    }
+
+    fn assert_fail(step: &LoginStep, want: LoginStatus) {
+        assert!(
+            matches!(step, LoginStep::Fail(_)),
+            "expected failure, got {step:?}"
+        );
+        assert_eq!(status(step), want);
+        let (r, keys) = resp(step);
+        assert!(!r.transit && keys.is_empty());
+    }
+
+    fn leading(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut v = vec![
+            ("InitiatorName", INITIATOR),
+            ("InitiatorAlias", "node1"),
+            ("SessionType", "Normal"),
+            ("TargetName", TARGET),
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    /// What open-iscsi (iscsid) offers in operational negotiation for a normal session.
+    const OPEN_ISCSI_OPS: &[(&str, &str)] = &[
+        ("HeaderDigest", "None"),
+        ("DataDigest", "None"),
+        ("DefaultTime2Wait", "2"),
+        ("DefaultTime2Retain", "0"),
+        ("IFMarker", "No"),
+        ("OFMarker", "No"),
+        ("ErrorRecoveryLevel", "0"),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("MaxBurstLength", "16776192"),
+        ("FirstBurstLength", "262144"),
+        ("MaxOutstandingR2T", "1"),
+        ("MaxConnections", "1"),
+        ("DataPDUInOrder", "Yes"),
+        ("DataSequenceInOrder", "Yes"),
+        ("MaxRecvDataSegmentLength", "262144"),
+    ];
+
+    #[test]
+    fn open_iscsi_plain_login() {
+        let mut m = machine();
+        let a = plain();
+        let s = m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "None")])), &a);
+        let (r, keys) = resp(&s);
+        assert!(matches!(s, LoginStep::Continue(_)));
+        assert!(r.transit && r.csg == 0 && r.nsg == 1);
+        assert_eq!(
+            (r.itt, r.exp_cmd_sn, r.max_cmd_sn),
+            (0x11, 100, 100 + QUEUE_DEPTH - 1)
+        );
+        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
+        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        let first_stat_sn = r.stat_sn;
+
+        let s = m.on_pdu(&req(1, 3, true, OPEN_ISCSI_OPS), &a);
+        let (r, keys) = resp(&s);
+        assert!(r.transit && r.csg == 1 && r.nsg == 3);
+        assert_eq!(r.tsih, 0x1234);
+        assert_eq!(r.stat_sn, first_stat_sn.wrapping_add(1));
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("1048576"));
+        assert_eq!(get(&keys, "FirstBurstLength"), Some("262144"));
+        assert_eq!(get(&keys, "DefaultTime2Retain"), Some("0"));
+        assert_eq!(get(&keys, "InitialR2T"), Some("No"));
+        assert_eq!(get(&keys, "IFMarker"), Some("No"));
+        assert_eq!(get(&keys, "MaxRecvDataSegmentLength"), Some("262144"));
+        // Declarations are not answered: only ours appears.
+        assert_eq!(
+            keys.iter()
+                .filter(|(k, _)| k == "MaxRecvDataSegmentLength")
+                .count(),
+            1
+        );
+        let LoginStep::Complete(_, o) = s else {
+            panic!("not complete")
+        };
+        assert_eq!(o.session_type, SessionType::Normal);
+        assert_eq!(o.initiator_name, INITIATOR);
+        assert_eq!(o.initiator_alias.as_deref(), Some("node1"));
+        assert_eq!(o.target_name.as_deref(), Some(TARGET));
+        assert_eq!((o.tsih, o.cid, o.exp_cmd_sn), (0x1234, 0, 100));
+        assert_eq!(o.next_stat_sn, first_stat_sn.wrapping_add(2));
+        assert_eq!(
+            o.session,
+            SessionParams {
+                max_connections: 1,
+                initial_r2t: false,
+                immediate_data: true,
+                max_burst_length: 1048576,
+                first_burst_length: 262144,
+                default_time2wait: 2,
+                default_time2retain: 0,
+                max_outstanding_r2t: 1,
+                data_pdu_in_order: true,
+                data_sequence_in_order: true,
+                error_recovery_level: 0,
+            }
+        );
+        assert_eq!(
+            o.connection,
+            ConnectionParams {
+                header_digest: false,
+                data_digest: false,
+                initiator_max_recv_data_segment_length: 262144,
+                target_max_recv_data_segment_length: 262144,
+            }
+        );
+        // Anything after completion is refused.
+        assert_fail(
+            &m.on_pdu(&req(1, 3, true, &[]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+    }
+
+    #[test]
+    fn libiscsi_starts_in_operational_stage() {
+        let mut m = machine();
+        let mut keys = leading(&[]);
+        keys.extend_from_slice(&[
+            ("HeaderDigest", "None,CRC32C"),
+            ("DataDigest", "None"),
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "Yes"),
+            ("MaxBurstLength", "262144"),
+            ("FirstBurstLength", "262144"),
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("DataPDUInOrder", "Yes"),
+            ("DataSequenceInOrder", "Yes"),
+            ("DefaultTime2Wait", "2"),
+            ("DefaultTime2Retain", "0"),
+            ("MaxConnections", "1"),
+            ("ErrorRecoveryLevel", "0"),
+            ("IFMarker", "No"),
+            ("OFMarker", "No"),
+        ]);
+        let s = m.on_pdu(&req(1, 3, true, &keys), &plain());
+        let (r, keys) = resp(&s);
+        assert!(r.transit && r.nsg == 3);
+        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
+        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        let LoginStep::Complete(_, o) = s else {
+            panic!()
+        };
+        assert!(o.session.initial_r2t && o.session.immediate_data);
+        assert_eq!(o.session.first_burst_length, 262144);
+    }
+
+    #[test]
+    fn libiscsi_repeats_identity_in_operational_stage() {
+        let mut m = machine();
+        let a = plain();
+        let s = m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "None")])), &a);
+        assert!(resp(&s).0.transit);
+        let s = m.on_pdu(
+            &req(
+                1,
+                3,
+                true,
+                &[
+                    ("InitiatorName", INITIATOR),
+                    ("MaxRecvDataSegmentLength", "65536"),
+                ],
+            ),
+            &a,
+        );
+        assert!(matches!(s, LoginStep::Complete(..)), "{s:?}");
+        // ...but a changed identity is an error.
+        let mut m = machine();
+        m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "None")])), &a);
+        let s = m.on_pdu(&req(1, 3, true, &[("InitiatorName", "iqn.other")]), &a);
+        assert_fail(&s, LoginStatus::INITIATOR_ERROR);
+    }
+
+    #[test]
+    fn discovery_login() {
+        let mut m = machine();
+        let a = plain();
+        let s = m.on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("InitiatorName", INITIATOR),
+                    ("SessionType", "Discovery"),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            &a,
+        );
+        let (_, keys) = resp(&s);
+        assert_eq!(get(&keys, "TargetPortalGroupTag"), None);
+        let s = m.on_pdu(
+            &req(
+                1,
+                3,
+                true,
+                &[
+                    ("HeaderDigest", "None"),
+                    ("DataDigest", "None"),
+                    ("DefaultTime2Wait", "2"),
+                    ("DefaultTime2Retain", "0"),
+                    ("IFMarker", "No"),
+                    ("OFMarker", "No"),
+                    ("ErrorRecoveryLevel", "0"),
+                    ("MaxRecvDataSegmentLength", "32768"),
+                    ("MaxBurstLength", "262144"),
+                ],
+            ),
+            &a,
+        );
+        let (r, keys) = resp(&s);
+        assert!(r.transit);
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("Irrelevant"));
+        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
+        let LoginStep::Complete(_, o) = s else {
+            panic!()
+        };
+        assert_eq!(o.session_type, SessionType::Discovery);
+        assert_eq!(o.target_name, None);
+        assert_eq!(o.connection.initiator_max_recv_data_segment_length, 32768);
+    }
+
+    /// Runs the CHAP legs; returns (machine, step after CHAP_R, id, challenge).
+    fn chap_until_challenge(creds: ChapCredentials) -> (LoginMachine, Auth0, u8, Vec<u8>) {
+        let a = Auth0 { creds: Some(creds) };
+        let mut m = machine();
+        let s = m.on_pdu(
+            &req(0, 1, false, &leading(&[("AuthMethod", "CHAP,None")])),
+            &a,
+        );
+        let (r, keys) = resp(&s);
+        assert!(!r.transit);
+        assert_eq!(get(&keys, "AuthMethod"), Some("CHAP"));
+        let s = m.on_pdu(&req(0, 1, false, &[("CHAP_A", "5")]), &a);
+        let (r, keys) = resp(&s);
+        assert!(!r.transit);
+        assert_eq!(get(&keys, "CHAP_A"), Some("5"));
+        let id: u8 = get(&keys, "CHAP_I").unwrap().parse().unwrap();
+        let c = decode_binary(get(&keys, "CHAP_C").unwrap()).unwrap();
+        assert!(c.len() >= 16);
+        (m, a, id, c)
+    }
+
+    /// MD5(id || secret || challenge), computed here independently of chap.rs.
+    fn md5_hex(id: u8, secret: &[u8], challenge: &[u8]) -> String {
+        let mut h = Md5::new();
+        h.update([id]);
+        h.update(secret);
+        h.update(challenge);
+        format!("0x{}", hex::encode(h.finalize()))
+    }
+
+    #[test]
+    fn chap_one_way_success() {
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(false));
+        let r = md5_hex(id, b"node1-secret-0123", &c);
+        let s = m.on_pdu(&req(0, 1, true, &[("CHAP_N", "node1"), ("CHAP_R", &r)]), &a);
+        let (resp0, keys) = resp(&s);
+        assert!(
+            resp0.transit && resp0.nsg == 1 && keys.iter().all(|(k, _)| !k.starts_with("CHAP"))
+        );
+        let s = m.on_pdu(&req(1, 3, true, OPEN_ISCSI_OPS), &a);
+        assert!(matches!(s, LoginStep::Complete(..)));
+    }
+
+    #[test]
+    fn chap_transit_waits_for_response() {
+        // T=1 while the challenge is outstanding: the target answers T=0.
+        let a = Auth0 {
+            creds: Some(chap_creds(false)),
+        };
+        let mut m = machine();
+        let s = m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "CHAP")])), &a);
+        assert!(!resp(&s).0.transit);
+        let s = m.on_pdu(&req(0, 1, true, &[("CHAP_A", "5")]), &a);
+        assert!(!resp(&s).0.transit);
+    }
+
+    #[test]
+    fn chap_wrong_secret_and_user() {
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(false));
+        let r = md5_hex(id, b"wrong-secret-0000", &c);
+        assert_fail(
+            &m.on_pdu(&req(0, 1, true, &[("CHAP_N", "node1"), ("CHAP_R", &r)]), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(false));
+        let r = md5_hex(id, b"node1-secret-0123", &c);
+        assert_fail(
+            &m.on_pdu(&req(0, 1, true, &[("CHAP_N", "node2"), ("CHAP_R", &r)]), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+    }
+
+    #[test]
+    fn chap_mutual() {
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(true));
+        let r = md5_hex(id, b"node1-secret-0123", &c);
+        let ours = [9u8; 16];
+        let s = m.on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("CHAP_N", "node1"),
+                    ("CHAP_R", &r),
+                    ("CHAP_I", "77"),
+                    ("CHAP_C", &encode_hex(&ours)),
+                ],
+            ),
+            &a,
+        );
+        let (resp0, keys) = resp(&s);
+        assert!(resp0.transit);
+        assert_eq!(get(&keys, "CHAP_N"), Some("holdfast"));
+        assert_eq!(
+            get(&keys, "CHAP_R"),
+            Some(md5_hex(77, b"target-secret-4567", &ours).as_str())
+        );
+        assert_eq!(
+            decode_binary(get(&keys, "CHAP_R").unwrap()).unwrap(),
+            chap_response(77, b"target-secret-4567", &ours)
+        );
+    }
+
+    #[test]
+    fn chap_mutual_not_configured_and_reflection() {
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(false));
+        let r = md5_hex(id, b"node1-secret-0123", &c);
+        let s = m.on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("CHAP_N", "node1"),
+                    ("CHAP_R", &r),
+                    ("CHAP_I", "1"),
+                    ("CHAP_C", "0x0102"),
+                ],
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::AUTH_FAILURE);
+
+        let (mut m, a, id, c) = chap_until_challenge(chap_creds(true));
+        let r = md5_hex(id, b"node1-secret-0123", &c);
+        let s = m.on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("CHAP_N", "node1"),
+                    ("CHAP_R", &r),
+                    ("CHAP_I", &id.to_string()),
+                    ("CHAP_C", &encode_hex(&c)),
+                ],
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::AUTH_FAILURE);
+    }
+
+    #[test]
+    fn chap_required_but_not_offered_or_skipped() {
+        let a = Auth0 {
+            creds: Some(chap_creds(false)),
+        };
+        let mut m = machine();
+        assert_fail(
+            &m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "None")])), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+        let mut m = machine();
+        assert_fail(
+            &m.on_pdu(&req(1, 3, true, &leading(&[])), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+        let mut m = machine();
+        assert_fail(
+            &m.on_pdu(&req(0, 1, true, &leading(&[])), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+        // CHAP_A without MD5.
+        let mut m = machine();
+        m.on_pdu(&req(0, 1, false, &leading(&[("AuthMethod", "CHAP")])), &a);
+        assert_fail(
+            &m.on_pdu(&req(0, 1, false, &[("CHAP_A", "6,7")]), &a),
+            LoginStatus::AUTH_FAILURE,
+        );
+    }
+
+    #[test]
+    fn authority_refusals_and_missing_parameters() {
+        let a = plain();
+        let s = machine().on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[("InitiatorName", INITIATOR), ("TargetName", "iqn.nope")],
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::NOT_FOUND);
+        let s = machine().on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[("InitiatorName", "iqn.stranger"), ("TargetName", TARGET)],
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::AUTHORIZATION_FAILURE);
+        let s = machine().on_pdu(&req(0, 1, true, &[("TargetName", TARGET)]), &a);
+        assert_fail(&s, LoginStatus::MISSING_PARAMETER);
+        let s = machine().on_pdu(&req(0, 1, true, &[("InitiatorName", INITIATOR)]), &a);
+        assert_fail(&s, LoginStatus::MISSING_PARAMETER);
+        let s = machine().on_pdu(
+            &req(
+                0,
+                1,
+                true,
+                &[("InitiatorName", INITIATOR), ("SessionType", "Bogus")],
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::SESSION_TYPE_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn unsupported_version() {
+        let mut p = req(0, 1, true, &leading(&[]));
+        if let Bhs::LoginRequest(r) = &mut p.bhs {
+            r.version_min = 1;
+            r.version_max = 2;
+        }
+        assert_fail(
+            &machine().on_pdu(&p, &plain()),
+            LoginStatus::UNSUPPORTED_VERSION,
+        );
+    }
+
+    #[test]
+    fn repeated_key_is_initiator_error() {
+        let a = plain();
+        let s = machine().on_pdu(
+            &req(
+                1,
+                3,
+                true,
+                &leading(&[("MaxBurstLength", "4096"), ("MaxBurstLength", "4096")]),
+            ),
+            &a,
+        );
+        assert_fail(&s, LoginStatus::INITIATOR_ERROR);
+        // Across PDUs as well.
+        let mut m = machine();
+        let s = m.on_pdu(&req(1, 3, false, &leading(&[("ImmediateData", "Yes")])), &a);
+        assert!(matches!(s, LoginStep::Continue(_)));
+        assert_fail(
+            &m.on_pdu(&req(1, 3, true, &[("ImmediateData", "Yes")]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+    }
+
+    #[test]
+    fn reject_not_understood_and_irrelevant() {
+        let keys = leading(&[
+            ("MaxBurstLength", "100"),
+            ("MaxRecvDataSegmentLength", "99999999"),
+            ("ErrorRecoveryLevel", "7"),
+            ("X-com.example.Foo", "1"),
+            ("X#example", "2"),
+            ("FancyKey", "3"),
+            ("OFMarkInt", "2048~8192"),
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+            ("FirstBurstLength", "4096"),
+        ]);
+        let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
+        let (_, keys) = resp(&s);
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("Reject"));
+        assert_eq!(get(&keys, "ErrorRecoveryLevel"), Some("Reject"));
+        assert_eq!(get(&keys, "X-com.example.Foo"), Some("NotUnderstood"));
+        assert_eq!(get(&keys, "X#example"), Some("NotUnderstood"));
+        assert_eq!(get(&keys, "FancyKey"), Some("NotUnderstood"));
+        assert_eq!(get(&keys, "OFMarkInt"), Some("Reject"));
+        assert_eq!(get(&keys, "FirstBurstLength"), Some("Irrelevant"));
+        let LoginStep::Complete(_, o) = s else {
+            panic!()
+        };
+        // Rejected values leave the defaults in force.
+        assert_eq!(o.session.max_burst_length, 262144);
+        assert_eq!(o.connection.initiator_max_recv_data_segment_length, 8192);
+        assert!(!o.session.immediate_data && o.session.initial_r2t);
+    }
+
+    #[test]
+    fn digests_and_burst_rules() {
+        let keys = leading(&[
+            ("HeaderDigest", "CRC32C,None"),
+            ("DataDigest", "CRC32C"),
+            ("FirstBurstLength", "1048576"),
+            ("MaxBurstLength", "131072"),
+        ]);
+        let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
+        let (_, keys) = resp(&s);
+        assert_eq!(get(&keys, "HeaderDigest"), Some("CRC32C"));
+        assert_eq!(get(&keys, "DataDigest"), Some("CRC32C"));
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("131072"));
+        // Capped by the MaxBurstLength of the same request, though offered before it.
+        assert_eq!(get(&keys, "FirstBurstLength"), Some("131072"));
+        let LoginStep::Complete(_, o) = s else {
+            panic!()
+        };
+        assert!(o.connection.header_digest && o.connection.data_digest);
+        assert_eq!(
+            (o.session.max_burst_length, o.session.first_burst_length),
+            (131072, 131072)
+        );
+    }
+
+    #[test]
+    fn target_offers_when_defaults_break_policy() {
+        let a = plain();
+        let policy = TargetKeyPolicy {
+            max_burst_length: 65536,
+            first_burst_length: 8192,
+            ..Default::default()
+        };
+        let mut m = LoginMachine::with_rng(policy, StdRng::seed_from_u64(1));
+        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
+        let (r, keys) = resp(&s);
+        assert!(!r.transit);
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("65536"));
+        assert_eq!(get(&keys, "FirstBurstLength"), Some("8192"));
+        assert_eq!(get(&keys, "ImmediateData"), None);
+        let s = m.on_pdu(
+            &req(
+                1,
+                3,
+                true,
+                &[("MaxBurstLength", "32768"), ("FirstBurstLength", "8192")],
+            ),
+            &a,
+        );
+        let LoginStep::Complete(_, o) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (o.session.max_burst_length, o.session.first_burst_length),
+            (32768, 8192)
+        );
+
+        // ImmediateData=No makes FirstBurstLength moot (InitialR2T stays Yes): not offered.
+        let policy = TargetKeyPolicy {
+            immediate_data: false,
+            first_burst_length: 8192,
+            ..Default::default()
+        };
+        let mut m = LoginMachine::with_rng(policy, StdRng::seed_from_u64(1));
+        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
+        let (r, keys) = resp(&s);
+        assert!(!r.transit);
+        assert_eq!(get(&keys, "ImmediateData"), Some("No"));
+        assert_eq!(get(&keys, "FirstBurstLength"), None);
+        // An answer that breaks the result function fails the login.
+        assert_fail(
+            &m.on_pdu(&req(1, 3, true, &[("ImmediateData", "Yes")]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        let mut m = LoginMachine::with_rng(
+            TargetKeyPolicy {
+                immediate_data: false,
+                ..Default::default()
+            },
+            StdRng::seed_from_u64(1),
+        );
+        m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
+        let s = m.on_pdu(&req(1, 3, true, &[("ImmediateData", "No")]), &a);
+        let LoginStep::Complete(_, o) = s else {
+            panic!("{s:?}")
+        };
+        assert!(!o.session.immediate_data && o.session.initial_r2t);
+    }
+
+    #[test]
+    fn continuation_accumulates_text() {
+        let a = plain();
+        let mut m = machine();
+        let mut text = Vec::new();
+        for (k, v) in leading(&[("MaxBurstLength", "65536"), ("HeaderDigest", "CRC32C")]) {
+            text.extend_from_slice(format!("{k}={v}\0").as_bytes());
+        }
+        // Split in the middle of a key.
+        let (p1, p2) = text.split_at(30);
+        let s = m.on_pdu(&raw(1, 0, false, true, p1.to_vec()), &a);
+        let (r, keys) = resp(&s);
+        assert!(matches!(s, LoginStep::Continue(_)) && !r.transit && keys.is_empty());
+        let s = m.on_pdu(&raw(1, 3, true, false, p2.to_vec()), &a);
+        let (_, keys) = resp(&s);
+        assert_eq!(get(&keys, "MaxBurstLength"), Some("65536"));
+        assert!(matches!(s, LoginStep::Complete(..)));
+        // T and C together are illegal.
+        assert_fail(
+            &machine().on_pdu(&raw(1, 3, true, true, vec![]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+    }
+
+    #[test]
+    fn misc_protocol_errors() {
+        let a = plain();
+        // Non-login PDU.
+        let nop = Pdu {
+            bhs: Bhs::NopOut(Default::default()),
+            ahs: vec![],
+            data: Bytes::new(),
+        };
+        assert_fail(
+            &machine().on_pdu(&nop, &a),
+            LoginStatus::INVALID_DURING_LOGIN,
+        );
+        // Security key in operational stage.
+        assert_fail(
+            &machine().on_pdu(&req(1, 3, true, &leading(&[("AuthMethod", "None")])), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        // Target-only key from the initiator.
+        assert_fail(
+            &machine().on_pdu(
+                &req(1, 3, true, &leading(&[("TargetPortalGroupTag", "1")])),
+                &a,
+            ),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        // Wrong stage after transition.
+        let mut m = machine();
+        m.on_pdu(&req(0, 1, true, &leading(&[("AuthMethod", "None")])), &a);
+        assert_fail(
+            &m.on_pdu(&req(0, 1, true, &[]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        // Bad NSG.
+        assert_fail(
+            &machine().on_pdu(&req(1, 2, true, &leading(&[])), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        // Unknown TSIH.
+        let mut p = req(1, 3, true, &leading(&[]));
+        if let Bhs::LoginRequest(r) = &mut p.bhs {
+            r.tsih = 9;
+        }
+        assert_fail(
+            &machine().on_pdu(&p, &a),
+            LoginStatus::SESSION_DOES_NOT_EXIST,
+        );
+        // Malformed text.
+        assert_fail(
+            &machine().on_pdu(&raw(1, 3, true, false, b"novalue\0".to_vec()), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+    }
+
+    fn arb_key() -> impl Strategy<Value = String> {
+        let known: Vec<String> = crate::iscsi::keys::KEYS
+            .iter()
+            .map(|k| k.name.to_string())
+            .collect();
+        prop_oneof![proptest::sample::select(known), "[A-Za-z_#\\-]{1,12}"]
+    }
+
+    fn arb_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("Yes".to_string()),
+            Just("No".to_string()),
+            Just("5".to_string()),
+            Just("CHAP,None".to_string()),
+            Just("0x00ff".to_string()),
+            Just(INITIATOR.to_string()),
+            Just(TARGET.to_string()),
+            Just("Discovery".to_string()),
+            "[0-9]{1,12}",
+            "[ -~]{0,20}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(
+            pdus in proptest::collection::vec(
+                (0u8..4, 0u8..4, any::<bool>(), any::<bool>(), 0u8..3, any::<u16>(),
+                 proptest::collection::vec((arb_key(), arb_value()), 0..8),
+                 proptest::collection::vec(any::<u8>(), 0..16), any::<bool>()),
+                1..6),
+            chap in any::<bool>(),
+        ) {
+            let a = Auth0 { creds: chap.then(|| chap_creds(true)) };
+            let mut m = machine();
+            for (csg, nsg, t, c, vmin, tsih, keys, junk, use_junk) in pdus {
+                let mut data = Vec::new();
+                for (k, v) in keys {
+                    data.extend_from_slice(format!("{k}={v}\0").as_bytes());
+                }
+                if use_junk {
+                    data.extend_from_slice(&junk);
+                }
+                let mut p = raw(csg, nsg, t, c, data);
+                if let Bhs::LoginRequest(r) = &mut p.bhs {
+                    r.version_min = vmin;
+                    r.tsih = tsih;
+                }
+                let step = m.on_pdu(&p, &a);
+                if let LoginStep::Fail(_) = &step {
+                    prop_assert!(status(&step) != LoginStatus::SUCCESS);
+                }
+            }
+        }
     }
 }

@@ -5,5 +5,6 @@ pub mod chap;
 pub mod cmdsn;
 pub mod keys;
 pub mod login;
+pub mod negotiation;
 pub mod task_set;
 pub mod transfer;
