@@ -1,6 +1,13 @@
-//! PDU decoder/encoder. (interface; implemented by the wire helper)
+//! PDU decoder/encoder (RFC 7143 §11): BHS, AHS, header digest, data segment with
+//! padding, data digest.
+//!
+//! Digests are CRC32C, sent least-significant byte first (RFC 7143 Appendix B.4 lists
+//! its examples "in byte order as sent on the wire", which is little-endian).
 use super::pdu::*;
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
+use nom::bytes::complete::take;
+use nom::number::complete::{be_u16, be_u24, be_u32, be_u64, be_u8};
+use nom::IResult;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DigestConfig {
@@ -20,8 +27,30 @@ pub enum WireError {
     UnknownOpcode { opcode: u8, itt: u32, header: Box<[u8; BHS_LEN]> },
     #[error("data segment of {len} bytes exceeds the negotiated maximum of {max}")]
     DataSegmentTooLong { len: u32, max: u32 },
+    /// Returned once the PDU's length is known; the PDU was consumed.
     #[error("malformed PDU: {0}")]
     Malformed(&'static str),
+}
+
+/// Length of a header or data digest.
+pub const DIGEST_LEN: usize = 4;
+/// Largest TotalAHSLength in bytes (255 four-byte words).
+pub const MAX_AHS_LEN: usize = 255 * 4;
+/// Largest DataSegmentLength the 24-bit field can express.
+pub const MAX_DATA_SEGMENT_LEN: u32 = 0x00ff_ffff;
+
+/// Bytes of zero padding that bring `len` up to a multiple of 4.
+#[inline]
+pub fn pad_len(len: usize) -> usize {
+    (4 - (len & 3)) & 3
+}
+
+const ZEROS: [u8; 4] = [0; 4];
+
+/// CRC32C of `data` followed by its zero padding: the iSCSI data digest.
+pub fn data_digest(data: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(data);
+    crc32c::crc32c_append(crc, &ZEROS[..pad_len(data.len())])
 }
 
 /// Incremental decoder: feed it a growing buffer, it takes whole PDUs off the front.
@@ -38,14 +67,735 @@ impl PduDecoder {
     }
 
     /// Returns `Ok(None)` if `buf` does not yet hold a whole PDU (nothing consumed).
+    ///
+    /// Errors: `HeaderDigest` and `DataSegmentTooLong` consume nothing (the stream can
+    /// not be trusted any more; the connection should be dropped). `DataDigest`,
+    /// `UnknownOpcode` and `Malformed` consume the whole PDU.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Pdu>, WireError> {
-        let _ = buf;
-        todo!()
+        // Bytes 4..8: TotalAHSLength and DataSegmentLength; enough to find the header end.
+        let Some(&[ahs_words, d0, d1, d2]) = buf.get(4..8) else {
+            return Ok(None);
+        };
+        if buf.len() < BHS_LEN {
+            return Ok(None);
+        }
+        let ahs_len = usize::from(ahs_words) * 4;
+        let dsl = u32::from_be_bytes([0, d0, d1, d2]);
+        let hd_len = if self.digests.header { DIGEST_LEN } else { 0 };
+        let header_len = BHS_LEN + ahs_len + hd_len;
+        // The header is at most 1072 bytes, so waiting for it is cheap.
+        let Some(header) = buf.get(..header_len) else {
+            return Ok(None);
+        };
+        if self.digests.header {
+            let (covered, digest) = header.split_at(BHS_LEN + ahs_len);
+            if crc32c::crc32c(covered).to_le_bytes() != digest {
+                return Err(WireError::HeaderDigest);
+            }
+        }
+        // Checked before waiting for the data so a peer cannot make us buffer it.
+        if dsl > self.max_data_segment_len {
+            return Err(WireError::DataSegmentTooLong { len: dsl, max: self.max_data_segment_len });
+        }
+        let data_len = dsl as usize;
+        let padded = data_len + pad_len(data_len);
+        // No data digest without a data segment.
+        let dd_len = if self.digests.data && data_len > 0 { DIGEST_LEN } else { 0 };
+        let total = header_len + padded + dd_len;
+        if buf.len() < total {
+            // Make room once rather than growing in small steps as the data trickles in.
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+
+        let frame: Bytes = buf.split_to(total).freeze();
+        let bhs_bytes: [u8; BHS_LEN] = match frame.get(..BHS_LEN).map(<[u8; BHS_LEN]>::try_from) {
+            Some(Ok(b)) => b,
+            _ => return Err(WireError::Malformed("short header")),
+        };
+        let bhs = match parse_bhs(&bhs_bytes) {
+            Ok((_, Some(bhs))) => bhs,
+            Ok((_, None)) => {
+                let [i0, i1, i2, i3] = itt_bytes(&bhs_bytes);
+                return Err(WireError::UnknownOpcode {
+                    opcode: bhs_bytes[0] & 0x3f,
+                    itt: u32::from_be_bytes([i0, i1, i2, i3]),
+                    header: Box::new(bhs_bytes),
+                });
+            }
+            Err(_) => return Err(WireError::Malformed("short header")),
+        };
+        let data_start = header_len;
+        if dd_len > 0 {
+            let covered = frame.get(data_start..data_start + padded).unwrap_or_default();
+            let digest = frame.get(data_start + padded..total).unwrap_or_default();
+            let crc = crc32c::crc32c(covered);
+            if crc.to_le_bytes() != digest {
+                return Err(WireError::DataDigest { bhs: Box::new(bhs) });
+            }
+        }
+        let ahs = parse_ahs_list(&frame, BHS_LEN, BHS_LEN + ahs_len)?;
+        let data = frame.slice(data_start..data_start + data_len);
+        Ok(Some(Pdu { bhs, ahs, data }))
     }
+}
+
+fn itt_bytes(h: &[u8; BHS_LEN]) -> [u8; 4] {
+    [h[16], h[17], h[18], h[19]]
+}
+
+/// Split the AHS area `frame[start..end]` into segments; the data are zero-copy slices.
+fn parse_ahs_list(frame: &Bytes, start: usize, end: usize) -> Result<Vec<Ahs>, WireError> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let Some(&[l0, l1, ahs_type]) = frame.get(pos..pos + 3) else {
+            return Err(WireError::Malformed("truncated AHS"));
+        };
+        let len = usize::from(u16::from_be_bytes([l0, l1]));
+        let data_start = pos + 3;
+        let seg_end = data_start + len;
+        if seg_end > end {
+            return Err(WireError::Malformed("AHS longer than TotalAHSLength"));
+        }
+        out.push(Ahs { ahs_type, data: frame.slice(data_start..seg_end) });
+        pos = seg_end + pad_len(3 + len);
+    }
+    Ok(out)
+}
+
+/// The fields every BHS has at the same place (bytes 0..20).
+struct Common<'a> {
+    immediate: bool,
+    opcode: u8,
+    flags: u8,
+    b2: u8,
+    b3: u8,
+    /// Bytes 8..16: the LUN, or ISID+TSIH for login.
+    w8: &'a [u8],
+    itt: u32,
+}
+
+fn common(i: &[u8]) -> IResult<&[u8], Common<'_>> {
+    let (i, b0) = be_u8(i)?;
+    let (i, flags) = be_u8(i)?;
+    let (i, b2) = be_u8(i)?;
+    let (i, b3) = be_u8(i)?;
+    // TotalAHSLength and DataSegmentLength were already used to frame the PDU.
+    let (i, _ahs) = be_u8(i)?;
+    let (i, _dsl) = be_u24(i)?;
+    let (i, w8) = take(8usize)(i)?;
+    let (i, itt) = be_u32(i)?;
+    Ok((i, Common { immediate: b0 & 0x40 != 0, opcode: b0 & 0x3f, flags, b2, b3, w8, itt }))
+}
+
+fn lun_of(w8: &[u8]) -> LunField {
+    be_u64::<_, nom::error::Error<&[u8]>>(w8).map(|(_, v)| v).unwrap_or(0)
+}
+
+/// Reads `N` consecutive big-endian u32 words.
+fn words<const N: usize>(mut i: &[u8]) -> IResult<&[u8], [u32; N]> {
+    let mut out = [0u32; N];
+    for w in out.iter_mut() {
+        let (rest, v) = be_u32(i)?;
+        *w = v;
+        i = rest;
+    }
+    Ok((i, out))
+}
+
+fn bit(flags: u8, mask: u8) -> bool {
+    flags & mask != 0
+}
+
+/// Decode a 48-byte BHS. `Ok(None)` means an opcode we do not know.
+pub fn parse_bhs(h: &[u8; BHS_LEN]) -> IResult<&[u8], Option<Bhs>> {
+    let (i, c) = common(h)?;
+    let Some(op) = Opcode::from_u8(c.opcode) else {
+        return Ok((i, None));
+    };
+    let f = c.flags;
+    let lun = lun_of(c.w8);
+    let itt = c.itt;
+    let (i, bhs) = match op {
+        Opcode::NopOut => {
+            let (i, [ttt, cmd_sn, exp_stat_sn]) = words::<3>(i)?;
+            let b = NopOut { immediate: c.immediate, lun, itt, ttt, cmd_sn, exp_stat_sn };
+            (i, Bhs::NopOut(b))
+        }
+        Opcode::ScsiCommand => {
+            let (i, [edtl, cmd_sn, exp_stat_sn]) = words::<3>(i)?;
+            let (i, cdb) = take(16usize)(i)?;
+            let mut cdb_arr = [0u8; 16];
+            cdb_arr.copy_from_slice(cdb);
+            let b = ScsiCommand {
+                immediate: c.immediate,
+                final_: bit(f, 0x80),
+                read: bit(f, 0x40),
+                write: bit(f, 0x20),
+                attr: f & 0x07,
+                lun,
+                itt,
+                expected_data_transfer_length: edtl,
+                cmd_sn,
+                exp_stat_sn,
+                cdb: cdb_arr,
+            };
+            (i, Bhs::ScsiCommand(b))
+        }
+        Opcode::TaskMgmtRequest => {
+            let (i, [rtt, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn]) = words::<5>(i)?;
+            let b = TaskMgmtRequest {
+                immediate: c.immediate,
+                function: f & 0x7f,
+                lun,
+                itt,
+                referenced_task_tag: rtt,
+                cmd_sn,
+                exp_stat_sn,
+                ref_cmd_sn,
+                exp_data_sn,
+            };
+            (i, Bhs::TaskMgmtRequest(b))
+        }
+        Opcode::LoginRequest => {
+            let (isid, tsih) = isid_tsih(c.w8);
+            let (i, cid) = be_u16(i)?;
+            let (i, _) = be_u16(i)?;
+            let (i, [cmd_sn, exp_stat_sn]) = words::<2>(i)?;
+            let b = LoginRequest {
+                transit: bit(f, 0x80),
+                continue_: bit(f, 0x40),
+                csg: (f >> 2) & 3,
+                nsg: f & 3,
+                version_max: c.b2,
+                version_min: c.b3,
+                isid,
+                tsih,
+                itt,
+                cid,
+                cmd_sn,
+                exp_stat_sn,
+            };
+            (i, Bhs::LoginRequest(b))
+        }
+        Opcode::TextRequest => {
+            let (i, [ttt, cmd_sn, exp_stat_sn]) = words::<3>(i)?;
+            let b = TextRequest {
+                immediate: c.immediate,
+                final_: bit(f, 0x80),
+                continue_: bit(f, 0x40),
+                lun,
+                itt,
+                ttt,
+                cmd_sn,
+                exp_stat_sn,
+            };
+            (i, Bhs::TextRequest(b))
+        }
+        Opcode::DataOut => {
+            let (i, [ttt, _, exp_stat_sn, _, data_sn, buffer_offset]) = words::<6>(i)?;
+            let b = DataOut {
+                final_: bit(f, 0x80),
+                lun,
+                itt,
+                ttt,
+                exp_stat_sn,
+                data_sn,
+                buffer_offset,
+            };
+            (i, Bhs::DataOut(b))
+        }
+        Opcode::LogoutRequest => {
+            let (i, cid) = be_u16(i)?;
+            let (i, _) = be_u16(i)?;
+            let (i, [cmd_sn, exp_stat_sn]) = words::<2>(i)?;
+            let b = LogoutRequest {
+                immediate: c.immediate,
+                reason: f & 0x7f,
+                itt,
+                cid,
+                cmd_sn,
+                exp_stat_sn,
+            };
+            (i, Bhs::LogoutRequest(b))
+        }
+        Opcode::SnackRequest => {
+            let (i, [ttt, _, exp_stat_sn, _, _, beg_run, run_length]) = words::<7>(i)?;
+            let b = SnackRequest {
+                type_: f & 0x0f,
+                lun,
+                itt,
+                ttt,
+                exp_stat_sn,
+                beg_run,
+                run_length,
+            };
+            (i, Bhs::SnackRequest(b))
+        }
+        Opcode::NopIn => {
+            let (i, [ttt, stat_sn, exp_cmd_sn, max_cmd_sn]) = words::<4>(i)?;
+            (i, Bhs::NopIn(NopIn { lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn }))
+        }
+        Opcode::ScsiResponse => {
+            let (i, w) = words::<7>(i)?;
+            let [snack_tag, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, bidi, residual] = w;
+            let b = ScsiResponse {
+                bidi_overflow: bit(f, 0x10),
+                bidi_underflow: bit(f, 0x08),
+                overflow: bit(f, 0x04),
+                underflow: bit(f, 0x02),
+                response: c.b2,
+                status: c.b3,
+                itt,
+                snack_tag,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                exp_data_sn,
+                bidi_read_residual_count: bidi,
+                residual_count: residual,
+            };
+            (i, Bhs::ScsiResponse(b))
+        }
+        Opcode::TaskMgmtResponse => {
+            let (i, [_, stat_sn, exp_cmd_sn, max_cmd_sn]) = words::<4>(i)?;
+            let b = TaskMgmtResponse { response: c.b2, itt, stat_sn, exp_cmd_sn, max_cmd_sn };
+            (i, Bhs::TaskMgmtResponse(b))
+        }
+        Opcode::LoginResponse => {
+            let (isid, tsih) = isid_tsih(c.w8);
+            let (i, [_, stat_sn, exp_cmd_sn, max_cmd_sn]) = words::<4>(i)?;
+            let (i, status_class) = be_u8(i)?;
+            let (i, status_detail) = be_u8(i)?;
+            let b = LoginResponse {
+                transit: bit(f, 0x80),
+                continue_: bit(f, 0x40),
+                csg: (f >> 2) & 3,
+                nsg: f & 3,
+                version_max: c.b2,
+                version_active: c.b3,
+                isid,
+                tsih,
+                itt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                status_class,
+                status_detail,
+            };
+            (i, Bhs::LoginResponse(b))
+        }
+        Opcode::TextResponse => {
+            let (i, [ttt, stat_sn, exp_cmd_sn, max_cmd_sn]) = words::<4>(i)?;
+            let b = TextResponse {
+                final_: bit(f, 0x80),
+                continue_: bit(f, 0x40),
+                lun,
+                itt,
+                ttt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            };
+            (i, Bhs::TextResponse(b))
+        }
+        Opcode::DataIn => {
+            let (i, w) = words::<7>(i)?;
+            let [ttt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, buffer_offset, residual] = w;
+            let s = bit(f, 0x01);
+            let b = DataIn {
+                final_: bit(f, 0x80),
+                ack: bit(f, 0x40),
+                overflow: bit(f, 0x04),
+                underflow: bit(f, 0x02),
+                status_present: s,
+                // Status and StatSN are reserved unless the S bit is set.
+                status: if s { c.b3 } else { 0 },
+                lun,
+                itt,
+                ttt,
+                stat_sn: if s { stat_sn } else { 0 },
+                exp_cmd_sn,
+                max_cmd_sn,
+                data_sn,
+                buffer_offset,
+                residual_count: residual,
+            };
+            (i, Bhs::DataIn(b))
+        }
+        Opcode::LogoutResponse => {
+            let (i, [_, stat_sn, exp_cmd_sn, max_cmd_sn, _]) = words::<5>(i)?;
+            let (i, time2wait) = be_u16(i)?;
+            let (i, time2retain) = be_u16(i)?;
+            let b = LogoutResponse {
+                response: c.b2,
+                itt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                time2wait,
+                time2retain,
+            };
+            (i, Bhs::LogoutResponse(b))
+        }
+        Opcode::R2t => {
+            let (i, w) = words::<7>(i)?;
+            let [ttt, stat_sn, exp_cmd_sn, max_cmd_sn, r2t_sn, buffer_offset, ddtl] = w;
+            let b = R2t {
+                lun,
+                itt,
+                ttt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                r2t_sn,
+                buffer_offset,
+                desired_data_transfer_length: ddtl,
+            };
+            (i, Bhs::R2t(b))
+        }
+        Opcode::AsyncMessage => {
+            let (i, [_, stat_sn, exp_cmd_sn, max_cmd_sn]) = words::<4>(i)?;
+            let (i, async_event) = be_u8(i)?;
+            let (i, async_vcode) = be_u8(i)?;
+            let (i, parameter1) = be_u16(i)?;
+            let (i, parameter2) = be_u16(i)?;
+            let (i, parameter3) = be_u16(i)?;
+            let b = AsyncMessage {
+                lun,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                async_event,
+                async_vcode,
+                parameter1,
+                parameter2,
+                parameter3,
+            };
+            (i, Bhs::AsyncMessage(b))
+        }
+        Opcode::Reject => {
+            let (i, [_, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn]) = words::<5>(i)?;
+            let b = Reject { reason: c.b2, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn };
+            (i, Bhs::Reject(b))
+        }
+    };
+    Ok((i, Some(bhs)))
+}
+
+fn isid_tsih(w8: &[u8]) -> ([u8; 6], u16) {
+    match w8 {
+        [a, b, c, d, e, f, t0, t1] => ([*a, *b, *c, *d, *e, *f], u16::from_be_bytes([*t0, *t1])),
+        _ => ([0; 6], 0),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Encoding
+
+/// A fixed 48-byte header under construction; offsets are constants below 48.
+struct HeaderBuf([u8; BHS_LEN]);
+
+impl HeaderBuf {
+    fn u8(&mut self, off: usize, v: u8) {
+        self.0[off] = v;
+    }
+    fn u16(&mut self, off: usize, v: u16) {
+        self.0[off..off + 2].copy_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_be_bytes());
+    }
+    fn bytes(&mut self, off: usize, v: &[u8]) {
+        self.0[off..off + v.len()].copy_from_slice(v);
+    }
+}
+
+fn flag(cond: bool, mask: u8) -> u8 {
+    if cond {
+        mask
+    } else {
+        0
+    }
+}
+
+/// The 48-byte BHS of `bhs` with the given length fields.
+pub fn bhs_bytes(bhs: &Bhs, ahs_words: u8, data_len: u32) -> [u8; BHS_LEN] {
+    let mut h = HeaderBuf([0; BHS_LEN]);
+    let imm = flag(bhs.immediate(), 0x40);
+    h.u8(0, bhs.opcode() as u8 | imm);
+    h.u32(4, data_len & MAX_DATA_SEGMENT_LEN);
+    h.u8(4, ahs_words);
+    h.u32(16, bhs.itt());
+    if let Some(lun) = bhs.lun() {
+        h.u64(8, lun);
+    }
+    match bhs {
+        Bhs::NopOut(b) => {
+            h.u8(1, 0x80);
+            h.u32(20, b.ttt);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+        }
+        Bhs::ScsiCommand(b) => {
+            let f = flag(b.final_, 0x80) | flag(b.read, 0x40) | flag(b.write, 0x20);
+            h.u8(1, f | (b.attr & 0x07));
+            h.u32(20, b.expected_data_transfer_length);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+            h.bytes(32, &b.cdb);
+        }
+        Bhs::TaskMgmtRequest(b) => {
+            h.u8(1, 0x80 | (b.function & 0x7f));
+            h.u32(20, b.referenced_task_tag);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+            h.u32(32, b.ref_cmd_sn);
+            h.u32(36, b.exp_data_sn);
+        }
+        Bhs::LoginRequest(b) => {
+            let f = flag(b.transit, 0x80) | flag(b.continue_, 0x40);
+            h.u8(1, f | ((b.csg & 3) << 2) | (b.nsg & 3));
+            h.u8(2, b.version_max);
+            h.u8(3, b.version_min);
+            h.bytes(8, &b.isid);
+            h.u16(14, b.tsih);
+            h.u16(20, b.cid);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+        }
+        Bhs::TextRequest(b) => {
+            h.u8(1, flag(b.final_, 0x80) | flag(b.continue_, 0x40));
+            h.u32(20, b.ttt);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+        }
+        Bhs::DataOut(b) => {
+            h.u8(1, flag(b.final_, 0x80));
+            h.u32(20, b.ttt);
+            h.u32(28, b.exp_stat_sn);
+            h.u32(36, b.data_sn);
+            h.u32(40, b.buffer_offset);
+        }
+        Bhs::LogoutRequest(b) => {
+            h.u8(1, 0x80 | (b.reason & 0x7f));
+            h.u16(20, b.cid);
+            h.u32(24, b.cmd_sn);
+            h.u32(28, b.exp_stat_sn);
+        }
+        Bhs::SnackRequest(b) => {
+            h.u8(1, 0x80 | (b.type_ & 0x0f));
+            h.u32(20, b.ttt);
+            h.u32(28, b.exp_stat_sn);
+            h.u32(40, b.beg_run);
+            h.u32(44, b.run_length);
+        }
+        Bhs::NopIn(b) => {
+            h.u8(1, 0x80);
+            h.u32(20, b.ttt);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+        }
+        Bhs::ScsiResponse(b) => {
+            let f = flag(b.bidi_overflow, 0x10)
+                | flag(b.bidi_underflow, 0x08)
+                | flag(b.overflow, 0x04)
+                | flag(b.underflow, 0x02);
+            h.u8(1, 0x80 | f);
+            h.u8(2, b.response);
+            h.u8(3, b.status);
+            h.u32(20, b.snack_tag);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u32(36, b.exp_data_sn);
+            h.u32(40, b.bidi_read_residual_count);
+            h.u32(44, b.residual_count);
+        }
+        Bhs::TaskMgmtResponse(b) => {
+            h.u8(1, 0x80);
+            h.u8(2, b.response);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+        }
+        Bhs::LoginResponse(b) => {
+            let f = flag(b.transit, 0x80) | flag(b.continue_, 0x40);
+            h.u8(1, f | ((b.csg & 3) << 2) | (b.nsg & 3));
+            h.u8(2, b.version_max);
+            h.u8(3, b.version_active);
+            h.bytes(8, &b.isid);
+            h.u16(14, b.tsih);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u8(36, b.status_class);
+            h.u8(37, b.status_detail);
+        }
+        Bhs::TextResponse(b) => {
+            h.u8(1, flag(b.final_, 0x80) | flag(b.continue_, 0x40));
+            h.u32(20, b.ttt);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+        }
+        Bhs::DataIn(b) => {
+            let s = b.status_present;
+            let f = flag(b.final_, 0x80)
+                | flag(b.ack, 0x40)
+                | flag(b.overflow, 0x04)
+                | flag(b.underflow, 0x02)
+                | flag(s, 0x01);
+            h.u8(1, f);
+            // Status and StatSN are reserved (zero) unless S is set.
+            if s {
+                h.u8(3, b.status);
+                h.u32(24, b.stat_sn);
+            }
+            h.u32(20, b.ttt);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u32(36, b.data_sn);
+            h.u32(40, b.buffer_offset);
+            h.u32(44, b.residual_count);
+        }
+        Bhs::LogoutResponse(b) => {
+            h.u8(1, 0x80);
+            h.u8(2, b.response);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u16(40, b.time2wait);
+            h.u16(42, b.time2retain);
+        }
+        Bhs::R2t(b) => {
+            h.u8(1, 0x80);
+            h.u32(20, b.ttt);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u32(36, b.r2t_sn);
+            h.u32(40, b.buffer_offset);
+            h.u32(44, b.desired_data_transfer_length);
+        }
+        Bhs::AsyncMessage(b) => {
+            h.u8(1, 0x80);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u8(36, b.async_event);
+            h.u8(37, b.async_vcode);
+            h.u16(38, b.parameter1);
+            h.u16(40, b.parameter2);
+            h.u16(42, b.parameter3);
+        }
+        Bhs::Reject(b) => {
+            h.u8(1, 0x80);
+            h.u8(2, b.reason);
+            h.u32(24, b.stat_sn);
+            h.u32(28, b.exp_cmd_sn);
+            h.u32(32, b.max_cmd_sn);
+            h.u32(36, b.data_sn);
+        }
+    }
+    h.0
+}
+
+/// Padded wire length of an AHS list.
+fn ahs_wire_len(ahs: &[Ahs]) -> usize {
+    ahs.iter().map(|a| 3 + a.data.len() + pad_len(3 + a.data.len())).sum()
+}
+
+/// Wire length of BHS + AHS + header digest.
+pub fn header_wire_len(ahs: &[Ahs], digests: DigestConfig) -> usize {
+    BHS_LEN + ahs_wire_len(ahs) + if digests.header { DIGEST_LEN } else { 0 }
+}
+
+/// Append BHS, AHS and (if enabled) the header digest for a PDU whose data segment is
+/// `data_len` bytes long.
+///
+/// The AHS list must fit TotalAHSLength (1020 bytes) and each AHS its 16-bit length;
+/// both are our own output, so this is checked in debug builds only and a longer list
+/// is cut off at the limit.
+pub fn encode_header_into(
+    bhs: &Bhs,
+    ahs: &[Ahs],
+    data_len: u32,
+    digests: DigestConfig,
+    out: &mut BytesMut,
+) {
+    debug_assert!(data_len <= MAX_DATA_SEGMENT_LEN, "data segment too long");
+    let ahs_len = ahs_wire_len(ahs);
+    debug_assert!(ahs_len <= MAX_AHS_LEN, "AHS list too long");
+    let ahs_len = ahs_len.min(MAX_AHS_LEN);
+    let start = out.len();
+    out.reserve(header_wire_len(ahs, digests));
+    out.put_slice(&bhs_bytes(bhs, (ahs_len / 4) as u8, data_len));
+    let mut written = 0;
+    for a in ahs {
+        let seg = 3 + a.data.len() + pad_len(3 + a.data.len());
+        if written + seg > ahs_len {
+            break;
+        }
+        out.put_u16(a.data.len() as u16);
+        out.put_u8(a.ahs_type);
+        out.put_slice(&a.data);
+        out.put_slice(&ZEROS[..pad_len(3 + a.data.len())]);
+        written += seg;
+    }
+    if digests.header {
+        let crc = crc32c::crc32c(out.get(start..).unwrap_or_default());
+        out.put_u32_le(crc);
+    }
+}
+
+/// What follows the data segment on the wire: zero padding and the optional data digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trailer {
+    bytes: [u8; 7],
+    len: u8,
+}
+
+impl Trailer {
+    /// The trailer for `data` (empty for an empty data segment).
+    pub fn for_data(data: &[u8], digests: DigestConfig) -> Self {
+        let mut t = Trailer::default();
+        let pad = pad_len(data.len());
+        // Padding bytes are already zero.
+        let mut len = pad;
+        if digests.data && !data.is_empty() {
+            t.bytes[pad..pad + DIGEST_LEN].copy_from_slice(&data_digest(data).to_le_bytes());
+            len += DIGEST_LEN;
+        }
+        t.len = len as u8;
+        t
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// Split encoding for vectored writes: `header_out` receives BHS+AHS+header digest and
+/// the returned trailer holds padding and data digest, so that
+/// `header_out ++ pdu.data ++ trailer` equals [`encode`]'s output without copying data.
+pub fn encode_parts(pdu: &Pdu, digests: DigestConfig, header_out: &mut BytesMut) -> Trailer {
+    encode_header_into(&pdu.bhs, &pdu.ahs, pdu.data.len() as u32, digests, header_out);
+    Trailer::for_data(&pdu.data, digests)
 }
 
 /// Append the wire form of `pdu` (with padding and digests) to `out`.
 pub fn encode(pdu: &Pdu, digests: DigestConfig, out: &mut BytesMut) {
-    let _ = (pdu, digests, out);
-    todo!()
+    let trailer = Trailer::for_data(&pdu.data, digests);
+    out.reserve(
+        header_wire_len(&pdu.ahs, digests) + pdu.data.len() + trailer.as_slice().len(),
+    );
+    encode_header_into(&pdu.bhs, &pdu.ahs, pdu.data.len() as u32, digests, out);
+    out.put_slice(&pdu.data);
+    out.put_slice(trailer.as_slice());
 }
