@@ -490,10 +490,18 @@ impl Bhs {
 impl Pdu {
     /// A PDU without AHS or data.
     pub fn new(bhs: Bhs) -> Self {
-        Self { bhs, ahs: Vec::new(), data: Bytes::new() }
+        Self {
+            bhs,
+            ahs: Vec::new(),
+            data: Bytes::new(),
+        }
     }
 
     pub fn with_data(bhs: Bhs, data: Bytes) -> Self {
-        Self { bhs, ahs: Vec::new(), data }
+        Self {
+            bhs,
+            ahs: Vec::new(),
+            data,
+        }
     }
 }

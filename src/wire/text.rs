@@ -17,7 +17,8 @@ pub fn parse_text(data: &[u8]) -> Result<Vec<(String, String)>, WireError> {
             return Err(WireError::Malformed("text item with an empty key"));
         }
         let value = value.get(1..).unwrap_or_default();
-        let key = std::str::from_utf8(key).map_err(|_| WireError::Malformed("text key not UTF-8"))?;
+        let key =
+            std::str::from_utf8(key).map_err(|_| WireError::Malformed("text key not UTF-8"))?;
         let value =
             std::str::from_utf8(value).map_err(|_| WireError::Malformed("text value not UTF-8"))?;
         out.push((key.to_owned(), value.to_owned()));
@@ -43,7 +44,9 @@ mod tests {
     use super::*;
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -70,15 +73,27 @@ mod tests {
 
     #[test]
     fn rejects_bad_items() {
-        assert!(matches!(parse_text(b"A=1\0junk\0"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            parse_text(b"A=1\0junk\0"),
+            Err(WireError::Malformed(_))
+        ));
         assert!(matches!(parse_text(b"=1\0"), Err(WireError::Malformed(_))));
-        assert!(matches!(parse_text(b"A=\xff\0"), Err(WireError::Malformed(_))));
-        assert!(matches!(parse_text(b"\xfe=1\0"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            parse_text(b"A=\xff\0"),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_text(b"\xfe=1\0"),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
     fn encode_round_trips() {
-        let p = pairs(&[("HeaderDigest", "CRC32C,None"), ("MaxBurstLength", "262144")]);
+        let p = pairs(&[
+            ("HeaderDigest", "CRC32C,None"),
+            ("MaxBurstLength", "262144"),
+        ]);
         let b = encode_text(&p);
         assert_eq!(&b[..], b"HeaderDigest=CRC32C,None\0MaxBurstLength=262144\0");
         assert_eq!(parse_text(&b).unwrap(), p);
