@@ -930,7 +930,7 @@ impl LogicalUnit {
     /// Map a backend error to sense and log it.
     pub(crate) fn io_error(&self, e: &io::Error, what: &'static str, write: bool) -> Sense {
         tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
-        if e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
             Sense::SPACE_ALLOCATION_FAILED
         } else if write {
             Sense::WRITE_ERROR
