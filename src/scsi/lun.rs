@@ -595,7 +595,7 @@ pub(crate) fn lookup(cdb: &[u8]) -> Result<&'static CommandSpec, Sense> {
 /// Limits advertised in the Block Limits VPD page and enforced by the SBC handlers.
 pub(crate) mod limits {
     /// Largest READ/WRITE in bytes; bounds the buffer a peer can make us allocate.
-    pub const MAX_TRANSFER_BYTES: u64 = 8 << 20;
+    pub const MAX_TRANSFER_BYTES: u64 = 64 << 20;
     pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 128;
     pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
     pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
@@ -788,7 +788,8 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET (or a target reset): drop the SCSI-2 reservation and raise
-    /// BUS DEVICE RESET FUNCTION OCCURRED (29/03) for every nexus seen so far.
+    /// BUS DEVICE RESET FUNCTION OCCURRED (29/03) for every nexus seen so far, the one
+    /// that asked for the reset included (SAM-5 §6.3; multipath initiators check for it).
     pub fn reset(&self) {
         self.clear_reservation();
         self.queue_unit_attention(&|_| true, 0x29, 0x03);

@@ -321,6 +321,11 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let blocks = u64::from(r.blocks);
     lu.check_range(r.lba, blocks)?;
     if blocks == 0 {
+        // Zero blocks is no error (SBC-4 5.3) unless data came with it that nothing can
+        // account for: e.g. 256 blocks requested, truncated to 0 in the one-byte field.
+        if req.cmd.data_out_len > 0 {
+            return Err(Sense::invalid_cdb(13, None).into());
+        }
         return Ok(Bytes::new());
     }
     let len = (blocks * lu.block_size()) as usize;

@@ -118,6 +118,7 @@ fn cmd(n: &Arc<ItNexus>, cdb: &[u8], data: &[u8]) -> ScsiCommand {
         cdb: Bytes::copy_from_slice(cdb),
         data_out: Bytes::copy_from_slice(data),
         data_in_len: 65536,
+        data_out_len: 0,
         attr: Default::default(),
     }
 }

@@ -826,6 +826,7 @@ impl Reader {
             cdb,
             data_out: Bytes::new(),
             data_in_len: if c.read { c.expected_data_transfer_length } else { 0 },
+            data_out_len: if c.write { c.expected_data_transfer_length } else { 0 },
             attr: task_attr(c.attr),
         };
         let ready = Ready {
