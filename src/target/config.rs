@@ -1,7 +1,7 @@
 //! Target configuration: TOML via serde, validated before anything starts, with errors
 //! that name the file, the key and the reason.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -81,7 +87,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Directory for backing files given as relative paths (relative to the config
@@ -103,7 +109,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// iSCSI settings shared by all targets.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IscsiSettings {
     /// Largest data segment we accept (MaxRecvDataSegmentLength we declare).
@@ -145,7 +151,7 @@ impl Default for IscsiSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// iSCSI qualified name (iqn.…, eui.… or naa.…).
@@ -164,7 +170,7 @@ pub struct TargetConfig {
     pub chap: Option<ChapConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortalConfig {
     /// Address and port to listen on, e.g. "0.0.0.0:3260" or "[::]:3260".
@@ -178,7 +184,7 @@ fn default_tpgt() -> u16 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LunConfig {
     /// Logical unit number (0–16383).
@@ -213,7 +219,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclConfig {
     /// Initiator name allowed to discover and log in.
@@ -226,7 +232,7 @@ pub struct AclConfig {
     pub chap: Option<ChapConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     pub username: String,
