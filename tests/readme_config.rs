@@ -57,9 +57,15 @@ fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match v {
-                    toml::Value::Table(_) if !LEAF_TABLES.contains(&k.as_str()) => walk(&path, v, out),
+                    toml::Value::Table(_) if !LEAF_TABLES.contains(&k.as_str()) => {
+                        walk(&path, v, out)
+                    }
                     toml::Value::Array(a) if a.first().is_some_and(|x| x.is_table()) => {
                         walk(&format!("{path}[]"), &a[0], out)
                     }
@@ -76,8 +82,12 @@ fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
 }
 
 fn readme_keys() -> BTreeSet<String> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let section = readme.split("## Configuration reference").nth(1).expect("README has a configuration reference");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Configuration reference")
+        .nth(1)
+        .expect("README has a configuration reference");
     let section = section.split("\n## ").next().unwrap();
     section
         .lines()
@@ -89,21 +99,36 @@ fn readme_keys() -> BTreeSet<String> {
 
 #[test]
 fn readme_reference_matches_the_config_structs() {
-    let cfg = config::parse(EVERY_KEY, "every-key.toml", Path::new("/tmp")).expect("every-key config is valid");
+    let cfg = config::parse(EVERY_KEY, "every-key.toml", Path::new("/tmp"))
+        .expect("every-key config is valid");
     let value = toml::Value::try_from(&cfg.config).unwrap();
     let mut code = BTreeSet::new();
     walk("", &value, &mut code);
     let doc = readme_keys();
     let undocumented: Vec<_> = code.difference(&doc).collect();
     let unknown: Vec<_> = doc.difference(&code).collect();
-    assert!(undocumented.is_empty(), "keys missing from the README reference: {undocumented:?}");
-    assert!(unknown.is_empty(), "README documents keys the code does not have: {unknown:?}");
+    assert!(
+        undocumented.is_empty(),
+        "keys missing from the README reference: {undocumented:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "README documents keys the code does not have: {unknown:?}"
+    );
 }
 
 #[test]
 fn readme_example_config_is_valid() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let section = readme.split("## Configuration reference").nth(1).unwrap();
-    let example = section.split("```toml").nth(1).unwrap().split("```").next().unwrap();
-    config::parse(example, "README example", Path::new("/tmp")).expect("the README example must validate");
+    let example = section
+        .split("```toml")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    config::parse(example, "README example", Path::new("/tmp"))
+        .expect("the README example must validate");
 }
