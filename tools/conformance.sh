@@ -48,7 +48,8 @@ FAMILIES=$(tr ' ' '\n' <<<"$FAMILIES" | sed '/^$/d')
 log "PR_FAMILIES=$PR_FAMILIES; $(wc -l <<<"$FAMILIES") families"
 
 make_tmpdir
-PORT=$(free_port)
+PORT=""
+reserve_port PORT
 write_holdfast_config "$HF_TMP/holdfast.toml" "$PORT" "$IQN" 1GiB
 start_holdfast "$HF_TMP/holdfast.toml" "$HF_TMP/holdfast.log" || {
   report FAIL conformance "holdfast did not start"; exit 1; }

@@ -5,7 +5,7 @@
 # Provides
 #   HF_ROOT        repository root (the folder holding tools/)
 #   HF_SHARED      ../shared beside the repository root (override: HOLDFAST_SHARED)
-#   HOLDFAST_BIN   the target binary (default: $HF_ROOT/target/release/holdfast)
+#   HOLDFAST_BIN   the target binary (default: ${CARGO_TARGET_DIR:-$HF_ROOT/target}/release/holdfast)
 #   log MSG / die MSG                     progress lines on stderr / fail and exit 1
 #   on_exit CMD [ARG...]                  run CMD at exit (LIFO), also on failure/signal
 #   make_tmpdir                           sets HF_TMP to a fresh mktemp dir, removed at exit
@@ -13,6 +13,8 @@
 #                                          when the script fails)
 #   free_port                             prints a free port in HF_PORT_MIN..HF_PORT_MAX
 #                                         (default 3261..3269; never 3260)
+#   reserve_port VAR                      the same, stored in VAR and remembered (use it
+#                                         when starting several targets)
 #   port_listening PORT                   true if something listens on 127.0.0.1:PORT
 #   write_holdfast_config FILE PORT IQN LUN1_SIZE
 #                                         a config with LUN 0 = 64MiB, LUN 1 = LUN1_SIZE,
@@ -35,7 +37,7 @@ if [ -z "${HOLDFAST_SHARED:-}" ] && [ ! -d "$HF_SHARED" ]; then
     HF_SHARED=$(cd "$_hf_common/../../shared" && pwd)
   fi
 fi
-HOLDFAST_BIN=${HOLDFAST_BIN:-$HF_ROOT/target/release/holdfast}
+HOLDFAST_BIN=${HOLDFAST_BIN:-${CARGO_TARGET_DIR:-$HF_ROOT/target}/release/holdfast}
 HF_NAME=${HF_NAME:-$(basename "$0" .sh)}
 HF_PORT_MIN=${HF_PORT_MIN:-3261}
 HF_PORT_MAX=${HF_PORT_MAX:-3269}
@@ -114,6 +116,16 @@ free_port() {
   die "no free port in $HF_PORT_MIN..$HF_PORT_MAX"
 }
 
+# reserve_port VAR: like free_port, but stores the port in VAR and remembers it, so
+# the next reserve_port/free_port in this shell picks another one even before a
+# target listens on it
+reserve_port() {
+  local p
+  p=$(free_port) || exit 1
+  _HF_PORTS_TAKEN+="$p "
+  printf -v "$1" '%s' "$p"
+}
+
 # --- sizes and configs ----------------------------------------------------------
 size_bytes() {
   local s=$1 n unit
@@ -161,7 +173,7 @@ start_holdfast() {
   port=$(sed -n 's/^[[:space:]]*listen[[:space:]]*=[[:space:]]*"[^"]*:\([0-9]*\)".*/\1/p' "$config" | head -n1)
   [ -n "$port" ] || die "no portal listen = \"HOST:PORT\" in $config"
   port_listening "$port" && die "port $port is already in use (another target running?)"
-  _HF_PORTS_TAKEN+="$port "
+  case "$_HF_PORTS_TAKEN" in *" $port "*) ;; *) _HF_PORTS_TAKEN+="$port " ;; esac
   log "starting $HOLDFAST_BIN target --config $config (port $port, log $logfile)"
   # stdin from /dev/null; the daemon logs to stderr
   RUST_LOG=${RUST_LOG:-info} "$HOLDFAST_BIN" target --config "$config" </dev/null >>"$logfile" 2>&1 &

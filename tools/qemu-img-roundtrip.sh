@@ -25,7 +25,8 @@ for c in qemu-img iscsi-ls iscsi-inq iscsi-readcapacity16 cmp; do
 done
 
 make_tmpdir
-PORT=$(free_port)
+PORT=""
+reserve_port PORT
 write_holdfast_config "$HF_TMP/holdfast.toml" "$PORT" "$IQN" "$LUN_SIZE"
 start_holdfast "$HF_TMP/holdfast.toml" "$HF_TMP/holdfast.log" || {
   report FAIL qemu-img-roundtrip "holdfast did not start"; exit 1; }

@@ -4,10 +4,11 @@
 # against holdfast. Three holdfast instances, each with its own config and port:
 #   plain   no CHAP                      -> cases plain (mkfs + mount + fio verify
 #                                           FIO_RUNTIME s) and digests (CRC32C)
-#   chap    one-way CHAP                 -> cases chap and badchap (wrong secret)
+#   chap    one-way CHAP                 -> cases chap, badchap (wrong secret) and
+#                                           nochap (no credentials: must be refused)
 #   mutual  mutual CHAP                  -> case mutual
 # Two guest boots (fixtures/guest/iscsi-cases.sh): "plain digests", then
-# "chap mutual badchap". Prints PASS/FAIL per case (vm-e2e/<case>).
+# "chap mutual badchap nochap". Prints PASS/FAIL per case (vm-e2e/<case>).
 # Env: QUICK=1 (fio 10 s instead of 60 s), FIO_RUNTIME, VM_CASES_1 / VM_CASES_2
 #      (override the case lists; empty = skip that boot), VM_TIMEOUT (per boot, s),
 #      VM_INITIATOR_DIR (image dir), KEEP_TMP=1.
@@ -27,7 +28,7 @@ MUTUAL_USER=target
 MUTUAL_SECRET=target-secret-456
 if [ "${QUICK:-0}" = 1 ]; then FIO_RUNTIME=${FIO_RUNTIME:-10}; else FIO_RUNTIME=${FIO_RUNTIME:-60}; fi
 CASES_1=${VM_CASES_1-plain digests}
-CASES_2=${VM_CASES_2-chap mutual badchap}
+CASES_2=${VM_CASES_2-chap mutual badchap nochap}
 
 [ -x "$VMI/run-guest.sh" ] || die "$VMI/run-guest.sh missing (../shared beside the repository root)"
 [ -f "$GUEST_SCRIPT" ] || die "$GUEST_SCRIPT missing"
@@ -43,7 +44,7 @@ fi
 make_tmpdir
 declare -A PORT
 for kind in plain chap mutual; do
-  PORT[$kind]=$(free_port)
+  reserve_port "PORT[$kind]"
   cfg=$HF_TMP/$kind/holdfast.toml
   mkdir -p "$HF_TMP/$kind"
   write_holdfast_config "$cfg" "${PORT[$kind]}" "$IQN" "$LUN_SIZE"
@@ -83,7 +84,6 @@ run_boot() {
     --env "MUTUAL_USER=$MUTUAL_USER" --env "MUTUAL_SECRET=$MUTUAL_SECRET" \
     --env "FIO_RUNTIME=$FIO_RUNTIME" --env FIO_SHORT=10 \
     2>&1 | tee "$out" | sed 's/^/    | /' || rc=$?
-  rc=${PIPESTATUS[0]:-$rc}
   log "guest boot finished, run-guest.sh status $rc"
   for c in $cases; do
     line=$(grep -a "^CASE-RESULT $c " "$out" | tail -n1 || true)
