@@ -21,7 +21,8 @@
 #                                         data_dir "data" beside FILE; append more TOML
 #                                         (e.g. [target.chap]) with cat >> FILE
 #   start_holdfast CONFIG LOGFILE         start "$HOLDFAST_BIN target --config CONFIG" in
-#                                         the background, wait until its portal listens;
+#                                         the background, wait until its portal listens
+#                                         (and its "ready" line, at most 5 s more);
 #                                         sets HOLDFAST_PID and HOLDFAST_PORT
 #   stop_holdfast [PID]                   SIGTERM, wait, require exit status 0
 #   report PASS|FAIL|SKIP NAME [DETAIL]   one result line; also appended to $E2E_RESULTS
@@ -80,6 +81,7 @@ _hf_exit() {
       log "kept temp dir $HF_TMP (logs, configs; data files removed)"
       find "$HF_TMP" -type f \( -name '*.img' -o -name '*.bin' \) -delete 2>/dev/null
     else
+      log "removing temp dir $HF_TMP"
       rm -rf "$HF_TMP"
     fi
   fi
@@ -188,6 +190,14 @@ start_holdfast() {
       return 1
     fi
     if port_listening "$port"; then
+      # listening; also wait (up to 5 s) for the "ready" line the target prints
+      # once it is serving, in case it binds before its targets are set up
+      for _ in $(seq 50); do
+        grep -q 'ready' "$logfile" 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      grep -q 'ready' "$logfile" 2>/dev/null || log "no 'ready' line in $logfile yet; going on"
       HOLDFAST_PID=$pid
       HOLDFAST_PORT=$port
       log "holdfast pid $pid listening on 127.0.0.1:$port"
@@ -234,6 +244,6 @@ report() {
   local verdict=$1 name=$2 detail=${3:-}
   printf '%s: %s%s\n' "$verdict" "$name" "${detail:+ ($detail)}"
   if [ -n "${E2E_RESULTS:-}" ]; then
-    printf '%s %s\n' "$verdict" "$name" >>"$E2E_RESULTS"
+    printf '%s %s%s\n' "$verdict" "$name" "${detail:+ ($detail)}" >>"$E2E_RESULTS"
   fi
 }
