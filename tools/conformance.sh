@@ -58,7 +58,7 @@ log "running testcu.sh 127.0.0.1:$PORT $IQN $LUN"
 T0=$(date +%s)
 # testcu.sh overwrites the LUN (-d) and writes NAME-testcu*.txt into its OUTDIR
 FAMILIES=$(tr '\n' ' ' <<<"$FAMILIES") \
-  "$TESTCU" "127.0.0.1:$PORT" "$IQN" "$LUN" "$HF_TMP/results" holdfast >"$HF_TMP/testcu.out" 2>&1 || true
+  run_tracked "$TESTCU" "127.0.0.1:$PORT" "$IQN" "$LUN" "$HF_TMP/results" holdfast >"$HF_TMP/testcu.out" 2>&1 || true
 T1=$(date +%s)
 SUM=$HF_TMP/results/holdfast-testcu-summary.txt
 

@@ -8,6 +8,8 @@
 #   HOLDFAST_BIN   the target binary (default: ${CARGO_TARGET_DIR:-$HF_ROOT/target}/release/holdfast)
 #   log MSG / die MSG                     progress lines on stderr / fail and exit 1
 #   on_exit CMD [ARG...]                  run CMD at exit (LIFO), also on failure/signal
+#   run_tracked CMD [ARG...]              run CMD (own process group) and wait; stopped by
+#                                         the exit trap if the script ends first
 #   make_tmpdir                           sets HF_TMP to a fresh mktemp dir, removed at exit
 #                                         (KEEP_TMP=1 keeps it; it is always kept and printed
 #                                          when the script fails)
@@ -49,7 +51,10 @@ _HF_CLEANUPS=()
 _HF_PIDS=()
 _HF_PORTS_TAKEN=" "
 
-log() { printf '[%s %s] %s\n' "$HF_NAME" "$(date +%T)" "$*" >&2; }
+# log to the script's original stderr, also from traps that run while a
+# redirection (e.g. cmd >file 2>&1) is active
+exec {_HF_ERR}>&2
+log() { printf '[%s %s] %s\n' "$HF_NAME" "$(date +%T)" "$*" >&"$_HF_ERR"; }
 die() { log "ERROR: $*"; exit 1; }
 
 # --- cleanup --------------------------------------------------------------------
@@ -59,20 +64,23 @@ on_exit() {
   _HF_CLEANUPS+=("$q")
 }
 
+_hf_stop() {   # _hf_stop PID|-PGID: TERM, up to 5 s, then KILL
+  local t=$1
+  kill -0 -- "$t" 2>/dev/null || return 0
+  log "cleanup: stopping ${t/#-/process group }"
+  kill -TERM -- "$t" 2>/dev/null
+  for _ in $(seq 50); do kill -0 -- "$t" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "$t" 2>/dev/null
+  wait "${t#-}" 2>/dev/null
+}
+
 _hf_exit() {
-  local rc=$? i pid
+  local rc=$? i t
   set +e
   trap - EXIT INT TERM HUP
-  # holdfast instances still running (script failed before stop_holdfast)
-  for pid in "${_HF_PIDS[@]+"${_HF_PIDS[@]}"}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      log "cleanup: stopping holdfast pid $pid"
-      kill -TERM "$pid" 2>/dev/null
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null
-      wait "$pid" 2>/dev/null
-    fi
-  done
+  # holdfast instances and tracked commands still running (e.g. the script failed
+  # or was interrupted before it stopped them)
+  for ((i = ${#_HF_PIDS[@]} - 1; i >= 0; i--)); do _hf_stop "${_HF_PIDS[$i]}"; done
   for ((i = ${#_HF_CLEANUPS[@]} - 1; i >= 0; i--)); do
     eval "${_HF_CLEANUPS[$i]}" || true
   done
@@ -83,6 +91,7 @@ _hf_exit() {
     else
       log "removing temp dir $HF_TMP"
       rm -rf "$HF_TMP"
+      log "removed temp dir"
     fi
   fi
   exit "$rc"
@@ -93,6 +102,18 @@ trap 'log "terminated"; exit 143' TERM HUP
 
 make_tmpdir() {
   HF_TMP=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-$HF_NAME.XXXXXX")
+}
+
+# run_tracked CMD [ARG...]: runs CMD in its own process group in the background and
+# waits for it, so that a signal to this script is handled at once and the exit
+# trap stops CMD and everything it started. Returns CMD's exit status.
+run_tracked() {
+  local pid rc=0
+  if command -v setsid >/dev/null; then setsid "$@" & else "$@" & fi
+  pid=$!
+  if command -v setsid >/dev/null; then _HF_PIDS+=("-$pid"); else _HF_PIDS+=("$pid"); fi
+  wait "$pid" || rc=$?
+  return "$rc"
 }
 
 # --- ports ----------------------------------------------------------------------

@@ -76,14 +76,15 @@ run_boot() {
   [ -n "$cases" ] || return 0
   out=$HF_TMP/guest-$(tr ' ' '-' <<<"$cases").log
   log "guest boot: cases '$cases' (timeout ${timeout}s, log $out)"
-  "$VMI/run-guest.sh" "$GUEST_SCRIPT" --portal-port "${PORT[plain]}" --timeout "$timeout" \
+  run_tracked "$VMI/run-guest.sh" "$GUEST_SCRIPT" --portal-port "${PORT[plain]}" --timeout "$timeout" \
     --initiator-name "$INITIATOR" \
     --env "CASES=$cases" --env "IQN=$IQN" --env LUN=1 --env "LUN_BYTES=$(size_bytes "$LUN_SIZE")" \
     --env "PORT_PLAIN=${PORT[plain]}" --env "PORT_CHAP=${PORT[chap]}" --env "PORT_MUTUAL=${PORT[mutual]}" \
     --env "CHAP_USER=$CHAP_USER" --env "CHAP_SECRET=$CHAP_SECRET" \
     --env "MUTUAL_USER=$MUTUAL_USER" --env "MUTUAL_SECRET=$MUTUAL_SECRET" \
     --env "FIO_RUNTIME=$FIO_RUNTIME" --env FIO_SHORT=10 \
-    2>&1 | tee "$out" | sed 's/^/    | /' || rc=$?
+    >"$out" 2>&1 </dev/null || rc=$?
+  sed 's/^/    | /' "$out"
   log "guest boot finished, run-guest.sh status $rc"
   for c in $cases; do
     line=$(grep -a "^CASE-RESULT $c " "$out" | tail -n1 || true)
