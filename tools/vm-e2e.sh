@@ -33,15 +33,14 @@ CASES_2=${VM_CASES_2-chap mutual badchap nochap}
 [ -x "$VMI/run-guest.sh" ] || die "$VMI/run-guest.sh missing (../shared beside the repository root)"
 [ -f "$GUEST_SCRIPT" ] || die "$GUEST_SCRIPT missing"
 
+make_tmpdir
 # guest image: build-image.sh is idempotent (<1 s when up to date), needs root to build
 log "guest image (build-image.sh, cached)"
-if ! "$VMI/build-image.sh" ${VM_INITIATOR_DIR:+"$VM_INITIATOR_DIR"} >"${TMPDIR:-/tmp}/vm-e2e-build-image.log" 2>&1; then
-  tail -n 20 "${TMPDIR:-/tmp}/vm-e2e-build-image.log" >&2
+if ! run_tracked "$VMI/build-image.sh" ${VM_INITIATOR_DIR:+"$VM_INITIATOR_DIR"} >"$HF_TMP/build-image.log" 2>&1; then
+  tail -n 20 "$HF_TMP/build-image.log" >&2
   for c in $CASES_1 $CASES_2; do report FAIL "vm-e2e/$c" "guest image build failed"; done
   exit 1
 fi
-
-make_tmpdir
 declare -A PORT
 for kind in plain chap mutual; do
   reserve_port "PORT[$kind]"
