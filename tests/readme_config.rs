@@ -36,6 +36,7 @@ size = "1MiB"
 serial = "s1"
 read_only = false
 block_size = 512
+physical_block_size = 4096
 write_cache = true
 thin_provisioning = true
 product = "p"

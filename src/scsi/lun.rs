@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 pub struct LunSettings {
     /// Logical block size in bytes (512 by default).
     pub block_size: u32,
+    /// Physical block size reported (READ CAPACITY 16 exponent, Block Limits
+    /// granularity); a multiple of `block_size`. Defaults to `block_size`.
+    pub physical_block_size: u32,
     pub read_only: bool,
     pub serial: String,
     /// NAA IEEE Registered Extended designator (16 bytes), persisted elsewhere.
@@ -36,6 +39,7 @@ impl Default for LunSettings {
     fn default() -> Self {
         LunSettings {
             block_size: 512,
+            physical_block_size: 512,
             read_only: false,
             serial: String::new(),
             naa: [0; 16],
@@ -675,6 +679,12 @@ impl LogicalUnit {
 
     pub(crate) fn max_transfer_blocks(&self) -> u64 {
         limits::MAX_TRANSFER_BYTES / self.block_size
+    }
+
+    /// log2(physical block / logical block), as configured.
+    pub(crate) fn physical_block_exponent(&self) -> u8 {
+        let ratio = u64::from(self.settings.physical_block_size) / self.block_size.max(1);
+        ratio.max(1).trailing_zeros().min(15) as u8
     }
 
     pub(crate) fn max_write_same_blocks(&self) -> u64 {

@@ -215,6 +215,10 @@ pub struct LunConfig {
     /// Logical block size: 512 or 4096.
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Physical block size reported to initiators (a power-of-two multiple of
+    /// block_size, at most 32 KiB); defaults to block_size.
+    #[serde(default)]
+    pub physical_block_size: Option<u32>,
     /// Initial write-back cache state (WCE); when false every write is flushed before
     /// its status is returned.
     #[serde(default = "default_true")]
@@ -515,6 +519,14 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
             }
             if l.block_size != 512 && l.block_size != 4096 {
                 bad(format!("{lk}.block_size"), "must be 512 or 4096".into());
+            }
+            if let Some(p) = l.physical_block_size {
+                if p < l.block_size || p > 32768 || !p.is_power_of_two() {
+                    bad(
+                        format!("{lk}.physical_block_size"),
+                        "must be a power of two from block_size to 32768".into(),
+                    );
+                }
             }
             if l.size.0 == 0 || l.size.0 % l.block_size.max(1) as u64 != 0 {
                 bad(

@@ -144,6 +144,7 @@ impl Runtime {
                 })?;
                 let settings = LunSettings {
                     block_size: l.block_size,
+                    physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
                     read_only: l.read_only,
                     serial: id.serial,
                     naa: id.naa,
