@@ -347,3 +347,161 @@ pub struct Pdu {
     pub ahs: Vec<Ahs>,
     pub data: Bytes,
 }
+
+impl Opcode {
+    /// Map the 6-bit opcode field (already masked with 0x3f) to a known opcode.
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Some(match v {
+            0x00 => Opcode::NopOut,
+            0x01 => Opcode::ScsiCommand,
+            0x02 => Opcode::TaskMgmtRequest,
+            0x03 => Opcode::LoginRequest,
+            0x04 => Opcode::TextRequest,
+            0x05 => Opcode::DataOut,
+            0x06 => Opcode::LogoutRequest,
+            0x10 => Opcode::SnackRequest,
+            0x20 => Opcode::NopIn,
+            0x21 => Opcode::ScsiResponse,
+            0x22 => Opcode::TaskMgmtResponse,
+            0x23 => Opcode::LoginResponse,
+            0x24 => Opcode::TextResponse,
+            0x25 => Opcode::DataIn,
+            0x26 => Opcode::LogoutResponse,
+            0x31 => Opcode::R2t,
+            0x32 => Opcode::AsyncMessage,
+            0x3f => Opcode::Reject,
+            _ => return None,
+        })
+    }
+
+    /// Initiator opcodes are 0x00..=0x1f; target opcodes have bit 5 set.
+    pub fn is_initiator(self) -> bool {
+        (self as u8) & 0x20 == 0
+    }
+}
+
+impl Bhs {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Bhs::NopOut(_) => Opcode::NopOut,
+            Bhs::ScsiCommand(_) => Opcode::ScsiCommand,
+            Bhs::TaskMgmtRequest(_) => Opcode::TaskMgmtRequest,
+            Bhs::LoginRequest(_) => Opcode::LoginRequest,
+            Bhs::TextRequest(_) => Opcode::TextRequest,
+            Bhs::DataOut(_) => Opcode::DataOut,
+            Bhs::LogoutRequest(_) => Opcode::LogoutRequest,
+            Bhs::SnackRequest(_) => Opcode::SnackRequest,
+            Bhs::NopIn(_) => Opcode::NopIn,
+            Bhs::ScsiResponse(_) => Opcode::ScsiResponse,
+            Bhs::TaskMgmtResponse(_) => Opcode::TaskMgmtResponse,
+            Bhs::LoginResponse(_) => Opcode::LoginResponse,
+            Bhs::TextResponse(_) => Opcode::TextResponse,
+            Bhs::DataIn(_) => Opcode::DataIn,
+            Bhs::LogoutResponse(_) => Opcode::LogoutResponse,
+            Bhs::R2t(_) => Opcode::R2t,
+            Bhs::AsyncMessage(_) => Opcode::AsyncMessage,
+            Bhs::Reject(_) => Opcode::Reject,
+        }
+    }
+
+    /// Initiator Task Tag. Async Message and Reject carry the reserved tag on the wire.
+    pub fn itt(&self) -> u32 {
+        match self {
+            Bhs::NopOut(b) => b.itt,
+            Bhs::ScsiCommand(b) => b.itt,
+            Bhs::TaskMgmtRequest(b) => b.itt,
+            Bhs::LoginRequest(b) => b.itt,
+            Bhs::TextRequest(b) => b.itt,
+            Bhs::DataOut(b) => b.itt,
+            Bhs::LogoutRequest(b) => b.itt,
+            Bhs::SnackRequest(b) => b.itt,
+            Bhs::NopIn(b) => b.itt,
+            Bhs::ScsiResponse(b) => b.itt,
+            Bhs::TaskMgmtResponse(b) => b.itt,
+            Bhs::LoginResponse(b) => b.itt,
+            Bhs::TextResponse(b) => b.itt,
+            Bhs::DataIn(b) => b.itt,
+            Bhs::LogoutResponse(b) => b.itt,
+            Bhs::R2t(b) => b.itt,
+            Bhs::AsyncMessage(_) | Bhs::Reject(_) => RESERVED_TAG,
+        }
+    }
+
+    /// The LUN field, for the PDU types that carry one.
+    pub fn lun(&self) -> Option<LunField> {
+        match self {
+            Bhs::NopOut(b) => Some(b.lun),
+            Bhs::ScsiCommand(b) => Some(b.lun),
+            Bhs::TaskMgmtRequest(b) => Some(b.lun),
+            Bhs::TextRequest(b) => Some(b.lun),
+            Bhs::DataOut(b) => Some(b.lun),
+            Bhs::SnackRequest(b) => Some(b.lun),
+            Bhs::NopIn(b) => Some(b.lun),
+            Bhs::TextResponse(b) => Some(b.lun),
+            Bhs::DataIn(b) => Some(b.lun),
+            Bhs::R2t(b) => Some(b.lun),
+            Bhs::AsyncMessage(b) => Some(b.lun),
+            _ => None,
+        }
+    }
+
+    /// The I bit. Login requests always carry it (RFC 7143 §11.12).
+    pub fn immediate(&self) -> bool {
+        match self {
+            Bhs::NopOut(b) => b.immediate,
+            Bhs::ScsiCommand(b) => b.immediate,
+            Bhs::TaskMgmtRequest(b) => b.immediate,
+            Bhs::TextRequest(b) => b.immediate,
+            Bhs::LogoutRequest(b) => b.immediate,
+            Bhs::LoginRequest(_) => true,
+            _ => false,
+        }
+    }
+
+    /// CmdSN of initiator requests that carry one.
+    pub fn cmd_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(b) => Some(b.cmd_sn),
+            Bhs::ScsiCommand(b) => Some(b.cmd_sn),
+            Bhs::TaskMgmtRequest(b) => Some(b.cmd_sn),
+            Bhs::LoginRequest(b) => Some(b.cmd_sn),
+            Bhs::TextRequest(b) => Some(b.cmd_sn),
+            Bhs::LogoutRequest(b) => Some(b.cmd_sn),
+            _ => None,
+        }
+    }
+
+    /// ExpStatSN of initiator PDUs (all of them carry it).
+    pub fn exp_stat_sn(&self) -> Option<u32> {
+        match self {
+            Bhs::NopOut(b) => Some(b.exp_stat_sn),
+            Bhs::ScsiCommand(b) => Some(b.exp_stat_sn),
+            Bhs::TaskMgmtRequest(b) => Some(b.exp_stat_sn),
+            Bhs::LoginRequest(b) => Some(b.exp_stat_sn),
+            Bhs::TextRequest(b) => Some(b.exp_stat_sn),
+            Bhs::DataOut(b) => Some(b.exp_stat_sn),
+            Bhs::LogoutRequest(b) => Some(b.exp_stat_sn),
+            Bhs::SnackRequest(b) => Some(b.exp_stat_sn),
+            _ => None,
+        }
+    }
+}
+
+impl Pdu {
+    /// A PDU without AHS or data.
+    pub fn new(bhs: Bhs) -> Self {
+        Self {
+            bhs,
+            ahs: Vec::new(),
+            data: Bytes::new(),
+        }
+    }
+
+    pub fn with_data(bhs: Bhs, data: Bytes) -> Self {
+        Self {
+            bhs,
+            ahs: Vec::new(),
+            data,
+        }
+    }
+}
