@@ -1,0 +1,565 @@
+//! Target configuration: TOML via serde, validated before anything starts, with errors
+//! that name the file, the key and the reason.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default target name served by the embedded configuration.
+pub const DEFAULT_TARGET_NAME: &str = "iqn.2026-11.org.holdfast:storage";
+
+/// The embedded default configuration: what `holdfast target` serves with no `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"
+# holdfast embedded default: one target, a 64 MiB quorum LUN and an 8 GiB VM-disk LUN,
+# sparse files under ./holdfast-data, portal 127.0.0.1:3260, open to every initiator.
+data_dir = "holdfast-data"
+
+[[target]]
+name = "iqn.2026-11.org.holdfast:storage"
+alias = "holdfast storage"
+
+[[target.portal]]
+listen = "127.0.0.1:3260"
+tpgt = 1
+
+[[target.lun]]
+id = 0
+path = "quorum.img"
+size = "64MiB"
+
+[[target.lun]]
+id = 1
+path = "vmdisk.img"
+size = "8GiB"
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {reason}")]
+    Invalid { file: String, key: String, reason: String },
+}
+
+/// A size in bytes, written as an integer or a string with a unit ("64MiB", "8G", "512").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parse "64MiB", "8 GiB", "1G", "4096", "2TiB" (binary units; K/M/G/T and KiB/… alike).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for backing files given as relative paths (relative to the config
+    /// file's directory; for the embedded default, to the working directory).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// iSCSI negotiation limits the target offers.
+    #[serde(default)]
+    pub iscsi: IscsiSettings,
+    /// CHAP required for discovery sessions (absent: discovery is open, filtered by ACL).
+    #[serde(default)]
+    pub discovery_chap: Option<ChapConfig>,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("holdfast-data")
+}
+
+/// iSCSI settings shared by all targets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiSettings {
+    /// Largest data segment we accept (MaxRecvDataSegmentLength we declare).
+    pub max_recv_data_segment_length: u32,
+    /// Upper bound for MaxBurstLength.
+    pub max_burst_length: u32,
+    /// Upper bound for FirstBurstLength.
+    pub first_burst_length: u32,
+    /// Offer ImmediateData=Yes.
+    pub immediate_data: bool,
+    /// Offer InitialR2T=No (unsolicited data) when false.
+    pub initial_r2t: bool,
+    /// Upper bound for MaxOutstandingR2T.
+    pub max_outstanding_r2t: u32,
+    /// Commands one session may have outstanding (the CmdSN window).
+    pub queue_depth: u32,
+    /// Seconds of silence on a connection before the target sends a NOP-In ping.
+    pub nop_interval_secs: u64,
+    /// Seconds to wait for the ping's answer before dropping the connection.
+    pub nop_timeout_secs: u64,
+    /// Seconds a connection may spend in the login phase.
+    pub login_timeout_secs: u64,
+}
+
+impl Default for IscsiSettings {
+    fn default() -> Self {
+        Self {
+            max_recv_data_segment_length: 256 * 1024,
+            max_burst_length: 1024 * 1024,
+            first_burst_length: 256 * 1024,
+            immediate_data: true,
+            initial_r2t: false,
+            max_outstanding_r2t: 4,
+            queue_depth: 128,
+            nop_interval_secs: 10,
+            nop_timeout_secs: 30,
+            login_timeout_secs: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// iSCSI qualified name (iqn.…, eui.… or naa.…).
+    pub name: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+    #[serde(default, rename = "portal")]
+    pub portals: Vec<PortalConfig>,
+    #[serde(default, rename = "lun")]
+    pub luns: Vec<LunConfig>,
+    /// Initiators allowed (absent or empty: every initiator).
+    #[serde(default)]
+    pub acl: Vec<AclConfig>,
+    /// CHAP required for normal sessions to this target.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// Address and port to listen on, e.g. "0.0.0.0:3260" or "[::]:3260".
+    pub listen: String,
+    /// Target portal group tag (1–65535).
+    #[serde(default = "default_tpgt")]
+    pub tpgt: u16,
+}
+
+fn default_tpgt() -> u16 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunConfig {
+    /// Logical unit number (0–16383).
+    pub id: u64,
+    /// Backing file (created sparse if missing; relative to data_dir).
+    pub path: PathBuf,
+    /// Size of the LUN; the file is extended if smaller, never truncated.
+    pub size: ByteSize,
+    /// Unit serial number (VPD 0x80); generated and persisted if absent.
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Logical block size: 512 or 4096.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Initial write-back cache state (WCE); when false every write is flushed before
+    /// its status is returned.
+    #[serde(default = "default_true")]
+    pub write_cache: bool,
+    /// Report thin provisioning (UNMAP, WRITE SAME with UNMAP, GET LBA STATUS).
+    #[serde(default = "default_true")]
+    pub thin_provisioning: bool,
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    /// Initiator name allowed to discover and log in.
+    pub initiator: String,
+    /// LUNs it sees (absent: all).
+    #[serde(default)]
+    pub luns: Option<Vec<u64>>,
+    /// Per-initiator CHAP credentials (override the target's).
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    pub username: String,
+    pub secret: String,
+    /// Mutual CHAP: the target's name and secret.
+    #[serde(default)]
+    pub mutual_username: Option<String>,
+    #[serde(default)]
+    pub mutual_secret: Option<String>,
+}
+
+/// A validated configuration with resolved paths and addresses.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub source: String,
+    pub data_dir: PathBuf,
+    pub config: Config,
+    /// Per target, its portals' resolved socket addresses.
+    pub portal_addrs: Vec<Vec<(SocketAddr, u16)>>,
+}
+
+impl ValidConfig {
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
+    }
+
+    /// Distinct listen addresses over all targets.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self.portal_addrs.iter().flatten().map(|(a, _)| *a).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Load and validate a config file.
+pub fn load_file(path: &Path) -> Result<ValidConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &file, &base)
+}
+
+/// Parse and validate TOML text; `base` anchors a relative data_dir.
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
+    let config: Config =
+        toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_string(), message: e.to_string() })?;
+    validate(config, file, base)
+}
+
+/// Validate an iSCSI name (RFC 7143 §4.2.7): iqn.yyyy-mm.naming-authority[:unique],
+/// eui.<16 hex>, naa.<16 or 32 hex>; at most 223 bytes; no whitespace.
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 223 {
+        return Err("an iSCSI name must be 1 to 223 bytes".into());
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("an iSCSI name must not contain whitespace".into());
+    }
+    let lower = name.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("iqn.") {
+        let ok = rest.len() > 8
+            && rest.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+            && rest.as_bytes()[4] == b'-'
+            && rest.as_bytes()[5..7].iter().all(u8::is_ascii_digit)
+            && rest.as_bytes()[7] == b'.';
+        if !ok {
+            return Err("an iqn name looks like iqn.YYYY-MM.reversed.domain[:identifier]".into());
+        }
+        Ok(())
+    } else if let Some(hexpart) = lower.strip_prefix("eui.") {
+        if hexpart.len() == 16 && hexpart.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err("an eui name is eui. followed by 16 hex digits".into())
+        }
+    } else if let Some(hexpart) = lower.strip_prefix("naa.") {
+        if (hexpart.len() == 16 || hexpart.len() == 32) && hexpart.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err("a naa name is naa. followed by 16 or 32 hex digits".into())
+        }
+    } else {
+        Err("an iSCSI name starts with iqn., eui. or naa.".into())
+    }
+}
+
+fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
+    if c.username.is_empty() {
+        bad(format!("{key}.username"), "must not be empty".into());
+    }
+    if c.secret.len() < 12 || c.secret.len() > 255 {
+        // RFC 7143 §12.1.3 asks for secrets of at least 96 bits; Windows insists on 12–16.
+        bad(format!("{key}.secret"), "must be 12 to 255 characters long".into());
+    }
+    match (&c.mutual_username, &c.mutual_secret) {
+        (None, None) => {}
+        (Some(_), None) | (None, Some(_)) => {
+            bad(format!("{key}.mutual_secret"), "mutual_username and mutual_secret go together".into())
+        }
+        (Some(u), Some(s)) => {
+            if u.is_empty() {
+                bad(format!("{key}.mutual_username"), "must not be empty".into());
+            }
+            if s.len() < 12 || s.len() > 255 {
+                bad(format!("{key}.mutual_secret"), "must be 12 to 255 characters long".into());
+            }
+            if s == &c.secret {
+                // RFC 7143 §12.1.3: the two directions must use different secrets.
+                bad(format!("{key}.mutual_secret"), "must differ from the initiator's secret".into());
+            }
+        }
+    }
+}
+
+fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
+    let mut first: Option<(String, String)> = None;
+    let mut bad = |key: String, reason: String| {
+        if first.is_none() {
+            first = Some((key, reason));
+        }
+    };
+    let i = &config.iscsi;
+    if !(512..=16_777_215).contains(&i.max_recv_data_segment_length) {
+        bad("iscsi.max_recv_data_segment_length".into(), "must be 512 to 16777215".into());
+    }
+    if !(512..=16_777_215).contains(&i.max_burst_length) {
+        bad("iscsi.max_burst_length".into(), "must be 512 to 16777215".into());
+    }
+    if !(512..=16_777_215).contains(&i.first_burst_length) || i.first_burst_length > i.max_burst_length {
+        bad("iscsi.first_burst_length".into(), "must be 512 to 16777215 and at most max_burst_length".into());
+    }
+    if !(1..=65535).contains(&i.max_outstanding_r2t) {
+        bad("iscsi.max_outstanding_r2t".into(), "must be 1 to 65535".into());
+    }
+    if !(1..=4096).contains(&i.queue_depth) {
+        bad("iscsi.queue_depth".into(), "must be 1 to 4096".into());
+    }
+    if i.nop_interval_secs == 0 || i.nop_timeout_secs == 0 || i.login_timeout_secs == 0 {
+        bad("iscsi".into(), "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into());
+    }
+    if let Some(c) = &config.discovery_chap {
+        check_chap(c, "discovery_chap", &mut bad);
+    }
+    if config.targets.is_empty() {
+        bad("target".into(), "at least one [[target]] is required".into());
+    }
+    let data_dir = if config.data_dir.is_absolute() { config.data_dir.clone() } else { base.join(&config.data_dir) };
+    let mut names = HashSet::new();
+    let mut paths: HashMap<PathBuf, String> = HashMap::new();
+    let mut portal_addrs = Vec::new();
+    let mut addr_tpgt: BTreeMap<SocketAddr, (String, u16)> = BTreeMap::new();
+    for (ti, t) in config.targets.iter().enumerate() {
+        let tk = format!("target[{ti}]");
+        if let Err(r) = check_iscsi_name(&t.name) {
+            bad(format!("{tk}.name"), r);
+        }
+        if !names.insert(t.name.to_ascii_lowercase()) {
+            bad(format!("{tk}.name"), format!("target {} is defined twice", t.name));
+        }
+        if t.portals.is_empty() {
+            bad(format!("{tk}.portal"), "at least one [[target.portal]] is required".into());
+        }
+        let mut addrs = Vec::new();
+        let mut tpgts = HashSet::new();
+        for (pi, p) in t.portals.iter().enumerate() {
+            let pk = format!("{tk}.portal[{pi}]");
+            match p.listen.parse::<SocketAddr>() {
+                Ok(a) => {
+                    if let Some((other, tpgt)) = addr_tpgt.get(&a) {
+                        if *tpgt != p.tpgt {
+                            bad(
+                                format!("{pk}.tpgt"),
+                                format!("{a} is portal group {tpgt} of {other}; one address belongs to one portal group"),
+                            );
+                        }
+                    } else {
+                        addr_tpgt.insert(a, (t.name.clone(), p.tpgt));
+                    }
+                    if addrs.iter().any(|(x, _)| *x == a) {
+                        bad(format!("{pk}.listen"), format!("{a} is listed twice"));
+                    }
+                    addrs.push((a, p.tpgt));
+                }
+                Err(_) => bad(format!("{pk}.listen"), format!("{:?} is not an address:port", p.listen)),
+            }
+            if p.tpgt == 0 {
+                bad(format!("{pk}.tpgt"), "must be 1 to 65535".into());
+            }
+            tpgts.insert(p.tpgt);
+        }
+        portal_addrs.push(addrs);
+        if t.luns.is_empty() {
+            bad(format!("{tk}.lun"), "at least one [[target.lun]] is required".into());
+        }
+        let mut ids = HashSet::new();
+        for (li, l) in t.luns.iter().enumerate() {
+            let lk = format!("{tk}.lun[{li}]");
+            if l.id > 16383 {
+                bad(format!("{lk}.id"), "must be 0 to 16383".into());
+            }
+            if !ids.insert(l.id) {
+                bad(format!("{lk}.id"), format!("LUN {} is defined twice", l.id));
+            }
+            if l.block_size != 512 && l.block_size != 4096 {
+                bad(format!("{lk}.block_size"), "must be 512 or 4096".into());
+            }
+            if l.size.0 == 0 || l.size.0 % l.block_size.max(1) as u64 != 0 {
+                bad(format!("{lk}.size"), format!("must be a positive multiple of the block size ({})", l.block_size));
+            }
+            if let Some(s) = &l.serial {
+                if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_graphic()) {
+                    bad(format!("{lk}.serial"), "must be 1 to 64 printable ASCII characters".into());
+                }
+            }
+            if l.path.as_os_str().is_empty() {
+                bad(format!("{lk}.path"), "must not be empty".into());
+            }
+            let full = if l.path.is_absolute() { l.path.clone() } else { data_dir.join(&l.path) };
+            if let Some(prev) = paths.insert(full.clone(), lk.clone()) {
+                bad(format!("{lk}.path"), format!("{} is already the backing file of {prev}", full.display()));
+            }
+        }
+        let mut inits = HashSet::new();
+        for (ai, a) in t.acl.iter().enumerate() {
+            let ak = format!("{tk}.acl[{ai}]");
+            if let Err(r) = check_iscsi_name(&a.initiator) {
+                bad(format!("{ak}.initiator"), r);
+            }
+            if !inits.insert(a.initiator.to_ascii_lowercase()) {
+                bad(format!("{ak}.initiator"), "listed twice".into());
+            }
+            if let Some(luns) = &a.luns {
+                for l in luns {
+                    if !ids.contains(l) && t.luns.iter().all(|x| x.id != *l) {
+                        bad(format!("{ak}.luns"), format!("LUN {l} is not defined in this target"));
+                    }
+                }
+            }
+            if let Some(c) = &a.chap {
+                check_chap(c, &format!("{ak}.chap"), &mut bad);
+            }
+        }
+        if let Some(c) = &t.chap {
+            check_chap(c, &format!("{tk}.chap"), &mut bad);
+        }
+    }
+    if let Some((key, reason)) = first {
+        return Err(ConfigError::Invalid { file: file.to_string(), key, reason });
+    }
+    Ok(ValidConfig { source: file.to_string(), data_dir, config, portal_addrs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text, "t.toml", Path::new("/base")).unwrap_err().to_string()
+    }
+
+    const MIN: &str = r#"
+[[target]]
+name = "iqn.2026-11.org.example:t1"
+[[target.portal]]
+listen = "127.0.0.1:3261"
+[[target.lun]]
+id = 0
+path = "a.img"
+size = "1MiB"
+"#;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let v = parse(EMBEDDED_DEFAULT, "<embedded>", Path::new("")).unwrap();
+        let t = &v.config.targets[0];
+        assert_eq!(t.name, DEFAULT_TARGET_NAME);
+        assert_eq!(t.luns[0].size.0, 64 << 20);
+        assert_eq!(t.luns[1].size.0, 8 << 30);
+        assert_eq!(v.listen_addrs(), vec!["127.0.0.1:3260".parse().unwrap()]);
+        assert_eq!(v.resolve(Path::new("quorum.img")), PathBuf::from("holdfast-data/quorum.img"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("8 GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_config_dir() {
+        let v = parse(MIN, "t.toml", Path::new("/etc/holdfast")).unwrap();
+        assert_eq!(v.resolve(Path::new("a.img")), PathBuf::from("/etc/holdfast/holdfast-data/a.img"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = err(&MIN.replace("1MiB", "1000"));
+        assert_eq!(e, "t.toml: target[0].lun[0].size: must be a positive multiple of the block size (512)");
+        let e = err(&MIN.replace("iqn.2026-11.org.example:t1", "target1"));
+        assert!(e.starts_with("t.toml: target[0].name: "), "{e}");
+        let e = err(&MIN.replace("127.0.0.1:3261", "localhost"));
+        assert!(e.contains("target[0].portal[0].listen"), "{e}");
+        let e = err(&format!("{MIN}\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512\n"));
+        assert!(e.contains("target[0].lun[1].id: LUN 0 is defined twice"), "{e}");
+        let e = err(&format!("{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"short\"\n"));
+        assert!(e.contains("target[0].chap.secret"), "{e}");
+        let e = err(&format!(
+            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"\n"
+        ));
+        assert!(e.contains("must differ"), "{e}");
+        let e = err(&format!("{MIN}\n[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]\n"));
+        assert!(e.contains("target[0].acl[0].luns: LUN 7 is not defined"), "{e}");
+        let e = err("bogus = 1\n");
+        assert!(e.starts_with("t.toml: ") && e.contains("bogus"), "{e}");
+        let e = err("data_dir = \"x\"\n");
+        assert!(e.contains("at least one [[target]]"), "{e}");
+    }
+
+    #[test]
+    fn iscsi_names() {
+        assert!(check_iscsi_name("iqn.1994-05.com.redhat:abc").is_ok());
+        assert!(check_iscsi_name("eui.02004567A425678D").is_ok());
+        assert!(check_iscsi_name("naa.52004567BA64678D").is_ok());
+        assert!(check_iscsi_name("iqn.94-05.com").is_err());
+        assert!(check_iscsi_name("iqn.1994-05.com has space").is_err());
+    }
+}

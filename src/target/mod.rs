@@ -1,0 +1,7 @@
+//! The tokio edge: configuration, portals, the connection driver and session registry.
+
+pub mod config;
+pub mod connection;
+pub mod portal;
+pub mod runtime;
+pub mod session;

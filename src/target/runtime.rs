@@ -1,0 +1,190 @@
+//! The configuration turned into running objects: targets, their logical units,
+//! access control and CHAP, shared by every connection.
+
+use super::config::{ChapConfig, ValidConfig};
+use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
+use crate::scsi::{LogicalUnit, LunMap, LunSettings};
+use crate::store::{identity, FileBackend};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{key}: {reason}")]
+    Lun { key: String, reason: String },
+}
+
+/// One access-control entry of a target.
+#[derive(Debug, Clone)]
+pub struct AclEntry {
+    pub initiator: String,
+    pub luns: Option<Vec<u64>>,
+    pub chap: Option<ChapCredentials>,
+}
+
+/// A served iSCSI target.
+#[derive(Debug)]
+pub struct TargetNode {
+    pub name: String,
+    pub alias: Option<String>,
+    pub portals: Vec<(SocketAddr, u16)>,
+    pub luns: BTreeMap<u64, Arc<LogicalUnit>>,
+    /// Empty: every initiator may log in and sees every LUN.
+    pub acl: Vec<AclEntry>,
+    pub chap: Option<ChapCredentials>,
+}
+
+impl TargetNode {
+    fn acl_entry(&self, initiator: &str) -> Option<&AclEntry> {
+        self.acl.iter().find(|a| a.initiator.eq_ignore_ascii_case(initiator))
+    }
+
+    /// Whether `initiator` may discover and log in to this target.
+    pub fn admits(&self, initiator: &str) -> bool {
+        self.acl.is_empty() || self.acl_entry(initiator).is_some()
+    }
+
+    /// CHAP credentials that apply to `initiator` (per-initiator entry first).
+    pub fn chap_for(&self, initiator: &str) -> Option<ChapCredentials> {
+        self.acl_entry(initiator).and_then(|a| a.chap.clone()).or_else(|| self.chap.clone())
+    }
+
+    /// The LUNs `initiator` sees (LUN masking).
+    pub fn lun_map_for(&self, initiator: &str) -> LunMap {
+        let visible: BTreeMap<u64, Arc<LogicalUnit>> = match self.acl_entry(initiator).and_then(|a| a.luns.as_ref()) {
+            Some(list) => self.luns.iter().filter(|(id, _)| list.contains(id)).map(|(k, v)| (*k, v.clone())).collect(),
+            None => self.luns.clone(),
+        };
+        LunMap::new(visible)
+    }
+
+    /// Portal group tag this target uses on a listening address.
+    pub fn tpgt_on(&self, listen: SocketAddr) -> Option<u16> {
+        self.portals.iter().find(|(a, _)| *a == listen).map(|(_, t)| *t)
+    }
+}
+
+pub fn chap_credentials(c: &ChapConfig) -> ChapCredentials {
+    ChapCredentials {
+        username: c.username.clone(),
+        secret: c.secret.as_bytes().to_vec(),
+        mutual: match (&c.mutual_username, &c.mutual_secret) {
+            (Some(u), Some(s)) => Some((u.clone(), s.as_bytes().to_vec())),
+            _ => None,
+        },
+    }
+}
+
+/// Everything shared by all connections of one running target process.
+#[derive(Debug)]
+pub struct Runtime {
+    pub targets: Vec<Arc<TargetNode>>,
+    pub discovery_chap: Option<ChapCredentials>,
+    pub key_policy: TargetKeyPolicy,
+    pub settings: super::config::IscsiSettings,
+}
+
+impl Runtime {
+    /// Open every backing file (creating sparse ones) and build the logical units.
+    pub fn build(cfg: &ValidConfig) -> Result<Runtime, RuntimeError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RuntimeError::Lun {
+            key: "data_dir".into(),
+            reason: format!("cannot create {}: {e}", cfg.data_dir.display()),
+        })?;
+        let mut targets = Vec::new();
+        for (ti, t) in cfg.config.targets.iter().enumerate() {
+            let mut luns = BTreeMap::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                let key = format!("target[{ti}].lun[{li}]");
+                let path = cfg.resolve(&l.path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| RuntimeError::Lun {
+                        key: key.clone(),
+                        reason: format!("cannot create {}: {e}", parent.display()),
+                    })?;
+                }
+                let backend = FileBackend::open(&path, l.size.0, true, l.read_only)
+                    .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?;
+                let id = identity::load_or_create(&path, l.serial.as_deref())
+                    .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?;
+                let settings = LunSettings {
+                    block_size: l.block_size,
+                    read_only: l.read_only,
+                    serial: id.serial,
+                    naa: id.naa,
+                    vendor: "HOLDFAST".into(),
+                    product: l.product.clone().unwrap_or_else(|| "holdfast LUN".into()),
+                    revision: env!("CARGO_PKG_VERSION").chars().filter(|c| *c != '.').take(4).collect(),
+                    write_cache: l.write_cache,
+                    thin_provisioning: l.thin_provisioning,
+                };
+                luns.insert(l.id, Arc::new(LogicalUnit::new(settings, Arc::new(backend))));
+            }
+            targets.push(Arc::new(TargetNode {
+                name: t.name.clone(),
+                alias: t.alias.clone(),
+                portals: cfg.portal_addrs[ti].clone(),
+                luns,
+                acl: t
+                    .acl
+                    .iter()
+                    .map(|a| AclEntry {
+                        initiator: a.initiator.clone(),
+                        luns: a.luns.clone(),
+                        chap: a.chap.as_ref().map(chap_credentials),
+                    })
+                    .collect(),
+                chap: t.chap.as_ref().map(chap_credentials),
+            }));
+        }
+        let s = &cfg.config.iscsi;
+        Ok(Runtime {
+            targets,
+            discovery_chap: cfg.config.discovery_chap.as_ref().map(chap_credentials),
+            key_policy: TargetKeyPolicy {
+                max_recv_data_segment_length: s.max_recv_data_segment_length,
+                max_burst_length: s.max_burst_length,
+                first_burst_length: s.first_burst_length,
+                immediate_data: s.immediate_data,
+                initial_r2t: s.initial_r2t,
+                max_outstanding_r2t: s.max_outstanding_r2t,
+                target_alias: None,
+            },
+            settings: s.clone(),
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Arc<TargetNode>> {
+        self.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Login check for a normal session arriving on `listen`.
+    pub fn authorize_normal(
+        &self,
+        listen: SocketAddr,
+        target: &str,
+        initiator: &str,
+    ) -> Result<Option<ChapCredentials>, LoginStatus> {
+        let t = self.target(target).ok_or(LoginStatus::NOT_FOUND)?;
+        if t.tpgt_on(listen).is_none() && !t.portals.iter().any(|(a, _)| a.ip().is_unspecified() && a.port() == listen.port()) {
+            // The target exists but is not served on this portal.
+            return Err(LoginStatus::NOT_FOUND);
+        }
+        if !t.admits(initiator) {
+            return Err(LoginStatus::AUTHORIZATION_FAILURE);
+        }
+        Ok(t.chap_for(initiator))
+    }
+
+    /// Flush every LUN (shutdown).
+    pub fn flush_all(&self) {
+        for t in &self.targets {
+            for (id, lu) in &t.luns {
+                if let Err(e) = lu.flush() {
+                    tracing::error!(target_name = %t.name, lun = id, error = %e, "flush at shutdown failed");
+                }
+            }
+        }
+    }
+}

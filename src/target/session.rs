@@ -1,0 +1,153 @@
+//! Session registry: TSIH allocation and session reinstatement (RFC 7143 §6.3.5): a new
+//! login with the ISID of a live session of the same initiator and target replaces it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Identity of a session: initiator port (name + ISID) and target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub initiator: String,
+    pub isid: [u8; 6],
+    pub target: String,
+}
+
+impl SessionKey {
+    pub fn new(initiator: &str, isid: [u8; 6], target: &str) -> Self {
+        // iSCSI names compare case-insensitively (they are normalised to lower case).
+        Self { initiator: initiator.to_ascii_lowercase(), isid, target: target.to_ascii_lowercase() }
+    }
+}
+
+/// Handle on a live session, used to stop it and wait until it is gone.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub tsih: u16,
+    stop_tx: watch::Sender<bool>,
+    done_rx: watch::Receiver<bool>,
+}
+
+/// The session's own end of its handle.
+#[derive(Debug)]
+pub struct SessionControl {
+    pub stop_rx: watch::Receiver<bool>,
+    done_tx: watch::Sender<bool>,
+}
+
+impl SessionControl {
+    /// Tell waiters the session has fully ended (its tasks are finished).
+    pub fn finished(&self) {
+        let _ = self.done_tx.send(true);
+    }
+}
+
+impl Drop for SessionControl {
+    fn drop(&mut self) {
+        let _ = self.done_tx.send(true);
+    }
+}
+
+impl SessionHandle {
+    /// Ask the session to end and wait until it has.
+    pub async fn terminate(&self) {
+        let _ = self.stop_tx.send(true);
+        let mut rx = self.done_rx.clone();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<SessionKey, Arc<SessionHandle>>>,
+    next_tsih: AtomicU16,
+}
+
+impl SessionRegistry {
+    pub fn new() -> Self {
+        Self { sessions: Mutex::new(HashMap::new()), next_tsih: AtomicU16::new(1) }
+    }
+
+    /// A fresh non-zero TSIH not used by a live session.
+    pub fn allocate_tsih(&self) -> u16 {
+        let live: Vec<u16> = self.lock().values().map(|h| h.tsih).collect();
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 && !live.contains(&t) {
+                return t;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Arc<SessionHandle>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Does a live session of (initiator, ISID) carry this TSIH?
+    pub fn has_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> bool {
+        let init = initiator.to_ascii_lowercase();
+        self.lock().iter().any(|(k, h)| k.initiator == init && k.isid == isid && h.tsih == tsih)
+    }
+
+    /// Register a new session; returns the previous session with the same key (to be
+    /// terminated: reinstatement) and the control end for the new one.
+    pub fn register(&self, key: SessionKey, tsih: u16) -> (Option<Arc<SessionHandle>>, SessionControl, Arc<SessionHandle>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (done_tx, done_rx) = watch::channel(false);
+        let handle = Arc::new(SessionHandle { tsih, stop_tx, done_rx });
+        let old = self.lock().insert(key, handle.clone());
+        (old, SessionControl { stop_rx, done_tx }, handle)
+    }
+
+    /// Remove a session if the registry still maps its key to this handle.
+    pub fn unregister(&self, key: &SessionKey, handle: &Arc<SessionHandle>) {
+        let mut m = self.lock();
+        if m.get(key).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            m.remove(key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every live session (for shutdown).
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reinstatement_returns_the_old_session_and_terminate_waits() {
+        let reg = SessionRegistry::new();
+        let key = SessionKey::new("iqn.2026-11.x:I", [1; 6], "iqn.2026-11.x:T");
+        let t1 = reg.allocate_tsih();
+        let (old, mut ctl1, h1) = reg.register(key.clone(), t1);
+        assert!(old.is_none());
+        assert!(reg.has_tsih("IQN.2026-11.X:i", [1; 6], t1));
+        let t2 = reg.allocate_tsih();
+        assert_ne!(t1, t2);
+        let (old, _ctl2, h2) = reg.register(key.clone(), t2);
+        let old = old.expect("same key replaces");
+        assert!(Arc::ptr_eq(&old, &h1));
+        let waiter = tokio::spawn(async move { old.terminate().await });
+        ctl1.stop_rx.changed().await.unwrap();
+        assert!(*ctl1.stop_rx.borrow());
+        ctl1.finished();
+        waiter.await.unwrap();
+        // the old session unregistering must not remove the new one
+        reg.unregister(&key, &h1);
+        assert_eq!(reg.len(), 1);
+        reg.unregister(&key, &h2);
+        assert!(reg.is_empty());
+    }
+}
