@@ -53,6 +53,14 @@ impl<T> CmdWindow<T> {
         }
     }
 
+    /// Record a MaxCmdSN announced elsewhere (the login response): the window may never
+    /// shrink below what the initiator was already promised.
+    pub fn note_announced(&mut self, max: u32) {
+        if sn_lt(self.announced_max, max) {
+            self.announced_max = max;
+        }
+    }
+
     pub fn exp_cmd_sn(&self) -> u32 {
         self.exp_cmd_sn
     }

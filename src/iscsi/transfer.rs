@@ -212,7 +212,7 @@ impl WriteTransfer {
 
     /// All wanted data has arrived and nothing more is expected from the initiator.
     pub fn is_complete(&self) -> bool {
-        !self.unsolicited_open && self.open.is_empty() && self.solicit_from >= self.wanted
+        !self.unsolicited_open && self.open.is_empty() && self.solicit_from.max(self.unsolicited_received) >= self.wanted
     }
 
     /// R2Ts sent so far (R2TSN of the next one).

@@ -5,6 +5,21 @@
 //! blocking pool so the async runtime never waits on the disk.
 
 pub mod backend;
+pub mod cdb;
+pub mod lun;
+pub mod lun_map;
+mod mode;
+pub mod range_lock;
+mod sbc;
+pub mod sense;
+mod spc;
+mod vpd;
+
+#[cfg(test)]
+mod tests;
+
+pub use lun::{LogicalUnit, LunSettings};
+pub use lun_map::LunMap;
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -10,7 +10,8 @@ use crate::iscsi::login::{
 };
 use crate::iscsi::task_set::{TaskId, TaskSet};
 use crate::iscsi::transfer::{plan_data_in, Residual, WriteLimits, WriteTransfer};
-use crate::scsi::{status, ItNexus, LunMap, ScsiCommand, ScsiOutcome, TaskAttr};
+use crate::scsi::sense::Sense;
+use crate::scsi::{status, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome, TaskAttr};
 use crate::wire::{self, reject_reason, Bhs, DigestConfig, Pdu, PduDecoder, WireError, RESERVED_TAG};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -267,6 +268,8 @@ struct Shared {
     core: Mutex<Core>,
     out: mpsc::UnboundedSender<Out>,
     lun_map: LunMap,
+    /// The same LUNs, for nexus-wide events (reset, nexus loss).
+    luns: Vec<Arc<LogicalUnit>>,
     nexus: Arc<ItNexus>,
     /// Largest Data-In segment the initiator accepts.
     max_send_segment: u32,
@@ -327,7 +330,7 @@ async fn run_full_feature(
     dec: PduDecoder,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (lun_map, nexus, control, key_handle) = match (outcome.session_type, outcome.target_name.as_deref()) {
+    let (lun_map, luns, nexus, control, key_handle) = match (outcome.session_type, outcome.target_name.as_deref()) {
         (SessionType::Normal, Some(tname)) => {
             let Some(target) = rt.target(tname).cloned() else {
                 return Err(ConnError::Protocol(format!("target {tname} vanished")));
@@ -346,10 +349,13 @@ async fn run_full_feature(
                 info!(initiator = %outcome.initiator_name, isid = %hex::encode(outcome.isid), "session reinstatement: ending the previous session");
                 old.terminate().await;
             }
-            (target.lun_map_for(&outcome.initiator_name), nexus, Some(control), Some((key, handle)))
+            let map = target.lun_map_for(&outcome.initiator_name);
+            let luns = target.visible_luns(&outcome.initiator_name);
+            (map, luns, nexus, Some(control), Some((key, handle)))
         }
         _ => (
             LunMap::new(Default::default()),
+            Vec::new(),
             Arc::new(ItNexus {
                 initiator_name: outcome.initiator_name.clone(),
                 isid: outcome.isid,
@@ -372,6 +378,7 @@ async fn run_full_feature(
         }),
         out: tx,
         lun_map,
+        luns,
         nexus,
         max_send_segment: outcome.connection.initiator_max_recv_data_segment_length,
         max_burst: outcome.session.max_burst_length,
@@ -409,7 +416,7 @@ async fn run_full_feature(
     for w in waits {
         w.wait().await;
     }
-    for (_, lu) in shared.lun_map.iter() {
+    for lu in &shared.luns {
         lu.nexus_lost(&shared.nexus);
     }
     let _ = shared.out.send(Out::Close);
@@ -859,7 +866,7 @@ impl Reader {
             }
             Err(e) => {
                 warn!(itt = c.itt, error = %e, "bad immediate/unsolicited data: failing the command");
-                let r = scsi_response(c.itt, status::CHECK_CONDITION, Some(&crate::scsi::sense::fixed_bytes(0x0b, 0x0c, 0x0d)), Residual::default(), 0);
+                let r = scsi_response(c.itt, status::CHECK_CONDITION, Some(&Sense::new(0x0b, 0x0c, 0x0d).encode(false)), Residual::default(), 0);
                 self.shared.send(r);
                 self.complete_request();
             }
@@ -894,7 +901,7 @@ impl Reader {
         let r = scsi_response(
             w.ready.itt,
             status::CHECK_CONDITION,
-            Some(&crate::scsi::sense::fixed_bytes(key, asc, ascq)),
+            Some(&Sense::new(key, asc, ascq).encode(false)),
             Residual::default(),
             w.transfer.r2t_count(),
         );
@@ -1005,7 +1012,7 @@ impl Reader {
                 for w in abort_tasks(&self.shared, |_| true) {
                     w.wait().await;
                 }
-                for (_, lu) in self.shared.lun_map.iter() {
+                for lu in &self.shared.luns {
                     lu.reset();
                 }
                 COMPLETE

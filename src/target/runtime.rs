@@ -4,6 +4,7 @@
 use super::config::{ChapConfig, ValidConfig};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
+use crate::scsi::backend::BlockBackend;
 use crate::store::{identity, FileBackend};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,13 +51,20 @@ impl TargetNode {
         self.acl_entry(initiator).and_then(|a| a.chap.clone()).or_else(|| self.chap.clone())
     }
 
-    /// The LUNs `initiator` sees (LUN masking).
-    pub fn lun_map_for(&self, initiator: &str) -> LunMap {
-        let visible: BTreeMap<u64, Arc<LogicalUnit>> = match self.acl_entry(initiator).and_then(|a| a.luns.as_ref()) {
+    fn visible(&self, initiator: &str) -> BTreeMap<u64, Arc<LogicalUnit>> {
+        match self.acl_entry(initiator).and_then(|a| a.luns.as_ref()) {
             Some(list) => self.luns.iter().filter(|(id, _)| list.contains(id)).map(|(k, v)| (*k, v.clone())).collect(),
             None => self.luns.clone(),
-        };
-        LunMap::new(visible)
+        }
+    }
+
+    /// The LUNs `initiator` sees (LUN masking).
+    pub fn lun_map_for(&self, initiator: &str) -> LunMap {
+        LunMap::new(self.visible(initiator))
+    }
+
+    pub fn visible_luns(&self, initiator: &str) -> Vec<Arc<LogicalUnit>> {
+        self.visible(initiator).into_values().collect()
     }
 
     /// Portal group tag this target uses on a listening address.
@@ -83,6 +91,8 @@ pub struct Runtime {
     pub discovery_chap: Option<ChapCredentials>,
     pub key_policy: TargetKeyPolicy,
     pub settings: super::config::IscsiSettings,
+    /// Every backing store, for the flush at shutdown.
+    backends: Vec<(String, Arc<FileBackend>)>,
 }
 
 impl Runtime {
@@ -93,6 +103,7 @@ impl Runtime {
             reason: format!("cannot create {}: {e}", cfg.data_dir.display()),
         })?;
         let mut targets = Vec::new();
+        let mut backends = Vec::new();
         for (ti, t) in cfg.config.targets.iter().enumerate() {
             let mut luns = BTreeMap::new();
             for (li, l) in t.luns.iter().enumerate() {
@@ -104,8 +115,11 @@ impl Runtime {
                         reason: format!("cannot create {}: {e}", parent.display()),
                     })?;
                 }
-                let backend = FileBackend::open(&path, l.size.0, true, l.read_only)
-                    .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?;
+                let backend = Arc::new(
+                    FileBackend::open(&path, l.size.0, true, l.read_only)
+                        .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?,
+                );
+                backends.push((format!("{} LUN {}", t.name, l.id), backend.clone()));
                 let id = identity::load_or_create(&path, l.serial.as_deref())
                     .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?;
                 let settings = LunSettings {
@@ -119,7 +133,7 @@ impl Runtime {
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning,
                 };
-                luns.insert(l.id, Arc::new(LogicalUnit::new(settings, Arc::new(backend))));
+                luns.insert(l.id, Arc::new(LogicalUnit::new(settings, backend)));
             }
             targets.push(Arc::new(TargetNode {
                 name: t.name.clone(),
@@ -152,6 +166,7 @@ impl Runtime {
                 target_alias: None,
             },
             settings: s.clone(),
+            backends,
         })
     }
 
@@ -167,7 +182,7 @@ impl Runtime {
         initiator: &str,
     ) -> Result<Option<ChapCredentials>, LoginStatus> {
         let t = self.target(target).ok_or(LoginStatus::NOT_FOUND)?;
-        if t.tpgt_on(listen).is_none() && !t.portals.iter().any(|(a, _)| a.ip().is_unspecified() && a.port() == listen.port()) {
+        if t.tpgt_on(listen).is_none() {
             // The target exists but is not served on this portal.
             return Err(LoginStatus::NOT_FOUND);
         }
@@ -179,11 +194,9 @@ impl Runtime {
 
     /// Flush every LUN (shutdown).
     pub fn flush_all(&self) {
-        for t in &self.targets {
-            for (id, lu) in &t.luns {
-                if let Err(e) = lu.flush() {
-                    tracing::error!(target_name = %t.name, lun = id, error = %e, "flush at shutdown failed");
-                }
+        for (name, b) in &self.backends {
+            if let Err(e) = b.flush() {
+                tracing::error!(lun = %name, error = %e, "flush at shutdown failed");
             }
         }
     }

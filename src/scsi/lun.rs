@@ -1,0 +1,951 @@
+//! One logical unit: settings, the command table (the single source for dispatch, Data-Out
+//! sizing and REPORT SUPPORTED OPERATION CODES), unit attentions and SCSI-2 reservations.
+
+use super::backend::BlockBackend;
+use super::cdb::{self, op};
+use super::range_lock::RangeLock;
+use super::sense::Sense;
+use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// Static description of one logical unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunSettings {
+    /// Logical block size in bytes (512 by default).
+    pub block_size: u32,
+    pub read_only: bool,
+    pub serial: String,
+    /// NAA IEEE Registered Extended designator (16 bytes), persisted elsewhere.
+    pub naa: [u8; 16],
+    /// T10 vendor identification, 8 characters ("HOLDFAST").
+    pub vendor: String,
+    pub product: String,
+    pub revision: String,
+    /// Initial WCE (write cache enabled); with WCE off every write is flushed before it
+    /// completes.
+    pub write_cache: bool,
+    /// Thin provisioning: UNMAP, WRITE SAME with UNMAP, GET LBA STATUS, LBPME.
+    pub thin_provisioning: bool,
+}
+
+impl Default for LunSettings {
+    fn default() -> Self {
+        LunSettings {
+            block_size: 512,
+            read_only: false,
+            serial: String::new(),
+            naa: [0; 16],
+            vendor: "HOLDFAST".into(),
+            product: "holdfast disk".into(),
+            revision: "0001".into(),
+            write_cache: true,
+            thin_provisioning: true,
+        }
+    }
+}
+
+/// Why a command did not complete with GOOD.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmdError {
+    #[error("check condition: {0}")]
+    Check(#[from] Sense),
+    #[error("reservation conflict")]
+    ReservationConflict,
+}
+
+pub(crate) type CmdResult = Result<Bytes, CmdError>;
+
+/// One command as a handler sees it.
+pub(crate) struct Request<'a> {
+    pub cmd: &'a ScsiCommand,
+    pub cdb: &'a [u8],
+}
+
+/// How the Data-Out length follows from the CDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataOut {
+    None,
+    /// Transfer length in logical blocks.
+    Blocks,
+    /// WRITE SAME: one block unless NDOB.
+    WriteSame,
+    /// VERIFY: by BYTCHK (0: none, 1: all blocks, 3: one block).
+    Verify,
+    /// COMPARE AND WRITE: twice the blocks.
+    CompareAndWrite,
+    /// A parameter list length of `width` bytes at CDB byte `at`.
+    Param {
+        at: usize,
+        width: usize,
+    },
+}
+
+/// Class of a command for reservation checks (SCSI-2 now, persistent reservations later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC, ...).
+    Any,
+    /// RELEASE: succeeds without effect for a non-holder.
+    Release,
+    Reserve,
+    Read,
+    Write,
+    Other,
+}
+
+type Handler = fn(&LogicalUnit, &Request) -> CmdResult;
+
+/// One row of the command table.
+pub(crate) struct CommandSpec {
+    pub opcode: u8,
+    pub service_action: Option<u16>,
+    pub name: &'static str,
+    /// CDB usage data for REPORT SUPPORTED OPERATION CODES; its length is the CDB length.
+    pub usage: &'static [u8],
+    pub data_out: DataOut,
+    pub access: Access,
+    /// Reported unit attentions are not raised for this command (SAM-5 §5.14).
+    pub ua_exempt: bool,
+    /// Only offered when thin provisioning is on.
+    pub thin_only: bool,
+    pub handler: Handler,
+}
+
+const C: u8 = 0x04; // control byte: only NACA is examined (and rejected)
+
+macro_rules! cmd {
+    ($op:expr, $sa:expr, $name:expr, $usage:expr, $dout:expr, $acc:expr, $h:expr) => {
+        CommandSpec {
+            opcode: $op,
+            service_action: $sa,
+            name: $name,
+            usage: &$usage,
+            data_out: $dout,
+            access: $acc,
+            ua_exempt: false,
+            thin_only: false,
+            handler: $h,
+        }
+    };
+}
+
+const RW16: [u8; 16] = [
+    0, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, C,
+];
+
+const fn with(mut u: [u8; 16], opcode: u8, b1: u8) -> [u8; 16] {
+    u[0] = opcode;
+    u[1] = b1;
+    u
+}
+
+const fn with10(opcode: u8, b1: u8) -> [u8; 10] {
+    [opcode, b1, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, C]
+}
+
+const fn with12(opcode: u8, b1: u8) -> [u8; 12] {
+    [
+        opcode, b1, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, C,
+    ]
+}
+
+/// Every command the device server implements. Dispatch, Data-Out sizing and REPORT
+/// SUPPORTED OPERATION CODES all read this one table.
+pub(crate) static COMMANDS: &[CommandSpec] = &[
+    cmd!(
+        op::TEST_UNIT_READY,
+        None,
+        "TEST UNIT READY",
+        [0x00, 0, 0, 0, 0, C],
+        DataOut::None,
+        Access::Other,
+        spc::test_unit_ready
+    ),
+    CommandSpec {
+        ua_exempt: true,
+        ..cmd!(
+            op::REQUEST_SENSE,
+            None,
+            "REQUEST SENSE",
+            [0x03, 0x01, 0, 0, 0xFF, C],
+            DataOut::None,
+            Access::Any,
+            spc::request_sense
+        )
+    },
+    cmd!(
+        op::READ_6,
+        None,
+        "READ(6)",
+        [0x08, 0x1F, 0xFF, 0xFF, 0xFF, C],
+        DataOut::None,
+        Access::Read,
+        sbc::read
+    ),
+    cmd!(
+        op::WRITE_6,
+        None,
+        "WRITE(6)",
+        [0x0A, 0x1F, 0xFF, 0xFF, 0xFF, C],
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write
+    ),
+    CommandSpec {
+        ua_exempt: true,
+        ..cmd!(
+            op::INQUIRY,
+            None,
+            "INQUIRY",
+            [0x12, 0x01, 0xFF, 0xFF, 0xFF, C],
+            DataOut::None,
+            Access::Any,
+            spc::inquiry
+        )
+    },
+    cmd!(
+        op::MODE_SELECT_6,
+        None,
+        "MODE SELECT(6)",
+        [0x15, 0x11, 0, 0, 0xFF, C],
+        DataOut::Param { at: 4, width: 1 },
+        Access::Other,
+        mode::mode_select
+    ),
+    cmd!(
+        op::RESERVE_6,
+        None,
+        "RESERVE(6)",
+        [0x16, 0, 0, 0, 0, C],
+        DataOut::None,
+        Access::Reserve,
+        spc::reserve
+    ),
+    cmd!(
+        op::RELEASE_6,
+        None,
+        "RELEASE(6)",
+        [0x17, 0, 0, 0, 0, C],
+        DataOut::None,
+        Access::Release,
+        spc::release
+    ),
+    cmd!(
+        op::MODE_SENSE_6,
+        None,
+        "MODE SENSE(6)",
+        [0x1A, 0x08, 0xFF, 0xFF, 0xFF, C],
+        DataOut::None,
+        Access::Other,
+        mode::mode_sense
+    ),
+    cmd!(
+        op::START_STOP_UNIT,
+        None,
+        "START STOP UNIT",
+        [0x1B, 0x01, 0, 0x0F, 0xF7, C],
+        DataOut::None,
+        Access::Other,
+        spc::start_stop_unit
+    ),
+    cmd!(
+        op::PREVENT_ALLOW,
+        None,
+        "PREVENT ALLOW MEDIUM REMOVAL",
+        [0x1E, 0, 0, 0, 0x03, C],
+        DataOut::None,
+        Access::Other,
+        spc::prevent_allow
+    ),
+    cmd!(
+        op::READ_CAPACITY_10,
+        None,
+        "READ CAPACITY(10)",
+        [0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C],
+        DataOut::None,
+        Access::Read,
+        sbc::read_capacity_10
+    ),
+    cmd!(
+        op::READ_10,
+        None,
+        "READ(10)",
+        with10(op::READ_10, 0xFA),
+        DataOut::None,
+        Access::Read,
+        sbc::read
+    ),
+    cmd!(
+        op::WRITE_10,
+        None,
+        "WRITE(10)",
+        with10(op::WRITE_10, 0xFA),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write
+    ),
+    cmd!(
+        op::WRITE_VERIFY_10,
+        None,
+        "WRITE AND VERIFY(10)",
+        with10(op::WRITE_VERIFY_10, 0xF2),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write_and_verify
+    ),
+    cmd!(
+        op::VERIFY_10,
+        None,
+        "VERIFY(10)",
+        with10(op::VERIFY_10, 0xF6),
+        DataOut::Verify,
+        Access::Read,
+        sbc::verify
+    ),
+    cmd!(
+        op::PRE_FETCH_10,
+        None,
+        "PRE-FETCH(10)",
+        with10(op::PRE_FETCH_10, 0x02),
+        DataOut::None,
+        Access::Read,
+        sbc::pre_fetch
+    ),
+    cmd!(
+        op::SYNC_CACHE_10,
+        None,
+        "SYNCHRONIZE CACHE(10)",
+        with10(op::SYNC_CACHE_10, 0x06),
+        DataOut::None,
+        Access::Write,
+        sbc::synchronize_cache
+    ),
+    cmd!(
+        op::READ_DEFECT_10,
+        None,
+        "READ DEFECT DATA(10)",
+        [0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        DataOut::None,
+        Access::Read,
+        sbc::read_defect_data
+    ),
+    cmd!(
+        op::WRITE_SAME_10,
+        None,
+        "WRITE SAME(10)",
+        with10(op::WRITE_SAME_10, 0xF8),
+        DataOut::WriteSame,
+        Access::Write,
+        sbc::write_same
+    ),
+    CommandSpec {
+        thin_only: true,
+        ..cmd!(
+            op::UNMAP,
+            None,
+            "UNMAP",
+            [0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
+            DataOut::Param { at: 7, width: 2 },
+            Access::Write,
+            sbc::unmap
+        )
+    },
+    cmd!(
+        op::MODE_SELECT_10,
+        None,
+        "MODE SELECT(10)",
+        [0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        DataOut::Param { at: 7, width: 2 },
+        Access::Other,
+        mode::mode_select
+    ),
+    cmd!(
+        op::RESERVE_10,
+        None,
+        "RESERVE(10)",
+        [0x56, 0, 0, 0, 0, 0, 0, 0, 0, C],
+        DataOut::Param { at: 7, width: 2 },
+        Access::Reserve,
+        spc::reserve
+    ),
+    cmd!(
+        op::RELEASE_10,
+        None,
+        "RELEASE(10)",
+        [0x57, 0, 0, 0, 0, 0, 0, 0, 0, C],
+        DataOut::Param { at: 7, width: 2 },
+        Access::Release,
+        spc::release
+    ),
+    cmd!(
+        op::MODE_SENSE_10,
+        None,
+        "MODE SENSE(10)",
+        [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C],
+        DataOut::None,
+        Access::Other,
+        mode::mode_sense
+    ),
+    cmd!(
+        op::READ_16,
+        None,
+        "READ(16)",
+        with(RW16, op::READ_16, 0xFA),
+        DataOut::None,
+        Access::Read,
+        sbc::read
+    ),
+    cmd!(
+        op::COMPARE_AND_WRITE,
+        None,
+        "COMPARE AND WRITE",
+        [0x89, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, C],
+        DataOut::CompareAndWrite,
+        Access::Write,
+        sbc::compare_and_write
+    ),
+    cmd!(
+        op::WRITE_16,
+        None,
+        "WRITE(16)",
+        with(RW16, op::WRITE_16, 0xFA),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write
+    ),
+    cmd!(
+        op::ORWRITE_16,
+        None,
+        "ORWRITE(16)",
+        with(RW16, op::ORWRITE_16, 0xF8),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::orwrite
+    ),
+    cmd!(
+        op::WRITE_VERIFY_16,
+        None,
+        "WRITE AND VERIFY(16)",
+        with(RW16, op::WRITE_VERIFY_16, 0xF2),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write_and_verify
+    ),
+    cmd!(
+        op::VERIFY_16,
+        None,
+        "VERIFY(16)",
+        with(RW16, op::VERIFY_16, 0xF6),
+        DataOut::Verify,
+        Access::Read,
+        sbc::verify
+    ),
+    cmd!(
+        op::PRE_FETCH_16,
+        None,
+        "PRE-FETCH(16)",
+        with(RW16, op::PRE_FETCH_16, 0x02),
+        DataOut::None,
+        Access::Read,
+        sbc::pre_fetch
+    ),
+    cmd!(
+        op::SYNC_CACHE_16,
+        None,
+        "SYNCHRONIZE CACHE(16)",
+        with(RW16, op::SYNC_CACHE_16, 0x06),
+        DataOut::None,
+        Access::Write,
+        sbc::synchronize_cache
+    ),
+    cmd!(
+        op::WRITE_SAME_16,
+        None,
+        "WRITE SAME(16)",
+        with(RW16, op::WRITE_SAME_16, 0xF9),
+        DataOut::WriteSame,
+        Access::Write,
+        sbc::write_same
+    ),
+    cmd!(
+        op::SERVICE_ACTION_IN_16,
+        Some(op::SA_READ_CAPACITY_16),
+        "READ CAPACITY(16)",
+        [0x9E, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        DataOut::None,
+        Access::Read,
+        sbc::read_capacity_16
+    ),
+    CommandSpec {
+        thin_only: true,
+        ..cmd!(
+            op::SERVICE_ACTION_IN_16,
+            Some(op::SA_GET_LBA_STATUS),
+            "GET LBA STATUS",
+            [
+                0x9E, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                0, C
+            ],
+            DataOut::None,
+            Access::Read,
+            sbc::get_lba_status
+        )
+    },
+    CommandSpec {
+        ua_exempt: true,
+        ..cmd!(
+            op::REPORT_LUNS,
+            None,
+            "REPORT LUNS",
+            [0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+            DataOut::None,
+            Access::Any,
+            spc::report_luns_single
+        )
+    },
+    cmd!(
+        op::MAINTENANCE_IN,
+        Some(op::SA_REPORT_SUPPORTED_OPCODES),
+        "REPORT SUPPORTED OPERATION CODES",
+        [0xA3, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        DataOut::None,
+        Access::Any,
+        spc::report_supported_opcodes
+    ),
+    cmd!(
+        op::READ_12,
+        None,
+        "READ(12)",
+        with12(op::READ_12, 0xFA),
+        DataOut::None,
+        Access::Read,
+        sbc::read
+    ),
+    cmd!(
+        op::WRITE_12,
+        None,
+        "WRITE(12)",
+        with12(op::WRITE_12, 0xFA),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write
+    ),
+    cmd!(
+        op::WRITE_VERIFY_12,
+        None,
+        "WRITE AND VERIFY(12)",
+        with12(op::WRITE_VERIFY_12, 0xF2),
+        DataOut::Blocks,
+        Access::Write,
+        sbc::write_and_verify
+    ),
+    cmd!(
+        op::VERIFY_12,
+        None,
+        "VERIFY(12)",
+        with12(op::VERIFY_12, 0xF6),
+        DataOut::Verify,
+        Access::Read,
+        sbc::verify
+    ),
+    cmd!(
+        op::READ_DEFECT_12,
+        None,
+        "READ DEFECT DATA(12)",
+        [0xB7, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        DataOut::None,
+        Access::Read,
+        sbc::read_defect_data
+    ),
+];
+
+/// Opcodes whose CDB carries a service action in byte 1 bits 4..0.
+pub(crate) fn has_service_actions(opcode: u8) -> bool {
+    COMMANDS
+        .iter()
+        .any(|c| c.opcode == opcode && c.service_action.is_some())
+}
+
+/// Find the table row for a CDB, or the sense to return.
+pub(crate) fn lookup(cdb: &[u8]) -> Result<&'static CommandSpec, Sense> {
+    let opcode = cdb::byte(cdb, 0);
+    let mut seen_opcode = false;
+    for c in COMMANDS {
+        if c.opcode != opcode {
+            continue;
+        }
+        seen_opcode = true;
+        match c.service_action {
+            None => return Ok(c),
+            Some(sa) if u16::from(cdb::byte(cdb, 1) & 0x1F) == sa => return Ok(c),
+            Some(_) => {}
+        }
+    }
+    if seen_opcode {
+        Err(Sense::invalid_cdb(1, Some(4)))
+    } else {
+        Err(Sense::INVALID_OPCODE)
+    }
+}
+
+/// Limits advertised in the Block Limits VPD page and enforced by the SBC handlers.
+pub(crate) mod limits {
+    /// Largest READ/WRITE in bytes; bounds the buffer a peer can make us allocate.
+    pub const MAX_TRANSFER_BYTES: u64 = 8 << 20;
+    pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 128;
+    pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+    pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+    /// Largest WRITE SAME in bytes (it is replicated in bounded chunks, never buffered whole).
+    pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+}
+
+/// Pending unit attentions of one I_T nexus the LU has seen.
+#[derive(Debug, Default)]
+struct NexusState {
+    unit_attentions: VecDeque<(u8, u8)>,
+}
+
+/// At most this many unit attentions queue per nexus; later ones are dropped (the oldest
+/// report is the one SAM requires first).
+const MAX_QUEUED_UA: usize = 16;
+
+/// A logical unit: executes SCSI commands against a [`BlockBackend`].
+#[derive(Debug)]
+pub struct LogicalUnit {
+    settings: LunSettings,
+    backend: Arc<dyn BlockBackend>,
+    block_size: u64,
+    num_blocks: u64,
+    pub(crate) wce: AtomicBool,
+    pub(crate) d_sense: AtomicBool,
+    pub(crate) ranges: RangeLock,
+    nexuses: RwLock<HashMap<ItNexus, NexusState>>,
+    /// Count of queued unit attentions over all nexuses: lets the hot path skip the map.
+    ua_pending: AtomicUsize,
+    /// SCSI-2 RESERVE holder.
+    reservation: Mutex<Option<ItNexus>>,
+    reserved: AtomicBool,
+}
+
+impl LogicalUnit {
+    pub fn new(mut settings: LunSettings, backend: Arc<dyn BlockBackend>) -> Self {
+        if !(512..=65536).contains(&settings.block_size) {
+            tracing::warn!(
+                block_size = settings.block_size,
+                "unsupported block size, using 512"
+            );
+            settings.block_size = 512;
+        }
+        let block_size = u64::from(settings.block_size);
+        let num_blocks = backend.size() / block_size;
+        LogicalUnit {
+            wce: AtomicBool::new(settings.write_cache),
+            d_sense: AtomicBool::new(false),
+            settings,
+            backend,
+            block_size,
+            num_blocks,
+            ranges: RangeLock::new(),
+            nexuses: RwLock::new(HashMap::new()),
+            ua_pending: AtomicUsize::new(0),
+            reservation: Mutex::new(None),
+            reserved: AtomicBool::new(false),
+        }
+    }
+
+    pub fn settings(&self) -> &LunSettings {
+        &self.settings
+    }
+
+    pub(crate) fn backend(&self) -> &dyn BlockBackend {
+        &*self.backend
+    }
+
+    pub(crate) fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub(crate) fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    pub(crate) fn max_transfer_blocks(&self) -> u64 {
+        limits::MAX_TRANSFER_BYTES / self.block_size
+    }
+
+    pub(crate) fn max_write_same_blocks(&self) -> u64 {
+        limits::MAX_WRITE_SAME_BYTES / self.block_size
+    }
+
+    /// CHECK CONDITION with sense in the LU's current format.
+    pub(crate) fn check(&self, sense: Sense) -> ScsiOutcome {
+        ScsiOutcome {
+            status: status::CHECK_CONDITION,
+            sense: Some(sense.encode(self.d_sense.load(Ordering::Relaxed))),
+            data_in: Bytes::new(),
+        }
+    }
+
+    fn outcome(&self, r: CmdResult) -> ScsiOutcome {
+        match r {
+            Ok(data_in) => ScsiOutcome {
+                status: status::GOOD,
+                sense: None,
+                data_in,
+            },
+            Err(CmdError::Check(s)) => self.check(s),
+            Err(CmdError::ReservationConflict) => ScsiOutcome {
+                status: status::RESERVATION_CONFLICT,
+                sense: None,
+                data_in: Bytes::new(),
+            },
+        }
+    }
+
+    /// Execute one command (blocking on backend I/O).
+    pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
+        let cdb: &[u8] = &cmd.cdb;
+        self.note_nexus(&cmd.nexus);
+        let found = lookup(cdb);
+        let exempt = matches!(found, Ok(spec) if spec.ua_exempt);
+        if !exempt {
+            if let Some((asc, ascq)) = self.take_unit_attention(&cmd.nexus) {
+                return self.check(Sense::unit_attention(asc, ascq));
+            }
+        }
+        let spec = match found {
+            Ok(spec) => spec,
+            Err(sense) => return self.check(sense),
+        };
+        if spec.thin_only && !self.settings.thin_provisioning {
+            return self.check(Sense::INVALID_OPCODE);
+        }
+        let len = spec.usage.len();
+        if cdb.len() < len {
+            return self.check(Sense::invalid_cdb(0, None));
+        }
+        // No ACA support: NACA=1 in the control byte is an invalid field.
+        if cdb::byte(cdb, len - 1) & 0x04 != 0 {
+            return self.check(Sense::invalid_cdb((len - 1) as u16, Some(2)));
+        }
+        if let Err(outcome) = self.access_check(&cmd.nexus, spec.access) {
+            return outcome;
+        }
+        tracing::trace!(command = spec.name, lun = cmd.lun, "execute");
+        let req = Request { cmd, cdb };
+        self.outcome((spec.handler)(self, &req))
+    }
+
+    /// Bytes of Data-Out the CDB asks for (0 for no data / unknown opcode / invalid CDB).
+    pub fn data_out_length(&self, cdb: &[u8]) -> u32 {
+        let Ok(spec) = lookup(cdb) else { return 0 };
+        if cdb.len() < spec.usage.len() {
+            return 0;
+        }
+        let bs = self.block_size;
+        let max = self.max_transfer_blocks();
+        let blocks = |n: u64| -> u64 {
+            // Over-limit requests fail in execute; do not invite the transport to buffer them.
+            if n > max {
+                0
+            } else {
+                n * bs
+            }
+        };
+        let bytes = match spec.data_out {
+            DataOut::None => 0,
+            DataOut::Blocks => blocks(u64::from(cdb::block_range(cdb).blocks)),
+            DataOut::WriteSame => {
+                if spec.opcode == op::WRITE_SAME_16 && cdb::byte(cdb, 1) & 0x01 != 0 {
+                    0
+                } else {
+                    bs
+                }
+            }
+            DataOut::Verify => match (cdb::byte(cdb, 1) >> 1) & 0x03 {
+                1 => blocks(u64::from(cdb::block_range(cdb).blocks)),
+                3 => bs,
+                _ => 0,
+            },
+            DataOut::CompareAndWrite => {
+                let n = u64::from(cdb::block_range(cdb).blocks);
+                if n > u64::from(limits::MAX_COMPARE_AND_WRITE_BLOCKS) {
+                    0
+                } else {
+                    2 * n * bs
+                }
+            }
+            DataOut::Param { at, width } => match width {
+                1 => u64::from(cdb::byte(cdb, at)),
+                _ => u64::from(cdb::be16(cdb, at)),
+            },
+        };
+        u32::try_from(bytes).unwrap_or(0)
+    }
+
+    /// LOGICAL UNIT RESET (or a target reset): drop the SCSI-2 reservation and raise
+    /// BUS DEVICE RESET FUNCTION OCCURRED (29/03) for every nexus seen so far.
+    pub fn reset(&self) {
+        self.clear_reservation();
+        self.queue_unit_attention(&|_| true, 0x29, 0x03);
+    }
+
+    /// I_T nexus loss: release its SCSI-2 reservation and forget its state (a nexus that
+    /// logs in again starts without unit attentions).
+    pub fn nexus_lost(&self, nexus: &ItNexus) {
+        {
+            let mut r = self
+                .reservation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if r.as_ref() == Some(nexus) {
+                *r = None;
+                self.reserved.store(false, Ordering::Release);
+            }
+        }
+        let mut map = self.nexuses.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = map.remove(nexus) {
+            self.ua_pending
+                .fetch_sub(state.unit_attentions.len(), Ordering::AcqRel);
+        }
+    }
+
+    /// Queue a unit attention (asc/ascq) for every seen nexus `nexus_filter` accepts.
+    pub fn queue_unit_attention(&self, nexus_filter: &dyn Fn(&ItNexus) -> bool, asc: u8, ascq: u8) {
+        let mut map = self.nexuses.write().unwrap_or_else(PoisonError::into_inner);
+        for (nexus, state) in map.iter_mut() {
+            if !nexus_filter(nexus) {
+                continue;
+            }
+            let q = &mut state.unit_attentions;
+            if q.len() < MAX_QUEUED_UA && !q.contains(&(asc, ascq)) {
+                q.push_back((asc, ascq));
+                self.ua_pending.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Remember a nexus so resets and mode changes can reach it with a unit attention.
+    /// A fresh nexus gets no power-on UA (kept simple on purpose).
+    fn note_nexus(&self, nexus: &ItNexus) {
+        {
+            let map = self.nexuses.read().unwrap_or_else(PoisonError::into_inner);
+            if map.contains_key(nexus) {
+                return;
+            }
+        }
+        self.nexuses
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(nexus.clone())
+            .or_default();
+    }
+
+    /// Pop the oldest pending unit attention of a nexus.
+    pub(crate) fn take_unit_attention(&self, nexus: &ItNexus) -> Option<(u8, u8)> {
+        if self.ua_pending.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut map = self.nexuses.write().unwrap_or_else(PoisonError::into_inner);
+        let ua = map.get_mut(nexus)?.unit_attentions.pop_front()?;
+        self.ua_pending.fetch_sub(1, Ordering::AcqRel);
+        Some(ua)
+    }
+
+    fn clear_reservation(&self) {
+        let mut r = self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *r = None;
+        self.reserved.store(false, Ordering::Release);
+    }
+
+    /// SCSI-2 RESERVE: conflict if another nexus holds it.
+    pub(crate) fn reserve(&self, nexus: &ItNexus) -> Result<(), CmdError> {
+        let mut r = self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match r.as_ref() {
+            Some(holder) if holder != nexus => Err(CmdError::ReservationConflict),
+            Some(_) => Ok(()),
+            None => {
+                *r = Some(nexus.clone());
+                self.reserved.store(true, Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+
+    /// SCSI-2 RELEASE: only the holder's release has an effect; others get GOOD.
+    pub(crate) fn release(&self, nexus: &ItNexus) {
+        let mut r = self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if r.as_ref() == Some(nexus) {
+            *r = None;
+            self.reserved.store(false, Ordering::Release);
+        }
+    }
+
+    /// The one place reservation rules decide whether a nexus may run a command class.
+    /// SCSI-2 reservations now; persistent reservation checks belong here too.
+    pub(crate) fn access_check(&self, nexus: &ItNexus, access: Access) -> Result<(), ScsiOutcome> {
+        if !self.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if matches!(access, Access::Any | Access::Release) {
+            return Ok(());
+        }
+        let r = self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match r.as_ref() {
+            Some(holder) if holder != nexus => Err(ScsiOutcome {
+                status: status::RESERVATION_CONFLICT,
+                sense: None,
+                data_in: Bytes::new(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Range check: `blocks` from `lba` must lie on the medium; with 0 blocks the LBA itself
+    /// must exist.
+    pub(crate) fn check_range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
+        let end = lba.checked_add(blocks.max(1));
+        match end {
+            Some(end) if end <= self.num_blocks => Ok(()),
+            _ => Err(Sense::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    /// Map a backend error to sense and log it.
+    pub(crate) fn io_error(&self, e: &io::Error, what: &'static str, write: bool) -> Sense {
+        tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            Sense::SPACE_ALLOCATION_FAILED
+        } else if write {
+            Sense::WRITE_ERROR
+        } else {
+            Sense::READ_ERROR
+        }
+    }
+
+    /// After a write: make it durable when FUA is set or the write cache is off.
+    pub(crate) fn complete_write(&self, fua: bool) -> Result<(), Sense> {
+        if fua || !self.wce.load(Ordering::Relaxed) {
+            self.backend
+                .flush()
+                .map_err(|e| self.io_error(&e, "flush", true))?;
+        }
+        Ok(())
+    }
+}

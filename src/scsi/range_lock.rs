@@ -1,0 +1,158 @@
+//! Per-LU LBA range lock making COMPARE AND WRITE and ORWRITE atomic against every other
+//! write to the same blocks.
+//!
+//! The LBA space is cut into stripes hashed onto a fixed table. Plain writes hold their
+//! stripes shared (they never exclude each other: ordering among plain writes is the
+//! initiator's business), read-modify-write commands hold them exclusive. All stripes of a
+//! request are taken at once under one mutex, so there is no lock-ordering deadlock, and a
+//! large write costs one mutex round trip however many stripes it covers.
+
+use std::sync::{Condvar, Mutex, PoisonError};
+
+/// Stripes in the table; ranges covering more than this take the whole table.
+const STRIPES: usize = 64;
+/// LBAs per stripe.
+const STRIPE_BLOCKS: u64 = 2048;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stripe {
+    shared: u32,
+    exclusive: bool,
+}
+
+#[derive(Debug)]
+pub struct RangeLock {
+    stripes: Mutex<[Stripe; STRIPES]>,
+    released: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Shared,
+    Exclusive,
+}
+
+/// Held stripes; released on drop.
+#[derive(Debug)]
+pub struct RangeGuard<'a> {
+    lock: &'a RangeLock,
+    first: usize,
+    count: usize,
+    mode: Mode,
+}
+
+impl Default for RangeLock {
+    fn default() -> Self {
+        RangeLock {
+            stripes: Mutex::new([Stripe::default(); STRIPES]),
+            released: Condvar::new(),
+        }
+    }
+}
+
+impl RangeLock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Table indices covered by `[lba, lba+blocks)`: (first index, count), wrapping.
+    fn span(lba: u64, blocks: u64) -> (usize, usize) {
+        let first = lba / STRIPE_BLOCKS;
+        let last = lba.saturating_add(blocks.max(1) - 1) / STRIPE_BLOCKS;
+        let n = last - first + 1;
+        if n >= STRIPES as u64 {
+            (0, STRIPES)
+        } else {
+            ((first % STRIPES as u64) as usize, n as usize)
+        }
+    }
+
+    pub fn lock(&self, lba: u64, blocks: u64, mode: Mode) -> RangeGuard<'_> {
+        let (first, count) = Self::span(lba, blocks);
+        let mut table = self.stripes.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let busy = (0..count).any(|i| {
+                let s = &table[(first + i) % STRIPES];
+                match mode {
+                    Mode::Shared => s.exclusive,
+                    Mode::Exclusive => s.exclusive || s.shared > 0,
+                }
+            });
+            if !busy {
+                break;
+            }
+            table = self
+                .released
+                .wait(table)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        for i in 0..count {
+            let s = &mut table[(first + i) % STRIPES];
+            match mode {
+                Mode::Shared => s.shared += 1,
+                Mode::Exclusive => s.exclusive = true,
+            }
+        }
+        RangeGuard {
+            lock: self,
+            first,
+            count,
+            mode,
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut table = self
+            .lock
+            .stripes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for i in 0..self.count {
+            let s = &mut table[(self.first + i) % STRIPES];
+            match self.mode {
+                Mode::Shared => s.shared = s.shared.saturating_sub(1),
+                Mode::Exclusive => s.exclusive = false,
+            }
+        }
+        drop(table);
+        self.lock.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn span_wraps_and_saturates() {
+        assert_eq!(RangeLock::span(0, 1), (0, 1));
+        assert_eq!(RangeLock::span(STRIPE_BLOCKS - 1, 2), (0, 2));
+        assert_eq!(RangeLock::span(u64::MAX, 1).1, 1);
+        assert_eq!(RangeLock::span(0, u64::MAX), (0, STRIPES));
+        let (f, n) = RangeLock::span(STRIPE_BLOCKS * (STRIPES as u64 - 1), STRIPE_BLOCKS * 2);
+        assert_eq!((f, n), (STRIPES - 1, 2));
+    }
+
+    #[test]
+    fn shared_coexist_exclusive_waits() {
+        let l = Arc::new(RangeLock::new());
+        let a = l.lock(0, 10, Mode::Shared);
+        let _b = l.lock(5, 10, Mode::Shared);
+        let got = Arc::new(AtomicBool::new(false));
+        let (l2, g2) = (l.clone(), got.clone());
+        let t = std::thread::spawn(move || {
+            let _x = l2.lock(3, 1, Mode::Exclusive);
+            g2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(!got.load(Ordering::SeqCst));
+        drop(a);
+        drop(_b);
+        t.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+    }
+}

@@ -1,0 +1,353 @@
+//! A LUN backed by a (sparse) regular file or a block device, with positional I/O.
+
+use super::{check_range, StoreError};
+use crate::scsi::backend::BlockBackend;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Chunk size of the zero-writing fallback of [`BlockBackend::deallocate`].
+const ZERO_CHUNK: usize = 1 << 20;
+
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    /// Cleared once the filesystem refuses hole punching, so we stop asking.
+    punch_supported: AtomicBool,
+}
+
+impl FileBackend {
+    /// Open (or create, sparse) the backing store of `size` bytes.
+    ///
+    /// A regular file shorter than `size` is extended sparsely; a longer one is an error
+    /// because shrinking it would destroy data. A block device must be at least `size`.
+    pub fn open(
+        path: &Path,
+        size: u64,
+        create: bool,
+        read_only: bool,
+    ) -> Result<FileBackend, StoreError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(path, "stat", e)),
+        };
+        let is_block = match &meta {
+            None if !create => return Err(StoreError::Missing { path: path.into() }),
+            None => false,
+            Some(m) if m.is_file() => false,
+            Some(m) if m.file_type().is_block_device() => true,
+            Some(_) => return Err(StoreError::NotAFile { path: path.into() }),
+        };
+
+        let needs_resize = !is_block && meta.as_ref().map_or(true, |m| m.len() != size);
+        if let Some(m) = &meta {
+            if m.is_file() && m.len() > size {
+                return Err(StoreError::LargerThanConfigured {
+                    path: path.into(),
+                    actual: m.len(),
+                    configured: size,
+                });
+            }
+        }
+        // Creating or extending needs write access even for a read-only LUN.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only || needs_resize)
+            .create(meta.is_none())
+            .open(path)
+            .map_err(|e| StoreError::io(path, "open", e))?;
+        if needs_resize {
+            // set_len beyond EOF leaves a hole: no blocks are allocated.
+            file.set_len(size)
+                .map_err(|e| StoreError::io(path, "extend", e))?;
+            file.sync_all()
+                .map_err(|e| StoreError::io(path, "fsync", e))?;
+        }
+        let file = if read_only && needs_resize {
+            File::open(path).map_err(|e| StoreError::io(path, "reopen read-only", e))?
+        } else {
+            file
+        };
+        if is_block {
+            let actual = device_size(&file).map_err(|e| StoreError::io(path, "size", e))?;
+            if actual < size {
+                return Err(StoreError::DeviceTooSmall {
+                    path: path.into(),
+                    actual,
+                    configured: size,
+                });
+            }
+        }
+        Ok(FileBackend {
+            file,
+            path: path.into(),
+            size,
+            read_only,
+            punch_supported: AtomicBool::new(true),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only LUN",
+            ));
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
+        let end = offset + len;
+        while offset < end {
+            let n = zeros
+                .len()
+                .min(usize::try_from(end - offset).unwrap_or(usize::MAX));
+            self.file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// `lseek(fd, offset, whence)`; lseek moves the shared file offset, which positional
+    /// I/O ignores, so this is safe alongside concurrent reads and writes.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: plain syscall on a file descriptor we own for our lifetime.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as u64)
+    }
+}
+
+fn device_size(file: &File) -> io::Result<u64> {
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+impl BlockBackend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.punch_supported.load(Ordering::Relaxed) {
+            let (off, l) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+                (Ok(o), Ok(l)) => (o, l),
+                _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+            };
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: plain syscall on a file descriptor we own.
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+            if r == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.punch_supported.store(false, Ordering::Relaxed);
+                }
+                _ => return Err(err),
+            }
+        }
+        // The range must read as zeros afterwards; without hole punching, write them.
+        self.write_zeros(offset, len)
+    }
+
+    fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        if offset >= self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "offset past the end",
+            ));
+        }
+        let rest = self.size - offset;
+        match self.seek(offset, libc::SEEK_DATA) {
+            Ok(data) if data > offset => Ok((false, (data.min(self.size) - offset).max(1))),
+            Ok(_) => match self.seek(offset, libc::SEEK_HOLE) {
+                Ok(hole) => Ok((true, (hole.min(self.size).saturating_sub(offset)).max(1))),
+                Err(_) => Ok((true, rest)),
+            },
+            // No data at or after `offset`: a hole to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, rest)),
+            // SEEK_DATA unsupported: report everything as mapped, which is always safe.
+            Err(_) => Ok((true, rest)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const MIB: u64 = 1 << 20;
+
+    fn open_new(dir: &tempfile::TempDir, size: u64) -> (PathBuf, FileBackend) {
+        let p = dir.path().join("lun.img");
+        let b = FileBackend::open(&p, size, true, false).unwrap();
+        (p, b)
+    }
+
+    #[test]
+    fn creates_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = open_new(&dir, 64 * MIB);
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 64 * MIB);
+        assert!(
+            m.blocks() * 512 < MIB,
+            "file is not sparse: {} blocks",
+            m.blocks()
+        );
+        assert_eq!(b.size(), 64 * MIB);
+        assert!(!b.allocation_at(0).unwrap().0);
+    }
+
+    #[test]
+    fn missing_without_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("absent.img");
+        let e = FileBackend::open(&p, MIB, false, false).unwrap_err();
+        assert!(matches!(e, StoreError::Missing { .. }));
+        assert!(e.to_string().contains("absent.img"));
+    }
+
+    #[test]
+    fn read_write_round_trip_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, MIB);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        b.write_at(&data, 4096).unwrap();
+        b.flush().unwrap();
+        let mut back = vec![0u8; 8192];
+        b.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        let mut zero = vec![1u8; 512];
+        b.read_at(&mut zero, MIB - 512).unwrap();
+        assert!(zero.iter().all(|&x| x == 0));
+        assert!(b.read_at(&mut zero, MIB - 256).is_err());
+        assert!(b.write_at(&zero, u64::MAX - 10).is_err());
+    }
+
+    #[test]
+    fn grows_but_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = open_new(&dir, MIB);
+        b.write_at(b"keep", 0).unwrap();
+        drop(b);
+        let b = FileBackend::open(&p, 2 * MIB, true, false).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 * MIB);
+        let mut buf = [0u8; 4];
+        b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"keep");
+        drop(b);
+        let e = FileBackend::open(&p, MIB, true, false).unwrap_err();
+        assert!(matches!(e, StoreError::LargerThanConfigured { actual, .. } if actual == 2 * MIB));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 * MIB);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ro.img");
+        let b = FileBackend::open(&p, MIB, true, true).unwrap();
+        assert!(b.write_at(b"x", 0).is_err());
+        assert!(b.deallocate(0, 4096).is_err());
+        let mut buf = [1u8; 16];
+        b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 16]);
+    }
+
+    #[test]
+    fn punch_hole_reads_zeros_and_reports_unmapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, 4 * MIB);
+        b.write_at(&vec![0xaa; (2 * MIB) as usize], MIB).unwrap();
+        b.flush().unwrap();
+        let (mapped, len) = b.allocation_at(MIB).unwrap();
+        // Filesystems without SEEK_DATA report everything mapped; both are valid.
+        assert!(mapped);
+        assert!((1..=3 * MIB).contains(&len));
+        let (mapped0, len0) = b.allocation_at(0).unwrap();
+        if !mapped0 {
+            assert_eq!(len0, MIB);
+        }
+
+        b.deallocate(MIB, MIB).unwrap();
+        let mut buf = vec![1u8; MIB as usize];
+        b.read_at(&mut buf, MIB).unwrap();
+        assert!(buf.iter().all(|&x| x == 0));
+        b.read_at(&mut buf, 2 * MIB).unwrap();
+        assert!(buf.iter().all(|&x| x == 0xaa));
+        if b.punch_supported.load(Ordering::Relaxed) {
+            let (mapped, len) = b.allocation_at(MIB).unwrap();
+            assert!(!mapped);
+            assert_eq!(len, MIB);
+            let (mapped, len) = b.allocation_at(2 * MIB).unwrap();
+            assert!(mapped);
+            assert_eq!(len, MIB);
+            // The hole after the data runs to the end of the store.
+            assert_eq!(b.allocation_at(3 * MIB).unwrap(), (false, MIB));
+            assert_eq!(b.allocation_at(4 * MIB - 1).unwrap(), (false, 1));
+        }
+        assert!(b.allocation_at(4 * MIB).is_err());
+    }
+
+    #[test]
+    fn zero_fallback_writes_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, MIB);
+        b.write_at(&[7u8; 10000], 100).unwrap();
+        b.punch_supported.store(false, Ordering::Relaxed);
+        b.deallocate(200, 5000).unwrap();
+        let mut buf = vec![0u8; 10000];
+        b.read_at(&mut buf, 100).unwrap();
+        assert!(buf[..100].iter().all(|&x| x == 7));
+        assert!(buf[100..5100].iter().all(|&x| x == 0));
+        assert!(buf[5100..].iter().all(|&x| x == 7));
+    }
+}
