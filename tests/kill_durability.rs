@@ -10,7 +10,7 @@
 
 mod common;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use common::{clear_unit_attention, init_tracing, BLOCK, INITIATOR, TARGET};
 use holdfast::initiator::{InitiatorConfig, Session};
 use rand::rngs::StdRng;
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use std::process::{Child, Command};
 
 const LUN_BYTES: u64 = 16 << 20;
 const LUN_BLOCKS: u64 = LUN_BYTES / BLOCK as u64;
@@ -144,7 +144,15 @@ struct Target {
     child: Child,
 }
 
-async fn spawn_target(bin: &Path, config: &Path, log: &Path) -> Target {
+impl Drop for Target {
+    fn drop(&mut self) {
+        // Never leave a target running behind a failed assertion.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_target(bin: &Path, config: &Path, log: &Path) -> Target {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -157,7 +165,6 @@ async fn spawn_target(bin: &Path, config: &Path, log: &Path) -> Target {
         .env("HOLDFAST_LOG", std::env::var("TARGET_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::null())
         .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn holdfast target");
     Target { child }
@@ -239,7 +246,7 @@ async fn kill_durability() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut states = vec![WriterState::default(); WRITERS as usize];
     for round in 0..rounds {
-        let mut target = spawn_target(&bin, &config, &log).await;
+        let mut target = spawn_target(&bin, &config, &log);
         let s = login_when_up(addr).await;
         let checked = verify(&s, &states, round).await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -254,8 +261,8 @@ async fn kill_durability() {
         let delay = Duration::from_millis(rng.gen_range(50..800));
         tokio::time::sleep(delay).await;
         // SIGKILL: no shutdown path, no flush.
-        target.child.start_kill().expect("kill target");
-        let _ = target.child.wait().await;
+        target.child.kill().expect("kill target");
+        let _ = target.child.wait();
         stop.store(true, Ordering::Relaxed);
         for (w, t) in tasks.into_iter().enumerate() {
             states[w] = tokio::time::timeout(Duration::from_secs(30), t)
@@ -267,12 +274,12 @@ async fn kill_durability() {
         let acked: u64 = states.iter().map(|s| s.acked_writes).sum();
         eprintln!("round {round}: verified {checked} blocks; killed after {delay:?}; {acked} writes acknowledged so far");
     }
-    let mut target = spawn_target(&bin, &config, &log).await;
+    let mut target = spawn_target(&bin, &config, &log);
     let s = login_when_up(addr).await;
     let checked = verify(&s, &states, rounds).await;
     eprintln!("final: verified {checked} acknowledged blocks");
     s.logout().await.ok();
-    target.child.start_kill().ok();
-    let _ = target.child.wait().await;
+    target.child.kill().ok();
+    let _ = target.child.wait();
     assert!(states.iter().any(|s| s.acked_writes > 0), "no write was ever acknowledged");
 }
