@@ -76,7 +76,9 @@ async fn large_write_needs_r2ts() {
     let mut data = vec![0u8; 4 << 20];
     StdRng::seed_from_u64(9).fill(&mut data[..]);
     let data = Bytes::from(data);
-    s.write16(0, 2048, data.clone(), BLOCK, false).await.unwrap();
+    s.write16(0, 2048, data.clone(), BLOCK, false)
+        .await
+        .unwrap();
     let back = s.read16(0, 2048, (4 << 20) / BLOCK, BLOCK).await.unwrap();
     assert!(back == data, "4 MiB round trip differs");
     s.logout().await.unwrap();
@@ -97,7 +99,11 @@ async fn unsolicited_data_out() {
     let s = Session::login(c).await.unwrap();
     assert!(!s.negotiated().initial_r2t);
     clear_unit_attention(&s, 0).await;
-    let data = Bytes::from((0..300 * 1024).map(|i| (i * 7 % 256) as u8).collect::<Vec<u8>>());
+    let data = Bytes::from(
+        (0..300 * 1024)
+            .map(|i| (i * 7 % 256) as u8)
+            .collect::<Vec<u8>>(),
+    );
     s.write16(0, 10, data.clone(), BLOCK, true).await.unwrap();
     assert_eq!(s.read16(0, 10, 600, BLOCK).await.unwrap(), data);
 }
@@ -127,7 +133,10 @@ async fn report_luns_masked_by_acl() {
     clear_unit_attention(&all, 0).await;
     assert_eq!(all.report_luns().await.unwrap(), vec![0, 1, 2]);
     // A masked LUN is not addressable.
-    let r = s.command(1, &cdb::test_unit_ready(), None, 0).await.unwrap();
+    let r = s
+        .command(1, &cdb::test_unit_ready(), None, 0)
+        .await
+        .unwrap();
     assert!(r.check().is_err());
 }
 
@@ -137,13 +146,27 @@ async fn compare_and_write() {
     let s = ready_session(&t).await;
     let old = vec![0x11u8; BLOCK as usize];
     let new = vec![0x22u8; BLOCK as usize];
-    s.write16(0, 5, Bytes::from(old.clone()), BLOCK, false).await.unwrap();
-    s.compare_and_write(0, 5, &old, &new, BLOCK).await.expect("CAW match");
+    s.write16(0, 5, Bytes::from(old.clone()), BLOCK, false)
+        .await
+        .unwrap();
+    s.compare_and_write(0, 5, &old, &new, BLOCK)
+        .await
+        .expect("CAW match");
     assert_eq!(s.read16(0, 5, 1, BLOCK).await.unwrap(), new);
     // Now the old content no longer matches.
-    let e = s.compare_and_write(0, 5, &old, &new, BLOCK).await.unwrap_err();
+    let e = s
+        .compare_and_write(0, 5, &old, &new, BLOCK)
+        .await
+        .unwrap_err();
     assert!(
-        matches!(e, InitiatorError::CheckCondition { key: 0x0e, asc: 0x1d, .. }),
+        matches!(
+            e,
+            InitiatorError::CheckCondition {
+                key: 0x0e,
+                asc: 0x1d,
+                ..
+            }
+        ),
         "{e}"
     );
     assert_eq!(s.read16(0, 5, 1, BLOCK).await.unwrap(), new);
@@ -178,15 +201,35 @@ async fn lba_out_of_range() {
     let s = ready_session(&t).await;
     let e = s.read16(0, LUN_BLOCKS, 1, BLOCK).await.unwrap_err();
     assert!(
-        matches!(e, InitiatorError::CheckCondition { key: 0x05, asc: 0x21, ascq: 0x00 }),
+        matches!(
+            e,
+            InitiatorError::CheckCondition {
+                key: 0x05,
+                asc: 0x21,
+                ascq: 0x00
+            }
+        ),
         "{e}"
     );
     let e = s
-        .write16(0, LUN_BLOCKS - 1, Bytes::from(vec![0u8; 2 * BLOCK as usize]), BLOCK, false)
+        .write16(
+            0,
+            LUN_BLOCKS - 1,
+            Bytes::from(vec![0u8; 2 * BLOCK as usize]),
+            BLOCK,
+            false,
+        )
         .await
         .unwrap_err();
     assert!(
-        matches!(e, InitiatorError::CheckCondition { key: 0x05, asc: 0x21, ascq: 0x00 }),
+        matches!(
+            e,
+            InitiatorError::CheckCondition {
+                key: 0x05,
+                asc: 0x21,
+                ascq: 0x00
+            }
+        ),
         "{e}"
     );
 }
@@ -207,7 +250,8 @@ async fn lun_reset_during_io_does_not_hang() {
                     match s.write16(0, w * 1024, d.clone(), BLOCK, false).await {
                         Ok(()) => done += 1,
                         // Aborted by the reset, or UNIT ATTENTION after it: both expected.
-                        Err(InitiatorError::Aborted) | Err(InitiatorError::CheckCondition { .. }) => {}
+                        Err(InitiatorError::Aborted)
+                        | Err(InitiatorError::CheckCondition { .. }) => {}
                         Err(e) => panic!("worker {w}: {e}"),
                     }
                 }

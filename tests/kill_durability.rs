@@ -18,10 +18,10 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use std::process::{Child, Command};
 
 const LUN_BYTES: u64 = 16 << 20;
 const LUN_BLOCKS: u64 = LUN_BYTES / BLOCK as u64;
@@ -162,7 +162,10 @@ fn spawn_target(bin: &Path, config: &Path, log: &Path) -> Target {
         .arg("target")
         .arg("--config")
         .arg(config)
-        .env("HOLDFAST_LOG", std::env::var("TARGET_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "HOLDFAST_LOG",
+            std::env::var("TARGET_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -192,8 +195,12 @@ async fn verify(s: &Session, states: &[WriterState], round: u64) -> u64 {
         for (i, b) in data.chunks_exact(BLOCK as usize).enumerate() {
             let l = lba + i as u64;
             let w = l / (LUN_BLOCKS / WRITERS);
-            let Some(st) = states.get(w as usize) else { continue };
-            let Some(&acked) = st.acked.get(&l) else { continue };
+            let Some(st) = states.get(w as usize) else {
+                continue;
+            };
+            let Some(&acked) = st.acked.get(&l) else {
+                continue;
+            };
             let issued = st.issued.get(&l).copied().unwrap_or(acked);
             match read_stamp(b) {
                 Some(stamp) => {
@@ -242,7 +249,11 @@ async fn kill_durability() {
     )
     .unwrap();
     let log = dir.path().join("target.log");
-    eprintln!("kill-durability: rounds={rounds} seed={seed} bin={} dir={}", bin.display(), dir.path().display());
+    eprintln!(
+        "kill-durability: rounds={rounds} seed={seed} bin={} dir={}",
+        bin.display(),
+        dir.path().display()
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut states = vec![WriterState::default(); WRITERS as usize];
     for round in 0..rounds {
@@ -254,7 +265,9 @@ async fn kill_durability() {
             .iter()
             .enumerate()
             .map(|(w, st)| {
-                let wrng = StdRng::seed_from_u64(seed ^ (round << 32) ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9));
+                let wrng = StdRng::seed_from_u64(
+                    seed ^ (round << 32) ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9),
+                );
                 tokio::spawn(writer(w as u64, s.clone(), st.clone(), wrng, stop.clone()))
             })
             .collect();
@@ -281,5 +294,8 @@ async fn kill_durability() {
     s.logout().await.ok();
     target.child.kill().ok();
     let _ = target.child.wait();
-    assert!(states.iter().any(|s| s.acked_writes > 0), "no write was ever acknowledged");
+    assert!(
+        states.iter().any(|s| s.acked_writes > 0),
+        "no write was ever acknowledged"
+    );
 }
