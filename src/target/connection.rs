@@ -489,7 +489,7 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
     let started = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
-        let aborted = entry.as_ref().is_none_or(|e| e.aborted || e.task_id != task_id);
+        let aborted = entry.as_ref().map_or(true, |e| e.aborted || e.task_id != task_id);
         core.window.complete();
         if !aborted {
             for p in pdus {
