@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 pub struct LunSettings {
     /// Logical block size in bytes (512 by default).
     pub block_size: u32,
+    /// Physical block size reported (READ CAPACITY 16 exponent, Block Limits
+    /// granularity); a multiple of `block_size`. Defaults to `block_size`.
+    pub physical_block_size: u32,
     pub read_only: bool,
     pub serial: String,
     /// NAA IEEE Registered Extended designator (16 bytes), persisted elsewhere.
@@ -36,6 +39,7 @@ impl Default for LunSettings {
     fn default() -> Self {
         LunSettings {
             block_size: 512,
+            physical_block_size: 512,
             read_only: false,
             serial: String::new(),
             naa: [0; 16],
@@ -595,7 +599,7 @@ pub(crate) fn lookup(cdb: &[u8]) -> Result<&'static CommandSpec, Sense> {
 /// Limits advertised in the Block Limits VPD page and enforced by the SBC handlers.
 pub(crate) mod limits {
     /// Largest READ/WRITE in bytes; bounds the buffer a peer can make us allocate.
-    pub const MAX_TRANSFER_BYTES: u64 = 8 << 20;
+    pub const MAX_TRANSFER_BYTES: u64 = 64 << 20;
     pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 128;
     pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
     pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
@@ -675,6 +679,12 @@ impl LogicalUnit {
 
     pub(crate) fn max_transfer_blocks(&self) -> u64 {
         limits::MAX_TRANSFER_BYTES / self.block_size
+    }
+
+    /// log2(physical block / logical block), as configured.
+    pub(crate) fn physical_block_exponent(&self) -> u8 {
+        let ratio = u64::from(self.settings.physical_block_size) / self.block_size.max(1);
+        ratio.max(1).trailing_zeros().min(15) as u8
     }
 
     pub(crate) fn max_write_same_blocks(&self) -> u64 {
@@ -788,7 +798,8 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET (or a target reset): drop the SCSI-2 reservation and raise
-    /// BUS DEVICE RESET FUNCTION OCCURRED (29/03) for every nexus seen so far.
+    /// BUS DEVICE RESET FUNCTION OCCURRED (29/03) for every nexus seen so far, the one
+    /// that asked for the reset included (SAM-5 §6.3; multipath initiators check for it).
     pub fn reset(&self) {
         self.clear_reservation();
         self.queue_unit_attention(&|_| true, 0x29, 0x03);

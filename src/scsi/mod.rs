@@ -84,6 +84,9 @@ pub struct ScsiCommand {
     /// Expected Data-In length from the transport; data_in longer than this is truncated by
     /// the transport, which reports the residual.
     pub data_in_len: u32,
+    /// Data-Out length the transport announced (iSCSI EDTL of a write), which may differ
+    /// from what the CDB asks for; lets commands refuse data the CDB does not account for.
+    pub data_out_len: u32,
     pub attr: TaskAttr,
 }
 
