@@ -568,10 +568,9 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
     let started = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
-        // map_or rather than is_none_or: MSRV 1.80.
         let aborted = entry
             .as_ref()
-            .map_or(true, |e| e.aborted || e.task_id != task_id);
+            .is_none_or(|e| e.aborted || e.task_id != task_id);
         core.window.complete();
         if !aborted {
             for p in pdus {
