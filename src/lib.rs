@@ -5,6 +5,7 @@
 //! negotiation, session rules; sans-IO), `scsi` (transport-independent device server),
 //! `store` (block backends), `target` (tokio edge: portals, connections, config).
 
+pub mod initiator;
 pub mod iscsi;
 pub mod scsi;
 pub mod store;

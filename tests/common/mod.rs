@@ -1,0 +1,118 @@
+//! Shared test helpers: an in-process target started from a TOML string, on 127.0.0.1:0,
+//! with its backing files in a temporary directory.
+#![allow(dead_code)]
+
+use holdfast::initiator::{InitiatorConfig, Session};
+use holdfast::target::config;
+use holdfast::target::portal::Portals;
+use holdfast::target::runtime::Runtime;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub const TARGET: &str = "iqn.2026-11.org.holdfast:test";
+pub const INITIATOR: &str = "iqn.2026-11.org.holdfast:initiator";
+pub const BLOCK: u32 = 512;
+
+pub struct TestTarget {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    shutdown: watch::Sender<bool>,
+    pub serve: Option<JoinHandle<()>>,
+}
+
+impl TestTarget {
+    /// Path of a backing file named in the config.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("data").join(name)
+    }
+
+    pub fn config(&self) -> InitiatorConfig {
+        InitiatorConfig::new(INITIATOR, TARGET, self.addr)
+    }
+
+    pub async fn login(&self) -> Session {
+        Session::login(self.config()).await.expect("login")
+    }
+
+    /// Ask the target to shut down (SIGTERM equivalent) and wait for serve() to return.
+    pub async fn shutdown(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(h) = self.serve.take() {
+            tokio::time::timeout(std::time::Duration::from_secs(60), h)
+                .await
+                .expect("serve() returns after shutdown")
+                .expect("serve task");
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl Drop for TestTarget {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A config with one target on 127.0.0.1:0: `iscsi` goes into the [iscsi] table,
+/// `target_extra` into the [[target]] table (before its LUNs), `luns` lists
+/// (id, file, size) LUNs.
+pub fn config_text(iscsi: &str, target_extra: &str, luns: &[(u64, &str, &str)]) -> String {
+    let mut s = format!(
+        "data_dir = \"data\"\n[iscsi]\n{iscsi}\n\n[[target]]\nname = \"{TARGET}\"\n{target_extra}\n"
+    );
+    s.push_str("[[target.portal]]\nlisten = \"127.0.0.1:0\"\ntpgt = 1\n");
+    for (id, file, size) in luns {
+        s.push_str(&format!(
+            "[[target.lun]]\nid = {id}\npath = \"{file}\"\nsize = \"{size}\"\n"
+        ));
+    }
+    s
+}
+
+/// Start a target from a full TOML text.
+pub async fn start(text: &str) -> TestTarget {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config::parse(text, "test.toml", dir.path()).expect("valid config");
+    let rt = Arc::new(Runtime::build(&cfg).expect("runtime"));
+    let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
+    let addr = portals.local_addrs()[0];
+    let (tx, rx) = watch::channel(false);
+    let serve = tokio::spawn(portals.serve(rt, rx));
+    TestTarget {
+        addr,
+        dir,
+        shutdown: tx,
+        serve: Some(serve),
+    }
+}
+
+/// One target, one 64 MiB LUN 0, default settings.
+pub async fn start_default() -> TestTarget {
+    start(&config_text("", "", &[(0, "lun0.img", "64MiB")])).await
+}
+
+/// Consume pending unit attentions (power-on, reset) so later commands see GOOD.
+pub async fn clear_unit_attention(s: &Session, lun: u64) {
+    for _ in 0..4 {
+        if s.test_unit_ready(lun).await.is_ok() {
+            return;
+        }
+    }
+}
