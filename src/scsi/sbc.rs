@@ -391,7 +391,7 @@ pub(crate) fn read_capacity_16(lu: &LogicalUnit, req: &Request) -> CmdResult {
     b.put_u64(lu.num_blocks().saturating_sub(1));
     b.put_u32(lu.block_size() as u32);
     b.put_u8(0); // no protection
-    // Logical blocks per physical block exponent: files live on 4 KiB filesystem blocks.
+                 // Logical blocks per physical block exponent: files live on 4 KiB filesystem blocks.
     b.put_u8(lu.physical_block_exponent());
     b.put_u8(if lu.settings().thin_provisioning {
         0xC0 // LBPME, LBPRZ
