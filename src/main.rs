@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "Shared storage that is also the referee")]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Shared storage that is also the referee"
+)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "holdfast=debug".
     #[arg(long, global = true, env = "HOLDFAST_LOG", default_value = "info")]
@@ -37,18 +41,29 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?,
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Target { config, check, print_default_config } => {
+        Command::Target {
+            config,
+            check,
+            print_default_config,
+        } => {
             if print_default_config {
                 print!("{}", config::EMBEDDED_DEFAULT.trim_start());
                 return Ok(());
             }
             let cfg = match &config {
                 Some(p) => config::load_file(p)?,
-                None => config::parse(config::EMBEDDED_DEFAULT, "<embedded default>", Path::new(""))?,
+                None => config::parse(
+                    config::EMBEDDED_DEFAULT,
+                    "<embedded default>",
+                    Path::new(""),
+                )?,
             };
             if check {
                 print_summary(&cfg);
@@ -60,20 +75,36 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn print_summary(cfg: &ValidConfig) {
-    println!("configuration {} is valid; data in {}", cfg.source, cfg.data_dir.display());
+    println!(
+        "configuration {} is valid; data in {}",
+        cfg.source,
+        cfg.data_dir.display()
+    );
     for (ti, t) in cfg.config.targets.iter().enumerate() {
         for (addr, tpgt) in &cfg.portal_addrs[ti] {
             for l in &t.luns {
-                println!("  iscsi://{addr}/{}/{}  ({} bytes, tpgt {tpgt}{})", t.name, l.id, l.size.0, if l.read_only { ", read-only" } else { "" });
+                println!(
+                    "  iscsi://{addr}/{}/{}  ({} bytes, tpgt {tpgt}{})",
+                    t.name,
+                    l.id,
+                    l.size.0,
+                    if l.read_only { ", read-only" } else { "" }
+                );
             }
         }
     }
 }
 
 fn run_target(cfg: ValidConfig) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("holdfast").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("holdfast")
+        .build()?;
     rt.block_on(async move {
-        let runtime = Arc::new(Runtime::build(&cfg).with_context(|| format!("{}: cannot open the LUNs", cfg.source))?);
+        let runtime = Arc::new(
+            Runtime::build(&cfg)
+                .with_context(|| format!("{}: cannot open the LUNs", cfg.source))?,
+        );
         let portals = Portals::bind(&cfg.listen_addrs()).await?;
         print_summary(&cfg);
         tracing::info!(portals = ?portals.local_addrs(), "holdfast target ready");

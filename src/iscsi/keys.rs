@@ -387,7 +387,7 @@ pub fn answer(
     }
     let in_range = |n: u64| {
         def.range
-            .map_or(true, |(lo, hi)| n >= u64::from(lo) && n <= u64::from(hi))
+            .is_none_or(|(lo, hi)| n >= u64::from(lo) && n <= u64::from(hi))
     };
     let ans = match (def.rule, (def.ours)(policy)) {
         (Rule::List, Ours::Values(supported)) => value

@@ -16,7 +16,12 @@ pub struct TaskSet<T> {
 
 impl<T> Default for TaskSet<T> {
     fn default() -> Self {
-        Self { next_id: 1, waiting: VecDeque::new(), running: HashMap::new(), running_ordered: 0 }
+        Self {
+            next_id: 1,
+            waiting: VecDeque::new(),
+            running: HashMap::new(),
+            running_ordered: 0,
+        }
     }
 }
 
@@ -57,7 +62,9 @@ impl<T> TaskSet<T> {
             if !can_start {
                 break;
             }
-            let Some((id, attr, item)) = self.waiting.pop_front() else { break };
+            let Some((id, attr, item)) = self.waiting.pop_front() else {
+                break;
+            };
             if attr == TaskAttr::Ordered {
                 self.running_ordered += 1;
             }

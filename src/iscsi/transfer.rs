@@ -112,7 +112,11 @@ impl WriteTransfer {
             edtl: self.edtl,
         })?;
         if end > self.edtl {
-            return Err(DataOutError::BeyondEdtl { offset, len, edtl: self.edtl });
+            return Err(DataOutError::BeyondEdtl {
+                offset,
+                len,
+                edtl: self.edtl,
+            });
         }
         if end > self.limits.first_burst_length {
             return Err(DataOutError::FirstBurstExceeded);
@@ -146,7 +150,10 @@ impl WriteTransfer {
                 return Err(DataOutError::UnsolicitedAfterFinal);
             }
             if data_sn != self.unsolicited_next_data_sn {
-                return Err(DataOutError::DataSn { expected: self.unsolicited_next_data_sn, got: data_sn });
+                return Err(DataOutError::DataSn {
+                    expected: self.unsolicited_next_data_sn,
+                    got: data_sn,
+                });
             }
             self.accept_unsolicited_bytes(offset, data)?;
             self.unsolicited_next_data_sn += 1;
@@ -163,11 +170,12 @@ impl WriteTransfer {
         let len = data.len() as u32;
         let r = self.open[idx];
         if data_sn != r.next_data_sn {
-            return Err(DataOutError::DataSn { expected: r.next_data_sn, got: data_sn });
+            return Err(DataOutError::DataSn {
+                expected: r.next_data_sn,
+                got: data_sn,
+            });
         }
-        let end = offset
-            .checked_add(len)
-            .ok_or(DataOutError::BeyondR2t)?;
+        let end = offset.checked_add(len).ok_or(DataOutError::BeyondR2t)?;
         if offset < r.req.offset || end > r.req.offset + r.req.length {
             return Err(DataOutError::BeyondR2t);
         }
@@ -194,7 +202,8 @@ impl WriteTransfer {
         while self.solicit_from < self.wanted
             && (self.open.len() as u32) < self.limits.max_outstanding_r2t.max(1)
         {
-            let length = (self.wanted - self.solicit_from).min(self.limits.max_burst_length.max(512));
+            let length =
+                (self.wanted - self.solicit_from).min(self.limits.max_burst_length.max(512));
             let req = R2tRequest {
                 ttt: self.ttt_base.wrapping_add(self.next_ttt) & 0x7fff_ffff,
                 r2t_sn: self.next_r2t_sn,
@@ -204,7 +213,11 @@ impl WriteTransfer {
             self.next_ttt += 1;
             self.next_r2t_sn += 1;
             self.solicit_from += length;
-            self.open.push(OpenR2t { req, received: 0, next_data_sn: 0 });
+            self.open.push(OpenR2t {
+                req,
+                received: 0,
+                next_data_sn: 0,
+            });
             out.push(req);
         }
         out
@@ -212,7 +225,9 @@ impl WriteTransfer {
 
     /// All wanted data has arrived and nothing more is expected from the initiator.
     pub fn is_complete(&self) -> bool {
-        !self.unsolicited_open && self.open.is_empty() && self.solicit_from.max(self.unsolicited_received) >= self.wanted
+        !self.unsolicited_open
+            && self.open.is_empty()
+            && self.solicit_from.max(self.unsolicited_received) >= self.wanted
     }
 
     /// R2Ts sent so far (R2TSN of the next one).
@@ -238,9 +253,17 @@ impl Residual {
     pub fn of(expected: u32, actual: u64) -> Self {
         let e = expected as u64;
         if actual > e {
-            Self { overflow: true, underflow: false, count: (actual - e).min(u32::MAX as u64) as u32 }
+            Self {
+                overflow: true,
+                underflow: false,
+                count: (actual - e).min(u32::MAX as u64) as u32,
+            }
         } else if actual < e {
-            Self { overflow: false, underflow: true, count: (e - actual) as u32 }
+            Self {
+                overflow: false,
+                underflow: true,
+                count: (e - actual) as u32,
+            }
         } else {
             Self::default()
         }
@@ -261,7 +284,12 @@ pub struct DataInSegment {
 
 /// Cut `data` into Data-In PDUs of at most `max_seg` bytes, with the F bit at each
 /// `max_burst` boundary and at the end. `collapse` puts the status into the last PDU.
-pub fn plan_data_in(data: &Bytes, max_seg: u32, max_burst: u32, collapse: bool) -> Vec<DataInSegment> {
+pub fn plan_data_in(
+    data: &Bytes,
+    max_seg: u32,
+    max_burst: u32,
+    collapse: bool,
+) -> Vec<DataInSegment> {
     let max_seg = max_seg.max(512) as usize;
     let max_burst = (max_burst.max(512) as usize).max(max_seg);
     let total = data.len();
@@ -297,26 +325,55 @@ mod tests {
     use crate::wire::RESERVED_TAG;
 
     fn limits(initial_r2t: bool, fb: u32, mb: u32, mo: u32) -> WriteLimits {
-        WriteLimits { initial_r2t, first_burst_length: fb, max_burst_length: mb, max_outstanding_r2t: mo }
+        WriteLimits {
+            initial_r2t,
+            first_burst_length: fb,
+            max_burst_length: mb,
+            max_outstanding_r2t: mo,
+        }
     }
 
     #[test]
     fn immediate_data_only() {
-        let t = WriteTransfer::new(8, 8, &[1; 8], true, limits(false, 65536, 262144, 1), 0).unwrap();
+        let t =
+            WriteTransfer::new(8, 8, &[1; 8], true, limits(false, 65536, 262144, 1), 0).unwrap();
         assert!(t.is_complete());
         assert_eq!(&t.into_data()[..], &[1; 8]);
     }
 
     #[test]
     fn r2t_after_immediate_then_bursts() {
-        let mut t =
-            WriteTransfer::new(3000, 3000, &[7; 1000], true, limits(false, 1000, 1024, 1), 0x100).unwrap();
+        let mut t = WriteTransfer::new(
+            3000,
+            3000,
+            &[7; 1000],
+            true,
+            limits(false, 1000, 1024, 1),
+            0x100,
+        )
+        .unwrap();
         let r = t.next_r2ts();
-        assert_eq!(r, vec![R2tRequest { ttt: 0x100, r2t_sn: 0, offset: 1000, length: 1024 }]);
+        assert_eq!(
+            r,
+            vec![R2tRequest {
+                ttt: 0x100,
+                r2t_sn: 0,
+                offset: 1000,
+                length: 1024
+            }]
+        );
         assert!(t.next_r2ts().is_empty(), "MaxOutstandingR2T=1");
         t.on_data_out(0x100, 0, 1000, &[8; 1024], true).unwrap();
         let r = t.next_r2ts();
-        assert_eq!(r, vec![R2tRequest { ttt: 0x101, r2t_sn: 1, offset: 2024, length: 976 }]);
+        assert_eq!(
+            r,
+            vec![R2tRequest {
+                ttt: 0x101,
+                r2t_sn: 1,
+                offset: 2024,
+                length: 976
+            }]
+        );
         t.on_data_out(0x101, 0, 2024, &[9; 500], false).unwrap();
         t.on_data_out(0x101, 1, 2524, &[9; 476], true).unwrap();
         assert!(t.is_complete());
@@ -328,10 +385,13 @@ mod tests {
 
     #[test]
     fn unsolicited_data_out_then_r2t() {
-        let mut t = WriteTransfer::new(4096, 4096, &[], false, limits(false, 2048, 4096, 4), 0).unwrap();
+        let mut t =
+            WriteTransfer::new(4096, 4096, &[], false, limits(false, 2048, 4096, 4), 0).unwrap();
         assert!(t.next_r2ts().is_empty(), "unsolicited burst still open");
-        t.on_data_out(RESERVED_TAG, 0, 0, &[1; 1024], false).unwrap();
-        t.on_data_out(RESERVED_TAG, 1, 1024, &[2; 1024], true).unwrap();
+        t.on_data_out(RESERVED_TAG, 0, 0, &[1; 1024], false)
+            .unwrap();
+        t.on_data_out(RESERVED_TAG, 1, 1024, &[2; 1024], true)
+            .unwrap();
         assert_eq!(
             t.on_data_out(RESERVED_TAG, 2, 2048, &[2; 16], true),
             Err(DataOutError::UnsolicitedAfterFinal)
@@ -343,29 +403,52 @@ mod tests {
 
     #[test]
     fn protocol_violations_are_refused() {
-        let mut t = WriteTransfer::new(4096, 4096, &[], true, limits(true, 1024, 1024, 2), 0).unwrap();
+        let mut t =
+            WriteTransfer::new(4096, 4096, &[], true, limits(true, 1024, 1024, 2), 0).unwrap();
         let r = t.next_r2ts();
         assert_eq!(r.len(), 2);
-        assert_eq!(t.on_data_out(77, 0, 0, &[0; 4], true), Err(DataOutError::UnknownTtt(77)));
+        assert_eq!(
+            t.on_data_out(77, 0, 0, &[0; 4], true),
+            Err(DataOutError::UnknownTtt(77))
+        );
         assert_eq!(
             t.on_data_out(r[0].ttt, 1, 0, &[0; 4], false),
-            Err(DataOutError::DataSn { expected: 0, got: 1 })
+            Err(DataOutError::DataSn {
+                expected: 0,
+                got: 1
+            })
         );
-        assert_eq!(t.on_data_out(r[0].ttt, 0, 1000, &[0; 100], false), Err(DataOutError::BeyondR2t));
+        assert_eq!(
+            t.on_data_out(r[0].ttt, 0, 1000, &[0; 100], false),
+            Err(DataOutError::BeyondR2t)
+        );
         assert_eq!(
             WriteTransfer::new(10, 10, &[], false, limits(true, 1024, 1024, 1), 0).unwrap_err(),
             DataOutError::UnsolicitedNotAllowed
         );
         assert_eq!(
-            WriteTransfer::new(10, 10, &[0; 11], true, limits(false, 1024, 1024, 1), 0).unwrap_err(),
-            DataOutError::BeyondEdtl { offset: 0, len: 11, edtl: 10 }
+            WriteTransfer::new(10, 10, &[0; 11], true, limits(false, 1024, 1024, 1), 0)
+                .unwrap_err(),
+            DataOutError::BeyondEdtl {
+                offset: 0,
+                len: 11,
+                edtl: 10
+            }
         );
     }
 
     #[test]
     fn data_beyond_wanted_is_accepted_and_dropped() {
         // EDTL 8 KiB but the CDB wants 512 bytes: no R2T, extra immediate bytes dropped.
-        let mut t = WriteTransfer::new(8192, 512, &[3; 1024], true, limits(false, 65536, 65536, 1), 0).unwrap();
+        let mut t = WriteTransfer::new(
+            8192,
+            512,
+            &[3; 1024],
+            true,
+            limits(false, 65536, 65536, 1),
+            0,
+        )
+        .unwrap();
         assert!(t.next_r2ts().is_empty());
         assert!(t.is_complete());
         assert_eq!(t.into_data().len(), 512);
@@ -374,8 +457,22 @@ mod tests {
     #[test]
     fn residuals() {
         assert_eq!(Residual::of(512, 512), Residual::default());
-        assert_eq!(Residual::of(1024, 512), Residual { overflow: false, underflow: true, count: 512 });
-        assert_eq!(Residual::of(0, 512), Residual { overflow: true, underflow: false, count: 512 });
+        assert_eq!(
+            Residual::of(1024, 512),
+            Residual {
+                overflow: false,
+                underflow: true,
+                count: 512
+            }
+        );
+        assert_eq!(
+            Residual::of(0, 512),
+            Residual {
+                overflow: true,
+                underflow: false,
+                count: 512
+            }
+        );
     }
 
     #[test]
@@ -384,7 +481,10 @@ mod tests {
         let segs = plan_data_in(&data, 4096, 8192, true);
         let lens: Vec<usize> = segs.iter().map(|s| s.data.len()).collect();
         assert_eq!(lens, vec![4096, 4096, 1808]);
-        assert_eq!(segs.iter().map(|s| s.final_).collect::<Vec<_>>(), vec![false, true, true]);
+        assert_eq!(
+            segs.iter().map(|s| s.final_).collect::<Vec<_>>(),
+            vec![false, true, true]
+        );
         assert!(segs[2].with_status && !segs[1].with_status);
         assert_eq!(segs[2].offset, 8192);
         assert_eq!(segs[2].data_sn, 2);

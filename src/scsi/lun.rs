@@ -3,7 +3,7 @@
 
 use super::backend::BlockBackend;
 use super::cdb::{self, op};
-use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore};
+use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore, Scsi2Verdict};
 use super::range_lock::RangeLock;
 use super::sense::{key, Sense};
 use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 pub struct LunSettings {
     /// Logical block size in bytes (512 by default).
     pub block_size: u32,
+    /// Physical block size reported (READ CAPACITY 16 exponent, Block Limits
+    /// granularity); a multiple of `block_size`. Defaults to `block_size`.
+    pub physical_block_size: u32,
     pub read_only: bool,
     pub serial: String,
     /// NAA IEEE Registered Extended designator (16 bytes), persisted elsewhere.
@@ -37,6 +40,7 @@ impl Default for LunSettings {
     fn default() -> Self {
         LunSettings {
             block_size: 512,
+            physical_block_size: 512,
             read_only: false,
             serial: String::new(),
             naa: [0; 16],
@@ -867,6 +871,12 @@ impl LogicalUnit {
         limits::MAX_TRANSFER_BYTES / self.block_size
     }
 
+    /// log2(physical block / logical block), as configured.
+    pub(crate) fn physical_block_exponent(&self) -> u8 {
+        let ratio = u64::from(self.settings.physical_block_size) / self.block_size.max(1);
+        ratio.max(1).trailing_zeros().min(15) as u8
+    }
+
     pub(crate) fn max_write_same_blocks(&self) -> u64 {
         limits::MAX_WRITE_SAME_BYTES / self.block_size
     }
@@ -1118,10 +1128,10 @@ impl LogicalUnit {
         if let Some(pr) = pr {
             match access {
                 Access::Reserve | Access::Release => {
-                    match pr.scsi2_exception(nexus, access == Access::Reserve) {
-                        Ok(true) => return Err(self.outcome(Ok(Bytes::new()))),
-                        Ok(false) => {}
-                        Err(()) => return Err(conflict_outcome()),
+                    match pr.scsi2_verdict(nexus, access == Access::Reserve) {
+                        Scsi2Verdict::NoOp => return Err(self.outcome(Ok(Bytes::new()))),
+                        Scsi2Verdict::Scsi2 => {}
+                        Scsi2Verdict::Conflict => return Err(conflict_outcome()),
                     }
                 }
                 Access::Read | Access::Write => {

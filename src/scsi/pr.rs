@@ -221,6 +221,16 @@ pub struct PrState {
     pub reservation: Option<Reservation>,
 }
 
+/// What a SCSI-2 RESERVE/RELEASE does given the persistent reservation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scsi2Verdict {
+    /// GOOD without effect (the nexus holds, or shares, the persistent reservation).
+    NoOp,
+    Conflict,
+    /// No persistent reservation in the way: SCSI-2 rules apply.
+    Scsi2,
+}
+
 /// A unit attention to raise for every nexus covered by `to`, except the issuing one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UaNotice {
@@ -325,10 +335,7 @@ pub fn parse_transport_id(buf: &[u8], at: usize) -> Result<(TransportId, usize),
         isid.copy_from_slice(&v.to_be_bytes()[2..]);
         (&text[..pos], Some(isid))
     };
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || !name.bytes().all(|c| c.is_ascii_graphic())
-    {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(|c| c.is_ascii_graphic()) {
         return bad_param(ptr(4), None);
     }
     Ok((
@@ -398,24 +405,23 @@ impl PrState {
         !write && !res.ty.exclusive_access()
     }
 
-    /// Whether SCSI-2 RESERVE/RELEASE from `n` completes GOOD without effect because of
-    /// a persistent reservation (SPC-4 §5.13.3, CRH = 1); `Err` = reservation conflict.
-    /// `Ok(false)`: no persistent reservation, handle as SCSI-2.
-    pub fn scsi2_exception(&self, n: &ItNexus, reserve: bool) -> Result<bool, ()> {
+    /// How a SCSI-2 RESERVE (`reserve`) or RELEASE from `n` is handled in the presence of
+    /// persistent reservations (SPC-4 §5.13.3, CRH = 1).
+    pub fn scsi2_verdict(&self, n: &ItNexus, reserve: bool) -> Scsi2Verdict {
         match &self.reservation {
             Some(res) => {
                 let reg = self.find(n);
                 if reg.is_some_and(|i| self.holds(i))
                     || (res.ty.registrants_share() && reg.is_some())
                 {
-                    Ok(true)
+                    Scsi2Verdict::NoOp
                 } else {
-                    Err(())
+                    Scsi2Verdict::Conflict
                 }
             }
             // Registrations without a reservation still block a SCSI-2 RESERVE.
-            None if reserve && !self.registrations.is_empty() => Err(()),
-            None => Ok(false),
+            None if reserve && !self.registrations.is_empty() => Scsi2Verdict::Conflict,
+            None => Scsi2Verdict::Scsi2,
         }
     }
 
@@ -530,7 +536,7 @@ impl PrState {
                     for t in tids {
                         let target = (!p.all_tg_pt).then(|| port_of(n));
                         let id = RegId::new(&t.name, t.isid, target);
-                        if new.iter().any(|x| *x == id) {
+                        if new.contains(&id) {
                             continue;
                         }
                         if self.registrations.iter().any(|r| r.id == id) {
@@ -606,7 +612,12 @@ impl PrState {
         }
     }
 
-    fn release(&mut self, n: &ItNexus, p: &Params, type_code: u8) -> Result<ProutEffects, CmdError> {
+    fn release(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        type_code: u8,
+    ) -> Result<ProutEffects, CmdError> {
         let i = self.registered_with(n, p.key)?;
         let mut fx = ProutEffects::default();
         let Some(res) = &self.reservation else {
@@ -808,7 +819,12 @@ impl PrState {
     /// REPLACE LOST RESERVATION (SPC-5): holdfast never loses reservation state (an
     /// unreadable state file stops the LUN instead), so this establishes the reservation
     /// like RESERVE, and lets the holder change its type.
-    fn replace_lost(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> Result<ProutEffects, CmdError> {
+    fn replace_lost(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        ty: PrType,
+    ) -> Result<ProutEffects, CmdError> {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if !self.holds(i) || (res.ty.all_registrants() && res.ty != ty) => conflict(),

@@ -207,10 +207,13 @@ pub(crate) fn write_same(lu: &LogicalUnit, req: &Request) -> CmdResult {
     if lu.settings().read_only {
         return Err(Sense::WRITE_PROTECTED.into());
     }
-    let blocks = u64::from(r.blocks);
+    let mut blocks = u64::from(r.blocks);
     lu.check_range(r.lba, blocks)?;
     let len_field = if ws16 { 10 } else { 7 };
-    // WSNZ=1: zero blocks is refused rather than meaning "to the end of the medium".
+    // WSNZ=0: zero blocks means "from LBA to the end of the medium" (SBC-4 5.48).
+    if blocks == 0 {
+        blocks = lu.num_blocks().saturating_sub(r.lba);
+    }
     if blocks == 0 || blocks > lu.max_write_same_blocks() {
         return Err(Sense::invalid_cdb(len_field, Some(7)).into());
     }
@@ -220,16 +223,21 @@ pub(crate) fn write_same(lu: &LogicalUnit, req: &Request) -> CmdResult {
         zeros = vec![0u8; bs as usize];
         &zeros
     } else {
+        // Exactly one block of Data-Out: more or less means the CDB and the transfer
+        // disagree about the block size.
+        if req.cmd.data_out_len as u64 != bs {
+            return Err(Sense::invalid_cdb(len_field, None).into());
+        }
         match req.cmd.data_out.get(..bs as usize) {
             Some(p) => p,
             None => return Err(Sense::INVALID_FIELD_IN_IU.into()),
         }
     };
-    let zero = pattern.iter().all(|&b| b == 0);
     {
         let _g = lu.ranges.lock(r.lba, blocks, Mode::Shared);
-        if unmap && zero && lu.settings().thin_provisioning {
-            // LBPRZ: a deallocated block reads as the zeros asked for.
+        if unmap && lu.settings().thin_provisioning {
+            // UNMAP=1: the device server deallocates (SBC-4 5.48), and with LBPRZ=1 the
+            // blocks then read as zeros whatever the data block held.
             lu.backend()
                 .deallocate(r.lba * bs, blocks * bs)
                 .map_err(|e| lu.io_error(&e, "deallocate", true))?;
@@ -320,15 +328,15 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, req: &Request) -> CmdResult {
     }
     let blocks = u64::from(r.blocks);
     lu.check_range(r.lba, blocks)?;
+    let len = (blocks * lu.block_size()) as usize;
+    // The Data-Out must be exactly the verify and write halves: anything else means the
+    // CDB and the transfer disagree (e.g. 256 blocks truncated to 0 in the one-byte field).
+    if req.cmd.data_out_len as usize != 2 * len {
+        return Err(Sense::invalid_cdb(13, None).into());
+    }
     if blocks == 0 {
-        // Zero blocks is no error (SBC-4 5.3) unless data came with it that nothing can
-        // account for: e.g. 256 blocks requested, truncated to 0 in the one-byte field.
-        if req.cmd.data_out_len > 0 {
-            return Err(Sense::invalid_cdb(13, None).into());
-        }
         return Ok(Bytes::new());
     }
-    let len = (blocks * lu.block_size()) as usize;
     let Some(data) = req.cmd.data_out.get(..2 * len) else {
         return Err(Sense::INVALID_FIELD_IN_IU.into());
     };
@@ -383,7 +391,8 @@ pub(crate) fn read_capacity_16(lu: &LogicalUnit, req: &Request) -> CmdResult {
     b.put_u64(lu.num_blocks().saturating_sub(1));
     b.put_u32(lu.block_size() as u32);
     b.put_u8(0); // no protection
-    b.put_u8(0); // logical blocks per physical block exponent 0
+                 // Logical blocks per physical block exponent: files live on 4 KiB filesystem blocks.
+    b.put_u8(lu.physical_block_exponent());
     b.put_u8(if lu.settings().thin_provisioning {
         0xC0 // LBPME, LBPRZ
     } else {

@@ -118,7 +118,7 @@ fn cmd(n: &Arc<ItNexus>, cdb: &[u8], data: &[u8]) -> ScsiCommand {
         cdb: Bytes::copy_from_slice(cdb),
         data_out: Bytes::copy_from_slice(data),
         data_in_len: 65536,
-        data_out_len: 0,
+        data_out_len: data.len() as u32,
         attr: Default::default(),
     }
 }
@@ -238,7 +238,7 @@ fn vpd_pages() {
     let d = page(0xB0).data_in;
     assert_eq!(d.len(), 64);
     assert_eq!(d[3], 0x3C);
-    assert_eq!(d[4], 1); // WSNZ
+    assert_eq!(d[4], 0); // WSNZ
     assert!(d[5] >= 16);
     assert_ne!(u32::from_be_bytes([d[20], d[21], d[22], d[23]]), 0);
     assert_ne!(u32::from_be_bytes([d[24], d[25], d[26], d[27]]), 0);
@@ -491,7 +491,10 @@ fn compare_and_write() {
     );
     assert_sense(&run(&lu, &caw(1023, 2), &[0; 2048]), 5, 0x21, 0);
     assert_sense(&run(&lu, &caw(0, 255), &[]), 5, 0x24, 0);
-    assert_sense(&run(&lu, &caw(0, 1), &[0; 512]), 5, 0x0E, 0x03);
+    // Data-Out that does not match 2 × NUMBER OF LOGICAL BLOCKS is refused.
+    assert_sense(&run(&lu, &caw(0, 1), &[0; 512]), 5, 0x24, 0);
+    assert_sense(&run(&lu, &caw(0, 1), &[0; 2048]), 5, 0x24, 0);
+    assert_sense(&run(&lu, &caw(0, 0), &[0; 512]), 5, 0x24, 0);
     assert_good(&run(&lu, &caw(0, 0), &[]));
     assert_eq!(lu.data_out_length(&caw(0, 3)), 3 * 1024);
 }
@@ -630,8 +633,8 @@ fn write_same_and_lba_status() {
     c[1] = 0x09;
     assert_eq!(lu.data_out_length(&c), 0);
     assert_good(&run(&lu, &c, &[]));
-    // 0 blocks (WSNZ), beyond end, anchor, wrprotect.
-    assert_sense(&run(&lu, &rw10(op::WRITE_SAME_10, 0, 0), &blk), 5, 0x24, 0);
+    // 0 blocks runs to the end of the medium (WSNZ=0); beyond end, anchor, wrprotect.
+    assert_good(&run(&lu, &rw10(op::WRITE_SAME_10, 1000, 0), &blk));
     assert_sense(
         &run(&lu, &rw10(op::WRITE_SAME_10, 1025, 0), &blk),
         5,

@@ -80,7 +80,7 @@ fn name_string(b: &mut BytesMut, piv_assoc: u8, name: &str) {
 fn block_limits(lu: &LogicalUnit, b: &mut BytesMut) {
     let thin = lu.settings().thin_provisioning;
     let bs = lu.block_size();
-    b.put_u8(0x01); // WSNZ: WRITE SAME with 0 blocks is refused
+    b.put_u8(0x00); // WSNZ=0: WRITE SAME with 0 blocks runs to the end of the medium
     b.put_u8(limits::MAX_COMPARE_AND_WRITE_BLOCKS as u8);
     b.put_u16(1); // optimal transfer length granularity
     b.put_u32(lu.max_transfer_blocks() as u32);

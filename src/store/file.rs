@@ -46,7 +46,7 @@ impl FileBackend {
             Some(_) => return Err(StoreError::NotAFile { path: path.into() }),
         };
 
-        let needs_resize = !is_block && meta.as_ref().map_or(true, |m| m.len() != size);
+        let needs_resize = !is_block && meta.as_ref().is_none_or(|m| m.len() != size);
         if let Some(m) = &meta {
             if m.is_file() && m.len() > size {
                 return Err(StoreError::LargerThanConfigured {

@@ -1,7 +1,7 @@
 //! Target configuration: TOML via serde, validated before anything starts, with errors
 //! that name the file, the key and the reason.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,16 +37,29 @@ size = "8GiB"
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: {key}: {reason}")]
-    Invalid { file: String, key: String, reason: String },
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
 }
 
 /// A size in bytes, written as an integer or a string with a unit ("64MiB", "8G", "512").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -58,7 +71,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -75,13 +90,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("invalid size unit in {s:?} (use KiB, MiB, GiB or TiB)")),
+        _ => {
+            return Err(format!(
+                "invalid size unit in {s:?} (use KiB, MiB, GiB or TiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Directory for backing files given as relative paths (relative to the config
@@ -103,7 +123,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// iSCSI settings shared by all targets.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IscsiSettings {
     /// Largest data segment we accept (MaxRecvDataSegmentLength we declare).
@@ -145,7 +165,7 @@ impl Default for IscsiSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// iSCSI qualified name (iqn.…, eui.… or naa.…).
@@ -164,7 +184,7 @@ pub struct TargetConfig {
     pub chap: Option<ChapConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortalConfig {
     /// Address and port to listen on, e.g. "0.0.0.0:3260" or "[::]:3260".
@@ -178,7 +198,7 @@ fn default_tpgt() -> u16 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LunConfig {
     /// Logical unit number (0–16383).
@@ -195,6 +215,10 @@ pub struct LunConfig {
     /// Logical block size: 512 or 4096.
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Physical block size reported to initiators (a power-of-two multiple of
+    /// block_size, at most 32 KiB); defaults to block_size.
+    #[serde(default)]
+    pub physical_block_size: Option<u32>,
     /// Initial write-back cache state (WCE); when false every write is flushed before
     /// its status is returned.
     #[serde(default = "default_true")]
@@ -213,7 +237,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclConfig {
     /// Initiator name allowed to discover and log in.
@@ -226,7 +250,7 @@ pub struct AclConfig {
     pub chap: Option<ChapConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     pub username: String,
@@ -259,7 +283,12 @@ impl ValidConfig {
 
     /// Distinct listen addresses over all targets.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self.portal_addrs.iter().flatten().map(|(a, _)| *a).collect();
+        let mut v: Vec<SocketAddr> = self
+            .portal_addrs
+            .iter()
+            .flatten()
+            .map(|(a, _)| *a)
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -269,15 +298,20 @@ impl ValidConfig {
 /// Load and validate a config file.
 pub fn load_file(path: &Path) -> Result<ValidConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     parse(&text, &file, &base)
 }
 
 /// Parse and validate TOML text; `base` anchors a relative data_dir.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
-    let config: Config =
-        toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_string(), message: e.to_string() })?;
+    let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_string(),
+        message: e.to_string(),
+    })?;
     validate(config, file, base)
 }
 
@@ -308,7 +342,9 @@ pub fn check_iscsi_name(name: &str) -> Result<(), String> {
             Err("an eui name is eui. followed by 16 hex digits".into())
         }
     } else if let Some(hexpart) = lower.strip_prefix("naa.") {
-        if (hexpart.len() == 16 || hexpart.len() == 32) && hexpart.chars().all(|c| c.is_ascii_hexdigit()) {
+        if (hexpart.len() == 16 || hexpart.len() == 32)
+            && hexpart.chars().all(|c| c.is_ascii_hexdigit())
+        {
             Ok(())
         } else {
             Err("a naa name is naa. followed by 16 or 32 hex digits".into())
@@ -324,23 +360,33 @@ fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
     }
     if c.secret.len() < 12 || c.secret.len() > 255 {
         // RFC 7143 §12.1.3 asks for secrets of at least 96 bits; Windows insists on 12–16.
-        bad(format!("{key}.secret"), "must be 12 to 255 characters long".into());
+        bad(
+            format!("{key}.secret"),
+            "must be 12 to 255 characters long".into(),
+        );
     }
     match (&c.mutual_username, &c.mutual_secret) {
         (None, None) => {}
-        (Some(_), None) | (None, Some(_)) => {
-            bad(format!("{key}.mutual_secret"), "mutual_username and mutual_secret go together".into())
-        }
+        (Some(_), None) | (None, Some(_)) => bad(
+            format!("{key}.mutual_secret"),
+            "mutual_username and mutual_secret go together".into(),
+        ),
         (Some(u), Some(s)) => {
             if u.is_empty() {
                 bad(format!("{key}.mutual_username"), "must not be empty".into());
             }
             if s.len() < 12 || s.len() > 255 {
-                bad(format!("{key}.mutual_secret"), "must be 12 to 255 characters long".into());
+                bad(
+                    format!("{key}.mutual_secret"),
+                    "must be 12 to 255 characters long".into(),
+                );
             }
             if s == &c.secret {
                 // RFC 7143 §12.1.3: the two directions must use different secrets.
-                bad(format!("{key}.mutual_secret"), "must differ from the initiator's secret".into());
+                bad(
+                    format!("{key}.mutual_secret"),
+                    "must differ from the initiator's secret".into(),
+                );
             }
         }
     }
@@ -355,30 +401,54 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
     };
     let i = &config.iscsi;
     if !(512..=16_777_215).contains(&i.max_recv_data_segment_length) {
-        bad("iscsi.max_recv_data_segment_length".into(), "must be 512 to 16777215".into());
+        bad(
+            "iscsi.max_recv_data_segment_length".into(),
+            "must be 512 to 16777215".into(),
+        );
     }
     if !(512..=16_777_215).contains(&i.max_burst_length) {
-        bad("iscsi.max_burst_length".into(), "must be 512 to 16777215".into());
+        bad(
+            "iscsi.max_burst_length".into(),
+            "must be 512 to 16777215".into(),
+        );
     }
-    if !(512..=16_777_215).contains(&i.first_burst_length) || i.first_burst_length > i.max_burst_length {
-        bad("iscsi.first_burst_length".into(), "must be 512 to 16777215 and at most max_burst_length".into());
+    if !(512..=16_777_215).contains(&i.first_burst_length)
+        || i.first_burst_length > i.max_burst_length
+    {
+        bad(
+            "iscsi.first_burst_length".into(),
+            "must be 512 to 16777215 and at most max_burst_length".into(),
+        );
     }
     if !(1..=65535).contains(&i.max_outstanding_r2t) {
-        bad("iscsi.max_outstanding_r2t".into(), "must be 1 to 65535".into());
+        bad(
+            "iscsi.max_outstanding_r2t".into(),
+            "must be 1 to 65535".into(),
+        );
     }
     if !(1..=4096).contains(&i.queue_depth) {
         bad("iscsi.queue_depth".into(), "must be 1 to 4096".into());
     }
     if i.nop_interval_secs == 0 || i.nop_timeout_secs == 0 || i.login_timeout_secs == 0 {
-        bad("iscsi".into(), "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into());
+        bad(
+            "iscsi".into(),
+            "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into(),
+        );
     }
     if let Some(c) = &config.discovery_chap {
         check_chap(c, "discovery_chap", &mut bad);
     }
     if config.targets.is_empty() {
-        bad("target".into(), "at least one [[target]] is required".into());
+        bad(
+            "target".into(),
+            "at least one [[target]] is required".into(),
+        );
     }
-    let data_dir = if config.data_dir.is_absolute() { config.data_dir.clone() } else { base.join(&config.data_dir) };
+    let data_dir = if config.data_dir.is_absolute() {
+        config.data_dir.clone()
+    } else {
+        base.join(&config.data_dir)
+    };
     let mut names = HashSet::new();
     let mut paths: HashMap<PathBuf, String> = HashMap::new();
     let mut portal_addrs = Vec::new();
@@ -389,10 +459,16 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
             bad(format!("{tk}.name"), r);
         }
         if !names.insert(t.name.to_ascii_lowercase()) {
-            bad(format!("{tk}.name"), format!("target {} is defined twice", t.name));
+            bad(
+                format!("{tk}.name"),
+                format!("target {} is defined twice", t.name),
+            );
         }
         if t.portals.is_empty() {
-            bad(format!("{tk}.portal"), "at least one [[target.portal]] is required".into());
+            bad(
+                format!("{tk}.portal"),
+                "at least one [[target.portal]] is required".into(),
+            );
         }
         let mut addrs = Vec::new();
         let mut tpgts = HashSet::new();
@@ -415,7 +491,10 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
                     }
                     addrs.push((a, p.tpgt));
                 }
-                Err(_) => bad(format!("{pk}.listen"), format!("{:?} is not an address:port", p.listen)),
+                Err(_) => bad(
+                    format!("{pk}.listen"),
+                    format!("{:?} is not an address:port", p.listen),
+                ),
             }
             if p.tpgt == 0 {
                 bad(format!("{pk}.tpgt"), "must be 1 to 65535".into());
@@ -424,7 +503,10 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         }
         portal_addrs.push(addrs);
         if t.luns.is_empty() {
-            bad(format!("{tk}.lun"), "at least one [[target.lun]] is required".into());
+            bad(
+                format!("{tk}.lun"),
+                "at least one [[target.lun]] is required".into(),
+            );
         }
         let mut ids = HashSet::new();
         for (li, l) in t.luns.iter().enumerate() {
@@ -438,20 +520,44 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
             if l.block_size != 512 && l.block_size != 4096 {
                 bad(format!("{lk}.block_size"), "must be 512 or 4096".into());
             }
+            if let Some(p) = l.physical_block_size {
+                if p < l.block_size || p > 32768 || !p.is_power_of_two() {
+                    bad(
+                        format!("{lk}.physical_block_size"),
+                        "must be a power of two from block_size to 32768".into(),
+                    );
+                }
+            }
             if l.size.0 == 0 || l.size.0 % l.block_size.max(1) as u64 != 0 {
-                bad(format!("{lk}.size"), format!("must be a positive multiple of the block size ({})", l.block_size));
+                bad(
+                    format!("{lk}.size"),
+                    format!(
+                        "must be a positive multiple of the block size ({})",
+                        l.block_size
+                    ),
+                );
             }
             if let Some(s) = &l.serial {
                 if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_graphic()) {
-                    bad(format!("{lk}.serial"), "must be 1 to 64 printable ASCII characters".into());
+                    bad(
+                        format!("{lk}.serial"),
+                        "must be 1 to 64 printable ASCII characters".into(),
+                    );
                 }
             }
             if l.path.as_os_str().is_empty() {
                 bad(format!("{lk}.path"), "must not be empty".into());
             }
-            let full = if l.path.is_absolute() { l.path.clone() } else { data_dir.join(&l.path) };
+            let full = if l.path.is_absolute() {
+                l.path.clone()
+            } else {
+                data_dir.join(&l.path)
+            };
             if let Some(prev) = paths.insert(full.clone(), lk.clone()) {
-                bad(format!("{lk}.path"), format!("{} is already the backing file of {prev}", full.display()));
+                bad(
+                    format!("{lk}.path"),
+                    format!("{} is already the backing file of {prev}", full.display()),
+                );
             }
         }
         let mut inits = HashSet::new();
@@ -466,7 +572,10 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
             if let Some(luns) = &a.luns {
                 for l in luns {
                     if !ids.contains(l) && t.luns.iter().all(|x| x.id != *l) {
-                        bad(format!("{ak}.luns"), format!("LUN {l} is not defined in this target"));
+                        bad(
+                            format!("{ak}.luns"),
+                            format!("LUN {l} is not defined in this target"),
+                        );
                     }
                 }
             }
@@ -479,9 +588,18 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         }
     }
     if let Some((key, reason)) = first {
-        return Err(ConfigError::Invalid { file: file.to_string(), key, reason });
+        return Err(ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            reason,
+        });
     }
-    Ok(ValidConfig { source: file.to_string(), data_dir, config, portal_addrs })
+    Ok(ValidConfig {
+        source: file.to_string(),
+        data_dir,
+        config,
+        portal_addrs,
+    })
 }
 
 #[cfg(test)]
@@ -489,7 +607,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        parse(text, "t.toml", Path::new("/base")).unwrap_err().to_string()
+        parse(text, "t.toml", Path::new("/base"))
+            .unwrap_err()
+            .to_string()
     }
 
     const MIN: &str = r#"
@@ -511,7 +631,10 @@ size = "1MiB"
         assert_eq!(t.luns[0].size.0, 64 << 20);
         assert_eq!(t.luns[1].size.0, 8 << 30);
         assert_eq!(v.listen_addrs(), vec!["127.0.0.1:3260".parse().unwrap()]);
-        assert_eq!(v.resolve(Path::new("quorum.img")), PathBuf::from("holdfast-data/quorum.img"));
+        assert_eq!(
+            v.resolve(Path::new("quorum.img")),
+            PathBuf::from("holdfast-data/quorum.img")
+        );
     }
 
     #[test]
@@ -527,27 +650,45 @@ size = "1MiB"
     #[test]
     fn relative_paths_resolve_against_config_dir() {
         let v = parse(MIN, "t.toml", Path::new("/etc/holdfast")).unwrap();
-        assert_eq!(v.resolve(Path::new("a.img")), PathBuf::from("/etc/holdfast/holdfast-data/a.img"));
+        assert_eq!(
+            v.resolve(Path::new("a.img")),
+            PathBuf::from("/etc/holdfast/holdfast-data/a.img")
+        );
     }
 
     #[test]
     fn errors_name_file_key_and_reason() {
         let e = err(&MIN.replace("1MiB", "1000"));
-        assert_eq!(e, "t.toml: target[0].lun[0].size: must be a positive multiple of the block size (512)");
+        assert_eq!(
+            e,
+            "t.toml: target[0].lun[0].size: must be a positive multiple of the block size (512)"
+        );
         let e = err(&MIN.replace("iqn.2026-11.org.example:t1", "target1"));
         assert!(e.starts_with("t.toml: target[0].name: "), "{e}");
         let e = err(&MIN.replace("127.0.0.1:3261", "localhost"));
         assert!(e.contains("target[0].portal[0].listen"), "{e}");
-        let e = err(&format!("{MIN}\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512\n"));
-        assert!(e.contains("target[0].lun[1].id: LUN 0 is defined twice"), "{e}");
-        let e = err(&format!("{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"short\"\n"));
+        let e = err(&format!(
+            "{MIN}\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512\n"
+        ));
+        assert!(
+            e.contains("target[0].lun[1].id: LUN 0 is defined twice"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"short\"\n"
+        ));
         assert!(e.contains("target[0].chap.secret"), "{e}");
         let e = err(&format!(
             "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"\n"
         ));
         assert!(e.contains("must differ"), "{e}");
-        let e = err(&format!("{MIN}\n[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]\n"));
-        assert!(e.contains("target[0].acl[0].luns: LUN 7 is not defined"), "{e}");
+        let e = err(&format!(
+            "{MIN}\n[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]\n"
+        ));
+        assert!(
+            e.contains("target[0].acl[0].luns: LUN 7 is not defined"),
+            "{e}"
+        );
         let e = err("bogus = 1\n");
         assert!(e.starts_with("t.toml: ") && e.contains("bogus"), "{e}");
         let e = err("data_dir = \"x\"\n");

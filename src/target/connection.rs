@@ -6,13 +6,16 @@ use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::cmdsn::{Admission, CmdWindow};
 use crate::iscsi::login::{
-    ChapCredentials, LoginAuthority, LoginMachine, LoginOutcome, LoginStatus, LoginStep, SessionType,
+    ChapCredentials, LoginAuthority, LoginMachine, LoginOutcome, LoginStatus, LoginStep,
+    SessionType,
 };
 use crate::iscsi::task_set::{TaskId, TaskSet};
 use crate::iscsi::transfer::{plan_data_in, Residual, WriteLimits, WriteTransfer};
 use crate::scsi::sense::Sense;
 use crate::scsi::{status, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome, TaskAttr};
-use crate::wire::{self, reject_reason, Bhs, DigestConfig, Pdu, PduDecoder, WireError, RESERVED_TAG};
+use crate::wire::{
+    self, reject_reason, Bhs, DigestConfig, Pdu, PduDecoder, WireError, RESERVED_TAG,
+};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,7 +56,11 @@ struct Authority<'a> {
 }
 
 impl LoginAuthority for Authority<'_> {
-    fn normal_session(&self, target: &str, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
+    fn normal_session(
+        &self,
+        target: &str,
+        initiator: &str,
+    ) -> Result<Option<ChapCredentials>, LoginStatus> {
         self.rt.authorize_normal(self.listen, target, initiator)
     }
     fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
@@ -69,12 +76,20 @@ impl LoginAuthority for Authority<'_> {
         }
     }
     fn tpgt(&self) -> u16 {
-        self.rt.targets.iter().find_map(|t| t.tpgt_on(self.listen)).unwrap_or(1)
+        self.rt
+            .targets
+            .iter()
+            .find_map(|t| t.tpgt_on(self.listen))
+            .unwrap_or(1)
     }
 }
 
 /// Read one PDU, buffering partial input in `buf`.
-async fn read_pdu(rd: &mut OwnedReadHalf, buf: &mut BytesMut, dec: &mut PduDecoder) -> Result<Pdu, ConnError> {
+async fn read_pdu(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    dec: &mut PduDecoder,
+) -> Result<Pdu, ConnError> {
     loop {
         if let Some(p) = dec.decode(buf)? {
             return Ok(p);
@@ -88,7 +103,11 @@ async fn read_pdu(rd: &mut OwnedReadHalf, buf: &mut BytesMut, dec: &mut PduDecod
     }
 }
 
-async fn write_pdu(wr: &mut OwnedWriteHalf, pdu: &Pdu, digests: DigestConfig) -> Result<(), ConnError> {
+async fn write_pdu(
+    wr: &mut OwnedWriteHalf,
+    pdu: &Pdu,
+    digests: DigestConfig,
+) -> Result<(), ConnError> {
     let mut out = BytesMut::with_capacity(wire::BHS_LEN + pdu.data.len() + 16);
     wire::encode(pdu, digests, &mut out);
     wr.write_all(&out).await?;
@@ -110,10 +129,16 @@ pub async fn serve(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut dec = PduDecoder::new(LOGIN_MAX_SEGMENT);
     let login_timeout = Duration::from_secs(rt.settings.login_timeout_secs);
-    let login = tokio::time::timeout(login_timeout, login_phase(&rt, &reg, listen, &mut rd, &mut wr, &mut buf, &mut dec));
+    let login = tokio::time::timeout(
+        login_timeout,
+        login_phase(&rt, &reg, listen, &mut rd, &mut wr, &mut buf, &mut dec),
+    );
     let outcome = match login.await {
         Err(_) => {
-            warn!(?peer, "login timed out after {:?}; dropping connection", login_timeout);
+            warn!(
+                ?peer,
+                "login timed out after {:?}; dropping connection", login_timeout
+            );
             return;
         }
         Ok(Err(e)) => {
@@ -136,7 +161,10 @@ pub async fn serve(
         data_digest = outcome.connection.data_digest,
         "login complete"
     );
-    dec.digests = DigestConfig { header: outcome.connection.header_digest, data: outcome.connection.data_digest };
+    dec.digests = DigestConfig {
+        header: outcome.connection.header_digest,
+        data: outcome.connection.data_digest,
+    };
     dec.max_data_segment_len = outcome.connection.target_max_recv_data_segment_length;
     let res = run_full_feature(rt, reg, outcome, local, rd, wr, buf, dec, shutdown).await;
     match res {
@@ -287,16 +315,37 @@ impl Shared {
 }
 
 fn pdu(bhs: Bhs, data: Bytes) -> Pdu {
-    Pdu { bhs, ahs: Vec::new(), data }
+    Pdu {
+        bhs,
+        ahs: Vec::new(),
+        data,
+    }
 }
 
 fn reject(reason: u8, offending: &Pdu, digests: DigestConfig) -> Pdu {
     // The Reject data segment carries the offending header (RFC 7143 §11.17).
     let mut hdr = BytesMut::new();
-    wire::encode(&Pdu { bhs: offending.bhs.clone(), ahs: Vec::new(), data: Bytes::new() }, DigestConfig { header: false, data: false }, &mut hdr);
+    wire::encode(
+        &Pdu {
+            bhs: offending.bhs.clone(),
+            ahs: Vec::new(),
+            data: Bytes::new(),
+        },
+        DigestConfig {
+            header: false,
+            data: false,
+        },
+        &mut hdr,
+    );
     let _ = digests;
     hdr.truncate(wire::BHS_LEN);
-    pdu(Bhs::Reject(wire::Reject { reason, ..Default::default() }), hdr.freeze())
+    pdu(
+        Bhs::Reject(wire::Reject {
+            reason,
+            ..Default::default()
+        }),
+        hdr.freeze(),
+    )
 }
 
 /// Decode the SAM LUN field (peripheral or flat addressing, first level only).
@@ -330,12 +379,17 @@ async fn run_full_feature(
     dec: PduDecoder,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (lun_map, luns, nexus, control, key_handle) = match (outcome.session_type, outcome.target_name.as_deref()) {
+    let (lun_map, luns, nexus, control, key_handle) = match (
+        outcome.session_type,
+        outcome.target_name.as_deref(),
+    ) {
         (SessionType::Normal, Some(tname)) => {
             let Some(target) = rt.target(tname).cloned() else {
                 return Err(ConnError::Protocol(format!("target {tname} vanished")));
             };
-            let tpgt = target.tpgt_on(outcome_listen(&rt, &target, local)).unwrap_or(1);
+            let tpgt = target
+                .tpgt_on(outcome_listen(&rt, &target, local))
+                .unwrap_or(1);
             let nexus = Arc::new(ItNexus {
                 initiator_name: outcome.initiator_name.clone(),
                 isid: outcome.isid,
@@ -369,7 +423,11 @@ async fn run_full_feature(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let mut window = CmdWindow::new(outcome.exp_cmd_sn, rt.settings.queue_depth);
-    window.note_announced(outcome.exp_cmd_sn.wrapping_add(crate::iscsi::login::QUEUE_DEPTH - 1));
+    window.note_announced(
+        outcome
+            .exp_cmd_sn
+            .wrapping_add(crate::iscsi::login::QUEUE_DEPTH - 1),
+    );
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
             window,
@@ -384,8 +442,17 @@ async fn run_full_feature(
         max_burst: outcome.session.max_burst_length,
         handle: tokio::runtime::Handle::current(),
     });
-    let digests = DigestConfig { header: outcome.connection.header_digest, data: outcome.connection.data_digest };
-    let writer = tokio::spawn(writer_task(wr, rx, shared.clone(), digests, outcome.next_stat_sn));
+    let digests = DigestConfig {
+        header: outcome.connection.header_digest,
+        data: outcome.connection.data_digest,
+    };
+    let writer = tokio::spawn(writer_task(
+        wr,
+        rx,
+        shared.clone(),
+        digests,
+        outcome.next_stat_sn,
+    ));
     let mut conn = Reader {
         rt: rt.clone(),
         shared: shared.clone(),
@@ -429,7 +496,11 @@ async fn run_full_feature(
     res
 }
 
-fn outcome_listen(rt: &Runtime, target: &super::runtime::TargetNode, local: SocketAddr) -> SocketAddr {
+fn outcome_listen(
+    rt: &Runtime,
+    target: &super::runtime::TargetNode,
+    local: SocketAddr,
+) -> SocketAddr {
     let _ = rt;
     target
         .portals
@@ -468,7 +539,15 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
     let started = {
         let mut core = shared.core();
         let (task_id, started) = core.tasks.submit(attr, ready);
-        core.active.insert(itt, ActiveTask { lun, task_id, aborted: false, done: Arc::new(TaskDone::default()) });
+        core.active.insert(
+            itt,
+            ActiveTask {
+                lun,
+                task_id,
+                aborted: false,
+                done: Arc::new(TaskDone::default()),
+            },
+        );
         started
     };
     for (id, r) in started {
@@ -489,7 +568,9 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
     let started = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
-        let aborted = entry.as_ref().is_none_or(|e| e.aborted || e.task_id != task_id);
+        let aborted = entry
+            .as_ref()
+            .is_none_or(|e| e.aborted || e.task_id != task_id);
         core.window.complete();
         if !aborted {
             for p in pdus {
@@ -509,7 +590,13 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
     }
 }
 
-fn scsi_response(itt: u32, st: u8, sense: Option<&Bytes>, residual: Residual, exp_data_sn: u32) -> Pdu {
+fn scsi_response(
+    itt: u32,
+    st: u8,
+    sense: Option<&Bytes>,
+    residual: Residual,
+    exp_data_sn: u32,
+) -> Pdu {
     let data = match sense {
         Some(s) if !s.is_empty() => {
             let mut d = BytesMut::with_capacity(2 + s.len());
@@ -539,7 +626,9 @@ fn build_response(shared: &Shared, ready: &Ready, outcome: ScsiOutcome) -> Vec<P
     if ready.read && !outcome.data_in.is_empty() {
         let full = outcome.data_in.len() as u64;
         let residual = Residual::of(ready.edtl, full);
-        let send = outcome.data_in.slice(..(full.min(ready.edtl as u64) as usize));
+        let send = outcome
+            .data_in
+            .slice(..(full.min(ready.edtl as u64) as usize));
         let collapse = outcome.status == status::GOOD && outcome.sense.is_none();
         let segs = plan_data_in(&send, shared.max_send_segment, shared.max_burst, collapse);
         let n = segs.len() as u32;
@@ -564,7 +653,13 @@ fn build_response(shared: &Shared, ready: &Ready, outcome: ScsiOutcome) -> Vec<P
             ));
         }
         if !collapse || n == 0 {
-            out.push(scsi_response(ready.itt, outcome.status, outcome.sense.as_ref(), residual, n));
+            out.push(scsi_response(
+                ready.itt,
+                outcome.status,
+                outcome.sense.as_ref(),
+                residual,
+                n,
+            ));
         }
         return out;
     }
@@ -575,7 +670,13 @@ fn build_response(shared: &Shared, ready: &Ready, outcome: ScsiOutcome) -> Vec<P
     } else {
         Residual::default()
     };
-    out.push(scsi_response(ready.itt, outcome.status, outcome.sense.as_ref(), residual, ready.r2t_count));
+    out.push(scsi_response(
+        ready.itt,
+        outcome.status,
+        outcome.sense.as_ref(),
+        residual,
+        ready.r2t_count,
+    ));
     out
 }
 
@@ -611,8 +712,17 @@ impl Reader {
         let interval = Duration::from_secs(self.rt.settings.nop_interval_secs);
         let timeout = Duration::from_secs(self.rt.settings.nop_timeout_secs);
         loop {
-            let wait = if self.ping_outstanding.is_some() { timeout } else { interval };
-            let pdu = match tokio::time::timeout(wait, read_pdu(&mut self.rd, &mut self.buf, &mut self.dec)).await {
+            let wait = if self.ping_outstanding.is_some() {
+                timeout
+            } else {
+                interval
+            };
+            let pdu = match tokio::time::timeout(
+                wait,
+                read_pdu(&mut self.rd, &mut self.buf, &mut self.dec),
+            )
+            .await
+            {
                 Ok(Ok(p)) => p,
                 Ok(Err(ConnError::Wire(e))) => {
                     if self.on_wire_error(e)? {
@@ -629,7 +739,11 @@ impl Reader {
                     let ttt = self.alloc_ttt();
                     self.ping_outstanding = Some(ttt);
                     self.shared.send(pdu(
-                        Bhs::NopIn(wire::NopIn { itt: RESERVED_TAG, ttt, ..Default::default() }),
+                        Bhs::NopIn(wire::NopIn {
+                            itt: RESERVED_TAG,
+                            ttt,
+                            ..Default::default()
+                        }),
                         Bytes::new(),
                     ));
                     continue;
@@ -646,21 +760,29 @@ impl Reader {
         match e {
             WireError::DataDigest { bhs } => {
                 warn!("data digest error: rejecting the PDU");
-                let p = Pdu { bhs: *bhs, ahs: Vec::new(), data: Bytes::new() };
+                let p = Pdu {
+                    bhs: *bhs,
+                    ahs: Vec::new(),
+                    data: Bytes::new(),
+                };
                 if let Bhs::DataOut(d) = &p.bhs {
                     // The task cannot complete without its data at ERL 0.
                     if let Some(w) = self.writes.remove(&d.itt) {
                         self.fail_write(w, 0x0b, 0x47, 0x01);
                     }
                 }
-                self.shared.send(reject(reject_reason::DATA_DIGEST_ERROR, &p, self.digests));
+                self.shared
+                    .send(reject(reject_reason::DATA_DIGEST_ERROR, &p, self.digests));
                 Ok(true)
             }
             WireError::UnknownOpcode { opcode, header, .. } => {
                 warn!(opcode, "unknown opcode: rejecting");
                 let data = Bytes::copy_from_slice(&header[..]);
                 self.shared.send(pdu(
-                    Bhs::Reject(wire::Reject { reason: reject_reason::COMMAND_NOT_SUPPORTED, ..Default::default() }),
+                    Bhs::Reject(wire::Reject {
+                        reason: reject_reason::COMMAND_NOT_SUPPORTED,
+                        ..Default::default()
+                    }),
                     data,
                 ));
                 Ok(true)
@@ -690,7 +812,8 @@ impl Reader {
             }
             Bhs::SnackRequest(_) => {
                 warn!("SNACK at ErrorRecoveryLevel 0: rejecting");
-                self.shared.send(reject(reject_reason::SNACK_REJECT, &p, self.digests));
+                self.shared
+                    .send(reject(reject_reason::SNACK_REJECT, &p, self.digests));
                 Ok(false)
             }
             Bhs::NopOut(n) if n.itt == RESERVED_TAG => {
@@ -700,7 +823,11 @@ impl Reader {
                 }
                 Ok(false)
             }
-            Bhs::NopOut(_) | Bhs::ScsiCommand(_) | Bhs::TaskMgmtRequest(_) | Bhs::TextRequest(_) | Bhs::LogoutRequest(_) => {
+            Bhs::NopOut(_)
+            | Bhs::ScsiCommand(_)
+            | Bhs::TaskMgmtRequest(_)
+            | Bhs::TextRequest(_)
+            | Bhs::LogoutRequest(_) => {
                 let (immediate, cmd_sn) = match &p.bhs {
                     Bhs::NopOut(n) => (n.immediate, n.cmd_sn),
                     Bhs::ScsiCommand(c) => (c.immediate, c.cmd_sn),
@@ -720,7 +847,10 @@ impl Reader {
                         Admission::Deliver(v) => v,
                         Admission::Held => Vec::new(),
                         Admission::Ignored => {
-                            debug!(cmd_sn, "command outside the CmdSN window: ignored (RFC 7143 §4.2.2.1)");
+                            debug!(
+                                cmd_sn,
+                                "command outside the CmdSN window: ignored (RFC 7143 §4.2.2.1)"
+                            );
                             Vec::new()
                         }
                     }
@@ -734,7 +864,8 @@ impl Reader {
             }
             _ => {
                 warn!(opcode = ?bhs_name(&p.bhs), "unexpected PDU from initiator: rejecting");
-                self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+                self.shared
+                    .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
                 Ok(false)
             }
         }
@@ -753,7 +884,12 @@ impl Reader {
             }
             Bhs::NopOut(n) => {
                 self.shared.send(pdu(
-                    Bhs::NopIn(wire::NopIn { lun: n.lun, itt: n.itt, ttt: RESERVED_TAG, ..Default::default() }),
+                    Bhs::NopIn(wire::NopIn {
+                        lun: n.lun,
+                        itt: n.itt,
+                        ttt: RESERVED_TAG,
+                        ..Default::default()
+                    }),
                     p.data,
                 ));
                 self.complete_request();
@@ -767,7 +903,11 @@ impl Reader {
             Bhs::TaskMgmtRequest(t) => {
                 let resp = self.on_tmf(&t).await;
                 self.shared.send(pdu(
-                    Bhs::TaskMgmtResponse(wire::TaskMgmtResponse { response: resp, itt: t.itt, ..Default::default() }),
+                    Bhs::TaskMgmtResponse(wire::TaskMgmtResponse {
+                        response: resp,
+                        itt: t.itt,
+                        ..Default::default()
+                    }),
                     Bytes::new(),
                 ));
                 self.complete_request();
@@ -787,7 +927,11 @@ impl Reader {
                 }
                 info!(initiator = %self.outcome.initiator_name, reason = l.reason, "logout");
                 self.shared.send(pdu(
-                    Bhs::LogoutResponse(wire::LogoutResponse { response, itt: l.itt, ..Default::default() }),
+                    Bhs::LogoutResponse(wire::LogoutResponse {
+                        response,
+                        itt: l.itt,
+                        ..Default::default()
+                    }),
                     Bytes::new(),
                 ));
                 self.complete_request();
@@ -798,17 +942,33 @@ impl Reader {
     }
 
     fn on_scsi_command(&mut self, c: wire::ScsiCommand, ahs: Vec<wire::Ahs>, data: Bytes) {
-        let offending = || Pdu { bhs: Bhs::ScsiCommand(c.clone()), ahs: Vec::new(), data: Bytes::new() };
+        let offending = || Pdu {
+            bhs: Bhs::ScsiCommand(c.clone()),
+            ahs: Vec::new(),
+            data: Bytes::new(),
+        };
         if self.is_discovery() {
             warn!("SCSI command in a discovery session: rejecting");
-            self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &offending(), self.digests));
+            self.shared.send(reject(
+                reject_reason::PROTOCOL_ERROR,
+                &offending(),
+                self.digests,
+            ));
             self.complete_request();
             return;
         }
-        let duplicate = self.writes.contains_key(&c.itt) || self.shared.core().active.contains_key(&c.itt);
+        let duplicate =
+            self.writes.contains_key(&c.itt) || self.shared.core().active.contains_key(&c.itt);
         if duplicate || c.itt == RESERVED_TAG {
-            warn!(itt = c.itt, "SCSI command reuses an active task tag: rejecting");
-            self.shared.send(reject(reject_reason::TASK_IN_PROGRESS, &offending(), self.digests));
+            warn!(
+                itt = c.itt,
+                "SCSI command reuses an active task tag: rejecting"
+            );
+            self.shared.send(reject(
+                reject_reason::TASK_IN_PROGRESS,
+                &offending(),
+                self.digests,
+            ));
             self.complete_request();
             return;
         }
@@ -819,14 +979,26 @@ impl Reader {
         }
         let cdb = cdb.freeze();
         let lun = decode_lun(c.lun).unwrap_or(u64::MAX);
-        let cdb_out_len = if c.write { self.shared.lun_map.data_out_length(lun, &cdb) } else { 0 };
+        let cdb_out_len = if c.write {
+            self.shared.lun_map.data_out_length(lun, &cdb)
+        } else {
+            0
+        };
         let cmd = ScsiCommand {
             nexus: self.shared.nexus.clone(),
             lun,
             cdb,
             data_out: Bytes::new(),
-            data_in_len: if c.read { c.expected_data_transfer_length } else { 0 },
-            data_out_len: if c.write { c.expected_data_transfer_length } else { 0 },
+            data_in_len: if c.read {
+                c.expected_data_transfer_length
+            } else {
+                0
+            },
+            data_out_len: if c.write {
+                c.expected_data_transfer_length
+            } else {
+                0
+            },
             attr: task_attr(c.attr),
         };
         let ready = Ready {
@@ -839,14 +1011,19 @@ impl Reader {
         };
         if !c.write || c.expected_data_transfer_length == 0 {
             if !data.is_empty() && !c.write {
-                warn!(itt = c.itt, "data segment on a command without the W bit: ignored");
+                warn!(
+                    itt = c.itt,
+                    "data segment on a command without the W bit: ignored"
+                );
             }
             submit(&self.shared, ready);
             return;
         }
         let limits = WriteLimits {
             initial_r2t: self.outcome.session.initial_r2t,
-            first_burst_length: if self.outcome.session.immediate_data || !self.outcome.session.initial_r2t {
+            first_burst_length: if self.outcome.session.immediate_data
+                || !self.outcome.session.initial_r2t
+            {
                 self.outcome.session.first_burst_length
             } else {
                 0
@@ -855,7 +1032,14 @@ impl Reader {
             max_outstanding_r2t: self.outcome.session.max_outstanding_r2t,
         };
         let ttt_base = self.alloc_ttt().wrapping_mul(0x1_0000) & 0x7fff_ffff;
-        match WriteTransfer::new(c.expected_data_transfer_length, cdb_out_len, &data, c.final_, limits, ttt_base) {
+        match WriteTransfer::new(
+            c.expected_data_transfer_length,
+            cdb_out_len,
+            &data,
+            c.final_,
+            limits,
+            ttt_base,
+        ) {
             Ok(t) => {
                 let mut w = PendingWrite { transfer: t, ready };
                 self.send_r2ts(&mut w);
@@ -867,7 +1051,13 @@ impl Reader {
             }
             Err(e) => {
                 warn!(itt = c.itt, error = %e, "bad immediate/unsolicited data: failing the command");
-                let r = scsi_response(c.itt, status::CHECK_CONDITION, Some(&Sense::new(0x0b, 0x0c, 0x0d).encode(false)), Residual::default(), 0);
+                let r = scsi_response(
+                    c.itt,
+                    status::CHECK_CONDITION,
+                    Some(&Sense::new(0x0b, 0x0c, 0x0d).encode(false)),
+                    Residual::default(),
+                    0,
+                );
                 self.shared.send(r);
                 self.complete_request();
             }
@@ -892,7 +1082,10 @@ impl Reader {
     }
 
     fn start_write(&mut self, w: PendingWrite) {
-        let PendingWrite { transfer, mut ready } = w;
+        let PendingWrite {
+            transfer,
+            mut ready,
+        } = w;
         ready.r2t_count = transfer.r2t_count();
         ready.cmd.data_out = transfer.into_data();
         submit(&self.shared, ready);
@@ -914,10 +1107,14 @@ impl Reader {
         let Bhs::DataOut(d) = &p.bhs else { return };
         let Some(mut w) = self.writes.remove(&d.itt) else {
             warn!(itt = d.itt, "Data-Out for an unknown task: rejecting");
-            self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+            self.shared
+                .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
             return;
         };
-        match w.transfer.on_data_out(d.ttt, d.data_sn, d.buffer_offset, &p.data, d.final_) {
+        match w
+            .transfer
+            .on_data_out(d.ttt, d.data_sn, d.buffer_offset, &p.data, d.final_)
+        {
             Ok(()) => {
                 self.send_r2ts(&mut w);
                 if w.transfer.is_complete() {
@@ -929,7 +1126,8 @@ impl Reader {
             Err(e) => {
                 // ERL 0 cannot recover a data sequence: reject the PDU, fail the task.
                 warn!(itt = d.itt, error = %e, "invalid Data-Out: rejecting and failing the command");
-                self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+                self.shared
+                    .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
                 self.fail_write(w, 0x0b, 0x0c, 0x0d);
             }
         }
@@ -988,7 +1186,12 @@ impl Reader {
                 if !lun_exists {
                     return NO_LUN;
                 }
-                let itts: Vec<u32> = self.writes.iter().filter(|(_, w)| w.ready.cmd.lun == lun).map(|(i, _)| *i).collect();
+                let itts: Vec<u32> = self
+                    .writes
+                    .iter()
+                    .filter(|(_, w)| w.ready.cmd.lun == lun)
+                    .map(|(i, _)| *i)
+                    .collect();
                 for i in itts {
                     self.writes.remove(&i);
                     self.complete_request();
@@ -1025,7 +1228,11 @@ impl Reader {
     }
 
     fn on_text(&mut self, t: wire::TextRequest, data: Bytes) {
-        let max = self.outcome.connection.initiator_max_recv_data_segment_length.max(512) as usize;
+        let max = self
+            .outcome
+            .connection
+            .initiator_max_recv_data_segment_length
+            .max(512) as usize;
         let body: Bytes = if t.ttt != RESERVED_TAG {
             match self.text_pending.take() {
                 Some((ttt, rest)) if ttt == t.ttt => rest,
@@ -1062,7 +1269,11 @@ impl Reader {
             }
             wire::text::encode_text(&resp)
         };
-        let (chunk, rest) = if body.len() > max { (body.slice(..max), Some(body.slice(max..))) } else { (body, None) };
+        let (chunk, rest) = if body.len() > max {
+            (body.slice(..max), Some(body.slice(max..)))
+        } else {
+            (body, None)
+        };
         let ttt = match rest {
             Some(r) => {
                 let ttt = self.alloc_ttt();
@@ -1091,7 +1302,11 @@ impl Reader {
         for t in &self.rt.targets {
             let wanted = match which {
                 "All" => self.is_discovery(),
-                "" => self.outcome.target_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&t.name)),
+                "" => self
+                    .outcome
+                    .target_name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(&t.name)),
                 name => name.eq_ignore_ascii_case(&t.name),
             };
             if !wanted || !t.admits(init) {
@@ -1099,7 +1314,11 @@ impl Reader {
             }
             out.push(("TargetName".to_string(), t.name.clone()));
             for (addr, tpgt) in &t.portals {
-                let a = if addr.ip().is_unspecified() { SocketAddr::new(self.local.ip(), addr.port()) } else { *addr };
+                let a = if addr.ip().is_unspecified() {
+                    SocketAddr::new(self.local.ip(), addr.port())
+                } else {
+                    *addr
+                };
                 let s = match a {
                     SocketAddr::V4(v) => format!("{}:{},{}", v.ip(), v.port(), tpgt),
                     SocketAddr::V6(v) => format!("[{}]:{},{}", v.ip(), v.port(), tpgt),
@@ -1246,12 +1465,23 @@ mod tests {
         let mut r2t = pdu(Bhs::R2t(wire::R2t::default()), Bytes::new());
         stamp(&mut r2t, &mut sn, 5, 9);
         assert_eq!(sn, 10);
-        let mut resp = pdu(Bhs::ScsiResponse(wire::ScsiResponse::default()), Bytes::new());
+        let mut resp = pdu(
+            Bhs::ScsiResponse(wire::ScsiResponse::default()),
+            Bytes::new(),
+        );
         stamp(&mut resp, &mut sn, 5, 9);
         assert_eq!(sn, 11);
-        let Bhs::ScsiResponse(h) = &resp.bhs else { unreachable!() };
+        let Bhs::ScsiResponse(h) = &resp.bhs else {
+            unreachable!()
+        };
         assert_eq!((h.stat_sn, h.exp_cmd_sn, h.max_cmd_sn), (10, 5, 9));
-        let mut ping = pdu(Bhs::NopIn(wire::NopIn { itt: RESERVED_TAG, ..Default::default() }), Bytes::new());
+        let mut ping = pdu(
+            Bhs::NopIn(wire::NopIn {
+                itt: RESERVED_TAG,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        );
         stamp(&mut ping, &mut sn, 5, 9);
         assert_eq!(sn, 11, "an unsolicited NOP-In does not advance StatSN");
         let mut din = pdu(Bhs::DataIn(wire::DataIn::default()), Bytes::new());

@@ -22,16 +22,24 @@ impl Portals {
     pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Portals> {
         let mut listeners = Vec::new();
         for a in addrs {
-            let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            let sock = if a.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
             sock.set_reuseaddr(true)?;
-            sock.bind(*a).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
+            sock.bind(*a)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             listeners.push((*a, sock.listen(1024)?));
         }
         Ok(Portals { listeners })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect()
     }
 
     /// Serve until `shutdown` turns true; then end sessions and flush.
@@ -84,7 +92,10 @@ impl Portals {
         info!("shutting down: no new connections; ending sessions");
         accepts.abort_all();
         let drain = async { while conns.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(30), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), drain)
+            .await
+            .is_err()
+        {
             warn!("sessions did not end within 30 s; flushing anyway");
         }
         let rt2 = rt.clone();

@@ -3,8 +3,8 @@
 
 use super::config::{ChapConfig, ValidConfig};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
-use crate::scsi::{LogicalUnit, LunMap, LunSettings};
 use crate::scsi::backend::BlockBackend;
+use crate::scsi::{LogicalUnit, LunMap, LunSettings};
 use crate::store::{identity, FileBackend, PrFileStore};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,7 +38,9 @@ pub struct TargetNode {
 
 impl TargetNode {
     fn acl_entry(&self, initiator: &str) -> Option<&AclEntry> {
-        self.acl.iter().find(|a| a.initiator.eq_ignore_ascii_case(initiator))
+        self.acl
+            .iter()
+            .find(|a| a.initiator.eq_ignore_ascii_case(initiator))
     }
 
     /// Whether `initiator` may discover and log in to this target.
@@ -48,12 +50,19 @@ impl TargetNode {
 
     /// CHAP credentials that apply to `initiator` (per-initiator entry first).
     pub fn chap_for(&self, initiator: &str) -> Option<ChapCredentials> {
-        self.acl_entry(initiator).and_then(|a| a.chap.clone()).or_else(|| self.chap.clone())
+        self.acl_entry(initiator)
+            .and_then(|a| a.chap.clone())
+            .or_else(|| self.chap.clone())
     }
 
     fn visible(&self, initiator: &str) -> BTreeMap<u64, Arc<LogicalUnit>> {
         match self.acl_entry(initiator).and_then(|a| a.luns.as_ref()) {
-            Some(list) => self.luns.iter().filter(|(id, _)| list.contains(id)).map(|(k, v)| (*k, v.clone())).collect(),
+            Some(list) => self
+                .luns
+                .iter()
+                .filter(|(id, _)| list.contains(id))
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
             None => self.luns.clone(),
         }
     }
@@ -69,7 +78,10 @@ impl TargetNode {
 
     /// Portal group tag this target uses on a listening address.
     pub fn tpgt_on(&self, listen: SocketAddr) -> Option<u16> {
-        self.portals.iter().find(|(a, _)| *a == listen).map(|(_, t)| *t)
+        self.portals
+            .iter()
+            .find(|(a, _)| *a == listen)
+            .map(|(_, t)| *t)
     }
 }
 
@@ -116,20 +128,33 @@ impl Runtime {
                     })?;
                 }
                 let backend = Arc::new(
-                    FileBackend::open(&path, l.size.0, true, l.read_only)
-                        .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?,
+                    FileBackend::open(&path, l.size.0, true, l.read_only).map_err(|e| {
+                        RuntimeError::Lun {
+                            key: key.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?,
                 );
                 backends.push((format!("{} LUN {}", t.name, l.id), backend.clone()));
-                let id = identity::load_or_create(&path, l.serial.as_deref())
-                    .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: e.to_string() })?;
+                let id = identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| {
+                    RuntimeError::Lun {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
                 let settings = LunSettings {
                     block_size: l.block_size,
+                    physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
                     read_only: l.read_only,
                     serial: id.serial,
                     naa: id.naa,
                     vendor: "HOLDFAST".into(),
                     product: l.product.clone().unwrap_or_else(|| "holdfast LUN".into()),
-                    revision: env!("CARGO_PKG_VERSION").chars().filter(|c| *c != '.').take(4).collect(),
+                    revision: env!("CARGO_PKG_VERSION")
+                        .chars()
+                        .filter(|c| *c != '.')
+                        .take(4)
+                        .collect(),
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning,
                 };
@@ -139,7 +164,10 @@ impl Runtime {
                 let store = PrFileStore::for_backing(&path);
                 let pr_path = store.path().display().to_string();
                 let lu = LogicalUnit::with_persistence(settings, backend, Box::new(store))
-                    .map_err(|e| RuntimeError::Lun { key: key.clone(), reason: format!("{pr_path}: {e}") })?;
+                    .map_err(|e| RuntimeError::Lun {
+                        key: key.clone(),
+                        reason: format!("{pr_path}: {e}"),
+                    })?;
                 luns.insert(l.id, Arc::new(lu));
             }
             targets.push(Arc::new(TargetNode {
@@ -178,7 +206,9 @@ impl Runtime {
     }
 
     pub fn target(&self, name: &str) -> Option<&Arc<TargetNode>> {
-        self.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+        self.targets
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
     }
 
     /// Login check for a normal session arriving on `listen`.

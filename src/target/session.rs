@@ -17,7 +17,11 @@ pub struct SessionKey {
 impl SessionKey {
     pub fn new(initiator: &str, isid: [u8; 6], target: &str) -> Self {
         // iSCSI names compare case-insensitively (they are normalised to lower case).
-        Self { initiator: initiator.to_ascii_lowercase(), isid, target: target.to_ascii_lowercase() }
+        Self {
+            initiator: initiator.to_ascii_lowercase(),
+            isid,
+            target: target.to_ascii_lowercase(),
+        }
     }
 }
 
@@ -66,7 +70,10 @@ pub struct SessionRegistry {
 
 impl SessionRegistry {
     pub fn new() -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), next_tsih: AtomicU16::new(1) }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            next_tsih: AtomicU16::new(1),
+        }
     }
 
     /// A fresh non-zero TSIH not used by a live session.
@@ -87,15 +94,29 @@ impl SessionRegistry {
     /// Does a live session of (initiator, ISID) carry this TSIH?
     pub fn has_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> bool {
         let init = initiator.to_ascii_lowercase();
-        self.lock().iter().any(|(k, h)| k.initiator == init && k.isid == isid && h.tsih == tsih)
+        self.lock()
+            .iter()
+            .any(|(k, h)| k.initiator == init && k.isid == isid && h.tsih == tsih)
     }
 
     /// Register a new session; returns the previous session with the same key (to be
     /// terminated: reinstatement) and the control end for the new one.
-    pub fn register(&self, key: SessionKey, tsih: u16) -> (Option<Arc<SessionHandle>>, SessionControl, Arc<SessionHandle>) {
+    pub fn register(
+        &self,
+        key: SessionKey,
+        tsih: u16,
+    ) -> (
+        Option<Arc<SessionHandle>>,
+        SessionControl,
+        Arc<SessionHandle>,
+    ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
-        let handle = Arc::new(SessionHandle { tsih, stop_tx, done_rx });
+        let handle = Arc::new(SessionHandle {
+            tsih,
+            stop_tx,
+            done_rx,
+        });
         let old = self.lock().insert(key, handle.clone());
         (old, SessionControl { stop_rx, done_tx }, handle)
     }

@@ -59,7 +59,14 @@ fn prout_raw(lu: &LogicalUnit, n: &Arc<ItNexus>, action: u8, ty: u8, p: &[u8]) -
     lu.execute(&cmd(n, &prout_cdb(action, ty, p.len() as u32), p))
 }
 
-fn prout(lu: &LogicalUnit, n: &Arc<ItNexus>, action: u8, ty: u8, key: u64, sak: u64) -> ScsiOutcome {
+fn prout(
+    lu: &LogicalUnit,
+    n: &Arc<ItNexus>,
+    action: u8,
+    ty: u8,
+    key: u64,
+    sak: u64,
+) -> ScsiOutcome {
     prout_raw(lu, n, action, ty, &plist(key, sak, 0))
 }
 
@@ -98,7 +105,10 @@ fn reservation(lu: &LogicalUnit) -> Option<(u64, u8)> {
     let d = &o.data_in;
     match u32::from_be_bytes(d[4..8].try_into().unwrap()) {
         0 => None,
-        16 => Some((u64::from_be_bytes(d[8..16].try_into().unwrap()), d[21] & 0x0F)),
+        16 => Some((
+            u64::from_be_bytes(d[8..16].try_into().unwrap()),
+            d[21] & 0x0F,
+        )),
         n => panic!("bad additional length {n}"),
     }
 }
@@ -164,12 +174,26 @@ fn register_unregister_and_generation() {
 fn prout_requires_registration() {
     let (lu, _) = super::lu();
     let a = nx(1, 1, 1);
-    for action in [RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_ABORT, REPLACE_LOST] {
+    for action in [
+        RESERVE,
+        RELEASE,
+        CLEAR,
+        PREEMPT,
+        PREEMPT_ABORT,
+        REPLACE_LOST,
+    ] {
         conflict(&prout(&lu, &a, action, 1, 0, 0x1));
     }
     assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0x10));
     // Registered, wrong reservation key.
-    for action in [RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_ABORT, REPLACE_LOST] {
+    for action in [
+        RESERVE,
+        RELEASE,
+        CLEAR,
+        PREEMPT,
+        PREEMPT_ABORT,
+        REPLACE_LOST,
+    ] {
         conflict(&prout(&lu, &a, action, 1, 0x11, 0x10));
     }
 }
@@ -195,7 +219,12 @@ fn cdb_and_parameter_list_errors() {
     // SPEC_I_PT without TransportIDs: list too short.
     assert_sense(&prout_raw(&lu, &a, REGISTER, 0, &p), 5, 0x1A, 0);
     // APTPL without a store.
-    assert_sense(&prout_raw(&lu, &a, REGISTER, 0, &plist(0, 1, APTPL)), 5, 0x26, 0);
+    assert_sense(
+        &prout_raw(&lu, &a, REGISTER, 0, &plist(0, 1, APTPL)),
+        5,
+        0x26,
+        0,
+    );
     assert_good(&prout(&lu, &a, REGISTER, 0, 0, 1));
     // Scope other than LU, invalid types.
     assert_sense(&prout(&lu, &a, RESERVE, 0x11, 1, 0), 5, 0x24, 0);
@@ -289,7 +318,7 @@ fn access_table_every_type_and_role() {
     ];
     let always: Vec<Vec<u8>> = vec![
         vec![0; 6],                                   // TEST UNIT READY
-        vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],       // READ CAPACITY(10)
+        vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],        // READ CAPACITY(10)
         vec![0x12, 0, 0, 0, 36, 0],                   // INQUIRY
         vec![0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], // REPORT LUNS
         vec![0x5E, 0, 0, 0, 0, 0, 0, 0, 100, 0],      // PR IN
@@ -337,7 +366,11 @@ fn unregistering_the_holder_releases() {
         let ar = ty == 7 || ty == 8;
         // All-registrants reservations stay while a registrant is left.
         assert_eq!(reservation(&lu).is_some(), ar, "type {ty}");
-        let expect = if ty == 5 || ty == 6 { vec![(0x2A, 0x04)] } else { vec![] };
+        let expect = if ty == 5 || ty == 6 {
+            vec![(0x2A, 0x04)]
+        } else {
+            vec![]
+        };
         assert_eq!(uas(&lu, &b), expect, "type {ty}");
         assert_good(&prout(&lu, &b, REGISTER, 0, 0xB, 0));
         assert_eq!(reservation(&lu), None);
@@ -489,7 +522,12 @@ fn spec_i_pt_transport_id_formats() {
     // Already-registered TransportID: invalid field in parameter list, nothing changes.
     let (lu, _) = super::lu();
     assert_good(&prout(&lu, &nx(2, 2, 1), REGISTER, 0, 0, 0x2));
-    let p = spec_list(0, 0xA, 0, &[tid("iqn.2024-01.test:init2,i,0x400000000002", true)]);
+    let p = spec_list(
+        0,
+        0xA,
+        0,
+        &[tid("iqn.2024-01.test:init2,i,0x400000000002", true)],
+    );
     assert_sense(&prout_raw(&lu, &agent, REGISTER, 0, &p), 5, 0x26, 0);
     assert_eq!(keys(&lu).1, vec![0x2]);
     // Malformed TransportIDs.
@@ -513,7 +551,10 @@ fn spec_i_pt_transport_id_formats() {
     let mut p = spec_list(0, 0xA, 0, &[too_long]);
     let n = p.len() as u32 - 28;
     p[24..28].copy_from_slice(&n.to_be_bytes());
-    assert_eq!(prout_raw(&lu, &agent, REGISTER, 0, &p).status, status::CHECK_CONDITION);
+    assert_eq!(
+        prout_raw(&lu, &agent, REGISTER, 0, &p).status,
+        status::CHECK_CONDITION
+    );
     // List length field disagreeing with the parameter list length.
     let mut p = spec_list(0, 0xA, 0, &[tid("iqn.x:y", false)]);
     p[27] += 4;
@@ -572,14 +613,29 @@ fn read_full_status_layout() {
     assert_eq!(
         seen,
         vec![
-            (0xA, 0, 0, 1, "iqn.2024-01.test:init1,i,0x400000000001".into()),
-            (0xB, 1, 6, 3, "iqn.2024-01.test:init2,i,0x400000000002".into()),
+            (
+                0xA,
+                0,
+                0,
+                1,
+                "iqn.2024-01.test:init1,i,0x400000000001".into()
+            ),
+            (
+                0xB,
+                1,
+                6,
+                3,
+                "iqn.2024-01.test:init2,i,0x400000000002".into()
+            ),
         ]
     );
     // Truncation keeps ADDITIONAL LENGTH.
     let o = prin(&lu, &a, RFS, 10);
     assert_eq!(o.data_in.len(), 10);
-    assert_eq!(u32::from_be_bytes(o.data_in[4..8].try_into().unwrap()) as usize, total);
+    assert_eq!(
+        u32::from_be_bytes(o.data_in[4..8].try_into().unwrap()) as usize,
+        total
+    );
 }
 
 #[test]
@@ -619,13 +675,39 @@ fn register_and_move() {
     conflict(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &to_b)));
     assert_good(&prout(&lu, &a, RESERVE, 1, 0xA, 0));
     // Errors: key 0, relative port 0, name-only TransportID, the issuer itself.
-    assert_sense(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0, 0, 1, &to_b)), 5, 0x26, 0);
-    assert_sense(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 0, &to_b)), 5, 0x26, 0);
+    assert_sense(
+        &prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0, 0, 1, &to_b)),
+        5,
+        0x26,
+        0,
+    );
+    assert_sense(
+        &prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 0, &to_b)),
+        5,
+        0x26,
+        0,
+    );
     let name_only = tid("iqn.2024-01.test:init2", false);
-    assert_sense(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &name_only)), 5, 0x26, 0);
+    assert_sense(
+        &prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &name_only)),
+        5,
+        0x26,
+        0,
+    );
     let me = tid("iqn.2024-01.test:init1,i,0x400000000001", true);
-    assert_sense(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &me)), 5, 0x26, 0);
-    conflict(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA1, 0xB, 0, 1, &to_b)));
+    assert_sense(
+        &prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &me)),
+        5,
+        0x26,
+        0,
+    );
+    conflict(&prout_raw(
+        &lu,
+        &a,
+        REG_MOVE,
+        1,
+        &mv(0xA1, 0xB, 0, 1, &to_b),
+    ));
     let gen = keys(&lu).0;
     // Move keeping the issuer registered.
     assert_good(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xB, 0, 1, &to_b)));
@@ -637,7 +719,13 @@ fn register_and_move() {
     conflict(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xC, 0, 1, &to_b)));
     // Move back with UNREG.
     let to_a = tid("iqn.2024-01.test:init1,i,0x400000000001", true);
-    assert_good(&prout_raw(&lu, &b, REG_MOVE, 1, &mv(0xB, 0xAA, 0x02, 1, &to_a)));
+    assert_good(&prout_raw(
+        &lu,
+        &b,
+        REG_MOVE,
+        1,
+        &mv(0xB, 0xAA, 0x02, 1, &to_a),
+    ));
     assert_eq!(keys(&lu).1, vec![0xA]);
     assert_eq!(reservation(&lu), Some((0xA, 1)));
     // All-registrants reservations cannot be moved.
@@ -717,7 +805,10 @@ fn registration_limit() {
     assert_eq!(st.registrations.len(), pr::MAX_REGISTRATIONS);
     // READ KEYS of a full LU: 8 + 8 * 4096 bytes, cut to the allocation length.
     let mut cdb = [0x5E, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0];
-    assert_eq!(st.prin(&cdb, caps).unwrap().len(), 8 + 8 * pr::MAX_REGISTRATIONS);
+    assert_eq!(
+        st.prin(&cdb, caps).unwrap().len(),
+        8 + 8 * pr::MAX_REGISTRATIONS
+    );
     cdb[7] = 0;
     assert_eq!(st.prin(&cdb, caps).unwrap().len(), 0xFF);
 }
@@ -780,7 +871,12 @@ fn aptpl_persistence_round_trip() {
     assert_eq!(store.saves.load(Ordering::SeqCst), 0);
     assert_good(&prout_raw(&lu, &b, REGISTER, 0, &plist(0, 0xB, APTPL)));
     assert_good(&prout(&lu, &b, RESERVE, 5, 0xB, 0));
-    let p = spec_list(0, 0xC, ALL_TG_PT | APTPL, &[tid("iqn.2024-01.test:vm", false)]);
+    let p = spec_list(
+        0,
+        0xC,
+        ALL_TG_PT | APTPL,
+        &[tid("iqn.2024-01.test:vm", false)],
+    );
     assert_good(&prout_raw(&lu, &nx(3, 3, 1), REGISTER, 0, &p));
     assert_eq!(store.saves.load(Ordering::SeqCst), 3);
     let o = prin(&lu, &a, RC, 8);
@@ -803,7 +899,12 @@ fn aptpl_persistence_round_trip() {
     conflict(&lu.execute(&cmd(&nx(4, 4, 1), &rw10(op::WRITE_10, 0, 1), &[0; 512])));
     // A failing save refuses the PR OUT and leaves the state alone.
     store.fail.store(true, Ordering::SeqCst);
-    assert_sense(&prout_raw(&lu, &a, REGISTER, 0, &plist(0xA, 0, APTPL)), 4, 0x44, 0);
+    assert_sense(
+        &prout_raw(&lu, &a, REGISTER, 0, &plist(0xA, 0, APTPL)),
+        4,
+        0x44,
+        0,
+    );
     assert_eq!(lu.pr_state(), before);
     store.fail.store(false, Ordering::SeqCst);
     // APTPL off: the saved state is removed, the in-memory state stays.
@@ -819,7 +920,13 @@ fn corrupt_state_is_an_error() {
     let good = {
         let store = Arc::new(MemStore::default());
         let lu = persistent_lu(&store).unwrap();
-        assert_good(&prout_raw(&lu, &nx(1, 1, 1), REGISTER, 0, &plist(0, 0xB, APTPL)));
+        assert_good(&prout_raw(
+            &lu,
+            &nx(1, 1, 1),
+            REGISTER,
+            0,
+            &plist(0, 0xB, APTPL),
+        ));
         let saved = store.bytes.lock().unwrap().clone();
         saved.unwrap()
     };
@@ -841,7 +948,14 @@ fn corrupt_state_is_an_error() {
     }
     let store = Arc::new(MemStore::default());
     *store.bytes.lock().unwrap() = Some(good);
-    assert_eq!(persistent_lu(&store).unwrap().pr_state().registrations.len(), 1);
+    assert_eq!(
+        persistent_lu(&store)
+            .unwrap()
+            .pr_state()
+            .registrations
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -854,10 +968,19 @@ fn file_store_through_runtime_paths() {
         LogicalUnit::with_persistence(settings(), be, Box::new(PrFileStore::for_backing(&backing)))
     };
     let lu = mk().unwrap();
-    assert_good(&prout_raw(&lu, &nx(1, 1, 1), REGISTER, 0, &plist(0, 0xB, APTPL)));
+    assert_good(&prout_raw(
+        &lu,
+        &nx(1, 1, 1),
+        REGISTER,
+        0,
+        &plist(0, 0xB, APTPL),
+    ));
     assert_good(&prout(&lu, &nx(1, 1, 1), RESERVE, 1, 0xB, 0));
     drop(lu);
-    assert_eq!(mk().unwrap().pr_state().reservation.unwrap().ty, PrType::WriteExclusive);
+    assert_eq!(
+        mk().unwrap().pr_state().reservation.unwrap().ty,
+        PrType::WriteExclusive
+    );
     std::fs::write(dir.path().join("disk.img.holdfast-pr"), b"{").unwrap();
     let e = mk().unwrap_err().to_string();
     assert!(e.contains("corrupt"), "{e}");
@@ -878,7 +1001,9 @@ fn preempt_and_abort_stops_victim_writes() {
     assert_good(&prout(&lu, &winner, REGISTER, 0, 0, 0xB));
     let aborted = Arc::new(Mutex::new(Vec::new()));
     let ab = aborted.clone();
-    lu.set_abort_hook(Box::new(move |n: &[ItNexus]| ab.lock().unwrap().extend_from_slice(n)));
+    lu.set_abort_hook(Box::new(move |n: &[ItNexus]| {
+        ab.lock().unwrap().extend_from_slice(n)
+    }));
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(1));
     let landed: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
@@ -920,7 +1045,10 @@ fn preempt_and_abort_stops_victim_writes() {
     assert!(ok > 0, "victims wrote before the preempt");
     let mut now = vec![0u8; 512 * 24];
     be.read_at(&mut now, 0).unwrap();
-    assert_eq!(now, snapshot, "a victim write landed after PREEMPT AND ABORT");
+    assert_eq!(
+        now, snapshot,
+        "a victim write landed after PREEMPT AND ABORT"
+    );
     // Every victim nexus got REGISTRATIONS PREEMPTED and went to the abort hook.
     let mut hooked: Vec<_> = aborted.lock().unwrap().iter().map(|n| n.isid[5]).collect();
     hooked.sort_unstable();
