@@ -986,11 +986,39 @@ fn file_store_through_runtime_paths() {
     assert!(e.contains("corrupt"), "{e}");
 }
 
+/// A memory backend whose writes take a while, so a write admitted before a preempt is
+/// still in flight when the preempt arrives (what the fence must wait for).
+#[derive(Debug)]
+struct SlowBackend(crate::store::MemBackend);
+
+impl BlockBackend for SlowBackend {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::thread::sleep(std::time::Duration::from_micros(300));
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.deallocate(offset, len)
+    }
+    fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        self.0.allocation_at(offset)
+    }
+}
+
 /// PREEMPT AND ABORT fence: once it returns, no write of the preempted nexus lands.
 #[test]
 fn preempt_and_abort_stops_victim_writes() {
-    let be = crate::store::MemBackend::new((BLOCKS * 512) as usize);
-    let be = Arc::new(be);
+    let be = Arc::new(SlowBackend(crate::store::MemBackend::new(
+        (BLOCKS * 512) as usize,
+    )));
     let lu = Arc::new(LogicalUnit::new(settings(), be.clone()));
     let victims: Vec<_> = (0..3).map(|i| nx(1, 10 + i, 1)).collect();
     let winner = nx(2, 2, 1);
@@ -1029,7 +1057,7 @@ fn preempt_and_abort_stops_victim_writes() {
         }));
     }
     // Let the victims write for a while, then preempt.
-    while landed.iter().any(|l| l.load(Ordering::SeqCst) < 50) {
+    while landed.iter().any(|l| l.load(Ordering::SeqCst) < 20) {
         std::thread::yield_now();
     }
     assert_good(&prout(&lu, &winner, PREEMPT_ABORT, 5, 0xB, 0xA));
@@ -1037,7 +1065,7 @@ fn preempt_and_abort_stops_victim_writes() {
     be.read_at(&mut snapshot, 0).unwrap();
     // Victims keep trying; they must all conflict now.
     let after = counter.load(Ordering::SeqCst);
-    while counter.load(Ordering::SeqCst) < after + 300 {
+    while counter.load(Ordering::SeqCst) < after + 100 {
         std::thread::yield_now();
     }
     stop.store(true, Ordering::SeqCst);
