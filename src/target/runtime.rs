@@ -5,7 +5,7 @@ use super::config::{ChapConfig, ValidConfig};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
-use crate::store::{identity, FileBackend};
+use crate::store::{identity, FileBackend, PrFileStore};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,7 +158,17 @@ impl Runtime {
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning,
                 };
-                luns.insert(l.id, Arc::new(LogicalUnit::new(settings, backend)));
+                // Persistent reservations (APTPL) live next to the identity sidecar; a
+                // state file that cannot be read stops this LUN rather than dropping
+                // reservations a cluster relies on.
+                let store = PrFileStore::for_backing(&path);
+                let pr_path = store.path().display().to_string();
+                let lu = LogicalUnit::with_persistence(settings, backend, Box::new(store))
+                    .map_err(|e| RuntimeError::Lun {
+                        key: key.clone(),
+                        reason: format!("{pr_path}: {e}"),
+                    })?;
+                luns.insert(l.id, Arc::new(lu));
             }
             targets.push(Arc::new(TargetNode {
                 name: t.name.clone(),
