@@ -238,3 +238,34 @@ impl Runtime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A corrupt persistent reservation file stops the build with its path and reason.
+    #[test]
+    fn corrupt_pr_state_stops_the_lun() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+data_dir = "data"
+[[target]]
+name = "iqn.2026-01.test:rt"
+[[target.portal]]
+listen = "127.0.0.1:0"
+[[target.lun]]
+id = 0
+path = "lun0.img"
+size = "1MiB"
+"#;
+        let cfg = super::super::config::parse(text, "test.toml", dir.path()).unwrap();
+        assert_eq!(Runtime::build(&cfg).unwrap().targets.len(), 1);
+        let pr = dir.path().join("data").join("lun0.img.holdfast-pr");
+        std::fs::write(&pr, b"{\"version\":1").unwrap();
+        let e = Runtime::build(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("lun0.img.holdfast-pr") && e.contains("corrupt"),
+            "{e}"
+        );
+    }
+}
