@@ -3,14 +3,15 @@
 
 use super::backend::BlockBackend;
 use super::cdb::{self, op};
+use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore, Scsi2Verdict};
 use super::range_lock::RangeLock;
-use super::sense::Sense;
+use super::sense::{key, Sense};
 use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 /// Static description of one logical unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,17 +89,31 @@ pub(crate) enum DataOut {
     },
 }
 
-/// Class of a command for reservation checks (SCSI-2 now, persistent reservations later).
+/// Class of a command for reservation checks: SCSI-2 RESERVE/RELEASE and the SPC-4 /
+/// SBC-3 persistent reservation tables ("commands allowed in the presence of various
+/// reservations"), decided in [`LogicalUnit::access_check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
-    /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC, ...).
+    /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC,
+    /// PERSISTENT RESERVE IN).
     Any,
-    /// RELEASE: succeeds without effect for a non-holder.
+    /// Allowed under every persistent reservation, conflicts with another nexus's SCSI-2
+    /// reservation (TEST UNIT READY, READ CAPACITY).
+    Status,
+    /// RELEASE(6)/(10): SCSI-2 rules, with the SPC-4 §5.13.3 exceptions.
     Release,
+    /// RESERVE(6)/(10): SCSI-2 rules, with the SPC-4 §5.13.3 exceptions.
     Reserve,
+    /// Reads the medium or LU state (READ, VERIFY, PRE-FETCH, MODE SENSE, GET LBA
+    /// STATUS, READ DEFECT DATA): allowed under WE, holder-only under EA, registrants
+    /// under EA-RO/EA-AR.
     Read,
+    /// Changes the medium or LU state (WRITE, WRITE SAME, UNMAP, COMPARE AND WRITE,
+    /// ORWRITE, SYNCHRONIZE CACHE, MODE SELECT, START STOP UNIT, PREVENT ALLOW):
+    /// holder-only under WE/EA, registrants under the RO/AR types.
     Write,
-    Other,
+    /// PERSISTENT RESERVE OUT: its own key checks; conflicts with a SCSI-2 reservation.
+    PrOut,
 }
 
 type Handler = fn(&LogicalUnit, &Request) -> CmdResult;
@@ -166,7 +181,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "TEST UNIT READY",
         [0x00, 0, 0, 0, 0, C],
         DataOut::None,
-        Access::Other,
+        Access::Status,
         spc::test_unit_ready
     ),
     CommandSpec {
@@ -217,7 +232,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "MODE SELECT(6)",
         [0x15, 0x11, 0, 0, 0xFF, C],
         DataOut::Param { at: 4, width: 1 },
-        Access::Other,
+        Access::Write,
         mode::mode_select
     ),
     cmd!(
@@ -244,7 +259,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "MODE SENSE(6)",
         [0x1A, 0x08, 0xFF, 0xFF, 0xFF, C],
         DataOut::None,
-        Access::Other,
+        Access::Read,
         mode::mode_sense
     ),
     cmd!(
@@ -253,7 +268,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "START STOP UNIT",
         [0x1B, 0x01, 0, 0x0F, 0xF7, C],
         DataOut::None,
-        Access::Other,
+        Access::Write,
         spc::start_stop_unit
     ),
     cmd!(
@@ -262,7 +277,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "PREVENT ALLOW MEDIUM REMOVAL",
         [0x1E, 0, 0, 0, 0x03, C],
         DataOut::None,
-        Access::Other,
+        Access::Write,
         spc::prevent_allow
     ),
     cmd!(
@@ -271,7 +286,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "READ CAPACITY(10)",
         [0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C],
         DataOut::None,
-        Access::Read,
+        Access::Status,
         sbc::read_capacity_10
     ),
     cmd!(
@@ -364,7 +379,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "MODE SELECT(10)",
         [0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
         DataOut::Param { at: 7, width: 2 },
-        Access::Other,
+        Access::Write,
         mode::mode_select
     ),
     cmd!(
@@ -391,8 +406,26 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "MODE SENSE(10)",
         [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C],
         DataOut::None,
-        Access::Other,
+        Access::Read,
         mode::mode_sense
+    ),
+    cmd!(
+        op::PERSISTENT_RESERVE_IN,
+        None,
+        "PERSISTENT RESERVE IN",
+        [0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        DataOut::None,
+        Access::Any,
+        spc::persistent_reserve_in
+    ),
+    cmd!(
+        op::PERSISTENT_RESERVE_OUT,
+        None,
+        "PERSISTENT RESERVE OUT",
+        [0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C],
+        DataOut::Param { at: 5, width: 4 },
+        Access::PrOut,
+        spc::persistent_reserve_out
     ),
     cmd!(
         op::READ_16,
@@ -481,7 +514,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
         "READ CAPACITY(16)",
         [0x9E, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
         DataOut::None,
-        Access::Read,
+        Access::Status,
         sbc::read_capacity_16
     ),
     CommandSpec {
@@ -633,6 +666,35 @@ pub struct LogicalUnit {
     /// SCSI-2 RESERVE holder.
     reservation: Mutex<Option<ItNexus>>,
     reserved: AtomicBool,
+    /// Persistent reservation state, and the PREEMPT AND ABORT fence: every command
+    /// subject to reservations holds the read side from its access check to the end of
+    /// its I/O; PR OUT takes the write side, so once a PR OUT returns, no command admitted
+    /// under the old state is still running, and later ones see the new state.
+    pr: RwLock<PrState>,
+    /// Where the state goes when APTPL is set; None: APTPL is not supported.
+    pr_store: Option<Box<dyn PrStore>>,
+    abort_hook: AbortHook,
+}
+
+/// Called after PREEMPT AND ABORT with the preempted nexuses this LU has seen, so the
+/// transport can abort their queued tasks. The conflict guarantee does not depend on it.
+pub type AbortHookFn = Box<dyn Fn(&[ItNexus]) + Send + Sync>;
+
+#[derive(Default)]
+struct AbortHook(RwLock<Option<AbortHookFn>>);
+
+impl std::fmt::Debug for AbortHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortHook")
+    }
+}
+
+fn conflict_outcome() -> ScsiOutcome {
+    ScsiOutcome {
+        status: status::RESERVATION_CONFLICT,
+        sense: None,
+        data_in: Bytes::new(),
+    }
 }
 
 impl LogicalUnit {
@@ -658,7 +720,135 @@ impl LogicalUnit {
             ua_pending: AtomicUsize::new(0),
             reservation: Mutex::new(None),
             reserved: AtomicBool::new(false),
+            pr: RwLock::new(PrState::default()),
+            pr_store: None,
+            abort_hook: AbortHook::default(),
         }
+    }
+
+    /// A logical unit whose persistent reservation state survives restarts when APTPL is
+    /// set: loaded from `store` now, saved to it before every PR OUT that changes it
+    /// completes. An unreadable or corrupt saved state is an error (the LUN must not
+    /// come up without its reservations).
+    pub fn with_persistence(
+        settings: LunSettings,
+        backend: Arc<dyn BlockBackend>,
+        store: Box<dyn PrStore>,
+    ) -> Result<Self, PrLoadError> {
+        let state = match store.load()? {
+            Some(bytes) => PrState::from_bytes(&bytes)?,
+            None => PrState::default(),
+        };
+        if !state.registrations.is_empty() {
+            tracing::info!(
+                store = %store.describe(),
+                registrations = state.registrations.len(),
+                reserved = state.reservation.is_some(),
+                "persistent reservations restored"
+            );
+        }
+        let mut lu = LogicalUnit::new(settings, backend);
+        lu.pr = RwLock::new(state);
+        lu.pr_store = Some(store);
+        Ok(lu)
+    }
+
+    /// Register the PREEMPT AND ABORT hook (replacing any previous one).
+    pub fn set_abort_hook(&self, f: AbortHookFn) {
+        *self
+            .abort_hook
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(f);
+    }
+
+    /// A copy of the persistent reservation state (diagnostics and tests).
+    pub fn pr_state(&self) -> PrState {
+        self.pr_read().clone()
+    }
+
+    fn pr_read(&self) -> RwLockReadGuard<'_, PrState> {
+        self.pr.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pr_caps(&self) -> PrCaps {
+        PrCaps {
+            ptpl: self.pr_store.is_some(),
+        }
+    }
+
+    /// PERSISTENT RESERVE IN.
+    pub(crate) fn pr_in(&self, req: &Request) -> CmdResult {
+        let data = self.pr_read().prin(req.cdb, self.pr_caps())?;
+        Ok(Bytes::from(data))
+    }
+
+    /// PERSISTENT RESERVE OUT: under the write side of the PR lock, so it waits for every
+    /// in-flight command admitted under the old state; the new state is made durable
+    /// (APTPL) before it is installed and before the command completes.
+    pub(crate) fn pr_out(&self, req: &Request) -> CmdResult {
+        let nexus: &ItNexus = &req.cmd.nexus;
+        let mut st = self.pr.write().unwrap_or_else(PoisonError::into_inner);
+        if let Err(o) = self.access_check(Some(&st), nexus, Access::PrOut) {
+            debug_assert_eq!(o.status, status::RESERVATION_CONFLICT);
+            return Err(CmdError::ReservationConflict);
+        }
+        let mut next = st.clone();
+        let fx = next.prout(nexus, req.cdb, &req.cmd.data_out, self.pr_caps())?;
+        if fx.changed {
+            if let Some(store) = &self.pr_store {
+                let r = if next.aptpl {
+                    store.save(&next.to_bytes())
+                } else if st.aptpl {
+                    store.remove()
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = r {
+                    tracing::error!(store = %store.describe(), error = %e,
+                        "cannot persist reservation state; PR OUT refused");
+                    return Err(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00).into());
+                }
+            }
+        }
+        *st = next;
+        tracing::debug!(
+            action = cdb::byte(req.cdb, 1) & 0x1F,
+            initiator = %nexus.initiator_port_id(),
+            generation = st.generation,
+            "persistent reserve out"
+        );
+        for n in &fx.uas {
+            self.queue_unit_attention(
+                &|x| x != nexus && n.to.iter().any(|id| id.matches(x)),
+                n.asc,
+                n.ascq,
+            );
+        }
+        let victims: Vec<ItNexus> = if fx.aborted.is_empty() {
+            Vec::new()
+        } else {
+            self.nexuses
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .filter(|x| *x != nexus && fx.aborted.iter().any(|id| id.matches(x)))
+                .cloned()
+                .collect()
+        };
+        drop(st);
+        if !victims.is_empty() {
+            tracing::info!(victims = victims.len(), "preempt and abort");
+            if let Some(hook) = &*self
+                .abort_hook
+                .0
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                hook(&victims);
+            }
+        }
+        Ok(Bytes::new())
     }
 
     pub fn settings(&self) -> &LunSettings {
@@ -742,12 +932,22 @@ impl LogicalUnit {
         if cdb::byte(cdb, len - 1) & 0x04 != 0 {
             return self.check(Sense::invalid_cdb((len - 1) as u16, Some(2)));
         }
-        if let Err(outcome) = self.access_check(&cmd.nexus, spec.access) {
-            return outcome;
+        // The read side of the PR lock is held through the handler's I/O (the PREEMPT AND
+        // ABORT fence); PR IN and PR OUT take the lock themselves.
+        let guard = match spec.access {
+            Access::Any | Access::PrOut => None,
+            _ => Some(self.pr_read()),
+        };
+        if spec.access != Access::PrOut {
+            if let Err(outcome) = self.access_check(guard.as_deref(), &cmd.nexus, spec.access) {
+                return outcome;
+            }
         }
         tracing::trace!(command = spec.name, lun = cmd.lun, "execute");
         let req = Request { cmd, cdb };
-        self.outcome((spec.handler)(self, &req))
+        let result = (spec.handler)(self, &req);
+        drop(guard);
+        self.outcome(result)
     }
 
     /// Bytes of Data-Out the CDB asks for (0 for no data / unknown opcode / invalid CDB).
@@ -791,7 +991,12 @@ impl LogicalUnit {
             }
             DataOut::Param { at, width } => match width {
                 1 => u64::from(cdb::byte(cdb, at)),
-                _ => u64::from(cdb::be16(cdb, at)),
+                2 => u64::from(cdb::be16(cdb, at)),
+                // Over-long PR OUT lists fail in execute; do not buffer them.
+                _ => match cdb::be32(cdb, at) {
+                    n if n > pr::MAX_PARAM_LIST => 0,
+                    n => u64::from(n),
+                },
             },
         };
         u32::try_from(bytes).unwrap_or(0)
@@ -906,12 +1111,38 @@ impl LogicalUnit {
     }
 
     /// The one place reservation rules decide whether a nexus may run a command class.
-    /// SCSI-2 reservations now; persistent reservation checks belong here too.
-    pub(crate) fn access_check(&self, nexus: &ItNexus, access: Access) -> Result<(), ScsiOutcome> {
-        if !self.reserved.load(Ordering::Acquire) {
+    /// `pr` is the persistent reservation state the caller holds locked (None for
+    /// [`Access::Any`]). `Err` carries the outcome to return instead of running the
+    /// command: RESERVATION CONFLICT, or GOOD for a SCSI-2 RESERVE/RELEASE that a
+    /// persistent reservation turns into a no-op (SPC-4 §5.13.3, CRH = 1).
+    pub(crate) fn access_check(
+        &self,
+        pr: Option<&PrState>,
+        nexus: &ItNexus,
+        access: Access,
+    ) -> Result<(), ScsiOutcome> {
+        if access == Access::Any {
             return Ok(());
         }
-        if matches!(access, Access::Any | Access::Release) {
+        // Persistent reservations first: they take precedence over SCSI-2 ones.
+        if let Some(pr) = pr {
+            match access {
+                Access::Reserve | Access::Release => {
+                    match pr.scsi2_verdict(nexus, access == Access::Reserve) {
+                        Scsi2Verdict::NoOp => return Err(self.outcome(Ok(Bytes::new()))),
+                        Scsi2Verdict::Scsi2 => {}
+                        Scsi2Verdict::Conflict => return Err(conflict_outcome()),
+                    }
+                }
+                Access::Read | Access::Write => {
+                    if !pr.allows(nexus, access == Access::Write) {
+                        return Err(conflict_outcome());
+                    }
+                }
+                Access::Any | Access::Status | Access::PrOut => {}
+            }
+        }
+        if !self.reserved.load(Ordering::Acquire) || access == Access::Release {
             return Ok(());
         }
         let r = self
@@ -919,11 +1150,7 @@ impl LogicalUnit {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match r.as_ref() {
-            Some(holder) if holder != nexus => Err(ScsiOutcome {
-                status: status::RESERVATION_CONFLICT,
-                sense: None,
-                data_in: Bytes::new(),
-            }),
+            Some(holder) if holder != nexus => Err(conflict_outcome()),
             _ => Ok(()),
         }
     }

@@ -9,6 +9,7 @@ pub mod cdb;
 pub mod lun;
 pub mod lun_map;
 mod mode;
+pub mod pr;
 pub mod range_lock;
 mod sbc;
 pub mod sense;
@@ -20,6 +21,7 @@ mod tests;
 
 pub use lun::{LogicalUnit, LunSettings};
 pub use lun_map::LunMap;
+pub use pr::{PrLoadError, PrState, PrStore};
 
 use bytes::Bytes;
 use std::sync::Arc;

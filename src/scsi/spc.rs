@@ -236,3 +236,11 @@ pub(crate) fn report_supported_opcodes(lu: &LogicalUnit, req: &Request) -> CmdRe
         _ => Err(Sense::invalid_cdb(2, Some(2)).into()),
     }
 }
+
+pub(crate) fn persistent_reserve_in(lu: &LogicalUnit, req: &Request) -> CmdResult {
+    lu.pr_in(req)
+}
+
+pub(crate) fn persistent_reserve_out(lu: &LogicalUnit, req: &Request) -> CmdResult {
+    lu.pr_out(req)
+}

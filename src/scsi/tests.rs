@@ -1070,6 +1070,8 @@ fn block_size_4096() {
     assert_eq!(&o.data_in[4..], &4096u32.to_be_bytes());
 }
 
+mod pr;
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -6,11 +6,13 @@ pub mod atomic;
 pub mod file;
 pub mod identity;
 pub mod memory;
+pub mod pr_file;
 
 pub use atomic::write_file_atomically;
 pub use file::FileBackend;
 pub use identity::{load_or_create, LunIdentity};
 pub use memory::MemBackend;
+pub use pr_file::PrFileStore;
 
 use std::io;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@ use super::config::{ChapConfig, ValidConfig};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
-use crate::store::{identity, FileBackend};
+use crate::store::{identity, FileBackend, PrFileStore};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,7 +158,17 @@ impl Runtime {
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning,
                 };
-                luns.insert(l.id, Arc::new(LogicalUnit::new(settings, backend)));
+                // Persistent reservations (APTPL) live next to the identity sidecar; a
+                // state file that cannot be read stops this LUN rather than dropping
+                // reservations a cluster relies on.
+                let store = PrFileStore::for_backing(&path);
+                let pr_path = store.path().display().to_string();
+                let lu = LogicalUnit::with_persistence(settings, backend, Box::new(store))
+                    .map_err(|e| RuntimeError::Lun {
+                        key: key.clone(),
+                        reason: format!("{pr_path}: {e}"),
+                    })?;
+                luns.insert(l.id, Arc::new(lu));
             }
             targets.push(Arc::new(TargetNode {
                 name: t.name.clone(),
@@ -226,5 +236,36 @@ impl Runtime {
                 tracing::error!(lun = %name, error = %e, "flush at shutdown failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A corrupt persistent reservation file stops the build with its path and reason.
+    #[test]
+    fn corrupt_pr_state_stops_the_lun() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+data_dir = "data"
+[[target]]
+name = "iqn.2026-01.test:rt"
+[[target.portal]]
+listen = "127.0.0.1:0"
+[[target.lun]]
+id = 0
+path = "lun0.img"
+size = "1MiB"
+"#;
+        let cfg = super::super::config::parse(text, "test.toml", dir.path()).unwrap();
+        assert_eq!(Runtime::build(&cfg).unwrap().targets.len(), 1);
+        let pr = dir.path().join("data").join("lun0.img.holdfast-pr");
+        std::fs::write(&pr, b"{\"version\":1").unwrap();
+        let e = Runtime::build(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("lun0.img.holdfast-pr") && e.contains("corrupt"),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,1016 @@
+//! Persistent reservations (SPC-4 §5.13): the pure state machine of one logical unit.
+//!
+//! No I/O happens here. [`PrState::prout`] decodes a PERSISTENT RESERVE OUT command,
+//! changes the state and reports what the caller must do (unit attentions, nexuses to
+//! abort, whether to persist); [`PrState::prin`] answers PERSISTENT RESERVE IN;
+//! [`PrState::allows`] is the access rule for media commands. The logical unit wraps it in
+//! a lock that doubles as the PREEMPT AND ABORT fence (see `lun.rs`).
+//!
+//! Registrations are keyed by I_T nexus: initiator port (name + ISID) and target port
+//! (target name + TPGT, or every target port with ALL_TG_PT). A registration made through
+//! SPEC_I_PT with an iSCSI TransportID of format 00b (name only) has no ISID and covers
+//! every initiator port of that name, as LIO does: the cluster agent registers a VM's data
+//! path that way, and the VM logs in with fresh ISIDs.
+
+use super::cdb;
+use super::lun::CmdError;
+use super::sense::{key, Sense};
+use super::ItNexus;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io;
+
+/// Most registrations one LU keeps (bounds memory and READ KEYS / READ FULL STATUS size).
+pub const MAX_REGISTRATIONS: usize = 4096;
+/// Longest PR OUT parameter list accepted (bounds what the transport buffers).
+pub const MAX_PARAM_LIST: u32 = 1 << 20;
+/// Longest iSCSI name (RFC 7143 §4.2.7.1).
+const MAX_NAME_LEN: usize = 223;
+
+/// PR OUT service actions.
+pub mod sa {
+    pub const REGISTER: u8 = 0;
+    pub const RESERVE: u8 = 1;
+    pub const RELEASE: u8 = 2;
+    pub const CLEAR: u8 = 3;
+    pub const PREEMPT: u8 = 4;
+    pub const PREEMPT_AND_ABORT: u8 = 5;
+    pub const REGISTER_AND_IGNORE: u8 = 6;
+    pub const REGISTER_AND_MOVE: u8 = 7;
+    pub const REPLACE_LOST: u8 = 8;
+    /// PR IN service actions.
+    pub const READ_KEYS: u8 = 0;
+    pub const READ_RESERVATION: u8 = 1;
+    pub const REPORT_CAPABILITIES: u8 = 2;
+    pub const READ_FULL_STATUS: u8 = 3;
+}
+
+/// Unit attention ASC/ASCQ pairs raised by PR OUT (SPC-4 §5.13).
+pub mod ua {
+    pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
+    pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
+    pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
+}
+
+const INSUFFICIENT_REGISTRATION_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+const INVALID_RELEASE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
+
+/// Persistent reservation type (SPC-4 table 185).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrType {
+    WriteExclusive,
+    ExclusiveAccess,
+    WriteExclusiveRegistrantsOnly,
+    ExclusiveAccessRegistrantsOnly,
+    WriteExclusiveAllRegistrants,
+    ExclusiveAccessAllRegistrants,
+}
+
+impl PrType {
+    pub const ALL: [PrType; 6] = [
+        PrType::WriteExclusive,
+        PrType::ExclusiveAccess,
+        PrType::WriteExclusiveRegistrantsOnly,
+        PrType::ExclusiveAccessRegistrantsOnly,
+        PrType::WriteExclusiveAllRegistrants,
+        PrType::ExclusiveAccessAllRegistrants,
+    ];
+
+    pub fn from_code(c: u8) -> Option<PrType> {
+        Some(match c {
+            1 => PrType::WriteExclusive,
+            3 => PrType::ExclusiveAccess,
+            5 => PrType::WriteExclusiveRegistrantsOnly,
+            6 => PrType::ExclusiveAccessRegistrantsOnly,
+            7 => PrType::WriteExclusiveAllRegistrants,
+            8 => PrType::ExclusiveAccessAllRegistrants,
+            _ => return None,
+        })
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            PrType::WriteExclusive => 1,
+            PrType::ExclusiveAccess => 3,
+            PrType::WriteExclusiveRegistrantsOnly => 5,
+            PrType::ExclusiveAccessRegistrantsOnly => 6,
+            PrType::WriteExclusiveAllRegistrants => 7,
+            PrType::ExclusiveAccessAllRegistrants => 8,
+        }
+    }
+
+    /// Every registrant is a reservation holder.
+    pub fn all_registrants(self) -> bool {
+        matches!(
+            self,
+            PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
+        )
+    }
+
+    /// Registrants-only or all-registrants: registered nexuses get access.
+    fn registrants_share(self) -> bool {
+        !matches!(self, PrType::WriteExclusive | PrType::ExclusiveAccess)
+    }
+
+    fn exclusive_access(self) -> bool {
+        matches!(
+            self,
+            PrType::ExclusiveAccess
+                | PrType::ExclusiveAccessRegistrantsOnly
+                | PrType::ExclusiveAccessAllRegistrants
+        )
+    }
+}
+
+/// A target port: target name and portal group tag (the relative target port id equals
+/// the TPGT in holdfast).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetPort {
+    pub name: String,
+    pub tpgt: u16,
+}
+
+/// Which I_T nexuses a registration stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegId {
+    /// iSCSI initiator name, lower-cased (iSCSI names compare case-insensitively).
+    pub initiator: String,
+    /// None: every ISID of the name (SPEC_I_PT TransportID format 00b).
+    pub isid: Option<[u8; 6]>,
+    /// None: every target port (ALL_TG_PT).
+    pub target: Option<TargetPort>,
+}
+
+impl RegId {
+    fn new(initiator: &str, isid: Option<[u8; 6]>, target: Option<TargetPort>) -> RegId {
+        RegId {
+            initiator: initiator.to_ascii_lowercase(),
+            isid,
+            target: target.map(|t| TargetPort {
+                name: t.name.to_ascii_lowercase(),
+                tpgt: t.tpgt,
+            }),
+        }
+    }
+
+    /// The registration a plain REGISTER from `n` creates.
+    pub fn of_nexus(n: &ItNexus, all_tg_pt: bool) -> RegId {
+        RegId::new(
+            &n.initiator_name,
+            Some(n.isid),
+            (!all_tg_pt).then(|| port_of(n)),
+        )
+    }
+
+    pub fn matches(&self, n: &ItNexus) -> bool {
+        self.initiator.eq_ignore_ascii_case(&n.initiator_name)
+            && self.isid.is_none_or_eq(n.isid)
+            && match &self.target {
+                None => true,
+                Some(t) => t.tpgt == n.tpgt && t.name.eq_ignore_ascii_case(&n.target_name),
+            }
+    }
+
+    fn covers(&self, other: &RegId) -> bool {
+        self.initiator == other.initiator
+            && (self.isid.is_none() || self.isid == other.isid)
+            && (self.target.is_none() || self.target == other.target)
+    }
+}
+
+trait OptEq<T> {
+    fn is_none_or_eq(&self, v: T) -> bool;
+}
+
+impl<T: PartialEq> OptEq<T> for Option<T> {
+    fn is_none_or_eq(&self, v: T) -> bool {
+        match self {
+            None => true,
+            Some(x) => *x == v,
+        }
+    }
+}
+
+fn port_of(n: &ItNexus) -> TargetPort {
+    TargetPort {
+        name: n.target_name.to_ascii_lowercase(),
+        tpgt: n.tpgt,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub id: RegId,
+    pub key: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// The registration holding it (for all-registrants types: the one that created it).
+    pub holder: RegId,
+    pub ty: PrType,
+}
+
+/// The persistent reservation state of one LU.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrState {
+    pub generation: u32,
+    /// The last APTPL bit received with REGISTER / REGISTER AND IGNORE / REGISTER AND MOVE.
+    pub aptpl: bool,
+    pub registrations: Vec<Registration>,
+    pub reservation: Option<Reservation>,
+}
+
+/// What a SCSI-2 RESERVE/RELEASE does given the persistent reservation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scsi2Verdict {
+    /// GOOD without effect (the nexus holds, or shares, the persistent reservation).
+    NoOp,
+    Conflict,
+    /// No persistent reservation in the way: SCSI-2 rules apply.
+    Scsi2,
+}
+
+/// A unit attention to raise for every nexus covered by `to`, except the issuing one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UaNotice {
+    pub to: Vec<RegId>,
+    pub asc: u8,
+    pub ascq: u8,
+}
+
+/// What a successful PR OUT asks of the caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProutEffects {
+    pub uas: Vec<UaNotice>,
+    /// Registrations removed by PREEMPT AND ABORT: their nexuses' tasks are to be aborted.
+    pub aborted: Vec<RegId>,
+    /// The state changed (persist it when APTPL is set).
+    pub changed: bool,
+}
+
+impl ProutEffects {
+    fn ua(&mut self, to: Vec<RegId>, (asc, ascq): (u8, u8)) {
+        if !to.is_empty() {
+            self.uas.push(UaNotice { to, asc, ascq });
+        }
+    }
+}
+
+/// Capabilities the device server offers (REPORT CAPABILITIES).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrCaps {
+    /// APTPL is supported (a store for the state exists).
+    pub ptpl: bool,
+}
+
+/// Decoded basic PR OUT parameter list.
+struct Params {
+    key: u64,
+    sa_key: u64,
+    spec_i_pt: bool,
+    all_tg_pt: bool,
+    aptpl: bool,
+}
+
+const fn conflict<T>() -> Result<T, CmdError> {
+    Err(CmdError::ReservationConflict)
+}
+
+fn bad_param<T>(byte: u16, bit: Option<u8>) -> Result<T, CmdError> {
+    Err(Sense::invalid_param(byte, bit).into())
+}
+
+fn bad_cdb<T>(byte: u16, bit: Option<u8>) -> Result<T, CmdError> {
+    Err(Sense::invalid_cdb(byte, bit).into())
+}
+
+fn param_len_error<T>() -> Result<T, CmdError> {
+    Err(Sense::PARAM_LIST_LENGTH.into())
+}
+
+/// An initiator named by a TransportID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportId {
+    pub name: String,
+    pub isid: Option<[u8; 6]>,
+}
+
+/// Parse one iSCSI TransportID at the start of `buf` (SPC-4 §7.6.4.6); returns it and
+/// its length. `at` is its offset in the parameter list, for the field pointer.
+pub fn parse_transport_id(buf: &[u8], at: usize) -> Result<(TransportId, usize), CmdError> {
+    let ptr = |off: usize| u16::try_from(at.saturating_add(off)).unwrap_or(u16::MAX);
+    let b0 = cdb::byte(buf, 0);
+    if buf.len() < 4 || b0 & 0x0F != 5 {
+        return bad_param(ptr(0), Some(3));
+    }
+    let format = b0 >> 6;
+    if format > 1 || b0 & 0x30 != 0 {
+        return bad_param(ptr(0), Some(7));
+    }
+    let total = 4 + usize::from(cdb::be16(buf, 2));
+    let Some(body) = buf.get(4..total) else {
+        return bad_param(ptr(2), None);
+    };
+    let text = body.split(|&c| c == 0).next().unwrap_or(&[]);
+    let Ok(text) = std::str::from_utf8(text) else {
+        return bad_param(ptr(4), None);
+    };
+    let (name, isid) = if format == 0 {
+        (text, None)
+    } else {
+        let lower = text.to_ascii_lowercase();
+        let Some(pos) = lower.rfind(",i,0x") else {
+            return bad_param(ptr(4), None);
+        };
+        let hex_part = &text[pos + 5..];
+        if hex_part.is_empty()
+            || hex_part.len() > 12
+            || !hex_part.bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            return bad_param(ptr(4), None);
+        }
+        let v = u64::from_str_radix(hex_part, 16).unwrap_or(0);
+        let mut isid = [0u8; 6];
+        isid.copy_from_slice(&v.to_be_bytes()[2..]);
+        (&text[..pos], Some(isid))
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(|c| c.is_ascii_graphic()) {
+        return bad_param(ptr(4), None);
+    }
+    Ok((
+        TransportId {
+            name: name.to_ascii_lowercase(),
+            isid,
+        },
+        total,
+    ))
+}
+
+/// Encode an iSCSI TransportID for a registration (format 01b with ISID, else 00b).
+pub fn encode_transport_id(id: &RegId) -> Vec<u8> {
+    let text = match id.isid {
+        Some(isid) => format!("{},i,0x{}", id.initiator, hex::encode(isid)),
+        None => id.initiator.clone(),
+    };
+    // NUL-terminated, padded to a multiple of 4, at least 20 bytes after the header.
+    let body = (text.len() + 1).next_multiple_of(4).max(20);
+    let mut b = Vec::with_capacity(4 + body);
+    b.push(if id.isid.is_some() { 0x45 } else { 0x05 });
+    b.push(0);
+    b.extend_from_slice(&(body as u16).to_be_bytes());
+    b.extend_from_slice(text.as_bytes());
+    b.resize(4 + body, 0);
+    b
+}
+
+impl PrState {
+    /// Index of the registration covering `n`, the exact (ISID) one first.
+    pub fn find(&self, n: &ItNexus) -> Option<usize> {
+        let regs = &self.registrations;
+        regs.iter()
+            .position(|r| r.id.isid.is_some() && r.id.matches(n))
+            .or_else(|| regs.iter().position(|r| r.id.matches(n)))
+    }
+
+    pub fn is_registered(&self, n: &ItNexus) -> bool {
+        self.find(n).is_some()
+    }
+
+    fn holds(&self, idx: usize) -> bool {
+        match &self.reservation {
+            None => false,
+            Some(r) => r.ty.all_registrants() || self.registrations[idx].id == r.holder,
+        }
+    }
+
+    /// Whether `n` holds the persistent reservation.
+    pub fn is_holder(&self, n: &ItNexus) -> bool {
+        self.find(n).is_some_and(|i| self.holds(i))
+    }
+
+    /// SPC-4 / SBC-3 access rule for a media command of `n` (`write`: writes, and every
+    /// command that changes the medium or the LU's state).
+    pub fn allows(&self, n: &ItNexus, write: bool) -> bool {
+        let Some(res) = &self.reservation else {
+            return true;
+        };
+        let reg = self.find(n);
+        if reg.is_some_and(|i| self.holds(i)) {
+            return true;
+        }
+        if res.ty.registrants_share() && reg.is_some() {
+            return true;
+        }
+        !write && !res.ty.exclusive_access()
+    }
+
+    /// How a SCSI-2 RESERVE (`reserve`) or RELEASE from `n` is handled in the presence of
+    /// persistent reservations (SPC-4 §5.13.3, CRH = 1).
+    pub fn scsi2_verdict(&self, n: &ItNexus, reserve: bool) -> Scsi2Verdict {
+        match &self.reservation {
+            Some(res) => {
+                let reg = self.find(n);
+                if reg.is_some_and(|i| self.holds(i))
+                    || (res.ty.registrants_share() && reg.is_some())
+                {
+                    Scsi2Verdict::NoOp
+                } else {
+                    Scsi2Verdict::Conflict
+                }
+            }
+            // Registrations without a reservation still block a SCSI-2 RESERVE.
+            None if reserve && !self.registrations.is_empty() => Scsi2Verdict::Conflict,
+            None => Scsi2Verdict::Scsi2,
+        }
+    }
+
+    fn bump(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    fn ids_except(&self, keep: impl Fn(&Registration) -> bool) -> Vec<RegId> {
+        self.registrations
+            .iter()
+            .filter(|r| !keep(r))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Execute PERSISTENT RESERVE OUT from `n`. `caps` says whether APTPL is possible.
+    /// On error the state is unchanged.
+    pub fn prout(
+        &mut self,
+        n: &ItNexus,
+        cdb_bytes: &[u8],
+        data: &[u8],
+        caps: PrCaps,
+    ) -> Result<ProutEffects, CmdError> {
+        let action = cdb::byte(cdb_bytes, 1) & 0x1F;
+        let scope = cdb::byte(cdb_bytes, 2) >> 4;
+        let type_code = cdb::byte(cdb_bytes, 2) & 0x0F;
+        let plen = cdb::be32(cdb_bytes, 5);
+        if action > sa::REPLACE_LOST {
+            return bad_cdb(1, Some(4));
+        }
+        if plen > MAX_PARAM_LIST || (data.len() as u64) < u64::from(plen) {
+            return param_len_error();
+        }
+        let list = &data[..plen as usize];
+        if action == sa::REGISTER_AND_MOVE {
+            return self.register_and_move(n, list, scope, type_code, caps);
+        }
+        if plen < 24 {
+            return param_len_error();
+        }
+        let flags = cdb::byte(list, 20);
+        let p = Params {
+            key: cdb::be64(list, 0),
+            sa_key: cdb::be64(list, 8),
+            spec_i_pt: flags & 0x08 != 0,
+            all_tg_pt: flags & 0x04 != 0,
+            aptpl: flags & 0x01 != 0,
+        };
+        if p.spec_i_pt && action != sa::REGISTER {
+            return bad_param(20, Some(3));
+        }
+        if !p.spec_i_pt && plen != 24 {
+            return param_len_error();
+        }
+        let is_register = matches!(action, sa::REGISTER | sa::REGISTER_AND_IGNORE);
+        if is_register && p.aptpl && !caps.ptpl {
+            return bad_param(20, Some(0));
+        }
+        // RESERVE, RELEASE, PREEMPT and PREEMPT AND ABORT use scope and type; only
+        // LU_SCOPE exists in SPC-4. The type is checked where it takes effect.
+        let scoped = matches!(
+            action,
+            sa::RESERVE | sa::RELEASE | sa::PREEMPT | sa::PREEMPT_AND_ABORT | sa::REPLACE_LOST
+        );
+        if scoped && scope != 0 {
+            return bad_cdb(2, Some(7));
+        }
+        let ty = PrType::from_code(type_code);
+        match action {
+            sa::REGISTER | sa::REGISTER_AND_IGNORE => {
+                self.register(n, &p, action == sa::REGISTER_AND_IGNORE, list)
+            }
+            sa::RESERVE => self.reserve(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?),
+            sa::RELEASE => self.release(n, &p, type_code),
+            sa::CLEAR => self.clear(n, &p),
+            sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
+                self.preempt(n, &p, ty, action == sa::PREEMPT_AND_ABORT)
+            }
+            _ => self.replace_lost(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?),
+        }
+    }
+
+    /// The registered index of `n` whose key is `key`, else RESERVATION CONFLICT.
+    fn registered_with(&self, n: &ItNexus, key: u64) -> Result<usize, CmdError> {
+        match self.find(n) {
+            Some(i) if self.registrations[i].key == key => Ok(i),
+            _ => conflict(),
+        }
+    }
+
+    fn register(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        ignore: bool,
+        list: &[u8],
+    ) -> Result<ProutEffects, CmdError> {
+        let mut fx = ProutEffects::default();
+        match self.find(n) {
+            None => {
+                if !ignore && p.key != 0 {
+                    return conflict();
+                }
+                if p.sa_key == 0 {
+                    // Unregistering an unregistered nexus: nothing to do.
+                    return Ok(fx);
+                }
+                let mut new = vec![RegId::of_nexus(n, p.all_tg_pt)];
+                if p.spec_i_pt {
+                    let tids = parse_tid_list(list, 24)?;
+                    for t in tids {
+                        let target = (!p.all_tg_pt).then(|| port_of(n));
+                        let id = RegId::new(&t.name, t.isid, target);
+                        if new.contains(&id) {
+                            continue;
+                        }
+                        if self.registrations.iter().any(|r| r.id == id) {
+                            return bad_param(24, None);
+                        }
+                        new.push(id);
+                    }
+                }
+                if self.registrations.len() + new.len() > MAX_REGISTRATIONS {
+                    return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+                }
+                for id in new {
+                    // An exact registration for this nexus replaces nothing: `find` missed.
+                    self.registrations.push(Registration { id, key: p.sa_key });
+                }
+            }
+            Some(i) => {
+                if !ignore && p.key != self.registrations[i].key {
+                    return conflict();
+                }
+                if p.spec_i_pt {
+                    return bad_cdb(1, None);
+                }
+                if p.sa_key == 0 {
+                    self.unregister(i, &mut fx);
+                } else {
+                    self.registrations[i].key = p.sa_key;
+                }
+            }
+        }
+        self.aptpl = p.aptpl;
+        self.bump();
+        fx.changed = true;
+        Ok(fx)
+    }
+
+    /// Remove registration `i`; a holder's reservation goes with it (SPC-4 §5.13.11.2.3).
+    fn unregister(&mut self, i: usize, fx: &mut ProutEffects) {
+        let gone = self.registrations.remove(i);
+        let Some(res) = &self.reservation else { return };
+        let released = if res.ty.all_registrants() {
+            self.registrations.is_empty()
+        } else {
+            res.holder == gone.id
+        };
+        if released {
+            let ty = res.ty;
+            self.reservation = None;
+            if matches!(
+                ty,
+                PrType::WriteExclusiveRegistrantsOnly | PrType::ExclusiveAccessRegistrantsOnly
+            ) {
+                fx.ua(self.ids_except(|_| false), ua::RESERVATIONS_RELEASED);
+            }
+        }
+    }
+
+    fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> Result<ProutEffects, CmdError> {
+        let i = self.registered_with(n, p.key)?;
+        match &self.reservation {
+            Some(res) if self.holds(i) && res.ty == ty => Ok(ProutEffects::default()),
+            Some(_) => conflict(),
+            None => {
+                self.reservation = Some(Reservation {
+                    holder: self.registrations[i].id.clone(),
+                    ty,
+                });
+                Ok(ProutEffects {
+                    changed: true,
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    fn release(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        type_code: u8,
+    ) -> Result<ProutEffects, CmdError> {
+        let i = self.registered_with(n, p.key)?;
+        let mut fx = ProutEffects::default();
+        let Some(res) = &self.reservation else {
+            return Ok(fx);
+        };
+        if !self.holds(i) {
+            return Ok(fx);
+        }
+        if res.ty.code() != type_code {
+            return Err(INVALID_RELEASE.into());
+        }
+        let ty = res.ty;
+        self.reservation = None;
+        if ty.registrants_share() {
+            let me = self.registrations[i].id.clone();
+            fx.ua(self.ids_except(|r| r.id == me), ua::RESERVATIONS_RELEASED);
+        }
+        fx.changed = true;
+        Ok(fx)
+    }
+
+    fn clear(&mut self, n: &ItNexus, p: &Params) -> Result<ProutEffects, CmdError> {
+        let i = self.registered_with(n, p.key)?;
+        let me = self.registrations[i].id.clone();
+        let mut fx = ProutEffects {
+            changed: true,
+            ..Default::default()
+        };
+        fx.ua(self.ids_except(|r| r.id == me), ua::RESERVATIONS_PREEMPTED);
+        self.registrations.clear();
+        self.reservation = None;
+        self.bump();
+        Ok(fx)
+    }
+
+    fn preempt(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        ty: Option<PrType>,
+        abort: bool,
+    ) -> Result<ProutEffects, CmdError> {
+        let i = self.registered_with(n, p.key)?;
+        let me = self.registrations[i].id.clone();
+        let mut fx = ProutEffects {
+            changed: true,
+            ..Default::default()
+        };
+        let need_type = || ty.ok_or(CmdError::from(Sense::invalid_cdb(2, Some(3))));
+        let res = self.reservation.clone();
+        let removed: Vec<RegId> = match res {
+            // All-registrants with key 0: every other registration goes, the issuer
+            // becomes the holder of a new reservation.
+            Some(res) if res.ty.all_registrants() && p.sa_key == 0 => {
+                let new_ty = need_type()?;
+                let removed = self.ids_except(|r| r.id == me);
+                self.registrations.retain(|r| r.id == me);
+                self.reservation = Some(Reservation {
+                    holder: me.clone(),
+                    ty: new_ty,
+                });
+                removed
+            }
+            // Preempting the holder: its reservation moves to the issuer.
+            Some(res)
+                if !res.ty.all_registrants()
+                    && self
+                        .registrations
+                        .iter()
+                        .any(|r| r.id == res.holder && r.key == p.sa_key) =>
+            {
+                let new_ty = need_type()?;
+                let removed = self.ids_except(|r| r.key != p.sa_key || r.id == me);
+                self.registrations
+                    .retain(|r| r.key != p.sa_key || r.id == me);
+                self.reservation = Some(Reservation {
+                    holder: me.clone(),
+                    ty: new_ty,
+                });
+                if new_ty != res.ty {
+                    // Type changed: the remaining registrants lose the old reservation.
+                    let rest = self.ids_except(|r| r.id == me);
+                    fx.ua(rest, ua::RESERVATIONS_RELEASED);
+                }
+                removed
+            }
+            Some(_) | None => {
+                if p.sa_key == 0 {
+                    return bad_param(8, None);
+                }
+                // Only registrations with the key go; the reservation stays.
+                let removed = self.ids_except(|r| r.key != p.sa_key);
+                if removed.is_empty() {
+                    return conflict();
+                }
+                self.registrations.retain(|r| r.key != p.sa_key);
+                if let Some(res) = &self.reservation {
+                    if res.ty.all_registrants() && self.registrations.is_empty() {
+                        self.reservation = None;
+                    }
+                }
+                removed
+            }
+        };
+        if abort {
+            fx.aborted = removed.clone();
+        }
+        fx.ua(removed, ua::REGISTRATIONS_PREEMPTED);
+        self.bump();
+        Ok(fx)
+    }
+
+    fn register_and_move(
+        &mut self,
+        n: &ItNexus,
+        list: &[u8],
+        scope: u8,
+        type_code: u8,
+        caps: PrCaps,
+    ) -> Result<ProutEffects, CmdError> {
+        if list.len() < 24 {
+            return param_len_error();
+        }
+        let key = cdb::be64(list, 0);
+        let sa_key = cdb::be64(list, 8);
+        let unreg = cdb::byte(list, 17) & 0x02 != 0;
+        let aptpl = cdb::byte(list, 17) & 0x01 != 0;
+        let rel_port = cdb::be16(list, 18);
+        let tid_len = cdb::be32(list, 20) as usize;
+        if 24usize.saturating_add(tid_len) != list.len() {
+            return param_len_error();
+        }
+        let i = self.registered_with(n, key)?;
+        let Some(res) = self.reservation.clone() else {
+            return conflict();
+        };
+        // Only the holder of a single-holder reservation can move it (SPC-4 §5.13.8).
+        if res.ty.all_registrants() || !self.holds(i) {
+            return conflict();
+        }
+        if scope != 0 || res.ty.code() != type_code {
+            return bad_cdb(2, None);
+        }
+        if aptpl && !caps.ptpl {
+            return bad_param(17, Some(0));
+        }
+        if sa_key == 0 {
+            return bad_param(8, None);
+        }
+        if rel_port == 0 {
+            return bad_param(18, None);
+        }
+        let (tid, used) = parse_transport_id(&list[24..], 24)?;
+        if used != tid_len {
+            return param_len_error();
+        }
+        let Some(isid) = tid.isid else {
+            // The destination is one I_T nexus, so the TransportID must carry the ISID.
+            return bad_param(24, Some(7));
+        };
+        let dest = RegId::new(
+            &tid.name,
+            Some(isid),
+            Some(TargetPort {
+                name: n.target_name.clone(),
+                tpgt: rel_port,
+            }),
+        );
+        let me = self.registrations[i].id.clone();
+        if me.covers(&dest) {
+            return bad_param(24, None);
+        }
+        let existing = self.registrations.iter().position(|r| r.id.covers(&dest));
+        let holder = match existing {
+            Some(j) => self.registrations[j].id.clone(),
+            None => {
+                if self.registrations.len() >= MAX_REGISTRATIONS {
+                    return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+                }
+                self.registrations.push(Registration {
+                    id: dest.clone(),
+                    key: sa_key,
+                });
+                dest
+            }
+        };
+        self.reservation = Some(Reservation { holder, ty: res.ty });
+        if unreg {
+            self.registrations.retain(|r| r.id != me);
+        }
+        self.aptpl = aptpl;
+        self.bump();
+        Ok(ProutEffects {
+            changed: true,
+            ..Default::default()
+        })
+    }
+
+    /// REPLACE LOST RESERVATION (SPC-5): holdfast never loses reservation state (an
+    /// unreadable state file stops the LUN instead), so this establishes the reservation
+    /// like RESERVE, and lets the holder change its type.
+    fn replace_lost(
+        &mut self,
+        n: &ItNexus,
+        p: &Params,
+        ty: PrType,
+    ) -> Result<ProutEffects, CmdError> {
+        let i = self.registered_with(n, p.key)?;
+        match &self.reservation {
+            Some(res) if !self.holds(i) || (res.ty.all_registrants() && res.ty != ty) => conflict(),
+            _ => {
+                self.reservation = Some(Reservation {
+                    holder: self.registrations[i].id.clone(),
+                    ty,
+                });
+                Ok(ProutEffects {
+                    changed: true,
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    /// Execute PERSISTENT RESERVE IN; the data is already cut to the allocation length
+    /// (ADDITIONAL LENGTH keeps the full size).
+    pub fn prin(&self, cdb_bytes: &[u8], caps: PrCaps) -> Result<Vec<u8>, CmdError> {
+        let action = cdb::byte(cdb_bytes, 1) & 0x1F;
+        let alloc = usize::from(cdb::be16(cdb_bytes, 7));
+        let mut b = Vec::with_capacity(64);
+        b.extend_from_slice(&self.generation.to_be_bytes());
+        match action {
+            sa::READ_KEYS => {
+                let n = self.registrations.len() * 8;
+                b.extend_from_slice(&(n as u32).to_be_bytes());
+                for r in &self.registrations {
+                    if b.len() >= alloc {
+                        break;
+                    }
+                    b.extend_from_slice(&r.key.to_be_bytes());
+                }
+            }
+            sa::READ_RESERVATION => match &self.reservation {
+                None => b.extend_from_slice(&0u32.to_be_bytes()),
+                Some(res) => {
+                    b.extend_from_slice(&16u32.to_be_bytes());
+                    let key = if res.ty.all_registrants() {
+                        0
+                    } else {
+                        self.registrations
+                            .iter()
+                            .find(|r| r.id == res.holder)
+                            .map_or(0, |r| r.key)
+                    };
+                    b.extend_from_slice(&key.to_be_bytes());
+                    b.extend_from_slice(&[0; 4]); // obsolete
+                    b.push(0);
+                    b.push(res.ty.code()); // scope 0 (LU)
+                    b.extend_from_slice(&[0; 2]);
+                }
+            },
+            sa::REPORT_CAPABILITIES => {
+                b.clear();
+                b.extend_from_slice(&8u16.to_be_bytes());
+                // CRH, SIP_C, ATP_C, PTPL_C
+                b.push(0x10 | 0x08 | 0x04 | u8::from(caps.ptpl));
+                // TMV, ALLOW COMMANDS = 001b (SPC-4 table 191), PTPL_A
+                b.push(0x80 | 0x10 | u8::from(self.aptpl && caps.ptpl));
+                // Type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX / EX_AC_AR.
+                b.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
+                b.push(0x01);
+                b.extend_from_slice(&[0; 2]);
+            }
+            sa::READ_FULL_STATUS => {
+                b.extend_from_slice(&[0; 4]);
+                let mut total: usize = 0;
+                for (i, r) in self.registrations.iter().enumerate() {
+                    let tid = encode_transport_id(&r.id);
+                    total += 24 + tid.len();
+                    if b.len() >= alloc {
+                        continue; // keep counting ADDITIONAL LENGTH
+                    }
+                    b.extend_from_slice(&r.key.to_be_bytes());
+                    b.extend_from_slice(&[0; 4]);
+                    let holder = self.holds(i);
+                    b.push(u8::from(r.id.target.is_none()) << 1 | u8::from(holder));
+                    b.push(match (&self.reservation, holder) {
+                        (Some(res), true) => res.ty.code(),
+                        _ => 0,
+                    });
+                    b.extend_from_slice(&[0; 4]);
+                    let rel = r.id.target.as_ref().map_or(0, |t| t.tpgt);
+                    b.extend_from_slice(&rel.to_be_bytes());
+                    b.extend_from_slice(&(tid.len() as u32).to_be_bytes());
+                    b.extend_from_slice(&tid);
+                }
+                let total = u32::try_from(total).unwrap_or(u32::MAX);
+                b[4..8].copy_from_slice(&total.to_be_bytes());
+            }
+            _ => return bad_cdb(1, Some(4)),
+        }
+        b.truncate(alloc);
+        Ok(b)
+    }
+
+    /// Serialized form for the APTPL store: versioned JSON with a CRC32C of the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let state = serde_json::to_vec(self).unwrap_or_default();
+        let file = PrFile {
+            version: PR_FILE_VERSION,
+            crc32c: crc32c::crc32c(&state),
+            state: self.clone(),
+        };
+        let mut out = serde_json::to_vec_pretty(&file).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// Parse what [`PrState::to_bytes`] wrote; any inconsistency is an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<PrState, PrLoadError> {
+        let file: PrFile = serde_json::from_slice(bytes)
+            .map_err(|e| PrLoadError::Corrupt(format!("not a PR state file: {e}")))?;
+        if file.version != PR_FILE_VERSION {
+            return Err(PrLoadError::Corrupt(format!(
+                "unsupported version {}",
+                file.version
+            )));
+        }
+        let state = serde_json::to_vec(&file.state).unwrap_or_default();
+        if crc32c::crc32c(&state) != file.crc32c {
+            return Err(PrLoadError::Corrupt("checksum mismatch".into()));
+        }
+        let s = file.state;
+        if s.registrations.len() > MAX_REGISTRATIONS {
+            return Err(PrLoadError::Corrupt("too many registrations".into()));
+        }
+        if let Some(res) = &s.reservation {
+            if !s.registrations.iter().any(|r| r.id == res.holder) {
+                return Err(PrLoadError::Corrupt(
+                    "reservation holder is not registered".into(),
+                ));
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// Parse the TransportID list of a SPEC_I_PT REGISTER: a 4-byte length at `at`, then
+/// TransportIDs filling exactly that length.
+fn parse_tid_list(list: &[u8], at: usize) -> Result<Vec<TransportId>, CmdError> {
+    let len = cdb::be32(list, at) as usize;
+    let start = at + 4;
+    if list.len() < start || len != list.len() - start {
+        return param_len_error();
+    }
+    let mut out = Vec::new();
+    let mut off = start;
+    while off < list.len() {
+        let (t, used) = parse_transport_id(&list[off..], off)?;
+        if out.len() >= MAX_REGISTRATIONS {
+            return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+        }
+        out.push(t);
+        off += used;
+    }
+    Ok(out)
+}
+
+const PR_FILE_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrFile {
+    version: u32,
+    crc32c: u32,
+    state: PrState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrLoadError {
+    #[error("corrupt persistent reservation state: {0}")]
+    Corrupt(String),
+    #[error("cannot read persistent reservation state: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Durable home of the PR state when APTPL is set (implemented in `crate::store`).
+pub trait PrStore: Send + Sync + fmt::Debug {
+    /// The saved state, or None if nothing is saved.
+    fn load(&self) -> io::Result<Option<Vec<u8>>>;
+    /// Replace the saved state crash-atomically; durable when this returns.
+    fn save(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Remove the saved state durably (APTPL turned off).
+    fn remove(&self) -> io::Result<()>;
+    /// Where the state lives, for messages.
+    fn describe(&self) -> String;
+}
