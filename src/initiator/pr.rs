@@ -48,7 +48,9 @@ const UA_RETRIES: usize = 8;
 pub enum PrParseError {
     #[error("unknown reservation type {0:?} (write-exclusive|we|1, exclusive-access|ea|3, write-exclusive-registrants-only|we-ro|5, exclusive-access-registrants-only|ea-ro|6, write-exclusive-all-registrants|we-ar|7, exclusive-access-all-registrants|ea-ar|8)")]
     Type(String),
-    #[error("invalid iSCSI TransportID {0:?}: expected NAME or NAME,i,0xISID (ISID: 12 hex digits)")]
+    #[error(
+        "invalid iSCSI TransportID {0:?}: expected NAME or NAME,i,0xISID (ISID: 12 hex digits)"
+    )]
     TransportId(String),
 }
 
@@ -754,7 +756,10 @@ mod tests {
             assert_eq!(t.code().to_string().parse::<PrType>(), Ok(t));
             assert_eq!(PrType::from_code(t.code()), Some(t));
         }
-        assert_eq!("WE-RO".parse::<PrType>(), Ok(PrType::WriteExclusiveRegistrantsOnly));
+        assert_eq!(
+            "WE-RO".parse::<PrType>(),
+            Ok(PrType::WriteExclusiveRegistrantsOnly)
+        );
         assert!("2".parse::<PrType>().is_err());
         assert!("write".parse::<PrType>().is_err());
         assert_eq!(PrType::from_code(0), None);
@@ -773,10 +778,7 @@ mod tests {
 
     #[test]
     fn transport_id_format_01b() {
-        let t = TransportId::iscsi_port(
-            "iqn.2026-11.org.holdfast:node-1",
-            [0x80, 1, 2, 3, 4, 5],
-        );
+        let t = TransportId::iscsi_port("iqn.2026-11.org.holdfast:node-1", [0x80, 1, 2, 3, 4, 5]);
         let b = t.encode();
         let text = b"iqn.2026-11.org.holdfast:node-1,i,0x800102030405";
         assert_eq!(b[0], 0x45);
@@ -815,7 +817,13 @@ mod tests {
         assert_eq!(t.to_string(), "iqn.x:y,i,0x00023d000001");
         let t: TransportId = "iqn.x:y".parse().unwrap();
         assert_eq!(t.isid, None);
-        for bad in ["", ",i,0x1", "iqn.x:y,i,0x", "iqn.x:y,i,0x1234567890abc", "a b"] {
+        for bad in [
+            "",
+            ",i,0x1",
+            "iqn.x:y,i,0x",
+            "iqn.x:y,i,0x1234567890abc",
+            "a b",
+        ] {
             assert!(bad.parse::<TransportId>().is_err(), "{bad:?}");
         }
     }
@@ -863,7 +871,10 @@ mod tests {
         d.extend_from_slice(&0xaau64.to_be_bytes());
         d.extend_from_slice(&0xbbu64.to_be_bytes());
         assert_eq!(parse_read_keys(&d).unwrap(), (3, vec![0xaa, 0xbb]));
-        assert_eq!(parse_read_keys(&[0, 0, 0, 1, 0, 0, 0, 0]).unwrap(), (1, vec![]));
+        assert_eq!(
+            parse_read_keys(&[0, 0, 0, 1, 0, 0, 0, 0]).unwrap(),
+            (1, vec![])
+        );
         assert!(parse_read_keys(&d[..20]).is_err()); // truncated
         assert!(parse_read_keys(&[0, 0, 0]).is_err());
         let mut odd = d.clone();
