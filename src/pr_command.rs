@@ -650,18 +650,10 @@ pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, P
         })?,
     });
     cfg.login_timeout = Duration::from_secs(a.timeout.max(1));
-    match (&a.chap_user, &a.chap_secret) {
-        (Some(u), Some(s)) => cfg.chap = Some((u.clone(), s.clone().into_bytes())),
-        (None, Some(_)) => {
-            // The secret may come from the environment for other tools; without a user
-            // name it cannot be used, so say so instead of logging in without CHAP.
-            if std::env::var_os("HOLDFAST_CHAP_SECRET").is_none() {
-                return Err(PrCommandError::Usage(
-                    "--chap-secret needs --chap-user".into(),
-                ));
-            }
-        }
-        _ => {}
+    // clap makes --chap-user require a secret; a secret alone (e.g. from the
+    // environment, shared with other tools) is not used.
+    if let (Some(u), Some(s)) = (&a.chap_user, &a.chap_secret) {
+        cfg.chap = Some((u.clone(), s.clone().into_bytes()));
     }
     Ok(cfg)
 }
