@@ -137,6 +137,10 @@ seq_fence_scsi() {
   expect 0 "read-keys after re-unfence" node2 read-keys || return
   out_has "node2 registered again" "^ +$K2\$" || return
   expect 0 "re-unfenced node2 writes" node2 write-test --lba 16 || return
+  # leave the LUN clean for the guest's run of the same sequence
+  expect 0 "cleanup: clear" node1 clear --key "$K1" || return
+  expect 0 "read-keys after cleanup" node1 read-keys || return
+  out_has "no keys after cleanup" "there are NO registered reservation keys" || return
 }
 
 # --- (b) Windows failover-cluster validation -------------------------------------
