@@ -442,6 +442,10 @@ async fn run_full_feature(
         max_burst: outcome.session.max_burst_length,
         handle: tokio::runtime::Handle::current(),
     });
+    if !shared.luns.is_empty() {
+        let weak: std::sync::Weak<dyn super::session::TaskAborter> = Arc::downgrade(&shared) as _;
+        rt.nexuses.insert((*shared.nexus).clone(), weak);
+    }
     let digests = DigestConfig {
         header: outcome.connection.header_digest,
         data: outcome.connection.data_digest,
@@ -483,6 +487,7 @@ async fn run_full_feature(
     for w in waits {
         w.wait().await;
     }
+    rt.nexuses.remove(&shared.nexus);
     for lu in &shared.luns {
         lu.nexus_lost(&shared.nexus);
     }
@@ -508,6 +513,15 @@ fn outcome_listen(
         .map(|(a, _)| *a)
         .find(|a| *a == local || (a.ip().is_unspecified() && a.port() == local.port()))
         .unwrap_or(local)
+}
+
+impl super::session::TaskAborter for Shared {
+    fn abort_lun(&self, lun: u64) {
+        let n = abort_tasks(self, |l| l == lun).len();
+        if n > 0 {
+            info!(initiator = %self.nexus.initiator_name, isid = %hex::encode(self.nexus.isid), lun, running = n, "tasks aborted by PREEMPT AND ABORT");
+        }
+    }
 }
 
 /// Mark matching tasks aborted: waiting ones are dropped now, running ones are awaited by

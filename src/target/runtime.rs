@@ -2,6 +2,7 @@
 //! access control and CHAP, shared by every connection.
 
 use super::config::{ChapConfig, ValidConfig};
+use super::session::NexusDirectory;
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
@@ -103,6 +104,8 @@ pub struct Runtime {
     pub discovery_chap: Option<ChapCredentials>,
     pub key_policy: TargetKeyPolicy,
     pub settings: super::config::IscsiSettings,
+    /// Live I_T nexuses, for PREEMPT AND ABORT of their tasks.
+    pub nexuses: Arc<NexusDirectory>,
     /// Every backing store, for the flush at shutdown.
     backends: Vec<(String, Arc<FileBackend>)>,
 }
@@ -116,6 +119,7 @@ impl Runtime {
         })?;
         let mut targets = Vec::new();
         let mut backends = Vec::new();
+        let nexuses = Arc::new(NexusDirectory::default());
         for (ti, t) in cfg.config.targets.iter().enumerate() {
             let mut luns = BTreeMap::new();
             for (li, l) in t.luns.iter().enumerate() {
@@ -168,6 +172,9 @@ impl Runtime {
                         key: key.clone(),
                         reason: format!("{pr_path}: {e}"),
                     })?;
+                let dir = nexuses.clone();
+                let lun_id = l.id;
+                lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
                 luns.insert(l.id, Arc::new(lu));
             }
             targets.push(Arc::new(TargetNode {
@@ -202,6 +209,7 @@ impl Runtime {
             },
             settings: s.clone(),
             backends,
+            nexuses,
         })
     }
 

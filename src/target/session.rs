@@ -172,3 +172,53 @@ mod tests {
         assert!(reg.is_empty());
     }
 }
+
+/// Something that can abort one session's tasks on a LUN (the connection's task table).
+pub trait TaskAborter: Send + Sync {
+    /// Abort every queued or running task of this session on `lun`: queued ones never
+    /// start, running ones finish without a response.
+    fn abort_lun(&self, lun: u64);
+}
+
+/// Live I_T nexuses and how to abort their tasks: PREEMPT AND ABORT names victims by
+/// nexus, and this finds their sessions (SPC-4 5.13.11.2.4).
+#[derive(Default)]
+pub struct NexusDirectory {
+    live: Mutex<HashMap<crate::scsi::ItNexus, std::sync::Weak<dyn TaskAborter>>>,
+}
+
+impl std::fmt::Debug for NexusDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NexusDirectory").finish_non_exhaustive()
+    }
+}
+
+impl NexusDirectory {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<crate::scsi::ItNexus, std::sync::Weak<dyn TaskAborter>>>
+    {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, nexus: crate::scsi::ItNexus, aborter: std::sync::Weak<dyn TaskAborter>) {
+        self.lock().insert(nexus, aborter);
+    }
+
+    pub fn remove(&self, nexus: &crate::scsi::ItNexus) {
+        self.lock().remove(nexus);
+    }
+
+    /// Abort the tasks of `victims` on `lun`.
+    pub fn abort(&self, victims: &[crate::scsi::ItNexus], lun: u64) {
+        let found: Vec<Arc<dyn TaskAborter>> = self
+            .lock()
+            .iter()
+            .filter(|(n, _)| victims.contains(n))
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
+        for a in found {
+            a.abort_lun(lun);
+        }
+    }
+}
