@@ -27,6 +27,7 @@ GUEST_SCRIPT=$HF_ROOT/fixtures/guest/pr-sequences.sh
 VMI=$HF_SHARED/vm-initiator
 
 make_tmpdir
+PORT=""
 reserve_port PORT
 write_holdfast_config "$HF_TMP/holdfast.toml" "$PORT" "$IQN" 64MiB
 if ! start_holdfast "$HF_TMP/holdfast.toml" "$HF_TMP/holdfast.log"; then
@@ -215,7 +216,7 @@ else
   fi
 fi
 
-if ! stop_holdfast; then
+if ! stop_holdfast "$HOLDFAST_PID"; then
   fail_report "pr-sequences/holdfast-stop" "holdfast did not exit 0 on SIGTERM"
 fi
 [ "$FAILS" -eq 0 ]
