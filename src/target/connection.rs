@@ -166,7 +166,7 @@ pub async fn serve(
         data: outcome.connection.data_digest,
     };
     dec.max_data_segment_len = outcome.connection.target_max_recv_data_segment_length;
-    let res = run_full_feature(rt, reg, outcome, local, rd, wr, buf, dec, shutdown).await;
+    let res = run_full_feature(rt, reg, outcome, listen, local, rd, wr, buf, dec, shutdown).await;
     match res {
         Ok(()) | Err(ConnError::Closed) => debug!(?peer, "connection ended"),
         Err(e) => warn!(?peer, error = %e, "connection dropped"),
@@ -372,6 +372,7 @@ async fn run_full_feature(
     rt: Arc<Runtime>,
     reg: Arc<SessionRegistry>,
     outcome: LoginOutcome,
+    listen: SocketAddr,
     local: SocketAddr,
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
@@ -387,9 +388,13 @@ async fn run_full_feature(
             let Some(target) = rt.target(tname).cloned() else {
                 return Err(ConnError::Protocol(format!("target {tname} vanished")));
             };
-            let tpgt = target
-                .tpgt_on(outcome_listen(&rt, &target, local))
-                .unwrap_or(1);
+            // The portal group is the one of the portal that accepted the connection (as
+            // configured: the socket's own address differs for port 0 or a wildcard).
+            let Some(tpgt) = target.tpgt_on(listen) else {
+                return Err(ConnError::Protocol(format!(
+                    "target {tname} is not served on {listen}"
+                )));
+            };
             let nexus = Arc::new(ItNexus {
                 initiator_name: outcome.initiator_name.clone(),
                 isid: outcome.isid,
@@ -499,20 +504,6 @@ async fn run_full_feature(
         drop::<SessionControl>(control);
     }
     res
-}
-
-fn outcome_listen(
-    rt: &Runtime,
-    target: &super::runtime::TargetNode,
-    local: SocketAddr,
-) -> SocketAddr {
-    let _ = rt;
-    target
-        .portals
-        .iter()
-        .map(|(a, _)| *a)
-        .find(|a| *a == local || (a.ip().is_unspecified() && a.port() == local.port()))
-        .unwrap_or(local)
 }
 
 impl super::session::TaskAborter for Shared {
