@@ -144,7 +144,10 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         assert_eq!(pr::register(&victim, LUN, 0, 0x71C7).await, Outcome::Good);
         assert_eq!(pr::register(&pre, LUN, 0, 0xB0B).await, Outcome::Good);
         // The victim holds WE-RO; both are registrants, so both may write until the preempt.
-        assert_eq!(pr::reserve(&victim, LUN, 0x71C7, ty::WE_RO).await, Outcome::Good);
+        assert_eq!(
+            pr::reserve(&victim, LUN, 0x71C7, ty::WE_RO).await,
+            Outcome::Good
+        );
         let gen_before = gen(&pre).await;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -214,8 +217,10 @@ async fn preempt_and_abort_fences_a_writing_victim() {
             }
         }
         // Every stamp on the medium comes from a write sent before the preempt returned.
-        let sent_at: std::collections::HashMap<(u64, u64), Instant> =
-            log.iter().map(|(w, s)| ((*w, s.seq), s.submitted)).collect();
+        let sent_at: std::collections::HashMap<(u64, u64), Instant> = log
+            .iter()
+            .map(|(w, s)| ((*w, s.seq), s.submitted))
+            .collect();
         for block in after.chunks(BLOCK as usize) {
             if let Some(id) = stamp_of(block) {
                 let when = sent_at.get(&id).expect("stamp of a logged write");
@@ -260,9 +265,15 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
     let bystander = t.login_as(&iqn("bystander"), None, 0).await;
     assert_eq!(pr::register(&victim, LUN, 0, 0x1111).await, Outcome::Good);
     assert_eq!(pr::register(&pre, LUN, 0, 0x2222).await, Outcome::Good);
-    assert_eq!(pr::register(&bystander, LUN, 0, 0x3333).await, Outcome::Good);
+    assert_eq!(
+        pr::register(&bystander, LUN, 0, 0x3333).await,
+        Outcome::Good
+    );
     // WE-AR: every registrant holds it, so all three may write before the preempt.
-    assert_eq!(pr::reserve(&pre, LUN, 0x2222, ty::WE_AR).await, Outcome::Good);
+    assert_eq!(
+        pr::reserve(&pre, LUN, 0x2222, ty::WE_AR).await,
+        Outcome::Good
+    );
     let g0 = gen(&pre).await;
 
     let blocks = 256u32; // 128 KiB each
@@ -307,7 +318,10 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
     assert_eq!(pr::tur(&victim, LUN).await, Outcome::Good);
     // The bystander lost nothing and is told nothing.
     assert_eq!(pr::tur(&bystander, LUN).await, Outcome::Good);
-    assert_eq!(pr::write_block(&bystander, LUN, 1000, 0xbb).await, Outcome::Good);
+    assert_eq!(
+        pr::write_block(&bystander, LUN, 1000, 0xbb).await,
+        Outcome::Good
+    );
     // PR IN and READ stay open to the victim; WRITE does not.
     let (g1, keys) = pr::read_keys(&victim, LUN).await;
     assert_eq!(g1, g0 + 1, "PREEMPT AND ABORT bumps PRgeneration once");
@@ -318,7 +332,10 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
         "all-registrants reservation survives, reported with key 0"
     );
     assert_eq!(pr::read_block(&victim, LUN, 0).await, Outcome::Good);
-    assert_eq!(pr::write_block(&victim, LUN, 0, 0xee).await, Outcome::Conflict);
+    assert_eq!(
+        pr::write_block(&victim, LUN, 0, 0xee).await,
+        Outcome::Conflict
+    );
     // Re-registering lets it back in under WE-AR.
     assert_eq!(pr::register(&victim, LUN, 0, 0x1112).await, Outcome::Good);
     assert_eq!(pr::write_block(&victim, LUN, 0, 0xee).await, Outcome::Good);
@@ -343,7 +360,11 @@ async fn unit_attentions_reach_exactly_the_affected_nexuses() {
         }
         // Reported once: the next command is clean.
         for (i, s) in sessions.iter().enumerate() {
-            assert_eq!(pr::tur(s, LUN).await, Outcome::Good, "{what}: session {i} again");
+            assert_eq!(
+                pr::tur(s, LUN).await,
+                Outcome::Good,
+                "{what}: session {i} again"
+            );
         }
     }
     let good = Outcome::Good;
@@ -380,8 +401,16 @@ async fn unit_attentions_reach_exactly_the_affected_nexuses() {
     // PREEMPT of the holder with another type: the holder gets REGISTRATIONS PREEMPTED,
     // the remaining registrants RESERVATIONS RELEASED (the type changed).
     assert_eq!(pr::preempt(&b, LUN, 0xB, 0xA, ty::EA_RO, false).await, good);
-    expect(&all, [pr::UA_REG_PREEMPTED, good, rel, good], "preempt the holder").await;
-    assert_eq!(pr::read_reservation(&a, LUN).await.1, Some((0xB, ty::EA_RO)));
+    expect(
+        &all,
+        [pr::UA_REG_PREEMPTED, good, rel, good],
+        "preempt the holder",
+    )
+    .await;
+    assert_eq!(
+        pr::read_reservation(&a, LUN).await.1,
+        Some((0xB, ty::EA_RO))
+    );
 
     // CLEAR: RESERVATIONS PREEMPTED to every other registrant.
     assert_eq!(pr::register(&a, LUN, 0, 0xA).await, good);
@@ -440,11 +469,19 @@ async fn register_and_move_hands_the_reservation_to_another_port() {
     let (_, full) = pr::read_full_status(&a, LUN).await;
     let b_entry = full.iter().find(|e| e.key == 0xB).expect("B registered");
     assert_eq!(
-        (b_entry.holder, b_entry.rtype, b_entry.format, b_entry.rel_port),
+        (
+            b_entry.holder,
+            b_entry.rtype,
+            b_entry.format,
+            b_entry.rel_port
+        ),
         (true, ty::WE, 1, 1)
     );
     assert_eq!(b_entry.name, pr::port_name(&iqn("b"), isid_b));
-    let a_entry = full.iter().find(|e| e.key == 0xA).expect("A still registered");
+    let a_entry = full
+        .iter()
+        .find(|e| e.key == 0xA)
+        .expect("A still registered");
     assert!(!a_entry.holder);
     assert_eq!(a_entry.name, pr::port_name(&iqn("a"), a.isid()));
     // Under WE only the holder writes: now B, not A.
@@ -566,7 +603,10 @@ async fn spec_i_pt_name_only_covers_every_isid_port_format_one() {
         assert_eq!(pr::write_block(xs, LUN, 10, 9).await, pr::UA_REG_PREEMPTED);
         assert_eq!(pr::write_block(xs, LUN, 10, 9).await, Outcome::Conflict);
     }
-    assert_eq!(sorted(pr::read_keys(&holder, LUN).await.1), vec![0x40, 0xA7, 0xA7]);
+    assert_eq!(
+        sorted(pr::read_keys(&holder, LUN).await.1),
+        vec![0x40, 0xA7, 0xA7]
+    );
 }
 
 /// ALL_TG_PT: a registration made through one target port covers the initiator port on
@@ -630,12 +670,16 @@ async fn isid_churn_requires_re_registration() {
     assert_eq!(pr::register(&holder, LUN, 0, 0x40).await, good);
     assert_eq!(pr::reserve(&holder, LUN, 0x40, ty::WE_RO).await, good);
 
-    let old = t.login_as(&iqn("node"), Some([0x80, 1, 1, 1, 1, 1]), 0).await;
+    let old = t
+        .login_as(&iqn("node"), Some([0x80, 1, 1, 1, 1, 1]), 0)
+        .await;
     assert_eq!(pr::register(&old, LUN, 0, 0x77).await, good);
     assert_eq!(pr::write_block(&old, LUN, 5, 1).await, good);
     old.logout().await.expect("logout");
 
-    let new = t.login_as(&iqn("node"), Some([0x80, 2, 2, 2, 2, 2]), 0).await;
+    let new = t
+        .login_as(&iqn("node"), Some([0x80, 2, 2, 2, 2, 2]), 0)
+        .await;
     assert_eq!(pr::write_block(&new, LUN, 5, 2).await, Outcome::Conflict);
     // The old nexus's registration outlives its session (registrations survive I_T
     // nexus loss), but it is not this nexus's: a REGISTER with its key conflicts.
@@ -649,7 +693,9 @@ async fn isid_churn_requires_re_registration() {
     assert!(names.contains(&(0x78, pr::port_name(&iqn("node"), [0x80, 2, 2, 2, 2, 2]))));
 
     // Logging in again with the old ISID is the old nexus again: registered.
-    let back = t.login_as(&iqn("node"), Some([0x80, 1, 1, 1, 1, 1]), 0).await;
+    let back = t
+        .login_as(&iqn("node"), Some([0x80, 1, 1, 1, 1, 1]), 0)
+        .await;
     assert_eq!(pr::write_block(&back, LUN, 6, 3).await, good);
 }
 
@@ -692,7 +738,11 @@ async fn access_tables_of_the_six_types() {
             (&u, "unregistered", if exclusive { c } else { g }, c),
         ];
         for (s, who, read, write) in table {
-            assert_eq!(pr::read_block(s, LUN, 7).await, read, "type {rtype} {who} READ");
+            assert_eq!(
+                pr::read_block(s, LUN, 7).await,
+                read,
+                "type {rtype} {who} READ"
+            );
             assert_eq!(
                 pr::write_block(s, LUN, 7, rtype).await,
                 write,
@@ -714,7 +764,10 @@ async fn access_tables_of_the_six_types() {
         let holders: Vec<(u64, bool, u8)> =
             full.iter().map(|e| (e.key, e.holder, e.rtype)).collect();
         let r_holds = (all_reg, if all_reg { rtype } else { 0 });
-        assert!(holders.contains(&(0x10, true, rtype)), "type {rtype}: {holders:?}");
+        assert!(
+            holders.contains(&(0x10, true, rtype)),
+            "type {rtype}: {holders:?}"
+        );
         assert!(
             holders.contains(&(0x20, r_holds.0, r_holds.1)),
             "type {rtype}: {holders:?}"

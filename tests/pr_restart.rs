@@ -77,10 +77,12 @@ impl Model {
         let registered_with = |k: u64| self.keys[i] == Some(k);
         let ok = match *op {
             Op::Register { old, new } => match self.keys[i] {
-                None => old == 0 && new != 0 && {
-                    m.keys[i] = Some(new);
-                    true
-                },
+                None => {
+                    old == 0 && new != 0 && {
+                        m.keys[i] = Some(new);
+                        true
+                    }
+                }
                 Some(cur) => {
                     if old != cur {
                         false
@@ -288,13 +290,22 @@ async fn observe(s: &Session) -> Model {
     let mut m = Model::default();
     let (_, keys) = pr::read_keys(s, LUN).await;
     let (_, full) = pr::read_full_status(s, LUN).await;
-    assert_eq!(keys.len(), full.len(), "READ KEYS and READ FULL STATUS agree");
+    assert_eq!(
+        keys.len(),
+        full.len(),
+        "READ KEYS and READ FULL STATUS agree"
+    );
     for e in &full {
         let i = ((e.key >> 56) as usize)
             .checked_sub(1)
             .filter(|i| *i < INITIATORS)
             .unwrap_or_else(|| panic!("unexpected key {:#x}", e.key));
-        assert_eq!(e.name, pr::port_name(&name(i), isid(i)), "TransportID of {:#x}", e.key);
+        assert_eq!(
+            e.name,
+            pr::port_name(&name(i), isid(i)),
+            "TransportID of {:#x}",
+            e.key
+        );
         assert_eq!((e.format, e.rel_port, e.all_tg_pt), (1, 1, false));
         assert!(m.keys[i].is_none(), "two registrations for initiator {i}");
         assert!(keys.contains(&e.key));
@@ -393,7 +404,8 @@ async fn aptpl_state_survives_sigkill() {
             let (sa_, t, list) = op.encode();
             let s = sessions[i].clone();
             let c = holdfast::initiator::cdb::persistent_reserve_out(sa_, t, list.len() as u32);
-            let flight = tokio::spawn(async move { s.command(LUN, &c, Some(list.into()), 0).await });
+            let flight =
+                tokio::spawn(async move { s.command(LUN, &c, Some(list.into()), 0).await });
             let delay = Duration::from_micros(rng.gen_range(0..3000));
             tokio::time::sleep(delay).await;
             target.child.kill().expect("SIGKILL");

@@ -402,7 +402,7 @@ async fn run_full_feature(
                 tpgt,
                 relative_port_id: tpgt,
             });
-            let key = SessionKey::new(&outcome.initiator_name, outcome.isid, &target.name);
+            let key = SessionKey::new(&outcome.initiator_name, outcome.isid, &target.name, tpgt);
             let (old, control, handle) = reg.register(key.clone(), outcome.tsih);
             if let Some(old) = old {
                 info!(initiator = %outcome.initiator_name, isid = %hex::encode(outcome.isid), "session reinstatement: ending the previous session");

@@ -98,7 +98,14 @@ pub fn basic_list(key: u64, sa_key: u64, flags: u8, tids: &[Vec<u8>]) -> Vec<u8>
 }
 
 /// REGISTER AND MOVE parameter list (SPC-4 table 215).
-pub fn move_list(key: u64, sa_key: u64, unreg: bool, aptpl: bool, rel_port: u16, tid: &[u8]) -> Vec<u8> {
+pub fn move_list(
+    key: u64,
+    sa_key: u64,
+    unreg: bool,
+    aptpl: bool,
+    rel_port: u16,
+    tid: &[u8],
+) -> Vec<u8> {
     let mut b = Vec::with_capacity(24 + tid.len());
     b.extend_from_slice(&key.to_be_bytes());
     b.extend_from_slice(&sa_key.to_be_bytes());
@@ -121,7 +128,15 @@ pub async fn prout(s: &Session, lun: u64, action: u8, rtype: u8, list: Vec<u8>) 
 }
 
 /// PR OUT with the basic list of (key, sa_key, flags) and no TransportIDs.
-pub async fn prout_basic(s: &Session, lun: u64, action: u8, rtype: u8, key: u64, sa_key: u64, flags: u8) -> Outcome {
+pub async fn prout_basic(
+    s: &Session,
+    lun: u64,
+    action: u8,
+    rtype: u8,
+    key: u64,
+    sa_key: u64,
+    flags: u8,
+) -> Outcome {
     prout(s, lun, action, rtype, basic_list(key, sa_key, flags, &[])).await
 }
 
@@ -141,15 +156,31 @@ pub async fn clear(s: &Session, lun: u64, key: u64) -> Outcome {
     prout_basic(s, lun, sa::CLEAR, 0, key, 0, 0).await
 }
 
-pub async fn preempt(s: &Session, lun: u64, key: u64, victim: u64, rtype: u8, abort: bool) -> Outcome {
-    let action = if abort { sa::PREEMPT_AND_ABORT } else { sa::PREEMPT };
+pub async fn preempt(
+    s: &Session,
+    lun: u64,
+    key: u64,
+    victim: u64,
+    rtype: u8,
+    abort: bool,
+) -> Outcome {
+    let action = if abort {
+        sa::PREEMPT_AND_ABORT
+    } else {
+        sa::PREEMPT
+    };
     prout_basic(s, lun, action, rtype, key, victim, 0).await
 }
 
 async fn prin(s: &Session, lun: u64, action: u8) -> Result<Vec<u8>, Outcome> {
     let alloc = 8192u16;
     let r = s
-        .command(lun, &cdb::persistent_reserve_in(action, alloc), None, alloc.into())
+        .command(
+            lun,
+            &cdb::persistent_reserve_in(action, alloc),
+            None,
+            alloc.into(),
+        )
         .await
         .expect("PR IN transport");
     match outcome(&r) {
@@ -172,7 +203,10 @@ pub async fn try_read_keys(s: &Session, lun: u64) -> Result<(u32, Vec<u64>), Out
     let len = be32(&d, 4) as usize;
     assert_eq!(len % 8, 0, "READ KEYS additional length {len}");
     assert_eq!(d.len(), 8 + len, "READ KEYS fits the allocation length");
-    Ok((be32(&d, 0), (0..len / 8).map(|i| be64(&d, 8 + 8 * i)).collect()))
+    Ok((
+        be32(&d, 0),
+        (0..len / 8).map(|i| be64(&d, 8 + 8 * i)).collect(),
+    ))
 }
 
 pub async fn read_keys(s: &Session, lun: u64) -> (u32, Vec<u64>) {
@@ -211,7 +245,11 @@ pub async fn read_full_status(s: &Session, lun: u64) -> (u32, Vec<FullStatus>) {
     let d = prin(s, lun, 3).await.expect("READ FULL STATUS");
     let gen = be32(&d, 0);
     let len = be32(&d, 4) as usize;
-    assert_eq!(d.len(), 8 + len, "READ FULL STATUS fits the allocation length");
+    assert_eq!(
+        d.len(),
+        8 + len,
+        "READ FULL STATUS fits the allocation length"
+    );
     let mut out = Vec::new();
     let mut at = 8;
     while at < d.len() {
@@ -219,7 +257,11 @@ pub async fn read_full_status(s: &Session, lun: u64) -> (u32, Vec<FullStatus>) {
         let tid = &d[at + 24..at + 24 + desc_len];
         assert_eq!(tid[0] & 0x0f, 5, "iSCSI protocol identifier");
         let tlen = u16::from_be_bytes([tid[2], tid[3]]) as usize;
-        assert_eq!(tlen + 4, tid.len(), "TransportID length matches the descriptor");
+        assert_eq!(
+            tlen + 4,
+            tid.len(),
+            "TransportID length matches the descriptor"
+        );
         assert_eq!(tlen % 4, 0, "TransportID padded to 4 bytes");
         let text = tid[4..].split(|&c| c == 0).next().unwrap_or(&[]);
         out.push(FullStatus {
@@ -254,7 +296,12 @@ pub async fn read_block(s: &Session, lun: u64, lba: u64) -> Outcome {
 /// WRITE(16) of one block at `lba` filled with `fill`, raw outcome.
 pub async fn write_block(s: &Session, lun: u64, lba: u64, fill: u8) -> Outcome {
     let r = s
-        .command(lun, &cdb::write16(lba, 1, false), Some(vec![fill; 512].into()), 0)
+        .command(
+            lun,
+            &cdb::write16(lba, 1, false),
+            Some(vec![fill; 512].into()),
+            0,
+        )
         .await
         .expect("WRITE transport");
     outcome(&r)
