@@ -101,6 +101,8 @@ async fn victim_writer(
     stop: Arc<AtomicBool>,
     good: Arc<AtomicU64>,
     log: Arc<Mutex<Vec<(u64, Sent)>>>,
+    preempted: Arc<std::sync::OnceLock<Instant>>,
+    late: Arc<AtomicU64>,
 ) {
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -120,6 +122,9 @@ async fn victim_writer(
         };
         if result == Some(Outcome::Good) {
             good.fetch_add(1, Ordering::Relaxed);
+        }
+        if preempted.get().is_some_and(|p| submitted > *p) {
+            late.fetch_add(1, Ordering::Relaxed);
         }
         log.lock().unwrap().push((
             w,
@@ -153,6 +158,8 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         let stop = Arc::new(AtomicBool::new(false));
         let good = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
+        let preempted_at = Arc::new(std::sync::OnceLock::new());
+        let late_count = Arc::new(AtomicU64::new(0));
         let writers: Vec<_> = (0..RACE_WRITERS)
             .map(|w| {
                 tokio::spawn(victim_writer(
@@ -161,6 +168,8 @@ async fn preempt_and_abort_fences_a_writing_victim() {
                     stop.clone(),
                     good.clone(),
                     log.clone(),
+                    preempted_at.clone(),
+                    late_count.clone(),
                 ))
             })
             .collect();
@@ -172,10 +181,16 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         }
         let o = pr::preempt(&pre, LUN, 0xB0B, 0x71C7, ty::WE_RO, true).await;
         let preempted = Instant::now();
+        preempted_at.set(preempted).unwrap();
         assert_eq!(o, Outcome::Good, "PREEMPT AND ABORT");
         let snapshot = medium(&t);
-        // The victim keeps writing against the fence for a while.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The victim keeps writing against the fence: every writer several more times
+        // (a writer whose write was aborted first waits NO_RESPONSE for it).
+        let deadline = Instant::now() + NO_RESPONSE + Duration::from_secs(10);
+        while late_count.load(Ordering::Relaxed) < 4 * RACE_WRITERS {
+            assert!(Instant::now() < deadline, "victim writers stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop.store(true, Ordering::Relaxed);
         for w in writers {
             w.await.expect("victim writer");

@@ -564,13 +564,21 @@ fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
         let outcome = shared.lun_map.execute(&ready.cmd);
-        let pdus = build_response(&shared, &ready, outcome);
-        finish(&shared, ready.itt, task_id, pdus);
+        let pdus = build_response(&shared, &ready, outcome.clone());
+        finish(&shared, &ready, task_id, pdus, &outcome);
     });
 }
 
-fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
-    let started = {
+/// Send the response unless the task was aborted meanwhile.
+fn finish(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    task_id: TaskId,
+    pdus: Vec<Pdu>,
+    outcome: &ScsiOutcome,
+) {
+    let itt = ready.itt;
+    let (started, entry, aborted) = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
         let aborted = entry
@@ -584,12 +592,18 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
         } else {
             debug!(itt, "task aborted: response suppressed");
         }
-        let started = core.tasks.complete(task_id);
-        if let Some(e) = entry {
-            e.done.set();
-        }
-        started
+        (core.tasks.complete(task_id), entry, aborted)
     };
+    if aborted {
+        // A unit attention this task took was never reported: give it back before
+        // anyone waiting for the task (session end, nexus loss) goes on.
+        if let Some(lu) = shared.lun_map.get(ready.cmd.lun) {
+            lu.unreported(&ready.cmd.nexus, outcome);
+        }
+    }
+    if let Some(e) = entry {
+        e.done.set();
+    }
     for (id, r) in started {
         spawn_exec(shared.clone(), id, r);
     }
