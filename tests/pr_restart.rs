@@ -269,7 +269,7 @@ fn config(dir: &Path, addr: SocketAddr) -> PathBuf {
     path
 }
 
-async fn login_when_up(addr: SocketAddr, i: usize) -> Session {
+async fn login_when_up(addr: SocketAddr, i: usize, log: &Path) -> Session {
     let mut cfg = InitiatorConfig::new(name(i), TARGET, addr);
     cfg.isid = Some(isid(i));
     cfg.login_timeout = Duration::from_secs(2);
@@ -279,7 +279,15 @@ async fn login_when_up(addr: SocketAddr, i: usize) -> Session {
             clear_unit_attention(&s, LUN).await;
             return s;
         }
-        assert!(Instant::now() < deadline, "target did not come up");
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let errors: Vec<&str> = text
+                .lines()
+                .skip_while(|l| !l.starts_with("Error"))
+                .take(8)
+                .collect();
+            panic!("target did not come up; errors in its log: {errors:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -373,7 +381,7 @@ async fn aptpl_state_survives_sigkill() {
         let mut target = spawn_target(&cfg, &log);
         let mut sessions = Vec::new();
         for i in 0..INITIATORS {
-            sessions.push(login_when_up(addr, i).await);
+            sessions.push(login_when_up(addr, i, &log).await);
         }
         let seen = observe(&sessions[0]).await;
         assert!(
@@ -388,7 +396,15 @@ async fn aptpl_state_survives_sigkill() {
         for _ in 0..rng.gen_range(1..=12) {
             let (i, op) = random_op(&mut rng, &model);
             let (sa_, t, list) = op.encode();
-            let o = pr::prout(&sessions[i], LUN, sa_, t, list).await;
+            // A unit attention (other initiators' preempts and clears) means the command
+            // did not run: retry it.
+            let mut o = pr::prout(&sessions[i], LUN, sa_, t, list.clone()).await;
+            for _ in 0..4 {
+                if !matches!(o, Outcome::Check(0x06, _, _)) {
+                    break;
+                }
+                o = pr::prout(&sessions[i], LUN, sa_, t, list.clone()).await;
+            }
             let (expect_ok, next) = model.apply(i, &op);
             assert_eq!(
                 o == Outcome::Good,
@@ -403,6 +419,8 @@ async fn aptpl_state_survives_sigkill() {
             let (i, op) = random_op(&mut rng, &model);
             let (sa_, t, list) = op.encode();
             let s = sessions[i].clone();
+            // Reported unit attentions first, so the command in flight really runs.
+            clear_unit_attention(&s, LUN).await;
             let c = holdfast::initiator::cdb::persistent_reserve_out(sa_, t, list.len() as u32);
             let flight =
                 tokio::spawn(async move { s.command(LUN, &c, Some(list.into()), 0).await });
@@ -420,7 +438,7 @@ async fn aptpl_state_survives_sigkill() {
                 Err(_) => {
                     // No answer: either state may be on disk; decided after the restart.
                     let mut t2 = spawn_target(&cfg, &log);
-                    let s0 = login_when_up(addr, 0).await;
+                    let s0 = login_when_up(addr, 0, &log).await;
                     let seen = observe(&s0).await;
                     assert!(
                         same(&seen, &model) || same(&seen, &after),
