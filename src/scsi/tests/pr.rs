@@ -915,6 +915,35 @@ fn aptpl_persistence_round_trip() {
     assert_eq!(lu.pr_state(), PrState::default());
 }
 
+/// An all-registrants reservation whose creator unregisters or is preempted stays with
+/// the other registrants, and such a state saves and loads (it used to name the departed
+/// creator as holder, which the loader refused: the LUN did not start again).
+#[test]
+fn all_registrants_reservation_outlives_its_creator_across_restart() {
+    for (ty, preempt) in [(7u8, false), (8, false), (7, true), (8, true)] {
+        let store = Arc::new(MemStore::default());
+        let lu = persistent_lu(&store).unwrap();
+        let (a, b, c) = (nx(1, 1, 1), nx(2, 2, 1), nx(3, 3, 1));
+        assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0, 0xA, APTPL)));
+        assert_good(&prout_raw(&lu, &b, REGISTER, 0, &plist(0, 0xB, APTPL)));
+        assert_good(&prout_raw(&lu, &c, REGISTER, 0, &plist(0, 0xC, APTPL)));
+        assert_good(&prout(&lu, &a, RESERVE, ty, 0xA, 0));
+        if preempt {
+            assert_good(&prout(&lu, &b, PREEMPT, ty, 0xB, 0xA));
+        } else {
+            assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0xA, 0, APTPL)));
+        }
+        let st = lu.pr_state();
+        let res = st.reservation.clone().expect("still reserved");
+        assert!(st.registrations.iter().any(|r| r.id == res.holder));
+        drop(lu);
+        let lu = persistent_lu(&store).expect("the saved state loads");
+        assert_eq!(reservation(&lu), Some((0, ty)));
+        assert_good(&lu.execute(&cmd(&c, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+        conflict(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    }
+}
+
 #[test]
 fn corrupt_state_is_an_error() {
     let good = {
