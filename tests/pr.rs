@@ -9,6 +9,8 @@ use bytes::BytesMut;
 use common::pr::{self, sa, ty, Outcome, ALL_TG_PT, SPEC_I_PT};
 use common::{config_text, start, TestTarget, BLOCK, TARGET};
 use holdfast::initiator::{cdb, Session};
+use holdfast::scsi::backend::BlockBackend;
+use holdfast::store::memory::MemBackend;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +23,42 @@ fn iqn(who: &str) -> String {
 
 async fn one_lun_target() -> TestTarget {
     start(&config_text("", "", &[(0, "lun0.img", "4MiB")])).await
+}
+
+/// A backend that takes its time before each write lands: commands admitted by the
+/// access check stay in flight for milliseconds, the window the PREEMPT AND ABORT fence
+/// has to close (on a fast file the window is microseconds and a broken fence goes unseen).
+#[derive(Debug)]
+struct SlowWrites(Arc<MemBackend>);
+
+impl BlockBackend for SlowWrites {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(2));
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn deallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.deallocate(offset, len)
+    }
+    fn allocation_at(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+        self.0.allocation_at(offset)
+    }
+}
+
+/// One LUN over [`SlowWrites`]; the memory behind it is the medium the tests inspect.
+async fn slow_write_target() -> (TestTarget, Arc<MemBackend>) {
+    let mem = Arc::new(MemBackend::new(4 << 20));
+    let text = config_text("", "", &[(0, "lun0.img", "4MiB")]);
+    let t = common::start_with_backend(&text, 0, Arc::new(SlowWrites(mem.clone()))).await;
+    (t, mem)
 }
 
 /// A target with one LUN served on two portals in different portal groups (two target
@@ -47,9 +85,10 @@ fn sorted(mut v: Vec<u64>) -> Vec<u64> {
 // ---------------------------------------------------------------------------------------
 // PREEMPT AND ABORT against a live write load
 
-const RACE_BLOCKS: u64 = 512;
 const RACE_WRITE_BLOCKS: u32 = 8;
+const RACE_BLOCKS: u64 = RACE_RANGES * RACE_WRITE_BLOCKS as u64;
 const RACE_WRITERS: u64 = 12;
+const RACE_RANGES: u64 = 64;
 const MAGIC: &[u8; 8] = b"PRRACE01";
 /// A victim command with no answer after this long was aborted (responses are
 /// suppressed for aborted tasks, SAM-5 TAS = 0).
@@ -87,8 +126,8 @@ fn stamp_of(block: &[u8]) -> Option<(u64, u64)> {
     })
 }
 
-fn medium(t: &TestTarget) -> Vec<u8> {
-    let mut d = std::fs::read(t.file("lun0.img")).expect("read backing file");
+fn medium(mem: &MemBackend) -> Vec<u8> {
+    let mut d = mem.snapshot().expect("medium");
     d.truncate((RACE_BLOCKS * u64::from(BLOCK)) as usize);
     d
 }
@@ -107,8 +146,7 @@ async fn victim_writer(
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
-        let lba = (seq * 7 + w * 61) % (RACE_BLOCKS / u64::from(RACE_WRITE_BLOCKS))
-            * u64::from(RACE_WRITE_BLOCKS);
+        let lba = (seq * 7 + w * 5) % RACE_RANGES * u64::from(RACE_WRITE_BLOCKS);
         let data = stamped(w, seq, lba, RACE_WRITE_BLOCKS).freeze();
         let submitted = Instant::now();
         let c = cdb::write16(lba, RACE_WRITE_BLOCKS, false);
@@ -143,7 +181,7 @@ async fn victim_writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempt_and_abort_fences_a_writing_victim() {
     for iteration in 0..4 {
-        let t = one_lun_target().await;
+        let (t, mem) = slow_write_target().await;
         let victim = t.login_as(&iqn("victim"), None, 0).await;
         let pre = t.login_as(&iqn("preemptor"), None, 0).await;
         assert_eq!(pr::register(&victim, LUN, 0, 0x71C7).await, Outcome::Good);
@@ -183,7 +221,7 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         let preempted = Instant::now();
         preempted_at.set(preempted).unwrap();
         assert_eq!(o, Outcome::Good, "PREEMPT AND ABORT");
-        let snapshot = medium(&t);
+        let snapshot = medium(&mem);
         // The victim keeps writing against the fence: every writer several more times
         // (a writer whose write was aborted first waits NO_RESPONSE for it).
         let deadline = Instant::now() + NO_RESPONSE + Duration::from_secs(10);
@@ -195,7 +233,7 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         for w in writers {
             w.await.expect("victim writer");
         }
-        let after = medium(&t);
+        let after = medium(&mem);
         assert!(
             snapshot == after,
             "iteration {iteration}: the medium changed after PREEMPT AND ABORT returned"
@@ -274,7 +312,7 @@ async fn preempt_and_abort_fences_a_writing_victim() {
 /// REGISTRATIONS PREEMPTED once, may use PR IN and READ, and its WRITEs conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
-    let t = one_lun_target().await;
+    let (t, mem) = slow_write_target().await;
     let victim = t.login_as(&iqn("victim"), None, 0).await;
     let pre = t.login_as(&iqn("preemptor"), None, 0).await;
     let bystander = t.login_as(&iqn("bystander"), None, 0).await;
@@ -291,7 +329,7 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
     );
     let g0 = gen(&pre).await;
 
-    let blocks = 256u32; // 128 KiB each
+    let blocks = 8u32;
     let mut tasks = Vec::new();
     for i in 0..48u64 {
         let data = stamped(0, i + 1, 0, blocks).freeze();
@@ -302,11 +340,13 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
                 .expect("submit"),
         );
     }
+    // Let the burst reach the target: its writes are then running (each takes 2 ms).
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(
         pr::preempt(&pre, LUN, 0x2222, 0x1111, ty::WE_AR, true).await,
         Outcome::Good
     );
-    let snapshot = std::fs::read(t.file("lun0.img")).unwrap();
+    let snapshot = mem.snapshot().unwrap();
     let mut counts = [0usize; 4]; // good, no response, conflict, UA
     for task in tasks {
         match tokio::time::timeout(NO_RESPONSE, task.wait()).await {
@@ -322,7 +362,7 @@ async fn preempt_and_abort_aborts_queued_tasks_and_victim_stays_usable() {
     eprintln!("burst: good/no response/conflict/UA = {counts:?}");
     assert!(counts[3] <= 1);
     assert_eq!(
-        std::fs::read(t.file("lun0.img")).unwrap(),
+        mem.snapshot().unwrap(),
         snapshot,
         "a victim write landed after the preempt"
     );

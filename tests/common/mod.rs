@@ -101,10 +101,34 @@ pub fn config_text(iscsi: &str, target_extra: &str, luns: &[(u64, &str, &str)]) 
 
 /// Start a target from a full TOML text.
 pub async fn start(text: &str) -> TestTarget {
+    start_with(text, |_| {}).await
+}
+
+/// Start a target from `text` with LUN `lun` of its first target served from `backend`
+/// instead of its file (a deliberately slow one, say), PREEMPT AND ABORT hook included.
+pub async fn start_with_backend(
+    text: &str,
+    lun: u64,
+    backend: Arc<dyn holdfast::scsi::backend::BlockBackend>,
+) -> TestTarget {
+    start_with(text, move |rt| {
+        let nexuses = rt.nexuses.clone();
+        let node = Arc::get_mut(&mut rt.targets[0]).expect("target not shared yet");
+        let settings = node.luns[&lun].settings().clone();
+        let lu = holdfast::scsi::LogicalUnit::new(settings, backend);
+        lu.set_abort_hook(Box::new(move |victims| nexuses.abort(victims, lun)));
+        node.luns.insert(lun, Arc::new(lu));
+    })
+    .await
+}
+
+async fn start_with(text: &str, adjust: impl FnOnce(&mut Runtime)) -> TestTarget {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config::parse(text, "test.toml", dir.path()).expect("valid config");
-    let rt = Arc::new(Runtime::build(&cfg).expect("runtime"));
+    let mut rt = Runtime::build(&cfg).expect("runtime");
+    adjust(&mut rt);
+    let rt = Arc::new(rt);
     let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
     let addrs = portals.local_addrs();
     let addr = addrs[0];
