@@ -239,7 +239,8 @@ async fn preempt_and_abort_fences_a_writing_victim() {
             "iteration {iteration}: the medium changed after PREEMPT AND ABORT returned"
         );
 
-        let log = log.lock().unwrap();
+        // Owned, so no lock is held across the awaits below.
+        let log: Vec<(u64, Sent)> = std::mem::take(&mut *log.lock().unwrap());
         let late: Vec<&Sent> = log
             .iter()
             .map(|(_, s)| s)
@@ -293,7 +294,6 @@ async fn preempt_and_abort_fences_a_writing_victim() {
         );
         // One REGISTRATIONS PREEMPTED for the nexus, reported once.
         assert!(uas <= 1, "REGISTRATIONS PREEMPTED reported {uas} times");
-        drop(log);
         if uas == 0 {
             assert_eq!(pr::tur(&victim, LUN).await, pr::UA_REG_PREEMPTED);
         }
