@@ -9,7 +9,7 @@
 #   - holdfast is still running afterwards and exits 0 on SIGTERM
 # Summary and full log are copied to OUTDIR (default target/conformance/).
 # Env:
-#   PR_FAMILIES=skip|run   skip (default, until persistent reservations land) leaves
+#   PR_FAMILIES=run|skip   run (default); skip leaves
 #                          out SCSI.Prin*, SCSI.Prout*, SCSI.Reserve6, SCSI.MultipathIO
 #   CONFORMANCE_FAMILIES   explicit space-separated family list (overrides the above)
 #   FAMILY_TIMEOUT         per-family timeout in s (testcu.sh default 300)
@@ -22,7 +22,7 @@ HF_NAME=conformance
 OUT=${1:-${CONFORMANCE_OUT:-$HF_ROOT/target/conformance}}
 IQN=iqn.2026-11.org.holdfast:conformance
 LUN=1
-PR_FAMILIES=${PR_FAMILIES:-skip}
+PR_FAMILIES=${PR_FAMILIES:-run}
 # Families whose tests may be skipped: optional features holdfast does not offer
 # (XCOPY, SANITIZE, WRITE ATOMIC) or states a read-write, always-present disk
 # cannot be in (read-only media, removable media without medium).
