@@ -276,6 +276,24 @@ pub async fn read_full_status(s: &Session, lun: u64) -> (u32, Vec<FullStatus>) {
         at += 24 + desc_len;
     }
     assert_eq!(at, d.len(), "descriptors fill the data exactly");
+    // The initiator library's decoder (written separately) must read the same.
+    let (lib_gen, lib) = holdfast::initiator::pr::parse_full_status(&d).expect("library decodes");
+    assert_eq!(lib_gen, gen);
+    let lib: Vec<(u64, bool, bool, u16, String)> = lib
+        .into_iter()
+        .map(|e| {
+            let text = match e.transport_id.isid {
+                Some(isid) => port_name(&e.transport_id.name, isid),
+                None => e.transport_id.name.to_ascii_lowercase(),
+            };
+            (e.key, e.all_tg_pt, e.holder, e.relative_target_port, text)
+        })
+        .collect();
+    let mine: Vec<(u64, bool, bool, u16, String)> = out
+        .iter()
+        .map(|e| (e.key, e.all_tg_pt, e.holder, e.rel_port, e.name.clone()))
+        .collect();
+    assert_eq!(lib, mine, "READ FULL STATUS decoded two ways");
     (gen, out)
 }
 
