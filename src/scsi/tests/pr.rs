@@ -915,6 +915,26 @@ fn aptpl_persistence_round_trip() {
     assert_eq!(lu.pr_state(), PrState::default());
 }
 
+/// A unit attention taken by a command whose response was never delivered (aborted by
+/// PREEMPT AND ABORT) is given back and reported by the next command, once.
+#[test]
+fn unreported_unit_attention_is_queued_again() {
+    let (lu, _) = super::lu();
+    let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
+    seen(&lu, &[&a, &b]);
+    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
+    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    assert_good(&prout(&lu, &b, PREEMPT_ABORT, 5, 0xB, 0xA));
+    let tur = [0u8; 6];
+    let taken = lu.execute(&cmd(&a, &tur, &[]));
+    assert_sense(&taken, 6, 0x2A, 0x05);
+    // Its response is suppressed: the transport hands the outcome back.
+    lu.unreported(&a, &taken);
+    lu.unreported(&a, &lu.execute(&cmd(&b, &tur, &[]))); // GOOD: nothing to give back
+    assert_sense(&lu.execute(&cmd(&a, &tur, &[])), 6, 0x2A, 0x05);
+    assert_good(&lu.execute(&cmd(&a, &tur, &[])));
+}
+
 /// An all-registrants reservation whose creator unregisters or is preempted stays with
 /// the other registrants, and such a state saves and loads (it used to name the departed
 /// creator as holder, which the loader refused: the LUN did not start again).
