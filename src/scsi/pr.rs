@@ -576,8 +576,18 @@ impl PrState {
     /// Remove registration `i`; a holder's reservation goes with it (SPC-4 §5.13.11.2.3).
     fn unregister(&mut self, i: usize, fx: &mut ProutEffects) {
         let gone = self.registrations.remove(i);
-        let Some(res) = &self.reservation else { return };
+        let Some(res) = &mut self.reservation else {
+            return;
+        };
         let released = if res.ty.all_registrants() {
+            // Every registrant holds it, so it outlives the one that created it; name a
+            // remaining registrant as its holder, or the saved state would not load
+            // (from_bytes requires a registered holder).
+            if res.holder == gone.id {
+                if let Some(next) = self.registrations.first() {
+                    res.holder = next.id.clone();
+                }
+            }
             self.registrations.is_empty()
         } else {
             res.holder == gone.id
@@ -949,11 +959,18 @@ impl PrState {
         if crc32c::crc32c(&state) != file.crc32c {
             return Err(PrLoadError::Corrupt("checksum mismatch".into()));
         }
-        let s = file.state;
+        let mut s = file.state;
         if s.registrations.len() > MAX_REGISTRATIONS {
             return Err(PrLoadError::Corrupt("too many registrations".into()));
         }
-        if let Some(res) = &s.reservation {
+        if let Some(res) = &mut s.reservation {
+            // Files from before unregister() moved the holder of an all-registrants
+            // reservation: any registrant holds it, so name one instead of refusing.
+            if res.ty.all_registrants() && !s.registrations.iter().any(|r| r.id == res.holder) {
+                if let Some(first) = s.registrations.first() {
+                    res.holder = first.id.clone();
+                }
+            }
             if !s.registrations.iter().any(|r| r.id == res.holder) {
                 return Err(PrLoadError::Corrupt(
                     "reservation holder is not registered".into(),

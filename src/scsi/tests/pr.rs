@@ -915,6 +915,29 @@ fn aptpl_persistence_round_trip() {
     assert_eq!(lu.pr_state(), PrState::default());
 }
 
+/// Found by fuzz/pr_out from a captured iscsi-test-cu run: the creator of an
+/// all-registrants reservation unregistering left a holder that was not registered,
+/// which from_bytes rejects, so with APTPL the LUN would not start again.
+#[test]
+fn all_registrants_reservation_survives_its_creator_unregistering_and_a_restart() {
+    for ty in [7, 8] {
+        let store = Arc::new(MemStore::default());
+        let lu = persistent_lu(&store).unwrap();
+        let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
+        assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0, 0xA, APTPL)));
+        assert_good(&prout_raw(&lu, &b, REGISTER, 0, &plist(0, 0xB, APTPL)));
+        assert_good(&prout(&lu, &a, RESERVE, ty, 0xA, 0));
+        assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0xA, 0, APTPL)));
+        let st = lu.pr_state();
+        let res = st.reservation.clone().expect("reservation stays");
+        assert!(st.registrations.iter().any(|r| r.id == res.holder));
+        drop(lu);
+        let lu = persistent_lu(&store).expect("the saved state loads");
+        assert_eq!(lu.pr_state(), st);
+        assert_eq!(reservation(&lu), Some((0, ty)));
+    }
+}
+
 #[test]
 fn corrupt_state_is_an_error() {
     let good = {
