@@ -76,7 +76,8 @@ fuzz_target!(|data: &[u8]| {
         };
         let edtl = (op & 0x40 != 0).then(|| c.u32());
         let lun = lun.min(2);
-        let data_out_len = edtl.unwrap_or_else(|| map.data_out_length(lun, &cdb).max(data.len() as u32));
+        let data_out_len =
+            edtl.unwrap_or_else(|| map.data_out_length(lun, &cdb).max(data.len() as u32));
         // The transport never hands over more than the EDTL it announced.
         let mut data = data;
         data.truncate(data_out_len as usize);

@@ -89,7 +89,7 @@ fn window(input: &Input) {
                 };
                 let exp = w.exp_cmd_sn();
                 let max = w.max_cmd_sn();
-                let in_window = sn_le(exp, sn) && sn_le(sn, max);
+                let in_window = sn.wrapping_sub(exp) < max.wrapping_sub(exp).wrapping_add(1);
                 match w.admit(sn, sn) {
                     Admission::Deliver(items) => {
                         assert_eq!(sn, exp, "delivered a command that was not next");
@@ -110,11 +110,20 @@ fn window(input: &Input) {
             WinOp::MaxCmdSn => {}
         }
         let max = w.max_cmd_sn();
-        assert!(sn_le(max_seen, max), "MaxCmdSN went back: {max_seen} -> {max}");
+        assert!(
+            sn_le(max_seen, max),
+            "MaxCmdSN went back: {max_seen} -> {max}"
+        );
         max_seen = max;
         // MaxCmdSN + 1 may equal ExpCmdSN (a closed window), never be behind it.
-        assert!(!sn_lt(max.wrapping_add(1), w.exp_cmd_sn()), "window inverted");
-        assert!(w.held() <= depth.max(1) as usize + 0x8000, "held grows without bound");
+        assert!(
+            !sn_lt(max.wrapping_add(1), w.exp_cmd_sn()),
+            "window inverted"
+        );
+        assert!(
+            w.held() <= depth.max(1) as usize + 0x8000,
+            "held grows without bound"
+        );
     }
 }
 
@@ -170,14 +179,24 @@ fn transfer(input: &Input) {
                 let offset = d.offset.unwrap_or(off);
                 let data = vec![0xa5; usize::from(d.len)];
                 if t.on_data_out(ttt, data_sn, offset, &data, d.final_).is_ok() {
-                    next.insert(ttt, (data_sn.wrapping_add(1), offset.wrapping_add(u32::from(d.len))));
+                    next.insert(
+                        ttt,
+                        (
+                            data_sn.wrapping_add(1),
+                            offset.wrapping_add(u32::from(d.len)),
+                        ),
+                    );
                 }
             }
         }
     }
     let _ = t.is_complete();
     let _ = t.r2t_count();
-    assert_eq!(t.into_data().len(), wanted as usize, "buffer is not the wanted length");
+    assert_eq!(
+        t.into_data().len(),
+        wanted as usize,
+        "buffer is not the wanted length"
+    );
 }
 
 fn data_in(input: &Input) {

@@ -74,7 +74,10 @@ fn round_trip(pdu: &holdfast::wire::Pdu, digests: DigestConfig, consumed: usize)
         .decode(&mut wire)
         .unwrap_or_else(|e| panic!("re-encoded PDU does not decode: {e}: {pdu:?}"))
         .expect("re-encoded PDU is complete");
-    assert!(wire.is_empty(), "re-encoded PDU decoded with bytes left over");
+    assert!(
+        wire.is_empty(),
+        "re-encoded PDU decoded with bytes left over"
+    );
     assert_eq!(&again, pdu, "decode(encode(pdu)) != pdu");
     let mut twice = BytesMut::new();
     encode(&again, digests, &mut twice);

@@ -69,7 +69,12 @@ fn key(c: &mut Cursor) -> u64 {
 }
 
 fn name(i: u8) -> &'static str {
-    [INITIATOR_A, INITIATOR_B, "iqn.2026-11.org.example:stranger", "x"][usize::from(i % 4)]
+    [
+        INITIATOR_A,
+        INITIATOR_B,
+        "iqn.2026-11.org.example:stranger",
+        "x",
+    ][usize::from(i % 4)]
 }
 
 /// One TransportID: iSCSI format 00b (name only), 01b (name and ISID), or raw bytes.
@@ -80,7 +85,10 @@ fn transport_id(c: &mut Cursor) -> Vec<u8> {
             let len = usize::from(c.u8());
             return c.take(len).to_vec();
         }
-        1 => (0x40, format!("{},i,0x80000223d00{:02x}", name(t), (t >> 2) % 4)),
+        1 => (
+            0x40,
+            format!("{},i,0x80000223d00{:02x}", name(t), (t >> 2) % 4),
+        ),
         _ => (0u8, name(t).to_string()),
     };
     let mut body = text.into_bytes();
@@ -111,8 +119,12 @@ fn prout(c: &mut Cursor) -> (Vec<u8>, Vec<u8>) {
     let tid: Vec<u8> = (0..ntids).flat_map(|_| transport_id(c)).collect();
     let len_adjust = if flags & 0x20 != 0 { c.u8() as i8 } else { 0 };
     let tid_len_adjust = if flags & 0x40 != 0 { c.u8() as i8 } else { 0 };
-    let (spec_i_pt, all_tg_pt, aptpl, unreg) =
-        (flags & 8 != 0, flags & 4 != 0, flags & 1 != 0, flags & 2 != 0);
+    let (spec_i_pt, all_tg_pt, aptpl, unreg) = (
+        flags & 8 != 0,
+        flags & 4 != 0,
+        flags & 1 != 0,
+        flags & 2 != 0,
+    );
     let mut params = Vec::new();
     params.extend_from_slice(&k.to_be_bytes());
     params.extend_from_slice(&sa_k.to_be_bytes());
@@ -168,7 +180,9 @@ fn invariants(st: &PrState, prev_gen: u32, store: &MemStore) {
     assert_eq!(add, 8 * n, "READ KEYS length vs {n} registrations");
     let mut listed: Vec<u64> = keys[8..].chunks(8).map(|k| be64(k, 0)).collect();
 
-    let full = st.prin(&prin_cdb(3, 0xffff), caps).expect("READ FULL STATUS");
+    let full = st
+        .prin(&prin_cdb(3, 0xffff), caps)
+        .expect("READ FULL STATUS");
     assert_eq!(be32(&full, 0), st.generation, "READ FULL STATUS generation");
     let add = be32(&full, 4) as usize;
     if add + 8 <= full.len() {
@@ -185,7 +199,9 @@ fn invariants(st: &PrState, prev_gen: u32, store: &MemStore) {
         assert_eq!(listed, described, "READ KEYS and READ FULL STATUS disagree");
     }
 
-    let res = st.prin(&prin_cdb(1, 0xffff), caps).expect("READ RESERVATION");
+    let res = st
+        .prin(&prin_cdb(1, 0xffff), caps)
+        .expect("READ RESERVATION");
     assert_eq!(be32(&res, 0), st.generation, "READ RESERVATION generation");
     match &st.reservation {
         None => assert_eq!(be32(&res, 4), 0, "READ RESERVATION without a reservation"),
@@ -207,7 +223,10 @@ fn invariants(st: &PrState, prev_gen: u32, store: &MemStore) {
     match &*store.saved.lock().unwrap() {
         Some(saved) => {
             assert!(st.aptpl, "state saved while APTPL is off");
-            assert_eq!(&PrState::from_bytes(saved).expect("saved state decodes"), st);
+            assert_eq!(
+                &PrState::from_bytes(saved).expect("saved state decodes"),
+                st
+            );
         }
         None => assert!(!st.aptpl, "APTPL set but nothing saved"),
     }
@@ -220,8 +239,9 @@ fuzz_target!(|data: &[u8]| {
         serial: "fuzzpr".into(),
         ..LunSettings::default()
     };
-    let lu = LogicalUnit::with_persistence(settings.clone(), backend.clone(), Box::new(store.clone()))
-        .expect("empty store loads");
+    let lu =
+        LogicalUnit::with_persistence(settings.clone(), backend.clone(), Box::new(store.clone()))
+            .expect("empty store loads");
     let nx = nexuses();
     let mut gen = 0;
     let mut c = Cursor::new(data);
@@ -235,7 +255,10 @@ fuzz_target!(|data: &[u8]| {
             1 => prout(&mut c),
             2 => {
                 let sa = c.u8() % 8;
-                (prin_cdb(sa, u16::from_le_bytes([c.u8(), c.u8()])).to_vec(), vec![])
+                (
+                    prin_cdb(sa, u16::from_le_bytes([c.u8(), c.u8()])).to_vec(),
+                    vec![],
+                )
             }
             3 => {
                 let op = if flag { 0x2a } else { 0x28 };
@@ -276,7 +299,10 @@ fuzz_target!(|data: &[u8]| {
         let out = lu.execute(&cmd);
         let after = lu.pr_state();
         if out.status == status::GOOD && cmd.cdb.first() == Some(&0x2a) {
-            assert!(before.allows(&nexus, true), "write allowed against {before:?}");
+            assert!(
+                before.allows(&nexus, true),
+                "write allowed against {before:?}"
+            );
         }
         if out.status != status::GOOD && cmd.cdb.first() == Some(&0x5f) {
             assert_eq!(before, after, "failed PR OUT changed the state");

@@ -26,8 +26,10 @@ use holdfast::iscsi::login::{
 };
 use holdfast::wire::text::{encode_text, parse_text};
 use holdfast::wire::{encode, Bhs, DigestConfig, Pdu, PduDecoder, WireError};
-use holdfast_fuzz::{Cursor, CHAP_SECRET, CHAP_TARGET, CHAP_USER, MUTUAL_SECRET, MUTUAL_TARGET,
-    MUTUAL_USER, OPEN_TARGET};
+use holdfast_fuzz::{
+    Cursor, CHAP_SECRET, CHAP_TARGET, CHAP_USER, MUTUAL_SECRET, MUTUAL_TARGET, MUTUAL_USER,
+    OPEN_TARGET,
+};
 use libfuzzer_sys::fuzz_target;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -68,7 +70,12 @@ impl LoginAuthority for Authority {
     fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
         Ok(self.discovery_chap.then(|| creds(false)))
     }
-    fn resolve_tsih(&self, _initiator: &str, _isid: [u8; 6], tsih: u16) -> Result<u16, LoginStatus> {
+    fn resolve_tsih(
+        &self,
+        _initiator: &str,
+        _isid: [u8; 6],
+        tsih: u16,
+    ) -> Result<u16, LoginStatus> {
         match tsih {
             0 | 0x1234 => Ok(0x1234),
             _ => Err(LoginStatus::SESSION_DOES_NOT_EXIST),
@@ -157,7 +164,10 @@ fn check_wire(pdu: &Pdu) -> Vec<(String, String)> {
     let mut wire = BytesMut::new();
     encode(pdu, DigestConfig::default(), &mut wire);
     let mut dec = PduDecoder::new(holdfast::wire::codec::MAX_DATA_SEGMENT_LEN);
-    let again = dec.decode(&mut wire).expect("own PDU decodes").expect("complete");
+    let again = dec
+        .decode(&mut wire)
+        .expect("own PDU decodes")
+        .expect("complete");
     assert_eq!(&again, pdu);
     parse_text(&pdu.data).expect("own login text parses")
 }
@@ -200,7 +210,10 @@ fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
         if ended {
             // The connection would be closed or in the full feature phase by now; a
             // machine fed anyway must refuse.
-            assert!(matches!(step, LoginStep::Fail(_)), "login went on after it ended: {step:?}");
+            assert!(
+                matches!(step, LoginStep::Fail(_)),
+                "login went on after it ended: {step:?}"
+            );
             break;
         }
         let resp = match &step {
@@ -215,7 +228,11 @@ fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
         }
         if let (Some(got), Some((id, c))) = (last(&keys, "CHAP_R"), ours) {
             let want = chap_response(id, MUTUAL_SECRET, &c);
-            assert_eq!(decode_binary(got).as_deref(), Some(&want[..]), "target CHAP_R wrong");
+            assert_eq!(
+                decode_binary(got).as_deref(),
+                Some(&want[..]),
+                "target CHAP_R wrong"
+            );
             assert_eq!(last(&keys, "CHAP_N"), Some(MUTUAL_USER));
         }
         match step {
@@ -233,7 +250,10 @@ fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
                         Some(CHAP_TARGET) | Some(MUTUAL_TARGET)
                     ),
                 };
-                assert!(!need_chap || proved, "login completed without CHAP proof: {outcome:?}");
+                assert!(
+                    !need_chap || proved,
+                    "login completed without CHAP proof: {outcome:?}"
+                );
                 let s = &outcome.session;
                 assert!(s.first_burst_length <= s.max_burst_length, "{s:?}");
                 assert!(s.max_burst_length <= policy.max_burst_length, "{s:?}");
@@ -252,8 +272,8 @@ fn drive_initiator(flags: u8, policy: &TargetKeyPolicy, stream: &[u8]) {
     );
     let chap = flags & I_CHAP != 0;
     cfg.chap = chap.then(|| (CHAP_USER.to_string(), CHAP_SECRET.to_vec()));
-    cfg.mutual_chap = (chap && flags & I_MUTUAL != 0)
-        .then(|| (MUTUAL_USER.to_string(), MUTUAL_SECRET.to_vec()));
+    cfg.mutual_chap =
+        (chap && flags & I_MUTUAL != 0).then(|| (MUTUAL_USER.to_string(), MUTUAL_SECRET.to_vec()));
     cfg.header_digest = policy.immediate_data;
     cfg.data_digest = policy.initial_r2t;
     cfg.max_burst_length = policy.max_burst_length;
