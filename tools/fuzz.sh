@@ -1,8 +1,9 @@
 #!/bin/bash
 # tools/fuzz.sh [SECONDS_PER_TARGET]: build the cargo-fuzz targets in fuzz/ and run each
 # for a fixed time, starting from its seed corpus (fixtures/fuzz/<target>/, copied to a
-# temp dir so the committed corpus never changes). Prints per target the executions and
-# crashes; exits non-zero if any target crashed (or failed to build or run).
+# temp dir so the committed corpus never changes). Reports (tools/lib.sh `report`) per
+# target PASS/FAIL with the executions and crashes; exits non-zero if any target
+# crashed (or failed to build or run).
 #
 #   tools/fuzz.sh                      20 s per target (what tools/test runs)
 #   FUZZ_SECONDS=3600 tools/fuzz.sh    a long run
@@ -21,14 +22,18 @@ SECONDS_PER_TARGET=${1:-${FUZZ_SECONDS:-20}}
 TARGETS=${FUZZ_TARGETS:-pdu_decode text_and_login cdb_dispatch pr_out cmdsn_and_transfer}
 export RUSTC_BOOTSTRAP=1
 BUILD_DIR=${CARGO_TARGET_DIR:-$HF_ROOT/target}/fuzz-build
-command -v cargo-fuzz >/dev/null || die "cargo-fuzz missing: cargo install cargo-fuzz"
+if ! command -v cargo-fuzz >/dev/null; then
+  report FAIL "fuzz" "cargo-fuzz missing: cargo install cargo-fuzz"
+  exit 1
+fi
 make_tmpdir
 cd "$HF_ROOT"
 
 log "building fuzz targets (release, ASan, debug assertions) into $BUILD_DIR"
 cargo fuzz build --target-dir "$BUILD_DIR" >"$HF_TMP/build.log" 2>&1 || {
   tail -n 40 "$HF_TMP/build.log"
-  die "cargo fuzz build failed"
+  report FAIL "fuzz build" "cargo fuzz build failed"
+  exit 1
 }
 
 FAILED=0
@@ -52,14 +57,16 @@ for t in $TARGETS; do
   [ -n "$execs" ] || execs=$(sed -n 's/^#\([0-9]*\)[[:space:]]*DONE.*/\1/p' "$HF_TMP/$t.log" | tail -n1)
   crashes=$(( $(find "$artifacts" -type f | wc -l) - before ))
   grown=$(find "$corpus" -type f | wc -l)
-  line="$t: ${execs:-?} executions in ${SECONDS_PER_TARGET} s, corpus $seeds -> $grown, crashes $crashes"
+  detail="${execs:-?} executions in ${SECONDS_PER_TARGET} s, corpus $seeds -> $grown, crashes $crashes"
   if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
     FAILED=1
     grep -E -m 20 'panicked at|ERROR: (libFuzzer|AddressSanitizer)|SUMMARY|Test unit written' "$HF_TMP/$t.log" || tail -n 30 "$HF_TMP/$t.log"
-    line="FAIL $line (exit $rc; inputs in fuzz/artifacts/$t/)"
+    report FAIL "fuzz $t" "$detail; exit $rc; inputs in fuzz/artifacts/$t/"
+    SUMMARY+=("FAIL $t: $detail")
+  else
+    report PASS "fuzz $t" "$detail"
+    SUMMARY+=("$t: $detail")
   fi
-  SUMMARY+=("$line")
-  echo "$line"
   if [ -n "${FUZZ_CORPUS_OUT:-}" ]; then
     mkdir -p "$FUZZ_CORPUS_OUT/$t" && cp -r "$corpus/." "$FUZZ_CORPUS_OUT/$t/"
   fi
