@@ -106,6 +106,8 @@ pub struct Runtime {
     pub settings: super::config::IscsiSettings,
     /// Live I_T nexuses, for PREEMPT AND ABORT of their tasks.
     pub nexuses: Arc<NexusDirectory>,
+    /// Connection, session, buffer and CHAP-failure limits.
+    pub limits: super::limits::ResourceLimits,
     /// Every backing store, for the flush at shutdown.
     backends: Vec<(String, Arc<FileBackend>)>,
 }
@@ -113,6 +115,15 @@ pub struct Runtime {
 impl Runtime {
     /// Open every backing file (creating sparse ones) and build the logical units.
     pub fn build(cfg: &ValidConfig) -> Result<Runtime, RuntimeError> {
+        Self::build_with(cfg, &|_, b| b)
+    }
+
+    /// Like [`Runtime::build`], with every LUN's backend passed through `wrap` (given the
+    /// backing file's path): fault injection and instrumentation in tests.
+    pub fn build_with(
+        cfg: &ValidConfig,
+        wrap: &dyn Fn(&std::path::Path, Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>,
+    ) -> Result<Runtime, RuntimeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RuntimeError::Lun {
             key: "data_dir".into(),
             reason: format!("cannot create {}: {e}", cfg.data_dir.display()),
@@ -167,7 +178,8 @@ impl Runtime {
                 // reservations a cluster relies on.
                 let store = PrFileStore::for_backing(&path);
                 let pr_path = store.path().display().to_string();
-                let lu = LogicalUnit::with_persistence(settings, backend, Box::new(store))
+                let served = wrap(&path, backend);
+                let lu = LogicalUnit::with_persistence(settings, served, Box::new(store))
                     .map_err(|e| RuntimeError::Lun {
                         key: key.clone(),
                         reason: format!("{pr_path}: {e}"),
@@ -208,6 +220,7 @@ impl Runtime {
                 target_alias: None,
             },
             settings: s.clone(),
+            limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
             backends,
             nexuses,
         })
