@@ -929,7 +929,10 @@ impl LogicalUnit {
         let cdb: &[u8] = &cmd.cdb;
         self.note_nexus(&cmd.nexus);
         if self.offline.load(Ordering::Acquire)
-            && !matches!(cdb::byte(cdb, 0), op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
+            && !matches!(
+                cdb::byte(cdb, 0),
+                op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE
+            )
         {
             // SPC-4: identification and LUN inventory still work on a failed unit.
             return self.check(Sense::new(key::NOT_READY, 0x04, 0x03));

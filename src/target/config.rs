@@ -491,7 +491,10 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         ("max_connections", l.max_connections),
         ("max_sessions", l.max_sessions),
         ("max_connections_per_target", l.max_connections_per_target),
-        ("max_connections_per_initiator", l.max_connections_per_initiator),
+        (
+            "max_connections_per_initiator",
+            l.max_connections_per_initiator,
+        ),
         ("chap_max_failures", l.chap_max_failures),
     ] {
         if v == 0 {
@@ -499,10 +502,7 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         }
     }
     if !(1 << 20..=1 << 40).contains(&l.buffer_memory.0) {
-        bad(
-            "limits.buffer_memory".into(),
-            "must be 1MiB to 1TiB".into(),
-        );
+        bad("limits.buffer_memory".into(), "must be 1MiB to 1TiB".into());
     }
     if l.max_command_bytes.0 < 4096
         || l.max_command_bytes.0 > l.buffer_memory.0

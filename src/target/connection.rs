@@ -2,6 +2,7 @@
 //! session. The reader half runs here; a writer task stamps sequence numbers and sends.
 //! SCSI commands execute on the blocking pool and answer through the writer.
 
+use super::limits::{BufferPermit, SessionSlot};
 use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::cmdsn::{Admission, CmdWindow};
@@ -20,7 +21,6 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use super::limits::{BufferPermit, SessionSlot};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -104,10 +104,7 @@ impl LoginAuthority for Authority<'_> {
     fn resolve_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> Result<u16, LoginStatus> {
         // Called once, just before the login succeeds: the place to take a session slot.
         let target = lock(&self.leading).as_ref().and_then(|l| l.1.clone());
-        let slot = self
-            .rt
-            .limits
-            .session(initiator, isid, target.as_deref())?;
+        let slot = self.rt.limits.session(initiator, isid, target.as_deref())?;
         *lock(&self.slot) = Some(slot);
         if tsih == 0 {
             Ok(self.reg.allocate_tsih())
@@ -307,6 +304,9 @@ async fn login_phase(
 /// Something for the writer task.
 enum Out {
     Pdu(Pdu),
+    /// A task's buffer budget, returned once the PDUs queued before it are written: a
+    /// peer that stops reading cannot make Data-In pile up beyond the budget.
+    Release(BufferPermit),
     /// Flush what is queued and close the connection.
     Close,
 }
@@ -352,7 +352,7 @@ struct Ready {
     r2t_count: u32,
     cmd: ScsiCommand,
     /// The command's share of `limits.buffer_memory`, returned when the task ends.
-    _buffer: Option<BufferPermit>,
+    buffer: Option<BufferPermit>,
 }
 
 /// A non-immediate request waiting for its CmdSN turn.
@@ -528,12 +528,17 @@ async fn run_full_feature(
         header: outcome.connection.header_digest,
         data: outcome.connection.data_digest,
     };
+    let (stalled_tx, mut stalled_rx) = watch::channel(false);
     let writer = tokio::spawn(writer_task(
         wr,
         rx,
         shared.clone(),
         digests,
         outcome.next_stat_sn,
+        (
+            Duration::from_secs(rt.settings.nop_timeout_secs),
+            stalled_tx,
+        ),
     ));
     let mut conn = Reader {
         rt: rt.clone(),
@@ -553,6 +558,10 @@ async fn run_full_feature(
     let res = tokio::select! {
         r = conn.run() => r,
         _ = shutdown.wait_for(|s| *s) => Ok(()),
+        _ = stalled_rx.wait_for(|s| *s) => Err(ConnError::Protocol(format!(
+            "peer stopped reading: a write blocked for more than nop_timeout_secs ({} s)",
+            rt.settings.nop_timeout_secs
+        ))),
         _ = async { match stop_rx.as_mut() { Some(s) => { let _ = s.wait_for(|s| *s).await; } None => std::future::pending().await } } => {
             info!(initiator = %conn.outcome.initiator_name, "session ended by reinstatement or shutdown");
             Ok(())
@@ -650,13 +659,21 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
 fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
+        let mut ready = ready;
         let outcome = shared.lun_map.execute(&ready.cmd);
         let pdus = build_response(&shared, &ready, outcome);
-        finish(&shared, ready.itt, task_id, pdus);
+        let buffer = ready.buffer.take();
+        finish(&shared, ready.itt, task_id, pdus, buffer);
     });
 }
 
-fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
+fn finish(
+    shared: &Arc<Shared>,
+    itt: u32,
+    task_id: TaskId,
+    pdus: Vec<Pdu>,
+    buffer: Option<BufferPermit>,
+) {
     let started = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
@@ -667,6 +684,9 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
         if !aborted {
             for p in pdus {
                 shared.send(p);
+            }
+            if let Some(b) = buffer {
+                let _ = shared.out.send(Out::Release(b));
             }
         } else {
             debug!(itt, "task aborted: response suppressed");
@@ -1108,7 +1128,11 @@ impl Reader {
                 max = limits.settings.max_command_bytes.0,
                 "expected data transfer length beyond limits.max_command_bytes: failing the command"
             );
-            self.fail_command(c.itt, status::CHECK_CONDITION, Some(Sense::new(0x05, 0x24, 0x00)));
+            self.fail_command(
+                c.itt,
+                status::CHECK_CONDITION,
+                Some(Sense::new(0x05, 0x24, 0x00)),
+            );
             return;
         }
         // Buffers are charged before anything is allocated, so announced-but-never-sent
@@ -1122,7 +1146,12 @@ impl Reader {
             } else {
                 status::BUSY
             };
-            debug!(itt = c.itt, edtl, status = st, "buffer budget exhausted: command refused");
+            debug!(
+                itt = c.itt,
+                edtl,
+                status = st,
+                "buffer budget exhausted: command refused"
+            );
             self.fail_command(c.itt, st, None);
             return;
         };
@@ -1162,7 +1191,7 @@ impl Reader {
             cdb_out_len,
             r2t_count: 0,
             cmd,
-            _buffer: Some(buffer),
+            buffer: Some(buffer),
         };
         if !c.write || c.expected_data_transfer_length == 0 {
             if !data.is_empty() && !c.write {
@@ -1577,9 +1606,11 @@ async fn writer_task(
     shared: Arc<Shared>,
     digests: DigestConfig,
     mut stat_sn: u32,
+    (stall_after, stalled): (Duration, watch::Sender<bool>),
 ) {
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut closing = false;
+    let mut releases: Vec<BufferPermit> = Vec::new();
     while let Some(first) = rx.recv().await {
         buf.clear();
         let mut next = Some(first);
@@ -1594,6 +1625,7 @@ async fn writer_task(
                     stamp(&mut p, &mut stat_sn, exp, max);
                     wire::encode(&p, digests, &mut buf);
                 }
+                Out::Release(b) => releases.push(b),
                 Out::Close => closing = true,
             }
             if closing || buf.len() >= 1 << 20 {
@@ -1602,11 +1634,21 @@ async fn writer_task(
             next = rx.try_recv().ok();
         }
         if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
-                debug!(error = %e, "write failed; connection is gone");
-                break;
+            match tokio::time::timeout(stall_after, wr.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "write failed; connection is gone");
+                    break;
+                }
+                Err(_) => {
+                    // A peer that does not read would hold its responses (and their
+                    // buffer budget) forever.
+                    let _ = stalled.send(true);
+                    break;
+                }
             }
         }
+        releases.clear();
         if closing {
             break;
         }

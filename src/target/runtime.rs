@@ -179,11 +179,12 @@ impl Runtime {
                 let store = PrFileStore::for_backing(&path);
                 let pr_path = store.path().display().to_string();
                 let served = wrap(&path, backend);
-                let lu = LogicalUnit::with_persistence(settings, served, Box::new(store))
-                    .map_err(|e| RuntimeError::Lun {
+                let lu = LogicalUnit::with_persistence(settings, served, Box::new(store)).map_err(
+                    |e| RuntimeError::Lun {
                         key: key.clone(),
                         reason: format!("{pr_path}: {e}"),
-                    })?;
+                    },
+                )?;
                 let dir = nexuses.clone();
                 let lun_id = l.id;
                 lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));

@@ -2,6 +2,8 @@
 //! with its backing files in a temporary directory.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use holdfast::initiator::{InitiatorConfig, Session};
 use holdfast::target::config;
 use holdfast::target::portal::Portals;
@@ -114,5 +116,95 @@ pub async fn clear_unit_attention(s: &Session, lun: u64) {
         if s.test_unit_ready(lun).await.is_ok() {
             return;
         }
+    }
+}
+
+/// A well-behaved session doing write + read-back I/O in the background while a test
+/// does something hostile: it must keep succeeding, without long stalls.
+pub struct Bystander {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: JoinHandle<BystanderReport>,
+}
+
+#[derive(Debug)]
+pub struct BystanderReport {
+    pub ops: u64,
+    pub max_latency: std::time::Duration,
+    pub errors: Vec<String>,
+}
+
+impl Bystander {
+    /// Log in (own ISID) and loop 4 KiB writes and verifying reads on LUN `lun` from
+    /// `lba_base` on.
+    pub async fn start(t: &TestTarget, lun: u64, lba_base: u64) -> Bystander {
+        let s = t.login().await;
+        clear_unit_attention(&s, lun).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done2 = done.clone();
+        let handle = tokio::spawn(async move {
+            let mut r = BystanderReport {
+                ops: 0,
+                max_latency: std::time::Duration::ZERO,
+                errors: Vec::new(),
+            };
+            let mut i: u64 = 0;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let lba = lba_base + (i % 256) * 8;
+                let data = bytes::Bytes::from(vec![(i % 251) as u8; 4096]);
+                let t0 = std::time::Instant::now();
+                let res = async {
+                    s.write16(lun, lba, data.clone(), BLOCK, false).await?;
+                    let back = s.read16(lun, lba, 8, BLOCK).await?;
+                    if back != data {
+                        return Err(holdfast::initiator::InitiatorError::Protocol(
+                            "read back differs".into(),
+                        ));
+                    }
+                    Ok::<_, holdfast::initiator::InitiatorError>(())
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(20), res).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => r.errors.push(e.to_string()),
+                    Err(_) => r.errors.push("write+read timed out".into()),
+                }
+                r.max_latency = r.max_latency.max(t0.elapsed());
+                r.ops += 1;
+                done2.store(r.ops, std::sync::atomic::Ordering::Relaxed);
+                i += 1;
+                if r.errors.len() > 3 {
+                    break;
+                }
+                // Gentle pace: the point is liveness, not load.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let _ = s.logout().await;
+            r
+        });
+        Bystander { stop, done, handle }
+    }
+
+    /// Stop and check: no errors, some progress, no stall beyond `bound`.
+    pub async fn finish(self, bound: std::time::Duration) -> BystanderReport {
+        // Let it show progress after whatever the test did.
+        let seen = self.done.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        while self.done.load(std::sync::atomic::Ordering::Relaxed) < seen + 5
+            && t0.elapsed() < bound * 4
+            && !self.handle.is_finished()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = self.handle.await.expect("bystander task");
+        assert!(r.errors.is_empty(), "bystander saw errors: {r:?}");
+        assert!(r.ops >= 3, "bystander made no progress: {r:?}");
+        assert!(
+            r.max_latency < bound,
+            "bystander stalled: {r:?} (bound {bound:?})"
+        );
+        r
     }
 }
