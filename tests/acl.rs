@@ -24,7 +24,9 @@ static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 struct Capture;
 impl Write for Capture {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+        LOGS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -95,15 +97,9 @@ async fn each_initiator_discovers_and_logs_in_to_its_own_target_only() {
     capture_logs();
     let t = start(&two_targets("", "")).await;
     let found = Session::discover(t.addr, A, None).await.unwrap();
-    assert_eq!(
-        found.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
-        [T1]
-    );
+    assert_eq!(found.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), [T1]);
     let found = Session::discover(t.addr, B, None).await.unwrap();
-    assert_eq!(
-        found.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
-        [T2]
-    );
+    assert_eq!(found.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), [T2]);
     let found = Session::discover(t.addr, INITIATOR, None).await.unwrap();
     assert!(found.is_empty(), "a stranger sees {found:?}");
     for (init, target) in [(A, T2), (B, T1), (INITIATOR, T1)] {
@@ -113,7 +109,10 @@ async fn each_initiator_discovers_and_logs_in_to_its_own_target_only() {
     // A's session sees only its LUN, and SendTargets from inside it names no other target.
     let s = Session::login(cfg(&t, A, T1)).await.unwrap();
     assert_eq!(s.report_luns().await.unwrap(), vec![1]);
-    let keys = s.text(&[("SendTargets".to_string(), T2.to_string())]).await.unwrap();
+    let keys = s
+        .text(&[("SendTargets".to_string(), T2.to_string())])
+        .await
+        .unwrap();
     assert!(
         !keys.iter().any(|(_, v)| v.contains("t2")),
         "T2 leaked to A: {keys:?}"
@@ -125,9 +124,7 @@ async fn each_initiator_discovers_and_logs_in_to_its_own_target_only() {
 async fn discovery_chap_and_per_initiator_chap() {
     capture_logs();
     let disc = format!("[discovery_chap]\nusername = \"disc\"\nsecret = \"{SECRET}\"\n");
-    let chap = format!(
-        "[target.chap]\nusername = \"all\"\nsecret = \"{SECRET}\"\n"
-    );
+    let chap = format!("[target.chap]\nusername = \"all\"\nsecret = \"{SECRET}\"\n");
     let text = two_targets(&disc, &chap).replace(
         &format!("initiator = \"{A}\"\nluns = [1]\n"),
         &format!(
@@ -157,7 +154,8 @@ async fn discovery_chap_and_per_initiator_chap() {
 #[tokio::test]
 async fn failed_chap_is_logged_and_locked_out_per_initiator() {
     capture_logs();
-    let limits = "[limits]\nchap_max_failures = 3\nchap_failure_window_secs = 60\nchap_lockout_secs = 2\n";
+    let limits =
+        "[limits]\nchap_max_failures = 3\nchap_failure_window_secs = 60\nchap_lockout_secs = 2\n";
     let chap = format!("[target.chap]\nusername = \"all\"\nsecret = \"{SECRET}\"\n");
     // T1 open to every initiator for this test (drop its ACL).
     let text = two_targets(limits, &chap).replacen(
@@ -181,7 +179,12 @@ async fn failed_chap_is_logged_and_locked_out_per_initiator() {
     let e = Session::login(good(A)).await.unwrap_err();
     assert_eq!(e.login_status(), Some((2, 1)), "{e}");
     // Other initiators are not affected.
-    Session::login(good(B)).await.unwrap().logout().await.unwrap();
+    Session::login(good(B))
+        .await
+        .unwrap()
+        .logout()
+        .await
+        .unwrap();
     let log = logs();
     assert!(
         log.contains("repeated CHAP failures: initiator locked out") && log.contains(A),
@@ -194,5 +197,10 @@ async fn failed_chap_is_logged_and_locked_out_per_initiator() {
     );
     // After chap_lockout_secs the right secret works again.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    Session::login(good(A)).await.unwrap().logout().await.unwrap();
+    Session::login(good(A))
+        .await
+        .unwrap()
+        .logout()
+        .await
+        .unwrap();
 }

@@ -974,7 +974,12 @@ impl LogicalUnit {
         let req = Request { cmd, cdb };
         let result = (spec.handler)(self, &req);
         drop(guard);
-        if result.is_ok() && self.consecutive_errors.load(Ordering::Relaxed) != 0 {
+        // Only a command that touched the medium proves the backend works again (a TEST
+        // UNIT READY poll must not hide a dead device).
+        if result.is_ok()
+            && matches!(spec.access, Access::Read | Access::Write)
+            && self.consecutive_errors.load(Ordering::Relaxed) != 0
+        {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
         self.outcome(result)

@@ -89,10 +89,21 @@ pub fn config_text(iscsi: &str, target_extra: &str, luns: &[(u64, &str, &str)]) 
 
 /// Start a target from a full TOML text.
 pub async fn start(text: &str) -> TestTarget {
+    start_with(text, &|_, b| b).await
+}
+
+/// A function that wraps (e.g. fault-injects) a LUN's backend, given its file's path.
+pub type BackendWrap = dyn Fn(
+    &std::path::Path,
+    Arc<dyn holdfast::scsi::backend::BlockBackend>,
+) -> Arc<dyn holdfast::scsi::backend::BlockBackend>;
+
+/// Start a target whose LUN backends pass through `wrap`.
+pub async fn start_with(text: &str, wrap: &BackendWrap) -> TestTarget {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config::parse(text, "test.toml", dir.path()).expect("valid config");
-    let rt = Arc::new(Runtime::build(&cfg).expect("runtime"));
+    let rt = Arc::new(Runtime::build_with(&cfg, wrap).expect("runtime"));
     let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
     let addr = portals.local_addrs()[0];
     let (tx, rx) = watch::channel(false);
