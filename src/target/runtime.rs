@@ -97,6 +97,9 @@ pub fn chap_credentials(c: &ChapConfig) -> ChapCredentials {
     }
 }
 
+/// Wraps a LUN's backend, given its backing file's path (see [`Runtime::build_with`]).
+pub type BackendWrap = dyn Fn(&std::path::Path, Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>;
+
 /// Everything shared by all connections of one running target process.
 #[derive(Debug)]
 pub struct Runtime {
@@ -120,10 +123,7 @@ impl Runtime {
 
     /// Like [`Runtime::build`], with every LUN's backend passed through `wrap` (given the
     /// backing file's path): fault injection and instrumentation in tests.
-    pub fn build_with(
-        cfg: &ValidConfig,
-        wrap: &dyn Fn(&std::path::Path, Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>,
-    ) -> Result<Runtime, RuntimeError> {
+    pub fn build_with(cfg: &ValidConfig, wrap: &BackendWrap) -> Result<Runtime, RuntimeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RuntimeError::Lun {
             key: "data_dir".into(),
             reason: format!("cannot create {}: {e}", cfg.data_dir.display()),

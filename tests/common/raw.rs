@@ -239,12 +239,10 @@ impl RawConn {
     pub async fn ping(&mut self) {
         let (itt, p) = self.nop_out();
         self.send(&p).await;
-        loop {
-            let r = self.expect_reply(Duration::from_secs(10)).await;
-            match &r.bhs {
-                Bhs::NopIn(n) if n.itt == itt => return,
-                other => panic!("expected NOP-In for {itt:#x}, got {other:?}"),
-            }
+        let r = self.expect_reply(Duration::from_secs(10)).await;
+        match &r.bhs {
+            Bhs::NopIn(n) if n.itt == itt => {}
+            other => panic!("expected NOP-In for {itt:#x}, got {other:?}"),
         }
     }
 
