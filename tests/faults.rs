@@ -85,7 +85,7 @@ async fn faulty_target() -> (TestTarget, Arc<AtomicU8>, Arc<AtomicU8>) {
         };
         Arc::new(Faulty { inner, mode })
     };
-    let t = start_with(
+    let t = start_wrapped(
         &config_text(
             "",
             "",
