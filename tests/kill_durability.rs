@@ -10,7 +10,7 @@
 
 mod common;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use common::{clear_unit_attention, init_tracing, BLOCK, INITIATOR, TARGET};
 use holdfast::initiator::{InitiatorConfig, Session};
 use rand::rngs::StdRng;
@@ -297,5 +297,228 @@ async fn kill_durability() {
     assert!(
         states.iter().any(|s| s.acked_writes > 0),
         "no write was ever acknowledged"
+    );
+}
+
+// --- mixed load: writes on LUN 0, APTPL persistent reservations on LUN 1 ---------------
+
+const PR_NODES: usize = 3;
+
+/// What one PR node knows about its registration on LUN 1.
+#[derive(Debug, Clone, Default)]
+struct PrNode {
+    /// Key registered as far as acknowledged PR OUTs tell.
+    key: Option<u64>,
+    /// A PR OUT in flight when the target died: its outcome (new key or none) is unknown.
+    pending: Option<Option<u64>>,
+    next: u64,
+    acked: u64,
+}
+
+fn pr_config(i: usize, addr: SocketAddr) -> InitiatorConfig {
+    let mut c = InitiatorConfig::new(format!("iqn.2026-11.org.holdfast:prnode{i}"), TARGET, addr);
+    // A fixed ISID: the same I_T nexus after every restart, so APTPL registrations apply.
+    c.isid = Some([0x80, 0, 0, 0, 1, i as u8]);
+    c
+}
+
+fn prout_params(key: u64, sa_key: u64) -> Bytes {
+    let mut p = vec![0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p[20] = 0x01; // APTPL
+    Bytes::from(p)
+}
+
+async fn pr_load(
+    sessions: Vec<Session>,
+    mut nodes: Vec<PrNode>,
+    mut rng: StdRng,
+    stop: Arc<AtomicBool>,
+) -> Vec<PrNode> {
+    use holdfast::initiator::cdb;
+    while !stop.load(Ordering::Relaxed) {
+        let i = rng.gen_range(0..nodes.len());
+        let n = &mut nodes[i];
+        let old = n.key.unwrap_or(0);
+        let roll = rng.gen_range(0..10);
+        // (service action, type, params, resulting key if GOOD; None = unchanged)
+        let (sa, ty, params, result): (u8, u8, Bytes, Option<Option<u64>>) =
+            if n.key.is_none() || roll < 4 {
+                n.next += 1;
+                let k = ((i as u64 + 1) << 32) | n.next;
+                (0, 0, prout_params(old, k), Some(Some(k)))
+            } else if roll < 6 {
+                (0, 0, prout_params(old, 0), Some(None))
+            } else if roll < 8 {
+                (1, 5, prout_params(old, 0), None) // RESERVE, Write Exclusive – Registrants Only
+            } else {
+                (2, 5, prout_params(old, 0), None) // RELEASE
+            };
+        n.pending = result;
+        let len = params.len() as u32;
+        let r = sessions[i]
+            .command(
+                1,
+                &cdb::persistent_reserve_out(sa, ty, len),
+                Some(params),
+                0,
+            )
+            .await;
+        match r {
+            Ok(res) => {
+                if res.status == 0 {
+                    if let Some(k) = result {
+                        n.key = k;
+                    }
+                    n.acked += 1;
+                }
+                // Any answer is definitive: not GOOD means not applied.
+                n.pending = None;
+            }
+            // The target is gone: the outcome of this one is unknown.
+            Err(_) => return nodes,
+        }
+    }
+    nodes
+}
+
+/// READ KEYS on LUN 1 must show exactly the acknowledged registrations (a PR OUT that was
+/// in flight at the kill may have landed or not); resolves the uncertainty.
+async fn verify_pr(s: &Session, nodes: &mut [PrNode], round: u64) -> usize {
+    use holdfast::initiator::cdb;
+    let r = s
+        .command(1, &cdb::persistent_reserve_in(0, 4096), None, 4096)
+        .await
+        .expect("READ KEYS")
+        .check()
+        .expect("READ KEYS status");
+    let d = r.data;
+    let len = u32::from_be_bytes(d[4..8].try_into().unwrap()) as usize;
+    let keys: Vec<u64> = d[8..8 + len]
+        .chunks_exact(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let mine: Vec<u64> = keys
+            .iter()
+            .copied()
+            .filter(|k| k >> 32 == i as u64 + 1)
+            .collect();
+        assert!(
+            mine.len() <= 1,
+            "round {round}: node {i} holds several keys {mine:x?}"
+        );
+        let found = mine.first().copied();
+        let ok = found == n.key || n.pending.is_some_and(|p| p == found);
+        assert!(
+            ok,
+            "round {round}: node {i} registration lost: READ KEYS shows {found:x?}, acknowledged {:x?}, in flight {:x?}",
+            n.key, n.pending
+        );
+        n.key = found;
+        n.pending = None;
+    }
+    assert!(
+        keys.iter()
+            .all(|k| (1..=PR_NODES as u64).contains(&(k >> 32))),
+        "round {round}: unknown keys {keys:x?}"
+    );
+    keys.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "spawns the release binary; run tools/kill-durability.sh"]
+async fn kill_durability_mixed_pr() {
+    init_tracing();
+    let rounds = env_u64("ROUNDS", 5);
+    let seed = env_u64("SEED", 1);
+    let bin = std::env::var("HOLDFAST_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_holdfast").into());
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let config = dir.path().join("target.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[[target]]\nname = \"{TARGET}\"\n[[target.portal]]\nlisten = \"{addr}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = {LUN_BYTES}\n[[target.lun]]\nid = 1\npath = \"lun1.img\"\nsize = \"1MiB\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("target.log");
+    eprintln!(
+        "kill-durability (mixed PR): rounds={rounds} seed={seed} dir={}",
+        dir.path().display()
+    );
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5052);
+    let mut states = vec![WriterState::default(); WRITERS as usize];
+    let mut nodes = vec![PrNode::default(); PR_NODES];
+    for round in 0..=rounds {
+        let mut target = spawn_target(&bin, &config, &log);
+        let s = login_when_up(addr).await;
+        let checked = verify(&s, &states, round).await;
+        let mut prs = Vec::new();
+        for i in 0..PR_NODES {
+            let p = Session::login(pr_config(i, addr))
+                .await
+                .expect("PR node login");
+            clear_unit_attention(&p, 1).await;
+            prs.push(p);
+        }
+        let keys = verify_pr(&prs[0], &mut nodes, round).await;
+        if round == rounds {
+            eprintln!("final: verified {checked} blocks and {keys} APTPL registrations");
+            target.child.kill().ok();
+            let _ = target.child.wait();
+            break;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = states
+            .iter()
+            .enumerate()
+            .map(|(w, st)| {
+                let wrng = StdRng::seed_from_u64(
+                    seed ^ (round << 32) ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9),
+                );
+                tokio::spawn(writer(w as u64, s.clone(), st.clone(), wrng, stop.clone()))
+            })
+            .collect();
+        let pr_task = tokio::spawn(pr_load(
+            prs,
+            nodes.clone(),
+            StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x51_7cc1)),
+            stop.clone(),
+        ));
+        let delay = Duration::from_millis(rng.gen_range(50..800));
+        tokio::time::sleep(delay).await;
+        target.child.kill().expect("kill target");
+        let _ = target.child.wait();
+        stop.store(true, Ordering::Relaxed);
+        for (w, t) in tasks.into_iter().enumerate() {
+            states[w] = tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("writer ends after the kill")
+                .unwrap();
+        }
+        nodes = tokio::time::timeout(Duration::from_secs(30), pr_task)
+            .await
+            .expect("PR load ends after the kill")
+            .unwrap();
+        let acked: u64 = states.iter().map(|s| s.acked_writes).sum();
+        let pr_acked: u64 = nodes.iter().map(|n| n.acked).sum();
+        eprintln!(
+            "round {round}: verified {checked} blocks, {keys} registrations; killed after {delay:?}; {acked} writes and {pr_acked} PR OUTs acknowledged so far"
+        );
+    }
+    assert!(states.iter().any(|s| s.acked_writes > 0));
+    assert!(
+        nodes.iter().any(|n| n.acked > 0),
+        "no PR OUT was ever acknowledged"
     );
 }

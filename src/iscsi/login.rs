@@ -436,7 +436,12 @@ impl LoginMachine {
         }
         let tsih = authority
             .resolve_tsih(&leading.initiator_name, leading.isid, leading.tsih)
-            .map_err(|s| (s, "TSIH not accepted".to_string()))?;
+            .map_err(|s| {
+                (
+                    s,
+                    "session not admitted (unknown TSIH or a limit)".to_string(),
+                )
+            })?;
         let mut pdu = self.response(req, true, FULL_FEATURE, encode_text(&out));
         if let Bhs::LoginResponse(r) = &mut pdu.bhs {
             r.tsih = tsih;

@@ -674,6 +674,22 @@ pub struct LogicalUnit {
     /// Where the state goes when APTPL is set; None: APTPL is not supported.
     pr_store: Option<Box<dyn PrStore>>,
     abort_hook: AbortHook,
+    /// Set after a fatal backend error: medium access answers NOT READY from then on.
+    offline: AtomicBool,
+    /// Backend errors since the last command that succeeded.
+    consecutive_errors: AtomicUsize,
+}
+
+/// Consecutive backend errors (with no success in between) that take a LU offline: one
+/// EIO may be a bad sector, a run of them is a dead device.
+pub const OFFLINE_AFTER_ERRORS: usize = 8;
+
+/// Errors that mean the device itself is gone, not one bad range.
+fn fatal_io_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENODEV | libc::ENXIO | libc::EBADF | libc::ESTALE)
+    )
 }
 
 /// Called after PREEMPT AND ABORT with the preempted nexuses this LU has seen, so the
@@ -738,6 +754,8 @@ impl LogicalUnit {
             pr: RwLock::new(PrState::default()),
             pr_store: None,
             abort_hook: AbortHook::default(),
+            offline: AtomicBool::new(false),
+            consecutive_errors: AtomicUsize::new(0),
         }
     }
 
@@ -925,6 +943,15 @@ impl LogicalUnit {
     pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
         let cdb: &[u8] = &cmd.cdb;
         self.note_nexus(&cmd.nexus);
+        if self.offline.load(Ordering::Acquire)
+            && !matches!(
+                cdb::byte(cdb, 0),
+                op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE
+            )
+        {
+            // SPC-4: identification and LUN inventory still work on a failed unit.
+            return self.check(Sense::new(key::NOT_READY, 0x04, 0x03));
+        }
         let found = lookup(cdb);
         let exempt = matches!(found, Ok(spec) if spec.ua_exempt);
         if !exempt {
@@ -962,6 +989,14 @@ impl LogicalUnit {
         let req = Request { cmd, cdb };
         let result = (spec.handler)(self, &req);
         drop(guard);
+        // Only a command that touched the medium proves the backend works again (a TEST
+        // UNIT READY poll must not hide a dead device).
+        if result.is_ok()
+            && matches!(spec.access, Access::Read | Access::Write)
+            && self.consecutive_errors.load(Ordering::Relaxed) != 0
+        {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
         self.outcome(result)
     }
 
@@ -1202,12 +1237,37 @@ impl LogicalUnit {
     pub(crate) fn io_error(&self, e: &io::Error, what: &'static str, write: bool) -> Sense {
         tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
         if e.raw_os_error() == Some(libc::ENOSPC) {
+            // Out of space is the file system's state, not the device's: stay online.
             Sense::SPACE_ALLOCATION_FAILED
+        } else if self.note_backend_error(e) {
+            Sense::new(key::NOT_READY, 0x04, 0x03)
         } else if write {
             Sense::WRITE_ERROR
         } else {
             Sense::READ_ERROR
         }
+    }
+
+    /// Count a backend error; takes the LU offline (true) on a fatal one or a long run.
+    fn note_backend_error(&self, e: &io::Error) -> bool {
+        let run = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if fatal_io_error(e) || run >= OFFLINE_AFTER_ERRORS {
+            if !self.offline.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    error = %e,
+                    consecutive_errors = run,
+                    serial = %self.settings.serial,
+                    "backing store failed: logical unit offline (NOT READY, manual intervention required) until restart"
+                );
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Whether a fatal backend error took this LU offline.
+    pub fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::Acquire)
     }
 
     /// After a write: make it durable when FUA is set or the write cache is off.

@@ -111,6 +111,9 @@ pub struct Config {
     /// iSCSI negotiation limits the target offers.
     #[serde(default)]
     pub iscsi: IscsiSettings,
+    /// Resource limits that keep one peer from starving the others.
+    #[serde(default)]
+    pub limits: LimitSettings,
     /// CHAP required for discovery sessions (absent: discovery is open, filtered by ACL).
     #[serde(default)]
     pub discovery_chap: Option<ChapConfig>,
@@ -161,6 +164,54 @@ impl Default for IscsiSettings {
             nop_interval_secs: 10,
             nop_timeout_secs: 30,
             login_timeout_secs: 15,
+        }
+    }
+}
+
+/// Resource limits shared by all targets. Refusals are polite: a login beyond a
+/// connection or session limit gets status 0x0302 (OUT OF RESOURCES, "the target has
+/// insufficient session, connection, or other resources"; 0x0206 is about the
+/// connections of one session, which ErrorRecoveryLevel 0 keeps at one); a command that
+/// cannot get buffer memory gets BUSY or TASK SET FULL (SAM-5), which initiators retry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Open TCP connections over all portals, logging in or logged in; beyond it a new
+    /// connection is closed at once.
+    pub max_connections: u32,
+    /// Sessions (discovery and normal) over all targets.
+    pub max_sessions: u32,
+    /// Connections (= sessions at ErrorRecoveryLevel 0) to one target.
+    pub max_connections_per_target: u32,
+    /// Connections from one initiator name over all targets.
+    pub max_connections_per_initiator: u32,
+    /// Bytes of Data-Out and Data-In buffers all commands together may hold; a command
+    /// that does not fit is answered BUSY or TASK SET FULL and retried by the initiator.
+    pub buffer_memory: ByteSize,
+    /// Largest expected data transfer length of one command; larger ones fail with
+    /// ILLEGAL REQUEST / INVALID FIELD IN CDB before anything is allocated.
+    pub max_command_bytes: ByteSize,
+    /// Failed CHAP logins of one initiator name within `chap_failure_window_secs` that
+    /// start a lockout.
+    pub chap_max_failures: u32,
+    /// Window in which CHAP failures are counted.
+    pub chap_failure_window_secs: u64,
+    /// Seconds a locked-out initiator's logins are refused (AUTHENTICATION FAILURE).
+    pub chap_lockout_secs: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_sessions: 512,
+            max_connections_per_target: 256,
+            max_connections_per_initiator: 64,
+            buffer_memory: ByteSize(256 << 20),
+            max_command_bytes: ByteSize(16 << 20),
+            chap_max_failures: 3,
+            chap_failure_window_secs: 60,
+            chap_lockout_secs: 60,
         }
     }
 }
@@ -433,6 +484,39 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         bad(
             "iscsi".into(),
             "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into(),
+        );
+    }
+    let l = &config.limits;
+    for (k, v) in [
+        ("max_connections", l.max_connections),
+        ("max_sessions", l.max_sessions),
+        ("max_connections_per_target", l.max_connections_per_target),
+        (
+            "max_connections_per_initiator",
+            l.max_connections_per_initiator,
+        ),
+        ("chap_max_failures", l.chap_max_failures),
+    ] {
+        if v == 0 {
+            bad(format!("limits.{k}"), "must be > 0".into());
+        }
+    }
+    if !(1 << 20..=1 << 40).contains(&l.buffer_memory.0) {
+        bad("limits.buffer_memory".into(), "must be 1MiB to 1TiB".into());
+    }
+    if l.max_command_bytes.0 < 4096
+        || l.max_command_bytes.0 > l.buffer_memory.0
+        || l.max_command_bytes.0 > u64::from(u32::MAX)
+    {
+        bad(
+            "limits.max_command_bytes".into(),
+            "must be 4KiB to 4GiB-1 and at most buffer_memory".into(),
+        );
+    }
+    if l.chap_failure_window_secs == 0 {
+        bad(
+            "limits.chap_failure_window_secs".into(),
+            "must be > 0".into(),
         );
     }
     if let Some(c) = &config.discovery_chap {

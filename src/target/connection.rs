@@ -2,6 +2,7 @@
 //! session. The reader half runs here; a writer task stamps sequence numbers and sends.
 //! SCSI commands execute on the blocking pool and answer through the writer.
 
+use super::limits::{BufferPermit, SessionSlot};
 use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::cmdsn::{Admission, CmdWindow};
@@ -20,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -53,6 +54,39 @@ struct Authority<'a> {
     rt: &'a Runtime,
     reg: &'a SessionRegistry,
     listen: SocketAddr,
+    /// Initiator and target (None: discovery) of the leading request, and whether CHAP
+    /// was demanded, for the session slot and the CHAP failure count.
+    leading: Mutex<Option<(String, Option<String>, bool)>>,
+    /// The session slot reserved when the login completes.
+    slot: Mutex<Option<SessionSlot>>,
+}
+
+impl Authority<'_> {
+    fn note(
+        &self,
+        initiator: &str,
+        target: Option<&str>,
+        r: Result<Option<ChapCredentials>, LoginStatus>,
+    ) -> Result<Option<ChapCredentials>, LoginStatus> {
+        let creds = r?;
+        *lock(&self.leading) = Some((
+            initiator.to_string(),
+            target.map(str::to_string),
+            creds.is_some(),
+        ));
+        if creds.is_some() && self.rt.limits.chap_locked(initiator, Instant::now()) {
+            warn!(
+                initiator,
+                "login refused: CHAP locked out after repeated failures"
+            );
+            return Err(LoginStatus::AUTH_FAILURE);
+        }
+        Ok(creds)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LoginAuthority for Authority<'_> {
@@ -61,12 +95,17 @@ impl LoginAuthority for Authority<'_> {
         target: &str,
         initiator: &str,
     ) -> Result<Option<ChapCredentials>, LoginStatus> {
-        self.rt.authorize_normal(self.listen, target, initiator)
+        let r = self.rt.authorize_normal(self.listen, target, initiator);
+        self.note(initiator, Some(target), r)
     }
-    fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
-        Ok(self.rt.discovery_chap.clone())
+    fn discovery_session(&self, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
+        self.note(initiator, None, Ok(self.rt.discovery_chap.clone()))
     }
     fn resolve_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> Result<u16, LoginStatus> {
+        // Called once, just before the login succeeds: the place to take a session slot.
+        let target = lock(&self.leading).as_ref().and_then(|l| l.1.clone());
+        let slot = self.rt.limits.session(initiator, isid, target.as_deref())?;
+        *lock(&self.slot) = Some(slot);
         if tsih == 0 {
             Ok(self.reg.allocate_tsih())
         } else if self.reg.has_tsih(initiator, isid, tsih) {
@@ -123,6 +162,14 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let peer = stream.peer_addr().ok();
+    let Some(_conn_slot) = rt.limits.connection() else {
+        warn!(
+            ?peer,
+            max = rt.limits.settings.max_connections,
+            "too many open connections (limits.max_connections): closing the new one"
+        );
+        return;
+    };
     let local = stream.local_addr().unwrap_or(listen);
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -151,6 +198,7 @@ pub async fn serve(
         }
         Ok(Ok(o)) => o,
     };
+    let (outcome, _session_slot) = outcome;
     info!(
         ?peer,
         initiator = %outcome.initiator_name,
@@ -181,9 +229,15 @@ async fn login_phase(
     wr: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
     dec: &mut PduDecoder,
-) -> Result<LoginOutcome, ConnError> {
+) -> Result<(LoginOutcome, Option<SessionSlot>), ConnError> {
     let mut policy = rt.key_policy.clone();
-    let auth = Authority { rt, reg, listen };
+    let auth = Authority {
+        rt,
+        reg,
+        listen,
+        leading: Mutex::new(None),
+        slot: Mutex::new(None),
+    };
     let mut machine = LoginMachine::new(policy.clone());
     let mut first = true;
     loop {
@@ -213,15 +267,31 @@ async fn login_phase(
             LoginStep::Continue(resp) => write_pdu(wr, &resp, DigestConfig::default()).await?,
             LoginStep::Complete(resp, outcome) => {
                 write_pdu(wr, &resp, DigestConfig::default()).await?;
-                return Ok(*outcome);
+                let slot = lock(&auth.slot).take();
+                return Ok((*outcome, slot));
             }
             LoginStep::Fail(resp) => {
+                let who = lock(&auth.leading).clone();
+                let initiator = who.as_ref().map_or("?", |w| w.0.as_str()).to_string();
                 if let Bhs::LoginResponse(r) = &resp.bhs {
                     warn!(
+                        initiator,
                         status_class = r.status_class,
                         status_detail = r.status_detail,
                         "login refused"
                     );
+                    let chap = who.as_ref().is_some_and(|w| w.2);
+                    if chap
+                        && (r.status_class, r.status_detail) == (2, 1)
+                        && rt.limits.chap_failed(&initiator, Instant::now())
+                    {
+                        warn!(
+                            initiator,
+                            failures = rt.limits.settings.chap_max_failures,
+                            lockout_secs = rt.limits.settings.chap_lockout_secs,
+                            "repeated CHAP failures: initiator locked out"
+                        );
+                    }
                 }
                 write_pdu(wr, &resp, DigestConfig::default()).await?;
                 let _ = wr.shutdown().await;
@@ -234,6 +304,9 @@ async fn login_phase(
 /// Something for the writer task.
 enum Out {
     Pdu(Pdu),
+    /// A task's buffer budget, returned once the PDUs queued before it are written: a
+    /// peer that stops reading cannot make Data-In pile up beyond the budget.
+    Release(BufferPermit),
     /// Flush what is queued and close the connection.
     Close,
 }
@@ -278,11 +351,16 @@ struct Ready {
     cdb_out_len: u32,
     r2t_count: u32,
     cmd: ScsiCommand,
+    /// The command's share of `limits.buffer_memory`, returned when the task ends.
+    buffer: Option<BufferPermit>,
 }
 
 /// A non-immediate request waiting for its CmdSN turn.
 enum Request {
     Pdu(Pdu),
+    /// A SCSI Command whose immediate data failed its digest (by ITT): it takes its
+    /// CmdSN like any command, then fails.
+    DigestFailed(u32),
 }
 
 struct Core {
@@ -455,12 +533,17 @@ async fn run_full_feature(
         header: outcome.connection.header_digest,
         data: outcome.connection.data_digest,
     };
+    let (stalled_tx, mut stalled_rx) = watch::channel(false);
     let writer = tokio::spawn(writer_task(
         wr,
         rx,
         shared.clone(),
         digests,
         outcome.next_stat_sn,
+        (
+            Duration::from_secs(rt.settings.nop_timeout_secs),
+            stalled_tx,
+        ),
     ));
     let mut conn = Reader {
         rt: rt.clone(),
@@ -480,6 +563,10 @@ async fn run_full_feature(
     let res = tokio::select! {
         r = conn.run() => r,
         _ = shutdown.wait_for(|s| *s) => Ok(()),
+        _ = stalled_rx.wait_for(|s| *s) => Err(ConnError::Protocol(format!(
+            "peer stopped reading: a write blocked for more than nop_timeout_secs ({} s)",
+            rt.settings.nop_timeout_secs
+        ))),
         _ = async { match stop_rx.as_mut() { Some(s) => { let _ = s.wait_for(|s| *s).await; } None => std::future::pending().await } } => {
             info!(initiator = %conn.outcome.initiator_name, "session ended by reinstatement or shutdown");
             Ok(())
@@ -563,19 +650,23 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
 fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
+        let mut ready = ready;
         let outcome = shared.lun_map.execute(&ready.cmd);
         let pdus = build_response(&shared, &ready, outcome.clone());
-        finish(&shared, &ready, task_id, pdus, &outcome);
+        let buffer = ready.buffer.take();
+        finish(&shared, &ready, task_id, pdus, &outcome, buffer);
     });
 }
 
-/// Send the response unless the task was aborted meanwhile.
+/// Send the response unless the task was aborted meanwhile; the task's buffer budget
+/// goes back once the writer has sent the response.
 fn finish(
     shared: &Arc<Shared>,
     ready: &Ready,
     task_id: TaskId,
     pdus: Vec<Pdu>,
     outcome: &ScsiOutcome,
+    buffer: Option<BufferPermit>,
 ) {
     let itt = ready.itt;
     let (started, entry, aborted) = {
@@ -588,6 +679,9 @@ fn finish(
         if !aborted {
             for p in pdus {
                 shared.send(p);
+            }
+            if let Some(b) = buffer {
+                let _ = shared.out.send(Out::Release(b));
             }
         } else {
             debug!(itt, "task aborted: response suppressed");
@@ -744,10 +838,12 @@ impl Reader {
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(ConnError::Wire(e))) => {
-                    if self.on_wire_error(e)? {
-                        continue;
+                    if let Some((immediate, cmd_sn, req)) = self.on_wire_error(e)? {
+                        if self.admit(immediate, cmd_sn, req).await? {
+                            return Ok(());
+                        }
                     }
-                    return Err(ConnError::Protocol("unrecoverable framing error".into()));
+                    continue;
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -774,8 +870,10 @@ impl Reader {
         }
     }
 
-    /// Handle a decode error; Ok(true) when the connection can go on.
-    fn on_wire_error(&mut self, e: WireError) -> Result<bool, ConnError> {
+    /// Handle a decode error; Ok when the connection can go on, with a request that must
+    /// still take its place in the CmdSN window.
+    #[allow(clippy::type_complexity)]
+    fn on_wire_error(&mut self, e: WireError) -> Result<Option<(bool, u32, Request)>, ConnError> {
         match e {
             WireError::DataDigest { bhs } => {
                 warn!("data digest error: rejecting the PDU");
@@ -784,15 +882,22 @@ impl Reader {
                     ahs: Vec::new(),
                     data: Bytes::new(),
                 };
-                if let Bhs::DataOut(d) = &p.bhs {
-                    // The task cannot complete without its data at ERL 0.
-                    if let Some(w) = self.writes.remove(&d.itt) {
-                        self.fail_write(w, 0x0b, 0x47, 0x01);
-                    }
-                }
                 self.shared
                     .send(reject(reject_reason::DATA_DIGEST_ERROR, &p, self.digests));
-                Ok(true)
+                match &p.bhs {
+                    Bhs::DataOut(d) => {
+                        // The task cannot complete without its data at ERL 0.
+                        if let Some(w) = self.writes.remove(&d.itt) {
+                            self.fail_write(w, 0x0b, 0x47, 0x01);
+                        }
+                    }
+                    Bhs::ScsiCommand(c) => {
+                        self.ping_outstanding = None;
+                        return Ok(Some((c.immediate, c.cmd_sn, Request::DigestFailed(c.itt))));
+                    }
+                    _ => {}
+                }
+                Ok(None)
             }
             WireError::UnknownOpcode { opcode, header, .. } => {
                 warn!(opcode, "unknown opcode: rejecting");
@@ -804,7 +909,7 @@ impl Reader {
                     }),
                     data,
                 ));
-                Ok(true)
+                Ok(None)
             }
             other => {
                 warn!(error = %other, "framing error: dropping connection");
@@ -857,29 +962,7 @@ impl Reader {
                 };
                 // Any traffic proves the peer alive.
                 self.ping_outstanding = None;
-                let batch = if immediate {
-                    self.shared.core().window.admit_immediate();
-                    vec![Request::Pdu(p)]
-                } else {
-                    let adm = self.shared.core().window.admit(cmd_sn, Request::Pdu(p));
-                    match adm {
-                        Admission::Deliver(v) => v,
-                        Admission::Held => Vec::new(),
-                        Admission::Ignored => {
-                            debug!(
-                                cmd_sn,
-                                "command outside the CmdSN window: ignored (RFC 7143 §4.2.2.1)"
-                            );
-                            Vec::new()
-                        }
-                    }
-                };
-                for Request::Pdu(r) in batch {
-                    if self.on_request(r).await? {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
+                self.admit(immediate, cmd_sn, Request::Pdu(p)).await
             }
             _ => {
                 warn!(opcode = ?bhs_name(&p.bhs), "unexpected PDU from initiator: rejecting");
@@ -888,6 +971,52 @@ impl Reader {
                 Ok(false)
             }
         }
+    }
+
+    /// Pass a request through the CmdSN window and handle whatever it releases.
+    async fn admit(
+        &mut self,
+        immediate: bool,
+        cmd_sn: u32,
+        req: Request,
+    ) -> Result<bool, ConnError> {
+        let batch = if immediate {
+            self.shared.core().window.admit_immediate();
+            vec![req]
+        } else {
+            let adm = self.shared.core().window.admit(cmd_sn, req);
+            match adm {
+                Admission::Deliver(v) => v,
+                Admission::Held => Vec::new(),
+                Admission::Ignored => {
+                    // Nothing is allocated for it: the window bounds what a session holds.
+                    debug!(
+                        cmd_sn,
+                        "command outside the CmdSN window: ignored (RFC 7143 §4.2.2.1)"
+                    );
+                    Vec::new()
+                }
+            }
+        };
+        for r in batch {
+            match r {
+                Request::Pdu(r) => {
+                    if self.on_request(r).await? {
+                        return Ok(true);
+                    }
+                }
+                Request::DigestFailed(itt) => {
+                    // RFC 7143 §7.8: the header was good, the immediate data was not; the
+                    // task ends with "protocol service CRC error".
+                    self.fail_command(
+                        itt,
+                        status::CHECK_CONDITION,
+                        Some(Sense::new(0x0b, 0x47, 0x05)),
+                    );
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Mark a non-SCSI request done in the window.
@@ -991,6 +1120,42 @@ impl Reader {
             self.complete_request();
             return;
         }
+        let edtl = c.expected_data_transfer_length;
+        let limits = &self.rt.limits;
+        if u64::from(edtl) > limits.settings.max_command_bytes.0 {
+            warn!(
+                itt = c.itt,
+                edtl,
+                max = limits.settings.max_command_bytes.0,
+                "expected data transfer length beyond limits.max_command_bytes: failing the command"
+            );
+            self.fail_command(
+                c.itt,
+                status::CHECK_CONDITION,
+                Some(Sense::new(0x05, 0x24, 0x00)),
+            );
+            return;
+        }
+        // Buffers are charged before anything is allocated, so announced-but-never-sent
+        // writes cannot pin more than the budget.
+        let Some(buffer) = limits.buffer(edtl) else {
+            // SAM-5: TASK SET FULL when this nexus has other commands in the task set,
+            // BUSY when it has none; initiators retry either.
+            let others = self.shared.core().window.outstanding() > 1;
+            let st = if others {
+                status::TASK_SET_FULL
+            } else {
+                status::BUSY
+            };
+            debug!(
+                itt = c.itt,
+                edtl,
+                status = st,
+                "buffer budget exhausted: command refused"
+            );
+            self.fail_command(c.itt, st, None);
+            return;
+        };
         // Extended CDB AHS (type 1): the CDB continues past the 16 bytes of the BHS.
         let mut cdb = BytesMut::from(&c.cdb[..]);
         if let Some(ext) = ahs.iter().find(|a| a.ahs_type == 1) {
@@ -1027,6 +1192,7 @@ impl Reader {
             cdb_out_len,
             r2t_count: 0,
             cmd,
+            buffer: Some(buffer),
         };
         if !c.write || c.expected_data_transfer_length == 0 {
             if !data.is_empty() && !c.write {
@@ -1108,6 +1274,19 @@ impl Reader {
         ready.r2t_count = transfer.r2t_count();
         ready.cmd.data_out = transfer.into_data();
         submit(&self.shared, ready);
+    }
+
+    /// Answer a command that never started with `st` (and sense) and free its slot.
+    fn fail_command(&mut self, itt: u32, st: u8, sense: Option<Sense>) {
+        let sense = sense.map(|s| s.encode(false));
+        self.shared.send(scsi_response(
+            itt,
+            st,
+            sense.as_ref(),
+            Residual::default(),
+            0,
+        ));
+        self.complete_request();
     }
 
     fn fail_write(&mut self, w: PendingWrite, key: u8, asc: u8, ascq: u8) {
@@ -1428,9 +1607,11 @@ async fn writer_task(
     shared: Arc<Shared>,
     digests: DigestConfig,
     mut stat_sn: u32,
+    (stall_after, stalled): (Duration, watch::Sender<bool>),
 ) {
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut closing = false;
+    let mut releases: Vec<BufferPermit> = Vec::new();
     while let Some(first) = rx.recv().await {
         buf.clear();
         let mut next = Some(first);
@@ -1445,6 +1626,7 @@ async fn writer_task(
                     stamp(&mut p, &mut stat_sn, exp, max);
                     wire::encode(&p, digests, &mut buf);
                 }
+                Out::Release(b) => releases.push(b),
                 Out::Close => closing = true,
             }
             if closing || buf.len() >= 1 << 20 {
@@ -1453,11 +1635,21 @@ async fn writer_task(
             next = rx.try_recv().ok();
         }
         if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
-                debug!(error = %e, "write failed; connection is gone");
-                break;
+            match tokio::time::timeout(stall_after, wr.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "write failed; connection is gone");
+                    break;
+                }
+                Err(_) => {
+                    // A peer that does not read would hold its responses (and their
+                    // buffer budget) forever.
+                    let _ = stalled.send(true);
+                    break;
+                }
             }
         }
+        releases.clear();
         if closing {
             break;
         }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod portal;
 pub mod runtime;
 pub mod session;

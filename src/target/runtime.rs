@@ -97,6 +97,9 @@ pub fn chap_credentials(c: &ChapConfig) -> ChapCredentials {
     }
 }
 
+/// Wraps a LUN's backend, given its backing file's path (see [`Runtime::build_with`]).
+pub type BackendWrap = dyn Fn(&std::path::Path, Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>;
+
 /// Everything shared by all connections of one running target process.
 #[derive(Debug)]
 pub struct Runtime {
@@ -106,6 +109,8 @@ pub struct Runtime {
     pub settings: super::config::IscsiSettings,
     /// Live I_T nexuses, for PREEMPT AND ABORT of their tasks.
     pub nexuses: Arc<NexusDirectory>,
+    /// Connection, session, buffer and CHAP-failure limits.
+    pub limits: super::limits::ResourceLimits,
     /// Every backing store, for the flush at shutdown.
     backends: Vec<(String, Arc<FileBackend>)>,
 }
@@ -113,6 +118,12 @@ pub struct Runtime {
 impl Runtime {
     /// Open every backing file (creating sparse ones) and build the logical units.
     pub fn build(cfg: &ValidConfig) -> Result<Runtime, RuntimeError> {
+        Self::build_with(cfg, &|_, b| b)
+    }
+
+    /// Like [`Runtime::build`], with every LUN's backend passed through `wrap` (given the
+    /// backing file's path): fault injection and instrumentation in tests.
+    pub fn build_with(cfg: &ValidConfig, wrap: &BackendWrap) -> Result<Runtime, RuntimeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RuntimeError::Lun {
             key: "data_dir".into(),
             reason: format!("cannot create {}: {e}", cfg.data_dir.display()),
@@ -167,11 +178,13 @@ impl Runtime {
                 // reservations a cluster relies on.
                 let store = PrFileStore::for_backing(&path);
                 let pr_path = store.path().display().to_string();
-                let lu = LogicalUnit::with_persistence(settings, backend, Box::new(store))
-                    .map_err(|e| RuntimeError::Lun {
+                let served = wrap(&path, backend);
+                let lu = LogicalUnit::with_persistence(settings, served, Box::new(store)).map_err(
+                    |e| RuntimeError::Lun {
                         key: key.clone(),
                         reason: format!("{pr_path}: {e}"),
-                    })?;
+                    },
+                )?;
                 let dir = nexuses.clone();
                 let lun_id = l.id;
                 lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
@@ -208,6 +221,7 @@ impl Runtime {
                 target_alias: None,
             },
             settings: s.clone(),
+            limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
             backends,
             nexuses,
         })

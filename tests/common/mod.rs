@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pr;
+pub mod raw;
 
 use holdfast::initiator::{InitiatorConfig, Session};
 use holdfast::target::config;
@@ -101,7 +102,15 @@ pub fn config_text(iscsi: &str, target_extra: &str, luns: &[(u64, &str, &str)]) 
 
 /// Start a target from a full TOML text.
 pub async fn start(text: &str) -> TestTarget {
-    start_with(text, |_| {}).await
+    start_inner(text, &|_, b| b, |_| {}).await
+}
+
+/// A function that wraps (e.g. fault-injects) a LUN's backend, given its file's path.
+pub type BackendWrap = holdfast::target::runtime::BackendWrap;
+
+/// Start a target whose LUN backends pass through `wrap`.
+pub async fn start_wrapped(text: &str, wrap: &BackendWrap) -> TestTarget {
+    start_inner(text, wrap, |_| {}).await
 }
 
 /// Start a target from `text` with LUN `lun` of its first target served from `backend`
@@ -111,7 +120,7 @@ pub async fn start_with_backend(
     lun: u64,
     backend: Arc<dyn holdfast::scsi::backend::BlockBackend>,
 ) -> TestTarget {
-    start_with(text, move |rt| {
+    start_inner(text, &|_, b| b, move |rt| {
         let nexuses = rt.nexuses.clone();
         let node = Arc::get_mut(&mut rt.targets[0]).expect("target not shared yet");
         let settings = node.luns[&lun].settings().clone();
@@ -122,11 +131,15 @@ pub async fn start_with_backend(
     .await
 }
 
-async fn start_with(text: &str, adjust: impl FnOnce(&mut Runtime)) -> TestTarget {
+async fn start_inner(
+    text: &str,
+    wrap: &BackendWrap,
+    adjust: impl FnOnce(&mut Runtime),
+) -> TestTarget {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config::parse(text, "test.toml", dir.path()).expect("valid config");
-    let mut rt = Runtime::build(&cfg).expect("runtime");
+    let mut rt = Runtime::build_with(&cfg, wrap).expect("runtime");
     adjust(&mut rt);
     let rt = Arc::new(rt);
     let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
@@ -154,5 +167,95 @@ pub async fn clear_unit_attention(s: &Session, lun: u64) {
         if s.test_unit_ready(lun).await.is_ok() {
             return;
         }
+    }
+}
+
+/// A well-behaved session doing write + read-back I/O in the background while a test
+/// does something hostile: it must keep succeeding, without long stalls.
+pub struct Bystander {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: JoinHandle<BystanderReport>,
+}
+
+#[derive(Debug)]
+pub struct BystanderReport {
+    pub ops: u64,
+    pub max_latency: std::time::Duration,
+    pub errors: Vec<String>,
+}
+
+impl Bystander {
+    /// Log in (own ISID) and loop 4 KiB writes and verifying reads on LUN `lun` from
+    /// `lba_base` on.
+    pub async fn start(t: &TestTarget, lun: u64, lba_base: u64) -> Bystander {
+        let s = t.login().await;
+        clear_unit_attention(&s, lun).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done2 = done.clone();
+        let handle = tokio::spawn(async move {
+            let mut r = BystanderReport {
+                ops: 0,
+                max_latency: std::time::Duration::ZERO,
+                errors: Vec::new(),
+            };
+            let mut i: u64 = 0;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let lba = lba_base + (i % 256) * 8;
+                let data = bytes::Bytes::from(vec![(i % 251) as u8; 4096]);
+                let t0 = std::time::Instant::now();
+                let res = async {
+                    s.write16(lun, lba, data.clone(), BLOCK, false).await?;
+                    let back = s.read16(lun, lba, 8, BLOCK).await?;
+                    if back != data {
+                        return Err(holdfast::initiator::InitiatorError::Protocol(
+                            "read back differs".into(),
+                        ));
+                    }
+                    Ok::<_, holdfast::initiator::InitiatorError>(())
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(20), res).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => r.errors.push(e.to_string()),
+                    Err(_) => r.errors.push("write+read timed out".into()),
+                }
+                r.max_latency = r.max_latency.max(t0.elapsed());
+                r.ops += 1;
+                done2.store(r.ops, std::sync::atomic::Ordering::Relaxed);
+                i += 1;
+                if r.errors.len() > 3 {
+                    break;
+                }
+                // Gentle pace: the point is liveness, not load.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let _ = s.logout().await;
+            r
+        });
+        Bystander { stop, done, handle }
+    }
+
+    /// Stop and check: no errors, some progress, no stall beyond `bound`.
+    pub async fn finish(self, bound: std::time::Duration) -> BystanderReport {
+        // Let it show progress after whatever the test did.
+        let seen = self.done.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        while self.done.load(std::sync::atomic::Ordering::Relaxed) < seen + 5
+            && t0.elapsed() < bound * 4
+            && !self.handle.is_finished()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = self.handle.await.expect("bystander task");
+        assert!(r.errors.is_empty(), "bystander saw errors: {r:?}");
+        assert!(r.ops >= 3, "bystander made no progress: {r:?}");
+        assert!(
+            r.max_latency < bound,
+            "bystander stalled: {r:?} (bound {bound:?})"
+        );
+        r
     }
 }
