@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turn a pcap of iSCSI traffic into seed corpora for the fuzz targets.
 
-Usage: fuzz-seeds.py CAPTURE.pcap OUTDIR [PORT...]
+Usage: fuzz-seeds.py [--known] [--budget BYTES] CAPTURE.pcap OUTDIR [PORT...]
 
 Reads a classic pcap (tcpdump -w; Ethernet, Linux cooked v1/v2 or BSD loopback link
 types), reassembles each TCP connection to one of PORTs (default 3290-3292), splits
@@ -18,6 +18,14 @@ digest, digests as negotiated at login) and writes, deduplicated by content:
                               commands from all connections in capture order, as raw
                               records of pr_out
 The input formats are described at the top of each fuzz/fuzz_targets/*.rs file.
+
+--known     treat the files already in OUTDIR as written by this run: their contents
+            and (pdu_decode, cdb_dispatch) signatures count, so only what the corpus
+            does not cover yet is added (for adding a second initiator's capture)
+--budget N  write at most N bytes of new files in all; each target has a share kept
+            for it (pdu_decode 35%, text_and_login 10%, cdb_dispatch 35%, pr_out 20%)
+            and may also use what the targets written before it left over (they are
+            written in that order; pdu_decode and text_and_login per connection)
 """
 import bisect
 import hashlib
@@ -192,14 +200,27 @@ def negotiated_digests(s2c):
     return hd, dd
 
 
+BUDGET_SHARE = {'pdu_decode': 0.35, 'text_and_login': 0.1, 'cdb_dispatch': 0.35, 'pr_out': 0.2}
+
+
 class Writer:
-    def __init__(self, outdir):
+    def __init__(self, outdir, budget=None):
         self.outdir, self.seen, self.count = outdir, set(), {}
+        self.budget, self.added = budget, {}
 
     def put(self, target, data, limit, sig=None, per_sig=2):
         """Write `data` unless seen; at most `per_sig` files share a signature."""
         if self.count.get(target, 0) >= limit:
             return
+        if self.budget is not None:
+            # what the others used, and the shares of the targets still to come
+            order = list(BUDGET_SHARE)
+            later = order[order.index(target) + 1:] if target in order else []
+            used = sum(n for t, n in self.added.items() if t != target)
+            kept = sum(int(self.budget * BUDGET_SHARE[t]) for t in later
+                       if not self.added.get(t))
+            if self.added.get(target, 0) + len(data) > self.budget - used - kept:
+                return
         if sig is not None:
             key = (target, 'sig', sig)
             if self.count.get(key, 0) >= per_sig:
@@ -214,14 +235,78 @@ class Writer:
         with open(os.path.join(d, h[:16]), 'wb') as f:
             f.write(data)
         self.count[target] = self.count.get(target, 0) + 1
+        self.added[target] = self.added.get(target, 0) + len(data)
+
+    def preload(self):
+        """--known: count the files already in the output directories (contents and
+        signatures) as if this run had written them; the per-run file limits and the
+        budget are not charged."""
+        for target in BUDGET_SHARE:
+            d = os.path.join(self.outdir, target)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                with open(os.path.join(d, name), 'rb') as f:
+                    data = f.read()
+                self.seen.add((target, hashlib.sha1(data).hexdigest()))
+                sig = known_sig(target, data)
+                if sig is not None:
+                    key = (target, 'sig', sig)
+                    self.count[key] = self.count.get(key, 0) + 1
+
+
+def fixed_pdus(stream, digests):
+    """The PDUs of a stream with the same digests throughout (a pdu_decode run)."""
+    hd, dd = digests
+    pos, out = 0, []
+    while pos + BHS <= len(stream):
+        dsl = int.from_bytes(stream[pos + 5:pos + 8], 'big')
+        total = BHS + stream[pos + 4] * 4 + (4 if hd else 0) + dsl + (-dsl % 4) \
+            + (4 if dd and dsl else 0)
+        out.append(stream[pos:pos + total])
+        pos += total
+    return out
+
+
+def cdb_records(data):
+    """(op byte, CDB) of the records of a cdb_dispatch / pr_out seed."""
+    pos, out = 0, []
+    while pos + 2 <= len(data):
+        op, n = data[pos], data[pos + 1]
+        cdb = data[pos + 2:pos + 2 + n]
+        pos += 2 + n
+        if len(cdb) < 2 or pos + 2 > len(data):
+            break
+        ln = int.from_bytes(data[pos:pos + 2], 'little')
+        pos += 2 + (1 if ln & 0x8000 else ln)
+        out.append((op, cdb))
+    return out
+
+
+def known_sig(target, data):
+    """The signature main() gives a seed file of `target` (None: not signed)."""
+    if target == 'pdu_decode' and len(data) >= 6 + BHS:
+        dg = (bool(data[0] & 1), bool(data[0] & 2))
+        if data[5] == 0:
+            return (dg, pdu_sig(data[6:]))
+        return ('run', dg) + tuple(pdu_sig(p) for p in fixed_pdus(data[6:], dg))
+    if target == 'cdb_dispatch' and data:
+        return tuple((cdb[0], cdb[1] & 0x1f, op & 3, (op >> 2) & 3)
+                     for op, cdb in cdb_records(data[1:]))
+    return None
 
 
 def pdu_sig(raw):
     """What makes a PDU different for the decoder: opcode, flags, AHS, data presence,
-    and for SCSI commands the CDB opcode and service action."""
+    for SCSI commands the CDB opcode and service action, for Login and Text Requests
+    the keys of the first 512 bytes of text (a header digest, if any, is seen as text:
+    it only changes the signature)."""
     sig = (raw[0] & 0x3f, raw[1], raw[4], min(int.from_bytes(raw[5:8], 'big'), 1))
     if raw[0] & 0x3f == 0x01:
         sig += (raw[32], raw[33] & 0x1f)
+    elif raw[0] & 0x3f in (0x03, 0x04):
+        text = raw[BHS + raw[4] * 4:BHS + raw[4] * 4 + 512]
+        sig += tuple(sorted(k for k, _ in parse_text(text)))
     return sig
 
 
@@ -266,11 +351,22 @@ def cdb_record(cmd, lun_bits=True):
 
 
 def main():
-    if len(sys.argv) < 3:
+    args, known, budget = sys.argv[1:], False, None
+    while args and args[0].startswith('--'):
+        opt = args.pop(0)
+        if opt == '--known':
+            known = True
+        elif opt == '--budget' and args:
+            budget = int(args.pop(0))
+        else:
+            sys.exit(__doc__)
+    if len(args) < 2:
         sys.exit(__doc__)
-    path, outdir = sys.argv[1], sys.argv[2]
-    ports = {int(p) for p in sys.argv[3:]} or {3290, 3291, 3292}
-    w = Writer(outdir)
+    path, outdir = args[0], args[1]
+    ports = {int(p) for p in args[2:]} or {3290, 3291, 3292}
+    w = Writer(outdir, budget)
+    if known:
+        w.preload()
     nexus_of = {}
     commands = []
     for c in connections(path, ports):
@@ -345,7 +441,7 @@ def main():
         run = pr[i:i + 10]
         w.put('pr_out', b''.join(cdb_record(cm, lun_bits=False) for cm in run), 400)
     for t, n in sorted((t, n) for t, n in w.count.items() if isinstance(t, str)):
-        print(f'{t}: {n} files')
+        print(f'{t}: {n} files, {w.added.get(t, 0)} bytes')
     print(f'{len(commands)} SCSI commands ({len(pr)} PR-related)')
 
 
