@@ -182,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
         max / mean
     );
     if let Some(pid) = a.target_pid {
-        let kib = |v: Option<u64>| v.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+        let kib =
+            |v: Option<u64>| v.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
         println!(
             "target VmRSS MiB: before {}  logged in {}  peak during I/O {}  VmHWM {}",
             kib(rss_before),

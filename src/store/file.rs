@@ -1,7 +1,7 @@
 //! A LUN backed by a (sparse) regular file or a block device, with positional I/O.
 
 use super::{check_range, StoreError};
-use crate::scsi::backend::BlockBackend;
+use crate::scsi::backend::{self, BlockBackend};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -139,6 +139,30 @@ impl FileBackend {
     }
 }
 
+impl FileBackend {
+    /// Read only what the page cache holds (preadv2 RWF_NOWAIT); anything that would wait
+    /// for the device, including a short read, is refused as a whole.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which outlives the call; a descriptor we own.
+        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if r >= 0 && r as usize == buf.len() {
+            return Ok(());
+        }
+        // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), a short read or a real
+        // error: the blocking read on the pool does it again and reports real errors.
+        Err(backend::refuse_to_block())
+    }
+}
+
 fn device_size(file: &File) -> io::Result<u64> {
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
@@ -155,20 +179,33 @@ impl BlockBackend for FileBackend {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
+        if backend::must_not_block() {
+            return self.read_cached(buf, offset);
+        }
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if backend::must_not_block() {
+            // ext4 and others cannot promise a buffered write will not wait.
+            return Err(backend::refuse_to_block());
+        }
         self.check_writable()?;
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
         self.file.sync_data()
     }
 
     fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
         self.check_writable()?;
         check_range(self.size, offset, len)?;
         if len == 0 {

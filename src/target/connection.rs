@@ -569,7 +569,24 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
     }
 }
 
+/// READ(6/10/12/16): no side effects before the data transfer, so an attempt that the
+/// backend refuses (data not cached) can simply be run again.
+fn is_plain_read(cdb: &[u8]) -> bool {
+    matches!(cdb.first(), Some(0x08 | 0x28 | 0xa8 | 0x88))
+}
+
 fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
+    // A read the page cache can serve is answered here: the round trip through the
+    // blocking pool (two thread wake-ups) costs more than the copy itself.
+    if is_plain_read(&ready.cmd.cdb) {
+        if let Some(outcome) =
+            crate::scsi::backend::without_blocking(|| shared.lun_map.execute(&ready.cmd))
+        {
+            let pdus = build_response(&shared, &ready, outcome);
+            finish(&shared, ready.itt, task_id, pdus);
+            return;
+        }
+    }
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
         let outcome = shared.lun_map.execute(&ready.cmd);
