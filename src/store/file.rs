@@ -186,10 +186,8 @@ impl BlockBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if backend::must_not_block() {
-            // ext4 and others cannot promise a buffered write will not wait.
-            return Err(backend::refuse_to_block());
-        }
+        // Also when must_not_block: a buffered write lands in the page cache (ext4 has no
+        // RWF_NOWAIT for it); only flush and deallocate refuse.
         self.check_writable()?;
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
@@ -291,6 +289,26 @@ mod tests {
         let e = FileBackend::open(&p, MIB, false, false).unwrap_err();
         assert!(matches!(e, StoreError::Missing { .. }));
         assert!(e.to_string().contains("absent.img"));
+    }
+
+    #[test]
+    fn without_blocking_reads_cached_data_and_refuses_flush() {
+        use crate::scsi::backend::without_blocking;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, MIB);
+        let data = vec![7u8; 4096];
+        // A buffered write is allowed (it lands in the page cache), a flush is not.
+        assert!(without_blocking(|| b.write_at(&data, 0)).unwrap().is_ok());
+        assert!(without_blocking(|| b.flush()).is_none());
+        let mut back = vec![0u8; 4096];
+        // Just written, so cached: RWF_NOWAIT succeeds (where the kernel supports it).
+        if let Some(r) = without_blocking(|| b.read_at(&mut back, 0)) {
+            r.unwrap();
+            assert_eq!(back, data);
+        }
+        // Outside without_blocking nothing is refused.
+        b.flush().unwrap();
+        assert!(!crate::scsi::backend::must_not_block());
     }
 
     #[test]

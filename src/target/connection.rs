@@ -569,16 +569,32 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
     }
 }
 
-/// READ(6/10/12/16): no side effects before the data transfer, so an attempt that the
-/// backend refuses (data not cached) can simply be run again.
-fn is_plain_read(cdb: &[u8]) -> bool {
-    matches!(cdb.first(), Some(0x08 | 0x28 | 0xa8 | 0x88))
+/// Largest READ answered inline (bounds how long one command holds a runtime thread).
+const INLINE_READ_MAX: u32 = 256 * 1024;
+/// Largest WRITE tried inline: small writes are where the pool round trip dominates.
+const INLINE_WRITE_MAX: u32 = 64 * 1024;
+
+/// Whether a command may be tried on the calling (runtime) thread first: plain READs and
+/// WRITEs without FUA, whose attempt has no effect beyond the transfer itself, so that
+/// an attempt the backend refuses (data not in the page cache, a flush needed, a range
+/// held by COMPARE AND WRITE) can simply run again on the blocking pool. A buffered write
+/// may still wait briefly in the kernel (dirty page throttling); that is the price of
+/// not paying two thread wake-ups per small write.
+fn try_inline(cmd: &ScsiCommand) -> bool {
+    let cdb: &[u8] = &cmd.cdb;
+    let fua = cdb.get(1).is_some_and(|b| b & 0x08 != 0);
+    match cdb.first() {
+        Some(0x08 | 0x28 | 0xa8 | 0x88) => cmd.data_in_len <= INLINE_READ_MAX,
+        Some(0x0a) => cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        Some(0x2a | 0xaa | 0x8a) => !fua && cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        _ => false,
+    }
 }
 
 fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
-    // A read the page cache can serve is answered here: the round trip through the
-    // blocking pool (two thread wake-ups) costs more than the copy itself.
-    if is_plain_read(&ready.cmd.cdb) {
+    // The round trip through the blocking pool (two thread wake-ups) costs more than a
+    // page-cache copy: try cheap commands here first (see try_inline).
+    if try_inline(&ready.cmd) {
         if let Some(outcome) =
             crate::scsi::backend::without_blocking(|| shared.lun_map.execute(&ready.cmd))
         {
