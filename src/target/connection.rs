@@ -1450,6 +1450,40 @@ fn stamp(pdu: &mut Pdu, stat_sn: &mut u32, exp: u32, max: u32) {
     }
 }
 
+/// Data segments at least this long are sent from their own buffer (vectored write)
+/// instead of being copied behind their header: a Data-In payload is never copied.
+const COPY_DATA_MAX: usize = 2048;
+/// Buffers handed to one writev.
+const MAX_IOVECS: usize = 64;
+
+/// Write `chunks` in order with as few writev calls as the socket allows.
+async fn write_chunks(wr: &mut OwnedWriteHalf, chunks: &mut [Bytes]) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut i = 0;
+    while i < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[i..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < chunks.len() {
+            let len = chunks[i].len();
+            if n >= len {
+                n -= len;
+                i += 1;
+            } else {
+                chunks[i].advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn writer_task(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
@@ -1457,10 +1491,14 @@ async fn writer_task(
     digests: DigestConfig,
     mut stat_sn: u32,
 ) {
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    // Headers and small PDUs accumulate in `small`; large payloads join `chunks` by
+    // reference between the pieces of `small` that surround them.
+    let mut small = BytesMut::with_capacity(64 * 1024);
+    let mut chunks: Vec<Bytes> = Vec::new();
     let mut closing = false;
     while let Some(first) = rx.recv().await {
-        buf.clear();
+        chunks.clear();
+        let mut queued = 0usize;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
@@ -1471,20 +1509,33 @@ async fn writer_task(
                         (exp, core.window.max_cmd_sn())
                     };
                     stamp(&mut p, &mut stat_sn, exp, max);
-                    wire::encode(&p, digests, &mut buf);
+                    if p.data.len() >= COPY_DATA_MAX {
+                        let trailer = wire::codec::encode_parts(&p, digests, &mut small);
+                        chunks.push(small.split().freeze());
+                        queued += p.data.len();
+                        chunks.push(p.data);
+                        small.extend_from_slice(trailer.as_slice());
+                    } else {
+                        wire::encode(&p, digests, &mut small);
+                    }
                 }
                 Out::Close => closing = true,
             }
-            if closing || buf.len() >= 1 << 20 {
+            if closing || queued + small.len() >= 1 << 20 {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
-                debug!(error = %e, "write failed; connection is gone");
-                break;
-            }
+        if !small.is_empty() {
+            chunks.push(small.split().freeze());
+        }
+        if let Err(e) = write_chunks(&mut wr, &mut chunks).await {
+            debug!(error = %e, "write failed; connection is gone");
+            break;
+        }
+        if small.capacity() < 16 * 1024 {
+            // split() hands the written bytes away; start the next batch on fresh room.
+            small.reserve(64 * 1024);
         }
         if closing {
             break;
