@@ -7,6 +7,7 @@
 
 pub mod initiator;
 pub mod iscsi;
+pub mod pr_command;
 pub mod scsi;
 pub mod store;
 pub mod target;

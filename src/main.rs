@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use holdfast::pr_command::{self, PrArgs};
 use holdfast::target::config::{self, ValidConfig};
 use holdfast::target::portal::Portals;
 use holdfast::target::runtime::Runtime;
@@ -15,9 +16,10 @@ use std::sync::Arc;
     about = "Shared storage that is also the referee"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "holdfast=debug".
-    #[arg(long, global = true, env = "HOLDFAST_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "holdfast=debug"
+    /// [default: info; warn for `pr`, whose stdout and stderr scripts read]
+    #[arg(long, global = true, env = "HOLDFAST_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,13 +38,22 @@ enum Command {
         #[arg(long)]
         print_default_config: bool,
     },
+    /// Persistent reservations on a LUN, like sg_persist, over holdfast's own initiator.
+    /// Exit status 24 = RESERVATION CONFLICT.
+    Pr(Box<PrArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?,
+            tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
+                match cli.command {
+                    Command::Pr(_) => "warn",
+                    _ => "info",
+                },
+            ))
+            .context("invalid --log filter")?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -70,6 +81,35 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             run_target(cfg)
+        }
+        Command::Pr(args) => {
+            let code = run_pr(&args)?;
+            std::process::exit(code)
+        }
+    }
+}
+
+/// One `holdfast pr` invocation: prints the outcome (or the error) and returns the exit
+/// status, 24 for RESERVATION CONFLICT so that fencing scripts can tell it apart.
+fn run_pr(args: &PrArgs) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(pr_command::run(args)) {
+        Ok(outcome) => {
+            if args.json {
+                println!("{}", outcome.to_json(args.action));
+            } else {
+                print!("{outcome}");
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", e.to_json());
+            }
+            eprintln!("holdfast pr: {e}");
+            Ok(e.exit_code())
         }
     }
 }

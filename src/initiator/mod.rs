@@ -6,10 +6,12 @@
 //! one writer task serialises outgoing PDUs and stamps ExpStatSN.
 
 pub mod login;
+pub mod pr;
 pub mod scsi;
 pub mod session;
 
 pub use login::Negotiated;
+pub use pr::{Capabilities, FullStatus, PrType, RegisterFlags, Reservation, TransportId};
 pub use scsi::{cdb, encode_lun, ScsiResult, Sense};
 pub use session::{Session, Task};
 

@@ -83,7 +83,11 @@ impl<T> CmdWindow<T> {
     /// Admit a non-immediate command carrying `cmd_sn`.
     pub fn admit(&mut self, cmd_sn: u32, item: T) -> Admission<T> {
         let max = self.max_cmd_sn();
-        if sn_lt(cmd_sn, self.exp_cmd_sn) || sn_lt(max, cmd_sn) {
+        // Window membership by distance from ExpCmdSN: serial comparison is undefined
+        // for numbers 2^31 apart (RFC 1982), and treating such a CmdSN as inside held
+        // it forever. A full window (MaxCmdSN = ExpCmdSN - 1) has width 0.
+        let width = max.wrapping_sub(self.exp_cmd_sn).wrapping_add(1);
+        if cmd_sn.wrapping_sub(self.exp_cmd_sn) >= width {
             return Admission::Ignored;
         }
         if cmd_sn != self.exp_cmd_sn {
@@ -127,6 +131,19 @@ impl<T> CmdWindow<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzz/cmdsn_and_transfer: a CmdSN exactly 2^31 ahead of ExpCmdSN is
+    /// neither before nor after it in serial arithmetic and was held.
+    #[test]
+    fn cmd_sn_half_the_number_space_away_is_ignored() {
+        for depth in [0, 1, 128] {
+            let mut w: CmdWindow<u32> = CmdWindow::new(1_591_664_350, depth);
+            let far = w.exp_cmd_sn().wrapping_add(0x8000_0000);
+            assert_eq!(w.admit(far, 1), Admission::Ignored);
+            assert_eq!(w.admit(far.wrapping_add(1), 2), Admission::Ignored);
+            assert_eq!(w.held(), 0);
+        }
+    }
 
     #[test]
     fn serial_arithmetic_wraps() {

@@ -689,6 +689,21 @@ impl std::fmt::Debug for AbortHook {
     }
 }
 
+/// The (ASC, ASCQ) of a CHECK CONDITION with sense key UNIT ATTENTION, in either sense
+/// format.
+fn unit_attention_in(o: &ScsiOutcome) -> Option<(u8, u8)> {
+    if o.status != status::CHECK_CONDITION {
+        return None;
+    }
+    let b = o.sense.as_deref()?;
+    let (k, asc, ascq) = match b.first()? & 0x7f {
+        0x70 | 0x71 => (b.get(2)? & 0x0f, *b.get(12)?, *b.get(13)?),
+        0x72 | 0x73 => (b.get(1)? & 0x0f, *b.get(2)?, *b.get(3)?),
+        _ => return None,
+    };
+    (k == key::UNIT_ATTENTION).then_some((asc, ascq))
+}
+
 fn conflict_outcome() -> ScsiOutcome {
     ScsiOutcome {
         status: status::RESERVATION_CONFLICT,
@@ -1059,6 +1074,24 @@ impl LogicalUnit {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(nexus.clone())
             .or_default();
+    }
+
+    /// A response that was never delivered (its task was aborted, e.g. by PREEMPT AND
+    /// ABORT) reported nothing: if it carried a unit attention, queue it again in front, so
+    /// the nexus still learns of it (SAM-5: a unit attention is cleared when reported).
+    pub fn unreported(&self, nexus: &ItNexus, outcome: &ScsiOutcome) {
+        let Some((asc, ascq)) = unit_attention_in(outcome) else {
+            return;
+        };
+        let mut map = self.nexuses.write().unwrap_or_else(PoisonError::into_inner);
+        // A nexus that is gone has nobody left to tell.
+        if let Some(state) = map.get_mut(nexus) {
+            let q = &mut state.unit_attentions;
+            if !q.contains(&(asc, ascq)) {
+                q.push_front((asc, ascq));
+                self.ua_pending.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Pop the oldest pending unit attention of a nexus.

@@ -573,8 +573,28 @@ impl PrState {
         Ok(fx)
     }
 
+    /// An all-registrants reservation outlives the registration that created it: when
+    /// that one goes, a remaining registrant stands for it, so the holder is always
+    /// registered (the saved state is refused otherwise, and the LUN would not start).
+    fn keep_holder_registered(&mut self) {
+        let regs = &self.registrations;
+        if let Some(res) = &mut self.reservation {
+            if !regs.iter().any(|r| r.id == res.holder) {
+                match regs.first() {
+                    Some(r) if res.ty.all_registrants() => res.holder = r.id.clone(),
+                    _ => self.reservation = None,
+                }
+            }
+        }
+    }
+
     /// Remove registration `i`; a holder's reservation goes with it (SPC-4 §5.13.11.2.3).
     fn unregister(&mut self, i: usize, fx: &mut ProutEffects) {
+        self.unregister_inner(i, fx);
+        self.keep_holder_registered();
+    }
+
+    fn unregister_inner(&mut self, i: usize, fx: &mut ProutEffects) {
         let gone = self.registrations.remove(i);
         let Some(res) = &self.reservation else { return };
         let released = if res.ty.all_registrants() {
@@ -719,6 +739,7 @@ impl PrState {
                         self.reservation = None;
                     }
                 }
+                self.keep_holder_registered();
                 removed
             }
         };
@@ -949,9 +970,17 @@ impl PrState {
         if crc32c::crc32c(&state) != file.crc32c {
             return Err(PrLoadError::Corrupt("checksum mismatch".into()));
         }
-        let s = file.state;
+        let mut s = file.state;
         if s.registrations.len() > MAX_REGISTRATIONS {
             return Err(PrLoadError::Corrupt("too many registrations".into()));
+        }
+        // Earlier versions saved an all-registrants reservation whose creator had left;
+        // it is still held by the remaining registrants.
+        if s.reservation
+            .as_ref()
+            .is_some_and(|r| r.ty.all_registrants() && !s.registrations.is_empty())
+        {
+            s.keep_holder_registered();
         }
         if let Some(res) = &s.reservation {
             if !s.registrations.iter().any(|r| r.id == res.holder) {

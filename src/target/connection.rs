@@ -166,7 +166,7 @@ pub async fn serve(
         data: outcome.connection.data_digest,
     };
     dec.max_data_segment_len = outcome.connection.target_max_recv_data_segment_length;
-    let res = run_full_feature(rt, reg, outcome, local, rd, wr, buf, dec, shutdown).await;
+    let res = run_full_feature(rt, reg, outcome, listen, local, rd, wr, buf, dec, shutdown).await;
     match res {
         Ok(()) | Err(ConnError::Closed) => debug!(?peer, "connection ended"),
         Err(e) => warn!(?peer, error = %e, "connection dropped"),
@@ -372,6 +372,7 @@ async fn run_full_feature(
     rt: Arc<Runtime>,
     reg: Arc<SessionRegistry>,
     outcome: LoginOutcome,
+    listen: SocketAddr,
     local: SocketAddr,
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
@@ -387,9 +388,13 @@ async fn run_full_feature(
             let Some(target) = rt.target(tname).cloned() else {
                 return Err(ConnError::Protocol(format!("target {tname} vanished")));
             };
-            let tpgt = target
-                .tpgt_on(outcome_listen(&rt, &target, local))
-                .unwrap_or(1);
+            // The portal group is the one of the portal that accepted the connection (as
+            // configured: the socket's own address differs for port 0 or a wildcard).
+            let Some(tpgt) = target.tpgt_on(listen) else {
+                return Err(ConnError::Protocol(format!(
+                    "target {tname} is not served on {listen}"
+                )));
+            };
             let nexus = Arc::new(ItNexus {
                 initiator_name: outcome.initiator_name.clone(),
                 isid: outcome.isid,
@@ -397,7 +402,7 @@ async fn run_full_feature(
                 tpgt,
                 relative_port_id: tpgt,
             });
-            let key = SessionKey::new(&outcome.initiator_name, outcome.isid, &target.name);
+            let key = SessionKey::new(&outcome.initiator_name, outcome.isid, &target.name, tpgt);
             let (old, control, handle) = reg.register(key.clone(), outcome.tsih);
             if let Some(old) = old {
                 info!(initiator = %outcome.initiator_name, isid = %hex::encode(outcome.isid), "session reinstatement: ending the previous session");
@@ -501,20 +506,6 @@ async fn run_full_feature(
     res
 }
 
-fn outcome_listen(
-    rt: &Runtime,
-    target: &super::runtime::TargetNode,
-    local: SocketAddr,
-) -> SocketAddr {
-    let _ = rt;
-    target
-        .portals
-        .iter()
-        .map(|(a, _)| *a)
-        .find(|a| *a == local || (a.ip().is_unspecified() && a.port() == local.port()))
-        .unwrap_or(local)
-}
-
 impl super::session::TaskAborter for Shared {
     fn abort_lun(&self, lun: u64) {
         let n = abort_tasks(self, |l| l == lun).len();
@@ -606,13 +597,21 @@ fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
         let outcome = shared.lun_map.execute(&ready.cmd);
-        let pdus = build_response(&shared, &ready, outcome);
-        finish(&shared, ready.itt, task_id, pdus);
+        let pdus = build_response(&shared, &ready, outcome.clone());
+        finish(&shared, &ready, task_id, pdus, &outcome);
     });
 }
 
-fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
-    let started = {
+/// Send the response unless the task was aborted meanwhile.
+fn finish(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    task_id: TaskId,
+    pdus: Vec<Pdu>,
+    outcome: &ScsiOutcome,
+) {
+    let itt = ready.itt;
+    let (started, entry, aborted) = {
         let mut core = shared.core();
         let entry = core.active.remove(&itt);
         let aborted = entry
@@ -626,12 +625,18 @@ fn finish(shared: &Arc<Shared>, itt: u32, task_id: TaskId, pdus: Vec<Pdu>) {
         } else {
             debug!(itt, "task aborted: response suppressed");
         }
-        let started = core.tasks.complete(task_id);
-        if let Some(e) = entry {
-            e.done.set();
-        }
-        started
+        (core.tasks.complete(task_id), entry, aborted)
     };
+    if aborted {
+        // A unit attention this task took was never reported: give it back before
+        // anyone waiting for the task (session end, nexus loss) goes on.
+        if let Some(lu) = shared.lun_map.get(ready.cmd.lun) {
+            lu.unreported(&ready.cmd.nexus, outcome);
+        }
+    }
+    if let Some(e) = entry {
+        e.done.set();
+    }
     for (id, r) in started {
         spawn_exec(shared.clone(), id, r);
     }

@@ -6,21 +6,25 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-/// Identity of a session: initiator port (name + ISID) and target.
+/// Identity of a session: initiator port (name + ISID) and target port (name + TPGT).
+/// The same ISID through another portal group is another session (RFC 7143 §4.4.3: the
+/// session id is ISID + TPGT), so it must not reinstate this one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub initiator: String,
     pub isid: [u8; 6],
     pub target: String,
+    pub tpgt: u16,
 }
 
 impl SessionKey {
-    pub fn new(initiator: &str, isid: [u8; 6], target: &str) -> Self {
+    pub fn new(initiator: &str, isid: [u8; 6], target: &str, tpgt: u16) -> Self {
         // iSCSI names compare case-insensitively (they are normalised to lower case).
         Self {
             initiator: initiator.to_ascii_lowercase(),
             isid,
             target: target.to_ascii_lowercase(),
+            tpgt,
         }
     }
 }
@@ -150,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn reinstatement_returns_the_old_session_and_terminate_waits() {
         let reg = SessionRegistry::new();
-        let key = SessionKey::new("iqn.2026-11.x:I", [1; 6], "iqn.2026-11.x:T");
+        let key = SessionKey::new("iqn.2026-11.x:I", [1; 6], "iqn.2026-11.x:T", 1);
         let t1 = reg.allocate_tsih();
         let (old, mut ctl1, h1) = reg.register(key.clone(), t1);
         assert!(old.is_none());
@@ -170,6 +174,18 @@ mod tests {
         assert_eq!(reg.len(), 1);
         reg.unregister(&key, &h2);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn same_isid_in_another_portal_group_is_another_session() {
+        let reg = SessionRegistry::new();
+        let k1 = SessionKey::new("iqn.2026-11.x:i", [1; 6], "iqn.2026-11.x:t", 1);
+        let k2 = SessionKey::new("iqn.2026-11.x:i", [1; 6], "iqn.2026-11.x:t", 2);
+        let (old, _c1, _h1) = reg.register(k1, reg.allocate_tsih());
+        assert!(old.is_none());
+        let (old, _c2, _h2) = reg.register(k2, reg.allocate_tsih());
+        assert!(old.is_none(), "no reinstatement across portal groups");
+        assert_eq!(reg.len(), 2);
     }
 }
 

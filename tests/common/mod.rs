@@ -2,6 +2,8 @@
 //! with its backing files in a temporary directory.
 #![allow(dead_code)]
 
+pub mod pr;
+
 use holdfast::initiator::{InitiatorConfig, Session};
 use holdfast::target::config;
 use holdfast::target::portal::Portals;
@@ -18,6 +20,8 @@ pub const BLOCK: u32 = 512;
 
 pub struct TestTarget {
     pub addr: SocketAddr,
+    /// Every portal's bound address, in config order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub dir: tempfile::TempDir,
     shutdown: watch::Sender<bool>,
     pub serve: Option<JoinHandle<()>>,
@@ -35,6 +39,16 @@ impl TestTarget {
 
     pub async fn login(&self) -> Session {
         Session::login(self.config()).await.expect("login")
+    }
+
+    /// Log in as `initiator` through portal `portal` (index into `addrs`), with a fixed
+    /// ISID or a random one.
+    pub async fn login_as(&self, initiator: &str, isid: Option<[u8; 6]>, portal: usize) -> Session {
+        let mut cfg = InitiatorConfig::new(initiator, TARGET, self.addrs[portal]);
+        cfg.isid = isid;
+        let s = Session::login(cfg).await.expect("login");
+        clear_unit_attention(&s, 0).await;
+        s
     }
 
     /// Ask the target to shut down (SIGTERM equivalent) and wait for serve() to return.
@@ -87,16 +101,42 @@ pub fn config_text(iscsi: &str, target_extra: &str, luns: &[(u64, &str, &str)]) 
 
 /// Start a target from a full TOML text.
 pub async fn start(text: &str) -> TestTarget {
+    start_with(text, |_| {}).await
+}
+
+/// Start a target from `text` with LUN `lun` of its first target served from `backend`
+/// instead of its file (a deliberately slow one, say), PREEMPT AND ABORT hook included.
+pub async fn start_with_backend(
+    text: &str,
+    lun: u64,
+    backend: Arc<dyn holdfast::scsi::backend::BlockBackend>,
+) -> TestTarget {
+    start_with(text, move |rt| {
+        let nexuses = rt.nexuses.clone();
+        let node = Arc::get_mut(&mut rt.targets[0]).expect("target not shared yet");
+        let settings = node.luns[&lun].settings().clone();
+        let lu = holdfast::scsi::LogicalUnit::new(settings, backend);
+        lu.set_abort_hook(Box::new(move |victims| nexuses.abort(victims, lun)));
+        node.luns.insert(lun, Arc::new(lu));
+    })
+    .await
+}
+
+async fn start_with(text: &str, adjust: impl FnOnce(&mut Runtime)) -> TestTarget {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config::parse(text, "test.toml", dir.path()).expect("valid config");
-    let rt = Arc::new(Runtime::build(&cfg).expect("runtime"));
+    let mut rt = Runtime::build(&cfg).expect("runtime");
+    adjust(&mut rt);
+    let rt = Arc::new(rt);
     let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
-    let addr = portals.local_addrs()[0];
+    let addrs = portals.local_addrs();
+    let addr = addrs[0];
     let (tx, rx) = watch::channel(false);
     let serve = tokio::spawn(portals.serve(rt, rx));
     TestTarget {
         addr,
+        addrs,
         dir,
         shutdown: tx,
         serve: Some(serve),

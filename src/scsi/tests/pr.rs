@@ -915,6 +915,55 @@ fn aptpl_persistence_round_trip() {
     assert_eq!(lu.pr_state(), PrState::default());
 }
 
+/// A unit attention taken by a command whose response was never delivered (aborted by
+/// PREEMPT AND ABORT) is given back and reported by the next command, once.
+#[test]
+fn unreported_unit_attention_is_queued_again() {
+    let (lu, _) = super::lu();
+    let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
+    seen(&lu, &[&a, &b]);
+    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
+    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    assert_good(&prout(&lu, &b, PREEMPT_ABORT, 5, 0xB, 0xA));
+    let tur = [0u8; 6];
+    let taken = lu.execute(&cmd(&a, &tur, &[]));
+    assert_sense(&taken, 6, 0x2A, 0x05);
+    // Its response is suppressed: the transport hands the outcome back.
+    lu.unreported(&a, &taken);
+    lu.unreported(&a, &lu.execute(&cmd(&b, &tur, &[]))); // GOOD: nothing to give back
+    assert_sense(&lu.execute(&cmd(&a, &tur, &[])), 6, 0x2A, 0x05);
+    assert_good(&lu.execute(&cmd(&a, &tur, &[])));
+}
+
+/// An all-registrants reservation whose creator unregisters or is preempted stays with
+/// the other registrants, and such a state saves and loads (it used to name the departed
+/// creator as holder, which the loader refused: the LUN did not start again).
+#[test]
+fn all_registrants_reservation_outlives_its_creator_across_restart() {
+    for (ty, preempt) in [(7u8, false), (8, false), (7, true), (8, true)] {
+        let store = Arc::new(MemStore::default());
+        let lu = persistent_lu(&store).unwrap();
+        let (a, b, c) = (nx(1, 1, 1), nx(2, 2, 1), nx(3, 3, 1));
+        assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0, 0xA, APTPL)));
+        assert_good(&prout_raw(&lu, &b, REGISTER, 0, &plist(0, 0xB, APTPL)));
+        assert_good(&prout_raw(&lu, &c, REGISTER, 0, &plist(0, 0xC, APTPL)));
+        assert_good(&prout(&lu, &a, RESERVE, ty, 0xA, 0));
+        if preempt {
+            assert_good(&prout(&lu, &b, PREEMPT, ty, 0xB, 0xA));
+        } else {
+            assert_good(&prout_raw(&lu, &a, REGISTER, 0, &plist(0xA, 0, APTPL)));
+        }
+        let st = lu.pr_state();
+        let res = st.reservation.clone().expect("still reserved");
+        assert!(st.registrations.iter().any(|r| r.id == res.holder));
+        drop(lu);
+        let lu = persistent_lu(&store).expect("the saved state loads");
+        assert_eq!(reservation(&lu), Some((0, ty)));
+        assert_good(&lu.execute(&cmd(&c, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+        conflict(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    }
+}
+
 #[test]
 fn corrupt_state_is_an_error() {
     let good = {
