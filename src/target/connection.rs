@@ -589,8 +589,8 @@ fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
         if let Some(outcome) =
             crate::scsi::backend::without_blocking(|| shared.lun_map.execute(&ready.cmd))
         {
-            let pdus = build_response(&shared, &ready, outcome);
-            finish(&shared, ready.itt, task_id, pdus);
+            let pdus = build_response(&shared, &ready, outcome.clone());
+            finish(&shared, &ready, task_id, pdus, &outcome);
             return;
         }
     }
