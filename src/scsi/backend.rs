@@ -19,3 +19,38 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// state (at least 1, at most up to the end of the store).
     fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)>;
 }
+
+thread_local! {
+    /// Set while [`without_blocking`] runs on this thread: 0 = off, 1 = on, 2 = on and a
+    /// backend call refused to block.
+    static NO_BLOCK: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Run `f` (a command execution) on the calling thread, asking backends not to block:
+/// a backend that would have to wait for the device (a read not in the page cache, a
+/// write, a flush) calls [`refuse_to_block`] and fails with `WouldBlock` instead. Returns
+/// None when that happened; the caller then discards the result and runs the command again
+/// where blocking is fine. Only commands whose partial execution is harmless to repeat
+/// (plain READs) may be tried this way.
+pub fn without_blocking<R>(f: impl FnOnce() -> R) -> Option<R> {
+    NO_BLOCK.with(|c| c.set(1));
+    let r = f();
+    let refused = NO_BLOCK.with(|c| c.replace(0)) == 2;
+    (!refused).then_some(r)
+}
+
+/// For backends: whether the current call must not block (see [`without_blocking`]).
+pub fn must_not_block() -> bool {
+    NO_BLOCK.with(|c| c.get() != 0)
+}
+
+/// For backends: note that a call was refused because it would block, and return the
+/// error to fail it with.
+pub fn refuse_to_block() -> io::Error {
+    NO_BLOCK.with(|c| {
+        if c.get() != 0 {
+            c.set(2);
+        }
+    });
+    io::Error::from(io::ErrorKind::WouldBlock)
+}

@@ -1235,6 +1235,11 @@ impl LogicalUnit {
 
     /// Map a backend error to sense and log it.
     pub(crate) fn io_error(&self, e: &io::Error, what: &'static str, write: bool) -> Sense {
+        if e.kind() == io::ErrorKind::WouldBlock && super::backend::must_not_block() {
+            // A non-blocking attempt (backend::without_blocking): not an error, the
+            // transport discards this outcome and runs the command again.
+            return Sense::READ_ERROR;
+        }
         tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
         if e.raw_os_error() == Some(libc::ENOSPC) {
             // Out of space is the file system's state, not the device's: stay online.

@@ -68,6 +68,16 @@ impl RangeLock {
     }
 
     pub fn lock(&self, lba: u64, blocks: u64, mode: Mode) -> RangeGuard<'_> {
+        self.acquire(lba, blocks, mode, true)
+            .unwrap_or_else(|| unreachable!("a waiting acquire always succeeds"))
+    }
+
+    /// Like [`RangeLock::lock`] but None instead of waiting for a conflicting holder.
+    pub fn try_lock(&self, lba: u64, blocks: u64, mode: Mode) -> Option<RangeGuard<'_>> {
+        self.acquire(lba, blocks, mode, false)
+    }
+
+    fn acquire(&self, lba: u64, blocks: u64, mode: Mode, wait: bool) -> Option<RangeGuard<'_>> {
         let (first, count) = Self::span(lba, blocks);
         let mut table = self.stripes.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -81,6 +91,9 @@ impl RangeLock {
             if !busy {
                 break;
             }
+            if !wait {
+                return None;
+            }
             table = self
                 .released
                 .wait(table)
@@ -93,12 +106,12 @@ impl RangeLock {
                 Mode::Exclusive => s.exclusive = true,
             }
         }
-        RangeGuard {
+        Some(RangeGuard {
             lock: self,
             first,
             count,
             mode,
-        }
+        })
     }
 }
 
@@ -154,5 +167,15 @@ mod tests {
         drop(_b);
         t.join().unwrap();
         assert!(got.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn try_lock_does_not_wait() {
+        let l = RangeLock::new();
+        let x = l.lock(0, 8, Mode::Exclusive);
+        assert!(l.try_lock(4, 8, Mode::Shared).is_none());
+        assert!(l.try_lock(STRIPE_BLOCKS * 3, 8, Mode::Shared).is_some());
+        drop(x);
+        assert!(l.try_lock(4, 8, Mode::Shared).is_some());
     }
 }

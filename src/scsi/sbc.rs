@@ -7,6 +7,7 @@
 //! (COMPARE AND WRITE, VERIFY with BYTCHK, WRITE SAME) fail with ILLEGAL REQUEST,
 //! INVALID FIELD IN COMMAND INFORMATION UNIT (0E/03) instead.
 
+use super::backend;
 use super::cdb::{self, op, BlockRange};
 use super::lun::{limits, CmdResult, LogicalUnit, Request};
 use super::range_lock::Mode;
@@ -86,7 +87,19 @@ pub(crate) fn write(lu: &LogicalUnit, req: &Request) -> CmdResult {
         return Ok(Bytes::new());
     }
     {
-        let _g = lu.ranges.lock(r.lba, data.len() as u64 / bs, Mode::Shared);
+        let blocks = data.len() as u64 / bs;
+        let _g = if backend::must_not_block() {
+            // Tried inline by the transport: do not wait behind a COMPARE AND WRITE.
+            match lu.ranges.try_lock(r.lba, blocks, Mode::Shared) {
+                Some(g) => g,
+                None => {
+                    let e = backend::refuse_to_block();
+                    return Err(lu.io_error(&e, "write", true).into());
+                }
+            }
+        } else {
+            lu.ranges.lock(r.lba, blocks, Mode::Shared)
+        };
         write_bytes(lu, r.lba, data)?;
     }
     lu.complete_write(r.fua)?;

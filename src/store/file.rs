@@ -1,7 +1,7 @@
 //! A LUN backed by a (sparse) regular file or a block device, with positional I/O.
 
 use super::{check_range, StoreError};
-use crate::scsi::backend::BlockBackend;
+use crate::scsi::backend::{self, BlockBackend};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -139,6 +139,30 @@ impl FileBackend {
     }
 }
 
+impl FileBackend {
+    /// Read only what the page cache holds (preadv2 RWF_NOWAIT); anything that would wait
+    /// for the device, including a short read, is refused as a whole.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which outlives the call; a descriptor we own.
+        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if r >= 0 && r as usize == buf.len() {
+            return Ok(());
+        }
+        // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), a short read or a real
+        // error: the blocking read on the pool does it again and reports real errors.
+        Err(backend::refuse_to_block())
+    }
+}
+
 fn device_size(file: &File) -> io::Result<u64> {
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
@@ -155,20 +179,31 @@ impl BlockBackend for FileBackend {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
+        if backend::must_not_block() {
+            return self.read_cached(buf, offset);
+        }
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // Also when must_not_block: a buffered write lands in the page cache (ext4 has no
+        // RWF_NOWAIT for it); only flush and deallocate refuse.
         self.check_writable()?;
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
         self.file.sync_data()
     }
 
     fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
         self.check_writable()?;
         check_range(self.size, offset, len)?;
         if len == 0 {
@@ -254,6 +289,26 @@ mod tests {
         let e = FileBackend::open(&p, MIB, false, false).unwrap_err();
         assert!(matches!(e, StoreError::Missing { .. }));
         assert!(e.to_string().contains("absent.img"));
+    }
+
+    #[test]
+    fn without_blocking_reads_cached_data_and_refuses_flush() {
+        use crate::scsi::backend::without_blocking;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, MIB);
+        let data = vec![7u8; 4096];
+        // A buffered write is allowed (it lands in the page cache), a flush is not.
+        assert!(without_blocking(|| b.write_at(&data, 0)).unwrap().is_ok());
+        assert!(without_blocking(|| b.flush()).is_none());
+        let mut back = vec![0u8; 4096];
+        // Just written, so cached: RWF_NOWAIT succeeds (where the kernel supports it).
+        if let Some(r) = without_blocking(|| b.read_at(&mut back, 0)) {
+            r.unwrap();
+            assert_eq!(back, data);
+        }
+        // Outside without_blocking nothing is refused.
+        b.flush().unwrap();
+        assert!(!crate::scsi::backend::must_not_block());
     }
 
     #[test]

@@ -647,7 +647,42 @@ fn submit(shared: &Arc<Shared>, ready: Ready) {
     }
 }
 
+/// Largest READ answered inline (bounds how long one command holds a runtime thread).
+const INLINE_READ_MAX: u32 = 256 * 1024;
+/// Largest WRITE tried inline: small writes are where the pool round trip dominates.
+const INLINE_WRITE_MAX: u32 = 64 * 1024;
+
+/// Whether a command may be tried on the calling (runtime) thread first: plain READs and
+/// WRITEs without FUA, whose attempt has no effect beyond the transfer itself, so that
+/// an attempt the backend refuses (data not in the page cache, a flush needed, a range
+/// held by COMPARE AND WRITE) can simply run again on the blocking pool. A buffered write
+/// may still wait briefly in the kernel (dirty page throttling); that is the price of
+/// not paying two thread wake-ups per small write.
+fn try_inline(cmd: &ScsiCommand) -> bool {
+    let cdb: &[u8] = &cmd.cdb;
+    let fua = cdb.get(1).is_some_and(|b| b & 0x08 != 0);
+    match cdb.first() {
+        Some(0x08 | 0x28 | 0xa8 | 0x88) => cmd.data_in_len <= INLINE_READ_MAX,
+        Some(0x0a) => cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        Some(0x2a | 0xaa | 0x8a) => !fua && cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        _ => false,
+    }
+}
+
 fn spawn_exec(shared: Arc<Shared>, task_id: TaskId, ready: Ready) {
+    // The round trip through the blocking pool (two thread wake-ups) costs more than a
+    // page-cache copy: try cheap commands here first (see try_inline).
+    if try_inline(&ready.cmd) {
+        if let Some(outcome) =
+            crate::scsi::backend::without_blocking(|| shared.lun_map.execute(&ready.cmd))
+        {
+            let mut ready = ready;
+            let pdus = build_response(&shared, &ready, outcome.clone());
+            let buffer = ready.buffer.take();
+            finish(&shared, &ready, task_id, pdus, &outcome, buffer);
+            return;
+        }
+    }
     let h = shared.handle.clone();
     h.spawn_blocking(move || {
         let mut ready = ready;
@@ -1601,6 +1636,40 @@ fn stamp(pdu: &mut Pdu, stat_sn: &mut u32, exp: u32, max: u32) {
     }
 }
 
+/// Data segments at least this long are sent from their own buffer (vectored write)
+/// instead of being copied behind their header: a Data-In payload is never copied.
+const COPY_DATA_MAX: usize = 2048;
+/// Buffers handed to one writev.
+const MAX_IOVECS: usize = 64;
+
+/// Write `chunks` in order with as few writev calls as the socket allows.
+async fn write_chunks(wr: &mut OwnedWriteHalf, chunks: &mut [Bytes]) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut i = 0;
+    while i < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[i..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < chunks.len() {
+            let len = chunks[i].len();
+            if n >= len {
+                n -= len;
+                i += 1;
+            } else {
+                chunks[i].advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn writer_task(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
@@ -1609,11 +1678,15 @@ async fn writer_task(
     mut stat_sn: u32,
     (stall_after, stalled): (Duration, watch::Sender<bool>),
 ) {
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    // Headers and small PDUs accumulate in `small`; large payloads join `chunks` by
+    // reference between the pieces of `small` that surround them.
+    let mut small = BytesMut::with_capacity(64 * 1024);
+    let mut chunks: Vec<Bytes> = Vec::new();
     let mut closing = false;
     let mut releases: Vec<BufferPermit> = Vec::new();
     while let Some(first) = rx.recv().await {
-        buf.clear();
+        chunks.clear();
+        let mut queued = 0usize;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
@@ -1624,30 +1697,43 @@ async fn writer_task(
                         (exp, core.window.max_cmd_sn())
                     };
                     stamp(&mut p, &mut stat_sn, exp, max);
-                    wire::encode(&p, digests, &mut buf);
+                    if p.data.len() >= COPY_DATA_MAX {
+                        let trailer = wire::codec::encode_parts(&p, digests, &mut small);
+                        chunks.push(small.split().freeze());
+                        queued += p.data.len();
+                        chunks.push(p.data);
+                        small.extend_from_slice(trailer.as_slice());
+                    } else {
+                        wire::encode(&p, digests, &mut small);
+                    }
                 }
                 Out::Release(b) => releases.push(b),
                 Out::Close => closing = true,
             }
-            if closing || buf.len() >= 1 << 20 {
+            if closing || queued + small.len() >= 1 << 20 {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if !buf.is_empty() {
-            match tokio::time::timeout(stall_after, wr.write_all(&buf)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    debug!(error = %e, "write failed; connection is gone");
-                    break;
-                }
-                Err(_) => {
-                    // A peer that does not read would hold its responses (and their
-                    // buffer budget) forever.
-                    let _ = stalled.send(true);
-                    break;
-                }
+        if !small.is_empty() {
+            chunks.push(small.split().freeze());
+        }
+        match tokio::time::timeout(stall_after, write_chunks(&mut wr, &mut chunks)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed; connection is gone");
+                break;
             }
+            Err(_) => {
+                // A peer that does not read would hold its responses (and their
+                // buffer budget) forever.
+                let _ = stalled.send(true);
+                break;
+            }
+        }
+        if small.capacity() < 16 * 1024 {
+            // split() hands the written bytes away; start the next batch on fresh room.
+            small.reserve(64 * 1024);
         }
         releases.clear();
         if closing {
