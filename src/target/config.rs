@@ -189,7 +189,8 @@ pub struct LimitSettings {
     /// that does not fit is answered BUSY or TASK SET FULL and retried by the initiator.
     pub buffer_memory: ByteSize,
     /// Largest expected data transfer length of one command; larger ones fail with
-    /// ILLEGAL REQUEST / INVALID FIELD IN CDB before anything is allocated.
+    /// ILLEGAL REQUEST / INVALID FIELD IN CDB before anything is allocated. The default
+    /// matches the 64 MiB maximum transfer length the Block Limits VPD page advertises.
     pub max_command_bytes: ByteSize,
     /// Failed CHAP logins of one initiator name within `chap_failure_window_secs` that
     /// start a lockout.
@@ -208,7 +209,7 @@ impl Default for LimitSettings {
             max_connections_per_target: 256,
             max_connections_per_initiator: 64,
             buffer_memory: ByteSize(256 << 20),
-            max_command_bytes: ByteSize(16 << 20),
+            max_command_bytes: ByteSize(64 << 20),
             chap_max_failures: 3,
             chap_failure_window_secs: 60,
             chap_lockout_secs: 60,
