@@ -400,7 +400,7 @@ fn pdu(bhs: Bhs, data: Bytes) -> Pdu {
     }
 }
 
-fn reject(reason: u8, offending: &Pdu, digests: DigestConfig) -> Pdu {
+fn reject(reason: u8, offending: &Pdu) -> Pdu {
     // The Reject data segment carries the offending header (RFC 7143 §11.17).
     let mut hdr = BytesMut::new();
     wire::encode(
@@ -415,7 +415,6 @@ fn reject(reason: u8, offending: &Pdu, digests: DigestConfig) -> Pdu {
         },
         &mut hdr,
     );
-    let _ = digests;
     hdr.truncate(wire::BHS_LEN);
     pdu(
         Bhs::Reject(wire::Reject {
@@ -553,7 +552,6 @@ async fn run_full_feature(
         rd,
         buf,
         dec,
-        digests,
         writes: HashMap::new(),
         next_ttt: 1,
         text_pending: None,
@@ -842,7 +840,6 @@ struct Reader {
     rd: OwnedReadHalf,
     buf: BytesMut,
     dec: PduDecoder,
-    digests: DigestConfig,
     writes: HashMap<u32, PendingWrite>,
     next_ttt: u32,
     /// Remainder of a long text response and its TTT.
@@ -918,7 +915,7 @@ impl Reader {
                     data: Bytes::new(),
                 };
                 self.shared
-                    .send(reject(reject_reason::DATA_DIGEST_ERROR, &p, self.digests));
+                    .send(reject(reject_reason::DATA_DIGEST_ERROR, &p));
                 match &p.bhs {
                     Bhs::DataOut(d) => {
                         // The task cannot complete without its data at ERL 0.
@@ -971,8 +968,7 @@ impl Reader {
             }
             Bhs::SnackRequest(_) => {
                 warn!("SNACK at ErrorRecoveryLevel 0: rejecting");
-                self.shared
-                    .send(reject(reject_reason::SNACK_REJECT, &p, self.digests));
+                self.shared.send(reject(reject_reason::SNACK_REJECT, &p));
                 Ok(false)
             }
             Bhs::NopOut(n) if n.itt == RESERVED_TAG => {
@@ -1001,8 +997,7 @@ impl Reader {
             }
             _ => {
                 warn!(opcode = ?bhs_name(&p.bhs), "unexpected PDU from initiator: rejecting");
-                self.shared
-                    .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+                self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p));
                 Ok(false)
             }
         }
@@ -1132,11 +1127,8 @@ impl Reader {
         };
         if self.is_discovery() {
             warn!("SCSI command in a discovery session: rejecting");
-            self.shared.send(reject(
-                reject_reason::PROTOCOL_ERROR,
-                &offending(),
-                self.digests,
-            ));
+            self.shared
+                .send(reject(reject_reason::PROTOCOL_ERROR, &offending()));
             self.complete_request();
             return;
         }
@@ -1147,11 +1139,8 @@ impl Reader {
                 itt = c.itt,
                 "SCSI command reuses an active task tag: rejecting"
             );
-            self.shared.send(reject(
-                reject_reason::TASK_IN_PROGRESS,
-                &offending(),
-                self.digests,
-            ));
+            self.shared
+                .send(reject(reject_reason::TASK_IN_PROGRESS, &offending()));
             self.complete_request();
             return;
         }
@@ -1340,8 +1329,7 @@ impl Reader {
         let Bhs::DataOut(d) = &p.bhs else { return };
         let Some(mut w) = self.writes.remove(&d.itt) else {
             warn!(itt = d.itt, "Data-Out for an unknown task: rejecting");
-            self.shared
-                .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+            self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p));
             return;
         };
         match w
@@ -1359,8 +1347,7 @@ impl Reader {
             Err(e) => {
                 // ERL 0 cannot recover a data sequence: reject the PDU, fail the task.
                 warn!(itt = d.itt, error = %e, "invalid Data-Out: rejecting and failing the command");
-                self.shared
-                    .send(reject(reject_reason::PROTOCOL_ERROR, &p, self.digests));
+                self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p));
                 self.fail_write(w, 0x0b, 0x0c, 0x0d);
             }
         }
@@ -1474,7 +1461,6 @@ impl Reader {
                     self.shared.send(reject(
                         reject_reason::INVALID_PDU_FIELD,
                         &pdu(Bhs::TextRequest(t.clone()), Bytes::new()),
-                        self.digests,
                     ));
                     return;
                 }
@@ -1487,7 +1473,6 @@ impl Reader {
                     self.shared.send(reject(
                         reject_reason::PROTOCOL_ERROR,
                         &pdu(Bhs::TextRequest(t.clone()), Bytes::new()),
-                        self.digests,
                     ));
                     return;
                 }
