@@ -1,0 +1,652 @@
+//! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
+//! with errors that name the file, the key and the reason.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Highest node id a quorum LUN has a heartbeat slot for.
+pub const MAX_NODE_ID: u16 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub target: TargetSection,
+    #[serde(default)]
+    pub timings: Timings,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's name, unique in the cluster (shown in status, used in preferred owners).
+    pub name: String,
+    /// This node's id, 1..=64, unique in the cluster: its heartbeat slot and PR key.
+    pub id: u16,
+    /// Cluster name; must match the quorum LUN's header. Part of every PR key.
+    pub cluster: String,
+    /// The agent's own iSCSI initiator name
+    /// [default: iqn.2026-11.org.holdfast:CLUSTER.NODE].
+    #[serde(default)]
+    pub initiator_name: Option<String>,
+    /// The initiator name the VMs' data path uses (QEMU's libiscsi or open-iscsi); the
+    /// agent registers it with SPEC_I_PT before a VM starts [default: INITIATOR_NAME.vm].
+    #[serde(default)]
+    pub vm_initiator_name: Option<String>,
+    /// Where VM drivers keep saved states and logs [default: /var/lib/holdfast/agent].
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/holdfast/agent")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Portals ("host:port"), tried in order at every (re)login.
+    pub portals: Vec<String>,
+    /// The target's iSCSI name.
+    pub name: String,
+    /// LUN of the quorum LUN.
+    pub quorum_lun: u64,
+    /// One-way CHAP credentials for the agent's and the VMs' sessions.
+    #[serde(default)]
+    pub chap: Option<ChapSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapSection {
+    pub username: String,
+    pub secret: String,
+}
+
+/// Timings. Safety never depends on them (the target enforces reservations); they decide
+/// how soon a dead peer is fenced and how soon a cut-off node stops its VMs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timings {
+    /// How often the node writes its heartbeat slot.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often the node reads the quorum LUN (peers' heartbeats, group records).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest a single iSCSI command may take before the session is dropped and redone.
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// A node that has not completed a heartbeat write for this long kills its VMs.
+    #[serde(with = "humantime_serde")]
+    pub self_fence_after: Duration,
+    /// A peer whose heartbeat counter has not advanced for this long is fenced.
+    #[serde(with = "humantime_serde")]
+    pub dead_after: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            heartbeat_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(200),
+            io_timeout: Duration::from_millis(1000),
+            self_fence_after: Duration::from_millis(2000),
+            dead_after: Duration::from_millis(3000),
+        }
+    }
+}
+
+impl Timings {
+    /// The rules that keep fencing ahead of failover: a node must notice it is cut off
+    /// (and kill its VMs) before its peers give up on it, with room for one more
+    /// heartbeat and one slow command in between.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, r: String| Err((format!("timings.{k}"), r));
+        let ms = |d: Duration| d.as_millis();
+        if self.heartbeat_interval < Duration::from_millis(50) {
+            return bad("heartbeat_interval", "must be at least 50ms".into());
+        }
+        if self.poll_interval < Duration::from_millis(20) {
+            return bad("poll_interval", "must be at least 20ms".into());
+        }
+        if self.poll_interval > self.heartbeat_interval {
+            return bad(
+                "poll_interval",
+                format!(
+                    "must not exceed heartbeat_interval ({} ms)",
+                    ms(self.heartbeat_interval)
+                ),
+            );
+        }
+        if self.io_timeout < self.heartbeat_interval {
+            return bad(
+                "io_timeout",
+                format!(
+                    "must be at least heartbeat_interval ({} ms)",
+                    ms(self.heartbeat_interval)
+                ),
+            );
+        }
+        if self.self_fence_after < self.heartbeat_interval + self.io_timeout {
+            return bad(
+                "self_fence_after",
+                format!(
+                    "must be at least heartbeat_interval + io_timeout ({} ms)",
+                    ms(self.heartbeat_interval + self.io_timeout)
+                ),
+            );
+        }
+        if self.dead_after < self.self_fence_after + self.heartbeat_interval {
+            return bad(
+                "dead_after",
+                format!(
+                    "must be at least self_fence_after + heartbeat_interval ({} ms), so a \
+                     cut-off node kills its VMs before its peers take them over",
+                    ms(self.self_fence_after + self.heartbeat_interval)
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// When a group that runs away from its first preferred owner goes back to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    Never,
+    Immediately,
+    /// Only inside `failback_window` (local time of the owning node).
+    Window,
+}
+
+/// What "take the group offline" does to its VM (planned moves, ctl offline, drain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OfflineAction {
+    /// Save the VM's state (restored on the next start, on whichever node).
+    Save,
+    /// Graceful shutdown, killed after `stop_timeout`.
+    Shutdown,
+    /// Kill at once.
+    Kill,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Group name, unique in the cluster, at most 48 bytes.
+    pub name: String,
+    /// LUNs of the group's disks, in claim order (data disks before the OS disk).
+    pub disks: Vec<u64>,
+    /// Node names in order of preference; empty = any node.
+    #[serde(default)]
+    pub preferred_owners: Vec<String>,
+    #[serde(default = "default_failback")]
+    pub failback: Failback,
+    /// "HH:MM-HH:MM" for `failback = "window"` (may wrap midnight).
+    #[serde(default)]
+    pub failback_window: Option<String>,
+    /// Restarts in place allowed within `restart_period` before the group fails over.
+    #[serde(default = "default_restart_threshold")]
+    pub restart_threshold: u32,
+    #[serde(default = "default_restart_period", with = "humantime_serde")]
+    pub restart_period: Duration,
+    /// How often the VM's status is checked.
+    #[serde(default = "default_monitor_interval", with = "humantime_serde")]
+    pub monitor_interval: Duration,
+    #[serde(default = "default_offline_action")]
+    pub offline_action: OfflineAction,
+    /// How long a graceful stop or a save may take before the VM is killed.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// The VM and its driver.
+    pub vm: VmConfig,
+}
+
+fn default_failback() -> Failback {
+    Failback::Never
+}
+fn default_restart_threshold() -> u32 {
+    3
+}
+fn default_restart_period() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_monitor_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_offline_action() -> OfflineAction {
+    OfflineAction::Shutdown
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The VM driver and its settings. Strings may use the placeholders of
+/// [`super::driver::VmContext::expand`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "driver", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VmConfig {
+    /// The agent runs and supervises a command line (e.g. qemu-system-x86_64).
+    Process {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Extra arguments when restoring a saved state (e.g. ["-incoming", "file:{state_file}"]).
+        #[serde(default)]
+        restore_args: Vec<String>,
+        /// Signal asking the program to save its state to {state_file} and exit 0
+        /// ("SIGUSR1"); unset = this VM cannot save (save falls back to shutdown).
+        #[serde(default)]
+        save_signal: Option<String>,
+        /// Signal for a graceful stop [default: SIGTERM].
+        #[serde(default = "default_stop_signal")]
+        stop_signal: String,
+        /// Environment added to the program's.
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+        /// File receiving the program's stdout and stderr [default: STATE_DIR/GROUP.log].
+        #[serde(default)]
+        log: Option<PathBuf>,
+    },
+    /// An rgmanager-style script: `script start|stop|status|save|restore|kill`.
+    Script {
+        path: PathBuf,
+        /// Longest any action other than stop/save may take.
+        #[serde(default = "default_script_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+    /// A libvirt domain driven through virsh.
+    Libvirt {
+        domain: String,
+        /// Domain XML to `virsh define` before the first start on a node.
+        #[serde(default)]
+        xml: Option<PathBuf>,
+        /// libvirt URI (virsh -c) [default: virsh's own].
+        #[serde(default)]
+        uri: Option<String>,
+        /// virsh binary [default: virsh].
+        #[serde(default = "default_virsh")]
+        virsh: String,
+    },
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+fn default_script_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_virsh() -> String {
+    "virsh".into()
+}
+
+/// A validated configuration and the facts derived from it.
+#[derive(Debug, Clone)]
+pub struct ValidNodeConfig {
+    pub config: NodeConfig,
+    pub source: String,
+    pub initiator_name: String,
+    pub vm_initiator_name: String,
+    pub portals: Vec<SocketAddr>,
+}
+
+impl ValidNodeConfig {
+    pub fn node(&self) -> &NodeSection {
+        &self.config.node
+    }
+    pub fn timings(&self) -> &Timings {
+        &self.config.timings
+    }
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.config.groups.iter().find(|g| g.name == name)
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<ValidNodeConfig, AgentConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&text, &file)
+}
+
+pub fn parse(text: &str, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
+    let config: NodeConfig = toml::from_str(text).map_err(|e| AgentConfigError::Parse {
+        file: file.to_string(),
+        message: e.to_string(),
+    })?;
+    validate(config, file)
+}
+
+/// "HH:MM-HH:MM" → (start minute, end minute) of the day.
+pub fn parse_window(s: &str) -> Result<(u16, u16), String> {
+    let hm = |p: &str| -> Result<u16, String> {
+        let (h, m) = p
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| format!("{p:?} is not HH:MM"))?;
+        let h: u16 = h.parse().map_err(|_| format!("{p:?} is not HH:MM"))?;
+        let m: u16 = m.parse().map_err(|_| format!("{p:?} is not HH:MM"))?;
+        if h > 23 || m > 59 {
+            return Err(format!("{p:?} is not a time of day"));
+        }
+        Ok(h * 60 + m)
+    };
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not HH:MM-HH:MM"))?;
+    let (a, b) = (hm(a)?, hm(b)?);
+    if a == b {
+        return Err(format!("{s:?} is an empty window"));
+    }
+    Ok((a, b))
+}
+
+fn is_iscsi_name(s: &str) -> bool {
+    let l = s.to_ascii_lowercase();
+    (l.starts_with("iqn.") || l.starts_with("eui.") || l.starts_with("naa."))
+        && s.len() <= 223
+        && s.bytes().all(|c| c.is_ascii_graphic() && c != b',')
+}
+
+fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
+    let bad = |key: &str, reason: String| AgentConfigError::Invalid {
+        file: file.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    let n = &config.node;
+    if n.name.is_empty() || n.name.len() > 32 || !n.name.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(bad(
+            "node.name",
+            "must be 1-32 printable ASCII characters without spaces".into(),
+        ));
+    }
+    if n.id == 0 || n.id > MAX_NODE_ID {
+        return Err(bad("node.id", format!("must be 1..={MAX_NODE_ID}")));
+    }
+    if n.cluster.is_empty()
+        || n.cluster.len() > 64
+        || !n.cluster.bytes().all(|c| c.is_ascii_graphic())
+    {
+        return Err(bad(
+            "node.cluster",
+            "must be 1-64 printable ASCII characters without spaces".into(),
+        ));
+    }
+    let initiator_name = n.initiator_name.clone().unwrap_or_else(|| {
+        format!(
+            "iqn.2026-11.org.holdfast:{}.{}",
+            n.cluster.to_ascii_lowercase(),
+            n.name.to_ascii_lowercase()
+        )
+    });
+    if !is_iscsi_name(&initiator_name) {
+        return Err(bad(
+            "node.initiator_name",
+            format!("{initiator_name:?} is not an iqn./eui./naa. name"),
+        ));
+    }
+    let vm_initiator_name = n
+        .vm_initiator_name
+        .clone()
+        .unwrap_or_else(|| format!("{initiator_name}.vm"));
+    if !is_iscsi_name(&vm_initiator_name) {
+        return Err(bad(
+            "node.vm_initiator_name",
+            format!("{vm_initiator_name:?} is not an iqn./eui./naa. name"),
+        ));
+    }
+    if vm_initiator_name == initiator_name {
+        return Err(bad(
+            "node.vm_initiator_name",
+            "must differ from initiator_name: the agent's own session and the VMs' data \
+             path are different I_T nexuses"
+                .into(),
+        ));
+    }
+    let t = &config.target;
+    if t.portals.is_empty() {
+        return Err(bad(
+            "target.portals",
+            "at least one portal is needed".into(),
+        ));
+    }
+    let mut portals = Vec::new();
+    for p in &t.portals {
+        let with_port = if p.contains(':') && !p.starts_with('[') || p.contains("]:") {
+            p.clone()
+        } else {
+            format!("{p}:3260")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| bad("target.portals", format!("{p:?}: {e}")))?
+            .next()
+            .ok_or_else(|| bad("target.portals", format!("{p:?} resolves to nothing")))?;
+        portals.push(addr);
+    }
+    if !is_iscsi_name(&t.name) {
+        return Err(bad(
+            "target.name",
+            format!("{:?} is not an iqn./eui./naa. name", t.name),
+        ));
+    }
+    if t.quorum_lun > 16383 {
+        return Err(bad("target.quorum_lun", "must be at most 16383".into()));
+    }
+    if let Some(c) = &t.chap {
+        if c.secret.len() < 12 || c.secret.len() > 16 {
+            // RFC 7143 §12.1.3 asks for 12..16-byte secrets; targets refuse shorter ones.
+            return Err(bad(
+                "target.chap.secret",
+                "must be 12 to 16 characters".into(),
+            ));
+        }
+    }
+    config.timings.check().map_err(|(k, r)| bad(&k, r))?;
+    let mut names = HashSet::new();
+    let mut claimed_luns = HashSet::new();
+    for (i, g) in config.groups.iter().enumerate() {
+        let key = |k: &str| format!("group[{i}].{k}");
+        if g.name.is_empty()
+            || g.name.len() > 48
+            || !g
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
+            return Err(bad(
+                &key("name"),
+                "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),
+            ));
+        }
+        if !names.insert(g.name.clone()) {
+            return Err(bad(&key("name"), format!("{:?} is used twice", g.name)));
+        }
+        if g.disks.is_empty() || g.disks.len() > 16 {
+            return Err(bad(&key("disks"), "must list 1 to 16 LUNs".into()));
+        }
+        for d in &g.disks {
+            if *d == t.quorum_lun {
+                return Err(bad(&key("disks"), format!("LUN {d} is the quorum LUN")));
+            }
+            if *d > 16383 {
+                return Err(bad(&key("disks"), format!("LUN {d} is above 16383")));
+            }
+            if !claimed_luns.insert(*d) {
+                return Err(bad(
+                    &key("disks"),
+                    format!("LUN {d} belongs to two groups (or twice to this one)"),
+                ));
+            }
+        }
+        if g.restart_period.is_zero() {
+            return Err(bad(&key("restart_period"), "must be positive".into()));
+        }
+        if g.monitor_interval < Duration::from_millis(50) {
+            return Err(bad(
+                &key("monitor_interval"),
+                "must be at least 50ms".into(),
+            ));
+        }
+        match (g.failback, &g.failback_window) {
+            (Failback::Window, None) => {
+                return Err(bad(
+                    &key("failback_window"),
+                    "is needed with failback = \"window\"".into(),
+                ))
+            }
+            (Failback::Window, Some(w)) => {
+                parse_window(w).map_err(|r| bad(&key("failback_window"), r))?;
+            }
+            (_, Some(_)) => {
+                return Err(bad(
+                    &key("failback_window"),
+                    "only applies with failback = \"window\"".into(),
+                ))
+            }
+            _ => {}
+        }
+        match &g.vm {
+            VmConfig::Process {
+                command,
+                save_signal,
+                stop_signal,
+                ..
+            } => {
+                if command.is_empty() || command[0].is_empty() {
+                    return Err(bad(&key("vm.command"), "must name a program".into()));
+                }
+                for (k, s) in [
+                    ("vm.stop_signal", Some(stop_signal)),
+                    ("vm.save_signal", save_signal.as_ref()),
+                ] {
+                    if let Some(s) = s {
+                        if super::driver::signal_number(s).is_none() {
+                            return Err(bad(&key(k), format!("{s:?} is not a signal name")));
+                        }
+                    }
+                }
+            }
+            VmConfig::Script { path, .. } => {
+                if path.as_os_str().is_empty() {
+                    return Err(bad(&key("vm.path"), "must name a script".into()));
+                }
+            }
+            VmConfig::Libvirt { domain, .. } => {
+                if domain.is_empty() {
+                    return Err(bad(&key("vm.domain"), "must name a domain".into()));
+                }
+            }
+        }
+    }
+    Ok(ValidNodeConfig {
+        config,
+        source: file.to_string(),
+        initiator_name,
+        vm_initiator_name,
+        portals,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[node]
+name = "n1"
+id = 1
+cluster = "lab"
+[target]
+portals = ["127.0.0.1:3260"]
+name = "iqn.2026-11.org.holdfast:storage"
+quorum_lun = 0
+[[group]]
+name = "web"
+disks = [1]
+[group.vm]
+driver = "process"
+command = ["sleep", "1000"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.initiator_name, "iqn.2026-11.org.holdfast:lab.n1");
+        assert_eq!(c.vm_initiator_name, "iqn.2026-11.org.holdfast:lab.n1.vm");
+        assert!(c.config.timings.check().is_ok());
+        let g = &c.config.groups[0];
+        assert_eq!(g.restart_threshold, 3);
+        assert_eq!(g.restart_period, Duration::from_secs(900));
+        assert_eq!(g.failback, Failback::Never);
+    }
+
+    #[test]
+    fn inconsistent_timings_are_refused_with_the_key() {
+        let text = format!("{MINIMAL}\n[timings]\ndead_after = \"2s\"\n");
+        let e = parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("timings.dead_after"), "{e}");
+        let text = format!("{MINIMAL}\n[timings]\nself_fence_after = \"1s\"\n");
+        let e = parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("timings.self_fence_after"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (from, to, key) in [
+            ("id = 1", "id = 0", "node.id"),
+            ("disks = [1]", "disks = [0]", "group[0].disks"),
+            ("disks = [1]", "disks = []", "group[0].disks"),
+            ("name = \"web\"", "name = \"w b\"", "group[0].name"),
+            (
+                "command = [\"sleep\", \"1000\"]",
+                "command = []",
+                "group[0].vm.command",
+            ),
+        ] {
+            let e = parse(&MINIMAL.replace(from, to), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{from} -> {to}: {e}");
+        }
+        let e = parse(&MINIMAL.replace("id = 1", "id = 1\nbogus = 2"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn windows_parse() {
+        assert_eq!(parse_window("22:00-06:30"), Ok((1320, 390)));
+        assert!(parse_window("25:00-01:00").is_err());
+        assert!(parse_window("01:00-01:00").is_err());
+        assert!(parse_window("0100").is_err());
+    }
+}

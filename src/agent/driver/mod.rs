@@ -1,0 +1,247 @@
+//! VM drivers: one trait (start, stop, kill, save, restore, status) over the ways a node
+//! runs a guest: a supervised process, an rgmanager-style script, or libvirt.
+//!
+//! Calls block (they fork, wait and signal); the agent runs them on tokio's blocking
+//! pool, one group at a time.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a driver may need to know about the run it is asked to do. Strings in a
+/// driver's settings may use these as `{placeholders}` (see [`VmContext::expand`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmContext {
+    /// `{group}`
+    pub group: String,
+    /// `{node}`: this node's name.
+    pub node: String,
+    /// `{node_id}`
+    pub node_id: u16,
+    /// `{epoch}`: the group record's epoch of this claim (grows with every owner change).
+    pub epoch: u64,
+    /// `{initiator_name}`: the initiator name the VM's data path must use (registered by
+    /// the agent before the start).
+    pub initiator_name: String,
+    /// `{portal}`: host:port of the portal the agent is logged in through.
+    pub portal: String,
+    /// `{target}`: the target's iSCSI name.
+    pub target: String,
+    /// `{disk0}`, `{disk1}`, …: iscsi://PORTAL/TARGET/LUN of each disk, in config order;
+    /// `{disks}`: all of them, space separated; `{lun0}`, `{lun1}`, …: the LUN numbers.
+    pub disks: Vec<u64>,
+    /// `{state_file}`: where a saved state lives (STATE_DIR/GROUP.state).
+    pub state_file: PathBuf,
+    /// `{state_dir}`
+    pub state_dir: PathBuf,
+}
+
+impl VmContext {
+    pub fn disk_url(&self, i: usize) -> Option<String> {
+        self.disks
+            .get(i)
+            .map(|l| format!("iscsi://{}/{}/{}", self.portal, self.target, l))
+    }
+
+    /// Replace the placeholders listed on the fields; unknown `{…}` stay as written.
+    pub fn expand(&self, s: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let Some(close) = after.find('}') else {
+                out.push_str(&rest[open..]);
+                return out;
+            };
+            let name = &after[..close];
+            match self.lookup(name) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    out.push('{');
+                    out.push_str(name);
+                    out.push('}');
+                }
+            }
+            rest = &after[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn lookup(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "group" => self.group.clone(),
+            "node" => self.node.clone(),
+            "node_id" => self.node_id.to_string(),
+            "epoch" => self.epoch.to_string(),
+            "initiator_name" => self.initiator_name.clone(),
+            "portal" => self.portal.clone(),
+            "target" => self.target.clone(),
+            "state_file" => self.state_file.display().to_string(),
+            "state_dir" => self.state_dir.display().to_string(),
+            "disks" => (0..self.disks.len())
+                .filter_map(|i| self.disk_url(i))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => {
+                if let Some(i) = name.strip_prefix("disk") {
+                    return self.disk_url(i.parse().ok()?);
+                }
+                if let Some(i) = name.strip_prefix("lun") {
+                    return self
+                        .disks
+                        .get(i.parse::<usize>().ok()?)
+                        .map(|l| l.to_string());
+                }
+                return None;
+            }
+        })
+    }
+
+    /// The environment every driver passes to what it runs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            ("HOLDFAST_GROUP".to_string(), self.group.clone()),
+            ("HOLDFAST_NODE".to_string(), self.node.clone()),
+            ("HOLDFAST_NODE_ID".to_string(), self.node_id.to_string()),
+            ("HOLDFAST_EPOCH".to_string(), self.epoch.to_string()),
+            (
+                "HOLDFAST_INITIATOR_NAME".to_string(),
+                self.initiator_name.clone(),
+            ),
+            ("HOLDFAST_PORTAL".to_string(), self.portal.clone()),
+            ("HOLDFAST_TARGET".to_string(), self.target.clone()),
+            (
+                "HOLDFAST_STATE_FILE".to_string(),
+                self.state_file.display().to_string(),
+            ),
+            (
+                "HOLDFAST_DISKS".to_string(),
+                self.lookup("disks").unwrap_or_default(),
+            ),
+        ];
+        for i in 0..self.disks.len() {
+            if let Some(u) = self.disk_url(i) {
+                v.push((format!("HOLDFAST_DISK{i}"), u));
+            }
+        }
+        v
+    }
+}
+
+/// What a driver reports about its VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStatus {
+    Running,
+    /// Not running and never started by this driver, or stopped by the agent.
+    Stopped,
+    /// Stopped by itself cleanly (the guest's admin shut it down): not a failure, and
+    /// not restarted.
+    ShutDown,
+    /// Stopped by itself otherwise (crash, non-zero exit, killed by someone else).
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{action}: cannot run {program}: {source}")]
+    Spawn {
+        action: &'static str,
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{action} failed: {detail}")]
+    Failed {
+        action: &'static str,
+        detail: String,
+    },
+    #[error("{action} timed out after {after:?}")]
+    Timeout {
+        action: &'static str,
+        after: Duration,
+    },
+    #[error("{action} is not supported by this VM's driver")]
+    Unsupported { action: &'static str },
+}
+
+/// One VM, driven the way its config says. Every call blocks until done.
+pub trait VmDriver: Send {
+    /// Start the VM. Returns once it is running (or failed to start).
+    fn start(&mut self, ctx: &VmContext) -> Result<(), DriverError>;
+    /// Start the VM from the state a [`save`](VmDriver::save) left. `Ok(false)`: there is
+    /// no saved state, and nothing was started (the caller starts it instead).
+    fn restore(&mut self, ctx: &VmContext) -> Result<bool, DriverError>;
+    /// Graceful stop; killed once `timeout` passes. Returns once it is gone.
+    fn stop(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError>;
+    /// Stop at once (self-fencing). Returns once it is gone.
+    fn kill(&mut self, ctx: &VmContext) -> Result<(), DriverError>;
+    /// Save the VM's state (for a later restore, possibly on another node) and stop it.
+    /// `Unsupported` when this VM cannot save.
+    fn save(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError>;
+    fn status(&mut self, ctx: &VmContext) -> Result<VmStatus, DriverError>;
+    /// Forget a saved state (after a start that must not use it).
+    fn discard_saved(&mut self, ctx: &VmContext) -> Result<(), DriverError>;
+}
+
+/// A signal number from "SIGTERM", "TERM" or "15".
+pub fn signal_number(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let n = s.strip_prefix("SIG").unwrap_or(s);
+    Some(match n {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "PWR" => libc::SIGPWR,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> VmContext {
+        VmContext {
+            group: "web".into(),
+            node: "n1".into(),
+            node_id: 1,
+            epoch: 7,
+            initiator_name: "iqn.x:vm".into(),
+            portal: "127.0.0.1:3260".into(),
+            target: "iqn.t".into(),
+            disks: vec![2, 1],
+            state_file: "/s/web.state".into(),
+            state_dir: "/s".into(),
+        }
+    }
+
+    #[test]
+    fn placeholders_expand() {
+        let c = ctx();
+        assert_eq!(
+            c.expand("{group}@{node}#{epoch} {disk0} {lun1} {nope} {"),
+            "web@n1#7 iscsi://127.0.0.1:3260/iqn.t/2 1 {nope} {"
+        );
+        assert_eq!(
+            c.expand("{disks}"),
+            "iscsi://127.0.0.1:3260/iqn.t/2 iscsi://127.0.0.1:3260/iqn.t/1"
+        );
+        assert_eq!(c.expand("{disk9}"), "{disk9}");
+    }
+
+    #[test]
+    fn signals_parse() {
+        assert_eq!(signal_number("SIGUSR1"), Some(libc::SIGUSR1));
+        assert_eq!(signal_number("TERM"), Some(libc::SIGTERM));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGFOO"), None);
+    }
+}
