@@ -5,3 +5,6 @@
 
 pub mod config;
 pub mod driver;
+pub mod membership;
+pub mod placement;
+pub mod quorum;
