@@ -3,8 +3,69 @@
 //! peers with PREEMPT AND ABORT, and starts a VM only after its reservation is read back.
 //! The protocol is described in docs/AGENT.md.
 
+pub mod claim;
 pub mod config;
 pub mod driver;
 pub mod membership;
 pub mod placement;
 pub mod quorum;
+pub mod quorum_disk;
+
+use crate::initiator::InitiatorError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}: timed out")]
+    Timeout(&'static str),
+    #[error("{0}: RESERVATION CONFLICT")]
+    Conflict(&'static str),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: InitiatorError,
+    },
+    #[error("quorum LUN: {0}")]
+    Quorum(#[from] quorum::QuorumError),
+    /// Our key is gone or someone else holds our disk: we were fenced.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    #[error("claim: {0}")]
+    Claim(String),
+    #[error("VM: {0}")]
+    Driver(#[from] driver::DriverError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl AgentError {
+    pub fn from_initiator(what: &'static str, e: InitiatorError) -> AgentError {
+        match e {
+            InitiatorError::ReservationConflict => AgentError::Conflict(what),
+            InitiatorError::Timeout => AgentError::Timeout(what),
+            source => AgentError::Io { what, source },
+        }
+    }
+
+    /// Errors that mean the session is unusable and must be re-established.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Timeout(_)
+                | AgentError::Io {
+                    source: InitiatorError::ConnectionLost
+                        | InitiatorError::Io(_)
+                        | InitiatorError::Wire(_)
+                        | InitiatorError::Protocol(_),
+                    ..
+                }
+        )
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for display in records only).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
