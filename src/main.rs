@@ -41,6 +41,87 @@ enum Command {
     /// Persistent reservations on a LUN, like sg_persist, over holdfast's own initiator.
     /// Exit status 24 = RESERVATION CONFLICT.
     Pr(Box<PrArgs>),
+    /// Run the cluster agent of this hypervisor node.
+    Agent {
+        /// The node's TOML configuration.
+        #[arg(long, short, default_value = "/etc/holdfast/node.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print it with its defaults, and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Administer the cluster through its quorum LUN.
+    Ctl(Box<CtlArgs>),
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// A node's TOML configuration (portals, target, quorum LUN, cluster, node id).
+    #[arg(long, short, global = true, default_value = "/etc/holdfast/node.toml")]
+    config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Format a LUN as the quorum LUN (refuses a LUN that holds data unless --force).
+    InitQuorum {
+        /// iscsi://HOST[:PORT]/TARGET/LUN
+        url: String,
+        /// Cluster name (every node's `node.cluster`).
+        #[arg(long)]
+        cluster: String,
+        /// Overwrite a LUN that is not empty (or another cluster's quorum LUN).
+        #[arg(long)]
+        force: bool,
+        /// Initiator name to log in with.
+        #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl")]
+        initiator_name: String,
+        #[arg(long, requires = "chap_secret")]
+        chap_user: Option<String>,
+        #[arg(long, env = "HOLDFAST_CHAP_SECRET", requires = "chap_user")]
+        chap_secret: Option<String>,
+    },
+    /// Nodes (alive, fenced, last heartbeat), groups (owner, state, epoch, restarts) and
+    /// the PR keys of every LUN.
+    Status,
+    /// Planned move: offline action on the owner, hand-over, start/restore on NODE.
+    Move {
+        group: String,
+        node: String,
+        /// Wait until the group runs on NODE (seconds; 0 = don't wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Maintenance: stop the group and keep it stopped.
+    Offline {
+        group: String,
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// End maintenance (and forget where it failed): the group is placed and started.
+    Online {
+        group: String,
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Stop monitoring the group (its VM is left alone) until `thaw`.
+    Freeze {
+        group: String,
+    },
+    Thaw {
+        group: String,
+    },
+    /// Move every group away from NODE and keep new ones off it (--undo ends that).
+    Drain {
+        node: String,
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
                 match cli.command {
-                    Command::Pr(_) => "warn",
+                    Command::Pr(_) | Command::Ctl(_) => "warn",
                     _ => "info",
                 },
             ))
@@ -86,7 +167,183 @@ fn main() -> anyhow::Result<()> {
             let code = run_pr(&args)?;
             std::process::exit(code)
         }
+        Command::Agent { config, check } => {
+            let cfg = holdfast::agent::config::load_file(&config)?;
+            if check {
+                println!(
+                    "configuration {} is valid: node {} (id {}) of cluster {}, initiator {}, VM \
+                     initiator {}, {} group(s)",
+                    cfg.source,
+                    cfg.node().name,
+                    cfg.node().id,
+                    cfg.node().cluster,
+                    cfg.initiator_name,
+                    cfg.vm_initiator_name,
+                    cfg.config.groups.len()
+                );
+                print!("{}", toml::to_string_pretty(&cfg.config)?);
+                return Ok(());
+            }
+            run_agent(cfg)
+        }
+        Command::Ctl(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match rt.block_on(run_ctl(&args)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                        );
+                    }
+                    eprintln!("holdfast ctl: {e:#}");
+                    std::process::exit(1)
+                }
+            }
+        }
     }
+}
+
+fn run_agent(cfg: holdfast::agent::config::ValidNodeConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("holdfast-agent")
+        .build()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let agent = tokio::spawn(holdfast::agent::node::run(cfg, rx));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; handing groups over"),
+            _ = term.recv() => tracing::info!("SIGTERM received; handing groups over"),
+        }
+        let _ = tx.send(true);
+        agent.await.context("agent task failed")??;
+        Ok(())
+    })
+}
+
+async fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
+    use holdfast::agent::ctl::{self, Ctl};
+    use holdfast::agent::quorum::GroupState;
+    use std::time::Duration;
+    if let CtlCommand::InitQuorum {
+        url,
+        cluster,
+        force,
+        initiator_name,
+        chap_user,
+        chap_secret,
+    } = &args.command
+    {
+        let url: holdfast::pr_command::IscsiUrl = url.parse()?;
+        let chap = chap_user
+            .clone()
+            .zip(chap_secret.clone().map(String::into_bytes));
+        let msg = ctl::init_quorum(&url, initiator_name, cluster, *force, chap).await?;
+        if args.json {
+            println!("{}", serde_json::json!({"ok": true, "message": msg}));
+        } else {
+            println!("{msg}");
+        }
+        return Ok(());
+    }
+    let cfg = holdfast::agent::config::load_file(&args.config)?;
+    let mut c = Ctl::connect(cfg).await?;
+    let result = async {
+        let done = |msg: String| {
+            if args.json {
+                println!("{}", serde_json::json!({"ok": true, "message": msg}));
+            } else {
+                println!("{msg}");
+            }
+        };
+        match &args.command {
+            CtlCommand::InitQuorum { .. } => unreachable!("handled above"),
+            CtlCommand::Status => {
+                let st = c.status().await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else {
+                    print!("{st}");
+                }
+            }
+            CtlCommand::Move { group, node, wait } => {
+                let img = c.quorum.read_image().await?;
+                let to = Ctl::resolve_node(&img, node)?;
+                let t0 = std::time::Instant::now();
+                c.update_group(group, |r, _| ctl::req_move(r, to)).await?;
+                if *wait > 0 {
+                    c.wait_group(group, Duration::from_secs(*wait), |r| {
+                        r.owner == to && r.state == GroupState::Running
+                    })
+                    .await?;
+                    done(format!(
+                        "group {group} runs on {node} ({} ms after the request)",
+                        t0.elapsed().as_millis()
+                    ));
+                } else {
+                    done(format!("move of {group} to {node} requested"));
+                }
+            }
+            CtlCommand::Offline { group, wait } => {
+                c.update_group(group, |r, _| ctl::req_offline(r)).await?;
+                if *wait > 0 {
+                    c.wait_group(group, Duration::from_secs(*wait), |r| {
+                        r.state == GroupState::Stopped
+                    })
+                    .await?;
+                    done(format!("group {group} is offline"));
+                } else {
+                    done(format!("offline of {group} requested"));
+                }
+            }
+            CtlCommand::Online { group, wait } => {
+                c.update_group(group, |r, _| ctl::req_online(r)).await?;
+                if *wait > 0 {
+                    let r = c
+                        .wait_group(group, Duration::from_secs(*wait), |r| {
+                            r.state == GroupState::Running
+                        })
+                        .await?;
+                    done(format!("group {group} runs on node {}", r.owner));
+                } else {
+                    done(format!("online of {group} requested"));
+                }
+            }
+            CtlCommand::Freeze { group } => {
+                c.update_group(group, |r, _| ctl::req_freeze(r, true))
+                    .await?;
+                done(format!(
+                    "group {group} frozen: its VM is no longer monitored"
+                ));
+            }
+            CtlCommand::Thaw { group } => {
+                c.update_group(group, |r, _| ctl::req_freeze(r, false))
+                    .await?;
+                done(format!("group {group} thawed: monitoring resumes"));
+            }
+            CtlCommand::Drain { node, undo } => {
+                let img = c.quorum.read_image().await?;
+                let id = Ctl::resolve_node(&img, node)?;
+                let drained = !*undo;
+                c.update_admin(id, |a| a.drained = drained).await?;
+                done(if drained {
+                    format!("node {node} drained: its groups move away")
+                } else {
+                    format!("node {node} accepts groups again")
+                });
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    c.close().await;
+    result
 }
 
 /// One `holdfast pr` invocation: prints the outcome (or the error) and returns the exit

@@ -26,6 +26,15 @@ pub struct Identity {
     pub vm_initiator_name: Option<String>,
 }
 
+/// APTPL is a property of the whole LU set by the last REGISTER, so every REGISTER the
+/// agent and ctl send carries it, the unregistering ones included.
+pub fn aptpl() -> RegisterFlags {
+    RegisterFlags {
+        aptpl: true,
+        ..RegisterFlags::default()
+    }
+}
+
 fn same_name(a: &str, b: &str) -> bool {
     // iSCSI names compare case-insensitively (RFC 3722 stringprep folds case).
     a.eq_ignore_ascii_case(b)
@@ -72,7 +81,7 @@ pub async fn ensure_registered(
                 bounded(
                     t,
                     "PR OUT REGISTER (unregister)",
-                    s.register(lun, cur, 0, &RegisterFlags::default()),
+                    s.register(lun, cur, 0, &aptpl()),
                 )
                 .await?;
             }

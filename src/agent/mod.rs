@@ -69,3 +69,5 @@ pub fn wall_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+pub mod ctl;
+pub mod node;

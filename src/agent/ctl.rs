@@ -1,0 +1,583 @@
+//! `holdfast ctl`: administer a cluster through its quorum LUN. Requests (offline, move,
+//! freeze, drain…) are COMPARE AND WRITE changes of the shared records that the agents
+//! act on; no daemon socket is involved, so ctl works from any node that can reach the
+//! target. `status` reads only.
+
+use crate::agent::claim::{self, Identity};
+use crate::agent::config::ValidNodeConfig;
+use crate::agent::quorum::{
+    self, AdminState, GroupRecord, GroupState, QuorumHeader, QuorumImage, QuorumLayout,
+};
+use crate::agent::quorum_disk::{bounded, CawOutcome, QuorumDisk};
+use crate::agent::{wall_ms, AgentError};
+use crate::initiator::{InitiatorConfig, Session};
+use crate::pr_command::IscsiUrl;
+use bytes::Bytes;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// A ctl connection: logged in with the node's initiator name and a ctl ISID (its own
+/// I_T nexus), registered with the node's key only while it changes records.
+pub struct Ctl {
+    pub cfg: ValidNodeConfig,
+    pub session: Session,
+    pub quorum: QuorumDisk,
+    me: Identity,
+    registered: bool,
+}
+
+impl Ctl {
+    pub async fn connect(cfg: ValidNodeConfig) -> Result<Ctl, AgentError> {
+        let t = cfg.timings().io_timeout.max(Duration::from_secs(5));
+        let n = &cfg.config.node;
+        let me = Identity {
+            key: quorum::pr_key(&n.cluster, n.id),
+            initiator_name: cfg.initiator_name.clone(),
+            isid: quorum::node_isid(n.id, quorum::ISID_CTL),
+            vm_initiator_name: None,
+        };
+        let mut last = AgentError::Other("no portal configured".into());
+        for addr in &cfg.portals {
+            let mut ic = InitiatorConfig::new(
+                cfg.initiator_name.clone(),
+                cfg.config.target.name.clone(),
+                *addr,
+            );
+            ic.isid = Some(me.isid);
+            ic.login_timeout = t;
+            if let Some(c) = &cfg.config.target.chap {
+                ic.chap = Some((c.username.clone(), c.secret.clone().into_bytes()));
+            }
+            match Session::login(ic).await {
+                Ok(s) => {
+                    let (quorum, _) =
+                        QuorumDisk::open(s.clone(), cfg.config.target.quorum_lun, &n.cluster, t)
+                            .await?;
+                    return Ok(Ctl {
+                        cfg,
+                        session: s,
+                        quorum,
+                        me,
+                        registered: false,
+                    });
+                }
+                Err(e) => last = AgentError::from_initiator("login", e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn register(&mut self) -> Result<(), AgentError> {
+        if !self.registered {
+            claim::ensure_registered(
+                &self.session,
+                self.quorum.lun,
+                &self.me,
+                self.quorum.timeout,
+            )
+            .await?;
+            self.registered = true;
+        }
+        Ok(())
+    }
+
+    /// Unregister our nexus (it never holds anything) and log out.
+    pub async fn close(self) {
+        if self.registered {
+            let _ = bounded(
+                self.quorum.timeout,
+                "PR OUT REGISTER (unregister)",
+                self.session
+                    .register(self.quorum.lun, self.me.key, 0, &claim::aptpl()),
+            )
+            .await;
+        }
+        let _ = self.session.logout().await;
+    }
+
+    /// COMPARE AND WRITE group `name` with `f` (None: refuse with the message).
+    pub async fn update_group(
+        &mut self,
+        name: &str,
+        f: impl Fn(&GroupRecord, &QuorumImage) -> Result<GroupRecord, String>,
+    ) -> Result<GroupRecord, AgentError> {
+        self.register().await?;
+        for _ in 0..8 {
+            let img = self.quorum.read_image().await?;
+            let Some((idx, rec, block)) = img.group(name) else {
+                return Err(AgentError::Other(format!(
+                    "no group {name:?} on the quorum LUN (groups appear once an agent that \
+                     has them in its config has started)"
+                )));
+            };
+            let mut new = f(rec, &img).map_err(AgentError::Other)?;
+            new.changed_wall_ms = wall_ms();
+            if self.quorum.caw_group(idx, block, &new).await? == CawOutcome::Written {
+                return Ok(new);
+            }
+        }
+        Err(AgentError::Other(format!(
+            "group {name:?}: the record keeps changing; try again"
+        )))
+    }
+
+    /// Change node `id`'s admin record.
+    pub async fn update_admin(
+        &mut self,
+        id: u16,
+        f: impl Fn(&mut quorum::NodeAdmin),
+    ) -> Result<(), AgentError> {
+        self.register().await?;
+        for _ in 0..8 {
+            let img = self.quorum.read_image().await?;
+            let old = img.admin_block(id).unwrap_or(&[]).to_vec();
+            let mut a = img.admin(id);
+            a.node_id = id;
+            f(&mut a);
+            let new = a.encode(self.quorum.layout.block_size);
+            if self
+                .quorum
+                .caw(QuorumLayout::admin_lba(id), &old, &new)
+                .await?
+                == CawOutcome::Written
+            {
+                return Ok(());
+            }
+        }
+        Err(AgentError::Other(
+            "node record keeps changing; try again".into(),
+        ))
+    }
+
+    /// Node id by name (from the heartbeat slots) or by number.
+    pub fn resolve_node(img: &QuorumImage, node: &str) -> Result<u16, AgentError> {
+        if let Some(id) = img.node_id(node) {
+            return Ok(id);
+        }
+        if let Ok(id) = node.parse::<u16>() {
+            if img.slot(id).is_some() {
+                return Ok(id);
+            }
+        }
+        Err(AgentError::Other(format!(
+            "no node {node:?} has ever heartbeated on this quorum LUN"
+        )))
+    }
+
+    /// Wait until `pred` holds for group `name` (or `timeout` passes).
+    pub async fn wait_group(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&GroupRecord) -> bool,
+    ) -> Result<GroupRecord, AgentError> {
+        let end = Instant::now() + timeout;
+        loop {
+            let img = self.quorum.read_image().await?;
+            if let Some((_, r, _)) = img.group(name) {
+                if pred(r) {
+                    return Ok(r.clone());
+                }
+                if Instant::now() >= end {
+                    return Err(AgentError::Other(format!(
+                        "timed out waiting for group {name:?}: it is {} on node {} ({})",
+                        r.state.name(),
+                        r.owner,
+                        r.reason
+                    )));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, AgentError> {
+        let hb = self.cfg.timings().heartbeat_interval;
+        let first = self.quorum.read_image().await?;
+        let t0 = Instant::now();
+        // Liveness needs two looks: a node is alive if its counter moved in between.
+        tokio::time::sleep(hb * 2 + hb / 2).await;
+        let img = self.quorum.read_image().await?;
+        let watched = t0.elapsed();
+        let now_wall = wall_ms();
+        let mut nodes = Vec::new();
+        for s in img.slots.iter().flatten() {
+            let before = first.slot(s.node_id);
+            let moved =
+                before.is_none_or(|b| b.counter != s.counter || b.incarnation != s.incarnation);
+            let admin = img.admin(s.node_id);
+            nodes.push(NodeStatus {
+                id: s.node_id,
+                name: s.name.clone(),
+                state: s.state.name().to_string(),
+                alive: moved && s.state == quorum::NodeState::Active,
+                heartbeat_counter: s.counter,
+                incarnation: format!("{:#x}", s.incarnation),
+                last_heartbeat_ms_ago: now_wall.saturating_sub(s.wall_ms),
+                drained: admin.drained,
+                fenced_count: admin.fence_count,
+                last_fenced_by: (admin.fence_count > 0).then_some(admin.fenced_by),
+                pr_key: format!(
+                    "{:#018x}",
+                    quorum::pr_key(&self.cfg.config.node.cluster, s.node_id)
+                ),
+                groups_owned: img.load(s.node_id),
+            });
+        }
+        let name_of = |id: u16| {
+            img.slot(id).map(|s| s.name.clone()).unwrap_or_else(|| {
+                if id == 0 {
+                    "-".into()
+                } else {
+                    format!("node{id}")
+                }
+            })
+        };
+        let groups = img
+            .groups
+            .iter()
+            .map(|(_, r)| GroupStatus {
+                name: r.name.clone(),
+                owner: (r.owner != 0).then(|| name_of(r.owner)),
+                state: r.state.name().to_string(),
+                admin: r.admin.name().to_string(),
+                frozen: r.frozen,
+                epoch: r.epoch,
+                restarts: r.restarts,
+                move_to: (r.move_to != 0).then(|| name_of(r.move_to)),
+                saved: r.saved,
+                failed_on: (1..=64u16)
+                    .filter(|i| r.failed_on_node(*i))
+                    .map(name_of)
+                    .collect(),
+                reason: r.reason.clone(),
+                changed_ms_ago: now_wall.saturating_sub(r.changed_wall_ms),
+            })
+            .collect();
+        let mut luns = vec![(self.quorum.lun, "quorum".to_string())];
+        for g in &self.cfg.config.groups {
+            for d in &g.disks {
+                luns.push((*d, g.name.clone()));
+            }
+        }
+        let cluster = &self.cfg.config.node.cluster;
+        let t = self.quorum.timeout;
+        let mut reservations = Vec::new();
+        for (lun, what) in luns {
+            let keys = bounded(t, "READ KEYS", self.session.read_keys(lun)).await;
+            let res = bounded(t, "READ RESERVATION", self.session.read_reservation(lun)).await;
+            let key_name = |k: u64| match quorum::node_of_key(cluster, k) {
+                Some(id) => format!("{k:#018x} ({})", name_of(id)),
+                None => format!("{k:#018x}"),
+            };
+            reservations.push(match (keys, res) {
+                (Ok((generation, keys)), Ok((_, res))) => LunStatus {
+                    lun,
+                    used_by: what,
+                    generation: Some(generation),
+                    keys: keys.into_iter().map(key_name).collect(),
+                    reservation: res.map(|r| {
+                        format!(
+                            "{} by {}",
+                            r.type_.short_name(),
+                            if r.key == 0 {
+                                "all registrants".into()
+                            } else {
+                                key_name(r.key)
+                            }
+                        )
+                    }),
+                    error: None,
+                },
+                (Err(e), _) | (_, Err(e)) => LunStatus {
+                    lun,
+                    used_by: what,
+                    generation: None,
+                    keys: vec![],
+                    reservation: None,
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        Ok(ClusterStatus {
+            cluster: cluster.clone(),
+            watched_ms: watched.as_millis() as u64,
+            nodes,
+            groups,
+            luns: reservations,
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    /// How long the heartbeat counters were watched to judge liveness.
+    pub watched_ms: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub groups: Vec<GroupStatus>,
+    pub luns: Vec<LunStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub id: u16,
+    pub name: String,
+    pub state: String,
+    pub alive: bool,
+    pub heartbeat_counter: u64,
+    pub incarnation: String,
+    pub last_heartbeat_ms_ago: u64,
+    pub drained: bool,
+    pub fenced_count: u32,
+    pub last_fenced_by: Option<u16>,
+    pub pr_key: String,
+    pub groups_owned: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub owner: Option<String>,
+    pub state: String,
+    pub admin: String,
+    pub frozen: bool,
+    pub epoch: u64,
+    pub restarts: u16,
+    pub move_to: Option<String>,
+    pub saved: bool,
+    pub failed_on: Vec<String>,
+    pub reason: String,
+    pub changed_ms_ago: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LunStatus {
+    pub lun: u64,
+    pub used_by: String,
+    pub generation: Option<u32>,
+    pub keys: Vec<String>,
+    pub reservation: Option<String>,
+    pub error: Option<String>,
+}
+
+impl std::fmt::Display for ClusterStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "cluster {}", self.cluster)?;
+        writeln!(f, "\nNODES")?;
+        writeln!(
+            f,
+            "  {:>3} {:<12} {:<12} {:<6} {:>9} {:>6} {:<8} {}",
+            "id", "name", "state", "alive", "last hb", "groups", "drained", "fenced"
+        )?;
+        for n in &self.nodes {
+            writeln!(
+                f,
+                "  {:>3} {:<12} {:<12} {:<6} {:>7}ms {:>6} {:<8} {}",
+                n.id,
+                n.name,
+                n.state,
+                if n.alive { "yes" } else { "NO" },
+                n.last_heartbeat_ms_ago,
+                n.groups_owned,
+                if n.drained { "yes" } else { "no" },
+                match n.last_fenced_by {
+                    Some(b) => format!("{}x, last by node {b}", n.fenced_count),
+                    None => "never".into(),
+                }
+            )?;
+        }
+        writeln!(f, "\nGROUPS")?;
+        writeln!(
+            f,
+            "  {:<16} {:<12} {:<9} {:<8} {:>6} {:>8}  {}",
+            "name", "owner", "state", "admin", "epoch", "restarts", "reason"
+        )?;
+        for g in &self.groups {
+            let mut flags = Vec::new();
+            if g.frozen {
+                flags.push("frozen".to_string());
+            }
+            if let Some(m) = &g.move_to {
+                flags.push(format!("moving to {m}"));
+            }
+            if g.saved {
+                flags.push("saved state".into());
+            }
+            if !g.failed_on.is_empty() {
+                flags.push(format!("failed on {}", g.failed_on.join(",")));
+            }
+            writeln!(
+                f,
+                "  {:<16} {:<12} {:<9} {:<8} {:>6} {:>8}  {}{}",
+                g.name,
+                g.owner.as_deref().unwrap_or("-"),
+                g.state,
+                g.admin,
+                g.epoch,
+                g.restarts,
+                g.reason,
+                if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", flags.join("; "))
+                }
+            )?;
+        }
+        writeln!(f, "\nRESERVATIONS")?;
+        for l in &self.luns {
+            match &l.error {
+                Some(e) => writeln!(f, "  LUN {:<4} {:<16} error: {e}", l.lun, l.used_by)?,
+                None => writeln!(
+                    f,
+                    "  LUN {:<4} {:<16} gen {:<5} {}; keys: {}",
+                    l.lun,
+                    l.used_by,
+                    l.generation.unwrap_or(0),
+                    l.reservation.as_deref().unwrap_or("no reservation"),
+                    if l.keys.is_empty() {
+                        "none".into()
+                    } else {
+                        l.keys.join(", ")
+                    }
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ctl init-quorum`: write an empty layout and the header. Refuses a LUN that holds
+/// anything (another cluster's quorum, a file system, a VM disk) unless `force`.
+pub async fn init_quorum(
+    url: &IscsiUrl,
+    initiator_name: &str,
+    cluster: &str,
+    force: bool,
+    chap: Option<(String, Vec<u8>)>,
+) -> Result<String, AgentError> {
+    if cluster.is_empty() || cluster.len() > 64 || !cluster.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(AgentError::Other(
+            "the cluster name must be 1-64 printable ASCII characters without spaces".into(),
+        ));
+    }
+    let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| AgentError::Other(format!("{}: {e}", url.host)))?
+        .next()
+        .ok_or_else(|| AgentError::Other(format!("{} resolves to nothing", url.host)))?;
+    let mut ic = InitiatorConfig::new(initiator_name, url.target.clone(), addr);
+    ic.chap = chap;
+    let s = Session::login(ic)
+        .await
+        .map_err(|e| AgentError::from_initiator("login", e))?;
+    let t = Duration::from_secs(10);
+    let (last, bs) = bounded(t, "READ CAPACITY", s.read_capacity16(url.lun)).await?;
+    let layout = QuorumLayout::new(bs)?;
+    let blocks = QuorumLayout::blocks();
+    if last + 1 < blocks {
+        return Err(AgentError::Other(format!(
+            "LUN {} has {} blocks of {bs} bytes; a quorum LUN needs at least {blocks}",
+            url.lun,
+            last + 1
+        )));
+    }
+    // Look at the start of the LUN (and the layout's area) for anything written.
+    let probe =
+        u32::try_from(blocks.max((1 << 20) / u64::from(bs)).min(last + 1)).unwrap_or(u32::MAX);
+    let data = bounded(t, "READ", s.read16(url.lun, 0, probe, bs)).await?;
+    if !force {
+        match QuorumHeader::decode(&data[..bs as usize]) {
+            Ok(h) => {
+                return Err(AgentError::Other(format!(
+                    "LUN {} is already the quorum LUN of cluster {:?}; use --force to wipe it \
+                     (every node must be stopped)",
+                    url.lun, h.cluster
+                )))
+            }
+            Err(_) if data.iter().any(|&b| b != 0) => {
+                return Err(AgentError::Other(format!(
+                    "LUN {} is not empty (it may hold a file system or a VM disk); use --force \
+                     to overwrite it",
+                    url.lun
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    let header = QuorumHeader::new(cluster, bs, rand::random::<u64>() | 1);
+    let mut image = vec![0u8; layout.bytes() as usize];
+    image[..bs as usize].copy_from_slice(&header.encode()?);
+    // Header last would be safer against a crash mid-format, but one FUA WRITE of the
+    // whole layout is all-or-nothing per block and a half-formatted LUN is re-formatted.
+    bounded(
+        t,
+        "WRITE",
+        s.write16(url.lun, 0, Bytes::from(image), bs, true),
+    )
+    .await
+    .map_err(|e| match e {
+        AgentError::Conflict(_) => AgentError::Other(format!(
+            "LUN {} is reserved (a cluster is using it): stop the agents and clear the \
+             reservation (`holdfast pr URL clear`) before re-formatting",
+            url.lun
+        )),
+        e => e,
+    })?;
+    let _ = s.logout().await;
+    Ok(format!(
+        "formatted LUN {} of {} as the quorum LUN of cluster {cluster:?} ({} nodes, {} groups, {bs}-byte blocks)",
+        url.lun,
+        url.target,
+        crate::agent::config::MAX_NODE_ID,
+        quorum::MAX_GROUPS
+    ))
+}
+
+/// Helpers for the ctl requests: each returns the new record or a refusal.
+pub fn req_offline(r: &GroupRecord) -> Result<GroupRecord, String> {
+    let mut n = r.clone();
+    n.admin = AdminState::Offline;
+    n.move_to = 0;
+    if r.state == GroupState::Stopped {
+        n.reason = "offline (maintenance) by the administrator".into();
+    }
+    Ok(n)
+}
+
+pub fn req_online(r: &GroupRecord) -> Result<GroupRecord, String> {
+    let mut n = r.clone();
+    n.admin = AdminState::Online;
+    n.failed_on = 0;
+    if r.state == GroupState::Stopped {
+        n.reason = "online requested by the administrator".into();
+    }
+    Ok(n)
+}
+
+pub fn req_freeze(r: &GroupRecord, frozen: bool) -> Result<GroupRecord, String> {
+    let mut n = r.clone();
+    n.frozen = frozen;
+    Ok(n)
+}
+
+pub fn req_move(r: &GroupRecord, to: u16) -> Result<GroupRecord, String> {
+    if r.admin == AdminState::Offline {
+        return Err(format!(
+            "group {} is offline; `ctl online` it first",
+            r.name
+        ));
+    }
+    if r.owner == to {
+        return Err(format!("group {} already runs on node {to}", r.name));
+    }
+    if r.failed_on_node(to) {
+        return Err(format!(
+            "group {} failed on node {to}; `ctl online` clears that first",
+            r.name
+        ));
+    }
+    let mut n = r.clone();
+    n.move_to = to;
+    Ok(n)
+}
