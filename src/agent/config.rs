@@ -58,6 +58,14 @@ pub struct NodeSection {
     /// Where VM drivers keep saved states and logs [default: /var/lib/holdfast/agent].
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where saved VM states go ({state_file}). A planned move with `save` restores on
+    /// another node only if this is storage every node sees (NFS, a cluster file
+    /// system) [default: STATE_DIR].
+    #[serde(default)]
+    pub shared_state_dir: Option<PathBuf>,
+    /// Append every transition as a JSON line to this file [default: STATE_DIR/events.jsonl].
+    #[serde(default)]
+    pub event_log: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {

@@ -68,8 +68,10 @@ impl Events {
             if let (Some(o), serde_json::Value::Object(x)) = (v.as_object_mut(), extra) {
                 o.extend(x);
             }
+            // One write per line: several agents may share the file.
+            let line = format!("{v}\n");
             if let Ok(mut f) = f.lock() {
-                let _ = writeln!(f, "{v}");
+                let _ = f.write_all(line.as_bytes());
             }
         }
     }
@@ -184,6 +186,7 @@ impl Shared {
     }
     fn ctx(&self, g: &GroupConfig, epoch: u64) -> VmContext {
         let st = &self.cfg.config.node.state_dir;
+        let shared = self.cfg.config.node.shared_state_dir.as_ref().unwrap_or(st);
         VmContext {
             group: g.name.clone(),
             node: self.cfg.config.node.name.clone(),
@@ -199,7 +202,7 @@ impl Shared {
                 .to_string(),
             target: self.cfg.config.target.name.clone(),
             disks: g.disks.clone(),
-            state_file: st.join(format!("{}.state", g.name)),
+            state_file: shared.join(format!("{}.state", g.name)),
             state_dir: st.clone(),
         }
     }
@@ -313,7 +316,14 @@ impl Agent {
                 n.state_dir.display()
             ))
         })?;
-        let events = Events::open(&n.name, Some(n.state_dir.join("events.jsonl")));
+        let events = Events::open(
+            &n.name,
+            Some(
+                n.event_log
+                    .clone()
+                    .unwrap_or_else(|| n.state_dir.join("events.jsonl")),
+            ),
+        );
         let mut groups = BTreeMap::new();
         for g in &cfg.config.groups {
             let d = driver::build(&g.vm, n.state_dir.join(format!("{}.log", g.name)));

@@ -14,6 +14,10 @@ use std::time::Duration;
 /// Sense key MISCOMPARE: a COMPARE AND WRITE whose compare failed.
 const MISCOMPARE: u8 = 0x0e;
 
+/// Sense key UNIT ATTENTION: reported once per event (reservation preempted, LUN reset,
+/// target restart); the command was not executed and may simply be sent again.
+const UNIT_ATTENTION: u8 = 0x06;
+
 /// Run `f`, turning a timeout into [`AgentError::Timeout`].
 pub async fn bounded<T>(
     timeout: Duration,
@@ -24,6 +28,34 @@ pub async fn bounded<T>(
         Ok(r) => r.map_err(|e| AgentError::from_initiator(what, e)),
         Err(_) => Err(AgentError::Timeout(what)),
     }
+}
+
+fn is_unit_attention<T>(r: &Result<T, InitiatorError>) -> bool {
+    matches!(r, Err(InitiatorError::CheckCondition { key, .. }) if *key == UNIT_ATTENTION)
+}
+
+/// As [`bounded`], sending the command again (up to 3 times) after a unit attention.
+pub async fn bounded_past_ua<T, F, Fut>(
+    timeout: Duration,
+    what: &'static str,
+    mut f: F,
+) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, InitiatorError>>,
+{
+    let work = async {
+        let mut left = 3;
+        loop {
+            let r = f().await;
+            if left > 0 && is_unit_attention(&r) {
+                left -= 1;
+                continue;
+            }
+            return r;
+        }
+    };
+    bounded(timeout, what, work).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +81,8 @@ impl QuorumDisk {
         cluster: &str,
         timeout: Duration,
     ) -> Result<(QuorumDisk, QuorumHeader), AgentError> {
-        let (last, bs) = bounded(timeout, "READ CAPACITY", session.read_capacity16(lun)).await?;
+        let (last, bs) =
+            bounded_past_ua(timeout, "READ CAPACITY", || session.read_capacity16(lun)).await?;
         let layout = QuorumLayout::new(bs)?;
         if last.saturating_add(1) < QuorumLayout::blocks() {
             return Err(AgentError::Quorum(QuorumError::Corrupt {
@@ -74,12 +107,10 @@ impl QuorumDisk {
     }
 
     pub async fn read_blocks(&self, lba: u64, blocks: u32) -> Result<Bytes, AgentError> {
-        bounded(
-            self.timeout,
-            "quorum READ",
+        bounded_past_ua(self.timeout, "quorum READ", || {
             self.session
-                .read16(self.lun, lba, blocks, self.layout.block_size),
-        )
+                .read16(self.lun, lba, blocks, self.layout.block_size)
+        })
         .await
     }
 
@@ -92,37 +123,36 @@ impl QuorumDisk {
 
     /// Write this node's heartbeat slot, durable before it counts (FUA).
     pub async fn write_slot(&self, slot: &HeartbeatSlot) -> Result<(), AgentError> {
-        let b = slot.encode(self.layout.block_size)?;
-        bounded(
-            self.timeout,
-            "heartbeat WRITE",
+        let b = Bytes::from(slot.encode(self.layout.block_size)?);
+        bounded_past_ua(self.timeout, "heartbeat WRITE", || {
             self.session.write16(
                 self.lun,
                 QuorumLayout::slot_lba(slot.node_id),
-                Bytes::from(b),
+                b.clone(),
                 self.layout.block_size,
                 true,
-            ),
-        )
+            )
+        })
         .await
     }
 
     /// COMPARE AND WRITE one block.
     pub async fn caw(&self, lba: u64, old: &[u8], new: &[u8]) -> Result<CawOutcome, AgentError> {
-        let r = tokio::time::timeout(
-            self.timeout,
-            self.session
-                .compare_and_write(self.lun, lba, old, new, self.layout.block_size),
-        )
-        .await;
-        match r {
-            Err(_) => Err(AgentError::Timeout("quorum COMPARE AND WRITE")),
-            Ok(Ok(())) => Ok(CawOutcome::Written),
-            Ok(Err(InitiatorError::CheckCondition { key, .. })) if key == MISCOMPARE => {
-                Ok(CawOutcome::Miscompare)
+        let r = bounded_past_ua(self.timeout, "quorum COMPARE AND WRITE", || async {
+            match self
+                .session
+                .compare_and_write(self.lun, lba, old, new, self.layout.block_size)
+                .await
+            {
+                Ok(()) => Ok(CawOutcome::Written),
+                Err(InitiatorError::CheckCondition { key, .. }) if key == MISCOMPARE => {
+                    Ok(CawOutcome::Miscompare)
+                }
+                Err(e) => Err(e),
             }
-            Ok(Err(e)) => Err(AgentError::from_initiator("quorum COMPARE AND WRITE", e)),
-        }
+        })
+        .await;
+        r
     }
 
     /// Replace group record `index` (read as `old_block`) with `new`.

@@ -2,6 +2,7 @@
 //! with its backing files in a temporary directory.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pr;
 pub mod raw;
 
