@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use holdfast::agent::guest::{self, CheckArgs, RunArgs};
 use holdfast::pr_command::{self, PrArgs};
 use holdfast::target::config::{self, ValidConfig};
 use holdfast::target::portal::Portals;
@@ -41,6 +42,13 @@ enum Command {
     /// Persistent reservations on a LUN, like sg_persist, over holdfast's own initiator.
     /// Exit status 24 = RESERVATION CONFLICT.
     Pr(Box<PrArgs>),
+    /// Test guest (like sanlock's devcount): `run` writes a counter to a disk over its own
+    /// iSCSI session; `check` proves from the disk and the ack logs that no acknowledged
+    /// write was lost, the group never ran twice at once, and no old write landed late.
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
     /// Run the cluster agent of this hypervisor node.
     Agent {
         /// The node's TOML configuration.
@@ -124,13 +132,21 @@ enum CtlCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum GuestCommand {
+    /// Write an increasing counter to the disk until stopped (exit 75 when fenced).
+    Run(Box<RunArgs>),
+    /// Check the disk against the guests' ack logs (exit 0 clean, 1 violations, 2 error).
+    Check(CheckArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
                 match cli.command {
-                    Command::Pr(_) | Command::Ctl(_) => "warn",
+                    Command::Pr(_) | Command::Ctl(_) | Command::Guest { .. } => "warn",
                     _ => "info",
                 },
             ))
@@ -204,6 +220,46 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Guest { command } => {
+            let code = run_guest(command)?;
+            std::process::exit(code)
+        }
+    }
+}
+
+/// `holdfast guest run|check`; returns the exit status.
+fn run_guest(command: GuestCommand) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        GuestCommand::Run(args) => match rt.block_on(guest::run(&args)) {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("holdfast guest run: {e}");
+                Ok(e.exit_code())
+            }
+        },
+        GuestCommand::Check(args) => match rt.block_on(guest::check_disk(&args)) {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                Ok(if report.ok { 0 } else { 1 })
+            }
+            Err(e) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": false, "error": e.to_string()})
+                    );
+                }
+                eprintln!("holdfast guest check: {e}");
+                Ok(guest::EXIT_USAGE)
+            }
+        },
     }
 }
 

@@ -70,4 +70,5 @@ pub fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 pub mod ctl;
+pub mod guest;
 pub mod node;
