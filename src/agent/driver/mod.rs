@@ -7,6 +7,48 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod exec;
+pub mod libvirt;
+pub mod process;
+pub mod script;
+
+/// The driver a group's `[group.vm]` section asks for. `default_log` is where a process
+/// VM's output goes when its config names no log (STATE_DIR/GROUP.log).
+pub fn build(vm: &crate::agent::config::VmConfig, default_log: PathBuf) -> Box<dyn VmDriver> {
+    use crate::agent::config::VmConfig;
+    match vm {
+        VmConfig::Process {
+            command,
+            restore_args,
+            save_signal,
+            stop_signal,
+            env,
+            log,
+        } => Box::new(process::ProcessDriver::new(
+            command.clone(),
+            restore_args.clone(),
+            save_signal.clone(),
+            stop_signal.clone(),
+            env.clone(),
+            log.clone().unwrap_or(default_log),
+        )),
+        VmConfig::Script { path, timeout } => {
+            Box::new(script::ScriptDriver::new(path.clone(), *timeout))
+        }
+        VmConfig::Libvirt {
+            domain,
+            xml,
+            uri,
+            virsh,
+        } => Box::new(libvirt::LibvirtDriver::new(
+            domain.clone(),
+            xml.clone(),
+            uri.clone(),
+            virsh.clone(),
+        )),
+    }
+}
+
 /// Everything a driver may need to know about the run it is asked to do. Strings in a
 /// driver's settings may use these as `{placeholders}` (see [`VmContext::expand`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
