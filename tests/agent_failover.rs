@@ -31,7 +31,7 @@ async fn kill_9_of_the_owner_moves_the_group_to_a_survivor() {
     c.wait_acks("web", r.epoch, 20, T).await;
     let killed = Instant::now();
     c.kill_node(1);
-    let r2 = c.wait_running("web", None, T).await;
+    let r2 = c.wait_running_elsewhere("web", 1, T).await;
     let took = killed.elapsed();
     assert!(r2.owner == 2 || r2.owner == 3, "{r2:?}");
     assert!(r2.epoch > r.epoch);
@@ -49,7 +49,7 @@ async fn a_frozen_owner_is_fenced_and_its_late_writes_are_refused() {
     let r = c.wait_running("db", Some(1), T).await;
     c.wait_acks("db", r.epoch, 20, T).await;
     let frozen = c.freeze_node(1);
-    let r2 = c.wait_running("db", None, T).await;
+    let r2 = c.wait_running_elsewhere("db", 1, T).await;
     assert_ne!(r2.owner, 1);
     c.wait_acks("db", r2.epoch, 20, T).await;
     // Wake the old node: its guest's next write must be refused, and its agent must
@@ -108,7 +108,7 @@ async fn two_survivors_racing_for_a_group_one_wins() {
     c.wait_acks("race", r.epoch, 10, T).await;
     let owner = r.owner;
     c.kill_node(owner);
-    let r2 = c.wait_running("race", None, T).await;
+    let r2 = c.wait_running_elsewhere("race", owner, T).await;
     assert_ne!(r2.owner, owner);
     c.wait_acks("race", r2.epoch, 30, T).await;
     let claims: Vec<_> = c
@@ -233,7 +233,7 @@ async fn maintenance_keeps_a_stopped_guest_stopped() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r2 = c.wait_running("m", None, T).await;
+    let r2 = c.wait_running_elsewhere("m", 2, T).await;
     c.wait_acks("m", r2.epoch, 5, T).await;
     c.check("m");
 }

@@ -386,6 +386,13 @@ impl Cluster {
         .await
     }
 
+    pub async fn wait_running_elsewhere(&self, group: &str, not: u16, timeout: Duration) -> GroupRecord {
+        self.wait_record(group, timeout, &format!("running elsewhere than node {not}"), |r| {
+            r.state == GroupState::Running && r.owner != not
+        })
+        .await
+    }
+
     /// All events of all agents so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path("events.jsonl"))
