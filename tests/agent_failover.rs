@@ -101,9 +101,12 @@ async fn a_frozen_owner_is_fenced_and_its_late_writes_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_survivors_racing_for_a_group_one_wins() {
-    // No preferred owners and equal load: both survivors compute a winner, and the
-    // loser's wait runs out as well, so both claim; COMPARE AND WRITE lets one win.
-    let mut c = three_nodes(vec![GroupSpec::new("race", 1)]).await;
+    // Every node's config names itself the preferred owner, so when the owner dies both
+    // survivors believe they should claim, and both do at once: COMPARE AND WRITE of
+    // the group record lets exactly one win, and the loser never starts the VM.
+    let mut g = GroupSpec::new("race", 1);
+    g.prefer_self = true;
+    let mut c = three_nodes(vec![g]).await;
     let r = c.wait_running("race", None, T).await;
     c.wait_acks("race", r.epoch, 10, T).await;
     let owner = r.owner;
@@ -119,6 +122,23 @@ async fn two_survivors_racing_for_a_group_one_wins() {
         })
         .collect();
     assert_eq!(claims.len(), 1, "exactly one claim must win: {claims:?}");
+    // Both tried: the loser's COMPARE AND WRITE missed (no claim event, no VM start).
+    let starts: Vec<_> = c
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "vm-started"
+                && e["group"] == "race"
+                && e["epoch"].as_u64() > Some(r.epoch)
+        })
+        .collect();
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    let lost = c
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "claim-lost" && e["group"] == "race")
+        .count();
+    eprintln!("claims lost to the winner's COMPARE AND WRITE: {lost}");
     c.check("race");
 }
 

@@ -367,8 +367,8 @@ impl std::fmt::Display for ClusterStatus {
         writeln!(f, "\nNODES")?;
         writeln!(
             f,
-            "  {:>3} {:<12} {:<12} {:<6} {:>9} {:>6} {:<8} {}",
-            "id", "name", "state", "alive", "last hb", "groups", "drained", "fenced"
+            "  {:>3} {:<12} {:<12} {:<6} {:>9} {:>6} {:<8} fenced",
+            "id", "name", "state", "alive", "last hb", "groups", "drained"
         )?;
         for n in &self.nodes {
             writeln!(
@@ -390,8 +390,8 @@ impl std::fmt::Display for ClusterStatus {
         writeln!(f, "\nGROUPS")?;
         writeln!(
             f,
-            "  {:<16} {:<12} {:<9} {:<8} {:>6} {:>8}  {}",
-            "name", "owner", "state", "admin", "epoch", "restarts", "reason"
+            "  {:<16} {:<12} {:<9} {:<8} {:>6} {:>8}  reason",
+            "name", "owner", "state", "admin", "epoch", "restarts"
         )?;
         for g in &self.groups {
             let mut flags = Vec::new();

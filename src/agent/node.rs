@@ -280,6 +280,15 @@ pub async fn run(
         "started",
         serde_json::json!({"incarnation": format!("{:#x}", agent.sh.incarnation())}),
     );
+    // A VM left running by an earlier agent process on this node is not adopted: it
+    // might be writing under a claim that a peer has since taken over. Kill it first.
+    for g in agent.groups.values() {
+        let ctx = agent.sh.ctx(&g.cfg, 0);
+        if let Err(e) = drive(&g.driver, move |d| d.kill(&ctx)).await {
+            tracing::error!(group = g.cfg.name, error = %e, "cannot kill a VM left by an earlier agent");
+            return Err(AgentError::Driver(e));
+        }
+    }
     let hb = tokio::spawn(heartbeat_loop(agent.sh.clone()));
     let poll = agent.sh.cfg.timings().poll_interval;
     let mut tick = tokio::time::interval(poll);
@@ -956,9 +965,9 @@ impl Agent {
     }
 }
 
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output>
+async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
@@ -1081,7 +1090,15 @@ async fn claim_and_start(
         .await;
     let rec = match claimed {
         Ok(Some(r)) => r,
-        Ok(None) => return Done::Idle { group },
+        Ok(None) => {
+            sh.events.emit(
+                "claim-lost",
+                &group,
+                "the record changed before our COMPARE AND WRITE: another node won",
+                serde_json::json!({"seen_epoch": expect_epoch}),
+            );
+            return Done::Idle { group };
+        }
         Err(e) => {
             return Done::Failed {
                 group,

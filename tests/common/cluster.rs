@@ -24,6 +24,9 @@ pub struct GroupSpec {
     pub extra: String,
     /// Extra arguments for the guest (e.g. --fail-after).
     pub guest_args: Vec<String>,
+    /// Every node lists itself as the first preferred owner (so that after a failure
+    /// several survivors each believe they should claim: a real race).
+    pub prefer_self: bool,
 }
 
 impl GroupSpec {
@@ -34,6 +37,7 @@ impl GroupSpec {
             preferred: vec![],
             extra: String::new(),
             guest_args: vec![],
+            prefer_self: false,
         }
     }
 }
@@ -153,11 +157,15 @@ impl Cluster {
                  [group.vm]\ndriver = \"process\"\ncommand = [{}]\nrestore_args = [\"--restore\"]\nsave_signal = \"SIGUSR1\"\n",
                 g.name,
                 g.lun,
-                g.preferred
-                    .iter()
-                    .map(|p| format!("{p:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                if g.prefer_self {
+                    format!("{:?}", node_name(id))
+                } else {
+                    g.preferred
+                        .iter()
+                        .map(|p| format!("{p:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
                 g.extra,
                 quoted.join(", ")
             ));
@@ -386,10 +394,18 @@ impl Cluster {
         .await
     }
 
-    pub async fn wait_running_elsewhere(&self, group: &str, not: u16, timeout: Duration) -> GroupRecord {
-        self.wait_record(group, timeout, &format!("running elsewhere than node {not}"), |r| {
-            r.state == GroupState::Running && r.owner != not
-        })
+    pub async fn wait_running_elsewhere(
+        &self,
+        group: &str,
+        not: u16,
+        timeout: Duration,
+    ) -> GroupRecord {
+        self.wait_record(
+            group,
+            timeout,
+            &format!("running elsewhere than node {not}"),
+            |r| r.state == GroupState::Running && r.owner != not,
+        )
         .await
     }
 
