@@ -52,30 +52,31 @@ async fn a_frozen_owner_is_fenced_and_its_late_writes_are_refused() {
     let r2 = c.wait_running_elsewhere("db", 1, T).await;
     assert_ne!(r2.owner, 1);
     c.wait_acks("db", r2.epoch, 20, T).await;
-    // Wake the old node: its guest's next write must be refused, and its agent must
-    // kill it and rejoin.
-    c.thaw(&frozen);
-    let old_guest: Vec<i32> = frozen[1..].to_vec();
+    // Wake the old guest first (its agent still frozen): its next write reaches the
+    // target, which must refuse it with RESERVATION CONFLICT (the guest exits 75).
+    let (agent, old_guest) = (frozen[0], frozen[1..].to_vec());
+    assert!(!old_guest.is_empty(), "no guest process under node1's agent");
+    c.thaw(&old_guest);
     let end = Instant::now() + T;
-    while old_guest.iter().any(|&p| c.is_running(p)) {
+    while !c
+        .acks("db")
+        .iter()
+        .any(|l| l.starts_with("conflict ") && l.split(' ').nth(2) == Some(&r.epoch.to_string()))
+    {
         assert!(
             Instant::now() < end,
-            "the old guest still runs\n{}",
+            "the old run's write was not refused\n{}",
             c.diagnostics()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acks = c.acks("db");
-    assert!(
-        acks.iter().any(
-            |l| l.starts_with("conflict ") && l.split(' ').nth(2) == Some(&r.epoch.to_string())
-        ) || c
-            .events()
-            .iter()
-            .any(|e| e["node"] == "node1" && e["event"] == "self-fence"),
-        "the old run neither hit a conflict nor was self-fenced\n{}",
-        c.diagnostics()
-    );
+    // Then its agent: it finds itself fenced, kills what is left and rejoins.
+    c.thaw(&[agent]);
+    let end = Instant::now() + T;
+    while old_guest.iter().any(|&p| c.is_running(p)) {
+        assert!(Instant::now() < end, "the old guest still runs\n{}", c.diagnostics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Node 1 rejoins as a new incarnation and is alive again.
     let end = Instant::now() + T;
     loop {

@@ -149,6 +149,9 @@ impl Cluster {
                 self.ack_log(&g.name).display().to_string(),
                 "--state-file".into(),
                 "{state_file}".into(),
+                // A write aborted by PREEMPT AND ABORT gets no answer: give up on it soon.
+                "--io-timeout".into(),
+                "2s".into(),
             ];
             cmd.extend(g.guest_args.iter().cloned());
             let quoted: Vec<String> = cmd.iter().map(|a| format!("{a:?}")).collect();
