@@ -367,3 +367,27 @@ async fn drain_moves_groups_away_and_status_shows_the_cluster() {
     c.check("d1");
     c.check("d2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_an_agent_hands_its_groups_over() {
+    let mut g = preferred("h", 1, &[1, 2, 3]);
+    g.extra = "offline_action = \"save\"\n".into();
+    let mut c = three_nodes(vec![g]).await;
+    let r = c.wait_running("h", Some(1), T).await;
+    c.wait_acks("h", r.epoch, 10, T).await;
+    let t0 = Instant::now();
+    c.stop_agent(1);
+    let r2 = c.wait_running_elsewhere("h", 1, T).await;
+    let took = t0.elapsed();
+    assert_eq!(r2.owner, 2, "the next preferred owner takes it: {r2:?}");
+    // Handed over by name: no waiting for node1 to be declared dead.
+    assert!(took < Duration::from_secs(3), "hand-over took {took:?}");
+    let img = c.image().await;
+    assert_eq!(
+        img.slot(1).map(|s| s.state),
+        Some(holdfast::agent::quorum::NodeState::Left)
+    );
+    assert_eq!(img.admin(1).fence_count, 0, "a clean stop is not fenced");
+    c.wait_acks("h", r2.epoch, 10, T).await;
+    c.check("h");
+}

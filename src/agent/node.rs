@@ -940,18 +940,32 @@ impl Agent {
             }
         }
         let names: Vec<String> = self.groups.keys().cloned().collect();
+        // Name the next owner in the record (as a move does), so that it claims at
+        // once instead of every peer waiting to see whether we come back.
+        let img = match self.sh.quorum() {
+            Ok(q) => q.read_image().await.ok(),
+            Err(_) => None,
+        };
+        let now = Instant::now();
         for n in names {
             let g = &self.groups[&n];
             if matches!(g.local, Local::Running { .. }) {
-                let d = take_offline(
-                    &self.sh,
-                    &g.cfg,
-                    &g.driver,
-                    OfflineReason::NodeStop,
-                    "agent stopping; handing the group over",
-                    true,
-                )
-                .await;
+                let next = img.as_ref().and_then(|img| {
+                    let (_, rec, _) = img.group(&n)?;
+                    let cands = self.candidates(img, rec, self.sh.id, now);
+                    placement::best_owner(&g.cfg.preferred_owners, &cands)
+                });
+                let (why, text) = match next {
+                    Some(t) => (
+                        OfflineReason::Move(t),
+                        format!("agent stopping; handing the group over to node {t}"),
+                    ),
+                    None => (
+                        OfflineReason::NodeStop,
+                        "agent stopping; no other node can take the group".to_string(),
+                    ),
+                };
+                let d = take_offline(&self.sh, &g.cfg, &g.driver, why, &text, true).await;
                 if let Done::Failed { why, .. } = d {
                     tracing::error!(group = n, why, "could not hand the group over; killing it");
                     self.kill_group(&n, "agent stopping").await;
