@@ -391,3 +391,32 @@ async fn sigterm_of_an_agent_hands_its_groups_over() {
     c.wait_acks("h", r2.epoch, 10, T).await;
     c.check("h");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_target_self_fences_and_recovers() {
+    let mut c = three_nodes(vec![preferred("cut", 1, &[1, 2])]).await;
+    let r = c.wait_running("cut", Some(1), T).await;
+    c.wait_acks("cut", r.epoch, 10, T).await;
+    let guest: Vec<i32> = c.node_pids(1)[1..].to_vec();
+    // Longer than self_fence_after (2 s): every node loses the quorum LUN.
+    c.kill_target();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The owner killed its VM on its own, with the target unreachable.
+    assert!(
+        c.events()
+            .iter()
+            .any(|e| e["node"] == "node1" && e["event"] == "self-fence"),
+        "no self-fence\n{}",
+        c.diagnostics()
+    );
+    assert!(guest.iter().all(|&p| !c.is_running(p)), "the VM survived the self-fence");
+    c.start_target().await;
+    // The group comes back under a new epoch (the old record is an orphan).
+    let r2 = c
+        .wait_record("cut", T, "running again after the outage", |x| {
+            x.state == GroupState::Running && x.epoch > r.epoch
+        })
+        .await;
+    c.wait_acks("cut", r2.epoch, 10, T).await;
+    c.check("cut");
+}
