@@ -366,7 +366,12 @@ async fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
                             r.state == GroupState::Running
                         })
                         .await?;
-                    done(format!("group {group} runs on node {}", r.owner));
+                    let img = c.quorum.read_image().await?;
+                    let owner = img
+                        .slot(r.owner)
+                        .map(|s| s.name.clone())
+                        .unwrap_or_else(|| format!("node id {}", r.owner));
+                    done(format!("group {group} runs on {owner}"));
                 } else {
                     done(format!("online of {group} requested"));
                 }

@@ -55,7 +55,10 @@ async fn a_frozen_owner_is_fenced_and_its_late_writes_are_refused() {
     // Wake the old guest first (its agent still frozen): its next write reaches the
     // target, which must refuse it with RESERVATION CONFLICT (the guest exits 75).
     let (agent, old_guest) = (frozen[0], frozen[1..].to_vec());
-    assert!(!old_guest.is_empty(), "no guest process under node1's agent");
+    assert!(
+        !old_guest.is_empty(),
+        "no guest process under node1's agent"
+    );
     c.thaw(&old_guest);
     let end = Instant::now() + T;
     while !c
@@ -74,7 +77,11 @@ async fn a_frozen_owner_is_fenced_and_its_late_writes_are_refused() {
     c.thaw(&[agent]);
     let end = Instant::now() + T;
     while old_guest.iter().any(|&p| c.is_running(p)) {
-        assert!(Instant::now() < end, "the old guest still runs\n{}", c.diagnostics());
+        assert!(
+            Instant::now() < end,
+            "the old guest still runs\n{}",
+            c.diagnostics()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Node 1 rejoins as a new incarnation and is alive again.
@@ -409,7 +416,10 @@ async fn a_node_cut_off_from_the_target_self_fences_and_recovers() {
         "no self-fence\n{}",
         c.diagnostics()
     );
-    assert!(guest.iter().all(|&p| !c.is_running(p)), "the VM survived the self-fence");
+    assert!(
+        guest.iter().all(|&p| !c.is_running(p)),
+        "the VM survived the self-fence"
+    );
     c.start_target().await;
     // The group comes back under a new epoch (the old record is an orphan).
     let r2 = c

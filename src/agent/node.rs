@@ -319,6 +319,14 @@ impl Agent {
             isid: quorum::node_isid(n.id, quorum::ISID_AGENT),
             vm_initiator_name: None,
         };
+        if let Some(d) = &n.shared_state_dir {
+            std::fs::create_dir_all(d).map_err(|e| {
+                AgentError::Other(format!(
+                    "cannot create shared_state_dir {}: {e}",
+                    d.display()
+                ))
+            })?;
+        }
         std::fs::create_dir_all(&n.state_dir).map_err(|e| {
             AgentError::Other(format!(
                 "cannot create state_dir {}: {e}",
@@ -1078,7 +1086,7 @@ async fn claim_and_start(
             "node {v} stopped heartbeating; taken over by {}",
             sh.cfg.config.node.name
         ),
-        None if seen.move_to == me => format!("moved here from node {}", seen.move_to),
+        None if seen.move_to == me => format!("moved here ({})", seen.reason),
         None => format!("claimed by {}", sh.cfg.config.node.name),
     };
     let claim_started = mono_ns();
@@ -1545,7 +1553,23 @@ async fn take_offline(
         match r {
             Ok(s) => saved = s,
             Err(e) => {
-                tracing::warn!(group, error = %e, "offline action failed; the VM was killed");
+                // A stop or save that failed (or timed out) must not leave the VM
+                // running while the disks are released: kill it, and say so.
+                let ctx = sh.ctx(cfg, 0);
+                let k = drive(drv, move |d| d.kill(&ctx)).await;
+                tracing::warn!(group, error = %e, kill_ok = k.is_ok(), "offline action failed; VM killed");
+                if let Err(k) = k {
+                    sh.events.emit(
+                        "vm-kill-failed",
+                        &group,
+                        &format!("offline action failed ({e}) and kill failed ({k})"),
+                        serde_json::json!({}),
+                    );
+                    return Done::Failed {
+                        group,
+                        why: format!("cannot stop the VM: {k}"),
+                    };
+                }
             }
         }
     } else {
