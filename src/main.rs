@@ -60,6 +60,21 @@ enum Command {
     },
     /// Administer the cluster through its quorum LUN.
     Ctl(Box<CtlArgs>),
+    /// A three-node cluster on this machine: target, agents, two groups running the test
+    /// guest; kill -9 the owner of one, measure the failover, check that no acknowledged
+    /// write was lost and nothing ran twice, stop everything.
+    Demo {
+        /// Port of the target's portal on 127.0.0.1 [default: a free port]
+        #[arg(long)]
+        port: Option<u16>,
+        /// Put the files (configs, logs, events, ack logs, disk images) in DIR, a new or
+        /// empty directory, and keep it [default: a temporary directory, removed]
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        /// No narration: only the failover time and the check results
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -146,7 +161,10 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
                 match cli.command {
-                    Command::Pr(_) | Command::Ctl(_) | Command::Guest { .. } => "warn",
+                    Command::Pr(_)
+                    | Command::Ctl(_)
+                    | Command::Guest { .. }
+                    | Command::Demo { .. } => "warn",
                     _ => "info",
                 },
             ))
@@ -223,6 +241,15 @@ fn main() -> anyhow::Result<()> {
         Command::Guest { command } => {
             let code = run_guest(command)?;
             std::process::exit(code)
+        }
+        Command::Demo { port, keep, quiet } => {
+            let opts = holdfast::demo::DemoOptions { port, keep, quiet };
+            // run() has stopped everything it started by the time it returns.
+            if let Err(e) = holdfast::demo::run(&opts) {
+                eprintln!("holdfast demo: {e}");
+                std::process::exit(e.exit_code());
+            }
+            Ok(())
         }
     }
 }

@@ -1,0 +1,60 @@
+//! `holdfast demo --quiet` end to end: a target, three agents, two groups, a kill -9 of
+//! one owner, the failover measured, the checker clean, everything stopped.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn demo_fails_over_and_checks_clean() {
+    let keep = tempfile::tempdir().expect("tempdir");
+    let dir = keep.path().join("demo");
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["demo", "--quiet", "--keep"])
+        .arg(&dir)
+        .env_remove("HOLDFAST_LOG")
+        .output()
+        .expect("run holdfast demo");
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "holdfast demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    eprintln!("holdfast demo --quiet took {took:?}:\n{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("failover time: "))
+        .unwrap_or_else(|| panic!("no failover time in the output:\n{stdout}"));
+    let secs: f64 = line["failover time: ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    // dead_after (3 s) + a poll + the claim + the guest's start; 30 s is the demo's limit.
+    assert!(secs > 1.0 && secs < 30.0, "{line}");
+    assert!(
+        stdout.contains("guest check: web OK, db OK"),
+        "checker verdicts missing:\n{stdout}"
+    );
+    assert!(took < Duration::from_secs(60), "the demo took {took:?}");
+    // --keep leaves the files, and nothing of the demo runs any more: no process has the
+    // kept directory's configs on its command line.
+    assert!(dir.join("events.jsonl").exists());
+    assert!(dir.join("node1.toml").exists());
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&needle),
+            "left behind: pid {} {cmdline}",
+            e.file_name().to_string_lossy()
+        );
+    }
+}
