@@ -91,6 +91,24 @@ impl Run {
         )
     }
 
+    /// Start node `n`'s agent and wait until it runs: a SIGTERM in its first
+    /// milliseconds, before the handler is installed, would test nothing but the
+    /// default signal action.
+    async fn start_agent(&mut self, n: u16) {
+        let since = holdfast::agent::node::mono_ns();
+        self.c.start_agent(n);
+        let ok = self
+            .c
+            .wait_agent_started(n, since, Duration::from_secs(30))
+            .await;
+        assert!(
+            ok,
+            "agent node{n} did not start\n{}\n{}",
+            self.context(),
+            self.c.diagnostics()
+        );
+    }
+
     /// Draw the next fault. Every round consumes the same random numbers whatever
     /// the cluster looks like, so a seed always yields the same draws.
     async fn draw(&self, rng: &mut StdRng, round: usize) -> Fault {
@@ -145,7 +163,7 @@ impl Run {
                 match back_ms {
                     Some(ms) => {
                         tokio::time::sleep(Duration::from_millis(*ms)).await;
-                        self.c.start_agent(*node);
+                        self.start_agent(*node).await;
                     }
                     None => {
                         self.down.insert(*node, *back_round);
@@ -169,7 +187,7 @@ impl Run {
                     self.context(),
                     self.c.diagnostics()
                 );
-                self.c.start_agent(*node);
+                self.start_agent(*node).await;
             }
             Fault::Target { down_ms } => {
                 self.c.kill_target();
@@ -278,8 +296,18 @@ async fn random_faults_keep_every_group_safe_and_running() {
     b.extra = "offline_action = \"save\"\n".into();
     let c = GroupSpec::new("c", 3);
     let mut cluster = Cluster::new(NODES, vec![a, b, c]).await;
+    let since = holdfast::agent::node::mono_ns();
     for id in 1..=NODES {
         cluster.start_agent(id);
+    }
+    for id in 1..=NODES {
+        assert!(
+            cluster
+                .wait_agent_started(id, since, Duration::from_secs(30))
+                .await,
+            "agent node{id} did not start\n{}",
+            cluster.diagnostics()
+        );
     }
     let tallies = cluster
         .groups
@@ -306,7 +334,7 @@ async fn random_faults_keep_every_group_safe_and_running() {
             .collect();
         for n in back {
             run.down.remove(&n);
-            run.c.start_agent(n);
+            run.start_agent(n).await;
             run.history
                 .push(format!("round {round}: agent node{n} back"));
             println!("round {round}: agent node{n} back");
@@ -327,7 +355,7 @@ async fn random_faults_keep_every_group_safe_and_running() {
     // Every node back, settled once more, then everything stops at once and the
     // checker reads each group's disk and ack log.
     for n in std::mem::take(&mut run.down).into_keys() {
-        run.c.start_agent(n);
+        run.start_agent(n).await;
         run.history.push(format!("end: agent node{n} back"));
     }
     let (took, placed) = run.settle().await;

@@ -591,6 +591,24 @@ impl Cluster {
         None
     }
 
+    /// Wait until node `id` has logged `agent-start` at or after `since` (mono_ns): its
+    /// SIGTERM handler is installed by then, so a stop is a graceful one.
+    pub async fn wait_agent_started(&self, id: u16, since: u64, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let name = node_name(id);
+        while Instant::now() < end {
+            if self.events().iter().any(|e| {
+                e["event"] == "agent-start"
+                    && e["node"] == name.as_str()
+                    && e["mono_ns"].as_u64().is_some_and(|t| t >= since)
+            }) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     pub fn target_running(&self) -> bool {
         self.target.is_some()
     }
