@@ -295,8 +295,24 @@ impl Cluster {
         v
     }
 
+    /// SIGSTOP the agent and wait until all its threads are stopped: from then on it
+    /// cannot start a VM, so listing its children afterwards misses none.
+    fn stop_agent_process(&self, id: u16) {
+        let Some(pid) = self.agent_pid(id) else {
+            return;
+        };
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && !all_threads_stopped(pid) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// kill -9 of the node: the agent and its guests at once.
     pub fn kill_node(&mut self, id: u16) {
+        // The agent is stopped first so that a VM it is spawning right now is listed
+        // and killed too (a guest outliving its "node" would be a harness artefact).
+        self.stop_agent_process(id);
         for p in self.node_pids(id) {
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
@@ -307,6 +323,7 @@ impl Cluster {
 
     /// SIGSTOP the node (agent and guests): a frozen host.
     pub fn freeze_node(&self, id: u16) -> Vec<i32> {
+        self.stop_agent_process(id);
         let pids = self.node_pids(id);
         for &p in &pids {
             unsafe { libc::kill(p, libc::SIGSTOP) };
@@ -532,6 +549,168 @@ impl Drop for Cluster {
                 tempfile::tempdir().unwrap(),
             ));
             eprintln!("cluster files kept in {}", p.display());
+        }
+    }
+}
+
+/// True when every thread of `pid` is stopped (or the process is gone).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    rd.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .map(|s| {
+                s.rsplit_once(") ")
+                    .is_none_or(|x| x.1.starts_with(['T', 't', 'Z', 'X']))
+            })
+            .unwrap_or(true)
+    })
+}
+
+/// Helpers for the fault test and the failover benchmark.
+impl Cluster {
+    /// Whether this harness has an agent process for node `id` (started, not killed or
+    /// stopped since; it may be frozen).
+    pub fn has_agent(&self, id: u16) -> bool {
+        self.agents.contains_key(&id)
+    }
+
+    /// Nodes with an agent process, in id order.
+    pub fn agents_up(&self) -> Vec<u16> {
+        self.agents.keys().copied().collect()
+    }
+
+    /// SIGTERM the agent (it hands its groups over) and wait up to `timeout` for it to
+    /// exit. `None` if it did not: then the node is killed (kill -9) instead.
+    pub fn stop_agent_within(
+        &mut self,
+        id: u16,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut c = self.agents.remove(&id)?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.agents.insert(id, c);
+        self.kill_node(id);
+        None
+    }
+
+    /// Wait until node `id` has logged `agent-start` at or after `since` (mono_ns): its
+    /// SIGTERM handler is installed by then, so a stop is a graceful one.
+    pub async fn wait_agent_started(&self, id: u16, since: u64, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let name = node_name(id);
+        while Instant::now() < end {
+            if self.events().iter().any(|e| {
+                e["event"] == "agent-start"
+                    && e["node"] == name.as_str()
+                    && e["mono_ns"].as_u64().is_some_and(|t| t >= since)
+            }) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn target_running(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// The guests (VM processes) the node's agent runs now.
+    pub fn guest_pids(&self, id: u16) -> Vec<i32> {
+        self.agent_pid(id)
+            .map(Self::children_of)
+            .unwrap_or_default()
+    }
+}
+
+/// Reads the lines appended to a file since the last call (a log several processes
+/// append to with one write per line): a partial last line waits for its end.
+pub struct LineTail {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+}
+
+impl LineTail {
+    /// Tail `path` from its current end (`from_start`: from its beginning).
+    pub fn new(path: PathBuf, from_start: bool) -> LineTail {
+        let offset = if from_start {
+            0
+        } else {
+            std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+        };
+        LineTail {
+            path,
+            offset,
+            partial: String::new(),
+        }
+    }
+
+    /// The complete lines appended since the last call.
+    pub fn read_new(&mut self) -> Vec<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return vec![];
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return vec![];
+        }
+        let mut buf = Vec::new();
+        let Ok(n) = f.read_to_end(&mut buf) else {
+            return vec![];
+        };
+        self.offset += n as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut lines: Vec<String> = self.partial.split('\n').map(str::to_string).collect();
+        self.partial = lines.pop().unwrap_or_default();
+        lines.retain(|l| !l.is_empty());
+        lines
+    }
+}
+
+/// Acknowledged writes per epoch of one group, kept up to date from its ack log
+/// without re-reading the whole file (long fault runs make it large).
+pub struct AckTally {
+    tail: LineTail,
+    per_epoch: BTreeMap<u64, usize>,
+}
+
+impl AckTally {
+    pub fn new(c: &Cluster, group: &str) -> AckTally {
+        AckTally {
+            tail: LineTail::new(c.ack_log(group), true),
+            per_epoch: BTreeMap::new(),
+        }
+    }
+
+    pub fn acked_in_epoch(&mut self, epoch: u64) -> usize {
+        self.refresh();
+        self.per_epoch.get(&epoch).copied().unwrap_or(0)
+    }
+
+    /// Acknowledged writes per epoch so far.
+    pub fn counts(&mut self) -> BTreeMap<u64, usize> {
+        self.refresh();
+        self.per_epoch.clone()
+    }
+
+    fn refresh(&mut self) {
+        for l in self.tail.read_new() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() >= 4 && f[0] == "ack" {
+                if let Ok(e) = f[2].parse::<u64>() {
+                    *self.per_epoch.entry(e).or_default() += 1;
+                }
+            }
         }
     }
 }

@@ -1,0 +1,399 @@
+//! Randomized faults against a whole cluster: a target, three `holdfast agent`s and a
+//! test guest per group, as separate processes (tests/common/cluster.rs). Each round
+//! draws one fault from a seeded RNG, applies it, and waits until the cluster has
+//! settled again; at the end the checker (`holdfast guest check`) must find no double
+//! run, no lost acknowledged write and no late write in any group.
+//!
+//! Faults: kill -9 of a node (agent and guests; its agent comes back after a delay or
+//! some rounds later), SIGSTOP of a node for 1–6 s, a graceful agent restart (SIGTERM:
+//! it hands its groups over), kill -9 and restart of the target (APTPL state on disk),
+//! and a planned `ctl move`. At least one agent runs at all times.
+//!
+//! Knobs: FAULT_SEED (default 20261122), FAULT_ROUNDS (default 16, ~30 s). The seed and every
+//! fault are printed, so a failure can be replayed. Long runs: tools/agent-faults.sh.
+//! KEEP_CLUSTER=1 keeps the cluster's files (events.jsonl, agentN.log, ack logs).
+
+mod common;
+
+use common::cluster::{node_name, AckTally, Cluster, GroupSpec};
+use holdfast::agent::quorum::GroupState;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+const NODES: u16 = 3;
+/// Settling after a fault: a frozen node (6 s) plus dead_after, a claim's back-off and a
+/// guest start fit many times over; a cluster that needs longer is stuck.
+const SETTLE: Duration = Duration::from_secs(90);
+/// Writes the current run of each group must acknowledge after a fault to count as
+/// settled.
+const MIN_ACKS: usize = 5;
+/// A graceful stop waits for in-flight operations and the offline action (save or
+/// shutdown of the guest); far less than this in practice.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+enum Fault {
+    /// kill -9 of the node; its agent is started again after `back_ms` in this round,
+    /// or (`back_ms` = None) at the start of round `back_round`.
+    Kill {
+        node: u16,
+        back_ms: Option<u64>,
+        back_round: usize,
+    },
+    /// SIGSTOP of the node (agent and guests) for `ms`, then SIGCONT.
+    Freeze { node: u16, ms: u64 },
+    /// SIGTERM of the agent (graceful: it hands its groups over), then a new agent.
+    Restart { node: u16 },
+    /// kill -9 of the target, restarted after `down_ms`.
+    Target { down_ms: u64 },
+    /// `ctl move GROUP NODE`.
+    Move { group: String, to: u16 },
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Kill {
+                node,
+                back_ms: Some(ms),
+                ..
+            } => write!(f, "kill -9 node{node}, agent back after {ms} ms"),
+            Fault::Kill {
+                node, back_round, ..
+            } => write!(f, "kill -9 node{node}, agent back in round {back_round}"),
+            Fault::Freeze { node, ms } => write!(f, "SIGSTOP node{node} for {ms} ms"),
+            Fault::Restart { node } => write!(f, "SIGTERM + restart of agent node{node}"),
+            Fault::Target { down_ms } => write!(f, "kill -9 target, back after {down_ms} ms"),
+            Fault::Move { group, to } => write!(f, "ctl move {group} node{to}"),
+        }
+    }
+}
+
+struct Run {
+    c: Cluster,
+    seed: u64,
+    tallies: BTreeMap<String, AckTally>,
+    /// Faults so far, for failure messages.
+    history: Vec<String>,
+    /// Killed nodes whose agent comes back at the start of the given round.
+    down: BTreeMap<u16, usize>,
+}
+
+impl Run {
+    fn context(&self) -> String {
+        format!(
+            "FAULT_SEED={} faults so far:\n  {}",
+            self.seed,
+            self.history.join("\n  ")
+        )
+    }
+
+    /// Start node `n`'s agent and wait until it runs: a SIGTERM in its first
+    /// milliseconds, before the handler is installed, would test nothing but the
+    /// default signal action.
+    async fn start_agent(&mut self, n: u16) {
+        let since = holdfast::agent::node::mono_ns();
+        self.c.start_agent(n);
+        let ok = self
+            .c
+            .wait_agent_started(n, since, Duration::from_secs(30))
+            .await;
+        assert!(
+            ok,
+            "agent node{n} did not start\n{}\n{}",
+            self.context(),
+            self.c.diagnostics()
+        );
+    }
+
+    /// Draw the next fault. Every round consumes the same random numbers whatever
+    /// the cluster looks like, so a seed always yields the same draws.
+    async fn draw(&self, rng: &mut StdRng, round: usize) -> Fault {
+        let kind = rng.gen_range(0..100u32);
+        let pick = rng.gen_range(0..1000usize);
+        let ms = rng.gen_range(1000..=6000u64);
+        let short = rng.gen_range(100..=1500u64);
+        let later = rng.gen_range(0..4usize);
+        let up = self.c.agents_up();
+        // kill, freeze and SIGTERM take an agent away for a while: only when another
+        // one keeps running.
+        let may_take_one = up.len() >= 2;
+        let node = up[pick % up.len()];
+        match kind {
+            0..=24 if may_take_one => Fault::Kill {
+                node,
+                // Half come back within the round, 0.2-3 s later: racing the failover.
+                back_ms: (later < 2).then_some(short * 2),
+                back_round: round + later.saturating_sub(1),
+            },
+            25..=44 if may_take_one => Fault::Freeze { node, ms },
+            45..=62 if may_take_one => Fault::Restart { node },
+            63..=77 => Fault::Target { down_ms: short },
+            _ => {
+                let g = &self.c.groups[pick % self.c.groups.len()];
+                let rec = self.c.record(&g.name).await.expect("group record");
+                let to: Vec<u16> = up
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != rec.owner && !rec.failed_on_node(n))
+                    .collect();
+                if to.is_empty() {
+                    Fault::Target { down_ms: short }
+                } else {
+                    Fault::Move {
+                        group: g.name.clone(),
+                        to: to[pick % to.len()],
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(&mut self, f: &Fault) {
+        match f {
+            Fault::Kill {
+                node,
+                back_ms,
+                back_round,
+            } => {
+                self.c.kill_node(*node);
+                match back_ms {
+                    Some(ms) => {
+                        tokio::time::sleep(Duration::from_millis(*ms)).await;
+                        self.start_agent(*node).await;
+                    }
+                    None => {
+                        self.down.insert(*node, *back_round);
+                    }
+                }
+            }
+            Fault::Freeze { node, ms } => {
+                let pids = self.c.freeze_node(*node);
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                self.c.thaw(&pids);
+                // The thawed agent's first tick decides whether it self-fences; let it
+                // happen before the settle looks at the records.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Fault::Restart { node } => {
+                let st = self.c.stop_agent_within(*node, STOP_TIMEOUT);
+                assert!(
+                    st.is_some_and(|s| s.success()),
+                    "agent node{node} did not exit cleanly within {STOP_TIMEOUT:?} of SIGTERM: \
+                     {st:?}\n{}\n{}",
+                    self.context(),
+                    self.c.diagnostics()
+                );
+                self.start_agent(*node).await;
+            }
+            Fault::Target { down_ms } => {
+                self.c.kill_target();
+                tokio::time::sleep(Duration::from_millis(*down_ms)).await;
+                self.c.start_target().await;
+            }
+            Fault::Move { group, to } => {
+                let out = self
+                    .c
+                    .ctl(&["move", group, &node_name(*to), "--wait", "60"]);
+                assert!(
+                    out.status.success(),
+                    "ctl move {group} node{to} failed: {}{}\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    self.context(),
+                    self.c.diagnostics()
+                );
+            }
+        }
+    }
+
+    /// Wait until every group runs on a node with an agent, under that agent's current
+    /// incarnation, and its current run has acknowledged MIN_ACKS writes since the
+    /// wait began (so a run that stalled after the fault does not count).
+    async fn settle(&mut self) -> (Duration, String) {
+        let t0 = Instant::now();
+        let before: BTreeMap<String, BTreeMap<u64, usize>> = self
+            .tallies
+            .iter_mut()
+            .map(|(g, t)| (g.clone(), t.counts()))
+            .collect();
+        loop {
+            let img = self.c.image().await;
+            let mut pending = Vec::new();
+            let mut placed = Vec::new();
+            for g in &self.c.groups {
+                let Some((_, rec, _)) = img.group(&g.name) else {
+                    pending.push(format!("{}: no record", g.name));
+                    continue;
+                };
+                let acks = self
+                    .tallies
+                    .get_mut(&g.name)
+                    .expect("tally")
+                    .acked_in_epoch(rec.epoch)
+                    - before[&g.name].get(&rec.epoch).copied().unwrap_or(0);
+                let current = img
+                    .slot(rec.owner)
+                    .is_some_and(|s| s.incarnation == rec.owner_incarnation);
+                if rec.state == GroupState::Running
+                    && self.c.has_agent(rec.owner)
+                    && current
+                    && acks >= MIN_ACKS
+                {
+                    placed.push(format!("{}@node{} e{}", g.name, rec.owner, rec.epoch));
+                } else {
+                    pending.push(format!(
+                        "{}: {} on node {} epoch {} ({} new acks, current incarnation {current}, \
+                         failed_on {:#x}): {}",
+                        g.name,
+                        rec.state.name(),
+                        rec.owner,
+                        rec.epoch,
+                        acks,
+                        rec.failed_on,
+                        rec.reason
+                    ));
+                }
+            }
+            if pending.is_empty() {
+                return (t0.elapsed(), placed.join(" "));
+            }
+            assert!(
+                t0.elapsed() < SETTLE,
+                "the cluster did not settle within {SETTLE:?}:\n  {}\n{}\n{}",
+                pending.join("\n  "),
+                self.context(),
+                self.c.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults_keep_every_group_safe_and_running() {
+    let seed: u64 = env_or("FAULT_SEED", 20261122);
+    let rounds: usize = env_or("FAULT_ROUNDS", 16);
+    println!("agent_faults: FAULT_SEED={seed} FAULT_ROUNDS={rounds}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    // Mixed placement: a, b and c prefer different nodes; c has no preference (least
+    // loaded); b saves and restores on moves and graceful stops.
+    let mut a = GroupSpec::new("a", 1);
+    a.preferred = vec![node_name(1), node_name(2), node_name(3)];
+    let mut b = GroupSpec::new("b", 2);
+    b.preferred = vec![node_name(2), node_name(3)];
+    b.extra = "offline_action = \"save\"\n".into();
+    let c = GroupSpec::new("c", 3);
+    let mut cluster = Cluster::new(NODES, vec![a, b, c]).await;
+    let since = holdfast::agent::node::mono_ns();
+    for id in 1..=NODES {
+        cluster.start_agent(id);
+    }
+    for id in 1..=NODES {
+        assert!(
+            cluster
+                .wait_agent_started(id, since, Duration::from_secs(30))
+                .await,
+            "agent node{id} did not start\n{}",
+            cluster.diagnostics()
+        );
+    }
+    let tallies = cluster
+        .groups
+        .iter()
+        .map(|g| (g.name.clone(), AckTally::new(&cluster, &g.name)))
+        .collect();
+    let mut run = Run {
+        c: cluster,
+        seed,
+        tallies,
+        history: Vec::new(),
+        down: BTreeMap::new(),
+    };
+    let started = Instant::now();
+    let (took, placed) = run.settle().await;
+    println!("start: settled in {:.1} s: {placed}", took.as_secs_f64());
+
+    for round in 0..rounds {
+        let back: Vec<u16> = run
+            .down
+            .iter()
+            .filter(|(_, &r)| r <= round)
+            .map(|(&n, _)| n)
+            .collect();
+        for n in back {
+            run.down.remove(&n);
+            run.start_agent(n).await;
+            run.history
+                .push(format!("round {round}: agent node{n} back"));
+            println!("round {round}: agent node{n} back");
+        }
+        let fault = run.draw(&mut rng, round).await;
+        run.history.push(format!("round {round}: {fault}"));
+        let t0 = Instant::now();
+        run.apply(&fault).await;
+        let applied = t0.elapsed();
+        let (took, placed) = run.settle().await;
+        println!(
+            "round {round}: {fault} ({:.1} s); settled in {:.1} s: {placed}",
+            applied.as_secs_f64(),
+            took.as_secs_f64()
+        );
+    }
+
+    // Every node back, settled once more, then everything stops at once and the
+    // checker reads each group's disk and ack log.
+    for n in std::mem::take(&mut run.down).into_keys() {
+        run.start_agent(n).await;
+        run.history.push(format!("end: agent node{n} back"));
+    }
+    let (took, placed) = run.settle().await;
+    println!("end: settled in {:.1} s: {placed}", took.as_secs_f64());
+    for n in run.c.agents_up() {
+        run.c.kill_node(n);
+    }
+    let ev = run.c.events();
+    // Each epoch is one run: a second vm-started with the same epoch would be two VMs
+    // started under one claim.
+    let mut starts: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for e in &ev {
+        if e["event"] == "vm-started" {
+            let key = (
+                e["group"].as_str().unwrap_or("").to_string(),
+                e["epoch"].as_u64().unwrap_or(0),
+            );
+            *starts.entry(key).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = starts.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "epochs started more than once: {twice:?}\n{}",
+        run.context()
+    );
+    for g in run.c.groups.clone() {
+        let report = run.c.check(&g.name);
+        println!("check {}: {}", g.name, report.lines().last().unwrap_or(""));
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &ev {
+        *counts
+            .entry(e["event"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    println!(
+        "agent_faults: FAULT_SEED={seed}: {rounds} rounds in {:.1} s; events {counts:?}",
+        started.elapsed().as_secs_f64()
+    );
+}
