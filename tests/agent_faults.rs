@@ -9,7 +9,7 @@
 //! it hands its groups over), kill -9 and restart of the target (APTPL state on disk),
 //! and a planned `ctl move`. At least one agent runs at all times.
 //!
-//! Knobs: FAULT_SEED (default 20261122), FAULT_ROUNDS (default 16, ~30 s). The seed and every
+//! Knobs: FAULT_SEED (default 20261122), FAULT_ROUNDS (default 16, ~40 s). The seed and every
 //! fault are printed, so a failure can be replayed. Long runs: tools/agent-faults.sh.
 //! KEEP_CLUSTER=1 keeps the cluster's files (events.jsonl, agentN.log, ack logs).
 
