@@ -4,7 +4,7 @@
 # draws a fault from a seeded RNG (kill -9 of a node, SIGSTOP 1-6 s, SIGTERM restart of
 # an agent, kill -9 of the target, `ctl move`) and waits for the cluster to settle; at
 # the end `holdfast guest check` must be clean for every group. `cargo test` runs 16
-# rounds with a fixed seed; this runs ROUNDS (default 200, ~6 min) with SEED
+# rounds with a fixed seed; this runs ROUNDS (default 200, ~8 min) with SEED
 # (default random, printed). KEEP_CLUSTER=1 keeps the cluster's files (events.jsonl,
 # agentN.log, ack logs) and prints where.
 #   ROUNDS=200 SEED=20261122 tools/agent-faults.sh
