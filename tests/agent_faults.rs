@@ -425,9 +425,8 @@ async fn random_faults_keep_every_group_safe_and_running() {
 /// for heartbeats): a `ctl move` that lands while the owner is cut off is dropped when
 /// the owner self-fences and gives its record back as an orphan (`release_orphan`
 /// writes move_to = 0), so placement puts the group back on its preferred owner and
-/// `ctl move --wait` times out. Ignored until the agent keeps move_to there.
+/// `ctl move --wait` timed out. Fixed: the orphan release keeps move_to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known agent bug: an orphan release drops a pending ctl move"]
 async fn a_move_requested_while_the_owner_is_cut_off_is_not_lost() {
     const T: Duration = Duration::from_secs(30);
     let mut g = GroupSpec::new("m", 1);

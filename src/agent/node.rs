@@ -1353,7 +1353,7 @@ async fn release_orphan(
             n.owner = 0;
             n.owner_incarnation = 0;
             n.state = GroupState::Stopped;
-            n.move_to = 0;
+            // A move requested meanwhile (ctl move while we were cut off) still stands.
             n.reason = "the owner's agent restarted or self-fenced; VM stopped".into();
             Some(n)
         })
