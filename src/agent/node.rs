@@ -478,6 +478,13 @@ impl Agent {
                 }
                 return;
             }
+            // With VMs running, prove we are alive at once: the heartbeat task's next
+            // beat may come after the next self-fence check, which would kill VMs that
+            // just rode out a short target restart. (Not on the first login: joining
+            // peers get a beat to show up before anyone places groups.)
+            if have_vms && write_heartbeat(&self.sh).await.is_ok() {
+                self.sh.last_heartbeat_ok.store(mono_ns(), Ordering::SeqCst);
+            }
         }
         let q = match self.sh.quorum() {
             Ok(q) => q,
@@ -1601,7 +1608,9 @@ async fn take_offline(
                 OfflineReason::Move(to) => x.move_to = to,
                 OfflineReason::GuestShutDown => x.admin = AdminState::Offline,
                 OfflineReason::Failed => x.set_failed_on(me),
-                OfflineReason::Maintenance | OfflineReason::NodeStop => x.move_to = 0,
+                OfflineReason::Maintenance => x.move_to = 0,
+                // A move requested while we were stopping still stands.
+                OfflineReason::NodeStop => {}
             }
             Some(x)
         })
