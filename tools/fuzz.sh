@@ -22,8 +22,10 @@ SECONDS_PER_TARGET=${1:-${FUZZ_SECONDS:-20}}
 TARGETS=${FUZZ_TARGETS:-pdu_decode text_and_login cdb_dispatch pr_out cmdsn_and_transfer quorum_record}
 export RUSTC_BOOTSTRAP=1
 BUILD_DIR=${CARGO_TARGET_DIR:-$HF_ROOT/target}/fuzz-build
-if ! command -v cargo-fuzz >/dev/null; then
-  report FAIL "fuzz" "cargo-fuzz missing: cargo install cargo-fuzz"
+. "$HF_ROOT/tools/deps.sh"
+[ "${NO_INSTALL:-0}" = 1 ] || deps_install fuzz >&2 || true
+if ! deps_verify fuzz >&2; then
+  report FAIL "fuzz" "cargo-fuzz missing or broken: cargo install --locked cargo-fuzz"
   exit 1
 fi
 make_tmpdir
