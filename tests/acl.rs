@@ -1,7 +1,11 @@
 //! Access control across targets: discovery and login follow the ACL, CHAP is required
 //! where configured (also for discovery and per initiator), and failed CHAP attempts are
 //! logged and locked out per initiator name. (Single-target ACL refusal and LUN masking
-//! are in tests/login.rs and tests/io.rs.)
+//! are in tests/server/login.rs and tests/server/io.rs.)
+//!
+//! Its own crate (not in tests/server/): it installs a global tracing subscriber to
+//! capture the target's log lines, which would race with the subscriber of the other
+//! tests in a shared test binary.
 
 mod common;
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Randomized agent faults, long mode: tests/agent_faults.rs (a target, three
+# Randomized agent faults, long mode: tests/cluster/agent_faults.rs (a target, three
 # `holdfast agent`s and a test guest per group, as processes) in release mode. Each round
 # draws a fault from a seeded RNG (kill -9 of a node, SIGSTOP 1-6 s, SIGTERM restart of
 # an agent, kill -9 of the target, `ctl move`) and waits for the cluster to settle; at
@@ -13,4 +13,4 @@ cd "$(dirname "$0")/.."
 export FAULT_ROUNDS="${ROUNDS:-200}"
 export FAULT_SEED="${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
 echo "agent-faults: FAULT_SEED=$FAULT_SEED FAULT_ROUNDS=$FAULT_ROUNDS" >&2
-exec cargo test --release --test agent_faults -- --nocapture
+exec cargo test --release --test cluster -- agent_faults:: --nocapture

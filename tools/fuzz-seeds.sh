@@ -22,7 +22,7 @@
 # Not part of tools/test: the corpus is committed; rerun it when the protocol surface
 # grows.
 # fixtures/fuzz/quorum_record/ (no traffic: encoded quorum-LUN records) comes from
-# HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test quorum_fuzz_seeds instead.
+# HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test server -- quorum_fuzz_seeds:: instead.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$(dirname "$0")/lib.sh"

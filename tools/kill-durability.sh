@@ -11,4 +11,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export ROUNDS="${ROUNDS:-5}" SEED="${SEED:-1}"
 cargo build --release --bin holdfast
-exec cargo test --release --test kill_durability -- --ignored --nocapture --test-threads=1
+exec cargo test --release --test server -- kill_durability:: --ignored --nocapture --test-threads=1

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PR_RESTART_ROUNDS="${ROUNDS:-500}"
 if [[ -n "${SEED:-}" ]]; then export PR_RESTART_SEED="$SEED"; fi
-exec cargo test --release --test pr_restart -- --nocapture
+exec cargo test --release --test server -- pr_restart:: --nocapture

@@ -11,7 +11,7 @@ cd "$HF_ROOT"
 export SOAK_SECONDS="${1:-${SOAK_SECONDS:-120}}" SOAK_SESSIONS="${SOAK_SESSIONS:-64}"
 cargo build --release --bin holdfast
 rc=0
-out=$(cargo test --release --test soak -- --ignored --nocapture 2>&1) || rc=$?
+out=$(cargo test --release --test server -- soak:: --ignored --nocapture 2>&1) || rc=$?
 printf '%s\n' "$out" | grep -E '^soak:|panicked|^test result' || printf '%s\n' "$out" | tail -n 40
 figures=$(printf '%s\n' "$out" | grep -E '^soak: (RSS|fds)' | sed 's/^soak: //' | paste -sd';' -)
 if [ "$rc" -eq 0 ]; then

@@ -19,7 +19,7 @@
 //! to the block size); bit 2: also the full-size image (512-byte blocks only); bit 3:
 //! seal. n: the node id / group index the block is read as: the header at LBA 0, a
 //! heartbeat slot at `slot_lba(n)`, an admin record at `admin_lba(n)`, a group record at
-//! `group_lba(n)`. Seeds: written by tests/quorum_fuzz_seeds.rs.
+//! `group_lba(n)`. Seeds: written by tests/server/quorum_fuzz_seeds.rs.
 #![no_main]
 
 use std::borrow::Cow;

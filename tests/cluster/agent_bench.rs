@@ -2,7 +2,7 @@
 //! self-fence 2 s, dead 3 s), on a three-node cluster of separate processes
 //! (tests/common/cluster.rs). Ignored by `cargo test`; tools/failover-bench runs it:
 //!
-//!   cargo test --release --test agent_bench -- --ignored --nocapture
+//!   cargo test --release --test cluster -- agent_bench:: --ignored --nocapture
 //!
 //! (a) unplanned failover: from just before the SIGKILL of the owner node (agent and
 //!     guest) to the `vm-started` event of the survivor;
@@ -16,7 +16,7 @@
 //! Knobs: FAILOVER_RUNS (30), OUT (summary JSON path; the text goes beside it with
 //! .txt; default CARGO_TARGET_TMPDIR/failover-bench.json).
 
-mod common;
+use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec, LineTail};
 use holdfast::agent::node::mono_ns;

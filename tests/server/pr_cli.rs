@@ -1,6 +1,6 @@
 //! `holdfast pr` end to end: the real binary against an in-process target.
 
-mod common;
+use crate::common;
 
 use common::{TestTarget, TARGET};
 use serde_json::Value;

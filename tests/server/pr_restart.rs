@@ -8,7 +8,7 @@
 //! `PR_RESTART_ROUNDS` (default 20) and `PR_RESTART_SEED` tune a run;
 //! `tools/pr-restart.sh` runs a long one.
 
-mod common;
+use crate::common;
 
 use common::pr::{self, sa, ty, Outcome, APTPL};
 use common::{clear_unit_attention, init_tracing, TARGET};

@@ -1,7 +1,7 @@
 //! Backend faults: ENOSPC on a full file system, EIO from the store, a store that is gone.
 //! A write that did not land never gets GOOD; a dead store takes only its own LUN offline.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

@@ -13,7 +13,7 @@
 //! fault are printed, so a failure can be replayed. Long runs: tools/agent-faults.sh.
 //! KEEP_CLUSTER=1 keeps the cluster's files (events.jsonl, agentN.log, ack logs).
 
-mod common;
+use crate::common;
 
 use common::cluster::{node_name, AckTally, Cluster, GroupSpec};
 use holdfast::agent::quorum::{GroupState, NodeState, QuorumImage};

@@ -2,7 +2,7 @@
 //! writing a counter through its own iSCSI session. Each test ends with the checker
 //! (`holdfast guest check`): no lost acknowledged write, no double run, no late write.
 
-mod common;
+use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec};
 use holdfast::agent::quorum::{AdminState, GroupState};

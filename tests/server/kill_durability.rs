@@ -8,7 +8,7 @@
 //!
 //! Ignored by default; `tools/kill-durability.sh` runs it with ROUNDS and SEED.
 
-mod common;
+use crate::common;
 
 use bytes::{Bytes, BytesMut};
 use common::{clear_unit_attention, init_tracing, BLOCK, INITIATOR, TARGET};

@@ -3,7 +3,7 @@
 //! fixtures/fuzz/quorum_record/ with exactly this content, so a change to the on-disk
 //! format that leaves the committed seeds stale fails here. Rewrite them with
 //!
-//!     HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test quorum_fuzz_seeds
+//!     HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test server -- quorum_fuzz_seeds::
 //!
 //! (files not made here, e.g. a crash input kept as a regression seed, are left alone).
 //!
@@ -180,7 +180,7 @@ fn committed_seeds_are_current() {
         assert!(
             committed == s,
             "{} is missing or stale; rewrite the seeds with \
-             HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test quorum_fuzz_seeds",
+             HOLDFAST_WRITE_FUZZ_SEEDS=1 cargo test --test server -- quorum_fuzz_seeds::",
             path.display()
         );
     }

@@ -2,7 +2,7 @@
 //! checks the RFC 7143 reaction, and checks that a well-behaved session doing I/O at the
 //! same time keeps succeeding without stalls.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::raw::{read16, sense_of, write16, RawConn, Recv};

@@ -2,7 +2,7 @@
 //! quorum formatting, COMPARE AND WRITE races, the disk claim with PREEMPT AND ABORT,
 //! and the VM data path's name-only registration.
 
-mod common;
+use crate::common;
 
 use common::{config_text, start, TARGET};
 use holdfast::agent::claim::{self, Identity};

@@ -1,6 +1,6 @@
 //! SCSI I/O through the initiator against an in-process target.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

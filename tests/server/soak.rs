@@ -6,7 +6,7 @@
 //! Ignored by default; `tools/soak.sh [SECONDS]` runs it (SOAK_SESSIONS, default 64;
 //! the long mode is SOAK_SECONDS=3600 SOAK_SESSIONS=256).
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{clear_unit_attention, init_tracing, BLOCK, TARGET};

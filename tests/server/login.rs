@@ -1,6 +1,6 @@
 //! Login over real TCP against an in-process target.
 
-mod common;
+use crate::common;
 
 use common::*;
 use holdfast::initiator::{InitiatorError, Session};

@@ -2,7 +2,7 @@
 //! an in-process target. Records are forged here from the documented layout (not with
 //! the library's encoder), so the on-disk format is checked too.
 
-mod common;
+use crate::common;
 
 use common::{config_text, start, TestTarget, TARGET};
 use holdfast::initiator::{PrType, RegisterFlags, TransportId};

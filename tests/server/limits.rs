@@ -1,7 +1,7 @@
 //! Resource limits: each one exceeded gets a polite refusal, and memory stays bounded
 //! when many peers announce large writes and never send the data.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::raw::{read16, sense_of, write16, RawConn};

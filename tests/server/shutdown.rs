@@ -1,7 +1,7 @@
 //! Graceful shutdown (the SIGTERM path) with commands in flight: serve() returns and
 //! every acknowledged write is in the backing file.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

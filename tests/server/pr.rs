@@ -3,7 +3,7 @@
 //! ABORT against a live write load, REGISTER AND MOVE, SPEC_I_PT name-only registrations,
 //! ALL_TG_PT across portals, unit attention routing, ISID churn, the six access tables).
 
-mod common;
+use crate::common;
 
 use bytes::BytesMut;
 use common::pr::{self, sa, ty, Outcome, ALL_TG_PT, SPEC_I_PT};

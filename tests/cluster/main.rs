@@ -1,0 +1,14 @@
+//! Cluster integration tests in one crate: `holdfast agent` processes against a target,
+//! the VM drivers, the test guest and its checker, the demo, the fault test and the
+//! failover benchmark. Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod agent_bench;
+mod agent_drivers;
+mod agent_failover;
+mod agent_faults;
+mod agent_guest;
+mod agent_protocol;
+mod demo;

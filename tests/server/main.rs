@@ -1,0 +1,21 @@
+//! Target-side integration tests in one crate (one link of the library instead of one
+//! per file): an in-process or child-process target driven over real TCP by the
+//! initiator library, a raw PDU peer, `holdfast pr`, and restart/kill durability.
+//! Run one area with a filter: `cargo test --test server -- hostile::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod faults;
+mod hostile;
+mod io;
+mod kill_durability;
+mod limits;
+mod login;
+mod pr;
+mod pr_cli;
+mod pr_restart;
+mod quorum_fuzz_seeds;
+mod readme_config;
+mod shutdown;
+mod soak;
