@@ -1,6 +1,8 @@
 //! Wire layer: PDU codec (BHS, AHS, data segment, padding, digests) and the text
 //! key=value codec. Pure functions over bytes; no I/O.
 
+mod bhs_decode;
+mod bhs_encode;
 pub mod codec;
 pub mod pdu;
 pub mod text;
