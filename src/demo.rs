@@ -298,7 +298,7 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
 
     // 2. The quorum LUN, and the groups' records (offline, so that nobody claims a group
     //    before all three nodes have joined and placement can honour preferred owners).
-    let url: crate::pr_command::IscsiUrl = env
+    let url: crate::initiator::IscsiUrl = env
         .url(0)
         .parse()
         .map_err(|e| DemoError::Failed(format!("{}: {e}", env.url(0))))?;

@@ -323,7 +323,7 @@ async fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
         chap_secret,
     } = &args.command
     {
-        let url: holdfast::pr_command::IscsiUrl = url.parse()?;
+        let url: holdfast::initiator::IscsiUrl = url.parse()?;
         let chap = chap_user
             .clone()
             .zip(chap_secret.clone().map(String::into_bytes));

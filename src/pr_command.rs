@@ -10,13 +10,13 @@
 //! has its own exit status, [`EXIT_RESERVATION_CONFLICT`] (24, as sg_persist).
 
 use crate::initiator::pr::{parse_isid, Capabilities, FullStatus, Reservation};
+pub use crate::initiator::url::{IscsiUrl, UrlError};
 use crate::initiator::{
-    random_isid, InitiatorConfig, InitiatorError, PrType, RegisterFlags, Session, TransportId,
+    connect, random_isid, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError, PrType,
+    RegisterFlags, Session, TransportId,
 };
 use serde::Serialize;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Exit status for RESERVATION CONFLICT (sg_persist's SG_LIB_CAT_RES_CONFLICT).
@@ -28,8 +28,6 @@ pub const EXIT_USAGE: i32 = 2;
 /// The ISID used unless `--isid` says otherwise: "random" format (T=10b) bytes spelling
 /// "hfpr", fixed so that consecutive invocations are one I_T nexus.
 pub const DEFAULT_ISID: [u8; 6] = [0x80, 0x68, 0x66, 0x70, 0x72, 0x01];
-/// Default iSCSI port.
-pub const DEFAULT_PORT: u16 = 3260;
 
 /// A PR action (sg_persist's --in/--out service actions, plus a write probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -190,109 +188,6 @@ fn parse_transport_id(s: &str) -> Result<TransportId, String> {
         .map_err(|e: crate::initiator::pr::PrParseError| e.to_string())
 }
 
-/// A parsed `iscsi://HOST[:PORT]/TARGET/LUN`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IscsiUrl {
-    pub host: String,
-    pub port: u16,
-    pub target: String,
-    pub lun: u64,
-}
-
-/// Why a URL was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid URL {url:?}: {why} (expected iscsi://HOST[:PORT]/TARGET-IQN/LUN)")]
-pub struct UrlError {
-    pub url: String,
-    pub why: String,
-}
-
-impl FromStr for IscsiUrl {
-    type Err = UrlError;
-
-    fn from_str(url: &str) -> Result<IscsiUrl, UrlError> {
-        let err = |why: &str| UrlError {
-            url: url.to_string(),
-            why: why.to_string(),
-        };
-        let rest = url
-            .get(..8)
-            .filter(|s| s.eq_ignore_ascii_case("iscsi://"))
-            .map(|_| &url[8..])
-            .ok_or_else(|| err("the scheme must be iscsi://"))?;
-        if rest.contains(['?', '#']) {
-            return Err(err("query strings and fragments are not supported"));
-        }
-        let mut parts = rest.split('/');
-        let (Some(authority), Some(target), Some(lun)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(err("the LUN is missing"));
-        };
-        if parts.next().is_some() {
-            return Err(err("too many path segments"));
-        }
-        if authority.contains('@') {
-            return Err(err(
-                "credentials in the URL are not supported; use --chap-user/--chap-secret",
-            ));
-        }
-        let (host, port) = split_host_port(authority).map_err(|w| err(&w))?;
-        if target.is_empty() {
-            return Err(err("the target name is empty"));
-        }
-        let lower = target.to_ascii_lowercase();
-        if !["iqn.", "eui.", "naa."]
-            .iter()
-            .any(|p| lower.starts_with(p))
-            || !target.bytes().all(|c| c.is_ascii_graphic())
-        {
-            return Err(err("the target name must be an iqn., eui. or naa. name"));
-        }
-        if lun.is_empty() || !lun.bytes().all(|c| c.is_ascii_digit()) || lun.len() > 5 {
-            return Err(err("the LUN must be a decimal number"));
-        }
-        let lun: u64 = lun.parse().map_err(|_| err("bad LUN"))?;
-        if lun > 16383 {
-            return Err(err("the LUN must be at most 16383"));
-        }
-        Ok(IscsiUrl {
-            host,
-            port,
-            target: target.to_string(),
-            lun,
-        })
-    }
-}
-
-fn split_host_port(a: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(v6) = a.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unterminated [IPv6] address")?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or("junk after ]")?),
-        };
-        (h, port)
-    } else {
-        match a.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (a, None),
-        }
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err("the host is empty".into());
-    }
-    let port = match port {
-        None => DEFAULT_PORT,
-        // All digits: u16::from_str would also take "+80".
-        Some(p) => Some(p)
-            .filter(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
-            .and_then(|p| p.parse::<u16>().ok())
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("bad port {p:?}"))?,
-    };
-    Ok((host.to_string(), port))
-}
-
 /// What went wrong; [`PrCommandError::exit_code`] maps it to the exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum PrCommandError {
@@ -300,18 +195,8 @@ pub enum PrCommandError {
     Url(#[from] UrlError),
     #[error("{0}")]
     Usage(String),
-    #[error("cannot resolve {host}:{port}: {source}")]
-    Resolve {
-        host: String,
-        port: u16,
-        source: std::io::Error,
-    },
-    #[error("login to {target} at {addr} failed: {source}")]
-    Login {
-        target: String,
-        addr: SocketAddr,
-        source: InitiatorError,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("{command}: {source}")]
     Command {
         command: &'static str,
@@ -622,25 +507,15 @@ fn validate(a: &PrArgs) -> Result<(), PrCommandError> {
 
 /// Build the login configuration from the arguments.
 pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, PrCommandError> {
-    let addr = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|source| PrCommandError::Resolve {
-            host: url.host.clone(),
-            port: url.port,
-            source,
-        })?
-        .next()
-        .ok_or_else(|| PrCommandError::Resolve {
-            host: url.host.clone(),
-            port: url.port,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?;
-    let name = a
-        .initiator_name
-        .clone()
-        .unwrap_or_else(default_initiator_name);
-    let mut cfg = InitiatorConfig::new(name, url.target.clone(), addr);
-    cfg.isid = Some(match a.isid.as_deref() {
+    let mut opts = ConnectOptions::new(
+        a.initiator_name
+            .clone()
+            .unwrap_or_else(default_initiator_name),
+    )
+    // clap makes --chap-user require a secret; a secret alone (e.g. from the
+    // environment, shared with other tools) is not used.
+    .with_chap(a.chap_user.as_deref(), a.chap_secret.as_deref());
+    opts.isid = Some(match a.isid.as_deref() {
         None => DEFAULT_ISID,
         Some("random") => random_isid(),
         Some(s) => parse_isid(s).ok_or_else(|| {
@@ -649,13 +524,8 @@ pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, P
             ))
         })?,
     });
-    cfg.login_timeout = Duration::from_secs(a.timeout.max(1));
-    // clap makes --chap-user require a secret; a secret alone (e.g. from the
-    // environment, shared with other tools) is not used.
-    if let (Some(u), Some(s)) = (&a.chap_user, &a.chap_secret) {
-        cfg.chap = Some((u.clone(), s.clone().into_bytes()));
-    }
-    Ok(cfg)
+    opts.login_timeout = Some(Duration::from_secs(a.timeout.max(1)));
+    Ok(connect::resolve_url(url, &opts)?)
 }
 
 /// Run one `holdfast pr` invocation.
@@ -678,7 +548,7 @@ async fn run_session(
     tracing::debug!(initiator = %cfg.initiator_name, isid = ?cfg.isid, %addr, target = %url.target, "logging in");
     let session = Session::login(cfg)
         .await
-        .map_err(|source| PrCommandError::Login {
+        .map_err(|source| ConnectError::Login {
             target: url.target.clone(),
             addr,
             source,
@@ -811,47 +681,6 @@ async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, Initiat
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let u: IscsiUrl = "iscsi://127.0.0.1:3261/iqn.2026-11.org.holdfast:storage/1"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            u,
-            IscsiUrl {
-                host: "127.0.0.1".into(),
-                port: 3261,
-                target: "iqn.2026-11.org.holdfast:storage".into(),
-                lun: 1
-            }
-        );
-        let u: IscsiUrl = "ISCSI://[::1]/iqn.a:b/0".parse().unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.lun), ("::1", 3260, 0));
-        let u: IscsiUrl = "iscsi://[fe80::1]:3262/naa.6001/16383".parse().unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("fe80::1", 3262));
-        for bad in [
-            "",
-            "http://h/iqn.a:b/0",
-            "iscsi://h/iqn.a:b",
-            "iscsi://h/iqn.a:b/",
-            "iscsi://h/iqn.a:b/1/2",
-            "iscsi://h/iqn.a:b/16384",
-            "iscsi://h/iqn.a:b/-1",
-            "iscsi://h/iqn.a:b/0x1",
-            "iscsi://h//0",
-            "iscsi://h/target/0",
-            "iscsi://h:0/iqn.a:b/0",
-            "iscsi://h:70000/iqn.a:b/0",
-            "iscsi://h:/iqn.a:b/0",
-            "iscsi://:3260/iqn.a:b/0",
-            "iscsi://u%p@h/iqn.a:b/0",
-            "iscsi://h/iqn.a:b/0?x=1",
-            "iscsi://[::1/iqn.a:b/0",
-        ] {
-            assert!(bad.parse::<IscsiUrl>().is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn keys() {

@@ -1,6 +1,7 @@
 //! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
 //! with errors that name the file, the key and the reason.
 
+use crate::initiator::ConnectOptions;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -331,6 +332,19 @@ impl ValidNodeConfig {
     }
     pub fn group(&self, name: &str) -> Option<&GroupConfig> {
         self.config.groups.iter().find(|g| g.name == name)
+    }
+
+    /// How this node logs in to the target: its initiator name, the given fixed ISID
+    /// (one nexus per role: agent, ctl) and the target's CHAP.
+    pub fn connect_options(&self, isid: [u8; 6], login_timeout: Duration) -> ConnectOptions {
+        let chap = self.config.target.chap.as_ref();
+        let mut opts = ConnectOptions::new(self.initiator_name.clone()).with_chap(
+            chap.map(|c| c.username.as_str()),
+            chap.map(|c| c.secret.as_str()),
+        );
+        opts.isid = Some(isid);
+        opts.login_timeout = Some(login_timeout);
+        opts
     }
 }
 

@@ -10,8 +10,7 @@ use crate::agent::quorum::{
 };
 use crate::agent::quorum_disk::{bounded, CawOutcome, QuorumDisk};
 use crate::agent::{wall_ms, AgentError};
-use crate::initiator::{InitiatorConfig, Session};
-use crate::pr_command::IscsiUrl;
+use crate::initiator::{connect, connect_portals, ConnectOptions, IscsiUrl, Session};
 use bytes::Bytes;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -36,35 +35,19 @@ impl Ctl {
             isid: quorum::node_isid(n.id, quorum::ISID_CTL),
             vm_initiator_name: None,
         };
-        let mut last = AgentError::Other("no portal configured".into());
-        for addr in &cfg.portals {
-            let mut ic = InitiatorConfig::new(
-                cfg.initiator_name.clone(),
-                cfg.config.target.name.clone(),
-                *addr,
-            );
-            ic.isid = Some(me.isid);
-            ic.login_timeout = t;
-            if let Some(c) = &cfg.config.target.chap {
-                ic.chap = Some((c.username.clone(), c.secret.clone().into_bytes()));
-            }
-            match Session::login(ic).await {
-                Ok(s) => {
-                    let (quorum, _) =
-                        QuorumDisk::open(s.clone(), cfg.config.target.quorum_lun, &n.cluster, t)
-                            .await?;
-                    return Ok(Ctl {
-                        cfg,
-                        session: s,
-                        quorum,
-                        me,
-                        registered: false,
-                    });
-                }
-                Err(e) => last = AgentError::from_initiator("login", e),
-            }
-        }
-        Err(last)
+        let opts = cfg.connect_options(me.isid, t);
+        let (s, _) = connect_portals(&cfg.config.target.name, &cfg.portals, &opts)
+            .await
+            .map_err(AgentError::from_connect)?;
+        let (quorum, _) =
+            QuorumDisk::open(s.clone(), cfg.config.target.quorum_lun, &n.cluster, t).await?;
+        Ok(Ctl {
+            cfg,
+            session: s,
+            quorum,
+            me,
+            registered: false,
+        })
     }
 
     async fn register(&mut self) -> Result<(), AgentError> {
@@ -461,16 +444,11 @@ pub async fn init_quorum(
             "the cluster name must be 1-64 printable ASCII characters without spaces".into(),
         ));
     }
-    let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
+    let mut opts = ConnectOptions::new(initiator_name);
+    opts.chap = chap;
+    let s = connect(url, &opts)
         .await
-        .map_err(|e| AgentError::Other(format!("{}: {e}", url.host)))?
-        .next()
-        .ok_or_else(|| AgentError::Other(format!("{} resolves to nothing", url.host)))?;
-    let mut ic = InitiatorConfig::new(initiator_name, url.target.clone(), addr);
-    ic.chap = chap;
-    let s = Session::login(ic)
-        .await
-        .map_err(|e| AgentError::from_initiator("login", e))?;
+        .map_err(AgentError::from_connect)?;
     let t = Duration::from_secs(10);
     let (last, bs) = bounded(t, "READ CAPACITY", s.read_capacity16(url.lun)).await?;
     let layout = QuorumLayout::new(bs)?;

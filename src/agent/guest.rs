@@ -31,15 +31,16 @@
 //! digits, the numbers decimal.
 
 use crate::initiator::scsi::{sense_key, status};
-use crate::initiator::{InitiatorConfig, InitiatorError, Session};
-use crate::pr_command::{IscsiUrl, UrlError};
+use crate::initiator::{
+    connect, past_unit_attention, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError,
+    IscsiUrl, Session, UrlError,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::io::Write;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -940,18 +941,8 @@ pub enum GuestError {
     Url(#[from] UrlError),
     #[error("{0}")]
     Usage(String),
-    #[error("cannot resolve {host}:{port}: {source}")]
-    Resolve {
-        host: String,
-        port: u16,
-        source: std::io::Error,
-    },
-    #[error("login to {target} at {addr} failed: {source}")]
-    Login {
-        target: String,
-        addr: SocketAddr,
-        source: InitiatorError,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("{what}: {source}")]
     Scsi {
         what: &'static str,
@@ -998,29 +989,10 @@ fn initiator_config(
     name: &str,
     chap: (&Option<String>, &Option<String>),
 ) -> Result<InitiatorConfig, GuestError> {
-    let resolve = |source| GuestError::Resolve {
-        host: url.host.clone(),
-        port: url.port,
-        source,
-    };
-    let addr = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(resolve)?
-        .next()
-        .ok_or_else(|| {
-            resolve(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no address",
-            ))
-        })?;
-    let mut cfg = InitiatorConfig::new(name, url.target.clone(), addr);
     // Random ISID: each login is a new I_T nexus; the agent registers the name.
-    cfg.isid = None;
-    cfg.login_timeout = LOGIN_TIMEOUT;
-    if let (Some(u), Some(s)) = chap {
-        cfg.chap = Some((u.clone(), s.clone().into_bytes()));
-    }
-    Ok(cfg)
+    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), chap.1.as_deref());
+    opts.login_timeout = Some(LOGIN_TIMEOUT);
+    Ok(connect::resolve_url(url, &opts)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1159,18 +1131,17 @@ struct Guest {
     stop: watch::Receiver<Option<Stop>>,
 }
 
+/// Worth a new session: the connection is lost, or the target failed this session's
+/// request in a way a fresh login may cure.
 fn is_connection_error(e: &InitiatorError) -> bool {
-    matches!(
-        e,
-        InitiatorError::ConnectionLost
-            | InitiatorError::Io(_)
-            | InitiatorError::Wire(_)
-            | InitiatorError::Protocol(_)
-            | InitiatorError::Rejected { .. }
-            | InitiatorError::TargetFailure(_)
-            | InitiatorError::Aborted
-            | InitiatorError::Timeout
-    )
+    e.is_connection_lost()
+        || matches!(
+            e,
+            InitiatorError::Rejected { .. }
+                | InitiatorError::TargetFailure(_)
+                | InitiatorError::Aborted
+                | InitiatorError::Timeout
+        )
 }
 
 /// Worth retrying on the same session after a pause.
@@ -1351,11 +1322,12 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
         Ok(s) => g.session = Some(s),
         Err(source) => {
             exit(&mut log, "login-failed")?;
-            return Err(GuestError::Login {
+            return Err(ConnectError::Login {
                 target: url.target.clone(),
                 addr,
                 source,
-            });
+            }
+            .into());
         }
     }
     let lun = g.lun;
@@ -1540,42 +1512,25 @@ async fn read_disk(cfg: InitiatorConfig, lun: u64) -> Result<DiskContents, Guest
     let target = cfg.target_name.clone();
     let s = Session::login(cfg)
         .await
-        .map_err(|source| GuestError::Login {
+        .map_err(|source| ConnectError::Login {
             target,
             addr,
             source,
         })?;
     let scsi = |what| move |source| GuestError::Scsi { what, source };
-    let (last_lba, bs) = past_ua(|| s.read_capacity16(lun))
+    let (last_lba, bs) = past_unit_attention(|| s.read_capacity16(lun))
         .await
         .map_err(scsi("READ CAPACITY(16)"))?;
     let layout = Layout::new(last_lba.saturating_add(1), bs)?;
     let mut disk = DiskContents::new(layout);
     for (lba, n) in layout.reads() {
-        let data = past_ua(|| s.read16(lun, lba, n, bs))
+        let data = past_unit_attention(|| s.read16(lun, lba, n, bs))
             .await
             .map_err(scsi("READ(16)"))?;
         disk.add_blocks(lba, &data);
     }
     let _ = s.logout().await;
     Ok(disk)
-}
-
-async fn past_ua<T, F, Fut>(op: F) -> Result<T, InitiatorError>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<T, InitiatorError>>,
-{
-    let mut left = UA_RETRIES;
-    loop {
-        match op().await {
-            Err(InitiatorError::CheckCondition {
-                key: sense_key::UNIT_ATTENTION,
-                ..
-            }) if left > 0 => left -= 1,
-            r => return r,
-        }
-    }
 }
 
 /// `holdfast guest check`: read the disk and the ack logs, and judge.

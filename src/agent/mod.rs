@@ -11,7 +11,7 @@ pub mod placement;
 pub mod quorum;
 pub mod quorum_disk;
 
-use crate::initiator::InitiatorError;
+use crate::initiator::{ConnectError, InitiatorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -46,19 +46,21 @@ impl AgentError {
         }
     }
 
+    /// A failed connect: the login's own error when it got that far.
+    pub fn from_connect(e: ConnectError) -> AgentError {
+        match e {
+            ConnectError::Login { source, .. } => AgentError::from_initiator("login", source),
+            other => AgentError::Other(other.to_string()),
+        }
+    }
+
     /// Errors that mean the session is unusable and must be re-established.
     pub fn is_connection(&self) -> bool {
-        matches!(
-            self,
-            AgentError::Timeout(_)
-                | AgentError::Io {
-                    source: InitiatorError::ConnectionLost
-                        | InitiatorError::Io(_)
-                        | InitiatorError::Wire(_)
-                        | InitiatorError::Protocol(_),
-                    ..
-                }
-        )
+        match self {
+            AgentError::Timeout(_) => true,
+            AgentError::Io { source, .. } => source.is_connection_lost(),
+            _ => false,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::agent::quorum::{
 };
 use crate::agent::quorum_disk::{CawOutcome, QuorumDisk};
 use crate::agent::{wall_ms, AgentError};
-use crate::initiator::{InitiatorConfig, Session};
+use crate::initiator::{connect_portals, Session};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -397,50 +397,36 @@ impl Agent {
     async fn connect(&mut self) -> Result<(), AgentError> {
         let t = self.sh.timeout();
         let tcfg = &self.sh.cfg.config.target;
-        let mut last = AgentError::Other("no portal".into());
-        for addr in &self.sh.cfg.portals {
-            let mut ic =
-                InitiatorConfig::new(self.sh.cfg.initiator_name.clone(), tcfg.name.clone(), *addr);
-            ic.isid = Some(self.sh.me.isid);
-            ic.login_timeout = t;
-            if let Some(c) = &tcfg.chap {
-                ic.chap = Some((c.username.clone(), c.secret.clone().into_bytes()));
-            }
-            let s = match Session::login(ic).await {
-                Ok(s) => s,
-                Err(e) => {
-                    last = AgentError::from_initiator("login", e);
-                    continue;
-                }
-            };
-            let (q, _header) =
-                QuorumDisk::open(s.clone(), tcfg.quorum_lun, &self.sh.cluster, t).await?;
-            if let Ok(mut l) = self.sh.layout.lock() {
-                *l = Some(q.layout);
-            }
-            claim::join_quorum(&s, tcfg.quorum_lun, &self.sh.me, t).await?;
-            if let Ok(mut cur) = self.sh.session.lock() {
-                *cur = Some(s.clone());
-            }
-            if let Ok(mut p) = self.sh.portal.lock() {
-                *p = Some(*addr);
-            }
-            // "Re-register after every re-login": a new nexus starts unregistered.
-            let vm = self.vm_identity();
-            for g in self.groups.values() {
-                if matches!(g.local, Local::Running { .. }) {
-                    for &lun in &g.cfg.disks {
-                        claim::ensure_registered(&s, lun, &vm, t).await?;
-                    }
-                }
-            }
-            for g in self.groups.keys() {
-                q.ensure_group(g).await?;
-            }
-            tracing::info!(portal = %addr, "logged in; quorum LUN joined");
-            return Ok(());
+        let opts = self.sh.cfg.connect_options(self.sh.me.isid, t);
+        let (s, addr) = connect_portals(&tcfg.name, &self.sh.cfg.portals, &opts)
+            .await
+            .map_err(AgentError::from_connect)?;
+        let (q, _header) =
+            QuorumDisk::open(s.clone(), tcfg.quorum_lun, &self.sh.cluster, t).await?;
+        if let Ok(mut l) = self.sh.layout.lock() {
+            *l = Some(q.layout);
         }
-        Err(last)
+        claim::join_quorum(&s, tcfg.quorum_lun, &self.sh.me, t).await?;
+        if let Ok(mut cur) = self.sh.session.lock() {
+            *cur = Some(s.clone());
+        }
+        if let Ok(mut p) = self.sh.portal.lock() {
+            *p = Some(addr);
+        }
+        // "Re-register after every re-login": a new nexus starts unregistered.
+        let vm = self.vm_identity();
+        for g in self.groups.values() {
+            if matches!(g.local, Local::Running { .. }) {
+                for &lun in &g.cfg.disks {
+                    claim::ensure_registered(&s, lun, &vm, t).await?;
+                }
+            }
+        }
+        for g in self.groups.keys() {
+            q.ensure_group(g).await?;
+        }
+        tracing::info!(portal = %addr, "logged in; quorum LUN joined");
+        Ok(())
     }
 
     async fn tick(&mut self) {

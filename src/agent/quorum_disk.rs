@@ -6,17 +6,13 @@ use crate::agent::quorum::{
     GroupRecord, HeartbeatSlot, QuorumError, QuorumHeader, QuorumImage, QuorumLayout,
 };
 use crate::agent::AgentError;
-use crate::initiator::{InitiatorError, Session};
+use crate::initiator::{past_unit_attention, InitiatorError, Session};
 use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
 
 /// Sense key MISCOMPARE: a COMPARE AND WRITE whose compare failed.
 const MISCOMPARE: u8 = 0x0e;
-
-/// Sense key UNIT ATTENTION: reported once per event (reservation preempted, LUN reset,
-/// target restart); the command was not executed and may simply be sent again.
-const UNIT_ATTENTION: u8 = 0x06;
 
 /// Run `f`, turning a timeout into [`AgentError::Timeout`].
 pub async fn bounded<T>(
@@ -30,32 +26,18 @@ pub async fn bounded<T>(
     }
 }
 
-fn is_unit_attention<T>(r: &Result<T, InitiatorError>) -> bool {
-    matches!(r, Err(InitiatorError::CheckCondition { key, .. }) if *key == UNIT_ATTENTION)
-}
-
-/// As [`bounded`], sending the command again (up to 3 times) after a unit attention.
+/// As [`bounded`], sending the command again after a unit attention (the initiator's
+/// one policy, [`past_unit_attention`]).
 pub async fn bounded_past_ua<T, F, Fut>(
     timeout: Duration,
     what: &'static str,
-    mut f: F,
+    f: F,
 ) -> Result<T, AgentError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, InitiatorError>>,
 {
-    let work = async {
-        let mut left = 3;
-        loop {
-            let r = f().await;
-            if left > 0 && is_unit_attention(&r) {
-                left -= 1;
-                continue;
-            }
-            return r;
-        }
-    };
-    bounded(timeout, what, work).await
+    bounded(timeout, what, past_unit_attention(f)).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

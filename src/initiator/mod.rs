@@ -5,10 +5,17 @@
 //! through it concurrently. One reader task routes target PDUs by Initiator Task Tag,
 //! one writer task serialises outgoing PDUs and stamps ExpStatSN.
 
+pub mod connect;
 pub mod login;
 pub mod pr;
+pub mod retry;
 pub mod scsi;
 pub mod session;
+pub mod url;
+
+pub use connect::{connect, connect_portals, ConnectError, ConnectOptions};
+pub use retry::past_unit_attention;
+pub use url::{IscsiUrl, UrlError};
 
 pub use login::Negotiated;
 pub use pr::{Capabilities, FullStatus, PrType, RegisterFlags, Reservation, TransportId};
@@ -60,6 +67,23 @@ pub enum InitiatorError {
 }
 
 impl InitiatorError {
+    /// The session is gone or cannot be trusted (closed, reset, garbled, protocol
+    /// broken): log in again. Timeouts are the caller's to judge.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            InitiatorError::ConnectionLost
+                | InitiatorError::Io(_)
+                | InitiatorError::Wire(_)
+                | InitiatorError::Protocol(_)
+        )
+    }
+
+    /// CHECK CONDITION with sense key UNIT ATTENTION: see [`retry`].
+    pub fn is_unit_attention(&self) -> bool {
+        matches!(self, InitiatorError::CheckCondition { key, .. } if *key == scsi::sense_key::UNIT_ATTENTION)
+    }
+
     /// The login status pair, when this is a login refusal.
     pub fn login_status(&self) -> Option<(u8, u8)> {
         match self {

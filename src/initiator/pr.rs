@@ -41,7 +41,7 @@ const MAX_ALLOC: u16 = u16::MAX;
 /// How many UNIT ATTENTIONs a command is retried through (a fresh nexus may have a
 /// power-on UA, a preempted one a RESERVATIONS/REGISTRATIONS PREEMPTED UA queued; the
 /// target did not execute the command that reported it, so retrying is safe).
-const UA_RETRIES: usize = 8;
+use super::retry::UA_RETRIES;
 
 /// Errors parsing a PR type or TransportID given by a user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

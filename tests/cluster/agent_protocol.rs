@@ -10,8 +10,8 @@ use holdfast::agent::ctl;
 use holdfast::agent::quorum::{self, GroupState};
 use holdfast::agent::quorum_disk::{CawOutcome, QuorumDisk};
 use holdfast::agent::AgentError;
+use holdfast::initiator::IscsiUrl;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
-use holdfast::pr_command::IscsiUrl;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(5);
