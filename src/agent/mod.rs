@@ -10,6 +10,7 @@ pub mod membership;
 pub mod placement;
 pub mod quorum;
 pub mod quorum_disk;
+pub mod record_update;
 
 use crate::initiator::InitiatorError;
 

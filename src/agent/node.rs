@@ -14,7 +14,8 @@ use crate::agent::placement::{self, Candidate, RestartBudget};
 use crate::agent::quorum::{
     self, AdminState, GroupRecord, GroupState, HeartbeatSlot, NodeState, QuorumImage, QuorumLayout,
 };
-use crate::agent::quorum_disk::{CawOutcome, QuorumDisk};
+use crate::agent::quorum_disk::QuorumDisk;
+use crate::agent::record_update::{self, Decision, Updated};
 use crate::agent::{wall_ms, AgentError};
 use crate::initiator::{InitiatorConfig, Session};
 use std::collections::BTreeMap;
@@ -214,23 +215,19 @@ impl Shared {
         name: &str,
         f: impl Fn(&GroupRecord) -> Option<GroupRecord>,
     ) -> Result<Option<GroupRecord>, AgentError> {
-        let q = self.quorum()?;
-        for _ in 0..8 {
-            let img = q.read_image().await?;
-            let Some((idx, rec, block)) = img.group(name) else {
-                return Err(AgentError::Other(format!("group {name:?} has no record")));
-            };
-            let Some(mut new) = f(rec) else {
-                return Ok(None);
-            };
-            new.changed_wall_ms = wall_ms();
-            if q.caw_group(idx, block, &new).await? == CawOutcome::Written {
-                return Ok(Some(new));
-            }
+        let r = record_update::update_group(&self.quorum()?, name, |rec, _| match f(rec) {
+            Some(n) => Decision::Write(n),
+            None => Decision::Skip,
+        })
+        .await?;
+        match r {
+            Updated::Written(n) => Ok(Some(n)),
+            Updated::Skipped | Updated::Refused(_) => Ok(None),
+            Updated::NoRecord => Err(AgentError::Other(format!("group {name:?} has no record"))),
+            Updated::Contended => Err(AgentError::Other(format!(
+                "group {name:?}: the record keeps changing under us"
+            ))),
         }
-        Err(AgentError::Other(format!(
-            "group {name:?}: the record keeps changing under us"
-        )))
     }
 
     fn is_mine(&self, r: &GroupRecord) -> bool {
@@ -1314,24 +1311,19 @@ async fn undo_claim(
 
 /// Note on the victim's admin record that it was fenced (for `ctl status`).
 async fn record_fence(sh: &Shared, victim: u16, incarnation: u64) -> Result<(), AgentError> {
-    let q = sh.quorum()?;
-    for _ in 0..4 {
-        let img = q.read_image().await?;
-        let old = img.admin_block(victim).unwrap_or(&[]).to_vec();
-        let mut a = img.admin(victim);
+    let me = sh.id;
+    record_update::update_admin(&sh.quorum()?, victim, |a| {
         if a.fenced_incarnation == incarnation && incarnation != 0 {
-            return Ok(());
+            return Decision::Skip;
         }
-        a.node_id = victim;
-        a.fenced_incarnation = incarnation;
-        a.fenced_by = sh.id;
-        a.fence_count = a.fence_count.saturating_add(1);
-        a.fenced_wall_ms = wall_ms();
-        let new = a.encode(q.layout.block_size);
-        if q.caw(QuorumLayout::admin_lba(victim), &old, &new).await? == CawOutcome::Written {
-            return Ok(());
-        }
-    }
+        let mut n = a.clone();
+        n.fenced_incarnation = incarnation;
+        n.fenced_by = me;
+        n.fence_count = n.fence_count.saturating_add(1);
+        n.fenced_wall_ms = wall_ms();
+        Decision::Write(n)
+    })
+    .await?;
     Ok(())
 }
 
