@@ -8,6 +8,7 @@ pub mod config;
 pub mod driver;
 pub mod membership;
 pub mod placement;
+pub mod planner;
 pub mod quorum;
 pub mod quorum_disk;
 pub mod record_update;
