@@ -6,7 +6,9 @@
 pub mod claim;
 pub mod config;
 pub mod driver;
+pub mod events;
 pub mod membership;
+mod ops;
 pub mod placement;
 pub mod planner;
 pub mod quorum;
