@@ -655,10 +655,9 @@ pub(super) async fn take_offline(
     text: &str,
 ) -> Done {
     let group = cfg.name.clone();
-    let vm_running = why.vm_running();
     let (me, inc) = (sh.id, sh.incarnation());
     let t0 = mono_ns();
-    if vm_running {
+    if why.vm_running() {
         let _ = sh
             .update_group(&group, |r| {
                 if r.owner != me || r.owner_incarnation != inc {
@@ -671,55 +670,10 @@ pub(super) async fn take_offline(
             })
             .await;
     }
-    let mut saved = false;
-    if vm_running {
-        let ctx = sh.ctx(cfg, 0);
-        let action = match why {
-            OfflineReason::Move(_) | OfflineReason::NodeStop => cfg.offline_action,
-            OfflineReason::Maintenance => cfg.offline_action,
-            _ => OfflineAction::Kill,
-        };
-        let timeout = cfg.stop_timeout;
-        let r = drive(drv, move |d| match action {
-            OfflineAction::Save => match d.save(&ctx, timeout) {
-                Ok(()) => Ok(true),
-                Err(DriverError::Unsupported { .. }) => d.stop(&ctx, timeout).map(|_| false),
-                Err(e) => {
-                    // A failed save must not leave the VM running: stop it for real.
-                    let _ = d.kill(&ctx);
-                    Err(e)
-                }
-            },
-            OfflineAction::Shutdown => d.stop(&ctx, timeout).map(|_| false),
-            OfflineAction::Kill => d.kill(&ctx).map(|_| false),
-        })
-        .await;
-        match r {
-            Ok(s) => saved = s,
-            Err(e) => {
-                // A stop or save that failed (or timed out) must not leave the VM
-                // running while the disks are released: kill it, and say so.
-                let ctx = sh.ctx(cfg, 0);
-                let k = drive(drv, move |d| d.kill(&ctx)).await;
-                tracing::warn!(group, error = %e, kill_ok = k.is_ok(), "offline action failed; VM killed");
-                if let Err(k) = k {
-                    sh.events.emit(
-                        "vm-kill-failed",
-                        &group,
-                        &format!("offline action failed ({e}) and kill failed ({k})"),
-                        serde_json::json!({}),
-                    );
-                    return Done::Failed {
-                        group,
-                        why: format!("cannot stop the VM: {k}"),
-                    };
-                }
-            }
-        }
-    } else {
-        let ctx = sh.ctx(cfg, 0);
-        let _ = drive(drv, move |d| d.kill(&ctx)).await;
-    }
+    let saved = match stop_vm(sh, cfg, drv, why).await {
+        Ok(saved) => saved,
+        Err(d) => return d,
+    };
     let stopped_ns = mono_ns();
     if let Ok(s) = sh.session() {
         for &lun in &cfg.disks {
@@ -728,30 +682,7 @@ pub(super) async fn take_offline(
             }
         }
     }
-    let text2 = text.to_string();
-    let r = sh
-        .update_group(&group, |r| {
-            if r.owner != me || r.owner_incarnation != inc {
-                return None;
-            }
-            let mut x = r.clone();
-            x.owner = 0;
-            x.owner_incarnation = 0;
-            x.state = GroupState::Stopped;
-            x.saved = saved;
-            x.reason = text2.clone();
-            x.restarts = 0;
-            match why {
-                OfflineReason::Move(to) => x.move_to = to,
-                OfflineReason::GuestShutDown => x.admin = AdminState::Offline,
-                OfflineReason::Failed => x.set_failed_on(me),
-                OfflineReason::Maintenance => x.move_to = 0,
-                // A move requested while we were stopping still stands.
-                OfflineReason::NodeStop => {}
-            }
-            Some(x)
-        })
-        .await;
+    let r = hand_back(sh, &group, why, text, saved).await;
     sh.events.emit(
         "offline",
         &group,
@@ -770,6 +701,99 @@ pub(super) async fn take_offline(
             why: format!("VM stopped, but the record update failed: {e}"),
         },
     }
+}
+
+/// The offline action on a running VM (a VM that already stopped is only made sure
+/// of with a kill). `Ok(saved)`; `Err` when the VM could not be stopped at all.
+async fn stop_vm(
+    sh: &Shared,
+    cfg: &GroupConfig,
+    drv: &Arc<Mutex<Box<dyn VmDriver>>>,
+    why: OfflineReason,
+) -> Result<bool, Done> {
+    let ctx = sh.ctx(cfg, 0);
+    if !why.vm_running() {
+        let _ = drive(drv, move |d| d.kill(&ctx)).await;
+        return Ok(false);
+    }
+    let action = match why {
+        OfflineReason::Move(_) | OfflineReason::NodeStop => cfg.offline_action,
+        OfflineReason::Maintenance => cfg.offline_action,
+        _ => OfflineAction::Kill,
+    };
+    let timeout = cfg.stop_timeout;
+    let r = drive(drv, move |d| match action {
+        OfflineAction::Save => match d.save(&ctx, timeout) {
+            Ok(()) => Ok(true),
+            Err(DriverError::Unsupported { .. }) => d.stop(&ctx, timeout).map(|_| false),
+            Err(e) => {
+                // A failed save must not leave the VM running: stop it for real.
+                let _ = d.kill(&ctx);
+                Err(e)
+            }
+        },
+        OfflineAction::Shutdown => d.stop(&ctx, timeout).map(|_| false),
+        OfflineAction::Kill => d.kill(&ctx).map(|_| false),
+    })
+    .await;
+    let e = match r {
+        Ok(saved) => return Ok(saved),
+        Err(e) => e,
+    };
+    // A stop or save that failed (or timed out) must not leave the VM running while
+    // the disks are released: kill it, and say so.
+    let group = cfg.name.clone();
+    let ctx = sh.ctx(cfg, 0);
+    let k = drive(drv, move |d| d.kill(&ctx)).await;
+    tracing::warn!(group, error = %e, kill_ok = k.is_ok(), "offline action failed; VM killed");
+    match k {
+        Ok(()) => Ok(false),
+        Err(k) => {
+            sh.events.emit(
+                "vm-kill-failed",
+                &group,
+                &format!("offline action failed ({e}) and kill failed ({k})"),
+                serde_json::json!({}),
+            );
+            Err(Done::Failed {
+                group,
+                why: format!("cannot stop the VM: {k}"),
+            })
+        }
+    }
+}
+
+/// Give the record back after an offline: stopped, and what the reason implies.
+async fn hand_back(
+    sh: &Shared,
+    group: &str,
+    why: OfflineReason,
+    text: &str,
+    saved: bool,
+) -> Result<Option<GroupRecord>, AgentError> {
+    let (me, inc) = (sh.id, sh.incarnation());
+    sh.update_group(group, |r| {
+        if r.owner != me || r.owner_incarnation != inc {
+            return None;
+        }
+        let mut x = r.clone();
+        x.owner = 0;
+        x.owner_incarnation = 0;
+        x.state = GroupState::Stopped;
+        x.saved = saved;
+        x.reason = text.to_string();
+        x.restarts = 0;
+        match why {
+            OfflineReason::Move(to) => x.move_to = to,
+            OfflineReason::GuestShutDown => x.admin = AdminState::Offline,
+            OfflineReason::Failed => x.set_failed_on(me),
+            OfflineReason::Maintenance => x.move_to = 0,
+            // A move requested while we were stopping still stands.
+            OfflineReason::NodeStop => {}
+        }
+        Some(x)
+    })
+    .await
 }
 
 /// Kill a VM that must not run here (its record names another owner, or the agent
