@@ -8,7 +8,8 @@ use crate::agent::config::ValidNodeConfig;
 use crate::agent::quorum::{
     self, AdminState, GroupRecord, GroupState, QuorumHeader, QuorumImage, QuorumLayout,
 };
-use crate::agent::quorum_disk::{bounded, CawOutcome, QuorumDisk};
+use crate::agent::quorum_disk::{bounded, QuorumDisk};
+use crate::agent::record_update::{self, Decision, Updated};
 use crate::agent::{wall_ms, AgentError};
 use crate::initiator::{connect, connect_portals, ConnectOptions, IscsiUrl, Session};
 use bytes::Bytes;
@@ -78,30 +79,29 @@ impl Ctl {
         let _ = self.session.logout().await;
     }
 
-    /// COMPARE AND WRITE group `name` with `f` (None: refuse with the message).
+    /// COMPARE AND WRITE group `name` with `f` (an `Err` refuses with its message).
     pub async fn update_group(
         &mut self,
         name: &str,
         f: impl Fn(&GroupRecord, &QuorumImage) -> Result<GroupRecord, String>,
     ) -> Result<GroupRecord, AgentError> {
         self.register().await?;
-        for _ in 0..8 {
-            let img = self.quorum.read_image().await?;
-            let Some((idx, rec, block)) = img.group(name) else {
-                return Err(AgentError::Other(format!(
-                    "no group {name:?} on the quorum LUN (groups appear once an agent that \
-                     has them in its config has started)"
-                )));
-            };
-            let mut new = f(rec, &img).map_err(AgentError::Other)?;
-            new.changed_wall_ms = wall_ms();
-            if self.quorum.caw_group(idx, block, &new).await? == CawOutcome::Written {
-                return Ok(new);
-            }
+        let r = record_update::update_group(&self.quorum, name, |rec, img| match f(rec, img) {
+            Ok(n) => Decision::Write(n),
+            Err(why) => Decision::Refuse(why),
+        })
+        .await?;
+        match r {
+            Updated::Written(n) => Ok(n),
+            Updated::Refused(why) => Err(AgentError::Other(why)),
+            Updated::NoRecord => Err(AgentError::Other(format!(
+                "no group {name:?} on the quorum LUN (groups appear once an agent that \
+                 has them in its config has started)"
+            ))),
+            Updated::Skipped | Updated::Contended => Err(AgentError::Other(format!(
+                "group {name:?}: the record keeps changing; try again"
+            ))),
         }
-        Err(AgentError::Other(format!(
-            "group {name:?}: the record keeps changing; try again"
-        )))
     }
 
     /// Change node `id`'s admin record.
@@ -111,25 +111,18 @@ impl Ctl {
         f: impl Fn(&mut quorum::NodeAdmin),
     ) -> Result<(), AgentError> {
         self.register().await?;
-        for _ in 0..8 {
-            let img = self.quorum.read_image().await?;
-            let old = img.admin_block(id).unwrap_or(&[]).to_vec();
-            let mut a = img.admin(id);
-            a.node_id = id;
-            f(&mut a);
-            let new = a.encode(self.quorum.layout.block_size);
-            if self
-                .quorum
-                .caw(QuorumLayout::admin_lba(id), &old, &new)
-                .await?
-                == CawOutcome::Written
-            {
-                return Ok(());
-            }
+        let r = record_update::update_admin(&self.quorum, id, |a| {
+            let mut n = a.clone();
+            f(&mut n);
+            Decision::Write(n)
+        })
+        .await?;
+        match r {
+            Updated::Written(_) => Ok(()),
+            _ => Err(AgentError::Other(
+                "node record keeps changing; try again".into(),
+            )),
         }
-        Err(AgentError::Other(
-            "node record keeps changing; try again".into(),
-        ))
     }
 
     /// Node id by name (from the heartbeat slots) or by number.

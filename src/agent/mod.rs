@@ -6,10 +6,14 @@
 pub mod claim;
 pub mod config;
 pub mod driver;
+pub mod events;
 pub mod membership;
+mod ops;
 pub mod placement;
+pub mod planner;
 pub mod quorum;
 pub mod quorum_disk;
+pub mod record_update;
 
 use crate::initiator::{ConnectError, InitiatorError};
 

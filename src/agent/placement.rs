@@ -102,6 +102,14 @@ impl RestartBudget {
         self.restarts.len() as u32
     }
 
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
     pub fn reset(&mut self) {
         self.restarts.clear();
     }

@@ -1,0 +1,465 @@
+//! Every decision the agent takes, as pure functions: the quorum image, this node's
+//! local state and the time go in, the operations to run come out. No I/O, no clock,
+//! no tokio, so each policy, race and timing edge is a table test (Pacemaker's
+//! scheduler regression tests). `node.rs` runs the returned ops; `ops.rs` does them.
+
+use crate::agent::config::{self, Failback, GroupConfig};
+use crate::agent::driver::VmStatus;
+use crate::agent::membership::{Liveness, Membership};
+use crate::agent::placement::{self, Candidate, RestartBudget};
+use crate::agent::quorum::{AdminState, GroupRecord, NodeState, QuorumImage};
+use std::time::{Duration, Instant};
+
+/// Where a group stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// Not running here.
+    Idle,
+    /// An operation (claim/start, stop, restart, monitor) is in flight.
+    Busy,
+    Running {
+        epoch: u64,
+    },
+}
+
+/// Why a group is being taken offline (decides the offline action and the record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfflineReason {
+    Maintenance,
+    Move(u16),
+    NodeStop,
+    /// The VM stopped by itself cleanly: nothing to stop, kept offline.
+    GuestShutDown,
+    /// Restarts used up: nothing to stop, mark failed here so a peer takes it.
+    Failed,
+}
+
+impl OfflineReason {
+    /// Whether a VM still runs that the offline action must stop.
+    pub fn vm_running(self) -> bool {
+        !matches!(self, OfflineReason::GuestShutDown | OfflineReason::Failed)
+    }
+}
+
+/// The placement policy of one group, parsed once from its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub preferred_owners: Vec<String>,
+    pub failback: Failback,
+    /// Minutes of the day; `None` when unset or unparsable (then a window never opens).
+    pub failback_window: Option<(u16, u16)>,
+}
+
+impl Policy {
+    pub fn of(cfg: &GroupConfig) -> Policy {
+        Policy {
+            preferred_owners: cfg.preferred_owners.clone(),
+            failback: cfg.failback,
+            failback_window: cfg
+                .failback_window
+                .as_deref()
+                .and_then(|w| config::parse_window(w).ok()),
+        }
+    }
+}
+
+/// This node as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct NodeView<'a> {
+    pub id: u16,
+    pub name: &'a str,
+    pub incarnation: u64,
+    /// Killing VMs and rejoining: claims nothing meanwhile.
+    pub self_fencing: bool,
+    pub dead_after: Duration,
+    /// Minutes since local midnight (failback windows are in local time).
+    pub local_minute: u16,
+}
+
+/// One configured group's local state.
+#[derive(Debug, Clone)]
+pub struct GroupView<'a> {
+    pub name: &'a str,
+    pub policy: &'a Policy,
+    pub local: Local,
+    pub next_monitor: Instant,
+    /// Since when another node has been the better owner of this unowned group.
+    pub waiting_since: Option<Instant>,
+    /// No new claim before this (after a failed attempt).
+    pub backoff_until: Option<Instant>,
+}
+
+/// What the loop is to do. Ops that run I/O mark the group busy until they report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// The quorum LUN has no record of the group yet: create it.
+    EnsureGroupRecord {
+        group: String,
+    },
+    /// The record names us but nothing runs here: kill any leftover, give it back.
+    ReleaseOrphan {
+        group: String,
+    },
+    /// A VM runs here that the record says is not ours: kill it now.
+    KillLocal {
+        group: String,
+        why: String,
+    },
+    /// Claim the group (fencing `victim` first) and start it.
+    Claim {
+        group: String,
+        victim: Option<u16>,
+        victim_incarnation: Option<u64>,
+    },
+    TakeOffline {
+        group: String,
+        reason: OfflineReason,
+        text: String,
+    },
+    Monitor {
+        group: String,
+        epoch: u64,
+    },
+    /// The VM failed and the restart budget allows another start here.
+    RestartInPlace {
+        group: String,
+        attempt: u32,
+        why: String,
+    },
+    /// Local state only: start (`Some`) or stop (`None`) waiting for a better owner.
+    SetWaiting {
+        group: String,
+        since: Option<Instant>,
+    },
+}
+
+/// The ops for every configured group, in the order given.
+pub fn plan(
+    node: &NodeView,
+    groups: &[GroupView],
+    image: &QuorumImage,
+    membership: &Membership,
+    now: Instant,
+) -> Vec<Op> {
+    groups
+        .iter()
+        .flat_map(|g| plan_group(node, g, image, membership, now))
+        .collect()
+}
+
+/// The ops for one group.
+pub fn plan_group(
+    node: &NodeView,
+    g: &GroupView,
+    img: &QuorumImage,
+    membership: &Membership,
+    now: Instant,
+) -> Vec<Op> {
+    let group = g.name.to_string();
+    let Some((_, rec, _)) = img.group(g.name) else {
+        return vec![Op::EnsureGroupRecord { group }];
+    };
+    if g.local == Local::Busy {
+        return vec![];
+    }
+    let mine = rec.owner == node.id && rec.owner_incarnation == node.incarnation;
+    // Ours from an earlier life of this agent (restart, self-fence).
+    if rec.owner == node.id && !mine {
+        return vec![Op::ReleaseOrphan { group }];
+    }
+    if mine {
+        return plan_owned(node, g, rec, img, membership, now);
+    }
+    // Not ours: a VM still running here means someone else took it.
+    if g.local != Local::Idle {
+        let why = format!(
+            "group record names node {} (epoch {}) as owner while the VM runs here",
+            rec.owner, rec.epoch
+        );
+        return vec![Op::KillLocal { group, why }];
+    }
+    if rec.admin == AdminState::Offline {
+        return stop_waiting(g);
+    }
+    // Owned by a peer: take over only if that peer is dead or left. Alive with a new
+    // incarnation, it cleans its orphans itself.
+    if rec.owner != 0
+        && !matches!(
+            membership.liveness(rec.owner, now),
+            Liveness::Dead | Liveness::Left
+        )
+    {
+        return stop_waiting(g);
+    }
+    if node.self_fencing {
+        return vec![];
+    }
+    plan_claim(node, g, rec, img, membership, now)
+}
+
+fn stop_waiting(g: &GroupView) -> Vec<Op> {
+    match g.waiting_since {
+        Some(_) => vec![Op::SetWaiting {
+            group: g.name.to_string(),
+            since: None,
+        }],
+        None => vec![],
+    }
+}
+
+/// Unowned (or its owner dead): claim if we are the node that should run it, or if
+/// that node has not claimed within `dead_after` (it may be dead too, or not have the
+/// group in its config) and we are a candidate.
+fn plan_claim(
+    node: &NodeView,
+    g: &GroupView,
+    rec: &GroupRecord,
+    img: &QuorumImage,
+    membership: &Membership,
+    now: Instant,
+) -> Vec<Op> {
+    let group = g.name.to_string();
+    let cands = candidates(node, img, rec, rec.owner, membership, now);
+    let target = if rec.move_to != 0 && cands.iter().any(|c| c.id == rec.move_to) {
+        Some(rec.move_to)
+    } else {
+        placement::best_owner(&g.policy.preferred_owners, &cands)
+    };
+    if g.backoff_until.is_some_and(|t| now < t) {
+        return vec![];
+    }
+    if target != Some(node.id) {
+        let since = g.waiting_since.unwrap_or(now);
+        let me_candidate = cands.iter().any(|c| c.id == node.id);
+        if !me_candidate || now.saturating_duration_since(since) < node.dead_after {
+            return match g.waiting_since {
+                None => vec![Op::SetWaiting {
+                    group,
+                    since: Some(now),
+                }],
+                Some(_) => vec![],
+            };
+        }
+    }
+    let mut ops = stop_waiting(g);
+    let victim = (rec.owner != 0 && rec.owner != node.id).then_some(rec.owner);
+    ops.push(Op::Claim {
+        group,
+        victim,
+        victim_incarnation: victim.and_then(|v| img.slot(v).map(|s| s.incarnation)),
+    });
+    ops
+}
+
+/// A record that names us as we are now.
+fn plan_owned(
+    node: &NodeView,
+    g: &GroupView,
+    rec: &GroupRecord,
+    img: &QuorumImage,
+    membership: &Membership,
+    now: Instant,
+) -> Vec<Op> {
+    let group = g.name.to_string();
+    match g.local {
+        // Ours on the record but not running here and no op in flight: an op ended
+        // without finishing the record (e.g. lost connection). Make it consistent.
+        Local::Idle => return vec![Op::ReleaseOrphan { group }],
+        Local::Busy => return vec![],
+        Local::Running { .. } => {}
+    }
+    if rec.frozen {
+        return vec![];
+    }
+    if let Some((reason, text)) = owned_request(node, g, rec, img, membership, now) {
+        return vec![Op::TakeOffline {
+            group,
+            reason,
+            text,
+        }];
+    }
+    if now >= g.next_monitor {
+        return vec![Op::Monitor {
+            group,
+            epoch: rec.epoch,
+        }];
+    }
+    vec![]
+}
+
+/// Admin and placement requests on a group running here, most specific first.
+fn owned_request(
+    node: &NodeView,
+    g: &GroupView,
+    rec: &GroupRecord,
+    img: &QuorumImage,
+    membership: &Membership,
+    now: Instant,
+) -> Option<(OfflineReason, String)> {
+    let me = node.id;
+    if rec.admin == AdminState::Offline {
+        return Some((
+            OfflineReason::Maintenance,
+            "taken offline by the administrator".into(),
+        ));
+    }
+    if rec.move_to != 0 && rec.move_to != me {
+        // A move to a node that is not alive waits (it stays here meanwhile).
+        return membership.is_alive(rec.move_to, now).then(|| {
+            (
+                OfflineReason::Move(rec.move_to),
+                format!("moving to node {} on request", rec.move_to),
+            )
+        });
+    }
+    let cands = candidates(node, img, rec, me, membership, now);
+    let prefs = &g.policy.preferred_owners;
+    if img.admin(me).drained {
+        return placement::best_owner(prefs, &cands).map(|t| {
+            (
+                OfflineReason::Move(t),
+                format!("node drained; moving to node {t}"),
+            )
+        });
+    }
+    let target =
+        placement::failback_target(prefs, &cands).and_then(|t| cands.iter().find(|c| c.id == t))?;
+    let allowed = placement::is_away_from(prefs, node.name, &target.name)
+        && placement::failback_allowed(
+            g.policy.failback,
+            g.policy.failback_window,
+            node.local_minute,
+        );
+    allowed.then(|| {
+        (
+            OfflineReason::Move(target.id),
+            format!("failback to preferred owner {}", target.name),
+        )
+    })
+}
+
+/// Nodes that may run a group now: alive (or us, with our current incarnation in our
+/// slot and not self-fencing), not drained, not marked failed for it, and not `except`.
+pub fn candidates(
+    node: &NodeView,
+    img: &QuorumImage,
+    rec: &GroupRecord,
+    except: u16,
+    membership: &Membership,
+    now: Instant,
+) -> Vec<Candidate> {
+    img.slots
+        .iter()
+        .flatten()
+        .filter(|s| s.node_id != except && !rec.failed_on_node(s.node_id))
+        .filter(|s| !img.admin(s.node_id).drained)
+        .filter(|s| {
+            if s.node_id == node.id {
+                s.incarnation == node.incarnation && !node.self_fencing
+            } else {
+                s.state == NodeState::Active
+                    && membership.liveness(s.node_id, now) == Liveness::Alive
+            }
+        })
+        .map(|s| Candidate {
+            id: s.node_id,
+            name: s.name.clone(),
+            load: img.load(s.node_id),
+        })
+        .collect()
+}
+
+/// What a monitor's status means for a group running here: `None` while it runs,
+/// else a restart in place while `budget` allows, else give it up (failover). The
+/// budget counts the restart.
+pub fn after_status(
+    group: &str,
+    status: VmStatus,
+    budget: &mut RestartBudget,
+    now: Instant,
+) -> Option<Op> {
+    let group = group.to_string();
+    let why = match status {
+        VmStatus::Running => return None,
+        VmStatus::ShutDown => {
+            return Some(Op::TakeOffline {
+                group,
+                reason: OfflineReason::GuestShutDown,
+                text: "the guest was shut down by its administrator; kept stopped".into(),
+            })
+        }
+        VmStatus::Failed(w) => w,
+        VmStatus::Stopped => "the VM is not running".to_string(),
+    };
+    if budget.try_restart(now) {
+        let attempt = budget.count(now);
+        return Some(Op::RestartInPlace {
+            group,
+            attempt,
+            why,
+        });
+    }
+    budget.reset();
+    let text = format!(
+        "VM failed ({why}) after {} restarts within {:?}; failing over",
+        budget.threshold(),
+        budget.period()
+    );
+    Some(Op::TakeOffline {
+        group,
+        reason: OfflineReason::Failed,
+        text,
+    })
+}
+
+/// SIGTERM hand-over of a group running here: name the best peer in the record (as a
+/// move does) so that it claims at once instead of waiting to see whether we return.
+pub fn handover(
+    node: &NodeView,
+    policy: &Policy,
+    rec: Option<&GroupRecord>,
+    img: Option<&QuorumImage>,
+    membership: &Membership,
+    now: Instant,
+) -> (OfflineReason, String) {
+    let next = img.zip(rec).and_then(|(img, rec)| {
+        let cands = candidates(node, img, rec, node.id, membership, now);
+        placement::best_owner(&policy.preferred_owners, &cands)
+    });
+    match next {
+        Some(t) => (
+            OfflineReason::Move(t),
+            format!("agent stopping; handing the group over to node {t}"),
+        ),
+        None => (
+            OfflineReason::NodeStop,
+            "agent stopping; no other node can take the group".to_string(),
+        ),
+    }
+}
+
+/// Whether this node must kill all its VMs now, and why: a quorum write was refused
+/// (a peer fenced us), or, with VMs running, no heartbeat write has completed for
+/// `self_fence_after` (peers will soon take our groups). `heartbeat_age` is `None`
+/// before the first completed write.
+pub fn self_fence_reason(
+    fenced: bool,
+    have_vms: bool,
+    heartbeat_age: Option<Duration>,
+    self_fence_after: Duration,
+) -> Option<String> {
+    if fenced {
+        return Some("a quorum LUN write was refused: this node was fenced".into());
+    }
+    match heartbeat_age {
+        Some(age) if have_vms && age > self_fence_after => Some(format!(
+            "no completed heartbeat write for {} ms",
+            age.as_millis()
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;
