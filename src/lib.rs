@@ -6,11 +6,10 @@
 //! `store` (block backends), `target` (tokio edge: portals, connections, config).
 
 pub mod agent;
-pub mod demo;
+pub mod cli;
 pub mod initiator;
 pub mod iscsi;
-pub mod pr_command;
 pub mod scsi;
+pub mod server;
 pub mod store;
-pub mod target;
 pub mod wire;

@@ -75,6 +75,4 @@ pub fn wall_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
-pub mod ctl;
-pub mod guest;
 pub mod node;

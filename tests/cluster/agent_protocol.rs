@@ -6,10 +6,10 @@ use crate::common;
 
 use common::{config_text, start, TARGET};
 use holdfast::agent::claim::{self, Identity};
-use holdfast::agent::ctl;
 use holdfast::agent::quorum::{self, GroupState};
 use holdfast::agent::quorum_disk::{CawOutcome, QuorumDisk};
 use holdfast::agent::AgentError;
+use holdfast::cli::ctl;
 use holdfast::initiator::IscsiUrl;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
 use std::time::Duration;

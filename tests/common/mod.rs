@@ -7,9 +7,9 @@ pub mod pr;
 pub mod raw;
 
 use holdfast::initiator::{InitiatorConfig, Session};
-use holdfast::target::config;
-use holdfast::target::portal::Portals;
-use holdfast::target::runtime::Runtime;
+use holdfast::server::config;
+use holdfast::server::portal::Portals;
+use holdfast::server::runtime::Runtime;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,7 +107,7 @@ pub async fn start(text: &str) -> TestTarget {
 }
 
 /// A function that wraps (e.g. fault-injects) a LUN's backend, given its file's path.
-pub type BackendWrap = holdfast::target::runtime::BackendWrap;
+pub type BackendWrap = holdfast::server::runtime::BackendWrap;
 
 /// Start a target whose LUN backends pass through `wrap`.
 pub async fn start_wrapped(text: &str, wrap: &BackendWrap) -> TestTarget {

@@ -3,7 +3,7 @@
 //! must validate.
 
 use holdfast::agent::config as agent_config;
-use holdfast::target::config;
+use holdfast::server::config;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

@@ -18,11 +18,11 @@
 //! gone for 30 s.
 
 use crate::agent::config::{self as agent_config, AgentConfigError, ValidNodeConfig};
-use crate::agent::ctl::{self, Ctl};
-use crate::agent::guest::{self, CheckArgs, GuestError};
 use crate::agent::node::mono_ns;
 use crate::agent::quorum::{GroupRecord, GroupState, NodeState, QuorumImage};
 use crate::agent::AgentError;
+use crate::cli::ctl::{self, Ctl};
+use crate::cli::guest::{self, CheckArgs, GuestError};
 use crate::initiator::{InitiatorConfig, Session};
 use std::collections::BTreeMap;
 use std::fmt::Display;

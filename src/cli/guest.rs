@@ -1556,6 +1556,51 @@ pub async fn check_disk(a: &CheckArgs) -> Result<CheckReport, GuestError> {
     Ok(report)
 }
 
+/// `holdfast guest`'s subcommands.
+#[derive(clap::Subcommand)]
+pub enum GuestCommand {
+    /// Write an increasing counter to the disk until stopped (exit 75 when fenced).
+    Run(Box<RunArgs>),
+    /// Check the disk against the guests' ack logs (exit 0 clean, 1 violations, 2 error).
+    Check(CheckArgs),
+}
+
+/// `holdfast guest run|check`; returns the exit status.
+pub fn main(command: GuestCommand) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        GuestCommand::Run(args) => match rt.block_on(run(&args)) {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("holdfast guest run: {e}");
+                Ok(e.exit_code())
+            }
+        },
+        GuestCommand::Check(args) => match rt.block_on(check_disk(&args)) {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                Ok(if report.ok { 0 } else { 1 })
+            }
+            Err(e) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": false, "error": e.to_string()})
+                    );
+                }
+                eprintln!("holdfast guest check: {e}");
+                Ok(EXIT_USAGE)
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -678,6 +678,31 @@ async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, Initiat
     })
 }
 
+/// One `holdfast pr` invocation: prints the outcome (or the error) and returns the exit
+/// status, 24 for RESERVATION CONFLICT so that fencing scripts can tell it apart.
+pub fn main(args: &PrArgs) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(run(args)) {
+        Ok(outcome) => {
+            if args.json {
+                println!("{}", outcome.to_json(args.action));
+            } else {
+                print!("{outcome}");
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", e.to_json());
+            }
+            eprintln!("holdfast pr: {e}");
+            Ok(e.exit_code())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

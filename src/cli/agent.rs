@@ -1,0 +1,46 @@
+//! `holdfast agent`: validate the node configuration, or run the agent until SIGINT or
+//! SIGTERM (then hand the groups over).
+use crate::agent::config::{self, ValidNodeConfig};
+use anyhow::Context as _;
+use std::path::Path;
+
+/// `holdfast agent --config F [--check]`.
+pub fn main(path: &Path, check: bool) -> anyhow::Result<()> {
+    let cfg = config::load_file(path)?;
+    if check {
+        println!(
+            "configuration {} is valid: node {} (id {}) of cluster {}, initiator {}, VM \
+             initiator {}, {} group(s)",
+            cfg.source,
+            cfg.node().name,
+            cfg.node().id,
+            cfg.node().cluster,
+            cfg.initiator_name,
+            cfg.vm_initiator_name,
+            cfg.config.groups.len()
+        );
+        print!("{}", toml::to_string_pretty(&cfg.config)?);
+        return Ok(());
+    }
+    run(cfg)
+}
+
+fn run(cfg: ValidNodeConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("holdfast-agent")
+        .build()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let agent = tokio::spawn(crate::agent::node::run(cfg, rx));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; handing groups over"),
+            _ = term.recv() => tracing::info!("SIGTERM received; handing groups over"),
+        }
+        let _ = tx.send(true);
+        agent.await.context("agent task failed")??;
+        Ok(())
+    })
+}

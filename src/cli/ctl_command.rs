@@ -1,0 +1,237 @@
+//! `holdfast ctl`'s commands: parse, connect, change a record, wait, print.
+use super::ctl::{self, Ctl};
+use crate::agent::quorum::GroupState;
+use anyhow::Context as _;
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct CtlArgs {
+    /// A node's TOML configuration (portals, target, quorum LUN, cluster, node id).
+    #[arg(long, short, global = true, default_value = "/etc/holdfast/node.toml")]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+pub enum CtlCommand {
+    /// Format a LUN as the quorum LUN (refuses a LUN that holds data unless --force).
+    InitQuorum {
+        /// iscsi://HOST[:PORT]/TARGET/LUN
+        url: String,
+        /// Cluster name (every node's `node.cluster`).
+        #[arg(long)]
+        cluster: String,
+        /// Overwrite a LUN that is not empty (or another cluster's quorum LUN).
+        #[arg(long)]
+        force: bool,
+        /// Initiator name to log in with.
+        #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl")]
+        initiator_name: String,
+        #[arg(long, requires = "chap_secret")]
+        chap_user: Option<String>,
+        #[arg(long, env = "HOLDFAST_CHAP_SECRET", requires = "chap_user")]
+        chap_secret: Option<String>,
+    },
+    /// Nodes (alive, fenced, last heartbeat), groups (owner, state, epoch, restarts) and
+    /// the PR keys of every LUN.
+    Status,
+    /// Planned move: offline action on the owner, hand-over, start/restore on NODE.
+    Move {
+        group: String,
+        node: String,
+        /// Wait until the group runs on NODE (seconds; 0 = don't wait).
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Maintenance: stop the group and keep it stopped.
+    Offline {
+        group: String,
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// End maintenance (and forget where it failed): the group is placed and started.
+    Online {
+        group: String,
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Stop monitoring the group (its VM is left alone) until `thaw`.
+    Freeze {
+        group: String,
+    },
+    Thaw {
+        group: String,
+    },
+    /// Move every group away from NODE and keep new ones off it (--undo ends that).
+    Drain {
+        node: String,
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+/// Run one ctl command and print its outcome; returns the exit status.
+pub fn main(args: &CtlArgs) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(run(args)) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                );
+            }
+            eprintln!("holdfast ctl: {e:#}");
+            Ok(1)
+        }
+    }
+}
+
+/// A finished command's message, as text or JSON.
+fn done(json: bool, msg: String) {
+    if json {
+        println!("{}", serde_json::json!({"ok": true, "message": msg}));
+    } else {
+        println!("{msg}");
+    }
+}
+
+async fn run(args: &CtlArgs) -> anyhow::Result<()> {
+    if let CtlCommand::InitQuorum {
+        url,
+        cluster,
+        force,
+        initiator_name,
+        chap_user,
+        chap_secret,
+    } = &args.command
+    {
+        let url: crate::initiator::IscsiUrl = url.parse()?;
+        let chap = chap_user
+            .clone()
+            .zip(chap_secret.clone().map(String::into_bytes));
+        let msg = ctl::init_quorum(&url, initiator_name, cluster, *force, chap).await?;
+        done(args.json, msg);
+        return Ok(());
+    }
+    let cfg = crate::agent::config::load_file(&args.config)
+        .with_context(|| format!("{}", args.config.display()))?;
+    let mut c = Ctl::connect(cfg).await?;
+    let result = on_cluster(&mut c, &args.command, args.json).await;
+    c.close().await;
+    result
+}
+
+async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        CtlCommand::InitQuorum { .. } => unreachable!("handled before connecting"),
+        CtlCommand::Status => {
+            let st = c.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{st}");
+            }
+        }
+        CtlCommand::Move { group, node, wait } => move_group(c, group, node, *wait, json).await?,
+        CtlCommand::Offline { group, wait } => {
+            c.update_group(group, |r, _| ctl::req_offline(r)).await?;
+            if *wait > 0 {
+                c.wait_group(group, Duration::from_secs(*wait), |r| {
+                    r.state == GroupState::Stopped
+                })
+                .await?;
+                done(json, format!("group {group} is offline"));
+            } else {
+                done(json, format!("offline of {group} requested"));
+            }
+        }
+        CtlCommand::Online { group, wait } => online(c, group, *wait, json).await?,
+        CtlCommand::Freeze { group } => {
+            c.update_group(group, |r, _| ctl::req_freeze(r, true))
+                .await?;
+            done(
+                json,
+                format!("group {group} frozen: its VM is no longer monitored"),
+            );
+        }
+        CtlCommand::Thaw { group } => {
+            c.update_group(group, |r, _| ctl::req_freeze(r, false))
+                .await?;
+            done(json, format!("group {group} thawed: monitoring resumes"));
+        }
+        CtlCommand::Drain { node, undo } => {
+            let img = c.quorum.read_image().await?;
+            let id = Ctl::resolve_node(&img, node)?;
+            let drained = !*undo;
+            c.update_admin(id, |a| a.drained = drained).await?;
+            done(
+                json,
+                if drained {
+                    format!("node {node} drained: its groups move away")
+                } else {
+                    format!("node {node} accepts groups again")
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn move_group(
+    c: &mut Ctl,
+    group: &str,
+    node: &str,
+    wait: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let img = c.quorum.read_image().await?;
+    let to = Ctl::resolve_node(&img, node)?;
+    let t0 = Instant::now();
+    c.update_group(group, |r, _| ctl::req_move(r, to)).await?;
+    if wait == 0 {
+        done(json, format!("move of {group} to {node} requested"));
+        return Ok(());
+    }
+    c.wait_group(group, Duration::from_secs(wait), |r| {
+        r.owner == to && r.state == GroupState::Running
+    })
+    .await?;
+    done(
+        json,
+        format!(
+            "group {group} runs on {node} ({} ms after the request)",
+            t0.elapsed().as_millis()
+        ),
+    );
+    Ok(())
+}
+
+async fn online(c: &mut Ctl, group: &str, wait: u64, json: bool) -> anyhow::Result<()> {
+    c.update_group(group, |r, _| ctl::req_online(r)).await?;
+    if wait == 0 {
+        done(json, format!("online of {group} requested"));
+        return Ok(());
+    }
+    let r = c
+        .wait_group(group, Duration::from_secs(wait), |r| {
+            r.state == GroupState::Running
+        })
+        .await?;
+    let img = c.quorum.read_image().await?;
+    let owner = img
+        .slot(r.owner)
+        .map(|s| s.name.clone())
+        .unwrap_or_else(|| format!("node id {}", r.owner));
+    done(json, format!("group {group} runs on {owner}"));
+    Ok(())
+}
