@@ -181,13 +181,11 @@ pub fn parse_key(s: &str) -> Result<u64, String> {
 }
 
 fn parse_type(s: &str) -> Result<PrType, String> {
-    s.parse()
-        .map_err(|e: crate::initiator::pr::PrParseError| e.to_string())
+    s.parse::<PrType>().map_err(|e| e.to_string())
 }
 
 fn parse_transport_id(s: &str) -> Result<TransportId, String> {
-    s.parse()
-        .map_err(|e: crate::initiator::pr::PrParseError| e.to_string())
+    s.parse::<TransportId>().map_err(|e| e.to_string())
 }
 
 /// A parsed `iscsi://HOST[:PORT]/TARGET/LUN`.

@@ -7,16 +7,10 @@ use crate::agent::quorum::{
 };
 use crate::agent::AgentError;
 use crate::initiator::{InitiatorError, Session};
+use crate::scsi::sense::key::{MISCOMPARE, UNIT_ATTENTION};
 use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
-
-/// Sense key MISCOMPARE: a COMPARE AND WRITE whose compare failed.
-const MISCOMPARE: u8 = 0x0e;
-
-/// Sense key UNIT ATTENTION: reported once per event (reservation preempted, LUN reset,
-/// target restart); the command was not executed and may simply be sent again.
-const UNIT_ATTENTION: u8 = 0x06;
 
 /// Run `f`, turning a timeout into [`AgentError::Timeout`].
 pub async fn bounded<T>(
@@ -30,6 +24,8 @@ pub async fn bounded<T>(
     }
 }
 
+/// A UNIT ATTENTION is reported once per event (reservation preempted, LUN reset, target
+/// restart); the command was not executed and may simply be sent again.
 fn is_unit_attention<T>(r: &Result<T, InitiatorError>) -> bool {
     matches!(r, Err(InitiatorError::CheckCondition { key, .. }) if *key == UNIT_ATTENTION)
 }

@@ -9,11 +9,15 @@ pub mod cdb;
 pub mod lun;
 pub mod lun_map;
 mod mode;
+pub mod opcode;
 pub mod pr;
+pub mod pr_codes;
 pub mod range_lock;
 mod sbc;
 pub mod sense;
 mod spc;
+pub mod status;
+pub mod transport_id;
 mod vpd;
 
 #[cfg(test)]
@@ -25,18 +29,6 @@ pub use pr::{PrLoadError, PrState, PrStore};
 
 use bytes::Bytes;
 use std::sync::Arc;
-
-/// SCSI status codes (SAM-5).
-pub mod status {
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
-    pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-    pub const ACA_ACTIVE: u8 = 0x30;
-    pub const TASK_ABORTED: u8 = 0x40;
-}
 
 /// An I_T nexus: (initiator port, target port).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
