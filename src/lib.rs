@@ -6,6 +6,7 @@
 //! `store` (block backends), `target` (tokio edge: portals, connections, config).
 
 pub mod agent;
+pub mod config_value;
 pub mod demo;
 pub mod initiator;
 pub mod iscsi;

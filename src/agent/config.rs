@@ -1,6 +1,8 @@
 //! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
 //! with errors that name the file, the key and the reason.
 
+use crate::config_value::ConfigValueError;
+use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -19,12 +21,8 @@ pub enum AgentConfigError {
     },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
-    #[error("{file}: {key}: {reason}")]
-    Invalid {
-        file: String,
-        key: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] ConfigValueError),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -375,18 +373,14 @@ pub fn parse_window(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
-fn is_iscsi_name(s: &str) -> bool {
-    let l = s.to_ascii_lowercase();
-    (l.starts_with("iqn.") || l.starts_with("eui.") || l.starts_with("naa."))
-        && s.len() <= 223
-        && s.bytes().all(|c| c.is_ascii_graphic() && c != b',')
+/// `name` as an iSCSI name, or why not, in a config error's words.
+fn iscsi_name_reason(name: &str) -> Result<(), String> {
+    check_iscsi_name(name).map_err(|e| format!("{name:?} is not a valid iSCSI name: {e}"))
 }
 
 fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
-    let bad = |key: &str, reason: String| AgentConfigError::Invalid {
-        file: file.to_string(),
-        key: key.to_string(),
-        reason,
+    let bad = |key: &str, reason: String| -> AgentConfigError {
+        ConfigValueError::new(file, key, reason).into()
     };
     let n = &config.node;
     if n.name.is_empty() || n.name.len() > 32 || !n.name.bytes().all(|c| c.is_ascii_graphic()) {
@@ -414,22 +408,19 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
             n.name.to_ascii_lowercase()
         )
     });
-    if !is_iscsi_name(&initiator_name) {
-        return Err(bad(
-            "node.initiator_name",
-            format!("{initiator_name:?} is not an iqn./eui./naa. name"),
-        ));
-    }
+    iscsi_name_reason(&initiator_name).map_err(|r| {
+        let hint = if n.initiator_name.is_none() {
+            " (derived from node.cluster and node.name: set node.initiator_name)"
+        } else {
+            ""
+        };
+        bad("node.initiator_name", format!("{r}{hint}"))
+    })?;
     let vm_initiator_name = n
         .vm_initiator_name
         .clone()
         .unwrap_or_else(|| format!("{initiator_name}.vm"));
-    if !is_iscsi_name(&vm_initiator_name) {
-        return Err(bad(
-            "node.vm_initiator_name",
-            format!("{vm_initiator_name:?} is not an iqn./eui./naa. name"),
-        ));
-    }
+    iscsi_name_reason(&vm_initiator_name).map_err(|r| bad("node.vm_initiator_name", r))?;
     if vm_initiator_name == initiator_name {
         return Err(bad(
             "node.vm_initiator_name",
@@ -459,12 +450,7 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
             .ok_or_else(|| bad("target.portals", format!("{p:?} resolves to nothing")))?;
         portals.push(addr);
     }
-    if !is_iscsi_name(&t.name) {
-        return Err(bad(
-            "target.name",
-            format!("{:?} is not an iqn./eui./naa. name", t.name),
-        ));
-    }
+    iscsi_name_reason(&t.name).map_err(|r| bad("target.name", r))?;
     if t.quorum_lun > 16383 {
         return Err(bad("target.quorum_lun", "must be at most 16383".into()));
     }
