@@ -3,6 +3,9 @@
 //!
 //! Execution is synchronous and may block on backend I/O; the transport runs it on a
 //! blocking pool so the async runtime never waits on the disk.
+//!
+//! The SCSI vocabulary lives here once, for the device server and the initiator alike:
+//! [`status`], [`sense`], [`opcode`], [`pr_codes`] and [`transport_id`].
 
 pub mod backend;
 pub mod cdb;
@@ -45,9 +48,9 @@ pub struct ItNexus {
 }
 
 impl ItNexus {
-    /// `InitiatorName,i,0x<ISID>` as in RFC 7143 §4.4.2.
+    /// `InitiatorName,i,0x<ISID>` as in RFC 7143 §4.4.2 (a format 01b TransportID's text).
     pub fn initiator_port_id(&self) -> String {
-        format!("{},i,0x{}", self.initiator_name, hex::encode(self.isid))
+        transport_id::TransportId::iscsi_port(self.initiator_name.as_str(), self.isid).to_string()
     }
     /// `TargetName,t,0x<TPGT>`.
     pub fn target_port_id(&self) -> String {
