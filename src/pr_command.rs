@@ -13,7 +13,7 @@ use crate::initiator::pr::{parse_isid, Capabilities, FullStatus, Reservation};
 use crate::initiator::{
     random_isid, InitiatorConfig, InitiatorError, PrType, RegisterFlags, Session, TransportId,
 };
-use crate::iscsi::name::check_iscsi_name;
+use crate::iscsi::name::{check_iscsi_name, parse_iscsi_name};
 use serde::Serialize;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -141,7 +141,7 @@ pub struct PrArgs {
     #[arg(long, default_value_t = 0, hide = true)]
     pub lba: u64,
     /// Our iSCSI initiator name [default: iqn.2026-11.org.holdfast:pr-HOSTNAME]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_iscsi_name)]
     pub initiator_name: Option<String>,
     /// ISID in hex (12 digits, 0x optional), or "random"; with the initiator name it
     /// identifies the I_T nexus, so keep it fixed across invocations [default: 0x806866707201]

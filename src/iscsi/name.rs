@@ -53,6 +53,11 @@ pub fn check_iscsi_name(name: &str) -> Result<(), IscsiNameError> {
     }
 }
 
+/// [`check_iscsi_name`] as a command-line value parser.
+pub fn parse_iscsi_name(name: &str) -> Result<String, IscsiNameError> {
+    check_iscsi_name(name).map(|()| name.to_string())
+}
+
 /// `YYYY-MM.` then a naming authority that is not empty.
 fn check_iqn(rest: &str) -> Result<(), IscsiNameError> {
     let b = rest.as_bytes();
