@@ -1,5 +1,6 @@
 //! Persistent reservations from the initiator side (SPC-4 §6.15, §6.16): typed PR IN
-//! and PR OUT helpers on [`Session`], the six reservation types and iSCSI TransportIDs.
+//! and PR OUT helpers on [`Session`]. The reservation types, service actions and iSCSI
+//! TransportIDs are the SCSI vocabulary of `crate::scsi`, re-exported here.
 //!
 //! Everything the target sends back is peer input: short or inconsistent PR IN data
 //! becomes [`InitiatorError::Protocol`], never a panic. RESERVATION CONFLICT is

@@ -26,6 +26,7 @@ use std::io;
 pub const MAX_REGISTRATIONS: usize = 4096;
 /// Longest PR OUT parameter list accepted (bounds what the transport buffers).
 pub const MAX_PARAM_LIST: u32 = 1 << 20;
+
 /// A target port: target name and portal group tag (the relative target port id equals
 /// the TPGT in holdfast).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
