@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config_value;
 pub mod initiator;
 pub mod iscsi;
 pub mod scsi;

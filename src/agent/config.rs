@@ -1,7 +1,9 @@
 //! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
 //! with errors that name the file, the key and the reason.
 
+use crate::config_value::ConfigValueError;
 use crate::initiator::ConnectOptions;
+use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -20,12 +22,8 @@ pub enum AgentConfigError {
     },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
-    #[error("{file}: {key}: {reason}")]
-    Invalid {
-        file: String,
-        key: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] ConfigValueError),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -389,18 +387,20 @@ pub fn parse_window(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
-fn is_iscsi_name(s: &str) -> bool {
-    let l = s.to_ascii_lowercase();
-    (l.starts_with("iqn.") || l.starts_with("eui.") || l.starts_with("naa."))
-        && s.len() <= 223
-        && s.bytes().all(|c| c.is_ascii_graphic() && c != b',')
+/// Why `name` (the value of `key`) is not an iSCSI name; a name the agent derived
+/// (`derived_from` given) points at the setting that would replace it.
+fn iscsi_name_reason(name: &str, key: &str, derived_from: Option<&str>) -> Result<(), String> {
+    check_iscsi_name(name).map_err(|e| match derived_from {
+        None => format!("{name:?} is not a valid iSCSI name: {e}"),
+        Some(from) => {
+            format!("{name:?} is not a valid iSCSI name: {e} (derived from {from}: set {key})")
+        }
+    })
 }
 
 fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
-    let bad = |key: &str, reason: String| AgentConfigError::Invalid {
-        file: file.to_string(),
-        key: key.to_string(),
-        reason,
+    let bad = |key: &str, reason: String| -> AgentConfigError {
+        ConfigValueError::new(file, key, reason).into()
     };
     let n = &config.node;
     if n.name.is_empty() || n.name.len() > 32 || !n.name.bytes().all(|c| c.is_ascii_graphic()) {
@@ -428,22 +428,19 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
             n.name.to_ascii_lowercase()
         )
     });
-    if !is_iscsi_name(&initiator_name) {
-        return Err(bad(
-            "node.initiator_name",
-            format!("{initiator_name:?} is not an iqn./eui./naa. name"),
-        ));
-    }
+    let key = "node.initiator_name";
+    let derived = n
+        .initiator_name
+        .is_none()
+        .then_some("node.cluster and node.name");
+    iscsi_name_reason(&initiator_name, key, derived).map_err(|r| bad(key, r))?;
     let vm_initiator_name = n
         .vm_initiator_name
         .clone()
         .unwrap_or_else(|| format!("{initiator_name}.vm"));
-    if !is_iscsi_name(&vm_initiator_name) {
-        return Err(bad(
-            "node.vm_initiator_name",
-            format!("{vm_initiator_name:?} is not an iqn./eui./naa. name"),
-        ));
-    }
+    let key = "node.vm_initiator_name";
+    let derived = n.vm_initiator_name.is_none().then_some("initiator_name");
+    iscsi_name_reason(&vm_initiator_name, key, derived).map_err(|r| bad(key, r))?;
     if vm_initiator_name == initiator_name {
         return Err(bad(
             "node.vm_initiator_name",
@@ -473,12 +470,7 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
             .ok_or_else(|| bad("target.portals", format!("{p:?} resolves to nothing")))?;
         portals.push(addr);
     }
-    if !is_iscsi_name(&t.name) {
-        return Err(bad(
-            "target.name",
-            format!("{:?} is not an iqn./eui./naa. name", t.name),
-        ));
-    }
+    iscsi_name_reason(&t.name, "target.name", None).map_err(|r| bad("target.name", r))?;
     if t.quorum_lun > 16383 {
         return Err(bad("target.quorum_lun", "must be at most 16383".into()));
     }
@@ -617,6 +609,40 @@ disks = [1]
 driver = "process"
 command = ["sleep", "1000"]
 "#;
+
+    /// Before the shared validator the agent checked only the iqn./eui./naa. prefix.
+    #[test]
+    fn names_follow_the_shared_iscsi_name_rules() {
+        let err = |text: &str| parse(text, "n.toml").unwrap_err().to_string();
+        let e = err(&MINIMAL.replace("iqn.2026-11.org.holdfast:storage", "iqn.a:b"));
+        assert!(
+            e.starts_with("n.toml: target.name: \"iqn.a:b\" is not a valid iSCSI name"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("name = \"n1\"", "name = \"n_1\""));
+        assert!(
+            e.contains("node.initiator_name") && e.contains("set node.initiator_name"),
+            "{e}"
+        );
+        let ok = MINIMAL.replace(
+            "cluster = \"lab\"",
+            "cluster = \"lab\"\ninitiator_name = \"eui.02004567A425678D\"",
+        );
+        // INITIATOR_NAME.vm is no eui. name: the VM name has to be given.
+        let e = err(&ok);
+        assert!(
+            e.contains("node.vm_initiator_name") && e.contains("set node.vm_initiator_name"),
+            "{e}"
+        );
+        let ok = ok.replace(
+            "initiator_name = \"eui.02004567A425678D\"",
+            "initiator_name = \"eui.02004567A425678D\"\nvm_initiator_name = \"eui.02004567A425678E\"",
+        );
+        assert_eq!(
+            parse(&ok, "n.toml").unwrap().vm_initiator_name,
+            "eui.02004567A425678E"
+        );
+    }
 
     #[test]
     fn minimal_config_gets_safe_defaults() {

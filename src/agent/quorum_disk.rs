@@ -7,12 +7,10 @@ use crate::agent::quorum::{
 };
 use crate::agent::AgentError;
 use crate::initiator::{past_unit_attention, InitiatorError, Session};
+use crate::scsi::sense::key::MISCOMPARE;
 use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
-
-/// Sense key MISCOMPARE: a COMPARE AND WRITE whose compare failed.
-const MISCOMPARE: u8 = 0x0e;
 
 /// Run `f`, turning a timeout into [`AgentError::Timeout`].
 pub async fn bounded<T>(

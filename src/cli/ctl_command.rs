@@ -31,7 +31,8 @@ pub enum CtlCommand {
         #[arg(long)]
         force: bool,
         /// Initiator name to log in with.
-        #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl")]
+        #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl",
+              value_parser = crate::iscsi::name::parse_iscsi_name)]
         initiator_name: String,
         #[arg(long, requires = "chap_secret")]
         chap_user: Option<String>,

@@ -30,11 +30,12 @@
 //! `conflict INSTANCE EPOCH COUNTER`, `exit INSTANCE EPOCH REASON`. INSTANCE is 16 hex
 //! digits, the numbers decimal.
 
-use crate::initiator::scsi::{sense_key, status};
 use crate::initiator::{
     connect, past_unit_attention, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError,
     IscsiUrl, Session, UrlError,
 };
+use crate::scsi::sense::key as sense_key;
+use crate::scsi::status;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -15,6 +15,7 @@ use crate::initiator::{
     connect, random_isid, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError, PrType,
     RegisterFlags, Session, TransportId,
 };
+use crate::iscsi::name::parse_iscsi_name;
 use serde::Serialize;
 use std::fmt;
 use std::time::Duration;
@@ -138,7 +139,7 @@ pub struct PrArgs {
     #[arg(long, default_value_t = 0, hide = true)]
     pub lba: u64,
     /// Our iSCSI initiator name [default: iqn.2026-11.org.holdfast:pr-HOSTNAME]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_iscsi_name)]
     pub initiator_name: Option<String>,
     /// ISID in hex (12 digits, 0x optional), or "random"; with the initiator name it
     /// identifies the I_T nexus, so keep it fixed across invocations [default: 0x806866707201]
@@ -179,13 +180,11 @@ pub fn parse_key(s: &str) -> Result<u64, String> {
 }
 
 fn parse_type(s: &str) -> Result<PrType, String> {
-    s.parse()
-        .map_err(|e: crate::initiator::pr::PrParseError| e.to_string())
+    s.parse::<PrType>().map_err(|e| e.to_string())
 }
 
 fn parse_transport_id(s: &str) -> Result<TransportId, String> {
-    s.parse()
-        .map_err(|e: crate::initiator::pr::PrParseError| e.to_string())
+    s.parse::<TransportId>().map_err(|e| e.to_string())
 }
 
 /// What went wrong; [`PrCommandError::exit_code`] maps it to the exit status.

@@ -81,7 +81,7 @@ impl InitiatorError {
 
     /// CHECK CONDITION with sense key UNIT ATTENTION: see [`retry`].
     pub fn is_unit_attention(&self) -> bool {
-        matches!(self, InitiatorError::CheckCondition { key, .. } if *key == scsi::sense_key::UNIT_ATTENTION)
+        matches!(self, InitiatorError::CheckCondition { key, .. } if *key == crate::scsi::sense::key::UNIT_ATTENTION)
     }
 
     /// The login status pair, when this is a login refusal.

@@ -1,295 +1,26 @@
 //! Persistent reservations from the initiator side (SPC-4 §6.15, §6.16): typed PR IN
-//! and PR OUT helpers on [`Session`], the six reservation types and iSCSI TransportIDs.
+//! and PR OUT helpers on [`Session`]. The reservation types, service actions and iSCSI
+//! TransportIDs are the SCSI vocabulary of `crate::scsi`, re-exported here.
 //!
 //! Everything the target sends back is peer input: short or inconsistent PR IN data
 //! becomes [`InitiatorError::Protocol`], never a panic. RESERVATION CONFLICT is
 //! [`InitiatorError::ReservationConflict`] (from [`ScsiResult::check`]).
 
-use super::scsi::{cdb, sense_key, ScsiResult};
+use super::scsi::{cdb, ScsiResult};
 use super::session::Session;
 use super::InitiatorError;
+pub use crate::scsi::pr_codes::{PrCodeError, PrInAction, PrOutAction, PrType};
+use crate::scsi::sense::key;
+pub use crate::scsi::transport_id::{parse_isid, TransportId, TransportIdParseError};
 use bytes::Bytes;
 use serde::Serialize;
-use std::fmt;
-use std::str::FromStr;
 
-/// PR IN service actions.
-pub mod prin_sa {
-    pub const READ_KEYS: u8 = 0;
-    pub const READ_RESERVATION: u8 = 1;
-    pub const REPORT_CAPABILITIES: u8 = 2;
-    pub const READ_FULL_STATUS: u8 = 3;
-}
-
-/// PR OUT service actions.
-pub mod prout_sa {
-    pub const REGISTER: u8 = 0;
-    pub const RESERVE: u8 = 1;
-    pub const RELEASE: u8 = 2;
-    pub const CLEAR: u8 = 3;
-    pub const PREEMPT: u8 = 4;
-    pub const PREEMPT_AND_ABORT: u8 = 5;
-    pub const REGISTER_AND_IGNORE: u8 = 6;
-    pub const REGISTER_AND_MOVE: u8 = 7;
-    pub const REPLACE_LOST: u8 = 8;
-}
-
-/// iSCSI's PROTOCOL IDENTIFIER in a TransportID (SPC-4 table 444).
-const PROTOCOL_ISCSI: u8 = 5;
 /// Largest allocation length a 10-byte PR IN CDB can carry.
 const MAX_ALLOC: u16 = u16::MAX;
 /// How many UNIT ATTENTIONs a command is retried through (a fresh nexus may have a
 /// power-on UA, a preempted one a RESERVATIONS/REGISTRATIONS PREEMPTED UA queued; the
 /// target did not execute the command that reported it, so retrying is safe).
 use super::retry::UA_RETRIES;
-
-/// Errors parsing a PR type or TransportID given by a user.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PrParseError {
-    #[error("unknown reservation type {0:?} (write-exclusive|we|1, exclusive-access|ea|3, write-exclusive-registrants-only|we-ro|5, exclusive-access-registrants-only|ea-ro|6, write-exclusive-all-registrants|we-ar|7, exclusive-access-all-registrants|ea-ar|8)")]
-    Type(String),
-    #[error(
-        "invalid iSCSI TransportID {0:?}: expected NAME or NAME,i,0xISID (ISID: 12 hex digits)"
-    )]
-    TransportId(String),
-}
-
-/// Persistent reservation type (SPC-4 table 185).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PrType {
-    WriteExclusive,
-    ExclusiveAccess,
-    WriteExclusiveRegistrantsOnly,
-    ExclusiveAccessRegistrantsOnly,
-    WriteExclusiveAllRegistrants,
-    ExclusiveAccessAllRegistrants,
-}
-
-impl PrType {
-    pub const ALL: [PrType; 6] = [
-        PrType::WriteExclusive,
-        PrType::ExclusiveAccess,
-        PrType::WriteExclusiveRegistrantsOnly,
-        PrType::ExclusiveAccessRegistrantsOnly,
-        PrType::WriteExclusiveAllRegistrants,
-        PrType::ExclusiveAccessAllRegistrants,
-    ];
-
-    /// The TYPE field value.
-    pub fn code(self) -> u8 {
-        match self {
-            PrType::WriteExclusive => 1,
-            PrType::ExclusiveAccess => 3,
-            PrType::WriteExclusiveRegistrantsOnly => 5,
-            PrType::ExclusiveAccessRegistrantsOnly => 6,
-            PrType::WriteExclusiveAllRegistrants => 7,
-            PrType::ExclusiveAccessAllRegistrants => 8,
-        }
-    }
-
-    pub fn from_code(c: u8) -> Option<PrType> {
-        PrType::ALL.into_iter().find(|t| t.code() == c)
-    }
-
-    /// Long name, e.g. `write-exclusive-registrants-only`.
-    pub fn name(self) -> &'static str {
-        match self {
-            PrType::WriteExclusive => "write-exclusive",
-            PrType::ExclusiveAccess => "exclusive-access",
-            PrType::WriteExclusiveRegistrantsOnly => "write-exclusive-registrants-only",
-            PrType::ExclusiveAccessRegistrantsOnly => "exclusive-access-registrants-only",
-            PrType::WriteExclusiveAllRegistrants => "write-exclusive-all-registrants",
-            PrType::ExclusiveAccessAllRegistrants => "exclusive-access-all-registrants",
-        }
-    }
-
-    /// Short alias, e.g. `we-ro`.
-    pub fn short_name(self) -> &'static str {
-        match self {
-            PrType::WriteExclusive => "we",
-            PrType::ExclusiveAccess => "ea",
-            PrType::WriteExclusiveRegistrantsOnly => "we-ro",
-            PrType::ExclusiveAccessRegistrantsOnly => "ea-ro",
-            PrType::WriteExclusiveAllRegistrants => "we-ar",
-            PrType::ExclusiveAccessAllRegistrants => "ea-ar",
-        }
-    }
-
-    /// sg_persist's wording, e.g. "Write Exclusive, registrants only".
-    pub fn description(self) -> &'static str {
-        match self {
-            PrType::WriteExclusive => "Write Exclusive",
-            PrType::ExclusiveAccess => "Exclusive Access",
-            PrType::WriteExclusiveRegistrantsOnly => "Write Exclusive, registrants only",
-            PrType::ExclusiveAccessRegistrantsOnly => "Exclusive Access, registrants only",
-            PrType::WriteExclusiveAllRegistrants => "Write Exclusive, all registrants",
-            PrType::ExclusiveAccessAllRegistrants => "Exclusive Access, all registrants",
-        }
-    }
-
-    /// Every registrant holds the reservation (READ RESERVATION then reports key 0).
-    pub fn all_registrants(self) -> bool {
-        matches!(
-            self,
-            PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
-        )
-    }
-}
-
-impl fmt::Display for PrType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for PrType {
-    type Err = PrParseError;
-
-    fn from_str(s: &str) -> Result<PrType, PrParseError> {
-        let l = s.trim().to_ascii_lowercase();
-        PrType::ALL
-            .into_iter()
-            .find(|t| l == t.name() || l == t.short_name() || l == t.code().to_string())
-            .ok_or_else(|| PrParseError::Type(s.to_string()))
-    }
-}
-
-impl Serialize for PrType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-/// An iSCSI TransportID (SPC-4 §7.6.4.6): format 00b names an initiator (every ISID of
-/// it), format 01b one initiator port (name + ISID).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TransportId {
-    pub name: String,
-    pub isid: Option<[u8; 6]>,
-}
-
-impl TransportId {
-    /// Format 00b: the initiator device `name`.
-    pub fn iscsi_name(name: impl Into<String>) -> TransportId {
-        TransportId {
-            name: name.into(),
-            isid: None,
-        }
-    }
-
-    /// Format 01b: the initiator port `name,i,0x<isid>`.
-    pub fn iscsi_port(name: impl Into<String>, isid: [u8; 6]) -> TransportId {
-        TransportId {
-            name: name.into(),
-            isid: Some(isid),
-        }
-    }
-
-    /// The wire form: header, NUL-terminated text, padded to a multiple of 4 with an
-    /// ADDITIONAL LENGTH of at least 20 (SPC-4 requires both).
-    pub fn encode(&self) -> Vec<u8> {
-        let text = self.to_string();
-        let body = (text.len() + 1).next_multiple_of(4).max(20);
-        let mut b = Vec::with_capacity(4 + body);
-        let format = if self.isid.is_some() { 0x40 } else { 0x00 };
-        b.push(format | PROTOCOL_ISCSI);
-        b.push(0);
-        // An iSCSI name is at most 223 bytes, so this fits; saturate rather than wrap.
-        b.extend_from_slice(&u16::try_from(body).unwrap_or(u16::MAX).to_be_bytes());
-        b.extend_from_slice(text.as_bytes());
-        b.resize(4 + body, 0);
-        b
-    }
-
-    /// Decode one TransportID at the start of `buf`; returns it and its length.
-    pub fn decode(buf: &[u8]) -> Result<(TransportId, usize), InitiatorError> {
-        let bad = |why: &str| InitiatorError::Protocol(format!("TransportID: {why}"));
-        if buf.len() < 4 {
-            return Err(bad("shorter than its header"));
-        }
-        if buf[0] & 0x0f != PROTOCOL_ISCSI {
-            return Err(bad(&format!("protocol {} is not iSCSI", buf[0] & 0x0f)));
-        }
-        let format = buf[0] >> 6;
-        let total = 4 + usize::from(u16::from_be_bytes([buf[2], buf[3]]));
-        let body = buf
-            .get(4..total)
-            .ok_or_else(|| bad("ADDITIONAL LENGTH runs past the data"))?;
-        let text = body.split(|&c| c == 0).next().unwrap_or(&[]);
-        let text = std::str::from_utf8(text).map_err(|_| bad("name is not UTF-8"))?;
-        let id = match format {
-            0 => TransportId::iscsi_name(text),
-            1 => text
-                .parse::<TransportId>()
-                .ok()
-                .filter(|t| t.isid.is_some())
-                .ok_or_else(|| bad(&format!("format 01b without ,i,0xISID: {text:?}")))?,
-            f => return Err(bad(&format!("unknown format code {f}"))),
-        };
-        if id.name.is_empty() {
-            return Err(bad("empty name"));
-        }
-        Ok((id, total))
-    }
-}
-
-impl fmt::Display for TransportId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.isid {
-            Some(isid) => write!(f, "{},i,0x{}", self.name, hex::encode(isid)),
-            None => f.write_str(&self.name),
-        }
-    }
-}
-
-impl FromStr for TransportId {
-    type Err = PrParseError;
-
-    /// `NAME` (format 00b) or `NAME,i,0xISID` (format 01b); the separator is matched
-    /// case-insensitively, as iSCSI initiator port names are.
-    fn from_str(s: &str) -> Result<TransportId, PrParseError> {
-        let err = || PrParseError::TransportId(s.to_string());
-        let lower = s.to_ascii_lowercase();
-        let (name, isid) = match lower.rfind(",i,") {
-            None => (s, None),
-            Some(pos) => {
-                let isid = parse_isid(&s[pos + 3..]).ok_or_else(err)?;
-                (&s[..pos], Some(isid))
-            }
-        };
-        if name.is_empty()
-            || name.len() > 223
-            || !name.bytes().all(|c| c.is_ascii_graphic() && c != b',')
-        {
-            return Err(err());
-        }
-        Ok(TransportId {
-            name: name.to_string(),
-            isid,
-        })
-    }
-}
-
-impl Serialize for TransportId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// An ISID in hex: 12 digits, `0x` optional (fewer digits are zero-extended on the left).
-pub fn parse_isid(s: &str) -> Option<[u8; 6]> {
-    let h = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
-    if h.is_empty() || h.len() > 12 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let v = u64::from_str_radix(h, 16).ok()?;
-    let mut isid = [0u8; 6];
-    isid.copy_from_slice(&v.to_be_bytes()[2..]);
-    Some(isid)
-}
 
 /// READ RESERVATION: the reservation on the logical unit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -299,7 +30,7 @@ pub struct Reservation {
     pub key: u64,
     /// SCOPE field (0 = LU_SCOPE, the only scope SPC-4 keeps).
     pub scope: u8,
-    #[serde(rename = "type")]
+    #[serde(rename = "type", serialize_with = "ser_type")]
     pub type_: PrType,
 }
 
@@ -323,6 +54,7 @@ pub struct Capabilities {
     /// Persist Through Power Loss activated.
     pub ptpl_a: bool,
     /// Types the device server supports (meaningful when `tmv`).
+    #[serde(serialize_with = "ser_types")]
     pub types: Vec<PrType>,
 }
 
@@ -336,7 +68,7 @@ pub struct FullStatus {
     pub holder: bool,
     pub scope: u8,
     /// The reservation type (holders only).
-    #[serde(rename = "type")]
+    #[serde(rename = "type", serialize_with = "ser_opt_type")]
     pub type_: Option<PrType>,
     pub relative_target_port: u16,
     pub transport_id: TransportId,
@@ -355,6 +87,22 @@ pub struct RegisterFlags {
 
 fn ser_key<S: serde::Serializer>(k: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{k:#x}"))
+}
+
+// Reports show a type by its long name; PrType's own serde form is the state file's.
+fn ser_type<S: serde::Serializer>(t: &PrType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.name())
+}
+
+fn ser_opt_type<S: serde::Serializer>(t: &Option<PrType>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => ser_type(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_types<S: serde::Serializer>(t: &[PrType], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(t.iter().map(|t| t.name()))
 }
 
 fn protocol(msg: impl Into<String>) -> InitiatorError {
@@ -396,12 +144,8 @@ pub fn parse_read_reservation(d: &[u8]) -> Result<(u32, Option<Reservation>), In
     }
     let key = be64(body, 0).unwrap_or(0);
     let scope_type = body[13];
-    let type_ = PrType::from_code(scope_type & 0x0f).ok_or_else(|| {
-        protocol(format!(
-            "READ RESERVATION: unknown type {}",
-            scope_type & 0x0f
-        ))
-    })?;
+    let type_ = PrType::try_from(scope_type & 0x0f)
+        .map_err(|e| protocol(format!("READ RESERVATION: {e}")))?;
     Ok((
         generation,
         Some(Reservation {
@@ -421,15 +165,6 @@ pub fn parse_capabilities(d: &[u8]) -> Result<Capabilities, InitiatorError> {
         )));
     }
     let mask = u16::from_be_bytes([d[4], d[5]]);
-    // Type mask bits (SPC-4 table 192), by type.
-    let bit = |t: PrType| match t {
-        PrType::WriteExclusiveAllRegistrants => 0x8000,
-        PrType::ExclusiveAccessRegistrantsOnly => 0x4000,
-        PrType::WriteExclusiveRegistrantsOnly => 0x2000,
-        PrType::ExclusiveAccess => 0x0800,
-        PrType::WriteExclusive => 0x0200,
-        PrType::ExclusiveAccessAllRegistrants => 0x0001,
-    };
     Ok(Capabilities {
         rlr_c: d[2] & 0x80 != 0,
         crh: d[2] & 0x10 != 0,
@@ -441,7 +176,7 @@ pub fn parse_capabilities(d: &[u8]) -> Result<Capabilities, InitiatorError> {
         ptpl_a: d[3] & 0x01 != 0,
         types: PrType::ALL
             .into_iter()
-            .filter(|&t| mask & bit(t) != 0)
+            .filter(|t| mask & t.mask_bit() != 0)
             .collect(),
     })
 }
@@ -458,7 +193,8 @@ pub fn parse_full_status(d: &[u8]) -> Result<(u32, Vec<FullStatus>), InitiatorEr
         let tid_bytes = body
             .get(24..24usize.saturating_add(tid_len))
             .ok_or_else(|| protocol("READ FULL STATUS: TransportID runs past the data"))?;
-        let (transport_id, used) = TransportId::decode(tid_bytes)?;
+        let (transport_id, used) =
+            TransportId::decode(tid_bytes).map_err(|e| protocol(format!("TransportID: {e}")))?;
         if used != tid_len {
             return Err(protocol(format!(
                 "READ FULL STATUS: TransportID of {used} bytes in a {tid_len}-byte field"
@@ -471,7 +207,7 @@ pub fn parse_full_status(d: &[u8]) -> Result<(u32, Vec<FullStatus>), InitiatorEr
             holder,
             scope: body[13] >> 4,
             type_: if holder {
-                PrType::from_code(body[13] & 0x0f)
+                PrType::try_from(body[13] & 0x0f).ok()
             } else {
                 None
             },
@@ -557,7 +293,7 @@ impl Session {
                 .command(lun, cdb_bytes, data_out.clone(), data_in_len)
                 .await?;
             match r.sense() {
-                Some(s) if s.key == sense_key::UNIT_ATTENTION && left > 0 => {
+                Some(s) if s.key == key::UNIT_ATTENTION && left > 0 => {
                     tracing::debug!(
                         asc = s.asc,
                         ascq = s.ascq,
@@ -571,19 +307,19 @@ impl Session {
     }
 
     /// PERSISTENT RESERVE IN, growing the allocation until the whole answer fits.
-    pub async fn prin(&self, lun: u64, service_action: u8) -> Result<Bytes, InitiatorError> {
+    pub async fn prin(&self, lun: u64, action: PrInAction) -> Result<Bytes, InitiatorError> {
         let mut alloc: u16 = 1024;
         loop {
             let r = self
                 .command_past_ua(
                     lun,
-                    &cdb::persistent_reserve_in(service_action, alloc),
+                    &cdb::persistent_reserve_in(action.code(), alloc),
                     None,
                     alloc.into(),
                 )
                 .await?;
             let need = be32(&r.data, 4).map_or(0, |l| u64::from(l) + 8);
-            if service_action != prin_sa::REPORT_CAPABILITIES
+            if action != PrInAction::ReportCapabilities
                 && need > u64::from(alloc)
                 && alloc < MAX_ALLOC
             {
@@ -598,13 +334,13 @@ impl Session {
     pub async fn prout(
         &self,
         lun: u64,
-        service_action: u8,
+        action: PrOutAction,
         type_: Option<PrType>,
         params: Vec<u8>,
     ) -> Result<(), InitiatorError> {
         let len = u32::try_from(params.len())
             .map_err(|_| InitiatorError::InvalidRequest("PR OUT parameter list too long".into()))?;
-        let c = cdb::persistent_reserve_out(service_action, scope_type(type_), len);
+        let c = cdb::persistent_reserve_out(action.code(), scope_type(type_), len);
         self.command_past_ua(lun, &c, Some(Bytes::from(params)), 0)
             .await
             .map(|_| ())
@@ -612,7 +348,7 @@ impl Session {
 
     /// READ KEYS: (PRgeneration, registered keys).
     pub async fn read_keys(&self, lun: u64) -> Result<(u32, Vec<u64>), InitiatorError> {
-        parse_read_keys(&self.prin(lun, prin_sa::READ_KEYS).await?)
+        parse_read_keys(&self.prin(lun, PrInAction::ReadKeys).await?)
     }
 
     /// READ RESERVATION: (PRgeneration, the reservation if any).
@@ -620,11 +356,11 @@ impl Session {
         &self,
         lun: u64,
     ) -> Result<(u32, Option<Reservation>), InitiatorError> {
-        parse_read_reservation(&self.prin(lun, prin_sa::READ_RESERVATION).await?)
+        parse_read_reservation(&self.prin(lun, PrInAction::ReadReservation).await?)
     }
 
     pub async fn report_capabilities(&self, lun: u64) -> Result<Capabilities, InitiatorError> {
-        parse_capabilities(&self.prin(lun, prin_sa::REPORT_CAPABILITIES).await?)
+        parse_capabilities(&self.prin(lun, PrInAction::ReportCapabilities).await?)
     }
 
     /// READ FULL STATUS: (PRgeneration, one descriptor per registered I_T nexus).
@@ -632,7 +368,7 @@ impl Session {
         &self,
         lun: u64,
     ) -> Result<(u32, Vec<FullStatus>), InitiatorError> {
-        parse_full_status(&self.prin(lun, prin_sa::READ_FULL_STATUS).await?)
+        parse_full_status(&self.prin(lun, PrInAction::ReadFullStatus).await?)
     }
 
     /// REGISTER: `key` must be the current registration's key (0 when unregistered);
@@ -645,7 +381,7 @@ impl Session {
         flags: &RegisterFlags,
     ) -> Result<(), InitiatorError> {
         let p = prout_params(key, sa_key, flags);
-        self.prout(lun, prout_sa::REGISTER, None, p).await
+        self.prout(lun, PrOutAction::Register, None, p).await
     }
 
     /// REGISTER AND IGNORE EXISTING KEY (SPEC_I_PT is not allowed with it).
@@ -661,24 +397,24 @@ impl Session {
             ));
         }
         let p = prout_params(0, sa_key, flags);
-        self.prout(lun, prout_sa::REGISTER_AND_IGNORE, None, p)
+        self.prout(lun, PrOutAction::RegisterAndIgnoreExistingKey, None, p)
             .await
     }
 
     pub async fn reserve(&self, lun: u64, key: u64, type_: PrType) -> Result<(), InitiatorError> {
         let p = prout_params(key, 0, &RegisterFlags::default());
-        self.prout(lun, prout_sa::RESERVE, Some(type_), p).await
+        self.prout(lun, PrOutAction::Reserve, Some(type_), p).await
     }
 
     pub async fn release(&self, lun: u64, key: u64, type_: PrType) -> Result<(), InitiatorError> {
         let p = prout_params(key, 0, &RegisterFlags::default());
-        self.prout(lun, prout_sa::RELEASE, Some(type_), p).await
+        self.prout(lun, PrOutAction::Release, Some(type_), p).await
     }
 
     /// CLEAR: removes every registration and the reservation.
     pub async fn clear(&self, lun: u64, key: u64) -> Result<(), InitiatorError> {
         let p = prout_params(key, 0, &RegisterFlags::default());
-        self.prout(lun, prout_sa::CLEAR, None, p).await
+        self.prout(lun, PrOutAction::Clear, None, p).await
     }
 
     /// PREEMPT the registrations (and reservation) of `sa_key`.
@@ -690,7 +426,7 @@ impl Session {
         type_: PrType,
     ) -> Result<(), InitiatorError> {
         let p = prout_params(key, sa_key, &RegisterFlags::default());
-        self.prout(lun, prout_sa::PREEMPT, Some(type_), p).await
+        self.prout(lun, PrOutAction::Preempt, Some(type_), p).await
     }
 
     /// PREEMPT AND ABORT: as PREEMPT, and the preempted nexuses' tasks are aborted.
@@ -702,7 +438,7 @@ impl Session {
         type_: PrType,
     ) -> Result<(), InitiatorError> {
         let p = prout_params(key, sa_key, &RegisterFlags::default());
-        self.prout(lun, prout_sa::PREEMPT_AND_ABORT, Some(type_), p)
+        self.prout(lun, PrOutAction::PreemptAndAbort, Some(type_), p)
             .await
     }
 
@@ -728,7 +464,7 @@ impl Session {
             aptpl,
             transport_id,
         );
-        self.prout(lun, prout_sa::REGISTER_AND_MOVE, Some(type_), p)
+        self.prout(lun, PrOutAction::RegisterAndMove, Some(type_), p)
             .await
     }
 
@@ -739,7 +475,7 @@ impl Session {
         type_: PrType,
     ) -> Result<(), InitiatorError> {
         let p = prout_params(key, 0, &RegisterFlags::default());
-        self.prout(lun, prout_sa::REPLACE_LOST, Some(type_), p)
+        self.prout(lun, PrOutAction::ReplaceLostReservation, Some(type_), p)
             .await
     }
 }
@@ -747,86 +483,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn types_parse_by_name_alias_and_number() {
-        for t in PrType::ALL {
-            assert_eq!(t.name().parse::<PrType>(), Ok(t));
-            assert_eq!(t.short_name().parse::<PrType>(), Ok(t));
-            assert_eq!(t.code().to_string().parse::<PrType>(), Ok(t));
-            assert_eq!(PrType::from_code(t.code()), Some(t));
-        }
-        assert_eq!(
-            "WE-RO".parse::<PrType>(),
-            Ok(PrType::WriteExclusiveRegistrantsOnly)
-        );
-        assert!("2".parse::<PrType>().is_err());
-        assert!("write".parse::<PrType>().is_err());
-        assert_eq!(PrType::from_code(0), None);
-    }
-
-    #[test]
-    fn transport_id_format_00b() {
-        let t = TransportId::iscsi_name("iqn.a:b");
-        let b = t.encode();
-        assert_eq!(b[0], 0x05);
-        assert_eq!(u16::from_be_bytes([b[2], b[3]]), 20); // short names pad to 20
-        assert_eq!(&b[4..11], b"iqn.a:b");
-        assert!(b[11..].iter().all(|&c| c == 0));
-        assert_eq!(TransportId::decode(&b).unwrap(), (t, 24));
-    }
-
-    #[test]
-    fn transport_id_format_01b() {
-        let t = TransportId::iscsi_port("iqn.2026-11.org.holdfast:node-1", [0x80, 1, 2, 3, 4, 5]);
-        let b = t.encode();
-        let text = b"iqn.2026-11.org.holdfast:node-1,i,0x800102030405";
-        assert_eq!(b[0], 0x45);
-        let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
-        assert_eq!(len % 4, 0);
-        assert!(len > text.len());
-        assert_eq!(b.len(), 4 + len);
-        assert_eq!(&b[4..4 + text.len()], text);
-        assert_eq!(b[4 + text.len()], 0);
-        assert_eq!(TransportId::decode(&b).unwrap(), (t, 4 + len));
-    }
-
-    #[test]
-    fn transport_id_decode_rejects_garbage() {
-        assert!(TransportId::decode(&[]).is_err());
-        assert!(TransportId::decode(&[0x05, 0, 0]).is_err());
-        // Fibre Channel, not iSCSI.
-        assert!(TransportId::decode(&[0x00, 0, 0, 4, 0, 0, 0, 0]).is_err());
-        // Length past the buffer.
-        assert!(TransportId::decode(&[0x05, 0, 0, 20, b'i', 0, 0, 0]).is_err());
-        // Format 01b without an ISID.
-        let mut b = TransportId::iscsi_name("iqn.a:b").encode();
-        b[0] = 0x45;
-        assert!(TransportId::decode(&b).is_err());
-        // Format 10b does not exist for iSCSI.
-        b[0] = 0x85;
-        assert!(TransportId::decode(&b).is_err());
-        // Empty name.
-        assert!(TransportId::decode(&[0x05, 0, 0, 4, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn transport_id_text() {
-        let t: TransportId = "iqn.x:y,I,0x00023D000001".parse().unwrap();
-        assert_eq!(t, TransportId::iscsi_port("iqn.x:y", [0, 2, 0x3d, 0, 0, 1]));
-        assert_eq!(t.to_string(), "iqn.x:y,i,0x00023d000001");
-        let t: TransportId = "iqn.x:y".parse().unwrap();
-        assert_eq!(t.isid, None);
-        for bad in [
-            "",
-            ",i,0x1",
-            "iqn.x:y,i,0x",
-            "iqn.x:y,i,0x1234567890abc",
-            "a b",
-        ] {
-            assert!(bad.parse::<TransportId>().is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn basic_parameter_list() {
@@ -976,14 +632,5 @@ mod tests {
             let whole = cut == 8 || cut == 8 + first;
             assert_eq!(parse_full_status(&t).is_ok(), whole, "cut {cut}");
         }
-    }
-
-    #[test]
-    fn isid_text() {
-        assert_eq!(parse_isid("0x800000000001"), Some([0x80, 0, 0, 0, 0, 1]));
-        assert_eq!(parse_isid("1"), Some([0, 0, 0, 0, 0, 1]));
-        assert_eq!(parse_isid("0x"), None);
-        assert_eq!(parse_isid("8000000000011"), None);
-        assert_eq!(parse_isid("zz"), None);
     }
 }

@@ -4,30 +4,9 @@
 
 use super::session::Session;
 use super::InitiatorError;
+pub use crate::scsi::sense::Sense;
+use crate::scsi::status;
 use bytes::{Bytes, BytesMut};
-
-/// SCSI status codes used here (SAM-5).
-pub mod status {
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
-    pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-}
-
-/// Sense keys used by the helpers.
-pub mod sense_key {
-    pub const NO_SENSE: u8 = 0x00;
-    pub const RECOVERED_ERROR: u8 = 0x01;
-    pub const NOT_READY: u8 = 0x02;
-    pub const MEDIUM_ERROR: u8 = 0x03;
-    pub const ILLEGAL_REQUEST: u8 = 0x05;
-    pub const UNIT_ATTENTION: u8 = 0x06;
-    pub const DATA_PROTECT: u8 = 0x07;
-    pub const ABORTED_COMMAND: u8 = 0x0b;
-    pub const MISCOMPARE: u8 = 0x0e;
-}
 
 /// The outcome of one SCSI command as the target reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -41,37 +20,9 @@ pub struct ScsiResult {
     pub residual: i64,
 }
 
-/// Decoded sense key and additional sense code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sense {
-    pub key: u8,
-    pub asc: u8,
-    pub ascq: u8,
-}
-
-impl Sense {
-    /// Decode fixed (0x70/0x71) or descriptor (0x72/0x73) sense data.
-    pub fn parse(b: &[u8]) -> Option<Sense> {
-        let code = b.first()? & 0x7f;
-        match code {
-            0x70 | 0x71 => Some(Sense {
-                key: b.get(2)? & 0x0f,
-                asc: b.get(12).copied().unwrap_or(0),
-                ascq: b.get(13).copied().unwrap_or(0),
-            }),
-            0x72 | 0x73 => Some(Sense {
-                key: b.get(1)? & 0x0f,
-                asc: b.get(2).copied().unwrap_or(0),
-                ascq: b.get(3).copied().unwrap_or(0),
-            }),
-            _ => None,
-        }
-    }
-}
-
 impl ScsiResult {
     pub fn sense(&self) -> Option<Sense> {
-        self.sense.as_deref().and_then(Sense::parse)
+        self.sense.as_deref().and_then(Sense::decode)
     }
 
     /// GOOD (or CONDITION MET) → Ok(self); anything else → the matching error.
@@ -79,11 +30,7 @@ impl ScsiResult {
         match self.status {
             status::GOOD | status::CONDITION_MET => Ok(self),
             status::CHECK_CONDITION => {
-                let s = self.sense().unwrap_or(Sense {
-                    key: 0,
-                    asc: 0,
-                    ascq: 0,
-                });
+                let s = self.sense().unwrap_or(Sense::NO_SENSE);
                 Err(InitiatorError::CheckCondition {
                     key: s.key,
                     asc: s.asc,
@@ -117,17 +64,14 @@ pub fn decode_lun(field: [u8; 8]) -> Option<u64> {
 
 /// CDB builders (SPC-4, SBC-3).
 pub mod cdb {
-    pub const TEST_UNIT_READY: u8 = 0x00;
-    pub const INQUIRY: u8 = 0x12;
-    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-    pub const READ_16: u8 = 0x88;
-    pub const WRITE_16: u8 = 0x8a;
-    pub const COMPARE_AND_WRITE: u8 = 0x89;
-    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
-    pub const READ_CAPACITY_16_SA: u8 = 0x10;
-    pub const REPORT_LUNS: u8 = 0xa0;
-    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
-    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+    use crate::scsi::opcode::{
+        COMPARE_AND_WRITE, INQUIRY, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT, READ_16,
+        REPORT_LUNS, SA_READ_CAPACITY_16, SERVICE_ACTION_IN_16, SYNC_CACHE_16, TEST_UNIT_READY,
+        WRITE_16,
+    };
+
+    /// FUA bit of READ/WRITE(16) and COMPARE AND WRITE (byte 1).
+    const FUA: u8 = 0x08;
 
     pub fn test_unit_ready() -> [u8; 6] {
         [TEST_UNIT_READY, 0, 0, 0, 0, 0]
@@ -149,24 +93,24 @@ pub mod cdb {
 
     /// READ(16); `fua` forces the read from the medium.
     pub fn read16(lba: u64, blocks: u32, fua: bool) -> [u8; 16] {
-        rw16(READ_16, if fua { 0x08 } else { 0 }, lba, blocks)
+        rw16(READ_16, if fua { FUA } else { 0 }, lba, blocks)
     }
 
     /// WRITE(16); `fua` = the data are on stable storage before GOOD.
     pub fn write16(lba: u64, blocks: u32, fua: bool) -> [u8; 16] {
-        rw16(WRITE_16, if fua { 0x08 } else { 0 }, lba, blocks)
+        rw16(WRITE_16, if fua { FUA } else { 0 }, lba, blocks)
     }
 
     /// SYNCHRONIZE CACHE(16) of `blocks` from `lba` (0 blocks = to the end).
     pub fn synchronize_cache16(lba: u64, blocks: u32) -> [u8; 16] {
-        rw16(SYNCHRONIZE_CACHE_16, 0, lba, blocks)
+        rw16(SYNC_CACHE_16, 0, lba, blocks)
     }
 
     /// COMPARE AND WRITE of `blocks` (≤ 255) blocks.
     pub fn compare_and_write(lba: u64, blocks: u8, fua: bool) -> [u8; 16] {
         let mut c = [0u8; 16];
         c[0] = COMPARE_AND_WRITE;
-        c[1] = if fua { 0x08 } else { 0 };
+        c[1] = if fua { FUA } else { 0 };
         c[2..10].copy_from_slice(&lba.to_be_bytes());
         c[13] = blocks;
         c
@@ -175,7 +119,8 @@ pub mod cdb {
     pub fn read_capacity16(alloc: u32) -> [u8; 16] {
         let mut c = [0u8; 16];
         c[0] = SERVICE_ACTION_IN_16;
-        c[1] = READ_CAPACITY_16_SA;
+        // The service action fits the 5-bit field (0x10).
+        c[1] = SA_READ_CAPACITY_16 as u8;
         c[10..14].copy_from_slice(&alloc.to_be_bytes());
         c
     }
@@ -382,32 +327,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sense_formats() {
-        let mut fixed = [0u8; 18];
-        fixed[0] = 0x70;
-        fixed[2] = 0x05;
-        fixed[12] = 0x21;
-        assert_eq!(
-            Sense::parse(&fixed),
-            Some(Sense {
-                key: 5,
-                asc: 0x21,
-                ascq: 0
-            })
-        );
-        assert_eq!(
-            Sense::parse(&[0x72, 0x0e, 0x1d, 0x00, 0, 0, 0, 0]),
-            Some(Sense {
-                key: 0x0e,
-                asc: 0x1d,
-                ascq: 0
-            })
-        );
-        assert_eq!(Sense::parse(&[]), None);
-        assert_eq!(Sense::parse(&[0x70]), None);
-    }
-
-    #[test]
     fn check_maps_status() {
         let r = ScsiResult {
             status: status::RESERVATION_CONFLICT,
@@ -435,7 +354,7 @@ mod tests {
     #[test]
     fn cdbs() {
         let c = cdb::write16(0x0102, 8, true);
-        assert_eq!(c[0], 0x8a);
+        assert_eq!(c[0], crate::scsi::opcode::WRITE_16);
         assert_eq!(c[1], 0x08);
         assert_eq!(&c[8..10], &[0x01, 0x02]);
         assert_eq!(&c[10..14], &[0, 0, 0, 8]);

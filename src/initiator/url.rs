@@ -1,5 +1,6 @@
 //! `iscsi://HOST[:PORT]/TARGET/LUN` (RFC 4173's form, as libiscsi and QEMU take it) and
 //! `HOST[:PORT]` portals: the one parser behind every command that names a LUN.
+use crate::iscsi::name::check_iscsi_name;
 use std::str::FromStr;
 
 /// The well-known iSCSI port (RFC 7143 §13.6 / IANA).
@@ -55,14 +56,8 @@ impl FromStr for IscsiUrl {
         if target.is_empty() {
             return Err(err("the target name is empty"));
         }
-        let lower = target.to_ascii_lowercase();
-        if !["iqn.", "eui.", "naa."]
-            .iter()
-            .any(|p| lower.starts_with(p))
-            || !target.bytes().all(|c| c.is_ascii_graphic())
-        {
-            return Err(err("the target name must be an iqn., eui. or naa. name"));
-        }
+        check_iscsi_name(target)
+            .map_err(|e| err(&format!("the target name is not an iSCSI name: {e}")))?;
         if lun.is_empty() || !lun.bytes().all(|c| c.is_ascii_digit()) || lun.len() > 5 {
             return Err(err("the LUN must be a decimal number"));
         }
@@ -131,28 +126,34 @@ mod tests {
                 lun: 1
             }
         );
-        let u: IscsiUrl = "ISCSI://[::1]/iqn.a:b/0".parse().unwrap();
+        let u: IscsiUrl = "ISCSI://[::1]/IQN.2026-11.x:t/0".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port, u.lun), ("::1", 3260, 0));
-        let u: IscsiUrl = "iscsi://[fe80::1]:3262/naa.6001/16383".parse().unwrap();
+        let u: IscsiUrl = "iscsi://[fe80::1]:3262/naa.6001405d1a2b3c4d/16383"
+            .parse()
+            .unwrap();
         assert_eq!((u.host.as_str(), u.port), ("fe80::1", 3262));
         for bad in [
             "",
-            "http://h/iqn.a:b/0",
-            "iscsi://h/iqn.a:b",
-            "iscsi://h/iqn.a:b/",
-            "iscsi://h/iqn.a:b/1/2",
-            "iscsi://h/iqn.a:b/16384",
-            "iscsi://h/iqn.a:b/-1",
-            "iscsi://h/iqn.a:b/0x1",
+            "http://h/iqn.2026-11.x:t/0",
+            "iscsi://h/iqn.2026-11.x:t",
+            "iscsi://h/iqn.2026-11.x:t/",
+            "iscsi://h/iqn.2026-11.x:t/1/2",
+            "iscsi://h/iqn.2026-11.x:t/16384",
+            "iscsi://h/iqn.2026-11.x:t/-1",
+            "iscsi://h/iqn.2026-11.x:t/0x1",
             "iscsi://h//0",
             "iscsi://h/target/0",
-            "iscsi://h:0/iqn.a:b/0",
-            "iscsi://h:70000/iqn.a:b/0",
-            "iscsi://h:/iqn.a:b/0",
-            "iscsi://:3260/iqn.a:b/0",
-            "iscsi://u%p@h/iqn.a:b/0",
-            "iscsi://h/iqn.a:b/0?x=1",
-            "iscsi://[::1/iqn.a:b/0",
+            "iscsi://h:0/iqn.2026-11.x:t/0",
+            "iscsi://h:70000/iqn.2026-11.x:t/0",
+            "iscsi://h:/iqn.2026-11.x:t/0",
+            "iscsi://:3260/iqn.2026-11.x:t/0",
+            "iscsi://u%p@h/iqn.2026-11.x:t/0",
+            "iscsi://h/iqn.2026-11.x:t/0?x=1",
+            "iscsi://[::1/iqn.2026-11.x:t/0",
+            // Not iSCSI names: no date, too few digits, a character RFC 3722 forbids.
+            "iscsi://h/iqn.a:b/0",
+            "iscsi://h/naa.6001/0",
+            "iscsi://h/iqn.2026-11.x:a_b/0",
         ] {
             assert!(bad.parse::<IscsiUrl>().is_err(), "{bad:?}");
         }

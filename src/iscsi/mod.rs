@@ -5,6 +5,7 @@ pub mod chap;
 pub mod cmdsn;
 pub mod keys;
 pub mod login;
+pub mod name;
 pub mod negotiation;
 pub mod task_set;
 pub mod transfer;

@@ -2,59 +2,7 @@
 //! read as zero, so a short or hostile CDB can never panic the device server (the dispatcher
 //! also rejects CDBs shorter than the opcode's length before a handler runs).
 
-/// SCSI operation codes handled by the device server.
-pub mod op {
-    pub const TEST_UNIT_READY: u8 = 0x00;
-    pub const REQUEST_SENSE: u8 = 0x03;
-    pub const READ_6: u8 = 0x08;
-    pub const WRITE_6: u8 = 0x0A;
-    pub const INQUIRY: u8 = 0x12;
-    pub const MODE_SELECT_6: u8 = 0x15;
-    pub const RESERVE_6: u8 = 0x16;
-    pub const RELEASE_6: u8 = 0x17;
-    pub const MODE_SENSE_6: u8 = 0x1A;
-    pub const START_STOP_UNIT: u8 = 0x1B;
-    pub const PREVENT_ALLOW: u8 = 0x1E;
-    pub const READ_CAPACITY_10: u8 = 0x25;
-    pub const READ_10: u8 = 0x28;
-    pub const WRITE_10: u8 = 0x2A;
-    pub const WRITE_VERIFY_10: u8 = 0x2E;
-    pub const VERIFY_10: u8 = 0x2F;
-    pub const PRE_FETCH_10: u8 = 0x34;
-    pub const SYNC_CACHE_10: u8 = 0x35;
-    pub const READ_DEFECT_10: u8 = 0x37;
-    pub const WRITE_SAME_10: u8 = 0x41;
-    pub const UNMAP: u8 = 0x42;
-    pub const MODE_SELECT_10: u8 = 0x55;
-    pub const RESERVE_10: u8 = 0x56;
-    pub const RELEASE_10: u8 = 0x57;
-    pub const MODE_SENSE_10: u8 = 0x5A;
-    pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
-    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
-    pub const READ_16: u8 = 0x88;
-    pub const COMPARE_AND_WRITE: u8 = 0x89;
-    pub const WRITE_16: u8 = 0x8A;
-    pub const ORWRITE_16: u8 = 0x8B;
-    pub const WRITE_VERIFY_16: u8 = 0x8E;
-    pub const VERIFY_16: u8 = 0x8F;
-    pub const PRE_FETCH_16: u8 = 0x90;
-    pub const SYNC_CACHE_16: u8 = 0x91;
-    pub const WRITE_SAME_16: u8 = 0x93;
-    pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
-    pub const REPORT_LUNS: u8 = 0xA0;
-    pub const MAINTENANCE_IN: u8 = 0xA3;
-    pub const READ_12: u8 = 0xA8;
-    pub const WRITE_12: u8 = 0xAA;
-    pub const WRITE_VERIFY_12: u8 = 0xAE;
-    pub const VERIFY_12: u8 = 0xAF;
-    pub const READ_DEFECT_12: u8 = 0xB7;
-
-    /// Service actions of SERVICE ACTION IN(16).
-    pub const SA_READ_CAPACITY_16: u16 = 0x10;
-    pub const SA_GET_LBA_STATUS: u16 = 0x12;
-    /// Service action of MAINTENANCE IN.
-    pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;
-}
+use super::opcode;
 
 #[inline]
 pub fn byte(cdb: &[u8], i: usize) -> u8 {
@@ -113,7 +61,7 @@ pub struct BlockRange {
 pub fn block_range(cdb: &[u8]) -> BlockRange {
     let opcode = byte(cdb, 0);
     let b1 = byte(cdb, 1);
-    let (lba, blocks) = if opcode == op::COMPARE_AND_WRITE {
+    let (lba, blocks) = if opcode == opcode::COMPARE_AND_WRITE {
         (be64(cdb, 2), u32::from(byte(cdb, 13)))
     } else {
         match cdb_len_for_opcode(opcode) {
@@ -151,12 +99,12 @@ mod tests {
     fn decodes_ranges() {
         let r = block_range(&[0x08, 0x1F, 0xFF, 0xFE, 0, 0]);
         assert_eq!((r.lba, r.blocks), (0x1F_FFFE, 256));
-        let r = block_range(&[0x2A, 0x08, 0, 0, 1, 0, 0, 0, 2, 0]);
+        let r = block_range(&[opcode::WRITE_10, 0x08, 0, 0, 1, 0, 0, 0, 2, 0]);
         assert_eq!((r.lba, r.blocks, r.fua, r.protect), (256, 2, true, 0));
         let r = block_range(&[0xA8, 0x20, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0]);
         assert_eq!((r.lba, r.blocks, r.protect), (1, 3, 1));
         let mut c = [0u8; 16];
-        c[0] = 0x89;
+        c[0] = opcode::COMPARE_AND_WRITE;
         c[9] = 5;
         c[13] = 4;
         let r = block_range(&c);

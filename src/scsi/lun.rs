@@ -2,10 +2,11 @@
 //! sizing and REPORT SUPPORTED OPERATION CODES), unit attentions and SCSI-2 reservations.
 
 use super::backend::BlockBackend;
-use super::cdb::{self, op};
+use super::cdb;
+use super::opcode;
 use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore, Scsi2Verdict};
 use super::range_lock::RangeLock;
-use super::sense::{key, Sense};
+use super::sense::{key, ua, Sense};
 use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -176,10 +177,10 @@ const fn with12(opcode: u8, b1: u8) -> [u8; 12] {
 /// SUPPORTED OPERATION CODES all read this one table.
 pub(crate) static COMMANDS: &[CommandSpec] = &[
     cmd!(
-        op::TEST_UNIT_READY,
+        opcode::TEST_UNIT_READY,
         None,
         "TEST UNIT READY",
-        [0x00, 0, 0, 0, 0, C],
+        [opcode::TEST_UNIT_READY, 0, 0, 0, 0, C],
         DataOut::None,
         Access::Status,
         spc::test_unit_ready
@@ -187,29 +188,29 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         ua_exempt: true,
         ..cmd!(
-            op::REQUEST_SENSE,
+            opcode::REQUEST_SENSE,
             None,
             "REQUEST SENSE",
-            [0x03, 0x01, 0, 0, 0xFF, C],
+            [opcode::REQUEST_SENSE, 0x01, 0, 0, 0xFF, C],
             DataOut::None,
             Access::Any,
             spc::request_sense
         )
     },
     cmd!(
-        op::READ_6,
+        opcode::READ_6,
         None,
         "READ(6)",
-        [0x08, 0x1F, 0xFF, 0xFF, 0xFF, C],
+        [opcode::READ_6, 0x1F, 0xFF, 0xFF, 0xFF, C],
         DataOut::None,
         Access::Read,
         sbc::read
     ),
     cmd!(
-        op::WRITE_6,
+        opcode::WRITE_6,
         None,
         "WRITE(6)",
-        [0x0A, 0x1F, 0xFF, 0xFF, 0xFF, C],
+        [opcode::WRITE_6, 0x1F, 0xFF, 0xFF, 0xFF, C],
         DataOut::Blocks,
         Access::Write,
         sbc::write
@@ -217,146 +218,157 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         ua_exempt: true,
         ..cmd!(
-            op::INQUIRY,
+            opcode::INQUIRY,
             None,
             "INQUIRY",
-            [0x12, 0x01, 0xFF, 0xFF, 0xFF, C],
+            [opcode::INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, C],
             DataOut::None,
             Access::Any,
             spc::inquiry
         )
     },
     cmd!(
-        op::MODE_SELECT_6,
+        opcode::MODE_SELECT_6,
         None,
         "MODE SELECT(6)",
-        [0x15, 0x11, 0, 0, 0xFF, C],
+        [opcode::MODE_SELECT_6, 0x11, 0, 0, 0xFF, C],
         DataOut::Param { at: 4, width: 1 },
         Access::Write,
         mode::mode_select
     ),
     cmd!(
-        op::RESERVE_6,
+        opcode::RESERVE_6,
         None,
         "RESERVE(6)",
-        [0x16, 0, 0, 0, 0, C],
+        [opcode::RESERVE_6, 0, 0, 0, 0, C],
         DataOut::None,
         Access::Reserve,
         spc::reserve
     ),
     cmd!(
-        op::RELEASE_6,
+        opcode::RELEASE_6,
         None,
         "RELEASE(6)",
-        [0x17, 0, 0, 0, 0, C],
+        [opcode::RELEASE_6, 0, 0, 0, 0, C],
         DataOut::None,
         Access::Release,
         spc::release
     ),
     cmd!(
-        op::MODE_SENSE_6,
+        opcode::MODE_SENSE_6,
         None,
         "MODE SENSE(6)",
-        [0x1A, 0x08, 0xFF, 0xFF, 0xFF, C],
+        [opcode::MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, C],
         DataOut::None,
         Access::Read,
         mode::mode_sense
     ),
     cmd!(
-        op::START_STOP_UNIT,
+        opcode::START_STOP_UNIT,
         None,
         "START STOP UNIT",
-        [0x1B, 0x01, 0, 0x0F, 0xF7, C],
+        [opcode::START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, C],
         DataOut::None,
         Access::Write,
         spc::start_stop_unit
     ),
     cmd!(
-        op::PREVENT_ALLOW,
+        opcode::PREVENT_ALLOW,
         None,
         "PREVENT ALLOW MEDIUM REMOVAL",
-        [0x1E, 0, 0, 0, 0x03, C],
+        [opcode::PREVENT_ALLOW, 0, 0, 0, 0x03, C],
         DataOut::None,
         Access::Write,
         spc::prevent_allow
     ),
     cmd!(
-        op::READ_CAPACITY_10,
+        opcode::READ_CAPACITY_10,
         None,
         "READ CAPACITY(10)",
-        [0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C],
+        [
+            opcode::READ_CAPACITY_10,
+            0,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            0,
+            0x01,
+            C
+        ],
         DataOut::None,
         Access::Status,
         sbc::read_capacity_10
     ),
     cmd!(
-        op::READ_10,
+        opcode::READ_10,
         None,
         "READ(10)",
-        with10(op::READ_10, 0xFA),
+        with10(opcode::READ_10, 0xFA),
         DataOut::None,
         Access::Read,
         sbc::read
     ),
     cmd!(
-        op::WRITE_10,
+        opcode::WRITE_10,
         None,
         "WRITE(10)",
-        with10(op::WRITE_10, 0xFA),
+        with10(opcode::WRITE_10, 0xFA),
         DataOut::Blocks,
         Access::Write,
         sbc::write
     ),
     cmd!(
-        op::WRITE_VERIFY_10,
+        opcode::WRITE_VERIFY_10,
         None,
         "WRITE AND VERIFY(10)",
-        with10(op::WRITE_VERIFY_10, 0xF2),
+        with10(opcode::WRITE_VERIFY_10, 0xF2),
         DataOut::Blocks,
         Access::Write,
         sbc::write_and_verify
     ),
     cmd!(
-        op::VERIFY_10,
+        opcode::VERIFY_10,
         None,
         "VERIFY(10)",
-        with10(op::VERIFY_10, 0xF6),
+        with10(opcode::VERIFY_10, 0xF6),
         DataOut::Verify,
         Access::Read,
         sbc::verify
     ),
     cmd!(
-        op::PRE_FETCH_10,
+        opcode::PRE_FETCH_10,
         None,
         "PRE-FETCH(10)",
-        with10(op::PRE_FETCH_10, 0x02),
+        with10(opcode::PRE_FETCH_10, 0x02),
         DataOut::None,
         Access::Read,
         sbc::pre_fetch
     ),
     cmd!(
-        op::SYNC_CACHE_10,
+        opcode::SYNC_CACHE_10,
         None,
         "SYNCHRONIZE CACHE(10)",
-        with10(op::SYNC_CACHE_10, 0x06),
+        with10(opcode::SYNC_CACHE_10, 0x06),
         DataOut::None,
         Access::Write,
         sbc::synchronize_cache
     ),
     cmd!(
-        op::READ_DEFECT_10,
+        opcode::READ_DEFECT_10,
         None,
         "READ DEFECT DATA(10)",
-        [0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        [opcode::READ_DEFECT_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
         DataOut::None,
         Access::Read,
         sbc::read_defect_data
     ),
     cmd!(
-        op::WRITE_SAME_10,
+        opcode::WRITE_SAME_10,
         None,
         "WRITE SAME(10)",
-        with10(op::WRITE_SAME_10, 0xF8),
+        with10(opcode::WRITE_SAME_10, 0xF8),
         DataOut::WriteSame,
         Access::Write,
         sbc::write_same
@@ -364,155 +376,222 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         thin_only: true,
         ..cmd!(
-            op::UNMAP,
+            opcode::UNMAP,
             None,
             "UNMAP",
-            [0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
+            [opcode::UNMAP, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
             DataOut::Param { at: 7, width: 2 },
             Access::Write,
             sbc::unmap
         )
     },
     cmd!(
-        op::MODE_SELECT_10,
+        opcode::MODE_SELECT_10,
         None,
         "MODE SELECT(10)",
-        [0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        [opcode::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
         DataOut::Param { at: 7, width: 2 },
         Access::Write,
         mode::mode_select
     ),
     cmd!(
-        op::RESERVE_10,
+        opcode::RESERVE_10,
         None,
         "RESERVE(10)",
-        [0x56, 0, 0, 0, 0, 0, 0, 0, 0, C],
+        [opcode::RESERVE_10, 0, 0, 0, 0, 0, 0, 0, 0, C],
         DataOut::Param { at: 7, width: 2 },
         Access::Reserve,
         spc::reserve
     ),
     cmd!(
-        op::RELEASE_10,
+        opcode::RELEASE_10,
         None,
         "RELEASE(10)",
-        [0x57, 0, 0, 0, 0, 0, 0, 0, 0, C],
+        [opcode::RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, C],
         DataOut::Param { at: 7, width: 2 },
         Access::Release,
         spc::release
     ),
     cmd!(
-        op::MODE_SENSE_10,
+        opcode::MODE_SENSE_10,
         None,
         "MODE SENSE(10)",
-        [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C],
+        [
+            opcode::MODE_SENSE_10,
+            0x18,
+            0xFF,
+            0xFF,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            C
+        ],
         DataOut::None,
         Access::Read,
         mode::mode_sense
     ),
     cmd!(
-        op::PERSISTENT_RESERVE_IN,
+        opcode::PERSISTENT_RESERVE_IN,
         None,
         "PERSISTENT RESERVE IN",
-        [0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+        [
+            opcode::PERSISTENT_RESERVE_IN,
+            0x1F,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            C
+        ],
         DataOut::None,
         Access::Any,
         spc::persistent_reserve_in
     ),
     cmd!(
-        op::PERSISTENT_RESERVE_OUT,
+        opcode::PERSISTENT_RESERVE_OUT,
         None,
         "PERSISTENT RESERVE OUT",
-        [0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C],
+        [
+            opcode::PERSISTENT_RESERVE_OUT,
+            0x1F,
+            0xFF,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            C
+        ],
         DataOut::Param { at: 5, width: 4 },
         Access::PrOut,
         spc::persistent_reserve_out
     ),
     cmd!(
-        op::READ_16,
+        opcode::READ_16,
         None,
         "READ(16)",
-        with(RW16, op::READ_16, 0xFA),
+        with(RW16, opcode::READ_16, 0xFA),
         DataOut::None,
         Access::Read,
         sbc::read
     ),
     cmd!(
-        op::COMPARE_AND_WRITE,
+        opcode::COMPARE_AND_WRITE,
         None,
         "COMPARE AND WRITE",
-        [0x89, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, C],
+        [
+            opcode::COMPARE_AND_WRITE,
+            0xF8,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            0,
+            0,
+            0xFF,
+            0x1F,
+            C
+        ],
         DataOut::CompareAndWrite,
         Access::Write,
         sbc::compare_and_write
     ),
     cmd!(
-        op::WRITE_16,
+        opcode::WRITE_16,
         None,
         "WRITE(16)",
-        with(RW16, op::WRITE_16, 0xFA),
+        with(RW16, opcode::WRITE_16, 0xFA),
         DataOut::Blocks,
         Access::Write,
         sbc::write
     ),
     cmd!(
-        op::ORWRITE_16,
+        opcode::ORWRITE_16,
         None,
         "ORWRITE(16)",
-        with(RW16, op::ORWRITE_16, 0xF8),
+        with(RW16, opcode::ORWRITE_16, 0xF8),
         DataOut::Blocks,
         Access::Write,
         sbc::orwrite
     ),
     cmd!(
-        op::WRITE_VERIFY_16,
+        opcode::WRITE_VERIFY_16,
         None,
         "WRITE AND VERIFY(16)",
-        with(RW16, op::WRITE_VERIFY_16, 0xF2),
+        with(RW16, opcode::WRITE_VERIFY_16, 0xF2),
         DataOut::Blocks,
         Access::Write,
         sbc::write_and_verify
     ),
     cmd!(
-        op::VERIFY_16,
+        opcode::VERIFY_16,
         None,
         "VERIFY(16)",
-        with(RW16, op::VERIFY_16, 0xF6),
+        with(RW16, opcode::VERIFY_16, 0xF6),
         DataOut::Verify,
         Access::Read,
         sbc::verify
     ),
     cmd!(
-        op::PRE_FETCH_16,
+        opcode::PRE_FETCH_16,
         None,
         "PRE-FETCH(16)",
-        with(RW16, op::PRE_FETCH_16, 0x02),
+        with(RW16, opcode::PRE_FETCH_16, 0x02),
         DataOut::None,
         Access::Read,
         sbc::pre_fetch
     ),
     cmd!(
-        op::SYNC_CACHE_16,
+        opcode::SYNC_CACHE_16,
         None,
         "SYNCHRONIZE CACHE(16)",
-        with(RW16, op::SYNC_CACHE_16, 0x06),
+        with(RW16, opcode::SYNC_CACHE_16, 0x06),
         DataOut::None,
         Access::Write,
         sbc::synchronize_cache
     ),
     cmd!(
-        op::WRITE_SAME_16,
+        opcode::WRITE_SAME_16,
         None,
         "WRITE SAME(16)",
-        with(RW16, op::WRITE_SAME_16, 0xF9),
+        with(RW16, opcode::WRITE_SAME_16, 0xF9),
         DataOut::WriteSame,
         Access::Write,
         sbc::write_same
     ),
     cmd!(
-        op::SERVICE_ACTION_IN_16,
-        Some(op::SA_READ_CAPACITY_16),
+        opcode::SERVICE_ACTION_IN_16,
+        Some(opcode::SA_READ_CAPACITY_16),
         "READ CAPACITY(16)",
-        [0x9E, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        [
+            opcode::SERVICE_ACTION_IN_16,
+            0x1F,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            C
+        ],
         DataOut::None,
         Access::Status,
         sbc::read_capacity_16
@@ -520,12 +599,26 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         thin_only: true,
         ..cmd!(
-            op::SERVICE_ACTION_IN_16,
-            Some(op::SA_GET_LBA_STATUS),
+            opcode::SERVICE_ACTION_IN_16,
+            Some(opcode::SA_GET_LBA_STATUS),
             "GET LBA STATUS",
             [
-                0x9E, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-                0, C
+                opcode::SERVICE_ACTION_IN_16,
+                0x1F,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0,
+                C
             ],
             DataOut::None,
             Access::Read,
@@ -535,65 +628,104 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         ua_exempt: true,
         ..cmd!(
-            op::REPORT_LUNS,
+            opcode::REPORT_LUNS,
             None,
             "REPORT LUNS",
-            [0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+            [
+                opcode::REPORT_LUNS,
+                0,
+                0xFF,
+                0,
+                0,
+                0,
+                0xFF,
+                0xFF,
+                0xFF,
+                0xFF,
+                0,
+                C
+            ],
             DataOut::None,
             Access::Any,
             spc::report_luns_single
         )
     },
     cmd!(
-        op::MAINTENANCE_IN,
-        Some(op::SA_REPORT_SUPPORTED_OPCODES),
+        opcode::MAINTENANCE_IN,
+        Some(opcode::SA_REPORT_SUPPORTED_OPCODES),
         "REPORT SUPPORTED OPERATION CODES",
-        [0xA3, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        [
+            opcode::MAINTENANCE_IN,
+            0x1F,
+            0x87,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            C
+        ],
         DataOut::None,
         Access::Any,
         spc::report_supported_opcodes
     ),
     cmd!(
-        op::READ_12,
+        opcode::READ_12,
         None,
         "READ(12)",
-        with12(op::READ_12, 0xFA),
+        with12(opcode::READ_12, 0xFA),
         DataOut::None,
         Access::Read,
         sbc::read
     ),
     cmd!(
-        op::WRITE_12,
+        opcode::WRITE_12,
         None,
         "WRITE(12)",
-        with12(op::WRITE_12, 0xFA),
+        with12(opcode::WRITE_12, 0xFA),
         DataOut::Blocks,
         Access::Write,
         sbc::write
     ),
     cmd!(
-        op::WRITE_VERIFY_12,
+        opcode::WRITE_VERIFY_12,
         None,
         "WRITE AND VERIFY(12)",
-        with12(op::WRITE_VERIFY_12, 0xF2),
+        with12(opcode::WRITE_VERIFY_12, 0xF2),
         DataOut::Blocks,
         Access::Write,
         sbc::write_and_verify
     ),
     cmd!(
-        op::VERIFY_12,
+        opcode::VERIFY_12,
         None,
         "VERIFY(12)",
-        with12(op::VERIFY_12, 0xF6),
+        with12(opcode::VERIFY_12, 0xF6),
         DataOut::Verify,
         Access::Read,
         sbc::verify
     ),
     cmd!(
-        op::READ_DEFECT_12,
+        opcode::READ_DEFECT_12,
         None,
         "READ DEFECT DATA(12)",
-        [0xB7, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+        [
+            opcode::READ_DEFECT_12,
+            0x1F,
+            0,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            C
+        ],
         DataOut::None,
         Access::Read,
         sbc::read_defect_data
@@ -840,7 +972,7 @@ impl LogicalUnit {
                 if let Err(e) = r {
                     tracing::error!(store = %store.describe(), error = %e,
                         "cannot persist reservation state; PR OUT refused");
-                    return Err(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00).into());
+                    return Err(Sense::INTERNAL_TARGET_FAILURE.into());
                 }
             }
         }
@@ -946,11 +1078,11 @@ impl LogicalUnit {
         if self.offline.load(Ordering::Acquire)
             && !matches!(
                 cdb::byte(cdb, 0),
-                op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE
+                opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE
             )
         {
             // SPC-4: identification and LUN inventory still work on a failed unit.
-            return self.check(Sense::new(key::NOT_READY, 0x04, 0x03));
+            return self.check(Sense::LOGICAL_UNIT_OFFLINE);
         }
         let found = lookup(cdb);
         let exempt = matches!(found, Ok(spec) if spec.ua_exempt);
@@ -1020,7 +1152,7 @@ impl LogicalUnit {
             DataOut::None => 0,
             DataOut::Blocks => blocks(u64::from(cdb::block_range(cdb).blocks)),
             DataOut::WriteSame => {
-                if spec.opcode == op::WRITE_SAME_16 && cdb::byte(cdb, 1) & 0x01 != 0 {
+                if spec.opcode == opcode::WRITE_SAME_16 && cdb::byte(cdb, 1) & 0x01 != 0 {
                     0
                 } else {
                     bs
@@ -1057,7 +1189,8 @@ impl LogicalUnit {
     /// that asked for the reset included (SAM-5 §6.3; multipath initiators check for it).
     pub fn reset(&self) {
         self.clear_reservation();
-        self.queue_unit_attention(&|_| true, 0x29, 0x03);
+        let (asc, ascq) = ua::BUS_DEVICE_RESET_FUNCTION_OCCURRED;
+        self.queue_unit_attention(&|_| true, asc, ascq);
     }
 
     /// I_T nexus loss: release its SCSI-2 reservation and forget its state (a nexus that
@@ -1245,7 +1378,7 @@ impl LogicalUnit {
             // Out of space is the file system's state, not the device's: stay online.
             Sense::SPACE_ALLOCATION_FAILED
         } else if self.note_backend_error(e) {
-            Sense::new(key::NOT_READY, 0x04, 0x03)
+            Sense::LOGICAL_UNIT_OFFLINE
         } else if write {
             Sense::WRITE_ERROR
         } else {

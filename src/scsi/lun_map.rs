@@ -1,8 +1,9 @@
 //! The LUNs one initiator may see, and the commands answered for the map rather than one
 //! LU: REPORT LUNS, and INQUIRY / REQUEST SENSE / anything else sent to an absent LUN.
 
-use super::cdb::{self, op};
+use super::cdb;
 use super::lun::LogicalUnit;
+use super::opcode;
 use super::sense::Sense;
 use super::spc::{report_luns_data, standard_inquiry, truncate};
 use super::{status, ScsiCommand, ScsiOutcome};
@@ -27,7 +28,7 @@ impl LunMap {
     pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
         let cdb: &[u8] = &cmd.cdb;
         let opcode = cdb::byte(cdb, 0);
-        if opcode == op::REPORT_LUNS {
+        if opcode == opcode::REPORT_LUNS {
             // Answered for the whole map whichever LUN it is addressed to.
             let good = |data_in| ScsiOutcome {
                 status: status::GOOD,
@@ -52,7 +53,7 @@ impl LunMap {
             return lu.execute(cmd);
         }
         match opcode {
-            op::INQUIRY => {
+            opcode::INQUIRY => {
                 let evpd = cdb::byte(cdb, 1) & 0x01 != 0;
                 let alloc = usize::from(cdb::be16(cdb, 3));
                 let data = if evpd {
@@ -67,7 +68,7 @@ impl LunMap {
                     data_in: truncate(data, alloc),
                 }
             }
-            op::REQUEST_SENSE => {
+            opcode::REQUEST_SENSE => {
                 let desc = cdb::byte(cdb, 1) & 0x01 != 0;
                 let alloc = usize::from(cdb::byte(cdb, 4));
                 let data = Sense::LUN_NOT_SUPPORTED.encode(desc);

@@ -3,17 +3,24 @@
 //!
 //! Execution is synchronous and may block on backend I/O; the transport runs it on a
 //! blocking pool so the async runtime never waits on the disk.
+//!
+//! The SCSI vocabulary lives here once, for the device server and the initiator alike:
+//! [`status`], [`sense`], [`opcode`], [`pr_codes`] and [`transport_id`].
 
 pub mod backend;
 pub mod cdb;
 pub mod lun;
 pub mod lun_map;
 mod mode;
+pub mod opcode;
 pub mod pr;
+pub mod pr_codes;
 pub mod range_lock;
 mod sbc;
 pub mod sense;
 mod spc;
+pub mod status;
+pub mod transport_id;
 mod vpd;
 
 #[cfg(test)]
@@ -25,18 +32,6 @@ pub use pr::{PrLoadError, PrState, PrStore};
 
 use bytes::Bytes;
 use std::sync::Arc;
-
-/// SCSI status codes (SAM-5).
-pub mod status {
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
-    pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-    pub const ACA_ACTIVE: u8 = 0x30;
-    pub const TASK_ABORTED: u8 = 0x40;
-}
 
 /// An I_T nexus: (initiator port, target port).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,9 +48,9 @@ pub struct ItNexus {
 }
 
 impl ItNexus {
-    /// `InitiatorName,i,0x<ISID>` as in RFC 7143 §4.4.2.
+    /// `InitiatorName,i,0x<ISID>` as in RFC 7143 §4.4.2 (a format 01b TransportID's text).
     pub fn initiator_port_id(&self) -> String {
-        format!("{},i,0x{}", self.initiator_name, hex::encode(self.isid))
+        transport_id::TransportId::iscsi_port(self.initiator_name.as_str(), self.isid).to_string()
     }
     /// `TargetName,t,0x<TPGT>`.
     pub fn target_port_id(&self) -> String {

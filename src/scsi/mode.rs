@@ -2,9 +2,10 @@
 //! informational exceptions control (1Ch) pages. Only WCE and D_SENSE are changeable;
 //! saved pages are not implemented.
 
-use super::cdb::{self, op};
+use super::cdb;
 use super::lun::{CmdResult, LogicalUnit, Request};
-use super::sense::Sense;
+use super::opcode;
+use super::sense::{ua, Sense};
 use super::spc::truncate;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::atomic::Ordering;
@@ -65,7 +66,7 @@ fn page_bytes(lu: &LogicalUnit, code: u8, pc: PageControl) -> Option<Vec<u8>> {
 
 pub(crate) fn mode_sense(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let c = req.cdb;
-    let ten = cdb::byte(c, 0) == op::MODE_SENSE_10;
+    let ten = cdb::byte(c, 0) == opcode::MODE_SENSE_10;
     let dbd = cdb::byte(c, 1) & 0x08 != 0;
     let llbaa = ten && cdb::byte(c, 1) & 0x10 != 0;
     let pc = match cdb::byte(c, 2) >> 6 {
@@ -135,7 +136,7 @@ pub(crate) fn mode_sense(lu: &LogicalUnit, req: &Request) -> CmdResult {
 
 pub(crate) fn mode_select(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let c = req.cdb;
-    let ten = cdb::byte(c, 0) == op::MODE_SELECT_10;
+    let ten = cdb::byte(c, 0) == opcode::MODE_SELECT_10;
     if cdb::byte(c, 1) & 0x10 == 0 {
         // Only the SPC page format is understood.
         return Err(Sense::invalid_cdb(1, Some(4)).into());
@@ -228,7 +229,8 @@ pub(crate) fn mode_select(lu: &LogicalUnit, req: &Request) -> CmdResult {
                 .map_err(|e| lu.io_error(&e, "flush", true))?;
         }
         let me = &req.cmd.nexus;
-        lu.queue_unit_attention(&|n| n != &**me, 0x2A, 0x01);
+        let (asc, ascq) = ua::MODE_PARAMETERS_CHANGED;
+        lu.queue_unit_attention(&|n| n != &**me, asc, ascq);
     }
     Ok(Bytes::new())
 }

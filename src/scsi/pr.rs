@@ -14,7 +14,9 @@
 
 use super::cdb;
 use super::lun::CmdError;
-use super::sense::{key, Sense};
+use super::pr_codes::{PrInAction, PrOutAction, PrType};
+use super::sense::{ua, Sense};
+use super::transport_id::TransportId;
 use super::ItNexus;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -24,103 +26,6 @@ use std::io;
 pub const MAX_REGISTRATIONS: usize = 4096;
 /// Longest PR OUT parameter list accepted (bounds what the transport buffers).
 pub const MAX_PARAM_LIST: u32 = 1 << 20;
-/// Longest iSCSI name (RFC 7143 §4.2.7.1).
-const MAX_NAME_LEN: usize = 223;
-
-/// PR OUT service actions.
-pub mod sa {
-    pub const REGISTER: u8 = 0;
-    pub const RESERVE: u8 = 1;
-    pub const RELEASE: u8 = 2;
-    pub const CLEAR: u8 = 3;
-    pub const PREEMPT: u8 = 4;
-    pub const PREEMPT_AND_ABORT: u8 = 5;
-    pub const REGISTER_AND_IGNORE: u8 = 6;
-    pub const REGISTER_AND_MOVE: u8 = 7;
-    pub const REPLACE_LOST: u8 = 8;
-    /// PR IN service actions.
-    pub const READ_KEYS: u8 = 0;
-    pub const READ_RESERVATION: u8 = 1;
-    pub const REPORT_CAPABILITIES: u8 = 2;
-    pub const READ_FULL_STATUS: u8 = 3;
-}
-
-/// Unit attention ASC/ASCQ pairs raised by PR OUT (SPC-4 §5.13).
-pub mod ua {
-    pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
-    pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
-    pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
-}
-
-const INSUFFICIENT_REGISTRATION_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
-const INVALID_RELEASE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
-
-/// Persistent reservation type (SPC-4 table 185).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PrType {
-    WriteExclusive,
-    ExclusiveAccess,
-    WriteExclusiveRegistrantsOnly,
-    ExclusiveAccessRegistrantsOnly,
-    WriteExclusiveAllRegistrants,
-    ExclusiveAccessAllRegistrants,
-}
-
-impl PrType {
-    pub const ALL: [PrType; 6] = [
-        PrType::WriteExclusive,
-        PrType::ExclusiveAccess,
-        PrType::WriteExclusiveRegistrantsOnly,
-        PrType::ExclusiveAccessRegistrantsOnly,
-        PrType::WriteExclusiveAllRegistrants,
-        PrType::ExclusiveAccessAllRegistrants,
-    ];
-
-    pub fn from_code(c: u8) -> Option<PrType> {
-        Some(match c {
-            1 => PrType::WriteExclusive,
-            3 => PrType::ExclusiveAccess,
-            5 => PrType::WriteExclusiveRegistrantsOnly,
-            6 => PrType::ExclusiveAccessRegistrantsOnly,
-            7 => PrType::WriteExclusiveAllRegistrants,
-            8 => PrType::ExclusiveAccessAllRegistrants,
-            _ => return None,
-        })
-    }
-
-    pub fn code(self) -> u8 {
-        match self {
-            PrType::WriteExclusive => 1,
-            PrType::ExclusiveAccess => 3,
-            PrType::WriteExclusiveRegistrantsOnly => 5,
-            PrType::ExclusiveAccessRegistrantsOnly => 6,
-            PrType::WriteExclusiveAllRegistrants => 7,
-            PrType::ExclusiveAccessAllRegistrants => 8,
-        }
-    }
-
-    /// Every registrant is a reservation holder.
-    pub fn all_registrants(self) -> bool {
-        matches!(
-            self,
-            PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
-        )
-    }
-
-    /// Registrants-only or all-registrants: registered nexuses get access.
-    fn registrants_share(self) -> bool {
-        !matches!(self, PrType::WriteExclusive | PrType::ExclusiveAccess)
-    }
-
-    fn exclusive_access(self) -> bool {
-        matches!(
-            self,
-            PrType::ExclusiveAccess
-                | PrType::ExclusiveAccessRegistrantsOnly
-                | PrType::ExclusiveAccessAllRegistrants
-        )
-    }
-}
 
 /// A target port: target name and portal group tag (the relative target port id equals
 /// the TPGT in holdfast).
@@ -289,79 +194,22 @@ fn param_len_error<T>() -> Result<T, CmdError> {
     Err(Sense::PARAM_LIST_LENGTH.into())
 }
 
-/// An initiator named by a TransportID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TransportId {
-    pub name: String,
-    pub isid: Option<[u8; 6]>,
+/// Decode one TransportID at offset `at` of a parameter list; a bad one is INVALID FIELD
+/// IN PARAMETER LIST pointing at the offending field.
+fn decode_transport_id(list: &[u8], at: usize) -> Result<(TransportId, usize), CmdError> {
+    TransportId::decode(list.get(at..).unwrap_or(&[])).map_err(|e| {
+        let (byte, bit) = e.field();
+        let ptr = u16::try_from(at.saturating_add(byte)).unwrap_or(u16::MAX);
+        Sense::invalid_param(ptr, bit).into()
+    })
 }
 
-/// Parse one iSCSI TransportID at the start of `buf` (SPC-4 §7.6.4.6); returns it and
-/// its length. `at` is its offset in the parameter list, for the field pointer.
-pub fn parse_transport_id(buf: &[u8], at: usize) -> Result<(TransportId, usize), CmdError> {
-    let ptr = |off: usize| u16::try_from(at.saturating_add(off)).unwrap_or(u16::MAX);
-    let b0 = cdb::byte(buf, 0);
-    if buf.len() < 4 || b0 & 0x0F != 5 {
-        return bad_param(ptr(0), Some(3));
+/// The TransportID READ FULL STATUS reports for a registration.
+fn transport_id_of(id: &RegId) -> TransportId {
+    TransportId {
+        name: id.initiator.clone(),
+        isid: id.isid,
     }
-    let format = b0 >> 6;
-    if format > 1 || b0 & 0x30 != 0 {
-        return bad_param(ptr(0), Some(7));
-    }
-    let total = 4 + usize::from(cdb::be16(buf, 2));
-    let Some(body) = buf.get(4..total) else {
-        return bad_param(ptr(2), None);
-    };
-    let text = body.split(|&c| c == 0).next().unwrap_or(&[]);
-    let Ok(text) = std::str::from_utf8(text) else {
-        return bad_param(ptr(4), None);
-    };
-    let (name, isid) = if format == 0 {
-        (text, None)
-    } else {
-        let lower = text.to_ascii_lowercase();
-        let Some(pos) = lower.rfind(",i,0x") else {
-            return bad_param(ptr(4), None);
-        };
-        let hex_part = &text[pos + 5..];
-        if hex_part.is_empty()
-            || hex_part.len() > 12
-            || !hex_part.bytes().all(|c| c.is_ascii_hexdigit())
-        {
-            return bad_param(ptr(4), None);
-        }
-        let v = u64::from_str_radix(hex_part, 16).unwrap_or(0);
-        let mut isid = [0u8; 6];
-        isid.copy_from_slice(&v.to_be_bytes()[2..]);
-        (&text[..pos], Some(isid))
-    };
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(|c| c.is_ascii_graphic()) {
-        return bad_param(ptr(4), None);
-    }
-    Ok((
-        TransportId {
-            name: name.to_ascii_lowercase(),
-            isid,
-        },
-        total,
-    ))
-}
-
-/// Encode an iSCSI TransportID for a registration (format 01b with ISID, else 00b).
-pub fn encode_transport_id(id: &RegId) -> Vec<u8> {
-    let text = match id.isid {
-        Some(isid) => format!("{},i,0x{}", id.initiator, hex::encode(isid)),
-        None => id.initiator.clone(),
-    };
-    // NUL-terminated, padded to a multiple of 4, at least 20 bytes after the header.
-    let body = (text.len() + 1).next_multiple_of(4).max(20);
-    let mut b = Vec::with_capacity(4 + body);
-    b.push(if id.isid.is_some() { 0x45 } else { 0x05 });
-    b.push(0);
-    b.extend_from_slice(&(body as u16).to_be_bytes());
-    b.extend_from_slice(text.as_bytes());
-    b.resize(4 + body, 0);
-    b
 }
 
 impl PrState {
@@ -446,18 +294,17 @@ impl PrState {
         data: &[u8],
         caps: PrCaps,
     ) -> Result<ProutEffects, CmdError> {
-        let action = cdb::byte(cdb_bytes, 1) & 0x1F;
+        let Ok(action) = PrOutAction::try_from(cdb::byte(cdb_bytes, 1) & 0x1F) else {
+            return bad_cdb(1, Some(4));
+        };
         let scope = cdb::byte(cdb_bytes, 2) >> 4;
         let type_code = cdb::byte(cdb_bytes, 2) & 0x0F;
         let plen = cdb::be32(cdb_bytes, 5);
-        if action > sa::REPLACE_LOST {
-            return bad_cdb(1, Some(4));
-        }
         if plen > MAX_PARAM_LIST || (data.len() as u64) < u64::from(plen) {
             return param_len_error();
         }
         let list = &data[..plen as usize];
-        if action == sa::REGISTER_AND_MOVE {
+        if action == PrOutAction::RegisterAndMove {
             return self.register_and_move(n, list, scope, type_code, caps);
         }
         if plen < 24 {
@@ -471,37 +318,42 @@ impl PrState {
             all_tg_pt: flags & 0x04 != 0,
             aptpl: flags & 0x01 != 0,
         };
-        if p.spec_i_pt && action != sa::REGISTER {
+        if p.spec_i_pt && action != PrOutAction::Register {
             return bad_param(20, Some(3));
         }
         if !p.spec_i_pt && plen != 24 {
             return param_len_error();
         }
-        let is_register = matches!(action, sa::REGISTER | sa::REGISTER_AND_IGNORE);
+        let is_register = matches!(
+            action,
+            PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey
+        );
         if is_register && p.aptpl && !caps.ptpl {
             return bad_param(20, Some(0));
         }
         // RESERVE, RELEASE, PREEMPT and PREEMPT AND ABORT use scope and type; only
         // LU_SCOPE exists in SPC-4. The type is checked where it takes effect.
-        let scoped = matches!(
-            action,
-            sa::RESERVE | sa::RELEASE | sa::PREEMPT | sa::PREEMPT_AND_ABORT | sa::REPLACE_LOST
-        );
-        if scoped && scope != 0 {
+        if action.is_scoped() && scope != 0 {
             return bad_cdb(2, Some(7));
         }
-        let ty = PrType::from_code(type_code);
+        let ty = PrType::try_from(type_code).ok();
         match action {
-            sa::REGISTER | sa::REGISTER_AND_IGNORE => {
-                self.register(n, &p, action == sa::REGISTER_AND_IGNORE, list)
+            PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey => self.register(
+                n,
+                &p,
+                action == PrOutAction::RegisterAndIgnoreExistingKey,
+                list,
+            ),
+            PrOutAction::Reserve => self.reserve(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?),
+            PrOutAction::Release => self.release(n, &p, type_code),
+            PrOutAction::Clear => self.clear(n, &p),
+            PrOutAction::Preempt | PrOutAction::PreemptAndAbort => {
+                self.preempt(n, &p, ty, action == PrOutAction::PreemptAndAbort)
             }
-            sa::RESERVE => self.reserve(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?),
-            sa::RELEASE => self.release(n, &p, type_code),
-            sa::CLEAR => self.clear(n, &p),
-            sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
-                self.preempt(n, &p, ty, action == sa::PREEMPT_AND_ABORT)
+            PrOutAction::RegisterAndMove => unreachable!("handled above"),
+            PrOutAction::ReplaceLostReservation => {
+                self.replace_lost(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?)
             }
-            _ => self.replace_lost(n, &p, ty.ok_or(Sense::invalid_cdb(2, Some(3)))?),
         }
     }
 
@@ -546,7 +398,7 @@ impl PrState {
                     }
                 }
                 if self.registrations.len() + new.len() > MAX_REGISTRATIONS {
-                    return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+                    return Err(Sense::INSUFFICIENT_REGISTRATION_RESOURCES.into());
                 }
                 for id in new {
                     // An exact registration for this nexus replaces nothing: `find` missed.
@@ -647,7 +499,7 @@ impl PrState {
             return Ok(fx);
         }
         if res.ty.code() != type_code {
-            return Err(INVALID_RELEASE.into());
+            return Err(Sense::INVALID_RELEASE_OF_PERSISTENT_RESERVATION.into());
         }
         let ty = res.ty;
         self.reservation = None;
@@ -791,7 +643,7 @@ impl PrState {
         if rel_port == 0 {
             return bad_param(18, None);
         }
-        let (tid, used) = parse_transport_id(&list[24..], 24)?;
+        let (tid, used) = decode_transport_id(list, 24)?;
         if used != tid_len {
             return param_len_error();
         }
@@ -816,7 +668,7 @@ impl PrState {
             Some(j) => self.registrations[j].id.clone(),
             None => {
                 if self.registrations.len() >= MAX_REGISTRATIONS {
-                    return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+                    return Err(Sense::INSUFFICIENT_REGISTRATION_RESOURCES.into());
                 }
                 self.registrations.push(Registration {
                     id: dest.clone(),
@@ -865,12 +717,14 @@ impl PrState {
     /// Execute PERSISTENT RESERVE IN; the data is already cut to the allocation length
     /// (ADDITIONAL LENGTH keeps the full size).
     pub fn prin(&self, cdb_bytes: &[u8], caps: PrCaps) -> Result<Vec<u8>, CmdError> {
-        let action = cdb::byte(cdb_bytes, 1) & 0x1F;
+        let Ok(action) = PrInAction::try_from(cdb::byte(cdb_bytes, 1) & 0x1F) else {
+            return bad_cdb(1, Some(4));
+        };
         let alloc = usize::from(cdb::be16(cdb_bytes, 7));
         let mut b = Vec::with_capacity(64);
         b.extend_from_slice(&self.generation.to_be_bytes());
         match action {
-            sa::READ_KEYS => {
+            PrInAction::ReadKeys => {
                 let n = self.registrations.len() * 8;
                 b.extend_from_slice(&(n as u32).to_be_bytes());
                 for r in &self.registrations {
@@ -880,7 +734,7 @@ impl PrState {
                     b.extend_from_slice(&r.key.to_be_bytes());
                 }
             }
-            sa::READ_RESERVATION => match &self.reservation {
+            PrInAction::ReadReservation => match &self.reservation {
                 None => b.extend_from_slice(&0u32.to_be_bytes()),
                 Some(res) => {
                     b.extend_from_slice(&16u32.to_be_bytes());
@@ -899,23 +753,23 @@ impl PrState {
                     b.extend_from_slice(&[0; 2]);
                 }
             },
-            sa::REPORT_CAPABILITIES => {
+            PrInAction::ReportCapabilities => {
                 b.clear();
                 b.extend_from_slice(&8u16.to_be_bytes());
                 // CRH, SIP_C, ATP_C, PTPL_C
                 b.push(0x10 | 0x08 | 0x04 | u8::from(caps.ptpl));
                 // TMV, ALLOW COMMANDS = 001b (SPC-4 table 191), PTPL_A
                 b.push(0x80 | 0x10 | u8::from(self.aptpl && caps.ptpl));
-                // Type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX / EX_AC_AR.
-                b.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
-                b.push(0x01);
+                // Type mask: every type.
+                let mask = PrType::ALL.iter().fold(0, |m, t| m | t.mask_bit());
+                b.extend_from_slice(&mask.to_be_bytes());
                 b.extend_from_slice(&[0; 2]);
             }
-            sa::READ_FULL_STATUS => {
+            PrInAction::ReadFullStatus => {
                 b.extend_from_slice(&[0; 4]);
                 let mut total: usize = 0;
                 for (i, r) in self.registrations.iter().enumerate() {
-                    let tid = encode_transport_id(&r.id);
+                    let tid = transport_id_of(&r.id).encode();
                     total += 24 + tid.len();
                     if b.len() >= alloc {
                         continue; // keep counting ADDITIONAL LENGTH
@@ -937,7 +791,6 @@ impl PrState {
                 let total = u32::try_from(total).unwrap_or(u32::MAX);
                 b[4..8].copy_from_slice(&total.to_be_bytes());
             }
-            _ => return bad_cdb(1, Some(4)),
         }
         b.truncate(alloc);
         Ok(b)
@@ -1004,9 +857,9 @@ fn parse_tid_list(list: &[u8], at: usize) -> Result<Vec<TransportId>, CmdError> 
     let mut out = Vec::new();
     let mut off = start;
     while off < list.len() {
-        let (t, used) = parse_transport_id(&list[off..], off)?;
+        let (t, used) = decode_transport_id(list, off)?;
         if out.len() >= MAX_REGISTRATIONS {
-            return Err(INSUFFICIENT_REGISTRATION_RESOURCES.into());
+            return Err(Sense::INSUFFICIENT_REGISTRATION_RESOURCES.into());
         }
         out.push(t);
         off += used;

@@ -8,8 +8,9 @@
 //! INVALID FIELD IN COMMAND INFORMATION UNIT (0E/03) instead.
 
 use super::backend;
-use super::cdb::{self, op, BlockRange};
+use super::cdb::{self, BlockRange};
 use super::lun::{limits, CmdResult, LogicalUnit, Request};
+use super::opcode;
 use super::range_lock::Mode;
 use super::sense::Sense;
 use super::spc::truncate;
@@ -21,7 +22,7 @@ fn length_field(opcode: u8) -> u16 {
         Some(6) => 4,
         Some(10) => 7,
         Some(12) => 6,
-        _ if opcode == op::COMPARE_AND_WRITE => 13,
+        _ if opcode == opcode::COMPARE_AND_WRITE => 13,
         _ => 10,
     }
 }
@@ -190,7 +191,7 @@ pub(crate) fn synchronize_cache(lu: &LogicalUnit, req: &Request) -> CmdResult {
 pub(crate) fn read_defect_data(_lu: &LogicalUnit, req: &Request) -> CmdResult {
     let c = req.cdb;
     let mut b = BytesMut::with_capacity(8);
-    if cdb::byte(c, 0) == op::READ_DEFECT_10 {
+    if cdb::byte(c, 0) == opcode::READ_DEFECT_10 {
         b.put_u8(0);
         b.put_u8(cdb::byte(c, 2) & 0x1F);
         b.put_u16(0);
@@ -207,7 +208,7 @@ pub(crate) fn read_defect_data(_lu: &LogicalUnit, req: &Request) -> CmdResult {
 pub(crate) fn write_same(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let c = req.cdb;
     let b1 = cdb::byte(c, 1);
-    let ws16 = cdb::byte(c, 0) == op::WRITE_SAME_16;
+    let ws16 = cdb::byte(c, 0) == opcode::WRITE_SAME_16;
     let r = cdb::block_range(c);
     if r.protect != 0 {
         return Err(Sense::invalid_cdb(1, Some(7)).into());

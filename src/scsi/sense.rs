@@ -6,6 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// Sense keys (SPC-4 table 48).
 pub mod key {
     pub const NO_SENSE: u8 = 0x0;
+    pub const RECOVERED_ERROR: u8 = 0x1;
     pub const NOT_READY: u8 = 0x2;
     pub const MEDIUM_ERROR: u8 = 0x3;
     pub const HARDWARE_ERROR: u8 = 0x4;
@@ -14,6 +15,16 @@ pub mod key {
     pub const DATA_PROTECT: u8 = 0x7;
     pub const ABORTED_COMMAND: u8 = 0xB;
     pub const MISCOMPARE: u8 = 0xE;
+}
+
+/// Unit attention conditions as (ASC, ASCQ) pairs (SPC-4 table 49), queued per nexus and
+/// reported with sense key UNIT ATTENTION.
+pub mod ua {
+    pub const BUS_DEVICE_RESET_FUNCTION_OCCURRED: (u8, u8) = (0x29, 0x03);
+    pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
+    pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
+    pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
+    pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
 }
 
 /// Where in the CDB or parameter list an invalid field sits (sense-key specific field).
@@ -90,6 +101,21 @@ impl Sense {
     pub const READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
     pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00);
     pub const NO_SENSE: Sense = Sense::new(key::NO_SENSE, 0x00, 0x00);
+    /// INVALID FIELD IN CDB without a field pointer (see [`Sense::invalid_cdb`]).
+    pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
+    pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: Sense =
+        Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
+    pub const INSUFFICIENT_REGISTRATION_RESOURCES: Sense =
+        Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+    /// LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED: the LU is offline.
+    pub const LOGICAL_UNIT_OFFLINE: Sense = Sense::new(key::NOT_READY, 0x04, 0x03);
+    pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
+    /// A Data-Out PDU failed its data digest.
+    pub const DATA_PHASE_CRC_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x47, 0x01);
+    /// Immediate data failed its data digest (RFC 7143 §7.8).
+    pub const PROTOCOL_SERVICE_CRC_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x47, 0x05);
+    /// WRITE ERROR - NOT ENOUGH UNSOLICITED DATA: bad immediate or unsolicited data.
+    pub const NOT_ENOUGH_UNSOLICITED_DATA: Sense = Sense::new(key::ABORTED_COMMAND, 0x0C, 0x0D);
 
     /// MISCOMPARE DURING VERIFY OPERATION (0E/1D/00); INFORMATION = offset of the first
     /// differing byte.
@@ -105,6 +131,18 @@ impl Sense {
 
     pub const fn unit_attention(asc: u8, ascq: u8) -> Self {
         Sense::new(key::UNIT_ATTENTION, asc, ascq)
+    }
+
+    /// Decode the sense key, ASC and ASCQ of fixed (0x70/0x71) or descriptor (0x72/0x73)
+    /// sense data; INFORMATION and the field pointer are not read back.
+    pub fn decode(b: &[u8]) -> Option<Sense> {
+        let (key, asc_at) = match b.first()? & 0x7f {
+            0x70 | 0x71 => (b.get(2)? & 0x0f, 12),
+            0x72 | 0x73 => (b.get(1)? & 0x0f, 2),
+            _ => return None,
+        };
+        let at = |i: usize| b.get(i).copied().unwrap_or(0);
+        Some(Sense::new(key, at(asc_at), at(asc_at + 1)))
     }
 
     /// The three sense-key-specific bytes (SKSV set), if there is a field pointer.
@@ -198,6 +236,24 @@ mod tests {
         assert_eq!(s[2], key::MISCOMPARE);
         assert_eq!(&s[3..7], &[0, 0, 0x12, 0x34]);
         assert_eq!((s[12], s[13]), (0x1D, 0));
+    }
+
+    #[test]
+    fn decode_reads_both_formats() {
+        let mut fixed = [0u8; 18];
+        fixed[0] = 0x70;
+        fixed[2] = key::ILLEGAL_REQUEST;
+        fixed[12] = 0x21;
+        assert_eq!(Sense::decode(&fixed), Some(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!(
+            Sense::decode(&[0x72, 0x0e, 0x1d, 0x00, 0, 0, 0, 0]),
+            Some(Sense::new(key::MISCOMPARE, 0x1d, 0))
+        );
+        let encoded = Sense::INVALID_FIELD_IN_CDB.encode(true);
+        assert_eq!(Sense::decode(&encoded), Some(Sense::INVALID_FIELD_IN_CDB));
+        assert_eq!(Sense::decode(&[]), None);
+        assert_eq!(Sense::decode(&[0x70]), None);
+        assert_eq!(Sense::decode(&[0x7f, 0, 0]), None);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! REPORT LUNS, REPORT SUPPORTED OPERATION CODES, RESERVE/RELEASE, START STOP UNIT,
 //! PREVENT ALLOW MEDIUM REMOVAL.
 
-use super::cdb::{self, op};
+use super::cdb;
 use super::lun::{has_service_actions, CmdResult, LogicalUnit, Request, COMMANDS};
+use super::opcode;
 use super::sense::Sense;
 use super::vpd;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -124,7 +125,7 @@ pub(crate) fn report_luns_single(_lu: &LogicalUnit, req: &Request) -> CmdResult 
 pub(crate) fn reserve(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let b1 = cdb::byte(req.cdb, 1);
     // Third-party and extent reservations are not supported.
-    let bad = if cdb::byte(req.cdb, 0) == op::RESERVE_6 {
+    let bad = if cdb::byte(req.cdb, 0) == opcode::RESERVE_6 {
         b1 & 0x1F
     } else {
         b1 & 0x12
@@ -138,7 +139,7 @@ pub(crate) fn reserve(lu: &LogicalUnit, req: &Request) -> CmdResult {
 
 pub(crate) fn release(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let b1 = cdb::byte(req.cdb, 1);
-    let bad = if cdb::byte(req.cdb, 0) == op::RELEASE_6 {
+    let bad = if cdb::byte(req.cdb, 0) == opcode::RELEASE_6 {
         b1 & 0x1F
     } else {
         b1 & 0x12

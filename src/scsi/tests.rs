@@ -1,8 +1,8 @@
 //! Device server tests against an in-memory backend with a hole map.
 
 use super::backend::BlockBackend;
-use super::cdb::op;
 use super::lun::COMMANDS;
+use super::opcode;
 use super::{status, ItNexus, LogicalUnit, LunMap, LunSettings, ScsiCommand, ScsiOutcome};
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -166,7 +166,7 @@ fn rw16(opcode: u8, lba: u64, n: u32) -> [u8; 16] {
 
 fn caw(lba: u64, n: u8) -> [u8; 16] {
     let mut c = [0u8; 16];
-    c[0] = op::COMPARE_AND_WRITE;
+    c[0] = opcode::COMPARE_AND_WRITE;
     c[2..10].copy_from_slice(&lba.to_be_bytes());
     c[13] = n;
     c
@@ -287,25 +287,25 @@ fn read_capacity() {
 fn write_read_roundtrip_all_sizes() {
     let (lu, _) = lu();
     let data = pattern(2 * 512, 7);
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 10, 2), &data));
-    let o = run(&lu, &rw10(op::READ_10, 10, 2), &[]);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 10, 2), &data));
+    let o = run(&lu, &rw10(opcode::READ_10, 10, 2), &[]);
     assert_good(&o);
     assert_eq!(&o.data_in[..], &data[..]);
-    let o = run(&lu, &rw16(op::READ_16, 11, 1), &[]);
+    let o = run(&lu, &rw16(opcode::READ_16, 11, 1), &[]);
     assert_eq!(&o.data_in[..], &data[512..]);
     let mut c12 = [0u8; 12];
-    c12[0] = op::READ_12;
+    c12[0] = opcode::READ_12;
     c12[5] = 10;
     c12[9] = 1;
     assert_eq!(&run(&lu, &c12, &[]).data_in[..], &data[..512]);
     // READ(6)/WRITE(6) with 0 blocks mean 256.
     let big = pattern(256 * 512, 3);
-    assert_good(&run(&lu, &[op::WRITE_6, 0, 1, 0, 0, 0], &big));
-    let o = run(&lu, &[op::READ_6, 0, 1, 0, 0, 0], &[]);
+    assert_good(&run(&lu, &[opcode::WRITE_6, 0, 1, 0, 0, 0], &big));
+    let o = run(&lu, &[opcode::READ_6, 0, 1, 0, 0, 0], &[]);
     assert_eq!(o.data_in.len(), 256 * 512);
     assert_eq!(&o.data_in[..], &big[..]);
     // Zero-block READ(10) is GOOD with no data.
-    let o = run(&lu, &rw10(op::READ_10, 0, 0), &[]);
+    let o = run(&lu, &rw10(opcode::READ_10, 0, 0), &[]);
     assert_good(&o);
     assert!(o.data_in.is_empty());
 }
@@ -313,35 +313,50 @@ fn write_read_roundtrip_all_sizes() {
 #[test]
 fn lba_out_of_range() {
     let (lu, _) = lu();
-    assert_sense(&run(&lu, &rw10(op::READ_10, 1023, 2), &[]), 5, 0x21, 0);
-    assert_good(&run(&lu, &rw10(op::READ_10, 1023, 1), &[]));
-    assert_sense(&run(&lu, &rw16(op::READ_16, u64::MAX, 1), &[]), 5, 0x21, 0);
+    assert_sense(&run(&lu, &rw10(opcode::READ_10, 1023, 2), &[]), 5, 0x21, 0);
+    assert_good(&run(&lu, &rw10(opcode::READ_10, 1023, 1), &[]));
     assert_sense(
-        &run(&lu, &rw16(op::WRITE_16, 1024, 1), &[0; 512]),
+        &run(&lu, &rw16(opcode::READ_16, u64::MAX, 1), &[]),
         5,
         0x21,
         0,
     );
-    assert_sense(&run(&lu, &rw10(op::READ_10, 1025, 0), &[]), 5, 0x21, 0);
-    assert_sense(&run(&lu, &rw16(op::READ_16, 1 << 63, 0), &[]), 5, 0x21, 0);
+    assert_sense(
+        &run(&lu, &rw16(opcode::WRITE_16, 1024, 1), &[0; 512]),
+        5,
+        0x21,
+        0,
+    );
+    assert_sense(&run(&lu, &rw10(opcode::READ_10, 1025, 0), &[]), 5, 0x21, 0);
+    assert_sense(
+        &run(&lu, &rw16(opcode::READ_16, 1 << 63, 0), &[]),
+        5,
+        0x21,
+        0,
+    );
 }
 
 #[test]
 fn protect_fields_and_transfer_limit() {
     let (lu, _) = lu();
-    let mut c = rw10(op::READ_10, 0, 1);
+    let mut c = rw10(opcode::READ_10, 0, 1);
     c[1] = 0x20;
     let o = run(&lu, &c, &[]);
     assert_sense(&o, 5, 0x24, 0);
     assert_eq!(&o.sense.unwrap()[15..18], &[0xCF, 0, 1]);
-    let mut c = rw16(op::WRITE_16, 0, 1);
+    let mut c = rw16(opcode::WRITE_16, 0, 1);
     c[1] = 0xE0;
     assert_sense(&run(&lu, &c, &[0; 512]), 5, 0x24, 0);
     // DPO/FUA/FUA_NV are accepted.
-    let mut c = rw10(op::READ_10, 0, 1);
+    let mut c = rw10(opcode::READ_10, 0, 1);
     c[1] = 0x1A;
     assert_good(&run(&lu, &c, &[]));
-    assert_sense(&run(&lu, &rw16(op::READ_16, 0, 1 << 20), &[]), 5, 0x24, 0);
+    assert_sense(
+        &run(&lu, &rw16(opcode::READ_16, 0, 1 << 20), &[]),
+        5,
+        0x24,
+        0,
+    );
 }
 
 #[test]
@@ -350,15 +365,20 @@ fn read_only_lun() {
         read_only: true,
         ..settings()
     });
-    assert_sense(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[0; 512]), 7, 0x27, 0);
     assert_sense(
-        &run(&lu, &rw16(op::WRITE_SAME_16, 0, 1), &[0; 512]),
+        &run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]),
+        7,
+        0x27,
+        0,
+    );
+    assert_sense(
+        &run(&lu, &rw16(opcode::WRITE_SAME_16, 0, 1), &[0; 512]),
         7,
         0x27,
         0,
     );
     assert_sense(&run(&lu, &caw(0, 1), &[0; 1024]), 7, 0x27, 0);
-    assert_good(&run(&lu, &rw10(op::READ_10, 0, 1), &[]));
+    assert_good(&run(&lu, &rw10(opcode::READ_10, 0, 1), &[]));
     let o = run(&lu, &[0x1A, 0, 0x3F, 0, 255, 0], &[]);
     assert_eq!(o.data_in[2] & 0x80, 0x80);
 }
@@ -366,34 +386,34 @@ fn read_only_lun() {
 #[test]
 fn short_data_out_writes_whole_blocks_only() {
     let (lu, _) = lu();
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 2), &[b'a'; 1024]));
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 2), &[b'b'; 512]));
-    let o = run(&lu, &rw10(op::READ_10, 0, 2), &[]);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 2), &[b'a'; 1024]));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 2), &[b'b'; 512]));
+    let o = run(&lu, &rw10(opcode::READ_10, 0, 2), &[]);
     assert!(o.data_in[..512].iter().all(|&b| b == b'b'));
     assert!(o.data_in[512..].iter().all(|&b| b == b'a'));
     // Partial block / no data: nothing written, GOOD.
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[b'c'; 200]));
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[]));
-    assert_eq!(run(&lu, &rw10(op::READ_10, 0, 1), &[]).data_in[0], b'b');
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[b'c'; 200]));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[]));
+    assert_eq!(run(&lu, &rw10(opcode::READ_10, 0, 1), &[]).data_in[0], b'b');
     // Longer Data-Out than the CDB: only the CDB's blocks.
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[b'd'; 1024]));
-    let o = run(&lu, &rw10(op::READ_10, 0, 2), &[]);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[b'd'; 1024]));
+    let o = run(&lu, &rw10(opcode::READ_10, 0, 2), &[]);
     assert_eq!((o.data_in[0], o.data_in[512]), (b'd', b'a'));
 }
 
 #[test]
 fn fua_and_write_cache_flush() {
     let (lu, be) = lu();
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[1; 512]));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[1; 512]));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 0);
-    let mut c = rw10(op::WRITE_10, 0, 1);
+    let mut c = rw10(opcode::WRITE_10, 0, 1);
     c[1] = 0x08;
     assert_good(&run(&lu, &c, &[1; 512]));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 1);
-    assert_good(&run(&lu, &rw10(op::SYNC_CACHE_10, 0, 0), &[]));
+    assert_good(&run(&lu, &rw10(opcode::SYNC_CACHE_10, 0, 0), &[]));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 2);
     assert_sense(
-        &run(&lu, &rw16(op::SYNC_CACHE_16, 2000, 0), &[]),
+        &run(&lu, &rw16(opcode::SYNC_CACHE_16, 2000, 0), &[]),
         5,
         0x21,
         0,
@@ -402,7 +422,7 @@ fn fua_and_write_cache_flush() {
         write_cache: false,
         ..settings()
     });
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[1; 512]));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[1; 512]));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 1);
 }
 
@@ -410,17 +430,22 @@ fn fua_and_write_cache_flush() {
 fn backend_errors_map_to_medium_errors() {
     let (lu, be) = lu();
     be.fail.store(true, Ordering::SeqCst);
-    assert_sense(&run(&lu, &rw10(op::READ_10, 0, 1), &[]), 3, 0x11, 0);
-    assert_sense(&run(&lu, &rw10(op::WRITE_10, 0, 1), &[0; 512]), 3, 0x0C, 0);
+    assert_sense(&run(&lu, &rw10(opcode::READ_10, 0, 1), &[]), 3, 0x11, 0);
+    assert_sense(
+        &run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]),
+        3,
+        0x0C,
+        0,
+    );
 }
 
 #[test]
 fn verify_variants() {
     let (lu, _) = lu();
     let data = pattern(1024, 9);
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 4, 2), &data));
-    assert_good(&run(&lu, &rw10(op::VERIFY_10, 4, 2), &[]));
-    let mut c = rw10(op::VERIFY_10, 4, 2);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 4, 2), &data));
+    assert_good(&run(&lu, &rw10(opcode::VERIFY_10, 4, 2), &[]));
+    let mut c = rw10(opcode::VERIFY_10, 4, 2);
     c[1] = 0x02;
     assert_good(&run(&lu, &c, &data));
     let mut bad = data.clone();
@@ -431,15 +456,20 @@ fn verify_variants() {
     assert_eq!(s[0], 0xF0);
     assert_eq!(&s[3..7], &700u32.to_be_bytes());
     // BYTCHK=3: one block compared against each.
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 8, 2), &[5; 1024]));
-    let mut c = rw16(op::VERIFY_16, 8, 2);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 8, 2), &[5; 1024]));
+    let mut c = rw16(opcode::VERIFY_16, 8, 2);
     c[1] = 0x06;
     assert_good(&run(&lu, &c, &[5; 512]));
-    let mut c = rw10(op::VERIFY_10, 4, 1);
+    let mut c = rw10(opcode::VERIFY_10, 4, 1);
     c[1] = 0x04;
     assert_sense(&run(&lu, &c, &[]), 5, 0x24, 0);
-    assert_sense(&run(&lu, &rw10(op::VERIFY_10, 1024, 1), &[]), 5, 0x21, 0);
-    let mut c = rw10(op::VERIFY_10, 4, 1);
+    assert_sense(
+        &run(&lu, &rw10(opcode::VERIFY_10, 1024, 1), &[]),
+        5,
+        0x21,
+        0,
+    );
+    let mut c = rw10(opcode::VERIFY_10, 4, 1);
     c[1] = 0x20;
     assert_sense(&run(&lu, &c, &[]), 5, 0x24, 0);
 }
@@ -448,19 +478,19 @@ fn verify_variants() {
 fn write_and_verify_and_orwrite() {
     let (lu, _) = lu();
     let data = pattern(512, 1);
-    assert_good(&run(&lu, &rw10(op::WRITE_VERIFY_10, 3, 1), &data));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_VERIFY_10, 3, 1), &data));
     assert_eq!(
-        &run(&lu, &rw10(op::READ_10, 3, 1), &[]).data_in[..],
+        &run(&lu, &rw10(opcode::READ_10, 3, 1), &[]).data_in[..],
         &data[..]
     );
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 5, 1), &[0x0F; 512]));
-    assert_good(&run(&lu, &rw16(op::ORWRITE_16, 5, 1), &[0xF0; 512]));
-    assert!(run(&lu, &rw10(op::READ_10, 5, 1), &[])
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 5, 1), &[0x0F; 512]));
+    assert_good(&run(&lu, &rw16(opcode::ORWRITE_16, 5, 1), &[0xF0; 512]));
+    assert!(run(&lu, &rw10(opcode::READ_10, 5, 1), &[])
         .data_in
         .iter()
         .all(|&b| b == 0xFF));
     assert_sense(
-        &run(&lu, &rw16(op::ORWRITE_16, 1024, 1), &[0; 512]),
+        &run(&lu, &rw16(opcode::ORWRITE_16, 1024, 1), &[0; 512]),
         5,
         0x21,
         0,
@@ -472,12 +502,12 @@ fn compare_and_write() {
     let (lu, _) = lu();
     let old = pattern(1024, 2);
     let new = pattern(1024, 99);
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 20, 2), &old));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 20, 2), &old));
     let mut d = old.clone();
     d.extend_from_slice(&new);
     assert_good(&run(&lu, &caw(20, 2), &d));
     assert_eq!(
-        &run(&lu, &rw10(op::READ_10, 20, 2), &[]).data_in[..],
+        &run(&lu, &rw10(opcode::READ_10, 20, 2), &[]).data_in[..],
         &new[..]
     );
     // Now the verify half is stale: miscompare at the first differing byte.
@@ -486,7 +516,7 @@ fn compare_and_write() {
     let first = old.iter().zip(&new).position(|(a, b)| a != b).unwrap();
     assert_eq!(&o.sense.unwrap()[3..7], &(first as u32).to_be_bytes());
     assert_eq!(
-        &run(&lu, &rw10(op::READ_10, 20, 2), &[]).data_in[..],
+        &run(&lu, &rw10(opcode::READ_10, 20, 2), &[]).data_in[..],
         &new[..]
     );
     assert_sense(&run(&lu, &caw(1023, 2), &[0; 2048]), 5, 0x21, 0);
@@ -515,7 +545,7 @@ fn compare_and_write_is_atomic() {
                 while !stop.load(Ordering::Relaxed) {
                     let o = lu.execute(&cmd(
                         &nx,
-                        &rw10(op::WRITE_10, 101 + u32::from(t), 1),
+                        &rw10(opcode::WRITE_10, 101 + u32::from(t), 1),
                         &[t; 512],
                     ));
                     assert_eq!(o.status, status::GOOD);
@@ -531,7 +561,7 @@ fn compare_and_write_is_atomic() {
                 let nx = nexus(20 + t);
                 let mut done = 0;
                 while done < per_thread {
-                    let cur = lu.execute(&cmd(&nx, &rw10(op::READ_10, 100, 1), &[]));
+                    let cur = lu.execute(&cmd(&nx, &rw10(opcode::READ_10, 100, 1), &[]));
                     let v = u32::from_be_bytes([
                         cur.data_in[0],
                         cur.data_in[1],
@@ -559,7 +589,7 @@ fn compare_and_write_is_atomic() {
     for h in writers {
         h.join().unwrap();
     }
-    let r = run(&lu, &rw10(op::READ_10, 100, 1), &[]);
+    let r = run(&lu, &rw10(opcode::READ_10, 100, 1), &[]);
     assert_eq!(&r.data_in[..4], &(4 * per_thread).to_be_bytes());
 }
 
@@ -589,8 +619,8 @@ fn compare_and_write_races_compare_and_write() {
 fn write_same_and_lba_status() {
     let (lu, _) = lu();
     let blk = pattern(512, 4);
-    assert_good(&run(&lu, &rw10(op::WRITE_SAME_10, 10, 5), &blk));
-    let o = run(&lu, &rw10(op::READ_10, 10, 5), &[]);
+    assert_good(&run(&lu, &rw10(opcode::WRITE_SAME_10, 10, 5), &blk));
+    let o = run(&lu, &rw10(opcode::READ_10, 10, 5), &[]);
     for c in o.data_in.chunks(512) {
         assert_eq!(c, &blk[..]);
     }
@@ -612,7 +642,7 @@ fn write_same_and_lba_status() {
         &[0, 0, 0, 0, 0, 0, 0, 15, 0, 0, 3, 0xF1, 1, 0, 0, 0]
     );
     // WRITE SAME(16) with UNMAP and a zero block deallocates.
-    let mut c = rw16(op::WRITE_SAME_16, 11, 2);
+    let mut c = rw16(opcode::WRITE_SAME_16, 11, 2);
     c[1] = 0x08;
     assert_good(&run(&lu, &c, &[0; 512]));
     let o = run(&lu, &g, &[]);
@@ -624,30 +654,30 @@ fn write_same_and_lba_status() {
         &o.data_in[24..40],
         &[0, 0, 0, 0, 0, 0, 0, 11, 0, 0, 0, 2, 1, 0, 0, 0]
     );
-    assert!(run(&lu, &rw10(op::READ_10, 11, 2), &[])
+    assert!(run(&lu, &rw10(opcode::READ_10, 11, 2), &[])
         .data_in
         .iter()
         .all(|&b| b == 0));
     // NDOB: no Data-Out.
-    let mut c = rw16(op::WRITE_SAME_16, 13, 1);
+    let mut c = rw16(opcode::WRITE_SAME_16, 13, 1);
     c[1] = 0x09;
     assert_eq!(lu.data_out_length(&c), 0);
     assert_good(&run(&lu, &c, &[]));
     // 0 blocks runs to the end of the medium (WSNZ=0); beyond end, anchor, wrprotect.
-    assert_good(&run(&lu, &rw10(op::WRITE_SAME_10, 1000, 0), &blk));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_SAME_10, 1000, 0), &blk));
     assert_sense(
-        &run(&lu, &rw10(op::WRITE_SAME_10, 1025, 0), &blk),
+        &run(&lu, &rw10(opcode::WRITE_SAME_10, 1025, 0), &blk),
         5,
         0x21,
         0,
     );
     assert_sense(
-        &run(&lu, &rw16(op::WRITE_SAME_16, u64::MAX, 1), &blk),
+        &run(&lu, &rw16(opcode::WRITE_SAME_16, u64::MAX, 1), &blk),
         5,
         0x21,
         0,
     );
-    let mut c = rw10(op::WRITE_SAME_10, 0, 1);
+    let mut c = rw10(opcode::WRITE_SAME_10, 0, 1);
     c[1] = 0x10;
     assert_sense(&run(&lu, &c, &blk), 5, 0x24, 0);
     c[1] = 0x20;
@@ -672,7 +702,7 @@ fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
 
 fn unmap_cdb(len: u16, anchor: bool) -> [u8; 10] {
     let mut c = [0u8; 10];
-    c[0] = op::UNMAP;
+    c[0] = opcode::UNMAP;
     c[1] = u8::from(anchor);
     c[7..9].copy_from_slice(&len.to_be_bytes());
     c
@@ -681,14 +711,14 @@ fn unmap_cdb(len: u16, anchor: bool) -> [u8; 10] {
 #[test]
 fn unmap() {
     let (lu, _) = lu();
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 0, 8), &[9; 8 * 512]));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 0, 8), &[9; 8 * 512]));
     let l = unmap_list(&[(1, 2), (5, 1), (7, 0)]);
     assert_eq!(
         lu.data_out_length(&unmap_cdb(l.len() as u16, false)),
         l.len() as u32
     );
     assert_good(&run(&lu, &unmap_cdb(l.len() as u16, false), &l));
-    let o = run(&lu, &rw10(op::READ_10, 0, 8), &[]);
+    let o = run(&lu, &rw10(opcode::READ_10, 0, 8), &[]);
     let zero: Vec<bool> = o
         .data_in
         .chunks(512)
@@ -773,7 +803,7 @@ fn mode_select_changes_wce_and_raises_ua_for_others() {
     assert_sense(&lu.execute(&cmd(&b, &[0; 6], &[])), 6, 0x2A, 0x01);
     assert_good(&lu.execute(&cmd(&b, &[0; 6], &[])));
     // Writes now flush.
-    assert_good(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    assert_good(&lu.execute(&cmd(&a, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 2);
     // Unchangeable field → INVALID FIELD IN PARAMETER LIST pointing at it.
     caching[2] = 0x01; // RCD
@@ -816,12 +846,12 @@ fn d_sense_switches_to_descriptor_format() {
     control[8] = 0xFF;
     control[9] = 0xFF;
     assert_good(&mode_select6(&lu, &n, &control));
-    let o = lu.execute(&cmd(&n, &rw10(op::READ_10, 5000, 1), &[]));
+    let o = lu.execute(&cmd(&n, &rw10(opcode::READ_10, 5000, 1), &[]));
     let s = o.sense.clone().unwrap();
     assert_eq!(&s[..4], &[0x72, 5, 0x21, 0]);
     assert_sense(&o, 5, 0x21, 0);
     // Miscompare in descriptor format carries an information descriptor.
-    let mut c = rw10(op::VERIFY_10, 0, 1);
+    let mut c = rw10(opcode::VERIFY_10, 0, 1);
     c[1] = 0x02;
     let o = lu.execute(&cmd(&n, &c, &[1; 512]));
     let s = o.sense.unwrap();
@@ -847,7 +877,7 @@ fn request_sense_and_unit_attentions() {
     assert_good(&lu.execute(&cmd(&a, &[0; 6], &[])));
     // The other nexus gets it as CHECK CONDITION on its next command.
     assert_sense(
-        &lu.execute(&cmd(&b, &rw10(op::READ_10, 0, 1), &[])),
+        &lu.execute(&cmd(&b, &rw10(opcode::READ_10, 0, 1), &[])),
         6,
         0x29,
         0x03,
@@ -869,7 +899,7 @@ fn scsi2_reservations() {
     let (a, b) = (nexus(1), nexus(2));
     assert_good(&lu.execute(&cmd(&a, &[0x16, 0, 0, 0, 0, 0], &[])));
     assert_good(&lu.execute(&cmd(&a, &[0x16, 0, 0, 0, 0, 0], &[])));
-    let o = lu.execute(&cmd(&b, &rw10(op::WRITE_10, 0, 1), &[0; 512]));
+    let o = lu.execute(&cmd(&b, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]));
     assert_eq!(o.status, status::RESERVATION_CONFLICT);
     assert_eq!(o.sense, None);
     assert_eq!(
@@ -883,7 +913,7 @@ fn scsi2_reservations() {
         lu.execute(&cmd(&b, &[0; 6], &[])).status,
         status::RESERVATION_CONFLICT
     );
-    assert_good(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    assert_good(&lu.execute(&cmd(&a, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
     assert_good(&lu.execute(&cmd(&a, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])));
     assert_good(&lu.execute(&cmd(&b, &[0; 6], &[])));
     // Released on nexus loss and on reset.
@@ -953,7 +983,7 @@ fn report_supported_opcodes_matches_table() {
     let o = rsoc(0x80, 0, 0);
     assert_eq!(o.data_in.len(), 4 + 20 * COMMANDS.len());
     assert_eq!(&o.data_in[12..14], &[0, 0x0A]);
-    let o = rsoc(0x81, op::READ_10, 0);
+    let o = rsoc(0x81, opcode::READ_10, 0);
     assert_eq!(o.data_in[1], 0x83);
     assert_eq!(&o.data_in[14..16], &[0, 0x0A]);
     // Not supported opcode.
@@ -976,12 +1006,17 @@ fn cdb_len_ok(opcode: u8, len: usize) -> bool {
 #[test]
 fn misc_commands() {
     let (lu, _) = lu();
-    assert_good(&run(&lu, &rw10(op::PRE_FETCH_10, 1023, 1), &[]));
+    assert_good(&run(&lu, &rw10(opcode::PRE_FETCH_10, 1023, 1), &[]));
     assert_eq!(
-        run(&lu, &rw10(op::PRE_FETCH_10, 0, 1), &[]).status,
+        run(&lu, &rw10(opcode::PRE_FETCH_10, 0, 1), &[]).status,
         status::GOOD
     );
-    assert_sense(&run(&lu, &rw16(op::PRE_FETCH_16, 1024, 1), &[]), 5, 0x21, 0);
+    assert_sense(
+        &run(&lu, &rw16(opcode::PRE_FETCH_16, 1024, 1), &[]),
+        5,
+        0x21,
+        0,
+    );
     assert_good(&run(&lu, &[0x1B, 1, 0, 0, 1, 0], &[]));
     assert_good(&run(&lu, &[0x1B, 0, 0, 0, 0x30, 0], &[]));
     assert_sense(&run(&lu, &[0x1B, 1, 0, 0, 0x02, 0], &[]), 5, 0x24, 0);
@@ -995,11 +1030,17 @@ fn misc_commands() {
 #[test]
 fn data_out_lengths() {
     let (lu, _) = lu();
-    assert_eq!(lu.data_out_length(&rw10(op::WRITE_10, 0, 3)), 1536);
-    assert_eq!(lu.data_out_length(&[op::WRITE_6, 0, 0, 0, 0, 0]), 256 * 512);
-    assert_eq!(lu.data_out_length(&rw10(op::READ_10, 0, 3)), 0);
-    assert_eq!(lu.data_out_length(&rw10(op::WRITE_SAME_10, 0, 300)), 512);
-    let mut v = rw10(op::VERIFY_10, 0, 2);
+    assert_eq!(lu.data_out_length(&rw10(opcode::WRITE_10, 0, 3)), 1536);
+    assert_eq!(
+        lu.data_out_length(&[opcode::WRITE_6, 0, 0, 0, 0, 0]),
+        256 * 512
+    );
+    assert_eq!(lu.data_out_length(&rw10(opcode::READ_10, 0, 3)), 0);
+    assert_eq!(
+        lu.data_out_length(&rw10(opcode::WRITE_SAME_10, 0, 300)),
+        512
+    );
+    let mut v = rw10(opcode::VERIFY_10, 0, 2);
     assert_eq!(lu.data_out_length(&v), 0);
     v[1] = 0x02;
     assert_eq!(lu.data_out_length(&v), 1024);
@@ -1012,7 +1053,7 @@ fn data_out_lengths() {
     );
     assert_eq!(lu.data_out_length(&[0xFF; 16]), 0);
     assert_eq!(lu.data_out_length(&[]), 0);
-    assert_eq!(lu.data_out_length(&rw16(op::WRITE_16, 0, u32::MAX)), 0);
+    assert_eq!(lu.data_out_length(&rw16(opcode::WRITE_16, 0, u32::MAX)), 0);
 }
 
 #[test]
@@ -1050,8 +1091,8 @@ fn lun_map() {
     assert_sense(&at(7, &[0; 6]), 5, 0x25, 0);
     assert_good(&at(300, &[0; 6]));
     assert!(map.get(300).is_some());
-    assert_eq!(map.data_out_length(0, &rw10(op::WRITE_10, 0, 1)), 512);
-    assert_eq!(map.data_out_length(9, &rw10(op::WRITE_10, 0, 1)), 0);
+    assert_eq!(map.data_out_length(0, &rw10(opcode::WRITE_10, 0, 1)), 512);
+    assert_eq!(map.data_out_length(9, &rw10(opcode::WRITE_10, 0, 1)), 0);
 }
 
 #[test]
@@ -1061,9 +1102,9 @@ fn block_size_4096() {
         ..settings()
     });
     let d = pattern(4096, 1);
-    assert_good(&run(&lu, &rw10(op::WRITE_10, 1023, 1), &d));
+    assert_good(&run(&lu, &rw10(opcode::WRITE_10, 1023, 1), &d));
     assert_eq!(
-        &run(&lu, &rw10(op::READ_10, 1023, 1), &[]).data_in[..],
+        &run(&lu, &rw10(opcode::READ_10, 1023, 1), &[]).data_in[..],
         &d[..]
     );
     let o = run(&lu, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);

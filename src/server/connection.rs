@@ -12,6 +12,7 @@ use crate::iscsi::login::{
 };
 use crate::iscsi::task_set::{TaskId, TaskSet};
 use crate::iscsi::transfer::{plan_data_in, Residual, WriteLimits, WriteTransfer};
+use crate::scsi::opcode;
 use crate::scsi::sense::Sense;
 use crate::scsi::{status, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome, TaskAttr};
 use crate::wire::{
@@ -660,9 +661,13 @@ fn try_inline(cmd: &ScsiCommand) -> bool {
     let cdb: &[u8] = &cmd.cdb;
     let fua = cdb.get(1).is_some_and(|b| b & 0x08 != 0);
     match cdb.first() {
-        Some(0x08 | 0x28 | 0xa8 | 0x88) => cmd.data_in_len <= INLINE_READ_MAX,
-        Some(0x0a) => cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
-        Some(0x2a | 0xaa | 0x8a) => !fua && cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        Some(&(opcode::READ_6 | opcode::READ_10 | opcode::READ_12 | opcode::READ_16)) => {
+            cmd.data_in_len <= INLINE_READ_MAX
+        }
+        Some(&opcode::WRITE_6) => cmd.data_out.len() <= INLINE_WRITE_MAX as usize,
+        Some(&(opcode::WRITE_10 | opcode::WRITE_12 | opcode::WRITE_16)) => {
+            !fua && cmd.data_out.len() <= INLINE_WRITE_MAX as usize
+        }
         _ => false,
     }
 }
@@ -920,7 +925,7 @@ impl Reader {
                     Bhs::DataOut(d) => {
                         // The task cannot complete without its data at ERL 0.
                         if let Some(w) = self.writes.remove(&d.itt) {
-                            self.fail_write(w, 0x0b, 0x47, 0x01);
+                            self.fail_write(w, Sense::DATA_PHASE_CRC_ERROR);
                         }
                     }
                     Bhs::ScsiCommand(c) => {
@@ -1041,7 +1046,7 @@ impl Reader {
                     self.fail_command(
                         itt,
                         status::CHECK_CONDITION,
-                        Some(Sense::new(0x0b, 0x47, 0x05)),
+                        Some(Sense::PROTOCOL_SERVICE_CRC_ERROR),
                     );
                 }
             }
@@ -1156,7 +1161,7 @@ impl Reader {
             self.fail_command(
                 c.itt,
                 status::CHECK_CONDITION,
-                Some(Sense::new(0x05, 0x24, 0x00)),
+                Some(Sense::INVALID_FIELD_IN_CDB),
             );
             return;
         }
@@ -1263,7 +1268,7 @@ impl Reader {
                 let r = scsi_response(
                     c.itt,
                     status::CHECK_CONDITION,
-                    Some(&Sense::new(0x0b, 0x0c, 0x0d).encode(false)),
+                    Some(&Sense::NOT_ENOUGH_UNSOLICITED_DATA.encode(false)),
                     Residual::default(),
                     0,
                 );
@@ -1313,11 +1318,11 @@ impl Reader {
         self.complete_request();
     }
 
-    fn fail_write(&mut self, w: PendingWrite, key: u8, asc: u8, ascq: u8) {
+    fn fail_write(&mut self, w: PendingWrite, sense: Sense) {
         let r = scsi_response(
             w.ready.itt,
             status::CHECK_CONDITION,
-            Some(&Sense::new(key, asc, ascq).encode(false)),
+            Some(&sense.encode(false)),
             Residual::default(),
             w.transfer.r2t_count(),
         );
@@ -1348,7 +1353,7 @@ impl Reader {
                 // ERL 0 cannot recover a data sequence: reject the PDU, fail the task.
                 warn!(itt = d.itt, error = %e, "invalid Data-Out: rejecting and failing the command");
                 self.shared.send(reject(reject_reason::PROTOCOL_ERROR, &p));
-                self.fail_write(w, 0x0b, 0x0c, 0x0d);
+                self.fail_write(w, Sense::NOT_ENOUGH_UNSOLICITED_DATA);
             }
         }
     }

@@ -3,7 +3,9 @@
 //! ABORT fence.
 
 use super::*;
-use crate::scsi::pr::{self, PrCaps, PrState, PrStore, PrType};
+use crate::scsi::pr::{self, PrCaps, PrState, PrStore};
+use crate::scsi::pr_codes::PrType;
+use crate::scsi::transport_id::TransportId;
 use std::sync::atomic::AtomicU64;
 
 const RK: u8 = 0; // PR IN service actions
@@ -301,18 +303,18 @@ fn expected_access(ty: u8, role: usize) -> (bool, bool) {
 #[test]
 fn access_table_every_type_and_role() {
     let read_cmds: Vec<Vec<u8>> = vec![
-        rw10(op::READ_10, 1, 1).to_vec(),
-        rw16(op::READ_16, 1, 1).to_vec(),
+        rw10(opcode::READ_10, 1, 1).to_vec(),
+        rw16(opcode::READ_16, 1, 1).to_vec(),
         vec![0x08, 0, 0, 1, 1, 0],
-        rw10(op::VERIFY_10, 1, 1).to_vec(),
-        rw10(op::PRE_FETCH_10, 1, 1).to_vec(),
+        rw10(opcode::VERIFY_10, 1, 1).to_vec(),
+        rw10(opcode::PRE_FETCH_10, 1, 1).to_vec(),
         vec![0x1A, 0, 0x3F, 0, 255, 0],
     ];
     let write_cmds: Vec<(Vec<u8>, Vec<u8>)> = vec![
-        (rw10(op::WRITE_10, 1, 1).to_vec(), vec![0; 512]),
-        (rw16(op::WRITE_16, 1, 1).to_vec(), vec![0; 512]),
-        (rw10(op::SYNC_CACHE_10, 0, 0).to_vec(), vec![]),
-        (rw10(op::WRITE_SAME_10, 1, 1).to_vec(), vec![0; 512]),
+        (rw10(opcode::WRITE_10, 1, 1).to_vec(), vec![0; 512]),
+        (rw16(opcode::WRITE_16, 1, 1).to_vec(), vec![0; 512]),
+        (rw10(opcode::SYNC_CACHE_10, 0, 0).to_vec(), vec![]),
+        (rw10(opcode::WRITE_SAME_10, 1, 1).to_vec(), vec![0; 512]),
         (vec![0x1E, 0, 0, 0, 0, 0], vec![]),
         (vec![0x1B, 0, 0, 0, 1, 0], vec![]),
     ];
@@ -393,7 +395,7 @@ fn clear_removes_everything_with_ua() {
     assert_eq!(uas(&lu, &b), vec![]);
     assert_eq!(uas(&lu, &c), vec![]);
     // Everyone may write again.
-    assert_good(&lu.execute(&cmd(&c, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    assert_good(&lu.execute(&cmd(&c, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
 }
 
 #[test]
@@ -451,7 +453,7 @@ fn preempt_variants() {
     assert_eq!(keys(&lu).1, vec![0xA]);
     assert_eq!(uas(&lu, &b), vec![(0x2A, 0x05)]);
     assert_eq!(uas(&lu, &c), vec![(0x2A, 0x05)]);
-    conflict(&lu.execute(&cmd(&b, &rw10(op::READ_10, 0, 1), &[])));
+    conflict(&lu.execute(&cmd(&b, &rw10(opcode::READ_10, 0, 1), &[])));
     // All-registrants with a nonzero key: just that registration.
     let (lu, _) = super::lu();
     assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
@@ -505,16 +507,16 @@ fn spec_i_pt_transport_id_formats() {
     assert_good(&prout(&lu, &agent, RESERVE, 5, 0xA, 0));
     let vm = nx(2, 0x55, 1);
     let _ = uas(&lu, &vm);
-    assert_good(&lu.execute(&cmd(&vm, &rw10(op::WRITE_10, 0, 1), &[1; 512])));
-    conflict(&lu.execute(&cmd(&nx(3, 8, 1), &rw10(op::WRITE_10, 0, 1), &[1; 512])));
+    assert_good(&lu.execute(&cmd(&vm, &rw10(opcode::WRITE_10, 0, 1), &[1; 512])));
+    conflict(&lu.execute(&cmd(&nx(3, 8, 1), &rw10(opcode::WRITE_10, 0, 1), &[1; 512])));
     // PREEMPT AND ABORT of the key removes them all at once.
     let other = nx(4, 4, 1);
     assert_good(&prout(&lu, &other, REGISTER, 0, 0, 0xB));
     assert_good(&prout(&lu, &other, PREEMPT_ABORT, 5, 0xB, 0xA));
     assert_eq!(keys(&lu).1, vec![0xB]);
     let _ = (uas(&lu, &vm), uas(&lu, &agent));
-    conflict(&lu.execute(&cmd(&vm, &rw10(op::WRITE_10, 0, 1), &[1; 512])));
-    conflict(&lu.execute(&cmd(&agent, &rw10(op::WRITE_10, 0, 1), &[1; 512])));
+    conflict(&lu.execute(&cmd(&vm, &rw10(opcode::WRITE_10, 0, 1), &[1; 512])));
+    conflict(&lu.execute(&cmd(&agent, &rw10(opcode::WRITE_10, 0, 1), &[1; 512])));
 
     // SPEC_I_PT from a registered nexus: invalid field in CDB.
     let p = spec_list(0xB, 0xB, 0, &[tid("iqn.x:y", false)]);
@@ -714,7 +716,7 @@ fn register_and_move() {
     assert_eq!(keys(&lu), (gen + 1, vec![0xA, 0xB]));
     assert_eq!(reservation(&lu), Some((0xB, 1)));
     assert!(lu.pr_state().is_holder(&b));
-    conflict(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    conflict(&lu.execute(&cmd(&a, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
     // A non-holder cannot move it.
     conflict(&prout_raw(&lu, &a, REG_MOVE, 1, &mv(0xA, 0xC, 0, 1, &to_b)));
     // Move back with UNREG.
@@ -778,7 +780,7 @@ fn scsi2_interplay() {
     assert_good(&prout(&lu, &a, RESERVE, 5, 0xA, 0));
     assert_good(&lu.execute(&cmd(&b, &reserve6, &[])));
     assert_good(&lu.execute(&cmd(&nx(3, 3, 1), &[0; 6], &[])));
-    assert_good(&lu.execute(&cmd(&nx(3, 3, 1), &rw10(op::READ_10, 0, 1), &[])));
+    assert_good(&lu.execute(&cmd(&nx(3, 3, 1), &rw10(opcode::READ_10, 0, 1), &[])));
 }
 
 #[test]
@@ -895,8 +897,8 @@ fn aptpl_persistence_round_trip() {
         tpgt: 7,
         relative_port_id: 7,
     });
-    assert_good(&lu.execute(&cmd(&vm, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
-    conflict(&lu.execute(&cmd(&nx(4, 4, 1), &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+    assert_good(&lu.execute(&cmd(&vm, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
+    conflict(&lu.execute(&cmd(&nx(4, 4, 1), &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
     // A failing save refuses the PR OUT and leaves the state alone.
     store.fail.store(true, Ordering::SeqCst);
     assert_sense(
@@ -959,8 +961,8 @@ fn all_registrants_reservation_outlives_its_creator_across_restart() {
         drop(lu);
         let lu = persistent_lu(&store).expect("the saved state loads");
         assert_eq!(reservation(&lu), Some((0, ty)));
-        assert_good(&lu.execute(&cmd(&c, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
-        conflict(&lu.execute(&cmd(&a, &rw10(op::WRITE_10, 0, 1), &[0; 512])));
+        assert_good(&lu.execute(&cmd(&c, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
+        conflict(&lu.execute(&cmd(&a, &rw10(opcode::WRITE_10, 0, 1), &[0; 512])));
     }
 }
 
@@ -1096,7 +1098,7 @@ fn preempt_and_abort_stops_victim_writes() {
                 for c in d.chunks_mut(8) {
                     c.copy_from_slice(&val.to_be_bytes());
                 }
-                let o = lu.execute(&cmd(&v, &rw10(op::WRITE_10, (t * 8) as u32, 8), &d));
+                let o = lu.execute(&cmd(&v, &rw10(opcode::WRITE_10, (t * 8) as u32, 8), &d));
                 if o.status == status::GOOD {
                     ok += 1;
                     landed[t].fetch_add(1, Ordering::SeqCst);
@@ -1130,7 +1132,7 @@ fn preempt_and_abort_stops_victim_writes() {
     let mut hooked: Vec<_> = aborted.lock().unwrap().iter().map(|n| n.isid[5]).collect();
     hooked.sort_unstable();
     assert_eq!(hooked, vec![10, 11, 12]);
-    assert_good(&lu.execute(&cmd(&winner, &rw10(op::WRITE_10, 0, 1), &[7; 512])));
+    assert_good(&lu.execute(&cmd(&winner, &rw10(opcode::WRITE_10, 0, 1), &[7; 512])));
 }
 
 mod fuzz {
@@ -1174,7 +1176,7 @@ mod fuzz {
 
         #[test]
         fn random_transport_ids_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = pr::parse_transport_id(&b, 24);
+            let _ = TransportId::decode(&b);
             let mut st = PrState::default();
             let mut p = plist(0, 1, SPEC_I_PT);
             p.extend_from_slice(&(b.len() as u32).to_be_bytes());

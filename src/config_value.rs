@@ -1,0 +1,118 @@
+//! What the target's and the agent's configuration files share: the error for a value
+//! that is not acceptable, and byte sizes ("64MiB"). iSCSI names are checked by
+//! [`crate::iscsi::name`].
+
+use serde::{Deserialize, Serialize};
+
+/// A setting whose value is not acceptable: which file, which key and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigValueError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigValueError {
+    pub fn new(file: &str, key: &str, reason: impl Into<String>) -> ConfigValueError {
+        ConfigValueError {
+            file: file.to_string(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a size could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("invalid size {0:?}")]
+    Number(String),
+    #[error("invalid size unit in {0:?} (use KiB, MiB, GiB or TiB)")]
+    Unit(String),
+    #[error("size {0:?} is too large")]
+    TooLarge(String),
+}
+
+/// Parse "64MiB", "8 GiB", "1G", "4096", "2TiB": binary units, K/M/G/T, KB/MB/… and
+/// KiB/MiB/… alike, case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| SizeError::Number(s.into()))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(SizeError::Unit(s.into())),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| SizeError::TooLarge(s.into()))
+}
+
+/// A size in bytes, written as an integer or a string with a unit ("64MiB", "8G", "512").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512b"), Ok(512));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size(" 8 GiB "), Ok(8 << 30));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("2TB"), Ok(2 << 40));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size(""), Err(SizeError::Number(String::new())));
+        assert_eq!(parse_size("MiB"), Err(SizeError::Number("MiB".into())));
+        assert_eq!(parse_size("1.5GiB"), Err(SizeError::Unit("1.5GiB".into())));
+        assert_eq!(parse_size("-1"), Err(SizeError::Number("-1".into())));
+        assert_eq!(parse_size("8PiB"), Err(SizeError::Unit("8PiB".into())));
+        assert_eq!(
+            parse_size("16777216TiB"),
+            Err(SizeError::TooLarge("16777216TiB".into()))
+        );
+    }
+
+    #[test]
+    fn byte_size_reads_numbers_and_strings() {
+        #[derive(Deserialize)]
+        struct T {
+            a: ByteSize,
+            b: ByteSize,
+        }
+        let t: T = toml::from_str("a = 4096\nb = \"1MiB\"").unwrap();
+        assert_eq!((t.a, t.b), (ByteSize(4096), ByteSize(1 << 20)));
+        assert!(toml::from_str::<T>("a = 1\nb = \"1 parsec\"").is_err());
+    }
+}
