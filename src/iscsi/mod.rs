@@ -6,5 +6,6 @@ pub mod cmdsn;
 pub mod keys;
 pub mod login;
 pub mod negotiation;
+pub mod target_conn;
 pub mod task_set;
 pub mod transfer;
