@@ -1,6 +1,8 @@
 //! One TCP connection: login phase, then the full feature phase of a discovery or normal
-//! session. The reader half runs here; a writer task stamps sequence numbers and sends.
-//! SCSI commands execute on the blocking pool and answer through the writer.
+//! session, as the tokio driver of `iscsi::target_conn::TargetConnection`: the reader
+//! feeds it PDUs, decode errors and timer expiries; commands it asks for run inline when
+//! cheap, else on the blocking pool, and report their outcomes back; a writer task
+//! batches the stamped PDUs it emits into vectored writes.
 
 use super::limits::{BufferPermit, SessionSlot};
 use super::runtime::Runtime;
