@@ -1,5 +1,7 @@
 //! iSCSI protocol rules, sans-IO: key negotiation, login (with CHAP), and the
-//! full-feature-phase bookkeeping (CmdSN window, task ordering, data transfer planning).
+//! full-feature phase: the target's connection state machine (`target_conn`, driven by
+//! `target::connection`) over the CmdSN window, task ordering and data transfer planning.
+//! Nothing here does I/O, reads a clock or knows SCSI semantics.
 
 pub mod chap;
 pub mod cmdsn;
@@ -7,5 +9,6 @@ pub mod keys;
 pub mod login;
 pub mod name;
 pub mod negotiation;
+pub mod target_conn;
 pub mod task_set;
 pub mod transfer;

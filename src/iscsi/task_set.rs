@@ -1,7 +1,27 @@
 //! SAM task set ordering for one I_T nexus: SIMPLE tasks run concurrently, an ORDERED
 //! task runs alone after everything before it, HEAD OF QUEUE runs at once.
 
-use crate::scsi::TaskAttr;
+/// SAM task attribute as the transport carries it (iSCSI ATTR field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+impl TaskAttr {
+    /// Decode the 3-bit ATTR field of a SCSI Command PDU (untagged and unknown: simple).
+    pub fn from_raw(raw: u8) -> Self {
+        match raw & 7 {
+            2 => TaskAttr::Ordered,
+            3 => TaskAttr::HeadOfQueue,
+            4 => TaskAttr::Aca,
+            _ => TaskAttr::Simple,
+        }
+    }
+}
 use std::collections::{HashMap, VecDeque};
 
 pub type TaskId = u64;
