@@ -66,6 +66,16 @@ pub enum InitiatorError {
     Timeout,
 }
 
+impl From<crate::wire::ReadError> for InitiatorError {
+    fn from(e: crate::wire::ReadError) -> Self {
+        match e {
+            crate::wire::ReadError::Closed => InitiatorError::ConnectionLost,
+            crate::wire::ReadError::Io(e) => InitiatorError::Io(e),
+            crate::wire::ReadError::Wire(e) => InitiatorError::Wire(e),
+        }
+    }
+}
+
 impl InitiatorError {
     /// The session is gone or cannot be trusted (closed, reset, garbled, protocol
     /// broken): log in again. Timeouts are the caller's to judge.

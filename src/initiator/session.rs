@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -561,22 +561,13 @@ fn data_outs(itt: u32, ttt: u32, lun: u64, data: &Bytes, offset: u32, mrdsl: u32
         .collect()
 }
 
+/// One PDU off the socket ([`wire::read_pdu`]), in the initiator's error type.
 async fn read_pdu(
     rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     dec: &mut PduDecoder,
 ) -> Result<Pdu, InitiatorError> {
-    loop {
-        if let Some(p) = dec.decode(buf)? {
-            return Ok(p);
-        }
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return Err(InitiatorError::ConnectionLost);
-        }
-    }
+    Ok(wire::read_pdu(rd, buf, dec).await?)
 }
 
 async fn reader_task(

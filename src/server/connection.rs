@@ -16,12 +16,12 @@ use crate::iscsi::target_conn::{
 };
 use crate::iscsi::task_set::{TaskAttr, TaskId};
 use crate::scsi::{self, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome};
-use crate::wire::{self, Bhs, DigestConfig, Pdu, PduDecoder, WireError};
+use crate::wire::{self, Bhs, DigestConfig, Pdu, PduDecoder, ReadError, WireError};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
@@ -46,6 +46,16 @@ pub enum ConnError {
     Protocol(String),
     #[error("no answer to NOP-In ping")]
     PingTimeout,
+}
+
+impl From<ReadError> for ConnError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Closed => ConnError::Closed,
+            ReadError::Io(e) => ConnError::Io(e),
+            ReadError::Wire(e) => ConnError::Wire(e),
+        }
+    }
 }
 
 /// Login checks against the runtime, for a connection that arrived on `listen`.
@@ -122,23 +132,13 @@ impl LoginAuthority for Authority<'_> {
     }
 }
 
-/// Read one PDU, buffering partial input in `buf`.
+/// One PDU off the socket ([`wire::read_pdu`]), in the connection's error type.
 async fn read_pdu(
     rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     dec: &mut PduDecoder,
 ) -> Result<Pdu, ConnError> {
-    loop {
-        if let Some(p) = dec.decode(buf)? {
-            return Ok(p);
-        }
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return Err(ConnError::Closed);
-        }
-    }
+    Ok(wire::read_pdu(rd, buf, dec).await?)
 }
 
 async fn write_pdu(

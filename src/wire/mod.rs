@@ -5,7 +5,9 @@ mod bhs_decode;
 mod bhs_encode;
 pub mod codec;
 pub mod pdu;
+pub mod stream;
 pub mod text;
 
 pub use codec::{encode, DigestConfig, PduDecoder, WireError};
 pub use pdu::*;
+pub use stream::{read_pdu, ReadError};

@@ -68,21 +68,15 @@ impl RawConn {
 
     /// The next PDU within `wait`.
     pub async fn recv(&mut self, wait: Duration) -> Recv {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match self.dec.decode(&mut self.buf) {
-                Ok(Some(p)) => {
-                    self.track(&p);
-                    return Recv::Pdu(p);
-                }
-                Ok(None) => {}
-                Err(e) => panic!("target sent an undecodable PDU: {e}"),
+        let read = wire::read_pdu(&mut self.stream, &mut self.buf, &mut self.dec);
+        match tokio::time::timeout(wait, read).await {
+            Err(_) => Recv::Silent,
+            Ok(Ok(p)) => {
+                self.track(&p);
+                Recv::Pdu(p)
             }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Err(_) => return Recv::Silent,
-                Ok(Ok(0)) | Ok(Err(_)) => return Recv::Closed,
-                Ok(Ok(_)) => {}
-            }
+            Ok(Err(wire::ReadError::Wire(e))) => panic!("target sent an undecodable PDU: {e}"),
+            Ok(Err(_)) => Recv::Closed,
         }
     }
 
