@@ -4,6 +4,43 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a configuration file (the target's or a node's) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error(transparent)]
+    Invalid(#[from] ConfigValueError),
+}
+
+/// Read a configuration file and parse its TOML into `T`; `file` names it in errors.
+pub fn read_toml<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<(T, String), ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    Ok((parse_toml(&text, &file)?, file))
+}
+
+/// Parse TOML text into `T`; `file` names it in errors.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// A setting whose value is not acceptable: which file, which key and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]

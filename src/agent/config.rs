@@ -1,7 +1,7 @@
 //! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
 //! with errors that name the file, the key and the reason.
 
-use crate::config_value::ConfigValueError;
+use crate::config_value::{self, ConfigValueError};
 use crate::initiator::ConnectOptions;
 use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
@@ -13,18 +13,8 @@ use std::time::Duration;
 /// Highest node id a quorum LUN has a heartbeat slot for.
 pub const MAX_NODE_ID: u16 = 64;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
-    #[error("{file}: {message}")]
-    Parse { file: String, message: String },
-    #[error(transparent)]
-    Invalid(#[from] ConfigValueError),
-}
+/// The error of every configuration file, shared with the target's.
+pub use crate::config_value::ConfigError as AgentConfigError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,20 +337,12 @@ impl ValidNodeConfig {
 }
 
 pub fn load_file(path: &Path) -> Result<ValidNodeConfig, AgentConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file)
+    let (config, file) = config_value::read_toml(path)?;
+    validate(config, &file)
 }
 
 pub fn parse(text: &str, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
-    let config: NodeConfig = toml::from_str(text).map_err(|e| AgentConfigError::Parse {
-        file: file.to_string(),
-        message: e.to_string(),
-    })?;
-    validate(config, file)
+    validate(config_value::parse_toml(text, file)?, file)
 }
 
 /// "HH:MM-HH:MM" → (start minute, end minute) of the day.

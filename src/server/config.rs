@@ -2,7 +2,7 @@
 //! that name the file, the key and the reason.
 
 pub use crate::config_value::ByteSize;
-use crate::config_value::ConfigValueError;
+use crate::config_value::{self, ConfigValueError};
 use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -37,18 +37,7 @@ path = "vmdisk.img"
 size = "8GiB"
 "#;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
-    #[error("{file}: {message}")]
-    Parse { file: String, message: String },
-    #[error(transparent)]
-    Invalid(#[from] ConfigValueError),
-}
+pub use crate::config_value::ConfigError;
 
 /// Whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -299,22 +288,14 @@ impl ValidConfig {
 
 /// Load and validate a config file.
 pub fn load_file(path: &Path) -> Result<ValidConfig, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
+    let (config, file) = config_value::read_toml(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &file, &base)
+    validate(config, &file, &base)
 }
 
 /// Parse and validate TOML text; `base` anchors a relative data_dir.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
-    let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        file: file.to_string(),
-        message: e.to_string(),
-    })?;
-    validate(config, file, base)
+    validate(config_value::parse_toml(text, file)?, file, base)
 }
 
 fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
