@@ -146,19 +146,32 @@ pub struct ConnectionParams {
     pub target_max_recv_data_segment_length: u32,
 }
 
-/// The target's side of negotiation: what it offers/accepts (from config).
+/// What one side wants from negotiation, for either side: the target's answers and
+/// offers and the initiator's answers and checks come from the same key table
+/// ([`super::keys::KEYS`]) applied to this policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetKeyPolicy {
+pub struct KeyPolicy {
     pub max_recv_data_segment_length: u32,
     pub max_burst_length: u32,
     pub first_burst_length: u32,
     pub immediate_data: bool,
     pub initial_r2t: bool,
     pub max_outstanding_r2t: u32,
+    /// Digests this side accepts (CRC32C is preferred when accepted).
+    pub header_digest: bool,
+    pub data_digest: bool,
+    /// Our bound for DefaultTime2Wait (result function Maximum).
+    pub default_time2wait: u32,
+    /// Our bound for DefaultTime2Retain (result function Minimum).
+    pub default_time2retain: u32,
+    /// TargetAlias declared by a target (unused by initiators).
     pub target_alias: Option<String>,
 }
 
-impl Default for TargetKeyPolicy {
+/// The target's key policy (from config).
+pub type TargetKeyPolicy = KeyPolicy;
+
+impl Default for KeyPolicy {
     fn default() -> Self {
         Self {
             max_recv_data_segment_length: 256 * 1024,
@@ -167,6 +180,11 @@ impl Default for TargetKeyPolicy {
             immediate_data: true,
             initial_r2t: false,
             max_outstanding_r2t: 1,
+            header_digest: true,
+            data_digest: true,
+            // A target is happy with whatever wait the initiator wants.
+            default_time2wait: 0,
+            default_time2retain: 20,
             target_alias: None,
         }
     }
