@@ -6,11 +6,12 @@
 
 use super::{InitiatorConfig, InitiatorError};
 use crate::iscsi::chap::{chap_response, decode_binary, encode_hex};
-use crate::iscsi::keys::{self, Rule};
+use crate::iscsi::keys;
+use crate::iscsi::login::{ConnectionParams, KeyPolicy, SessionParams};
+use crate::iscsi::negotiation::Negotiation;
 use crate::wire::text::{encode_text, parse_text};
 use crate::wire::{Bhs, LoginRequest, LoginResponse, Pdu};
 use rand::RngCore;
-use std::collections::HashMap;
 
 /// Login stage codes (CSG/NSG).
 const SECURITY: u8 = 0;
@@ -47,30 +48,66 @@ pub struct Negotiated {
 }
 
 impl Negotiated {
-    /// RFC 7143 defaults, adjusted as keys are agreed.
-    fn defaults(our_mrdsl: u32) -> Self {
+    /// The session's view of what the shared negotiation engine agreed.
+    fn from_params(
+        session: &SessionParams,
+        connection: &ConnectionParams,
+        declared: &Declared,
+        tsih: u16,
+    ) -> Self {
         Self {
-            header_digest: false,
-            data_digest: false,
-            max_recv_data_segment_length: our_mrdsl,
-            target_max_recv_data_segment_length: DEFAULT_MRDSL,
-            max_burst_length: 262_144,
-            first_burst_length: 65_536,
-            immediate_data: true,
-            initial_r2t: true,
-            max_outstanding_r2t: 1,
-            error_recovery_level: 0,
-            target_portal_group_tag: None,
-            target_alias: None,
-            tsih: 0,
+            header_digest: connection.header_digest,
+            data_digest: connection.data_digest,
+            max_recv_data_segment_length: declared.our_mrdsl,
+            target_max_recv_data_segment_length: connection.target_max_recv_data_segment_length,
+            max_burst_length: session.max_burst_length,
+            first_burst_length: session.first_burst_length,
+            immediate_data: session.immediate_data,
+            initial_r2t: session.initial_r2t,
+            max_outstanding_r2t: session.max_outstanding_r2t,
+            error_recovery_level: session.error_recovery_level,
+            target_portal_group_tag: declared.tpgt,
+            target_alias: declared.alias.clone(),
+            tsih,
         }
+    }
+}
+
+/// What the target declared during login (any stage), and our own receive limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Declared {
+    our_mrdsl: u32,
+    target_mrdsl: u32,
+    tpgt: Option<u16>,
+    alias: Option<String>,
+}
+
+/// The initiator's negotiation policy: what it offers, and the bound it answers and
+/// checks the target's answers with (through the shared key table).
+pub fn key_policy(cfg: &InitiatorConfig) -> KeyPolicy {
+    let max_burst_length = cfg.max_burst_length.clamp(512, keys::MAX_LEN);
+    KeyPolicy {
+        max_recv_data_segment_length: cfg.max_recv_data_segment_length,
+        max_burst_length,
+        first_burst_length: cfg.first_burst_length.clamp(512, max_burst_length),
+        immediate_data: cfg.immediate_data,
+        initial_r2t: cfg.initial_r2t,
+        max_outstanding_r2t: 1,
+        header_digest: cfg.header_digest,
+        data_digest: cfg.data_digest,
+        default_time2wait: 2,
+        default_time2retain: 0,
+        target_alias: None,
     }
 }
 
 /// Sequence numbers as the login leaves them, for the session to continue from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginResult {
+    /// The session's view (kept for the session API; derived from the two below).
     pub negotiated: Negotiated,
+    pub session: SessionParams,
+    pub connection: ConnectionParams,
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub exp_cmd_sn: u32,
@@ -111,9 +148,10 @@ pub struct InitiatorLogin {
     stage: Stage,
     exp_stat_sn: u32,
     rounds: u32,
-    /// Operational keys we offered, with the value offered.
-    offered: HashMap<String, String>,
-    negotiated: Negotiated,
+    policy: KeyPolicy,
+    /// The shared negotiation engine, on the initiator's side.
+    negotiation: Negotiation,
+    declared: Declared,
 }
 
 fn pairs(v: &[(&str, String)]) -> Vec<(String, String)> {
@@ -127,32 +165,30 @@ fn get<'a>(keys: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn is_special(v: &str) -> bool {
-    matches!(v, keys::NOT_UNDERSTOOD | keys::IRRELEVANT | keys::REJECT)
-}
-
 fn num(key: &str, v: &str) -> Result<u32, InitiatorError> {
     keys::parse_number(v)
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| InitiatorError::Negotiation(format!("{key}={v}: not a number")))
 }
 
-fn flag(key: &str, v: &str) -> Result<bool, InitiatorError> {
-    keys::parse_bool(v).ok_or_else(|| InitiatorError::Negotiation(format!("{key}={v}: not Yes/No")))
-}
-
 impl InitiatorLogin {
     pub fn new(cfg: InitiatorConfig, discovery: bool, isid: [u8; 6]) -> Self {
-        let negotiated = Negotiated::defaults(cfg.max_recv_data_segment_length);
+        let declared = Declared {
+            our_mrdsl: cfg.max_recv_data_segment_length,
+            target_mrdsl: DEFAULT_MRDSL,
+            tpgt: None,
+            alias: None,
+        };
         Self {
+            policy: key_policy(&cfg),
             cfg,
             discovery,
             isid,
             stage: Stage::Security(Security::NoneOffered),
             exp_stat_sn: 0,
             rounds: 0,
-            offered: HashMap::new(),
-            negotiated,
+            negotiation: Negotiation::for_initiator(discovery),
+            declared,
         }
     }
 
@@ -234,7 +270,7 @@ impl InitiatorLogin {
                 ("DefaultTime2Retain", "0".to_string()),
             ]);
         }
-        self.offered = k.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        self.negotiation.record_offers(&pairs(&k));
         // A declaration, not an offer: the target does not answer it.
         k.push((
             "MaxRecvDataSegmentLength",
@@ -285,13 +321,13 @@ impl InitiatorLogin {
 
     fn note_declarations(&mut self, keys: &[(String, String)]) -> Result<(), InitiatorError> {
         if let Some(v) = get(keys, "TargetPortalGroupTag") {
-            self.negotiated.target_portal_group_tag =
+            self.declared.tpgt =
                 Some(u16::try_from(num("TargetPortalGroupTag", v)?).map_err(|_| {
                     InitiatorError::Negotiation("TargetPortalGroupTag out of range".into())
                 })?);
         }
         if let Some(v) = get(keys, "TargetAlias") {
-            self.negotiated.target_alias = Some(v.to_string());
+            self.declared.alias = Some(v.to_string());
         }
         if let Some(v) = get(keys, "MaxRecvDataSegmentLength") {
             let n = num("MaxRecvDataSegmentLength", v)?;
@@ -300,7 +336,7 @@ impl InitiatorLogin {
                     "target MaxRecvDataSegmentLength {n} out of range"
                 )));
             }
-            self.negotiated.target_max_recv_data_segment_length = n;
+            self.declared.target_mrdsl = n;
         }
         Ok(())
     }
@@ -440,27 +476,26 @@ impl InitiatorLogin {
         r: &LoginResponse,
         keys: &[(String, String)],
     ) -> Result<LoginStep, InitiatorError> {
-        let mut answers = Vec::new();
-        for (k, v) in keys {
-            if matches!(
-                k.as_str(),
-                "TargetPortalGroupTag" | "TargetAlias" | "MaxRecvDataSegmentLength"
-            ) {
-                continue;
-            }
-            if let Some(offer) = self.offered.remove(k) {
-                self.apply(k, v, Some(&offer))?;
-            } else if k == "TargetAddress" {
-                continue;
-            } else {
-                // The target offers a key we did not: answer it, and abide by the result.
-                let ans = self.answer_offer(k, v);
-                if !is_special(&ans) {
-                    self.apply(k, &ans, None)?;
-                }
-                answers.push((k.clone(), ans));
-            }
-        }
+        // Declarations were noted already; the rest are answers to our offers (checked
+        // against our policy) and offers of the target (answered by the same table).
+        let negotiable: Vec<(String, String)> = keys
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "TargetPortalGroupTag"
+                        | "TargetAlias"
+                        | "MaxRecvDataSegmentLength"
+                        | "TargetAddress"
+                )
+            })
+            .cloned()
+            .collect();
+        let answers = self
+            .negotiation
+            .process(&negotiable, false, &self.policy)
+            .map_err(|e| InitiatorError::Negotiation(format!("target: {e}")))?
+            .responses;
         if r.transit && answers.is_empty() {
             if r.nsg != FULL_FEATURE {
                 return Err(InitiatorError::Protocol(format!(
@@ -468,19 +503,7 @@ impl InitiatorLogin {
                     r.nsg
                 )));
             }
-            // Offers the target never answered keep their defaults.
-            self.offered.clear();
-            self.negotiated.tsih = r.tsih;
-            if self.negotiated.first_burst_length > self.negotiated.max_burst_length {
-                self.negotiated.first_burst_length = self.negotiated.max_burst_length;
-            }
-            return Ok(LoginStep::Done(Box::new(LoginResult {
-                negotiated: self.negotiated.clone(),
-                cmd_sn: INITIAL_CMD_SN,
-                exp_stat_sn: self.exp_stat_sn,
-                exp_cmd_sn: r.exp_cmd_sn,
-                max_cmd_sn: r.max_cmd_sn,
-            })));
+            return Ok(LoginStep::Done(Box::new(self.result(r))));
         }
         Ok(LoginStep::Send(self.request(
             true,
@@ -490,123 +513,21 @@ impl InitiatorLogin {
         )))
     }
 
-    /// Our answer to a key the target offered, by the key's negotiation rule.
-    fn answer_offer(&self, key: &str, value: &str) -> String {
-        let Some(def) = keys::lookup(key) else {
-            return keys::NOT_UNDERSTOOD.to_string();
-        };
-        let ours_num = |k: &str| -> Option<u64> {
-            Some(u64::from(match k {
-                "MaxBurstLength" => self.cfg.max_burst_length,
-                "FirstBurstLength" => self.cfg.first_burst_length,
-                "MaxOutstandingR2T" | "MaxConnections" => 1,
-                "ErrorRecoveryLevel" => 0,
-                _ => return None,
-            }))
-        };
-        match def.rule {
-            Rule::List => {
-                let want_crc = match key {
-                    "HeaderDigest" => self.cfg.header_digest,
-                    "DataDigest" => self.cfg.data_digest,
-                    _ => true,
-                };
-                let vals: Vec<&str> = value.split(',').collect();
-                if key.ends_with("Digest") {
-                    let pick = if want_crc { "CRC32C" } else { "None" };
-                    if vals.contains(&pick) {
-                        return pick.into();
-                    }
-                    if vals.contains(&"None") {
-                        return "None".into();
-                    }
-                    return keys::REJECT.into();
-                }
-                vals.first().map_or(keys::REJECT.into(), |v| v.to_string())
-            }
-            Rule::Min | Rule::Max => match keys::parse_number(value) {
-                Some(theirs) => {
-                    let r = match ours_num(key) {
-                        Some(o) if def.rule == Rule::Min => theirs.min(o),
-                        Some(o) => theirs.max(o),
-                        None => theirs,
-                    };
-                    r.to_string()
-                }
-                None => keys::REJECT.into(),
-            },
-            Rule::And | Rule::Or => match keys::parse_bool(value) {
-                Some(theirs) => {
-                    let ours = match key {
-                        "InitialR2T" => self.cfg.initial_r2t,
-                        "ImmediateData" => self.cfg.immediate_data,
-                        _ => theirs,
-                    };
-                    let r = if def.rule == Rule::And {
-                        theirs && ours
-                    } else {
-                        theirs || ours
-                    };
-                    keys::bool_str(r).into()
-                }
-                None => keys::REJECT.into(),
-            },
-            Rule::Declarative => {
-                // Nothing to answer; declarations are noted above.
-                keys::IRRELEVANT.into()
-            }
-            _ => keys::REJECT.into(),
+    /// The finished login: offers the target never answered keep their defaults.
+    fn result(&mut self, r: &LoginResponse) -> LoginResult {
+        self.negotiation.drop_unanswered();
+        let session = self.negotiation.session_params();
+        let mut connection = self.negotiation.connection_params(&self.policy);
+        connection.target_max_recv_data_segment_length = self.declared.target_mrdsl;
+        LoginResult {
+            negotiated: Negotiated::from_params(&session, &connection, &self.declared, r.tsih),
+            session,
+            connection,
+            cmd_sn: INITIAL_CMD_SN,
+            exp_stat_sn: self.exp_stat_sn,
+            exp_cmd_sn: r.exp_cmd_sn,
+            max_cmd_sn: r.max_cmd_sn,
         }
-    }
-
-    /// Record an agreed value (the target's answer to our offer, or ours to its offer).
-    fn apply(&mut self, key: &str, value: &str, offer: Option<&str>) -> Result<(), InitiatorError> {
-        if is_special(value) {
-            // Rejected or irrelevant: the default stays in force.
-            tracing::debug!(key, value, "offer not taken; default applies");
-            return Ok(());
-        }
-        if let Some(offer) = offer {
-            if let Some(def) = keys::lookup(key) {
-                let bad = match def.rule {
-                    Rule::List => !offer.split(',').any(|o| o == value),
-                    Rule::Min => num(key, value)? > num(key, offer)?,
-                    Rule::Max => num(key, value)? < num(key, offer)?,
-                    Rule::And => flag(key, value)? && !flag(key, offer)?,
-                    Rule::Or => !flag(key, value)? && flag(key, offer)?,
-                    _ => false,
-                };
-                if bad {
-                    return Err(InitiatorError::Negotiation(format!(
-                        "target answered {key}={value} to our offer {offer}"
-                    )));
-                }
-            }
-        }
-        let n = &mut self.negotiated;
-        match key {
-            "HeaderDigest" => n.header_digest = value == "CRC32C",
-            "DataDigest" => n.data_digest = value == "CRC32C",
-            "MaxBurstLength" => n.max_burst_length = num(key, value)?,
-            "FirstBurstLength" => n.first_burst_length = num(key, value)?,
-            "ImmediateData" => n.immediate_data = flag(key, value)?,
-            "InitialR2T" => n.initial_r2t = flag(key, value)?,
-            "MaxOutstandingR2T" => n.max_outstanding_r2t = num(key, value)?,
-            "ErrorRecoveryLevel" => {
-                let erl = num(key, value)?;
-                if erl != 0 {
-                    return Err(InitiatorError::Negotiation(format!(
-                        "ErrorRecoveryLevel={erl} not supported"
-                    )));
-                }
-                n.error_recovery_level = 0;
-            }
-            "DataPDUInOrder" | "DataSequenceInOrder" if !flag(key, value)? => {
-                // Our Data-In collection copies by offset, so order does not matter.
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }
 
@@ -728,8 +649,7 @@ mod tests {
         let mut bad = InitiatorLogin {
             stage: l.stage.clone(),
             cfg: l.cfg.clone(),
-            offered: HashMap::new(),
-            negotiated: l.negotiated.clone(),
+            policy: l.policy.clone(),
             ..InitiatorLogin::new(cfg(), false, [0; 6])
         };
         let wrong = encode_hex(&chap_response(id, b"nope-nope-nope", &ch));
@@ -778,5 +698,129 @@ mod tests {
             panic!()
         };
         assert_eq!(res.negotiated.max_burst_length, 4096);
+    }
+
+    /// Logs in up to the operational stage with `c`; returns the login.
+    fn to_operational(c: InitiatorConfig) -> InitiatorLogin {
+        let mut l = InitiatorLogin::new(c, false, [0; 6]);
+        l.start();
+        l.on_response(&resp(true, 0, 1, &[])).unwrap();
+        l
+    }
+
+    #[test]
+    fn target_offers_answered_by_the_shared_table() {
+        let mut c = cfg();
+        c.immediate_data = false;
+        c.max_burst_length = 65536;
+        let mut l = to_operational(c);
+        // Answers to our offers first, then offers of the target's own.
+        let (r, k) = sent_keys(
+            l.on_response(&resp(
+                false,
+                1,
+                0,
+                &[
+                    ("MaxBurstLength", "65536"),
+                    ("IFMarker", "Yes"),
+                    ("OFMarkInt", "2048"),
+                    ("iSCSIProtocolLevel", "2"),
+                    ("X-vendor.Key", "1"),
+                ],
+            ))
+            .unwrap(),
+        );
+        assert!(r.transit && (r.csg, r.nsg) == (1, 3));
+        // The same answers the target's table gives: AND with our No, Reject for the
+        // obsolete key, Minimum against our bound, NotUnderstood for the unknown.
+        assert_eq!(get(&k, "IFMarker"), Some("No"));
+        assert_eq!(get(&k, "OFMarkInt"), Some("Reject"));
+        assert_eq!(get(&k, "iSCSIProtocolLevel"), Some("1"));
+        assert_eq!(get(&k, "X-vendor.Key"), Some("NotUnderstood"));
+        // MaxBurstLength answered our offer: nothing to say back.
+        assert_eq!(get(&k, "MaxBurstLength"), None);
+        let LoginStep::Done(res) = l.on_response(&resp(true, 1, 3, &[])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(res.session.max_burst_length, 65536);
+        // ImmediateData was offered but never answered: the default (Yes) stays.
+        assert!(res.session.immediate_data);
+    }
+
+    #[test]
+    fn target_offer_of_digests_follows_our_policy() {
+        let mut l = to_operational(cfg());
+        // We offered HeaderDigest=None; answering None, the result holds no digests.
+        let step = l
+            .on_response(&resp(
+                true,
+                1,
+                3,
+                &[("HeaderDigest", "None"), ("DataDigest", "None")],
+            ))
+            .unwrap();
+        let LoginStep::Done(res) = step else { panic!() };
+        assert!(!res.connection.header_digest && !res.connection.data_digest);
+        assert_eq!(res.session.max_burst_length, 262_144);
+        assert_eq!(
+            res.connection.initiator_max_recv_data_segment_length,
+            256 * 1024
+        );
+        assert_eq!(
+            res.connection.target_max_recv_data_segment_length,
+            DEFAULT_MRDSL
+        );
+        assert_eq!(
+            res.negotiated.max_burst_length,
+            res.session.max_burst_length
+        );
+    }
+
+    #[test]
+    fn contradictory_answers_from_the_target_fail_the_login() {
+        let bad = |c: InitiatorConfig, key: &str, value: &str| {
+            let mut l = to_operational(c);
+            let e = l
+                .on_response(&resp(true, 1, 3, &[(key, value)]))
+                .expect_err(key);
+            assert!(matches!(e, InitiatorError::Negotiation(_)), "{key}: {e:?}");
+        };
+        let mut c = cfg();
+        c.max_burst_length = 65536;
+        c.immediate_data = false;
+        c.initial_r2t = true;
+        bad(c.clone(), "MaxBurstLength", "131072");
+        bad(c.clone(), "ImmediateData", "Yes");
+        bad(c.clone(), "InitialR2T", "No");
+        bad(c.clone(), "HeaderDigest", "CRC32C");
+        bad(c.clone(), "ErrorRecoveryLevel", "1");
+        bad(c.clone(), "DataPDUInOrder", "No");
+        bad(c.clone(), "DefaultTime2Wait", "1");
+        bad(c.clone(), "DefaultTime2Retain", "20");
+        bad(c.clone(), "MaxBurstLength", "banana");
+        // A key only the initiator may send.
+        bad(c, "InitiatorName", "iqn.x");
+    }
+
+    #[test]
+    fn rejected_offer_keeps_the_default() {
+        let mut c = cfg();
+        c.immediate_data = false;
+        let mut l = to_operational(c);
+        let step = l
+            .on_response(&resp(
+                true,
+                1,
+                3,
+                &[
+                    ("ImmediateData", "Reject"),
+                    ("MaxBurstLength", "Irrelevant"),
+                ],
+            ))
+            .unwrap();
+        let LoginStep::Done(res) = step else { panic!() };
+        // RFC 7143 defaults: ImmediateData=Yes, MaxBurstLength=262144.
+        assert!(res.session.immediate_data);
+        assert_eq!(res.session.max_burst_length, 262_144);
     }
 }

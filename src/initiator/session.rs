@@ -778,6 +778,7 @@ impl Session {
             exp_stat_sn,
             exp_cmd_sn,
             max_cmd_sn,
+            ..
         } = *result;
         let digests = DigestConfig {
             header: negotiated.header_digest,

@@ -3,10 +3,10 @@
 //! One table ([`KEYS`]) says, for every key the target knows: how a value is negotiated
 //! (result function), in which login stage it may appear, its scope, who may send it,
 //! its default and its range, whether it matters in discovery sessions, and what the
-//! target itself wants (derived from [`TargetKeyPolicy`]). The login code consults only
+//! target itself wants (derived from [`KeyPolicy`], the same for the target and the initiator). The login code consults only
 //! this table; it never special-cases a key by its name.
 
-use super::login::TargetKeyPolicy;
+use super::login::KeyPolicy;
 
 /// How the value of a key is decided (RFC 7143 §6.2, §13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub struct KeyDef {
     /// May the initiator send it again with the same value later in the login?
     /// (identity declarations, which some initiators repeat in every stage)
     pub repeatable: bool,
-    pub ours: fn(&TargetKeyPolicy) -> Ours,
+    pub ours: fn(&KeyPolicy) -> Ours,
     /// Cross-key rule: answer Irrelevant when this returns true.
     pub irrelevant: Option<fn(&dyn Agreed) -> bool>,
     /// Cross-key rule: upper bound imposed by other agreed keys.
@@ -105,25 +105,24 @@ pub const MAX_LEN: u32 = (1 << 24) - 1;
 const LEN_RANGE: Option<(u32, u32)> = Some((512, MAX_LEN));
 const TIME_RANGE: Option<(u32, u32)> = Some((0, 3600));
 
-fn nothing(_: &TargetKeyPolicy) -> Ours {
+fn nothing(_: &KeyPolicy) -> Ours {
     Ours::Nothing
 }
-fn digests(_: &TargetKeyPolicy) -> Ours {
-    Ours::Values(&["CRC32C", "None"])
+fn digests(wanted: bool) -> Ours {
+    if wanted {
+        Ours::Values(&["CRC32C", "None"])
+    } else {
+        Ours::Values(&["None"])
+    }
 }
-fn yes(_: &TargetKeyPolicy) -> Ours {
+fn yes(_: &KeyPolicy) -> Ours {
     Ours::Bool(true)
 }
-fn no(_: &TargetKeyPolicy) -> Ours {
+fn no(_: &KeyPolicy) -> Ours {
     Ours::Bool(false)
 }
 
-const fn key(
-    name: &'static str,
-    rule: Rule,
-    phase: Phase,
-    ours: fn(&TargetKeyPolicy) -> Ours,
-) -> KeyDef {
+const fn key(name: &'static str, rule: Rule, phase: Phase, ours: fn(&KeyPolicy) -> Ours) -> KeyDef {
     KeyDef {
         name,
         rule,
@@ -159,12 +158,16 @@ pub static KEYS: &[KeyDef] = &[
     KeyDef {
         scope: Scope::Connection,
         default: Some("None"),
-        ..key("HeaderDigest", Rule::List, Phase::Operational, digests)
+        ..key("HeaderDigest", Rule::List, Phase::Operational, |p| {
+            digests(p.header_digest)
+        })
     },
     KeyDef {
         scope: Scope::Connection,
         default: Some("None"),
-        ..key("DataDigest", Rule::List, Phase::Operational, digests)
+        ..key("DataDigest", Rule::List, Phase::Operational, |p| {
+            digests(p.data_digest)
+        })
     },
     // Only one connection per session is supported.
     KeyDef {
@@ -230,19 +233,18 @@ pub static KEYS: &[KeyDef] = &[
             Ours::Num(p.first_burst_length)
         })
     },
-    // We are happy with whatever wait the initiator wants.
     KeyDef {
         default: Some("2"),
         range: TIME_RANGE,
-        ..key("DefaultTime2Wait", Rule::Max, Phase::Operational, |_| {
-            Ours::Num(0)
+        ..key("DefaultTime2Wait", Rule::Max, Phase::Operational, |p| {
+            Ours::Num(p.default_time2wait)
         })
     },
     KeyDef {
         default: Some("20"),
         range: TIME_RANGE,
-        ..key("DefaultTime2Retain", Rule::Min, Phase::Operational, |_| {
-            Ours::Num(20)
+        ..key("DefaultTime2Retain", Rule::Min, Phase::Operational, |p| {
+            Ours::Num(p.default_time2retain)
         })
     },
     KeyDef {
@@ -375,7 +377,7 @@ pub fn bool_str(b: bool) -> &'static str {
 pub fn answer(
     def: &KeyDef,
     value: &str,
-    policy: &TargetKeyPolicy,
+    policy: &KeyPolicy,
     discovery: bool,
     agreed: &dyn Agreed,
 ) -> Option<String> {
@@ -461,7 +463,7 @@ mod tests {
         answer(
             lookup(key).unwrap(),
             value,
-            &TargetKeyPolicy::default(),
+            &KeyPolicy::default(),
             false,
             &Defaults,
         )
@@ -543,10 +545,10 @@ mod tests {
     #[test]
     fn discovery_irrelevant() {
         let def = lookup("MaxBurstLength").unwrap();
-        let a = answer(def, "4096", &TargetKeyPolicy::default(), true, &Defaults);
+        let a = answer(def, "4096", &KeyPolicy::default(), true, &Defaults);
         assert_eq!(a.as_deref(), Some("Irrelevant"));
         let def = lookup("HeaderDigest").unwrap();
-        let a = answer(def, "CRC32C", &TargetKeyPolicy::default(), true, &Defaults);
+        let a = answer(def, "CRC32C", &KeyPolicy::default(), true, &Defaults);
         assert_eq!(a.as_deref(), Some("CRC32C"));
     }
 

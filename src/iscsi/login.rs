@@ -1,8 +1,8 @@
 //! Login phase state machine (RFC 7143 §6): security negotiation with CHAP, operational
 //! negotiation, stage transitions. (interface; implemented by the iscsi helper)
 
-use super::chap::{ChapExchange, ChapInput};
-use super::negotiation::Negotiation;
+use super::chap::{ChapError, ChapExchange, ChapInput};
+use super::negotiation::{Negotiation, NegotiationError};
 use crate::wire::text::{encode_text, parse_text};
 use crate::wire::{Bhs, LoginRequest, LoginResponse, Pdu};
 use bytes::Bytes;
@@ -105,9 +105,10 @@ pub trait LoginAuthority {
     ) -> Result<Option<ChapCredentials>, LoginStatus>;
     /// Discovery session: same contract.
     fn discovery_session(&self, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus>;
-    /// Resolve the TSIH of the login: 0 asks for a new session (return a fresh non-zero
-    /// TSIH); non-zero must name an existing session of this initiator + ISID.
-    fn resolve_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> Result<u16, LoginStatus>;
+    /// Admit the session of `lead` just before the login succeeds and resolve its TSIH:
+    /// 0 asks for a new session (return a fresh non-zero TSIH); non-zero must name an
+    /// existing session of this initiator + ISID.
+    fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus>;
     /// Target portal group tag of the portal this connection arrived on.
     fn tpgt(&self) -> u16;
 }
@@ -145,19 +146,32 @@ pub struct ConnectionParams {
     pub target_max_recv_data_segment_length: u32,
 }
 
-/// The target's side of negotiation: what it offers/accepts (from config).
+/// What one side wants from negotiation, for either side: the target's answers and
+/// offers and the initiator's answers and checks come from the same key table
+/// ([`super::keys::KEYS`]) applied to this policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetKeyPolicy {
+pub struct KeyPolicy {
     pub max_recv_data_segment_length: u32,
     pub max_burst_length: u32,
     pub first_burst_length: u32,
     pub immediate_data: bool,
     pub initial_r2t: bool,
     pub max_outstanding_r2t: u32,
+    /// Digests this side accepts (CRC32C is preferred when accepted).
+    pub header_digest: bool,
+    pub data_digest: bool,
+    /// Our bound for DefaultTime2Wait (result function Maximum).
+    pub default_time2wait: u32,
+    /// Our bound for DefaultTime2Retain (result function Minimum).
+    pub default_time2retain: u32,
+    /// TargetAlias declared by a target (unused by initiators).
     pub target_alias: Option<String>,
 }
 
-impl Default for TargetKeyPolicy {
+/// The target's key policy (from config).
+pub type TargetKeyPolicy = KeyPolicy;
+
+impl Default for KeyPolicy {
     fn default() -> Self {
         Self {
             max_recv_data_segment_length: 256 * 1024,
@@ -166,6 +180,11 @@ impl Default for TargetKeyPolicy {
             immediate_data: true,
             initial_r2t: false,
             max_outstanding_r2t: 1,
+            header_digest: true,
+            data_digest: true,
+            // A target is happy with whatever wait the initiator wants.
+            default_time2wait: 0,
+            default_time2retain: 20,
             target_alias: None,
         }
     }
@@ -195,10 +214,13 @@ pub struct LoginOutcome {
 pub enum LoginStep {
     /// Send this Login Response and wait for the next request.
     Continue(Pdu),
+    /// The leading request named its target (or asked for discovery): choose the policy
+    /// that applies and answer with [`LoginMachine::choose`]. Nothing is sent yet.
+    ChooseTarget(Box<Leading>),
     /// Send this final Login Response; the connection enters the full feature phase.
     Complete(Pdu, Box<LoginOutcome>),
     /// Send this Login Response (non-zero status) and close the connection.
-    Fail(Pdu),
+    Fail(Pdu, LoginError),
 }
 
 /// Command window granted at login: MaxCmdSN = ExpCmdSN + QUEUE_DEPTH - 1.
@@ -212,144 +234,300 @@ const SECURITY: u8 = 0;
 const OPERATIONAL: u8 = 1;
 const FULL_FEATURE: u8 = 3;
 
-/// Where authentication stands.
+/// Why a login ended with an error status. [`LoginError::status`] is the one mapping to
+/// the status class/detail sent to the initiator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    #[error("non-login PDU during login")]
+    NotLoginPdu,
+    #[error("login request after the login ended")]
+    AfterEnd,
+    #[error("login request while the target policy is still being chosen")]
+    TargetNotChosen,
+    #[error("version {min}..{max} not supported")]
+    UnsupportedVersion { min: u8, max: u8 },
+    #[error("first request not in a negotiation stage")]
+    FirstStage,
+    #[error("ISID, TSIH or CID changed during login")]
+    IdentityChanged,
+    #[error("CSG does not match the login stage")]
+    StageMismatch,
+    #[error("T and C both set")]
+    TransitWithContinue,
+    #[error("invalid NSG")]
+    InvalidNsg,
+    #[error("login text too long")]
+    TextTooLong,
+    #[error("bad login text: {0}")]
+    BadText(String),
+    #[error("no InitiatorName")]
+    MissingInitiatorName,
+    #[error("no TargetName")]
+    MissingTargetName,
+    #[error("SessionType={0}")]
+    SessionType(String),
+    #[error("refused by the target's authority")]
+    Refused(LoginStatus),
+    #[error("authentication required but security stage skipped")]
+    SecuritySkipped,
+    #[error("initiator skipped authentication")]
+    AuthSkipped,
+    #[error("AuthMethod renegotiated")]
+    AuthMethodRenegotiated,
+    #[error("CHAP required, initiator offered AuthMethod={0}")]
+    ChapNotOffered(String),
+    #[error("CHAP keys without AuthMethod=CHAP")]
+    ChapWithoutMethod,
+    #[error("{0}")]
+    Chap(#[from] ChapError),
+    #[error("{0}")]
+    Negotiation(#[from] NegotiationError),
+    #[error("session not admitted (unknown TSIH or a limit)")]
+    NotAdmitted(LoginStatus),
+}
+
+impl LoginError {
+    /// The Login Response status for this error.
+    pub fn status(&self) -> LoginStatus {
+        use LoginError as E;
+        match self {
+            E::NotLoginPdu => LoginStatus::INVALID_DURING_LOGIN,
+            E::TargetNotChosen => LoginStatus::TARGET_ERROR,
+            E::UnsupportedVersion { .. } => LoginStatus::UNSUPPORTED_VERSION,
+            E::MissingInitiatorName | E::MissingTargetName => LoginStatus::MISSING_PARAMETER,
+            E::SessionType(_) => LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
+            E::Refused(s) | E::NotAdmitted(s) => *s,
+            E::SecuritySkipped | E::AuthSkipped | E::ChapNotOffered(_) | E::Chap(_) => {
+                LoginStatus::AUTH_FAILURE
+            }
+            E::AfterEnd
+            | E::FirstStage
+            | E::IdentityChanged
+            | E::StageMismatch
+            | E::TransitWithContinue
+            | E::InvalidNsg
+            | E::TextTooLong
+            | E::BadText(_)
+            | E::AuthMethodRenegotiated
+            | E::ChapWithoutMethod
+            | E::Negotiation(_) => LoginStatus::INITIATOR_ERROR,
+        }
+    }
+}
+
+/// Identity fixed by the leading (first complete) request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leading {
+    pub isid: [u8; 6],
+    pub tsih: u16,
+    pub cid: u16,
+    pub initiator_name: String,
+    pub initiator_alias: Option<String>,
+    /// None for discovery sessions.
+    pub target_name: Option<String>,
+    pub session_type: SessionType,
+}
+
+impl Leading {
+    /// Parse the identity keys of the leading request.
+    fn parse(req: &LoginRequest, pairs: &[(String, String)]) -> Result<Self, LoginError> {
+        let get = |k: &str| pairs.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+        let initiator_name = get("InitiatorName")
+            .filter(|n| !n.is_empty())
+            .ok_or(LoginError::MissingInitiatorName)?;
+        let session_type = match get("SessionType").as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(other) => return Err(LoginError::SessionType(other.to_string())),
+        };
+        let target_name = match session_type {
+            SessionType::Normal => Some(
+                get("TargetName")
+                    .filter(|n| !n.is_empty())
+                    .ok_or(LoginError::MissingTargetName)?,
+            ),
+            SessionType::Discovery => None,
+        };
+        Ok(Self {
+            isid: req.isid,
+            tsih: req.tsih,
+            cid: req.cid,
+            initiator_name,
+            initiator_alias: get("InitiatorAlias"),
+            target_name,
+            session_type,
+        })
+    }
+
+    /// Ask `authority` whether this login may proceed and with which CHAP secrets.
+    pub fn authorize(
+        &self,
+        authority: &dyn LoginAuthority,
+    ) -> Result<Option<ChapCredentials>, LoginStatus> {
+        match &self.target_name {
+            Some(target) => authority.normal_session(target, &self.initiator_name),
+            None => authority.discovery_session(&self.initiator_name),
+        }
+    }
+}
+
+/// The policy of the target the leading request named, chosen by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetPolicy {
+    /// Keys (and TargetAlias) the target negotiates with.
+    pub keys: TargetKeyPolicy,
+    /// CHAP secrets the initiator must prove (None = no authentication).
+    pub chap: Option<ChapCredentials>,
+}
+
+/// Where authentication stands in the security stage.
 #[derive(Debug)]
 enum Auth {
     /// No AuthMethod agreed yet.
     Pending,
-    /// AuthMethod=None agreed, or no security stage needed.
+    /// AuthMethod=None agreed.
     NotRequired,
     /// AuthMethod=CHAP agreed.
     Chap(Box<ChapExchange>),
 }
 
-/// Identity fixed by the leading request.
-#[derive(Debug, Clone)]
-struct Leading {
-    isid: [u8; 6],
-    tsih: u16,
-    cid: u16,
-    initiator_name: String,
-    initiator_alias: Option<String>,
-    target_name: Option<String>,
-    session_type: SessionType,
-    /// CHAP credentials the authority demands (None = no authentication).
-    creds: Option<ChapCredentials>,
+/// What both negotiation stages work on once the target is chosen.
+#[derive(Debug)]
+struct Context {
+    lead: Leading,
+    policy: TargetPolicy,
+    negotiation: Negotiation,
+}
+
+/// The login's states, each with only its own data.
+#[derive(Debug)]
+enum LoginState {
+    /// Waiting for the leading request (possibly continued over several PDUs).
+    AwaitLeading,
+    /// The leading request is parsed; the driver must [`LoginMachine::choose`].
+    ChooseTarget {
+        lead: Leading,
+        req: LoginRequest,
+        pairs: Vec<(String, String)>,
+    },
+    Security {
+        ctx: Box<Context>,
+        auth: Auth,
+    },
+    Operational {
+        ctx: Box<Context>,
+    },
+    /// Completed or failed: nothing more is accepted.
+    Done,
 }
 
 /// Per-connection login state machine.
 #[derive(Debug)]
 pub struct LoginMachine {
-    policy: TargetKeyPolicy,
     rng: StdRng,
-    /// Header fields of the first request (ISID, TSIH, CID must not change).
+    state: LoginState,
+    /// Header of the first request: ISID, TSIH and CID must not change; echoed in a
+    /// failure response to a non-login PDU.
     first: Option<LoginRequest>,
-    leading: Option<Leading>,
-    /// Stage the next request must be in (its CSG).
-    stage: u8,
-    auth: Auth,
-    negotiation: Negotiation,
     /// Text of a request split over several PDUs (C bit).
     pending_text: Vec<u8>,
     /// StatSN of the next response.
     stat_sn: u32,
-    /// The first response with keys has been sent (target declarations done).
-    declared: bool,
-    finished: bool,
+}
+
+impl Default for LoginMachine {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl LoginMachine {
-    pub fn new(policy: TargetKeyPolicy) -> Self {
-        Self::with_rng(
-            policy,
-            StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::seed_from_u64(0)),
-        )
+    pub fn new() -> Self {
+        Self::with_rng(StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::seed_from_u64(0)))
     }
 
     /// Deterministic randomness (CHAP identifiers/challenges, initial StatSN) for tests.
-    pub fn with_rng(policy: TargetKeyPolicy, mut rng: StdRng) -> Self {
+    pub fn with_rng(mut rng: StdRng) -> Self {
         let stat_sn = rng.next_u32();
         Self {
-            policy,
             rng,
+            state: LoginState::AwaitLeading,
             first: None,
-            leading: None,
-            stage: SECURITY,
-            auth: Auth::Pending,
-            negotiation: Negotiation::default(),
             pending_text: Vec::new(),
             stat_sn,
-            declared: false,
-            finished: false,
         }
     }
 
     /// Feed one PDU received during the login phase (normally a Login Request; anything
     /// else fails the login with INVALID_DURING_LOGIN).
-    pub fn on_pdu(&mut self, pdu: &Pdu, authority: &dyn LoginAuthority) -> LoginStep {
+    pub fn on_pdu(&mut self, pdu: &Pdu, authority: &mut dyn LoginAuthority) -> LoginStep {
         let Bhs::LoginRequest(req) = &pdu.bhs else {
             let req = self.first.clone().unwrap_or_default();
-            return self.fail(
-                &req,
-                LoginStatus::INVALID_DURING_LOGIN,
-                "non-login PDU during login",
-            );
+            return self.fail(&req, LoginError::NotLoginPdu);
         };
-        if self.finished {
-            return self.fail(
-                req,
-                LoginStatus::INITIATOR_ERROR,
-                "login request after the login ended",
-            );
-        }
         match self.step(req, &pdu.data, authority) {
             Ok(step) => step,
-            Err((status, reason)) => self.fail(req, status, &reason),
+            Err(e) => self.fail(req, e),
         }
+    }
+
+    /// Answer [`LoginStep::ChooseTarget`]: the policy of the named target, or the status
+    /// that refuses the login.
+    pub fn choose(
+        &mut self,
+        policy: Result<TargetPolicy, LoginStatus>,
+        authority: &mut dyn LoginAuthority,
+    ) -> LoginStep {
+        let LoginState::ChooseTarget { lead, req, pairs } =
+            std::mem::replace(&mut self.state, LoginState::Done)
+        else {
+            let req = self.first.clone().unwrap_or_default();
+            return self.fail(&req, LoginError::TargetNotChosen);
+        };
+        match self.start(lead, &req, &pairs, policy, authority) {
+            Ok(step) => step,
+            Err(e) => self.fail(&req, e),
+        }
+    }
+
+    fn start(
+        &mut self,
+        lead: Leading,
+        req: &LoginRequest,
+        pairs: &[(String, String)],
+        policy: Result<TargetPolicy, LoginStatus>,
+        authority: &mut dyn LoginAuthority,
+    ) -> Result<LoginStep, LoginError> {
+        let policy = policy.map_err(LoginError::Refused)?;
+        // RFC 7143 §6.3: a target that requires authentication fails a login that starts
+        // in operational negotiation.
+        if req.csg == OPERATIONAL && policy.chap.is_some() {
+            return Err(LoginError::SecuritySkipped);
+        }
+        let negotiation = Negotiation::new(lead.session_type == SessionType::Discovery);
+        let ctx = Box::new(Context {
+            lead,
+            policy,
+            negotiation,
+        });
+        let auth = (req.csg == SECURITY).then_some(Auth::Pending);
+        self.exchange(req, pairs, ctx, auth, authority, true)
     }
 
     fn step(
         &mut self,
         req: &LoginRequest,
         data: &[u8],
-        authority: &dyn LoginAuthority,
-    ) -> Result<LoginStep, (LoginStatus, String)> {
-        let err = |reason: &str| (LoginStatus::INITIATOR_ERROR, reason.to_string());
-        match &self.first {
-            None => {
-                // We speak version 0 only (RFC 7143 §11.12.4).
-                if req.version_min > 0 {
-                    return Err((
-                        LoginStatus::UNSUPPORTED_VERSION,
-                        format!("version {}..{}", req.version_min, req.version_max),
-                    ));
-                }
-                if req.csg != SECURITY && req.csg != OPERATIONAL {
-                    return Err(err("first request not in a negotiation stage"));
-                }
-                self.stage = req.csg;
-                self.first = Some(req.clone());
-            }
-            Some(first) => {
-                if (first.isid, first.tsih, first.cid) != (req.isid, req.tsih, req.cid) {
-                    return Err(err("ISID, TSIH or CID changed during login"));
-                }
-            }
-        }
-        if req.csg != self.stage {
-            return Err(err("CSG does not match the login stage"));
-        }
-        if req.transit && req.continue_ {
-            return Err(err("T and C both set"));
-        }
-        if req.transit
-            && !(req.nsg > req.csg && (req.nsg == OPERATIONAL || req.nsg == FULL_FEATURE))
-        {
-            return Err(err("invalid NSG"));
-        }
-        if self.pending_text.len() + data.len() > MAX_LOGIN_TEXT {
-            return Err(err("login text too long"));
-        }
+        authority: &mut dyn LoginAuthority,
+    ) -> Result<LoginStep, LoginError> {
+        let stage = match &self.state {
+            LoginState::Done => return Err(LoginError::AfterEnd),
+            LoginState::ChooseTarget { .. } => return Err(LoginError::TargetNotChosen),
+            LoginState::AwaitLeading => self.check_first(req)?,
+            LoginState::Security { .. } => SECURITY,
+            LoginState::Operational { .. } => OPERATIONAL,
+        };
+        self.check_request(req, stage, data.len())?;
         self.pending_text.extend_from_slice(data);
         if req.continue_ {
             // More text follows: acknowledge with an empty response in the same stage.
@@ -361,230 +539,160 @@ impl LoginMachine {
             )));
         }
         let text = std::mem::take(&mut self.pending_text);
-        let pairs = parse_text(&text).map_err(|e| err(&format!("bad login text: {e}")))?;
-
-        if self.leading.is_none() {
-            self.leading = Some(self.admit(req, &pairs, authority)?);
+        let pairs = parse_text(&text).map_err(|e| LoginError::BadText(e.to_string()))?;
+        match std::mem::replace(&mut self.state, LoginState::Done) {
+            LoginState::AwaitLeading => {
+                let lead = Leading::parse(req, &pairs)?;
+                self.state = LoginState::ChooseTarget {
+                    lead: lead.clone(),
+                    req: req.clone(),
+                    pairs,
+                };
+                Ok(LoginStep::ChooseTarget(Box::new(lead)))
+            }
+            LoginState::Security { ctx, auth } => {
+                self.exchange(req, &pairs, ctx, Some(auth), authority, false)
+            }
+            LoginState::Operational { ctx } => {
+                self.exchange(req, &pairs, ctx, None, authority, false)
+            }
+            LoginState::ChooseTarget { .. } | LoginState::Done => Err(LoginError::TargetNotChosen),
         }
-        let security = req.csg == SECURITY;
-        let batch = self
-            .negotiation
-            .process(&pairs, security, &self.policy)
-            .map_err(|e| err(&e.to_string()))?;
+    }
+
+    /// Checks of the first PDU of the leading request; returns its stage.
+    fn check_first(&mut self, req: &LoginRequest) -> Result<u8, LoginError> {
+        if let Some(first) = &self.first {
+            return Ok(first.csg);
+        }
+        // We speak version 0 only (RFC 7143 §11.12.4).
+        if req.version_min > 0 {
+            return Err(LoginError::UnsupportedVersion {
+                min: req.version_min,
+                max: req.version_max,
+            });
+        }
+        if req.csg != SECURITY && req.csg != OPERATIONAL {
+            return Err(LoginError::FirstStage);
+        }
+        self.first = Some(req.clone());
+        Ok(req.csg)
+    }
+
+    /// Header checks every request passes, in `stage`, carrying `len` bytes of text.
+    fn check_request(&self, req: &LoginRequest, stage: u8, len: usize) -> Result<(), LoginError> {
+        if let Some(first) = &self.first {
+            if (first.isid, first.tsih, first.cid) != (req.isid, req.tsih, req.cid) {
+                return Err(LoginError::IdentityChanged);
+            }
+        }
+        if req.csg != stage {
+            return Err(LoginError::StageMismatch);
+        }
+        if req.transit && req.continue_ {
+            return Err(LoginError::TransitWithContinue);
+        }
+        if req.transit
+            && !(req.nsg > req.csg && (req.nsg == OPERATIONAL || req.nsg == FULL_FEATURE))
+        {
+            return Err(LoginError::InvalidNsg);
+        }
+        if self.pending_text.len() + len > MAX_LOGIN_TEXT {
+            return Err(LoginError::TextTooLong);
+        }
+        Ok(())
+    }
+
+    /// Negotiate the keys of one complete request in the security stage (`auth` is Some)
+    /// or the operational stage, and move to the next state.
+    fn exchange(
+        &mut self,
+        req: &LoginRequest,
+        pairs: &[(String, String)],
+        mut ctx: Box<Context>,
+        mut auth: Option<Auth>,
+        authority: &mut dyn LoginAuthority,
+        leading: bool,
+    ) -> Result<LoginStep, LoginError> {
+        let security = auth.is_some();
+        let batch = ctx.negotiation.process(pairs, security, &ctx.policy.keys)?;
         let mut out = batch.responses;
-        if security {
-            out.extend(self.authenticate(&batch.auth)?);
-        }
-
         // Does the target agree to move on?
         let mut transit = req.transit;
-        if transit && security {
-            transit = match &self.auth {
-                Auth::NotRequired => true,
-                Auth::Chap(x) => x.is_complete(),
-                Auth::Pending if self.creds().is_none() => true,
-                Auth::Pending => {
-                    return Err((
-                        LoginStatus::AUTH_FAILURE,
-                        "initiator skipped authentication".into(),
-                    ))
-                }
-            };
+        if let Some(a) = auth.as_mut() {
+            let creds = ctx.policy.chap.as_ref();
+            out.extend(authenticate(a, creds, &batch.auth, &mut self.rng)?);
+            if transit {
+                transit = may_leave_security(a, creds.is_some())?;
+            }
         }
         if transit && req.nsg == FULL_FEATURE && !security {
-            let offers = self.negotiation.target_offers(&self.policy);
-            if !offers.is_empty() || self.negotiation.pending_offers() {
+            let offers = ctx.negotiation.target_offers(&ctx.policy.keys);
+            if !offers.is_empty() || ctx.negotiation.pending_offers() {
                 out.extend(offers);
                 transit = false;
             }
         }
-
         // Target declarations: TPGT and alias first, our receive limit once we negotiate.
-        let leading = self
-            .leading
-            .clone()
-            .ok_or_else(|| err("no leading request"))?;
-        if !self.declared {
-            self.declared = true;
-            if leading.session_type == SessionType::Normal {
-                out.push(("TargetPortalGroupTag".into(), authority.tpgt().to_string()));
-                if let Some(alias) = &self.policy.target_alias {
-                    out.push(("TargetAlias".into(), alias.clone()));
-                }
+        if leading && ctx.lead.session_type == SessionType::Normal {
+            out.push(("TargetPortalGroupTag".into(), authority.tpgt().to_string()));
+            if let Some(alias) = &ctx.policy.keys.target_alias {
+                out.push(("TargetAlias".into(), alias.clone()));
             }
         }
         if !security || (transit && req.nsg == FULL_FEATURE) {
-            out.extend(self.negotiation.declare_mrdsl(&self.policy));
+            out.extend(ctx.negotiation.declare_mrdsl(&ctx.policy.keys));
         }
+        if transit && req.nsg == FULL_FEATURE {
+            return self.complete(req, ctx, &out, authority);
+        }
+        self.state = match auth {
+            Some(auth) if !transit => LoginState::Security { ctx, auth },
+            _ => LoginState::Operational { ctx },
+        };
+        Ok(LoginStep::Continue(self.response(
+            req,
+            transit,
+            req.nsg,
+            encode_text(&out),
+        )))
+    }
 
-        if !transit {
-            return Ok(LoginStep::Continue(self.response(
-                req,
-                false,
-                req.nsg,
-                encode_text(&out),
-            )));
-        }
-        if req.nsg != FULL_FEATURE {
-            self.stage = req.nsg;
-            return Ok(LoginStep::Continue(self.response(
-                req,
-                true,
-                req.nsg,
-                encode_text(&out),
-            )));
-        }
+    /// The final response: the session is admitted and the login is done.
+    fn complete(
+        &mut self,
+        req: &LoginRequest,
+        ctx: Box<Context>,
+        out: &[(String, String)],
+        authority: &mut dyn LoginAuthority,
+    ) -> Result<LoginStep, LoginError> {
         let tsih = authority
-            .resolve_tsih(&leading.initiator_name, leading.isid, leading.tsih)
-            .map_err(|s| {
-                (
-                    s,
-                    "session not admitted (unknown TSIH or a limit)".to_string(),
-                )
-            })?;
-        let mut pdu = self.response(req, true, FULL_FEATURE, encode_text(&out));
+            .resolve_tsih(&ctx.lead)
+            .map_err(LoginError::NotAdmitted)?;
+        let mut pdu = self.response(req, true, FULL_FEATURE, encode_text(out));
         if let Bhs::LoginResponse(r) = &mut pdu.bhs {
             r.tsih = tsih;
         }
-        self.finished = true;
+        let Context {
+            lead,
+            policy,
+            negotiation,
+        } = *ctx;
         let outcome = LoginOutcome {
-            session_type: leading.session_type,
-            initiator_name: leading.initiator_name,
-            initiator_alias: leading.initiator_alias,
-            target_name: leading.target_name,
-            isid: leading.isid,
+            session_type: lead.session_type,
+            initiator_name: lead.initiator_name,
+            initiator_alias: lead.initiator_alias,
+            target_name: lead.target_name,
+            isid: lead.isid,
             tsih,
-            cid: leading.cid,
-            session: self.negotiation.session_params(),
-            connection: self.negotiation.connection_params(&self.policy),
+            cid: lead.cid,
+            session: negotiation.session_params(),
+            connection: negotiation.connection_params(&policy.keys),
             exp_cmd_sn: req.cmd_sn,
             next_stat_sn: self.stat_sn,
         };
         tracing::info!(initiator = %outcome.initiator_name, target = ?outcome.target_name, tsih, "login complete");
         Ok(LoginStep::Complete(pdu, Box::new(outcome)))
-    }
-
-    fn creds(&self) -> Option<&ChapCredentials> {
-        self.leading.as_ref().and_then(|l| l.creds.as_ref())
-    }
-
-    /// Checks of the leading (first complete) request: identity, session type, authority.
-    fn admit(
-        &mut self,
-        req: &LoginRequest,
-        pairs: &[(String, String)],
-        authority: &dyn LoginAuthority,
-    ) -> Result<Leading, (LoginStatus, String)> {
-        let get = |k: &str| pairs.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
-        let Some(initiator_name) = get("InitiatorName").filter(|n| !n.is_empty()) else {
-            return Err((LoginStatus::MISSING_PARAMETER, "no InitiatorName".into()));
-        };
-        let session_type = match get("SessionType").as_deref() {
-            None | Some("Normal") => SessionType::Normal,
-            Some("Discovery") => SessionType::Discovery,
-            Some(other) => {
-                return Err((
-                    LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
-                    format!("SessionType={other}"),
-                ))
-            }
-        };
-        let (target_name, creds) = match session_type {
-            SessionType::Normal => {
-                let Some(target) = get("TargetName").filter(|n| !n.is_empty()) else {
-                    return Err((LoginStatus::MISSING_PARAMETER, "no TargetName".into()));
-                };
-                let creds = authority
-                    .normal_session(&target, &initiator_name)
-                    .map_err(|s| (s, format!("{initiator_name} refused for target {target}")))?;
-                (Some(target), creds)
-            }
-            SessionType::Discovery => (
-                None,
-                authority
-                    .discovery_session(&initiator_name)
-                    .map_err(|s| (s, format!("{initiator_name} refused for discovery")))?,
-            ),
-        };
-        if req.csg == OPERATIONAL && creds.is_some() {
-            // RFC 7143 §6.3: a target that requires authentication fails a login that
-            // starts in operational negotiation.
-            return Err((
-                LoginStatus::AUTH_FAILURE,
-                "authentication required but security stage skipped".into(),
-            ));
-        }
-        if req.csg == OPERATIONAL {
-            self.auth = Auth::NotRequired;
-        }
-        self.negotiation = Negotiation::new(session_type == SessionType::Discovery);
-        Ok(Leading {
-            isid: req.isid,
-            tsih: req.tsih,
-            cid: req.cid,
-            initiator_name,
-            initiator_alias: get("InitiatorAlias"),
-            target_name,
-            session_type,
-            creds,
-        })
-    }
-
-    /// AuthMethod selection and the CHAP exchange of one security-stage request.
-    fn authenticate(
-        &mut self,
-        keys: &[(&'static str, String)],
-    ) -> Result<Vec<(String, String)>, (LoginStatus, String)> {
-        let auth_fail = |reason: String| (LoginStatus::AUTH_FAILURE, reason);
-        let mut out = Vec::new();
-        let mut chap = ChapInput::default();
-        let mut method = None;
-        for (k, v) in keys {
-            if !chap.set(k, v) {
-                method = Some(v.as_str());
-            }
-        }
-        if let Some(offered) = method {
-            if !matches!(self.auth, Auth::Pending) {
-                return Err((
-                    LoginStatus::INITIATOR_ERROR,
-                    "AuthMethod renegotiated".into(),
-                ));
-            }
-            let offered: Vec<&str> = offered.split(',').collect();
-            let answer = match self.creds().cloned() {
-                Some(creds) if offered.contains(&"CHAP") => {
-                    self.auth = Auth::Chap(Box::new(ChapExchange::new(creds)));
-                    "CHAP"
-                }
-                Some(_) => {
-                    return Err(auth_fail(format!(
-                        "CHAP required, initiator offered AuthMethod={}",
-                        offered.join(",")
-                    )))
-                }
-                None if offered.contains(&"None") => {
-                    self.auth = Auth::NotRequired;
-                    "None"
-                }
-                // We have no secret to run CHAP with; the initiator decides what next.
-                None => super::keys::REJECT,
-            };
-            out.push(("AuthMethod".to_string(), answer.to_string()));
-        }
-        if !chap.is_empty() {
-            let Auth::Chap(x) = &mut self.auth else {
-                return Err((
-                    LoginStatus::INITIATOR_ERROR,
-                    "CHAP keys without AuthMethod=CHAP".into(),
-                ));
-            };
-            out.extend(
-                x.step(&chap, &mut self.rng)
-                    .map_err(|e| auth_fail(e.to_string()))?,
-            );
-        }
-        Ok(out)
     }
 
     /// A Login Response echoing `req`, taking the next StatSN.
@@ -613,18 +721,14 @@ impl LoginMachine {
         }
     }
 
-    /// End the login: a response with `status`, no keys, T=0.
-    fn fail(&mut self, req: &LoginRequest, status: LoginStatus, reason: &str) -> LoginStep {
-        self.finished = true;
-        let initiator = self
-            .leading
-            .as_ref()
-            .map_or("(unknown)", |l| l.initiator_name.as_str());
+    /// End the login: a response with the error's status, no keys, T=0.
+    fn fail(&mut self, req: &LoginRequest, error: LoginError) -> LoginStep {
+        self.state = LoginState::Done;
+        let status = error.status();
         tracing::warn!(
-            initiator,
             class = status.class,
             detail = status.detail,
-            reason,
+            reason = %error,
             "login failed"
         );
         let mut pdu = self.response(req, false, 0, Bytes::new());
@@ -632,8 +736,62 @@ impl LoginMachine {
             r.status_class = status.class;
             r.status_detail = status.detail;
         }
-        LoginStep::Fail(pdu)
+        LoginStep::Fail(pdu, error)
     }
+}
+
+/// Whether the security stage may be left now.
+fn may_leave_security(auth: &Auth, chap_required: bool) -> Result<bool, LoginError> {
+    match auth {
+        Auth::NotRequired => Ok(true),
+        Auth::Chap(x) => Ok(x.is_complete()),
+        Auth::Pending if !chap_required => Ok(true),
+        Auth::Pending => Err(LoginError::AuthSkipped),
+    }
+}
+
+/// AuthMethod selection and the CHAP exchange of one security-stage request.
+fn authenticate(
+    auth: &mut Auth,
+    creds: Option<&ChapCredentials>,
+    keys: &[(&'static str, String)],
+    rng: &mut StdRng,
+) -> Result<Vec<(String, String)>, LoginError> {
+    let mut out = Vec::new();
+    let mut chap = ChapInput::default();
+    let mut method = None;
+    for (k, v) in keys {
+        if !chap.set(k, v) {
+            method = Some(v.as_str());
+        }
+    }
+    if let Some(offered) = method {
+        if !matches!(auth, Auth::Pending) {
+            return Err(LoginError::AuthMethodRenegotiated);
+        }
+        let offered: Vec<&str> = offered.split(',').collect();
+        let answer = match creds {
+            Some(creds) if offered.contains(&"CHAP") => {
+                *auth = Auth::Chap(Box::new(ChapExchange::new(creds.clone())));
+                "CHAP"
+            }
+            Some(_) => return Err(LoginError::ChapNotOffered(offered.join(","))),
+            None if offered.contains(&"None") => {
+                *auth = Auth::NotRequired;
+                "None"
+            }
+            // We have no secret to run CHAP with; the initiator decides what next.
+            None => super::keys::REJECT,
+        };
+        out.push(("AuthMethod".to_string(), answer.to_string()));
+    }
+    if !chap.is_empty() {
+        let Auth::Chap(x) = auth else {
+            return Err(LoginError::ChapWithoutMethod);
+        };
+        out.extend(x.step(&chap, rng)?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -647,6 +805,7 @@ mod tests {
     const INITIATOR: &str = "iqn.2004-10.com.ubuntu:01:abcdef";
 
     /// Authority with one target; CHAP if `creds` is set; one ACL entry.
+    #[derive(Clone)]
     struct Auth0 {
         creds: Option<ChapCredentials>,
     }
@@ -671,13 +830,8 @@ mod tests {
         ) -> Result<Option<ChapCredentials>, LoginStatus> {
             Ok(self.creds.clone())
         }
-        fn resolve_tsih(
-            &self,
-            _initiator: &str,
-            _isid: [u8; 6],
-            tsih: u16,
-        ) -> Result<u16, LoginStatus> {
-            match tsih {
+        fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus> {
+            match lead.tsih {
                 0 => Ok(0x1234),
                 _ => Err(LoginStatus::SESSION_DOES_NOT_EXIST),
             }
@@ -699,8 +853,39 @@ mod tests {
         }
     }
 
-    fn machine() -> LoginMachine {
-        LoginMachine::with_rng(TargetKeyPolicy::default(), StdRng::seed_from_u64(42))
+    /// A machine plus the key policy its driver chooses for the one target.
+    struct Driven {
+        m: LoginMachine,
+        keys: TargetKeyPolicy,
+    }
+
+    impl Driven {
+        fn with(keys: TargetKeyPolicy, seed: u64) -> Self {
+            Self {
+                m: LoginMachine::with_rng(StdRng::seed_from_u64(seed)),
+                keys,
+            }
+        }
+
+        /// Feed a PDU as the connection driver does: answer a ChooseTarget step with
+        /// the authority's verdict and our key policy.
+        fn on_pdu(&mut self, pdu: &Pdu, a: &Auth0) -> LoginStep {
+            let mut a = a.clone();
+            match self.m.on_pdu(pdu, &mut a) {
+                LoginStep::ChooseTarget(lead) => {
+                    let policy = lead.authorize(&a).map(|chap| TargetPolicy {
+                        keys: self.keys.clone(),
+                        chap,
+                    });
+                    self.m.choose(policy, &mut a)
+                }
+                step => step,
+            }
+        }
+    }
+
+    fn machine() -> Driven {
+        Driven::with(TargetKeyPolicy::default(), 42)
     }
 
     fn req(csg: u8, nsg: u8, transit: bool, keys: &[(&str, &str)]) -> Pdu {
@@ -734,7 +919,8 @@ mod tests {
 
     fn resp(step: &LoginStep) -> (&LoginResponse, Vec<(String, String)>) {
         let pdu = match step {
-            LoginStep::Continue(p) | LoginStep::Complete(p, _) | LoginStep::Fail(p) => p,
+            LoginStep::Continue(p) | LoginStep::Complete(p, _) | LoginStep::Fail(p, _) => p,
+            LoginStep::ChooseTarget(_) => panic!("no response while choosing the target"),
         };
         let Bhs::LoginResponse(r) = &pdu.bhs else {
             panic!("not a login response")
@@ -756,7 +942,7 @@ mod tests {
 
     fn assert_fail(step: &LoginStep, want: LoginStatus) {
         assert!(
-            matches!(step, LoginStep::Fail(_)),
+            matches!(step, LoginStep::Fail(..)),
             "expected failure, got {step:?}"
         );
         assert_eq!(status(step), want);
@@ -980,7 +1166,7 @@ mod tests {
     }
 
     /// Runs the CHAP legs; returns (machine, step after CHAP_R, id, challenge).
-    fn chap_until_challenge(creds: ChapCredentials) -> (LoginMachine, Auth0, u8, Vec<u8>) {
+    fn chap_until_challenge(creds: ChapCredentials) -> (Driven, Auth0, u8, Vec<u8>) {
         let a = Auth0 { creds: Some(creds) };
         let mut m = machine();
         let s = m.on_pdu(
@@ -1291,7 +1477,7 @@ mod tests {
             first_burst_length: 8192,
             ..Default::default()
         };
-        let mut m = LoginMachine::with_rng(policy, StdRng::seed_from_u64(1));
+        let mut m = Driven::with(policy, 1);
         let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
         let (r, keys) = resp(&s);
         assert!(!r.transit);
@@ -1321,7 +1507,7 @@ mod tests {
             first_burst_length: 8192,
             ..Default::default()
         };
-        let mut m = LoginMachine::with_rng(policy, StdRng::seed_from_u64(1));
+        let mut m = Driven::with(policy, 1);
         let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
         let (r, keys) = resp(&s);
         assert!(!r.transit);
@@ -1332,12 +1518,12 @@ mod tests {
             &m.on_pdu(&req(1, 3, true, &[("ImmediateData", "Yes")]), &a),
             LoginStatus::INITIATOR_ERROR,
         );
-        let mut m = LoginMachine::with_rng(
+        let mut m = Driven::with(
             TargetKeyPolicy {
                 immediate_data: false,
                 ..Default::default()
             },
-            StdRng::seed_from_u64(1),
+            1,
         );
         m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
         let s = m.on_pdu(&req(1, 3, true, &[("ImmediateData", "No")]), &a);
@@ -1425,6 +1611,149 @@ mod tests {
         );
     }
 
+    #[test]
+    fn leading_request_asks_to_choose_the_target() {
+        let mut a = plain();
+        let mut m = LoginMachine::with_rng(StdRng::seed_from_u64(3));
+        let s = m.on_pdu(
+            &req(0, 1, true, &leading(&[("AuthMethod", "None")])),
+            &mut a,
+        );
+        let LoginStep::ChooseTarget(lead) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(lead.target_name.as_deref(), Some(TARGET));
+        assert_eq!(lead.initiator_name, INITIATOR);
+        assert_eq!(lead.initiator_alias.as_deref(), Some("node1"));
+        assert_eq!(lead.session_type, SessionType::Normal);
+        assert!(matches!(m.state, LoginState::ChooseTarget { .. }));
+        // The policy chosen for that target (its alias) shapes the first response.
+        let policy = TargetPolicy {
+            keys: TargetKeyPolicy {
+                target_alias: Some("disk-one".into()),
+                ..Default::default()
+            },
+            chap: lead.authorize(&a).unwrap(),
+        };
+        let s = m.choose(Ok(policy), &mut a);
+        let (r, keys) = resp(&s);
+        assert!(r.transit && r.nsg == 1);
+        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
+        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        assert_eq!(get(&keys, "TargetAlias"), Some("disk-one"));
+        assert!(matches!(m.state, LoginState::Operational { .. }));
+    }
+
+    #[test]
+    fn choose_refusal_and_out_of_turn_requests() {
+        let mut a = plain();
+        let mut m = LoginMachine::with_rng(StdRng::seed_from_u64(3));
+        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &mut a);
+        assert!(matches!(s, LoginStep::ChooseTarget(_)));
+        let s = m.choose(Err(LoginStatus::NOT_FOUND), &mut a);
+        assert_fail(&s, LoginStatus::NOT_FOUND);
+        assert!(matches!(s, LoginStep::Fail(_, LoginError::Refused(_))));
+        assert!(matches!(m.state, LoginState::Done));
+
+        // A request while the driver still has to choose is a driver slip.
+        let mut m = LoginMachine::with_rng(StdRng::seed_from_u64(3));
+        m.on_pdu(&req(1, 3, true, &leading(&[])), &mut a);
+        let s = m.on_pdu(&req(1, 3, true, &[]), &mut a);
+        assert_fail(&s, LoginStatus::TARGET_ERROR);
+        // choose() without a pending ChooseTarget.
+        let mut m = LoginMachine::with_rng(StdRng::seed_from_u64(3));
+        let s = m.choose(Err(LoginStatus::NOT_FOUND), &mut a);
+        assert!(matches!(s, LoginStep::Fail(_, LoginError::TargetNotChosen)));
+    }
+
+    #[test]
+    fn state_transitions() {
+        let a = Auth0 {
+            creds: Some(chap_creds(false)),
+        };
+        let mut m = machine();
+        assert!(matches!(m.m.state, LoginState::AwaitLeading));
+        // A continued leading request stays in AwaitLeading.
+        let mut text = Vec::new();
+        for (k, v) in leading(&[("AuthMethod", "CHAP")]) {
+            text.extend_from_slice(format!("{k}={v}\0").as_bytes());
+        }
+        let (p1, p2) = text.split_at(20);
+        m.on_pdu(&raw(0, 0, false, true, p1.to_vec()), &a);
+        assert!(matches!(m.m.state, LoginState::AwaitLeading));
+        m.on_pdu(&raw(0, 1, false, false, p2.to_vec()), &a);
+        assert!(matches!(
+            m.m.state,
+            LoginState::Security {
+                auth: Auth::Chap(_),
+                ..
+            }
+        ));
+        m.on_pdu(&req(0, 1, false, &[("CHAP_A", "5")]), &a);
+        assert!(matches!(m.m.state, LoginState::Security { .. }));
+
+        // AuthMethod=None without CHAP: Security (None agreed) → Operational → Done.
+        let a = plain();
+        let mut m = machine();
+        m.on_pdu(&req(0, 1, false, &leading(&[("AuthMethod", "None")])), &a);
+        assert!(matches!(
+            m.m.state,
+            LoginState::Security {
+                auth: Auth::NotRequired,
+                ..
+            }
+        ));
+        m.on_pdu(&req(0, 1, true, &[]), &a);
+        assert!(matches!(m.m.state, LoginState::Operational { .. }));
+        m.on_pdu(&req(1, 1, false, &[("MaxBurstLength", "65536")]), &a);
+        assert!(matches!(m.m.state, LoginState::Operational { .. }));
+        let s = m.on_pdu(&req(1, 3, true, &[]), &a);
+        assert!(matches!(s, LoginStep::Complete(..)));
+        assert!(matches!(m.m.state, LoginState::Done));
+        assert_fail(
+            &m.on_pdu(&req(1, 3, true, &[]), &a),
+            LoginStatus::INITIATOR_ERROR,
+        );
+        // A failure ends in Done as well.
+        let mut m = machine();
+        m.on_pdu(&raw(1, 3, true, true, vec![]), &a);
+        assert!(matches!(m.m.state, LoginState::Done));
+    }
+
+    #[test]
+    fn login_error_status_mapping() {
+        use LoginError as E;
+        let cases = [
+            (E::NotLoginPdu, LoginStatus::INVALID_DURING_LOGIN),
+            (
+                E::UnsupportedVersion { min: 1, max: 2 },
+                LoginStatus::UNSUPPORTED_VERSION,
+            ),
+            (E::MissingTargetName, LoginStatus::MISSING_PARAMETER),
+            (
+                E::SessionType("x".into()),
+                LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
+            ),
+            (E::Refused(LoginStatus::NOT_FOUND), LoginStatus::NOT_FOUND),
+            (
+                E::NotAdmitted(LoginStatus::TOO_MANY_CONNECTIONS),
+                LoginStatus::TOO_MANY_CONNECTIONS,
+            ),
+            (E::AuthSkipped, LoginStatus::AUTH_FAILURE),
+            (E::SecuritySkipped, LoginStatus::AUTH_FAILURE),
+            (
+                E::Chap(ChapError::MissingResponse),
+                LoginStatus::AUTH_FAILURE,
+            ),
+            (E::TransitWithContinue, LoginStatus::INITIATOR_ERROR),
+            (E::IdentityChanged, LoginStatus::INITIATOR_ERROR),
+            (E::TargetNotChosen, LoginStatus::TARGET_ERROR),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.status(), want, "{e}");
+        }
+    }
+
     fn arb_key() -> impl Strategy<Value = String> {
         let known: Vec<String> = crate::iscsi::keys::KEYS
             .iter()
@@ -1474,7 +1803,7 @@ mod tests {
                     r.tsih = tsih;
                 }
                 let step = m.on_pdu(&p, &a);
-                if let LoginStep::Fail(_) = &step {
+                if let LoginStep::Fail(..) = &step {
                     prop_assert!(status(&step) != LoginStatus::SUCCESS);
                 }
             }

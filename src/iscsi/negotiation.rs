@@ -1,9 +1,10 @@
 //! Key negotiation state of one login (RFC 7143 §6.2, §6.3): which keys were offered,
-//! what was agreed, and what the target offered itself. Driven by [`super::login`];
-//! every per-key decision comes from the table in [`super::keys`].
+//! what was agreed, and what we offered ourselves. The same engine serves the target
+//! ([`super::login`]) and the initiator (`crate::initiator::login`); every per-key
+//! decision comes from the table in [`super::keys`] applied to a [`KeyPolicy`].
 
 use super::keys::{self, lookup, parse_bool, parse_number, Agreed, KeyDef, Rule, Sender};
-use super::login::{ConnectionParams, SessionParams, TargetKeyPolicy};
+use super::login::{ConnectionParams, KeyPolicy, SessionParams};
 use std::collections::BTreeMap;
 
 /// Negotiation errors: each ends the login with INITIATOR_ERROR.
@@ -11,11 +12,11 @@ use std::collections::BTreeMap;
 pub enum NegotiationError {
     #[error("key {0} offered more than once")]
     Duplicate(String),
-    #[error("key {0} may only be sent by the target")]
-    TargetOnlyKey(&'static str),
+    #[error("key {0} may not be sent by the peer")]
+    WrongSender(&'static str),
     #[error("security key {0} outside the security stage")]
     SecurityKeyLate(&'static str),
-    #[error("answer {value:?} to the target's offer of {key} breaks its result function")]
+    #[error("answer {value:?} to our offer of {key} breaks its result function")]
     BadAnswer { key: &'static str, value: String },
 }
 
@@ -31,11 +32,13 @@ pub struct Batch {
 #[derive(Debug, Clone, Default)]
 pub struct Negotiation {
     discovery: bool,
+    /// This side is the initiator (else the target).
+    initiator: bool,
     /// Values in force: agreed answers and accepted declarations.
     agreed: BTreeMap<&'static str, String>,
     /// Every key the initiator sent, with its value (repeats are errors).
     seen: BTreeMap<String, String>,
-    /// Keys the target offered and still awaits an answer for.
+    /// Keys we offered and still await an answer for.
     offered: BTreeMap<&'static str, String>,
     declared_mrdsl: bool,
 }
@@ -57,11 +60,47 @@ fn is_special_answer(v: &str) -> bool {
 }
 
 impl Negotiation {
+    /// The target's side of a login.
     pub fn new(discovery: bool) -> Self {
         Self {
             discovery,
             ..Self::default()
         }
+    }
+
+    /// The initiator's side of a login.
+    pub fn for_initiator(discovery: bool) -> Self {
+        Self {
+            discovery,
+            initiator: true,
+            ..Self::default()
+        }
+    }
+
+    /// Keys only this side may send (the peer sending one is an error).
+    fn own_only(&self) -> Sender {
+        if self.initiator {
+            Sender::Initiator
+        } else {
+            Sender::Target
+        }
+    }
+
+    /// Record offers we send (keys outside the table are ignored); the peer's answers
+    /// are then checked against our policy by [`Negotiation::process`].
+    pub fn record_offers(&mut self, offers: &[(String, String)]) {
+        for (k, v) in offers {
+            if let Some(def) = lookup(k) {
+                if def.rule != Rule::Declarative {
+                    self.offered.insert(def.name, v.clone());
+                }
+            }
+        }
+    }
+
+    /// Forget offers never answered: their defaults stay in force.
+    pub fn drop_unanswered(&mut self) {
+        self.offered.clear();
     }
 
     /// The value in force for `key`: agreed or declared, else the table default.
@@ -86,7 +125,7 @@ impl Negotiation {
         &mut self,
         pairs: &[(String, String)],
         security: bool,
-        policy: &TargetKeyPolicy,
+        policy: &KeyPolicy,
     ) -> Result<Batch, NegotiationError> {
         let mut batch = Batch::default();
         // Keys with cross-key rules are answered after the rest of the request, so that
@@ -113,8 +152,8 @@ impl Negotiation {
                     .push((k.clone(), keys::NOT_UNDERSTOOD.into()));
                 continue;
             };
-            if def.sender == Sender::Target {
-                return Err(NegotiationError::TargetOnlyKey(def.name));
+            if def.sender == self.own_only() {
+                return Err(NegotiationError::WrongSender(def.name));
             }
             if def.rule == Rule::Auth {
                 if !security {
@@ -144,7 +183,7 @@ impl Negotiation {
         &mut self,
         def: &'static KeyDef,
         value: &str,
-        policy: &TargetKeyPolicy,
+        policy: &KeyPolicy,
         batch: &mut Batch,
     ) {
         match keys::answer(def, value, policy, self.discovery, self) {
@@ -166,14 +205,14 @@ impl Negotiation {
         name: &'static str,
         ours: &str,
         value: &str,
-        policy: &TargetKeyPolicy,
+        policy: &KeyPolicy,
     ) -> Result<(), NegotiationError> {
         if is_special_answer(value) {
             tracing::warn!(
                 key = name,
                 offered = ours,
                 answer = value,
-                "initiator refused the target's offer; default applies"
+                "peer refused our offer; default applies"
             );
             return Ok(());
         }
@@ -198,7 +237,7 @@ impl Negotiation {
     /// Offers the target must make before leaving operational negotiation: keys the
     /// initiator did not offer whose default our policy cannot accept. Empty when
     /// nothing needs changing (the common case with default policies).
-    pub fn target_offers(&mut self, policy: &TargetKeyPolicy) -> Vec<(String, String)> {
+    pub fn target_offers(&mut self, policy: &KeyPolicy) -> Vec<(String, String)> {
         let mut out = Vec::new();
         // Keys with cross-key rules are judged last, seeing our other offers as agreed.
         for cross in [false, true] {
@@ -242,7 +281,7 @@ impl Negotiation {
     }
 
     /// Our MaxRecvDataSegmentLength declaration, once per login.
-    pub fn declare_mrdsl(&mut self, policy: &TargetKeyPolicy) -> Option<(String, String)> {
+    pub fn declare_mrdsl(&mut self, policy: &KeyPolicy) -> Option<(String, String)> {
         if self.declared_mrdsl {
             return None;
         }
@@ -270,18 +309,25 @@ impl Negotiation {
         }
     }
 
-    pub fn connection_params(&self, policy: &TargetKeyPolicy) -> ConnectionParams {
+    /// Connection parameters: our receive limit from `policy`, the peer's as declared.
+    pub fn connection_params(&self, policy: &KeyPolicy) -> ConnectionParams {
+        let (ours, theirs) = (target_mrdsl(policy), self.num("MaxRecvDataSegmentLength"));
+        let (initiator, target) = if self.initiator {
+            (ours, theirs)
+        } else {
+            (theirs, ours)
+        };
         ConnectionParams {
             header_digest: self.value("HeaderDigest") == Some("CRC32C"),
             data_digest: self.value("DataDigest") == Some("CRC32C"),
-            initiator_max_recv_data_segment_length: self.num("MaxRecvDataSegmentLength"),
-            target_max_recv_data_segment_length: target_mrdsl(policy),
+            initiator_max_recv_data_segment_length: initiator,
+            target_max_recv_data_segment_length: target,
         }
     }
 }
 
 /// Our declared MaxRecvDataSegmentLength, forced into the legal range.
-fn target_mrdsl(policy: &TargetKeyPolicy) -> u32 {
+pub fn target_mrdsl(policy: &KeyPolicy) -> u32 {
     policy
         .max_recv_data_segment_length
         .clamp(512, keys::MAX_LEN)

@@ -4,19 +4,19 @@
 //! cheap, else on the blocking pool, and report their outcomes back; a writer task
 //! batches the stamped PDUs it emits into vectored writes.
 
-use super::limits::{BufferPermit, SessionSlot};
+use super::limits::{lock, BufferPermit, SessionSlot};
 use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::login::{
-    ChapCredentials, LoginAuthority, LoginMachine, LoginOutcome, LoginStatus, LoginStep,
-    SessionType,
+    ChapCredentials, Leading, LoginAuthority, LoginMachine, LoginOutcome, LoginStatus, LoginStep,
+    SessionType, TargetPolicy,
 };
 use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
 };
 use crate::iscsi::task_set::{TaskAttr, TaskId};
 use crate::scsi::{self, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome};
-use crate::wire::{self, Bhs, DigestConfig, Pdu, PduDecoder, ReadError, WireError};
+use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError, WireError};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -63,39 +63,38 @@ struct Authority<'a> {
     rt: &'a Runtime,
     reg: &'a SessionRegistry,
     listen: SocketAddr,
-    /// Initiator and target (None: discovery) of the leading request, and whether CHAP
-    /// was demanded, for the session slot and the CHAP failure count.
-    leading: Mutex<Option<(String, Option<String>, bool)>>,
     /// The session slot reserved when the login completes.
-    slot: Mutex<Option<SessionSlot>>,
+    slot: Option<SessionSlot>,
 }
 
 impl Authority<'_> {
-    fn note(
-        &self,
-        initiator: &str,
-        target: Option<&str>,
-        r: Result<Option<ChapCredentials>, LoginStatus>,
-    ) -> Result<Option<ChapCredentials>, LoginStatus> {
-        let creds = r?;
-        *lock(&self.leading) = Some((
-            initiator.to_string(),
-            target.map(str::to_string),
-            creds.is_some(),
-        ));
-        if creds.is_some() && self.rt.limits.chap_locked(initiator, Instant::now()) {
+    /// The policy of the target `lead` names (its alias, CHAP secrets, key policy), and
+    /// whether CHAP is demanded (for the CHAP failure count, even when locked out).
+    fn choose(&self, lead: &Leading) -> (Result<TargetPolicy, LoginStatus>, bool) {
+        let chap = match lead.authorize(self) {
+            Ok(chap) => chap,
+            Err(s) => return (Err(s), false),
+        };
+        let demanded = chap.is_some();
+        if demanded
+            && self
+                .rt
+                .limits
+                .chap_locked(&lead.initiator_name, Instant::now())
+        {
             warn!(
-                initiator,
+                initiator = %lead.initiator_name,
                 "login refused: CHAP locked out after repeated failures"
             );
-            return Err(LoginStatus::AUTH_FAILURE);
+            return (Err(LoginStatus::AUTH_FAILURE), demanded);
         }
-        Ok(creds)
+        let mut keys = self.rt.key_policy.clone();
+        // The alias is per target.
+        if let Some(node) = lead.target_name.as_deref().and_then(|t| self.rt.target(t)) {
+            keys.target_alias = node.alias.clone();
+        }
+        (Ok(TargetPolicy { keys, chap }), demanded)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LoginAuthority for Authority<'_> {
@@ -104,21 +103,23 @@ impl LoginAuthority for Authority<'_> {
         target: &str,
         initiator: &str,
     ) -> Result<Option<ChapCredentials>, LoginStatus> {
-        let r = self.rt.authorize_normal(self.listen, target, initiator);
-        self.note(initiator, Some(target), r)
+        self.rt.authorize_normal(self.listen, target, initiator)
     }
-    fn discovery_session(&self, initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
-        self.note(initiator, None, Ok(self.rt.discovery_chap.clone()))
+    fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
+        Ok(self.rt.discovery_chap.clone())
     }
-    fn resolve_tsih(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> Result<u16, LoginStatus> {
+    fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus> {
         // Called once, just before the login succeeds: the place to take a session slot.
-        let target = lock(&self.leading).as_ref().and_then(|l| l.1.clone());
-        let slot = self.rt.limits.session(initiator, isid, target.as_deref())?;
-        *lock(&self.slot) = Some(slot);
-        if tsih == 0 {
+        let initiator = lead.initiator_name.as_str();
+        let slot = self
+            .rt
+            .limits
+            .session(initiator, lead.isid, lead.target_name.as_deref())?;
+        self.slot = Some(slot);
+        if lead.tsih == 0 {
             Ok(self.reg.allocate_tsih())
-        } else if self.reg.has_tsih(initiator, isid, tsih) {
-            Ok(tsih)
+        } else if self.reg.has_tsih(initiator, lead.isid, lead.tsih) {
+            Ok(lead.tsih)
         } else {
             Err(LoginStatus::SESSION_DOES_NOT_EXIST)
         }
@@ -240,16 +241,15 @@ async fn login_phase(
     buf: &mut BytesMut,
     dec: &mut PduDecoder,
 ) -> Result<(LoginOutcome, Option<SessionSlot>), ConnError> {
-    let mut policy = rt.key_policy.clone();
-    let auth = Authority {
+    let mut auth = Authority {
         rt,
         reg,
         listen,
-        leading: Mutex::new(None),
-        slot: Mutex::new(None),
+        slot: None,
     };
-    let mut machine = LoginMachine::new(policy.clone());
-    let mut first = true;
+    let mut machine = LoginMachine::new();
+    // Initiator of the leading request and whether its target demanded CHAP.
+    let mut who: Option<(String, bool)> = None;
     loop {
         let pdu = match read_pdu(rd, buf, dec).await {
             Ok(p) => p,
@@ -259,49 +259,42 @@ async fn login_phase(
             }
             Err(e) => return Err(e),
         };
-        if first {
-            // The alias is per target: learn it from the first request's TargetName.
-            first = false;
-            if let Ok(pairs) = wire::text::parse_text(&pdu.data) {
-                if let Some((_, t)) = pairs.iter().find(|(k, _)| k == "TargetName") {
-                    if let Some(node) = rt.target(t) {
-                        if node.alias != policy.target_alias {
-                            policy.target_alias = node.alias.clone();
-                            machine = LoginMachine::new(policy.clone());
-                        }
-                    }
-                }
+        let mut step = machine.on_pdu(&pdu, &mut auth);
+        if let LoginStep::ChooseTarget(lead) = &step {
+            let (policy, chap) = auth.choose(lead);
+            if policy.is_ok() || chap {
+                who = Some((lead.initiator_name.clone(), chap));
             }
+            step = machine.choose(policy, &mut auth);
         }
-        match machine.on_pdu(&pdu, &auth) {
+        match step {
             LoginStep::Continue(resp) => write_pdu(wr, &resp, DigestConfig::default()).await?,
+            LoginStep::ChooseTarget(_) => unreachable!("the target was just chosen"),
             LoginStep::Complete(resp, outcome) => {
                 write_pdu(wr, &resp, DigestConfig::default()).await?;
-                let slot = lock(&auth.slot).take();
-                return Ok((*outcome, slot));
+                return Ok((*outcome, auth.slot.take()));
             }
-            LoginStep::Fail(resp) => {
-                let who = lock(&auth.leading).clone();
+            LoginStep::Fail(resp, error) => {
                 let initiator = who.as_ref().map_or("?", |w| w.0.as_str()).to_string();
-                if let Bhs::LoginResponse(r) = &resp.bhs {
+                let status = error.status();
+                warn!(
+                    initiator,
+                    status_class = status.class,
+                    status_detail = status.detail,
+                    reason = %error,
+                    "login refused"
+                );
+                let chap = who.as_ref().is_some_and(|w| w.1);
+                if chap
+                    && status == LoginStatus::AUTH_FAILURE
+                    && rt.limits.chap_failed(&initiator, Instant::now())
+                {
                     warn!(
                         initiator,
-                        status_class = r.status_class,
-                        status_detail = r.status_detail,
-                        "login refused"
+                        failures = rt.limits.settings.chap_max_failures,
+                        lockout_secs = rt.limits.settings.chap_lockout_secs,
+                        "repeated CHAP failures: initiator locked out"
                     );
-                    let chap = who.as_ref().is_some_and(|w| w.2);
-                    if chap
-                        && (r.status_class, r.status_detail) == (2, 1)
-                        && rt.limits.chap_failed(&initiator, Instant::now())
-                    {
-                        warn!(
-                            initiator,
-                            failures = rt.limits.settings.chap_max_failures,
-                            lockout_secs = rt.limits.settings.chap_lockout_secs,
-                            "repeated CHAP failures: initiator locked out"
-                        );
-                    }
                 }
                 write_pdu(wr, &resp, DigestConfig::default()).await?;
                 let _ = wr.shutdown().await;

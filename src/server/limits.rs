@@ -68,7 +68,9 @@ impl Drop for SessionSlot {
 /// Bytes of command buffer a task holds until it ends.
 pub type BufferPermit = OwnedSemaphorePermit;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock, taking over the data of a holder that panicked: these maps stay consistent
+/// between statements, and one failed task must not take the target down.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -219,6 +219,7 @@ impl Runtime {
                 initial_r2t: s.initial_r2t,
                 max_outstanding_r2t: s.max_outstanding_r2t,
                 target_alias: None,
+                ..TargetKeyPolicy::default()
             },
             settings: s.clone(),
             limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
