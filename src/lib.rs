@@ -1,9 +1,20 @@
 //! holdfast: a userspace iSCSI target with durable SCSI-3 persistent reservations,
 //! and the cluster agent that uses them.
 //!
-//! Layers, each knowing only those below it: `wire` (PDU codec), `iscsi` (login,
-//! negotiation, session rules; sans-IO), `scsi` (transport-independent device server),
-//! `store` (block backends), `target` (tokio edge: portals, connections, config).
+//! Layers, each knowing only those below it (checked by `tests/server/layers.rs`):
+//!
+//! | layer | knows | does |
+//! |---|---|---|
+//! | [`wire`] | bytes | PDU codec (BHS per opcode, AHS, digests), text codec, [`wire::read_pdu`] |
+//! | [`iscsi`] | `wire`; no tokio, no `scsi` | login states, one negotiation engine (key table) for both sides, CHAP, names, and the sans-IO full-feature connection [`iscsi::target_conn::TargetConnection`] (`handle_*` in, `poll_*` out, time as an input) |
+//! | [`scsi`] | nothing of iSCSI | the device server: one command table, SPC/SBC, PR state machine, unit attentions, and the SCSI vocabulary (status, sense, opcodes, PR codes, TransportIDs) |
+//! | [`store`] | `scsi`'s traits | file backend, durable PR state |
+//! | [`server`] | all of the above + tokio | portals, the connection driver around `TargetConnection`, sessions, config → runtime |
+//! | [`initiator`] | `wire`, `iscsi`, the `scsi` vocabulary, tokio | [`initiator::IscsiUrl`], [`initiator::connect`], pipelined commands, PR helpers, the one unit-attention policy |
+//! | [`agent`] | the initiator (storage only through it) | quorum layout, membership, the pure planner, operations, the loop, VM drivers |
+//! | [`cli`] | everything | `target`, `agent`, `ctl`, `pr`, `demo`, `guest` (anyhow lives here and in `main.rs`) |
+//!
+//! [`config_value`] holds what both configuration files share (errors, sizes).
 
 pub mod agent;
 pub mod cli;

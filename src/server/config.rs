@@ -336,6 +336,9 @@ fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
     }
 }
 
+/// Where a check reports a bad setting: key and reason (the first one is reported).
+type Bad<'a> = &'a mut dyn FnMut(String, String);
+
 fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
     let mut first: Option<(String, String)> = None;
     let mut bad = |key: String, reason: String| {
@@ -343,75 +346,8 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
             first = Some((key, reason));
         }
     };
-    let i = &config.iscsi;
-    if !(512..=16_777_215).contains(&i.max_recv_data_segment_length) {
-        bad(
-            "iscsi.max_recv_data_segment_length".into(),
-            "must be 512 to 16777215".into(),
-        );
-    }
-    if !(512..=16_777_215).contains(&i.max_burst_length) {
-        bad(
-            "iscsi.max_burst_length".into(),
-            "must be 512 to 16777215".into(),
-        );
-    }
-    if !(512..=16_777_215).contains(&i.first_burst_length)
-        || i.first_burst_length > i.max_burst_length
-    {
-        bad(
-            "iscsi.first_burst_length".into(),
-            "must be 512 to 16777215 and at most max_burst_length".into(),
-        );
-    }
-    if !(1..=65535).contains(&i.max_outstanding_r2t) {
-        bad(
-            "iscsi.max_outstanding_r2t".into(),
-            "must be 1 to 65535".into(),
-        );
-    }
-    if !(1..=4096).contains(&i.queue_depth) {
-        bad("iscsi.queue_depth".into(), "must be 1 to 4096".into());
-    }
-    if i.nop_interval_secs == 0 || i.nop_timeout_secs == 0 || i.login_timeout_secs == 0 {
-        bad(
-            "iscsi".into(),
-            "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into(),
-        );
-    }
-    let l = &config.limits;
-    for (k, v) in [
-        ("max_connections", l.max_connections),
-        ("max_sessions", l.max_sessions),
-        ("max_connections_per_target", l.max_connections_per_target),
-        (
-            "max_connections_per_initiator",
-            l.max_connections_per_initiator,
-        ),
-        ("chap_max_failures", l.chap_max_failures),
-    ] {
-        if v == 0 {
-            bad(format!("limits.{k}"), "must be > 0".into());
-        }
-    }
-    if !(1 << 20..=1 << 40).contains(&l.buffer_memory.0) {
-        bad("limits.buffer_memory".into(), "must be 1MiB to 1TiB".into());
-    }
-    if l.max_command_bytes.0 < 4096
-        || l.max_command_bytes.0 > l.buffer_memory.0
-        || l.max_command_bytes.0 > u64::from(u32::MAX)
-    {
-        bad(
-            "limits.max_command_bytes".into(),
-            "must be 4KiB to 4GiB-1 and at most buffer_memory".into(),
-        );
-    }
-    if l.chap_failure_window_secs == 0 {
-        bad(
-            "limits.chap_failure_window_secs".into(),
-            "must be > 0".into(),
-        );
-    }
+    check_iscsi(&config.iscsi, &mut bad);
+    check_limits(&config.limits, &mut bad);
     if let Some(c) = &config.discovery_chap {
         check_chap(c, "discovery_chap", &mut bad);
     }
@@ -447,119 +383,15 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
                 "at least one [[target.portal]] is required".into(),
             );
         }
-        let mut addrs = Vec::new();
-        let mut tpgts = HashSet::new();
-        for (pi, p) in t.portals.iter().enumerate() {
-            let pk = format!("{tk}.portal[{pi}]");
-            match p.listen.parse::<SocketAddr>() {
-                Ok(a) => {
-                    if let Some((other, tpgt)) = addr_tpgt.get(&a) {
-                        if *tpgt != p.tpgt {
-                            bad(
-                                format!("{pk}.tpgt"),
-                                format!("{a} is portal group {tpgt} of {other}; one address belongs to one portal group"),
-                            );
-                        }
-                    } else {
-                        addr_tpgt.insert(a, (t.name.clone(), p.tpgt));
-                    }
-                    if addrs.iter().any(|(x, _)| *x == a) {
-                        bad(format!("{pk}.listen"), format!("{a} is listed twice"));
-                    }
-                    addrs.push((a, p.tpgt));
-                }
-                Err(_) => bad(
-                    format!("{pk}.listen"),
-                    format!("{:?} is not an address:port", p.listen),
-                ),
-            }
-            if p.tpgt == 0 {
-                bad(format!("{pk}.tpgt"), "must be 1 to 65535".into());
-            }
-            tpgts.insert(p.tpgt);
-        }
-        portal_addrs.push(addrs);
+        portal_addrs.push(check_portals(&tk, t, &mut addr_tpgt, &mut bad));
         if t.luns.is_empty() {
             bad(
                 format!("{tk}.lun"),
                 "at least one [[target.lun]] is required".into(),
             );
         }
-        let mut ids = HashSet::new();
-        for (li, l) in t.luns.iter().enumerate() {
-            let lk = format!("{tk}.lun[{li}]");
-            if l.id > 16383 {
-                bad(format!("{lk}.id"), "must be 0 to 16383".into());
-            }
-            if !ids.insert(l.id) {
-                bad(format!("{lk}.id"), format!("LUN {} is defined twice", l.id));
-            }
-            if l.block_size != 512 && l.block_size != 4096 {
-                bad(format!("{lk}.block_size"), "must be 512 or 4096".into());
-            }
-            if let Some(p) = l.physical_block_size {
-                if p < l.block_size || p > 32768 || !p.is_power_of_two() {
-                    bad(
-                        format!("{lk}.physical_block_size"),
-                        "must be a power of two from block_size to 32768".into(),
-                    );
-                }
-            }
-            if l.size.0 == 0 || l.size.0 % l.block_size.max(1) as u64 != 0 {
-                bad(
-                    format!("{lk}.size"),
-                    format!(
-                        "must be a positive multiple of the block size ({})",
-                        l.block_size
-                    ),
-                );
-            }
-            if let Some(s) = &l.serial {
-                if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_graphic()) {
-                    bad(
-                        format!("{lk}.serial"),
-                        "must be 1 to 64 printable ASCII characters".into(),
-                    );
-                }
-            }
-            if l.path.as_os_str().is_empty() {
-                bad(format!("{lk}.path"), "must not be empty".into());
-            }
-            let full = if l.path.is_absolute() {
-                l.path.clone()
-            } else {
-                data_dir.join(&l.path)
-            };
-            if let Some(prev) = paths.insert(full.clone(), lk.clone()) {
-                bad(
-                    format!("{lk}.path"),
-                    format!("{} is already the backing file of {prev}", full.display()),
-                );
-            }
-        }
-        let mut inits = HashSet::new();
-        for (ai, a) in t.acl.iter().enumerate() {
-            let ak = format!("{tk}.acl[{ai}]");
-            if let Err(e) = check_iscsi_name(&a.initiator) {
-                bad(format!("{ak}.initiator"), e.to_string());
-            }
-            if !inits.insert(a.initiator.to_ascii_lowercase()) {
-                bad(format!("{ak}.initiator"), "listed twice".into());
-            }
-            if let Some(luns) = &a.luns {
-                for l in luns {
-                    if !ids.contains(l) && t.luns.iter().all(|x| x.id != *l) {
-                        bad(
-                            format!("{ak}.luns"),
-                            format!("LUN {l} is not defined in this target"),
-                        );
-                    }
-                }
-            }
-            if let Some(c) = &a.chap {
-                check_chap(c, &format!("{ak}.chap"), &mut bad);
-            }
-        }
+        let ids = check_luns(&tk, t, &data_dir, &mut paths, &mut bad);
+        check_acl(&tk, t, &ids, &mut bad);
         if let Some(c) = &t.chap {
             check_chap(c, &format!("{tk}.chap"), &mut bad);
         }
@@ -573,6 +405,210 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
         config,
         portal_addrs,
     })
+}
+
+fn check_iscsi(i: &IscsiSettings, bad: Bad<'_>) {
+    if !(512..=16_777_215).contains(&i.max_recv_data_segment_length) {
+        bad(
+            "iscsi.max_recv_data_segment_length".into(),
+            "must be 512 to 16777215".into(),
+        );
+    }
+    if !(512..=16_777_215).contains(&i.max_burst_length) {
+        bad(
+            "iscsi.max_burst_length".into(),
+            "must be 512 to 16777215".into(),
+        );
+    }
+    if !(512..=16_777_215).contains(&i.first_burst_length)
+        || i.first_burst_length > i.max_burst_length
+    {
+        bad(
+            "iscsi.first_burst_length".into(),
+            "must be 512 to 16777215 and at most max_burst_length".into(),
+        );
+    }
+    if !(1..=65535).contains(&i.max_outstanding_r2t) {
+        bad(
+            "iscsi.max_outstanding_r2t".into(),
+            "must be 1 to 65535".into(),
+        );
+    }
+    if !(1..=4096).contains(&i.queue_depth) {
+        bad("iscsi.queue_depth".into(), "must be 1 to 4096".into());
+    }
+    if i.nop_interval_secs == 0 || i.nop_timeout_secs == 0 || i.login_timeout_secs == 0 {
+        bad(
+            "iscsi".into(),
+            "nop_interval_secs, nop_timeout_secs and login_timeout_secs must be > 0".into(),
+        );
+    }
+}
+
+fn check_limits(l: &LimitSettings, bad: Bad<'_>) {
+    for (k, v) in [
+        ("max_connections", l.max_connections),
+        ("max_sessions", l.max_sessions),
+        ("max_connections_per_target", l.max_connections_per_target),
+        (
+            "max_connections_per_initiator",
+            l.max_connections_per_initiator,
+        ),
+        ("chap_max_failures", l.chap_max_failures),
+    ] {
+        if v == 0 {
+            bad(format!("limits.{k}"), "must be > 0".into());
+        }
+    }
+    if !(1 << 20..=1 << 40).contains(&l.buffer_memory.0) {
+        bad("limits.buffer_memory".into(), "must be 1MiB to 1TiB".into());
+    }
+    if l.max_command_bytes.0 < 4096
+        || l.max_command_bytes.0 > l.buffer_memory.0
+        || l.max_command_bytes.0 > u64::from(u32::MAX)
+    {
+        bad(
+            "limits.max_command_bytes".into(),
+            "must be 4KiB to 4GiB-1 and at most buffer_memory".into(),
+        );
+    }
+    if l.chap_failure_window_secs == 0 {
+        bad(
+            "limits.chap_failure_window_secs".into(),
+            "must be > 0".into(),
+        );
+    }
+}
+
+/// The target's portals as (address, TPGT); one address belongs to one portal group
+/// across all targets (`addr_tpgt`).
+fn check_portals(
+    tk: &str,
+    t: &TargetConfig,
+    addr_tpgt: &mut BTreeMap<SocketAddr, (String, u16)>,
+    bad: Bad<'_>,
+) -> Vec<(SocketAddr, u16)> {
+    let mut addrs = Vec::new();
+    let mut tpgts = HashSet::new();
+    for (pi, p) in t.portals.iter().enumerate() {
+        let pk = format!("{tk}.portal[{pi}]");
+        match p.listen.parse::<SocketAddr>() {
+            Ok(a) => {
+                if let Some((other, tpgt)) = addr_tpgt.get(&a) {
+                    if *tpgt != p.tpgt {
+                        bad(
+                            format!("{pk}.tpgt"),
+                            format!("{a} is portal group {tpgt} of {other}; one address belongs to one portal group"),
+                        );
+                    }
+                } else {
+                    addr_tpgt.insert(a, (t.name.clone(), p.tpgt));
+                }
+                if addrs.iter().any(|(x, _)| *x == a) {
+                    bad(format!("{pk}.listen"), format!("{a} is listed twice"));
+                }
+                addrs.push((a, p.tpgt));
+            }
+            Err(_) => bad(
+                format!("{pk}.listen"),
+                format!("{:?} is not an address:port", p.listen),
+            ),
+        }
+        if p.tpgt == 0 {
+            bad(format!("{pk}.tpgt"), "must be 1 to 65535".into());
+        }
+        tpgts.insert(p.tpgt);
+    }
+    addrs
+}
+
+/// The target's LUN ids; a backing file belongs to one LUN across all targets (`paths`).
+fn check_luns(
+    tk: &str,
+    t: &TargetConfig,
+    data_dir: &Path,
+    paths: &mut HashMap<PathBuf, String>,
+    bad: Bad<'_>,
+) -> HashSet<u64> {
+    let mut ids = HashSet::new();
+    for (li, l) in t.luns.iter().enumerate() {
+        let lk = format!("{tk}.lun[{li}]");
+        if l.id > 16383 {
+            bad(format!("{lk}.id"), "must be 0 to 16383".into());
+        }
+        if !ids.insert(l.id) {
+            bad(format!("{lk}.id"), format!("LUN {} is defined twice", l.id));
+        }
+        if l.block_size != 512 && l.block_size != 4096 {
+            bad(format!("{lk}.block_size"), "must be 512 or 4096".into());
+        }
+        if let Some(p) = l.physical_block_size {
+            if p < l.block_size || p > 32768 || !p.is_power_of_two() {
+                bad(
+                    format!("{lk}.physical_block_size"),
+                    "must be a power of two from block_size to 32768".into(),
+                );
+            }
+        }
+        if l.size.0 == 0 || l.size.0 % l.block_size.max(1) as u64 != 0 {
+            bad(
+                format!("{lk}.size"),
+                format!(
+                    "must be a positive multiple of the block size ({})",
+                    l.block_size
+                ),
+            );
+        }
+        if let Some(s) = &l.serial {
+            if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_graphic()) {
+                bad(
+                    format!("{lk}.serial"),
+                    "must be 1 to 64 printable ASCII characters".into(),
+                );
+            }
+        }
+        if l.path.as_os_str().is_empty() {
+            bad(format!("{lk}.path"), "must not be empty".into());
+        }
+        let full = if l.path.is_absolute() {
+            l.path.clone()
+        } else {
+            data_dir.join(&l.path)
+        };
+        if let Some(prev) = paths.insert(full.clone(), lk.clone()) {
+            bad(
+                format!("{lk}.path"),
+                format!("{} is already the backing file of {prev}", full.display()),
+            );
+        }
+    }
+    ids
+}
+
+fn check_acl(tk: &str, t: &TargetConfig, ids: &HashSet<u64>, bad: Bad<'_>) {
+    let mut inits = HashSet::new();
+    for (ai, a) in t.acl.iter().enumerate() {
+        let ak = format!("{tk}.acl[{ai}]");
+        if let Err(e) = check_iscsi_name(&a.initiator) {
+            bad(format!("{ak}.initiator"), e.to_string());
+        }
+        if !inits.insert(a.initiator.to_ascii_lowercase()) {
+            bad(format!("{ak}.initiator"), "listed twice".into());
+        }
+        if let Some(luns) = &a.luns {
+            for l in luns {
+                if !ids.contains(l) && t.luns.iter().all(|x| x.id != *l) {
+                    bad(
+                        format!("{ak}.luns"),
+                        format!("LUN {l} is not defined in this target"),
+                    );
+                }
+            }
+        }
+        if let Some(c) = &a.chap {
+            check_chap(c, &format!("{ak}.chap"), bad);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod faults;
 mod hostile;
 mod io;
 mod kill_durability;
+mod layers;
 mod limits;
 mod login;
 mod pr;
