@@ -27,56 +27,22 @@ pub const INITIAL_CMD_SN: u32 = 1;
 /// Answer exchanges we tolerate before calling the login stuck.
 const MAX_ROUNDS: u32 = 16;
 
-/// The parameters in force after login.
+/// What a login settled: the parameters the shared negotiation engine agreed (the same
+/// types as the target's), and what the target declared about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Negotiated {
-    pub header_digest: bool,
-    pub data_digest: bool,
-    /// Largest data segment we accept (what we declared).
-    pub max_recv_data_segment_length: u32,
-    /// Largest data segment the target accepts: the bound for our Data-Out and immediate data.
-    pub target_max_recv_data_segment_length: u32,
-    pub max_burst_length: u32,
-    pub first_burst_length: u32,
-    pub immediate_data: bool,
-    pub initial_r2t: bool,
-    pub max_outstanding_r2t: u32,
-    pub error_recovery_level: u8,
+pub struct LoginParams {
+    pub session: SessionParams,
+    /// `initiator_max_recv_data_segment_length` is ours (what we accept);
+    /// `target_max_recv_data_segment_length` bounds our Data-Out and immediate data.
+    pub connection: ConnectionParams,
+    pub tsih: u16,
     pub target_portal_group_tag: Option<u16>,
     pub target_alias: Option<String>,
-    pub tsih: u16,
-}
-
-impl Negotiated {
-    /// The session's view of what the shared negotiation engine agreed.
-    fn from_params(
-        session: &SessionParams,
-        connection: &ConnectionParams,
-        declared: &Declared,
-        tsih: u16,
-    ) -> Self {
-        Self {
-            header_digest: connection.header_digest,
-            data_digest: connection.data_digest,
-            max_recv_data_segment_length: declared.our_mrdsl,
-            target_max_recv_data_segment_length: connection.target_max_recv_data_segment_length,
-            max_burst_length: session.max_burst_length,
-            first_burst_length: session.first_burst_length,
-            immediate_data: session.immediate_data,
-            initial_r2t: session.initial_r2t,
-            max_outstanding_r2t: session.max_outstanding_r2t,
-            error_recovery_level: session.error_recovery_level,
-            target_portal_group_tag: declared.tpgt,
-            target_alias: declared.alias.clone(),
-            tsih,
-        }
-    }
 }
 
 /// What the target declared during login (any stage), and our own receive limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Declared {
-    our_mrdsl: u32,
     target_mrdsl: u32,
     tpgt: Option<u16>,
     alias: Option<String>,
@@ -104,10 +70,7 @@ pub fn key_policy(cfg: &InitiatorConfig) -> KeyPolicy {
 /// Sequence numbers as the login leaves them, for the session to continue from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginResult {
-    /// The session's view (kept for the session API; derived from the two below).
-    pub negotiated: Negotiated,
-    pub session: SessionParams,
-    pub connection: ConnectionParams,
+    pub params: LoginParams,
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub exp_cmd_sn: u32,
@@ -174,7 +137,6 @@ fn num(key: &str, v: &str) -> Result<u32, InitiatorError> {
 impl InitiatorLogin {
     pub fn new(cfg: InitiatorConfig, discovery: bool, isid: [u8; 6]) -> Self {
         let declared = Declared {
-            our_mrdsl: cfg.max_recv_data_segment_length,
             target_mrdsl: DEFAULT_MRDSL,
             tpgt: None,
             alias: None,
@@ -520,9 +482,13 @@ impl InitiatorLogin {
         let mut connection = self.negotiation.connection_params(&self.policy);
         connection.target_max_recv_data_segment_length = self.declared.target_mrdsl;
         LoginResult {
-            negotiated: Negotiated::from_params(&session, &connection, &self.declared, r.tsih),
-            session,
-            connection,
+            params: LoginParams {
+                session,
+                connection,
+                tsih: r.tsih,
+                target_portal_group_tag: self.declared.tpgt,
+                target_alias: self.declared.alias.clone(),
+            },
             cmd_sn: INITIAL_CMD_SN,
             exp_stat_sn: self.exp_stat_sn,
             exp_cmd_sn: r.exp_cmd_sn,
@@ -610,11 +576,11 @@ mod tests {
             ))
             .unwrap();
         let LoginStep::Done(res) = step else { panic!() };
-        let n = res.negotiated;
-        assert_eq!(n.max_burst_length, 65536);
-        assert_eq!(n.first_burst_length, 8192);
-        assert!(!n.immediate_data && n.initial_r2t);
-        assert_eq!(n.target_max_recv_data_segment_length, 16384);
+        let n = res.params;
+        assert_eq!(n.session.max_burst_length, 65536);
+        assert_eq!(n.session.first_burst_length, 8192);
+        assert!(!n.session.immediate_data && n.session.initial_r2t);
+        assert_eq!(n.connection.target_max_recv_data_segment_length, 16384);
         assert_eq!(n.target_portal_group_tag, Some(3));
         assert_eq!(n.tsih, 7);
     }
@@ -697,7 +663,7 @@ mod tests {
         let LoginStep::Done(res) = l.on_response(&resp(true, 1, 3, &[])).unwrap() else {
             panic!()
         };
-        assert_eq!(res.negotiated.max_burst_length, 4096);
+        assert_eq!(res.params.session.max_burst_length, 4096);
     }
 
     /// Logs in up to the operational stage with `c`; returns the login.
@@ -742,9 +708,9 @@ mod tests {
         let LoginStep::Done(res) = l.on_response(&resp(true, 1, 3, &[])).unwrap() else {
             panic!()
         };
-        assert_eq!(res.session.max_burst_length, 65536);
+        assert_eq!(res.params.session.max_burst_length, 65536);
         // ImmediateData was offered but never answered: the default (Yes) stays.
-        assert!(res.session.immediate_data);
+        assert!(res.params.session.immediate_data);
     }
 
     #[test]
@@ -760,19 +726,15 @@ mod tests {
             ))
             .unwrap();
         let LoginStep::Done(res) = step else { panic!() };
-        assert!(!res.connection.header_digest && !res.connection.data_digest);
-        assert_eq!(res.session.max_burst_length, 262_144);
+        assert!(!res.params.connection.header_digest && !res.params.connection.data_digest);
+        assert_eq!(res.params.session.max_burst_length, 262_144);
         assert_eq!(
-            res.connection.initiator_max_recv_data_segment_length,
+            res.params.connection.initiator_max_recv_data_segment_length,
             256 * 1024
         );
         assert_eq!(
-            res.connection.target_max_recv_data_segment_length,
+            res.params.connection.target_max_recv_data_segment_length,
             DEFAULT_MRDSL
-        );
-        assert_eq!(
-            res.negotiated.max_burst_length,
-            res.session.max_burst_length
         );
     }
 
@@ -820,7 +782,7 @@ mod tests {
             .unwrap();
         let LoginStep::Done(res) = step else { panic!() };
         // RFC 7143 defaults: ImmediateData=Yes, MaxBurstLength=262144.
-        assert!(res.session.immediate_data);
-        assert_eq!(res.session.max_burst_length, 262_144);
+        assert!(res.params.session.immediate_data);
+        assert_eq!(res.params.session.max_burst_length, 262_144);
     }
 }

@@ -17,7 +17,7 @@ pub use connect::{connect, connect_portals, ConnectError, ConnectOptions};
 pub use retry::past_unit_attention;
 pub use url::{IscsiUrl, UrlError};
 
-pub use login::Negotiated;
+pub use login::LoginParams;
 pub use pr::{Capabilities, FullStatus, PrType, RegisterFlags, Reservation, TransportId};
 pub use scsi::{cdb, encode_lun, ScsiResult, Sense};
 pub use session::{Session, Task};

@@ -3,7 +3,7 @@
 //! state (CmdSN window, outstanding tasks) behind a mutex that is never held across an
 //! await.
 
-use super::login::{InitiatorLogin, LoginResult, LoginStep, Negotiated};
+use super::login::{InitiatorLogin, LoginParams, LoginResult, LoginStep};
 use super::scsi::{encode_lun, ScsiResult};
 use super::{random_isid, InitiatorConfig, InitiatorError};
 use crate::iscsi::cmdsn::{sn_le, sn_lt};
@@ -128,7 +128,7 @@ struct Shared {
     /// Signalled when a request completes (logout waits for SCSI tasks to drain).
     progress: Notify,
     exp_stat_sn: AtomicU32,
-    negotiated: Negotiated,
+    negotiated: LoginParams,
     isid: [u8; 6],
     initiator_name: String,
     target_name: String,
@@ -375,7 +375,10 @@ impl Shared {
     }
 
     fn on_r2t(&self, h: wire::R2t) {
-        let mrdsl = self.negotiated.target_max_recv_data_segment_length;
+        let mrdsl = self
+            .negotiated
+            .connection
+            .target_max_recv_data_segment_length;
         let plan = self.with_scsi(h.itt, |t| {
             let off = h.buffer_offset as usize;
             let end = off.checked_add(h.desired_data_transfer_length as usize)?;
@@ -410,7 +413,10 @@ impl Shared {
             if h.ttt != RESERVED_TAG {
                 // A target ping: answer at once, immediate, echoing its tag and data.
                 let cmd_sn = self.state().cmd_sn;
-                let max = self.negotiated.target_max_recv_data_segment_length as usize;
+                let max = self
+                    .negotiated
+                    .connection
+                    .target_max_recv_data_segment_length as usize;
                 let echo = data.slice(..data.len().min(max));
                 self.send(Pdu::with_data(
                     Bhs::NopOut(wire::NopOut {
@@ -773,7 +779,7 @@ impl Session {
             .await
             .map_err(|_| InitiatorError::Timeout)??;
         let LoginResult {
-            negotiated,
+            params: negotiated,
             cmd_sn,
             exp_stat_sn,
             exp_cmd_sn,
@@ -781,11 +787,11 @@ impl Session {
             ..
         } = *result;
         let digests = DigestConfig {
-            header: negotiated.header_digest,
-            data: negotiated.data_digest,
+            header: negotiated.connection.header_digest,
+            data: negotiated.connection.data_digest,
         };
         dec.digests = digests;
-        dec.max_data_segment_len = negotiated.max_recv_data_segment_length;
+        dec.max_data_segment_len = negotiated.connection.initiator_max_recv_data_segment_length;
         info!(
             target = %cfg.target_name,
             addr = %cfg.addr,
@@ -838,7 +844,7 @@ impl Session {
     }
 
     /// Parameters in force for this session.
-    pub fn negotiated(&self) -> &Negotiated {
+    pub fn negotiated(&self) -> &LoginParams {
         &self.shared().negotiated
     }
 
@@ -938,20 +944,20 @@ impl Session {
             Vec::new()
         };
         let n = &self.shared().negotiated;
+        let (sp, mrdsl) = (&n.session, n.connection.target_max_recv_data_segment_length);
         let total = data_out.len();
-        let imm = if n.immediate_data {
+        let imm = if sp.immediate_data {
             total
-                .min(n.first_burst_length as usize)
-                .min(n.target_max_recv_data_segment_length as usize)
+                .min(sp.first_burst_length as usize)
+                .min(mrdsl as usize)
         } else {
             0
         };
-        let unsolicited_end = if n.initial_r2t {
+        let unsolicited_end = if sp.initial_r2t {
             imm
         } else {
-            total.min(n.first_burst_length as usize).max(imm)
+            total.min(sp.first_burst_length as usize).max(imm)
         };
-        let mrdsl = n.target_max_recv_data_segment_length;
         let lun_field = encode_lun(lun);
         let (tx, rx) = oneshot::channel();
         let mut tx = Some(tx);
@@ -1106,7 +1112,13 @@ impl Session {
         pairs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, InitiatorError> {
         let body = encode_text(pairs);
-        if body.len() > self.shared().negotiated.target_max_recv_data_segment_length as usize {
+        if body.len()
+            > self
+                .shared()
+                .negotiated
+                .connection
+                .target_max_recv_data_segment_length as usize
+        {
             return Err(InitiatorError::InvalidRequest(
                 "text request too long".into(),
             ));

@@ -70,8 +70,8 @@ async fn large_write_needs_r2ts() {
     c.first_burst_length = 8192;
     let s = Session::login(c).await.unwrap();
     let n = s.negotiated().clone();
-    assert!(!n.immediate_data && n.initial_r2t, "{n:?}");
-    assert!(n.max_burst_length <= 262_144);
+    assert!(!n.session.immediate_data && n.session.initial_r2t, "{n:?}");
+    assert!(n.session.max_burst_length <= 262_144);
     clear_unit_attention(&s, 0).await;
     let mut data = vec![0u8; 4 << 20];
     StdRng::seed_from_u64(9).fill(&mut data[..]);
@@ -97,7 +97,7 @@ async fn unsolicited_data_out() {
     c.immediate_data = false;
     c.initial_r2t = false;
     let s = Session::login(c).await.unwrap();
-    assert!(!s.negotiated().initial_r2t);
+    assert!(!s.negotiated().session.initial_r2t);
     clear_unit_attention(&s, 0).await;
     let data = Bytes::from(
         (0..300 * 1024)

@@ -112,7 +112,7 @@ async fn crc32c_digests() {
     c.header_digest = true;
     c.data_digest = true;
     let s = Session::login(c).await.unwrap();
-    assert!(s.negotiated().header_digest && s.negotiated().data_digest);
+    assert!(s.negotiated().connection.header_digest && s.negotiated().connection.data_digest);
     clear_unit_attention(&s, 0).await;
     let data = bytes::Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     s.write16(0, 100, data.clone(), BLOCK, false).await.unwrap();
