@@ -2,6 +2,7 @@
 //! with errors that name the file, the key and the reason.
 
 use crate::config_value::{self, ConfigValueError};
+use crate::initiator::url::parse_portal;
 use crate::initiator::ConnectOptions;
 use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
@@ -384,7 +385,31 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
     let bad = |key: &str, reason: String| -> AgentConfigError {
         ConfigValueError::new(file, key, reason).into()
     };
-    let n = &config.node;
+    let (initiator_name, vm_initiator_name) = check_node(&config.node, &bad)?;
+    let portals = check_target(&config.target, &bad)?;
+    config.timings.check().map_err(|(k, r)| bad(&k, r))?;
+    let mut names = HashSet::new();
+    let mut claimed_luns = HashSet::new();
+    for (i, g) in config.groups.iter().enumerate() {
+        let key = |k: &str| format!("group[{i}].{k}");
+        let quorum_lun = config.target.quorum_lun;
+        check_group(g, &key, quorum_lun, &mut names, &mut claimed_luns, &bad)?;
+        check_vm(&g.vm, &key, &bad)?;
+    }
+    Ok(ValidNodeConfig {
+        config,
+        source: file.to_string(),
+        initiator_name,
+        vm_initiator_name,
+        portals,
+    })
+}
+
+/// Turns a key and a reason into the file's error.
+type Bad<'a> = dyn Fn(&str, String) -> AgentConfigError + 'a;
+
+/// The node's initiator names: given, or derived from the cluster and node names.
+fn check_node(n: &NodeSection, bad: &Bad<'_>) -> Result<(String, String), AgentConfigError> {
     if n.name.is_empty() || n.name.len() > 32 || !n.name.bytes().all(|c| c.is_ascii_graphic()) {
         return Err(bad(
             "node.name",
@@ -431,7 +456,11 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
                 .into(),
         ));
     }
-    let t = &config.target;
+    Ok((initiator_name, vm_initiator_name))
+}
+
+/// The target's portals, resolved (HOST[:PORT], port 3260 by default).
+fn check_target(t: &TargetSection, bad: &Bad<'_>) -> Result<Vec<SocketAddr>, AgentConfigError> {
     if t.portals.is_empty() {
         return Err(bad(
             "target.portals",
@@ -440,12 +469,9 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
     }
     let mut portals = Vec::new();
     for p in &t.portals {
-        let with_port = if p.contains(':') && !p.starts_with('[') || p.contains("]:") {
-            p.clone()
-        } else {
-            format!("{p}:3260")
-        };
-        let addr = with_port
+        let (host, port) =
+            parse_portal(p).map_err(|e| bad("target.portals", format!("{p:?}: {e}")))?;
+        let addr = (host.as_str(), port)
             .to_socket_addrs()
             .map_err(|e| bad("target.portals", format!("{p:?}: {e}")))?
             .next()
@@ -465,110 +491,118 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
             ));
         }
     }
-    config.timings.check().map_err(|(k, r)| bad(&k, r))?;
-    let mut names = HashSet::new();
-    let mut claimed_luns = HashSet::new();
-    for (i, g) in config.groups.iter().enumerate() {
-        let key = |k: &str| format!("group[{i}].{k}");
-        if g.name.is_empty()
-            || g.name.len() > 48
-            || !g
-                .name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-        {
+    Ok(portals)
+}
+
+/// One group's own settings; `names` and `claimed` collect every group's name and LUNs.
+fn check_group(
+    g: &GroupConfig,
+    key: &dyn Fn(&str) -> String,
+    quorum_lun: u64,
+    names: &mut HashSet<String>,
+    claimed: &mut HashSet<u64>,
+    bad: &Bad<'_>,
+) -> Result<(), AgentConfigError> {
+    if g.name.is_empty()
+        || g.name.len() > 48
+        || !g
+            .name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+    {
+        return Err(bad(
+            &key("name"),
+            "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),
+        ));
+    }
+    if !names.insert(g.name.clone()) {
+        return Err(bad(&key("name"), format!("{:?} is used twice", g.name)));
+    }
+    if g.disks.is_empty() || g.disks.len() > 16 {
+        return Err(bad(&key("disks"), "must list 1 to 16 LUNs".into()));
+    }
+    for d in &g.disks {
+        if *d == quorum_lun {
+            return Err(bad(&key("disks"), format!("LUN {d} is the quorum LUN")));
+        }
+        if *d > 16383 {
+            return Err(bad(&key("disks"), format!("LUN {d} is above 16383")));
+        }
+        if !claimed.insert(*d) {
             return Err(bad(
-                &key("name"),
-                "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),
+                &key("disks"),
+                format!("LUN {d} belongs to two groups (or twice to this one)"),
             ));
         }
-        if !names.insert(g.name.clone()) {
-            return Err(bad(&key("name"), format!("{:?} is used twice", g.name)));
-        }
-        if g.disks.is_empty() || g.disks.len() > 16 {
-            return Err(bad(&key("disks"), "must list 1 to 16 LUNs".into()));
-        }
-        for d in &g.disks {
-            if *d == t.quorum_lun {
-                return Err(bad(&key("disks"), format!("LUN {d} is the quorum LUN")));
-            }
-            if *d > 16383 {
-                return Err(bad(&key("disks"), format!("LUN {d} is above 16383")));
-            }
-            if !claimed_luns.insert(*d) {
-                return Err(bad(
-                    &key("disks"),
-                    format!("LUN {d} belongs to two groups (or twice to this one)"),
-                ));
-            }
-        }
-        if g.restart_period.is_zero() {
-            return Err(bad(&key("restart_period"), "must be positive".into()));
-        }
-        if g.monitor_interval < Duration::from_millis(50) {
+    }
+    if g.restart_period.is_zero() {
+        return Err(bad(&key("restart_period"), "must be positive".into()));
+    }
+    if g.monitor_interval < Duration::from_millis(50) {
+        return Err(bad(
+            &key("monitor_interval"),
+            "must be at least 50ms".into(),
+        ));
+    }
+    match (g.failback, &g.failback_window) {
+        (Failback::Window, None) => {
             return Err(bad(
-                &key("monitor_interval"),
-                "must be at least 50ms".into(),
-            ));
+                &key("failback_window"),
+                "is needed with failback = \"window\"".into(),
+            ))
         }
-        match (g.failback, &g.failback_window) {
-            (Failback::Window, None) => {
-                return Err(bad(
-                    &key("failback_window"),
-                    "is needed with failback = \"window\"".into(),
-                ))
-            }
-            (Failback::Window, Some(w)) => {
-                parse_window(w).map_err(|r| bad(&key("failback_window"), r))?;
-            }
-            (_, Some(_)) => {
-                return Err(bad(
-                    &key("failback_window"),
-                    "only applies with failback = \"window\"".into(),
-                ))
-            }
-            _ => {}
+        (Failback::Window, Some(w)) => {
+            parse_window(w).map_err(|r| bad(&key("failback_window"), r))?;
         }
-        match &g.vm {
-            VmConfig::Process {
-                command,
-                save_signal,
-                stop_signal,
-                ..
-            } => {
-                if command.is_empty() || command[0].is_empty() {
-                    return Err(bad(&key("vm.command"), "must name a program".into()));
-                }
-                for (k, s) in [
-                    ("vm.stop_signal", Some(stop_signal)),
-                    ("vm.save_signal", save_signal.as_ref()),
-                ] {
-                    if let Some(s) = s {
-                        if super::driver::signal_number(s).is_none() {
-                            return Err(bad(&key(k), format!("{s:?} is not a signal name")));
-                        }
+        (_, Some(_)) => {
+            return Err(bad(
+                &key("failback_window"),
+                "only applies with failback = \"window\"".into(),
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn check_vm(
+    vm: &VmConfig,
+    key: &dyn Fn(&str) -> String,
+    bad: &Bad<'_>,
+) -> Result<(), AgentConfigError> {
+    match vm {
+        VmConfig::Process {
+            command,
+            save_signal,
+            stop_signal,
+            ..
+        } => {
+            if command.is_empty() || command[0].is_empty() {
+                return Err(bad(&key("vm.command"), "must name a program".into()));
+            }
+            for (k, s) in [
+                ("vm.stop_signal", Some(stop_signal)),
+                ("vm.save_signal", save_signal.as_ref()),
+            ] {
+                if let Some(s) = s {
+                    if super::driver::signal_number(s).is_none() {
+                        return Err(bad(&key(k), format!("{s:?} is not a signal name")));
                     }
                 }
             }
-            VmConfig::Script { path, .. } => {
-                if path.as_os_str().is_empty() {
-                    return Err(bad(&key("vm.path"), "must name a script".into()));
-                }
+        }
+        VmConfig::Script { path, .. } => {
+            if path.as_os_str().is_empty() {
+                return Err(bad(&key("vm.path"), "must name a script".into()));
             }
-            VmConfig::Libvirt { domain, .. } => {
-                if domain.is_empty() {
-                    return Err(bad(&key("vm.domain"), "must name a domain".into()));
-                }
+        }
+        VmConfig::Libvirt { domain, .. } => {
+            if domain.is_empty() {
+                return Err(bad(&key("vm.domain"), "must name a domain".into()));
             }
         }
     }
-    Ok(ValidNodeConfig {
-        config,
-        source: file.to_string(),
-        initiator_name,
-        vm_initiator_name,
-        portals,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
