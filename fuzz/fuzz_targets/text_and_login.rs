@@ -21,8 +21,8 @@ use holdfast::initiator::login::{InitiatorLogin, LoginStep as InitStep};
 use holdfast::initiator::InitiatorConfig;
 use holdfast::iscsi::chap::{chap_response, decode_binary, encode_hex};
 use holdfast::iscsi::login::{
-    ChapCredentials, LoginAuthority, LoginMachine, LoginStatus, LoginStep, SessionType,
-    TargetKeyPolicy,
+    ChapCredentials, Leading, LoginAuthority, LoginMachine, LoginStatus, LoginStep, SessionType,
+    TargetKeyPolicy, TargetPolicy,
 };
 use holdfast::wire::text::{encode_text, parse_text};
 use holdfast::wire::{encode, Bhs, DigestConfig, Pdu, PduDecoder, WireError};
@@ -50,6 +50,7 @@ fn creds(mutual: bool) -> ChapCredentials {
 }
 
 /// Any initiator may log in; the three targets need nothing, CHAP, or mutual CHAP.
+#[derive(Clone)]
 struct Authority {
     discovery_chap: bool,
 }
@@ -70,13 +71,8 @@ impl LoginAuthority for Authority {
     fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
         Ok(self.discovery_chap.then(|| creds(false)))
     }
-    fn resolve_tsih(
-        &self,
-        _initiator: &str,
-        _isid: [u8; 6],
-        tsih: u16,
-    ) -> Result<u16, LoginStatus> {
-        match tsih {
+    fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus> {
+        match lead.tsih {
             0 | 0x1234 => Ok(0x1234),
             _ => Err(LoginStatus::SESSION_DOES_NOT_EXIST),
         }
@@ -102,6 +98,7 @@ fn policy(c: &mut Cursor) -> TargetKeyPolicy {
         initial_r2t: flags & 2 != 0,
         max_outstanding_r2t: mor2t,
         target_alias: (flags & 4 != 0).then(|| "fuzz alias".to_string()),
+        ..TargetKeyPolicy::default()
     }
 }
 
@@ -180,10 +177,10 @@ fn text_round_trip(data: &[u8]) {
 }
 
 fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
-    let authority = Authority {
+    let mut authority = Authority {
         discovery_chap: flags & DISCOVERY_CHAP != 0,
     };
-    let mut m = LoginMachine::with_rng(policy.clone(), StdRng::seed_from_u64(seed.into()));
+    let mut m = LoginMachine::with_rng(StdRng::seed_from_u64(seed.into()));
     let mut target_challenge: Option<(u8, Vec<u8>)> = None;
     let mut proved = false;
     let mut ended = false;
@@ -206,18 +203,29 @@ fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
             _ => None,
         };
         prev_continue = cont;
-        let step = m.on_pdu(&pdu, &authority);
+        // As the connection driver does: the leading request's target picks the policy.
+        let step = match m.on_pdu(&pdu, &mut authority) {
+            LoginStep::ChooseTarget(lead) => {
+                let chosen = lead.authorize(&authority).map(|chap| TargetPolicy {
+                    keys: policy.clone(),
+                    chap,
+                });
+                m.choose(chosen, &mut authority)
+            }
+            step => step,
+        };
         if ended {
             // The connection would be closed or in the full feature phase by now; a
             // machine fed anyway must refuse.
             assert!(
-                matches!(step, LoginStep::Fail(_)),
+                matches!(step, LoginStep::Fail(..)),
                 "login went on after it ended: {step:?}"
             );
             break;
         }
         let resp = match &step {
-            LoginStep::Continue(p) | LoginStep::Fail(p) | LoginStep::Complete(p, _) => p.clone(),
+            LoginStep::Continue(p) | LoginStep::Fail(p, _) | LoginStep::Complete(p, _) => p.clone(),
+            LoginStep::ChooseTarget(_) => panic!("ChooseTarget after choose()"),
         };
         let Bhs::LoginResponse(r) = &resp.bhs else {
             panic!("not a Login Response: {resp:?}")
@@ -237,7 +245,8 @@ fn drive_target(flags: u8, policy: &TargetKeyPolicy, seed: u8, stream: &[u8]) {
         }
         match step {
             LoginStep::Continue(_) => assert_eq!(r.status_class, 0),
-            LoginStep::Fail(_) => {
+            LoginStep::ChooseTarget(_) => unreachable!("answered above"),
+            LoginStep::Fail(..) => {
                 assert_ne!(r.status_class, 0, "Fail with a success status");
                 ended = true;
             }
@@ -315,7 +324,7 @@ fn drive_initiator(flags: u8, policy: &TargetKeyPolicy, stream: &[u8]) {
                     !mutual || target_proved,
                     "mutual CHAP login finished without the target's proof: {result:?}"
                 );
-                let n = &result.negotiated;
+                let n = &result.params.session;
                 assert!(n.first_burst_length <= n.max_burst_length, "{n:?}");
                 return;
             }
