@@ -7,11 +7,10 @@ use serde::{Deserialize, Serialize};
 /// Why a configuration file (the target's or a node's) was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    /// The cause is in the message, not the error chain, so that `{:#}` at the CLI
+    /// does not print it twice.
+    #[error("{file}: cannot read: {cause}")]
+    Read { file: String, cause: std::io::Error },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error(transparent)]
@@ -23,9 +22,9 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> Result<(T, String), ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         file: file.clone(),
-        source,
+        cause,
     })?;
     Ok((parse_toml(&text, &file)?, file))
 }

@@ -1,7 +1,6 @@
 //! `holdfast ctl`'s commands: parse, connect, change a record, wait, print.
 use super::ctl::{self, Ctl};
 use crate::agent::quorum::GroupState;
-use anyhow::Context as _;
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -124,8 +123,8 @@ async fn run(args: &CtlArgs) -> anyhow::Result<()> {
         done(args.json, msg);
         return Ok(());
     }
-    let cfg = crate::agent::config::load_file(&args.config)
-        .with_context(|| format!("{}", args.config.display()))?;
+    // The config error names the file itself.
+    let cfg = crate::agent::config::load_file(&args.config)?;
     let mut c = Ctl::connect(cfg).await?;
     let result = on_cluster(&mut c, &args.command, args.json).await;
     c.close().await;
