@@ -806,6 +806,8 @@ pub struct LogicalUnit {
     /// Where the state goes when APTPL is set; None: APTPL is not supported.
     pr_store: Option<Box<dyn PrStore>>,
     abort_hook: AbortHook,
+    /// The task set (one for all nexuses, TST=000b); see `task_set.rs` and `tmf.rs`.
+    pub(super) tasks: Mutex<super::task_set::TaskSet>,
     /// Set after a fatal backend error: medium access answers NOT READY from then on.
     offline: AtomicBool,
     /// Backend errors since the last command that succeeded.
@@ -886,6 +888,7 @@ impl LogicalUnit {
             pr: RwLock::new(PrState::default()),
             pr_store: None,
             abort_hook: AbortHook::default(),
+            tasks: Mutex::default(),
             offline: AtomicBool::new(false),
             consecutive_errors: AtomicUsize::new(0),
         }

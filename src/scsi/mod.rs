@@ -20,6 +20,8 @@ mod sbc;
 pub mod sense;
 mod spc;
 pub mod status;
+pub mod task_set;
+pub mod tmf;
 pub mod transport_id;
 mod vpd;
 
@@ -29,6 +31,8 @@ mod tests;
 pub use lun::{LogicalUnit, LunSettings};
 pub use lun_map::LunMap;
 pub use pr::{PrLoadError, PrState, PrStore};
+pub use task_set::{AbortedTask, NexusId, Removal, Task, TaskKey, TaskSet, TaskSetError};
+pub use tmf::{TmfDecision, TmfFunction, TmfResponse, TmfUnitAttention};
 
 use bytes::Bytes;
 use std::sync::Arc;

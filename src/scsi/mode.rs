@@ -19,6 +19,9 @@ enum PageControl {
 
 const CACHING: u8 = 0x08;
 const CONTROL: u8 = 0x0A;
+/// The control mode page's TAS bit: 0, aborted tasks of other nexuses end without a
+/// status and those nexuses get a unit attention instead (see `tmf.rs`).
+pub(super) const TAS: bool = false;
 const IEC: u8 = 0x1C;
 const PAGES: [u8; 3] = [CACHING, CONTROL, IEC];
 
@@ -46,6 +49,9 @@ fn page_bytes(lu: &LogicalUnit, code: u8, pc: PageControl) -> Option<Vec<u8>> {
             p[0] = CONTROL;
             p[1] = 10;
             p[2] = if d_sense { 0x04 } else { 0 };
+            if !changeable && TAS {
+                p[5] = 0x40;
+            }
             if !changeable {
                 p[3] = 0x10; // queue algorithm modifier 1: unrestricted reordering allowed
                 p[8] = 0xFF; // busy timeout period: unlimited

@@ -21,6 +21,7 @@ pub mod key {
 /// reported with sense key UNIT ATTENTION.
 pub mod ua {
     pub const BUS_DEVICE_RESET_FUNCTION_OCCURRED: (u8, u8) = (0x29, 0x03);
+    pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: (u8, u8) = (0x2F, 0x00);
     pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
     pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
