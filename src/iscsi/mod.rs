@@ -10,5 +10,4 @@ pub mod login;
 pub mod name;
 pub mod negotiation;
 pub mod target_conn;
-pub mod task_set;
 pub mod transfer;

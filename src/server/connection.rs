@@ -13,9 +13,9 @@ use crate::iscsi::login::{
 };
 use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
+    TaskId,
 };
-use crate::iscsi::task_set::{TaskAttr, TaskId};
-use crate::scsi::{self, ItNexus, LogicalUnit, LunMap, ScsiCommand, ScsiOutcome};
+use crate::scsi::{ItNexus, LogicalUnit, LunMap, NexusId, ScsiCommand, ScsiOutcome};
 use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError, WireError};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -26,6 +26,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
+
+mod tasks;
+use tasks::Work;
 
 /// Largest data segment accepted during login (RFC default is 8192; be lenient).
 const LOGIN_MAX_SEGMENT: u32 = 64 * 1024;
@@ -383,6 +386,8 @@ struct Shared {
     /// The same LUNs as the map, for nexus-wide events (reset, nexus loss).
     luns: Vec<Arc<LogicalUnit>>,
     nexus: Arc<ItNexus>,
+    /// This nexus in the LU task sets and the nexus directory.
+    id: NexusId,
     handle: tokio::runtime::Handle,
     /// Signalled whenever a task ends (a blocked TMF or logout, the session's end).
     task_ended: Notify,
@@ -393,28 +398,24 @@ impl Shared {
         lock(&self.conn)
     }
 
-    /// Move the connection's output on: PDUs (in order) and releases to the writer, LU
-    /// resets done here, under the connection's lock (so nothing the initiator sends
-    /// next is handled before them); commands to run are returned in `execs`.
-    fn drain(&self, conn: &mut TargetConnection, execs: &mut Vec<Execute>) {
-        while let Some(p) = conn.poll_transmit() {
-            let _ = self.out.send(Out::Pdu(p));
-        }
-        while let Some(ev) = conn.poll_event() {
+    /// Move the connection's output on: PDUs (in order) and releases to the writer;
+    /// tasks into their LU task sets and TMFs to the SCSI core, here under the
+    /// connection's lock (so nothing the initiator sends next is handled before them);
+    /// what must wait for the lock to go is returned in `work`.
+    fn drain(&self, conn: &mut TargetConnection, work: &mut Vec<Work>) {
+        loop {
+            while let Some(p) = conn.poll_transmit() {
+                let _ = self.out.send(Out::Pdu(p));
+            }
+            let Some(ev) = conn.poll_event() else {
+                return;
+            };
             match ev {
-                Event::Execute(e) => execs.push(e),
+                Event::Submit(s) => self.submit(conn, s, work),
+                Event::Execute(e) => work.push(Work::Execute(e)),
+                Event::TaskManagement(t) => self.decide_tmf(conn, t, work),
                 Event::Release(h) => {
                     let _ = self.out.send(Out::Release(h));
-                }
-                Event::ResetLun(lun) => {
-                    if let Some(lu) = self.ctx.lun_map.get(lun) {
-                        lu.reset();
-                    }
-                }
-                Event::ResetTarget => {
-                    for lu in &self.luns {
-                        lu.reset();
-                    }
                 }
                 // The reader sees `is_closed` and ends the connection.
                 Event::Close => {}
@@ -422,19 +423,8 @@ impl Shared {
         }
     }
 
-    fn run(self: &Arc<Self>, execs: Vec<Execute>) {
-        for e in execs {
-            self.spawn_exec(e);
-        }
-    }
-
     fn command(&self, e: Execute) -> (TaskId, ScsiCommand) {
-        let attr = match e.attr {
-            TaskAttr::Simple => scsi::TaskAttr::Simple,
-            TaskAttr::Ordered => scsi::TaskAttr::Ordered,
-            TaskAttr::HeadOfQueue => scsi::TaskAttr::HeadOfQueue,
-            TaskAttr::Aca => scsi::TaskAttr::Aca,
-        };
+        let attr = tasks::task_attr(e.attr);
         let cmd = ScsiCommand {
             nexus: self.nexus.clone(),
             lun: e.lun,
@@ -468,7 +458,7 @@ impl Shared {
 
     /// Report a command's outcome to the connection and start what it releases.
     fn finish(self: &Arc<Self>, task: TaskId, cmd: &ScsiCommand, outcome: ScsiOutcome) {
-        let mut execs = Vec::new();
+        let mut work = Vec::new();
         {
             let mut conn = self.conn();
             let o = Outcome {
@@ -483,26 +473,11 @@ impl Shared {
                     lu.unreported(&cmd.nexus, &outcome);
                 }
             }
-            self.drain(&mut conn, &mut execs);
+            self.completed(&mut conn, cmd.lun, task, &mut work);
+            self.drain(&mut conn, &mut work);
         }
         self.task_ended.notify_one();
-        self.run(execs);
-    }
-}
-
-impl super::session::TaskAborter for Shared {
-    fn abort_lun(&self, lun: u64) {
-        let mut execs = Vec::new();
-        let n = {
-            let mut conn = self.conn();
-            let n = conn.abort_lun(lun, Instant::now());
-            self.drain(&mut conn, &mut execs);
-            n
-        };
-        debug_assert!(execs.is_empty(), "an abort starts nothing");
-        if n > 0 {
-            info!(initiator = %self.nexus.initiator_name, isid = %hex::encode(self.nexus.isid), lun, running = n, "tasks aborted by PREEMPT AND ABORT");
-        }
+        self.run(work);
     }
 }
 
@@ -634,12 +609,13 @@ async fn run_full_feature(
         out: tx,
         luns,
         nexus,
+        id: rt.nexuses.allocate_id(),
         handle: tokio::runtime::Handle::current(),
         task_ended: Notify::new(),
     });
     if !shared.luns.is_empty() {
         let weak: std::sync::Weak<dyn super::session::TaskAborter> = Arc::downgrade(&shared) as _;
-        rt.nexuses.insert((*shared.nexus).clone(), weak);
+        rt.nexuses.insert((*shared.nexus).clone(), shared.id, weak);
     }
     let digests = DigestConfig {
         header: outcome.connection.header_digest,
@@ -663,7 +639,7 @@ async fn run_full_feature(
     };
     // End of the nexus: nothing queued starts, running tasks finish before we report
     // the session gone (a reinstating login waits for this).
-    shared.conn().abort_all();
+    shared.end_nexus();
     loop {
         let ended = shared.task_ended.notified();
         if shared.conn().running_tasks() == 0 {
@@ -671,7 +647,7 @@ async fn run_full_feature(
         }
         ended.await;
     }
-    rt.nexuses.remove(&shared.nexus);
+    rt.nexuses.remove(&shared.nexus, shared.id);
     for lu in &shared.luns {
         lu.nexus_lost(&shared.nexus);
     }

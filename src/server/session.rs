@@ -1,9 +1,10 @@
 //! Session registry: TSIH allocation and session reinstatement (RFC 7143 §6.3.5): a new
 //! login with the ISID of a live session of the same initiator and target replaces it.
 
+use crate::scsi::{AbortedTask, ItNexus, LogicalUnit, NexusId, TaskKey};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::watch;
 
 /// Identity of a session: initiator port (name + ISID) and target port (name + TPGT).
@@ -189,18 +190,27 @@ mod tests {
     }
 }
 
-/// Something that can abort one session's tasks on a LUN (the connection's task table).
+/// One session's tasks as other sessions and the LU task sets reach them (the
+/// connection's task table).
 pub trait TaskAborter: Send + Sync {
-    /// Abort every queued or running task of this session on `lun`: queued ones never
-    /// start, running ones finish without a response.
-    fn abort_lun(&self, lun: u64);
+    /// PREEMPT AND ABORT: abort every task of this session on `lun` (queued ones never
+    /// start, running ones finish without a response).
+    fn abort_lun(self: Arc<Self>, lun: u64);
+    /// Another nexus's task management function aborted these tasks on `lu`.
+    fn abort_tasks(self: Arc<Self>, lu: &Arc<LogicalUnit>, tasks: &[AbortedTask]);
+    /// `lu`'s task set started this task of this session (another nexus's task ended).
+    fn start_task(self: Arc<Self>, lu: &Arc<LogicalUnit>, key: TaskKey);
 }
 
-/// Live I_T nexuses and how to abort their tasks: PREEMPT AND ABORT names victims by
-/// nexus, and this finds their sessions (SPC-4 5.13.11.2.4).
+type Live = HashMap<ItNexus, (NexusId, Weak<dyn TaskAborter>)>;
+
+/// Live I_T nexuses: PREEMPT AND ABORT names victims by nexus (SPC-4 5.13.11.2.4), the
+/// LU task sets by [`NexusId`].
 #[derive(Default)]
 pub struct NexusDirectory {
-    live: Mutex<HashMap<crate::scsi::ItNexus, std::sync::Weak<dyn TaskAborter>>>,
+    live: Mutex<Live>,
+    by_id: Mutex<HashMap<NexusId, Weak<dyn TaskAborter>>>,
+    next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for NexusDirectory {
@@ -210,28 +220,45 @@ impl std::fmt::Debug for NexusDirectory {
 }
 
 impl NexusDirectory {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<crate::scsi::ItNexus, std::sync::Weak<dyn TaskAborter>>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn insert(&self, nexus: crate::scsi::ItNexus, aborter: std::sync::Weak<dyn TaskAborter>) {
-        self.lock().insert(nexus, aborter);
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashMap<NexusId, Weak<dyn TaskAborter>>> {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn remove(&self, nexus: &crate::scsi::ItNexus) {
-        self.lock().remove(nexus);
+    /// A fresh id for a nexus that is logging in (never reused, so a reinstated session
+    /// is a new nexus to the task sets).
+    pub fn allocate_id(&self) -> NexusId {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn insert(&self, nexus: ItNexus, id: NexusId, aborter: Weak<dyn TaskAborter>) {
+        self.ids().insert(id, aborter.clone());
+        self.lock().insert(nexus, (id, aborter));
+    }
+
+    pub fn remove(&self, nexus: &ItNexus, id: NexusId) {
+        self.ids().remove(&id);
+        let mut live = self.lock();
+        if live.get(nexus).is_some_and(|(i, _)| *i == id) {
+            live.remove(nexus);
+        }
+    }
+
+    /// The live session of nexus `id`.
+    pub fn get(&self, id: NexusId) -> Option<Arc<dyn TaskAborter>> {
+        self.ids().get(&id)?.upgrade()
     }
 
     /// Abort the tasks of `victims` on `lun`.
-    pub fn abort(&self, victims: &[crate::scsi::ItNexus], lun: u64) {
+    pub fn abort(&self, victims: &[ItNexus], lun: u64) {
         let found: Vec<Arc<dyn TaskAborter>> = self
             .lock()
             .iter()
             .filter(|(n, _)| victims.contains(n))
-            .filter_map(|(_, w)| w.upgrade())
+            .filter_map(|(_, (_, w))| w.upgrade())
             .collect();
         for a in found {
             a.abort_lun(lun);

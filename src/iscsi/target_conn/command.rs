@@ -1,10 +1,11 @@
-//! SCSI Command intake, R2T/Data-Out collection, the task set, and responses.
+//! SCSI Command intake, R2T/Data-Out collection, submitting and starting tasks, and
+//! responses.
 
 use super::pdus::{self, decode_lun, fixed_sense, scsi_response, sense};
 use super::{
-    status, ActiveTask, Delivery, Event, Execute, Outcome, PendingWrite, Ready, TargetConnection,
+    status, ActiveTask, Delivery, Event, Execute, Outcome, PendingWrite, Ready, Submit,
+    TargetConnection, TaskId,
 };
-use crate::iscsi::task_set::{TaskAttr, TaskId};
 use crate::iscsi::transfer::{Residual, WriteTransfer};
 use crate::wire::{self, reject_reason, Bhs, Pdu, RESERVED_TAG};
 use bytes::{Bytes, BytesMut};
@@ -13,14 +14,21 @@ use tracing::{debug, warn};
 
 impl TargetConnection {
     /// A command finished (`task` from [`Event::Execute`]): queue its response unless it
-    /// was aborted meanwhile, and start what the task set releases.
+    /// was aborted meanwhile. The caller completes the task in its LU's task set.
     pub fn handle_outcome(&mut self, task: TaskId, outcome: Outcome, now: Instant) -> Delivery {
         let Some(mut ready) = self.running.remove(&task) else {
             return Delivery::Suppressed;
         };
         let itt = ready.exec.itt;
-        let entry = self.active.remove(&itt);
-        let aborted = entry.is_none_or(|e| e.aborted || e.task_id != task);
+        let aborted = match self.active.get(&itt) {
+            Some(e) if e.task_id == task => {
+                let aborted = e.aborted;
+                self.active.remove(&itt);
+                aborted
+            }
+            // The ITT went to another task meanwhile (this one was dropped).
+            _ => true,
+        };
         self.window.complete();
         if !aborted {
             let (seg, burst) = (self.cfg.max_send_segment, self.cfg.max_burst);
@@ -31,8 +39,6 @@ impl TargetConnection {
         } else {
             debug!(itt, "task aborted: response suppressed");
         }
-        let started = self.tasks.complete(task);
-        self.start(started);
         self.check_blocker(now);
         if aborted {
             Delivery::Suppressed
@@ -105,7 +111,7 @@ impl TargetConnection {
                 itt: c.itt,
                 lun,
                 cdb,
-                attr: TaskAttr::from_raw(c.attr),
+                attr: c.attr,
                 data_out: Bytes::new(),
                 data_in_len: if c.read { edtl } else { 0 },
                 data_out_len: if c.write { edtl } else { 0 },
@@ -206,11 +212,12 @@ impl TargetConnection {
         self.submit(ready);
     }
 
-    /// Put a ready command into the task set and start whatever may run.
-    fn submit(&mut self, ready: Ready) {
-        let itt = ready.exec.itt;
-        let lun = ready.exec.lun;
-        let (task_id, started) = self.tasks.submit(ready.exec.attr, ready);
+    /// A command's data is in: hand it to its LU's task set ([`Event::Submit`]).
+    fn submit(&mut self, mut ready: Ready) {
+        let task_id = self.next_task;
+        self.next_task += 1;
+        ready.exec.task = task_id;
+        let (itt, lun, attr) = (ready.exec.itt, ready.exec.lun, ready.exec.attr);
         self.active.insert(
             itt,
             ActiveTask {
@@ -219,17 +226,40 @@ impl TargetConnection {
                 aborted: false,
             },
         );
-        self.start(started);
+        self.waiting.insert(task_id, ready);
+        self.events.push_back(Event::Submit(Submit {
+            task: task_id,
+            lun,
+            attr,
+        }));
     }
 
-    pub(super) fn start(&mut self, started: Vec<(TaskId, Ready)>) {
-        for (id, mut r) in started {
-            r.exec.task = id;
-            self.events.push_back(Event::Execute(r.exec.clone()));
-            // The Data-Out now belongs to the execution.
-            r.exec.data_out = Bytes::new();
-            self.running.insert(id, r);
+    /// The task set started `task`: execute it ([`Event::Execute`]). False when there is
+    /// nothing to execute (the task was aborted, or is unknown): the caller completes it
+    /// in the task set at once.
+    pub fn start_task(&mut self, task: TaskId, now: Instant) -> bool {
+        let Some(mut r) = self.waiting.remove(&task) else {
+            return false;
+        };
+        let itt = r.exec.itt;
+        let live = self
+            .active
+            .get(&itt)
+            .is_some_and(|a| !a.aborted && a.task_id == task);
+        if !live {
+            // Aborted while it waited: it ends here, without a response.
+            if self.active.get(&itt).is_some_and(|a| a.task_id == task) {
+                self.active.remove(&itt);
+            }
+            self.window.complete();
+            self.check_blocker(now);
+            return false;
         }
+        self.events.push_back(Event::Execute(r.exec.clone()));
+        // The Data-Out now belongs to the execution.
+        r.exec.data_out = Bytes::new();
+        self.running.insert(task, r);
+        true
     }
 
     /// Answer a command that never started with `st` (and sense) and free its slot.

@@ -1,15 +1,16 @@
-//! Task management requests, logout, and aborting this connection's tasks.
-//!
-//! The connection finds tasks by tag (or LUN) and keeps their responses from going out;
-//! what a reset means for a logical unit is the caller's ([`Event::ResetLun`]).
+//! Task management requests, logout, and aborting this connection's tasks: the
+//! transport side. The connection maps ITTs to tasks, drops writes still collecting
+//! data, and holds a TMF's response until the SCSI core has decided it
+//! ([`Event::TaskManagement`], [`TargetConnection::tmf_decided`]) and every task it
+//! aborted here has ended (RFC 7143 §4.2.3.3). Which tasks a function aborts is the
+//! SCSI core's decision.
 
 use super::pdus::{self, decode_lun};
-use super::{AfterWait, Blocker, Event, TargetConnection};
-use crate::iscsi::task_set::TaskId;
+use super::{Aborted, AfterWait, Blocker, Event, TargetConnection, TaskId, TmfRequest};
 use crate::wire::{self, Bhs};
 use bytes::Bytes;
 use std::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Task management function response codes (RFC 7143 §11.6.1).
 pub mod tmf_response {
@@ -23,41 +24,97 @@ pub mod tmf_response {
 use tmf_response::*;
 
 impl TargetConnection {
-    /// PREEMPT AND ABORT reached this nexus: tasks on `lun` waiting in the task set are
-    /// dropped, running ones finish without a response. Returns how many were running.
-    pub fn abort_lun(&mut self, lun: u64, now: Instant) -> usize {
-        let n = self.abort_tasks(|l| l == lun).len();
+    /// The SCSI core aborted these tasks of this connection (a TMF of this or another
+    /// nexus, PREEMPT AND ABORT): those that never started are dropped now, running ones
+    /// finish without a response. Returns how many were running.
+    pub fn abort_tasks(&mut self, aborted: &[Aborted], now: Instant) -> usize {
+        let n = self.mark_aborted(aborted).len();
         self.check_blocker(now);
         n
     }
 
-    /// The nexus ends: nothing queued starts, nothing more is answered. The caller waits
-    /// until [`Self::running_tasks`] is 0.
+    /// The SCSI core's answer to the [`TmfRequest`] `itt`: `response` (RFC 7143
+    /// §11.6.1) goes out once the tasks it aborted here have ended.
+    pub fn tmf_decided(&mut self, itt: u32, response: u8, aborted: &[Aborted], now: Instant) {
+        let waits = self.mark_aborted(aborted);
+        match self.blocker.as_mut() {
+            Some(Blocker {
+                waits: w,
+                then:
+                    AfterWait::Tmf {
+                        itt: pending,
+                        response: r @ None,
+                        ..
+                    },
+            }) if *pending == itt => {
+                *r = Some(response);
+                w.extend(waits);
+            }
+            _ => warn!(itt, "TMF decision for no pending request: ignored"),
+        }
+        self.check_blocker(now);
+    }
+
+    /// The nexus ends: nothing waiting starts, nothing more is answered. The caller waits
+    /// until [`Self::running_tasks`] is 0 and takes the nexus's tasks out of the task sets.
     pub fn abort_all(&mut self) {
         self.writes.clear();
-        self.abort_tasks(|_| true);
+        self.abort_own();
         self.blocker = None;
         self.closed = true;
     }
 
-    /// Mark matching tasks aborted: waiting ones are dropped now; returns the running
-    /// ones, whose outcomes will be suppressed.
-    fn abort_tasks(&mut self, mut pred: impl FnMut(u64) -> bool) -> Vec<TaskId> {
-        for (_, r) in self.tasks.remove_waiting(|r| pred(r.exec.lun)) {
-            self.active.remove(&r.exec.itt);
-            self.window.complete();
-        }
+    /// Abort every task of this connection on its own authority (logout, nexus end):
+    /// waiting ones are dropped here (the task set completes them when it would start
+    /// them: [`Self::start_task`] says there is nothing to run); returns the running ones.
+    fn abort_own(&mut self) -> Vec<TaskId> {
+        let list: Vec<Aborted> = self
+            .waiting
+            .keys()
+            .map(|&task| Aborted {
+                task,
+                running: false,
+            })
+            .chain(self.running.keys().map(|&task| Aborted {
+                task,
+                running: true,
+            }))
+            .collect();
+        self.mark_aborted(&list)
+    }
+
+    /// Drop listed tasks that never started; mark the others aborted and return them.
+    fn mark_aborted(&mut self, aborted: &[Aborted]) -> Vec<TaskId> {
         let mut waits = Vec::new();
-        for t in self.active.values_mut() {
-            if pred(t.lun) {
+        for a in aborted {
+            if !a.running {
+                if let Some(r) = self.waiting.remove(&a.task) {
+                    self.forget(r.exec.itt, a.task);
+                    self.window.complete();
+                }
+                continue;
+            }
+            let itt = match (self.running.get(&a.task), self.waiting.get(&a.task)) {
+                (Some(r), _) | (None, Some(r)) => r.exec.itt,
+                (None, None) => continue, // ended meanwhile
+            };
+            if let Some(t) = self.active.get_mut(&itt).filter(|t| t.task_id == a.task) {
                 t.aborted = true;
-                waits.push(t.task_id);
+                waits.push(a.task);
             }
         }
         waits
     }
 
-    /// Drop pending writes matching `pred` (each frees its CmdSN slot).
+    /// Remove the ITT's entry if it still is this task's.
+    fn forget(&mut self, itt: u32, task: TaskId) {
+        if self.active.get(&itt).is_some_and(|t| t.task_id == task) {
+            self.active.remove(&itt);
+        }
+    }
+
+    /// Drop pending writes matching `pred` (each frees its CmdSN slot): they never
+    /// reached a task set.
     fn drop_writes(&mut self, mut pred: impl FnMut(u64) -> bool) {
         let itts: Vec<u32> = self
             .writes
@@ -74,61 +131,54 @@ impl TargetConnection {
     pub(super) fn on_tmf(&mut self, t: &wire::TaskMgmtRequest) {
         let function = t.function & 0x7f;
         let lun = decode_lun(t.lun).unwrap_or(u64::MAX);
-        let then = AfterWait::Tmf {
-            itt: t.itt,
-            function,
-            lun,
-        };
         if self.cfg.discovery {
             return self.tmf_done(t.itt, function, REJECTED);
         }
         info!(function, lun, "task management request");
-        let waits = match function {
-            1 => match self.abort_task(t.referenced_task_tag) {
-                Ok(waits) => waits,
-                Err(resp) => return self.tmf_done(t.itt, function, resp),
-            },
+        let mut req = TmfRequest {
+            itt: t.itt,
+            function,
+            lun,
+            task: None,
+        };
+        match function {
+            1 => {
+                let rtt = t.referenced_task_tag;
+                if self.writes.remove(&rtt).is_some() {
+                    // Still collecting data: it never reached a task set.
+                    self.window.complete();
+                    return self.tmf_done(t.itt, function, COMPLETE);
+                }
+                // Already completed (or never seen): RFC 7143 §11.6.1.
+                let Some(a) = self.active.get(&rtt) else {
+                    return self.tmf_done(t.itt, function, NO_TASK);
+                };
+                // The task's own LU: the task set that holds it.
+                req.lun = a.lun;
+                req.task = Some(a.task_id);
+            }
             2 | 4 | 5 => {
                 // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
                 if !self.ctx.lun_exists(lun) {
                     return self.tmf_done(t.itt, function, NO_LUN);
                 }
                 self.drop_writes(|l| l == lun);
-                self.abort_tasks(|l| l == lun)
             }
-            6 | 7 => {
-                // TARGET WARM / COLD RESET
-                self.drop_writes(|_| true);
-                self.abort_tasks(|_| true)
-            }
+            // TARGET WARM / COLD RESET
+            6 | 7 => self.drop_writes(|_| true),
             3 => return self.tmf_done(t.itt, function, NOT_SUPPORTED), // no NACA
             8 => return self.tmf_done(t.itt, function, NO_REASSIGN),   // needs ERL 2
             _ => return self.tmf_done(t.itt, function, REJECTED),
-        };
-        self.wait_then(waits, then);
-    }
-
-    /// ABORT TASK: Ok with the running task to wait for (none if it was dropped now),
-    /// Err with the response when there is nothing to wait for.
-    fn abort_task(&mut self, rtt: u32) -> Result<Vec<TaskId>, u8> {
-        if self.writes.remove(&rtt).is_some() {
-            self.window.complete();
-            return Err(COMPLETE);
         }
-        let removed = self.tasks.remove_waiting(|r| r.exec.itt == rtt);
-        if !removed.is_empty() {
-            self.active.remove(&rtt);
-            self.window.complete();
-            return Err(COMPLETE);
-        }
-        match self.active.get_mut(&rtt) {
-            Some(a) => {
-                a.aborted = true;
-                Ok(vec![a.task_id])
-            }
-            // Already completed (or never seen): RFC 7143 §11.6.1.
-            None => Err(NO_TASK),
-        }
+        self.events.push_back(Event::TaskManagement(req));
+        self.blocker = Some(Blocker {
+            waits: Vec::new(),
+            then: AfterWait::Tmf {
+                itt: t.itt,
+                function,
+                response: None,
+            },
+        });
     }
 
     pub(super) fn on_logout(&mut self, l: &wire::LogoutRequest) {
@@ -138,7 +188,7 @@ impl TargetConnection {
             return self.logout_response(l.itt, 2);
         }
         self.writes.clear();
-        let waits = self.abort_tasks(|_| true);
+        let waits = self.abort_own();
         self.wait_then(waits, AfterWait::Logout { itt: l.itt });
     }
 
@@ -151,8 +201,13 @@ impl TargetConnection {
         }
     }
 
+    /// Decided, and every task it waits for ended (started or not).
     fn blocker_done(&self, b: &Blocker) -> bool {
-        b.waits.iter().all(|t| !self.running.contains_key(t))
+        let decided = !matches!(b.then, AfterWait::Tmf { response: None, .. });
+        decided
+            && b.waits
+                .iter()
+                .all(|t| !self.running.contains_key(t) && !self.waiting.contains_key(t))
     }
 
     /// Finish a TMF or logout whose tasks have ended, then go on reading.
@@ -170,14 +225,11 @@ impl TargetConnection {
 
     fn finish_wait(&mut self, then: AfterWait) {
         match then {
-            AfterWait::Tmf { itt, function, lun } => {
-                match function {
-                    5 => self.events.push_back(Event::ResetLun(lun)),
-                    6 | 7 => self.events.push_back(Event::ResetTarget),
-                    _ => {}
-                }
-                self.tmf_done(itt, function, COMPLETE);
-            }
+            AfterWait::Tmf {
+                itt,
+                function,
+                response,
+            } => self.tmf_done(itt, function, response.unwrap_or(COMPLETE)),
             AfterWait::Logout { itt } => self.logout_response(itt, 0),
         }
     }

@@ -1,15 +1,18 @@
 //! The target side of one full-feature-phase connection, sans-IO (quinn-proto style):
-//! CmdSN admission, R2T/Data-Out collection, Data-In and status, task management
-//! bookkeeping, Text/SendTargets, NOP, Reject and StatSN/ExpCmdSN/MaxCmdSN stamping.
+//! CmdSN admission, R2T/Data-Out collection, Data-In and status, the transport side of
+//! task management (ITT to task, holding the TMF response until aborted tasks end),
+//! Text/SendTargets, NOP, Reject and StatSN/ExpCmdSN/MaxCmdSN stamping.
 //!
 //! Inputs: [`TargetConnection::handle_pdu`], [`TargetConnection::handle_wire_error`],
-//! [`TargetConnection::handle_outcome`], [`TargetConnection::handle_timeout`],
-//! [`TargetConnection::abort_lun`], [`TargetConnection::abort_all`].
+//! [`TargetConnection::start_task`], [`TargetConnection::handle_outcome`],
+//! [`TargetConnection::tmf_decided`], [`TargetConnection::abort_tasks`],
+//! [`TargetConnection::handle_timeout`], [`TargetConnection::abort_all`].
 //! Outputs: [`TargetConnection::poll_transmit`] (stamped PDUs, in send order),
-//! [`TargetConnection::poll_event`] (commands to execute, LU resets, buffer releases,
-//! close) and [`TargetConnection::poll_timeout`]. Time is an input; nothing here blocks,
-//! spawns or reads a clock. SCSI semantics stay with the caller: commands leave as CDB
-//! bytes and come back as status, sense and Data-In bytes.
+//! [`TargetConnection::poll_event`] (tasks for the LU task sets, commands to execute,
+//! TMFs to decide, buffer releases, close) and [`TargetConnection::poll_timeout`]. Time
+//! is an input; nothing here blocks, spawns or reads a clock. SCSI semantics stay with
+//! the caller: task ordering and which tasks a TMF aborts are the SCSI core's, commands
+//! leave as CDB bytes and come back as status, sense and Data-In bytes.
 
 mod command;
 mod manage;
@@ -20,7 +23,6 @@ mod text;
 
 use super::cmdsn::{Admission, CmdWindow};
 use super::login::{LoginOutcome, SessionType, QUEUE_DEPTH};
-use super::task_set::{TaskAttr, TaskId, TaskSet};
 use super::transfer::{WriteLimits, WriteTransfer};
 use crate::wire::{self, reject_reason, Bhs, Pdu, WireError, RESERVED_TAG};
 use bytes::Bytes;
@@ -29,7 +31,12 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
+pub use manage::tmf_response;
 pub use pdus::{decode_lun, stamp};
+
+/// A task of this connection, unique for the connection's life (unlike an ITT, which the
+/// initiator reuses): the tag the SCSI core's task set knows it by.
+pub type TaskId = u64;
 
 /// SCSI status bytes the transport itself produces (SAM-5).
 pub mod status {
@@ -114,6 +121,37 @@ impl ConnConfig {
     }
 }
 
+/// A command whose data is all in: it enters its LU's task set, and runs once
+/// [`TargetConnection::start_task`] says the task set lets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submit {
+    pub task: TaskId,
+    pub lun: u64,
+    /// The raw 3-bit ATTR field (the SCSI core decodes it).
+    pub attr: u8,
+}
+
+/// A task management request for the SCSI core to decide; answer with
+/// [`TargetConnection::tmf_decided`]. Functions 1, 2, 4, 5 name one LU; 6, 7 the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TmfRequest {
+    pub itt: u32,
+    /// RFC 7143 §11.5.1 function code.
+    pub function: u8,
+    pub lun: u64,
+    /// ABORT TASK: the referenced task (its ITT already mapped).
+    pub task: Option<TaskId>,
+}
+
+/// A task the SCSI core aborted, as the connection knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aborted {
+    pub task: TaskId,
+    /// Whether the task set had started it (then it ends without a response); else it
+    /// left the task set and never starts.
+    pub running: bool,
+}
+
 /// A command ready to run: all its data arrived and the task set lets it start.
 #[derive(Debug, Clone)]
 pub struct Execute {
@@ -121,7 +159,8 @@ pub struct Execute {
     pub itt: u32,
     pub lun: u64,
     pub cdb: Bytes,
-    pub attr: TaskAttr,
+    /// The raw 3-bit ATTR field.
+    pub attr: u8,
     pub data_out: Bytes,
     /// Expected Data-In length (0 unless the R bit was set).
     pub data_in_len: u32,
@@ -140,12 +179,12 @@ pub struct Outcome {
 
 /// Something the driver must do.
 pub enum Event {
+    /// Enter a task into its LU's task set.
+    Submit(Submit),
     /// Run a command and report with [`TargetConnection::handle_outcome`].
     Execute(Execute),
-    /// LOGICAL UNIT RESET: its tasks of this connection are gone; reset the LU.
-    ResetLun(u64),
-    /// TARGET WARM/COLD RESET: reset every LU of the session.
-    ResetTarget,
+    /// Decide a task management function.
+    TaskManagement(TmfRequest),
     /// A task's hold, to give back once the PDUs polled before it are written.
     Release(Hold),
     /// Flush what is queued and close (logout, target cold reset).
@@ -155,9 +194,9 @@ pub enum Event {
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Event::Submit(s) => f.debug_tuple("Submit").field(s).finish(),
             Event::Execute(e) => f.debug_tuple("Execute").field(e).finish(),
-            Event::ResetLun(l) => f.debug_tuple("ResetLun").field(l).finish(),
-            Event::ResetTarget => f.write_str("ResetTarget"),
+            Event::TaskManagement(t) => f.debug_tuple("TaskManagement").field(t).finish(),
             Event::Release(_) => f.write_str("Release"),
             Event::Close => f.write_str("Close"),
         }
@@ -191,7 +230,7 @@ enum Request {
     DigestFailed(u32),
 }
 
-/// A task known to the session (waiting in the task set or running).
+/// A task known to the connection, by ITT (waiting in its LU's task set or running).
 #[derive(Debug)]
 struct ActiveTask {
     lun: u64,
@@ -199,7 +238,7 @@ struct ActiveTask {
     aborted: bool,
 }
 
-/// A command whose data is complete, in the task set.
+/// A command whose data is complete, in its LU's task set.
 struct Ready {
     exec: Execute,
     read: bool,
@@ -216,8 +255,9 @@ struct PendingWrite {
     ready: Ready,
 }
 
-/// A request whose answer waits for running tasks to end (the connection reads nothing
-/// meanwhile, as a blocking TMF would).
+/// A request whose answer waits for the SCSI core's decision and for aborted tasks to
+/// end (the connection reads nothing meanwhile, as a blocking TMF would: RFC 7143
+/// §4.2.3.3, responses to affected tasks go out before the TMF response).
 #[derive(Debug)]
 struct Blocker {
     waits: Vec<TaskId>,
@@ -226,8 +266,15 @@ struct Blocker {
 
 #[derive(Debug)]
 enum AfterWait {
-    Tmf { itt: u32, function: u8, lun: u64 },
-    Logout { itt: u32 },
+    /// `response` is None until [`TargetConnection::tmf_decided`].
+    Tmf {
+        itt: u32,
+        function: u8,
+        response: Option<u8>,
+    },
+    Logout {
+        itt: u32,
+    },
 }
 
 /// One full-feature-phase connection of a target (see the module doc).
@@ -235,7 +282,9 @@ pub struct TargetConnection {
     cfg: ConnConfig,
     ctx: std::sync::Arc<dyn TargetContext>,
     window: CmdWindow<Request>,
-    tasks: TaskSet<Ready>,
+    next_task: TaskId,
+    /// Submitted tasks the task set has not started yet.
+    waiting: HashMap<TaskId, Ready>,
     /// Tasks by ITT, waiting or running.
     active: HashMap<u32, ActiveTask>,
     /// What a running task needs for its response.
@@ -267,7 +316,8 @@ impl TargetConnection {
             cfg,
             ctx,
             window,
-            tasks: TaskSet::new(),
+            next_task: 1,
+            waiting: HashMap::new(),
             active: HashMap::new(),
             running: HashMap::new(),
             writes: HashMap::new(),

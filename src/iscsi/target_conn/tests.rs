@@ -74,6 +74,12 @@ struct Sim {
     now: Instant,
     sent: Vec<Pdu>,
     events: Vec<Event>,
+    /// Start submitted tasks at once (a task set that never holds anything back).
+    auto_start: bool,
+    /// Tasks submitted and not started (when `auto_start` is off).
+    submitted: Vec<Submit>,
+    /// TMFs waiting for [`Sim::decide`].
+    tmfs: Vec<TmfRequest>,
 }
 
 impl Sim {
@@ -92,6 +98,9 @@ impl Sim {
             now: t0,
             sent: Vec::new(),
             events: Vec::new(),
+            auto_start: true,
+            submitted: Vec::new(),
+            tmfs: Vec::new(),
         }
     }
     fn advance(&mut self, secs: u64) -> Result<(), ConnError> {
@@ -112,12 +121,34 @@ impl Sim {
         self.drain();
     }
     fn drain(&mut self) {
-        while let Some(p) = self.conn.poll_transmit() {
-            self.sent.push(p);
+        loop {
+            while let Some(p) = self.conn.poll_transmit() {
+                self.sent.push(p);
+            }
+            let Some(e) = self.conn.poll_event() else {
+                break;
+            };
+            match e {
+                Event::Submit(s) if self.auto_start => {
+                    assert!(self.conn.start_task(s.task, self.now));
+                }
+                Event::Submit(s) => self.submitted.push(s),
+                Event::TaskManagement(t) => self.tmfs.push(t),
+                e => self.events.push(e),
+            }
         }
-        while let Some(e) = self.conn.poll_event() {
-            self.events.push(e);
-        }
+    }
+    /// The task set starts `task`.
+    fn start(&mut self, task: TaskId) -> bool {
+        let r = self.conn.start_task(task, self.now);
+        self.drain();
+        r
+    }
+    /// The SCSI core decides the oldest pending TMF.
+    fn decide(&mut self, response: u8, aborted: &[Aborted]) {
+        let t = self.tmfs.remove(0);
+        self.conn.tmf_decided(t.itt, response, aborted, self.now);
+        self.drain();
     }
     fn take_sent(&mut self) -> Vec<Pdu> {
         std::mem::take(&mut self.sent)
@@ -481,25 +512,72 @@ fn command_beyond_max_command_bytes_is_refused() {
     assert_eq!(sent[0].data[14], 0x24, "INVALID FIELD IN CDB");
 }
 
+fn ordered(itt: u32, cmd_sn: u32) -> Bhs {
+    let Bhs::ScsiCommand(mut c) = tur(itt, cmd_sn) else {
+        unreachable!()
+    };
+    c.attr = 2;
+    Bhs::ScsiCommand(c)
+}
+
+fn running(task: TaskId) -> Aborted {
+    Aborted {
+        task,
+        running: true,
+    }
+}
+
+fn waiting(task: TaskId) -> Aborted {
+    Aborted {
+        task,
+        running: false,
+    }
+}
+
+#[test]
+fn tasks_are_submitted_with_their_raw_attribute_and_run_when_started() {
+    let mut s = Sim::new();
+    s.auto_start = false;
+    s.send(ordered(1, 1), &[]);
+    s.send(tur(2, 2), &[]);
+    let sub = std::mem::take(&mut s.submitted);
+    assert_eq!(sub.iter().map(|x| x.attr).collect::<Vec<_>>(), [2, 1]);
+    assert!(
+        s.executes().is_empty(),
+        "nothing runs before the task set says so"
+    );
+    assert!(s.start(sub[1].task));
+    assert_eq!(s.executes()[0].itt, 2);
+    assert!(!s.start(sub[1].task), "started once");
+    assert!(!s.start(99), "unknown");
+}
+
 #[test]
 fn abort_task_of_a_waiting_task_answers_at_once() {
     let mut s = Sim::new();
-    let Bhs::ScsiCommand(mut c) = tur(1, 1) else {
-        unreachable!()
-    };
-    c.attr = 2; // ORDERED
-    s.send(Bhs::ScsiCommand(c), &[]);
+    s.auto_start = false;
+    s.send(ordered(1, 1), &[]);
     s.send(tur(2, 2), &[]);
+    let sub = std::mem::take(&mut s.submitted);
+    s.start(sub[0].task);
     let ex = s.executes();
-    assert_eq!(ex.len(), 1, "the simple task waits behind the ordered one");
     s.send(tmf(10, 3, 1, 0, 2), &[]);
+    assert!(
+        s.take_sent().is_empty() && !s.conn.accepts_pdus(),
+        "the core decides"
+    );
+    let req = s.tmfs[0];
+    assert_eq!((req.function, req.task), (1, Some(sub[1].task)));
+    s.decide(0, &[waiting(sub[1].task)]);
     let sent = s.take_sent();
     let Bhs::TaskMgmtResponse(t) = &sent[0].bhs else {
         panic!("TMF response")
     };
     assert_eq!((t.itt, t.response), (10, 0));
     s.good(ex[0].task);
-    assert!(s.executes().is_empty(), "the aborted task never starts");
+    assert!(!s.start(sub[1].task), "the aborted task never starts");
+    assert!(s.executes().is_empty());
+    assert_eq!(s.conn.window(), (3, 6), "every slot is free again");
 }
 
 #[test]
@@ -508,6 +586,7 @@ fn abort_task_of_a_running_task_waits_and_suppresses_its_status() {
     s.send(read10(1, 1, 512), &[]);
     let ex = s.executes();
     s.send(tmf(10, 2, 1, 0, 1), &[]);
+    s.decide(0, &[running(ex[0].task)]);
     assert!(s.take_sent().is_empty(), "the TMF waits for the task");
     assert!(!s.conn.accepts_pdus());
     assert_eq!(s.conn.poll_timeout(), None, "no pings while blocked");
@@ -550,7 +629,7 @@ fn abort_task_of_a_pending_write_drops_it() {
 }
 
 #[test]
-fn lun_reset_waits_then_resets_the_lu() {
+fn lun_reset_waits_for_the_tasks_the_core_aborted() {
     let mut s = Sim::new();
     s.send(cmd(1, 1, &[0], false, false, 0), &[]);
     let Bhs::ScsiCommand(mut c) = tur(2, 2) else {
@@ -560,11 +639,12 @@ fn lun_reset_waits_then_resets_the_lu() {
     s.send(Bhs::ScsiCommand(c), &[]);
     let ex = s.executes();
     s.send(tmf(10, 3, 5, LUN1, 0), &[]);
+    assert_eq!((s.tmfs[0].function, s.tmfs[0].lun), (5, 1));
+    s.decide(0, &[running(ex[1].task)]);
     assert!(s.take_sent().is_empty());
     assert_eq!(s.good(ex[0].task), Delivery::Sent, "LUN 0 is untouched");
     assert!(matches!(s.take_sent()[0].bhs, Bhs::ScsiResponse(_)));
     assert_eq!(s.good(ex[1].task), Delivery::Suppressed);
-    assert!(s.events.iter().any(|e| matches!(e, Event::ResetLun(1))));
     assert!(matches!(s.take_sent()[0].bhs, Bhs::TaskMgmtResponse(_)));
 }
 
@@ -590,7 +670,9 @@ fn tmf_on_a_missing_lun_and_unsupported_functions() {
 fn target_cold_reset_closes_the_connection() {
     let mut s = Sim::new();
     s.send(tmf(10, 1, 7, 0, 0), &[]);
-    assert!(matches!(s.events[..], [Event::ResetTarget, Event::Close]));
+    assert!(!s.conn.is_closed(), "not before the core reset the LUs");
+    s.decide(0, &[]);
+    assert!(matches!(s.events[..], [Event::Close]));
     assert!(s.conn.is_closed());
 }
 
@@ -816,16 +898,68 @@ fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
 #[test]
 fn preempt_and_abort_suppresses_running_and_drops_waiting() {
     let mut s = Sim::new();
-    let Bhs::ScsiCommand(mut c) = tur(1, 1) else {
-        unreachable!()
-    };
-    c.attr = 2;
-    s.send(Bhs::ScsiCommand(c), &[]);
+    s.auto_start = false;
+    s.send(ordered(1, 1), &[]);
     s.send(tur(2, 2), &[]);
+    let sub = std::mem::take(&mut s.submitted);
+    s.start(sub[0].task);
     let ex = s.executes();
-    assert_eq!(s.conn.abort_lun(0, s.now), 1);
+    let n = s
+        .conn
+        .abort_tasks(&[running(sub[0].task), waiting(sub[1].task)], s.now);
+    assert_eq!(n, 1);
     assert_eq!(s.good(ex[0].task), Delivery::Suppressed);
     assert!(s.take_sent().is_empty() && s.executes().is_empty());
     assert_eq!(s.conn.running_tasks(), 0);
     assert_eq!(s.conn.window(), (3, 6));
+}
+
+#[test]
+fn a_task_aborted_before_its_start_ends_when_the_task_set_starts_it() {
+    let mut s = Sim::new();
+    s.auto_start = false;
+    s.send(tur(1, 1), &[]);
+    let task = s.submitted[0].task;
+    s.send(tmf(10, 2, 2, 0, 0), &[]);
+    // The task set had started it (running) but the start had not arrived yet.
+    s.decide(0, &[running(task)]);
+    assert!(s.take_sent().is_empty(), "the TMF waits for it");
+    assert!(!s.start(task), "nothing to execute");
+    assert!(s.executes().is_empty());
+    let Bhs::TaskMgmtResponse(t) = &s.take_sent()[0].bhs else {
+        panic!()
+    };
+    assert_eq!(t.response, 0);
+    s.send(tur(1, 2), &[]);
+    assert_eq!(s.submitted.len(), 2, "the ITT is free again");
+}
+
+#[test]
+fn a_decision_for_no_pending_tmf_is_ignored() {
+    let mut s = Sim::new();
+    s.conn.tmf_decided(77, 0, &[], s.now);
+    s.drain();
+    assert!(s.take_sent().is_empty() && s.conn.accepts_pdus());
+}
+
+#[test]
+fn logout_drops_waiting_tasks_without_a_response() {
+    let mut s = Sim::new();
+    s.auto_start = false;
+    s.send(tur(1, 1), &[]);
+    let task = s.submitted[0].task;
+    s.send(
+        Bhs::LogoutRequest(wire::LogoutRequest {
+            immediate: true,
+            itt: 9,
+            cmd_sn: 2,
+            ..Default::default()
+        }),
+        &[],
+    );
+    assert!(matches!(s.take_sent()[0].bhs, Bhs::LogoutResponse(_)));
+    assert!(
+        !s.start(task),
+        "the task set's later start finds nothing to run"
+    );
 }

@@ -1,0 +1,280 @@
+//! The driver between a connection and the SCSI core's per-LU task sets: commands enter
+//! their LU's task set when their data is in and run when it starts them; TMFs are
+//! decided by the core ([`LogicalUnit::task_management`]) and carried out here on the
+//! connections whose tasks they abort, in this session or another.
+
+use super::Shared;
+use crate::iscsi::target_conn::tmf_response::{COMPLETE, NO_TASK, REJECTED};
+use crate::iscsi::target_conn::{Aborted, Execute, Submit, TargetConnection, TmfRequest};
+use crate::scsi::{
+    AbortedTask, LogicalUnit, NexusId, Task, TaskAttr, TaskKey, TmfFunction, TmfResponse,
+};
+use crate::wire::TaskAttribute;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// What the driver does once the connection's lock is released.
+pub(super) enum Work {
+    Execute(Execute),
+    /// A task set started a task of another session.
+    Start(Arc<LogicalUnit>, TaskKey),
+    /// A TMF of this session aborted tasks of another one.
+    Abort(Arc<LogicalUnit>, NexusId, Vec<AbortedTask>),
+}
+
+/// The SAM task attribute of an iSCSI ATTR field (RFC 7143 §11.3.1; untagged and
+/// reserved values: SIMPLE).
+pub(super) fn task_attr(raw: u8) -> TaskAttr {
+    match raw & 7 {
+        x if x == TaskAttribute::Ordered as u8 => TaskAttr::Ordered,
+        x if x == TaskAttribute::HeadOfQueue as u8 => TaskAttr::HeadOfQueue,
+        x if x == TaskAttribute::Aca as u8 => TaskAttr::Aca,
+        _ => TaskAttr::Simple,
+    }
+}
+
+/// The SCSI function of an iSCSI TMF code, with the LUs it addresses.
+fn tmf_function(req: &TmfRequest) -> Option<TmfFunction> {
+    Some(match req.function {
+        1 => TmfFunction::AbortTask {
+            tag: req.task.unwrap_or(u64::MAX),
+        },
+        2 => TmfFunction::AbortTaskSet,
+        4 => TmfFunction::ClearTaskSet,
+        // TARGET WARM/COLD RESET: a LU reset of every LU of the session.
+        5..=7 => TmfFunction::LogicalUnitReset,
+        _ => return None,
+    })
+}
+
+/// RFC 7143 §11.6.1 response for a SAM service response.
+fn response_code(r: TmfResponse) -> u8 {
+    match r {
+        TmfResponse::Complete | TmfResponse::Succeeded => COMPLETE,
+        TmfResponse::NoSuchTask => NO_TASK,
+    }
+}
+
+impl Shared {
+    fn key(&self, task: u64) -> TaskKey {
+        TaskKey {
+            nexus: self.id,
+            tag: task,
+        }
+    }
+
+    /// A command's data is in: enter it into its LU's task set.
+    pub(super) fn submit(&self, conn: &mut TargetConnection, s: Submit, work: &mut Vec<Work>) {
+        let Some(lu) = self.ctx.lun_map.get(s.lun) else {
+            // No LU, no task set: the device server answers at once (LUN NOT SUPPORTED).
+            conn.start_task(s.task, Instant::now());
+            return;
+        };
+        let task = Task {
+            key: self.key(s.task),
+            attr: task_attr(s.attr),
+            nexus: self.nexus.clone(),
+        };
+        match lu.submit_task(task) {
+            Ok(started) => self.released(conn, lu, started, work),
+            Err(e) => {
+                // Task ids are never reused, so this is a bug; run it rather than hang.
+                warn!(error = %e, "task set refused a task: running it outside the task set");
+                conn.start_task(s.task, Instant::now());
+            }
+        }
+    }
+
+    /// Start what `lu`'s task set released: this session's tasks here (those with
+    /// nothing left to run complete at once, which may release more), others' later.
+    pub(super) fn released(
+        &self,
+        conn: &mut TargetConnection,
+        lu: &Arc<LogicalUnit>,
+        started: Vec<TaskKey>,
+        work: &mut Vec<Work>,
+    ) {
+        let mut queue = std::collections::VecDeque::from(started);
+        while let Some(key) = queue.pop_front() {
+            if key.nexus != self.id {
+                work.push(Work::Start(lu.clone(), key));
+            } else if !conn.start_task(key.tag, Instant::now()) {
+                queue.extend(lu.complete_task(key));
+            }
+        }
+    }
+
+    /// A command of this session ended: its LU's task set may start others.
+    pub(super) fn completed(
+        &self,
+        conn: &mut TargetConnection,
+        lun: u64,
+        task: u64,
+        work: &mut Vec<Work>,
+    ) {
+        if let Some(lu) = self.ctx.lun_map.get(lun) {
+            let started = lu.complete_task(self.key(task));
+            self.released(conn, lu, started, work);
+        }
+    }
+
+    /// Ask the SCSI core to decide a TMF; abort what it aborted here, and queue what it
+    /// aborted in other sessions.
+    pub(super) fn decide_tmf(
+        &self,
+        conn: &mut TargetConnection,
+        req: TmfRequest,
+        work: &mut Vec<Work>,
+    ) {
+        let now = Instant::now();
+        let Some(f) = tmf_function(&req) else {
+            return conn.tmf_decided(req.itt, REJECTED, &[], now);
+        };
+        let lus: Vec<Arc<LogicalUnit>> = match req.function {
+            6 | 7 => self.luns.clone(),
+            _ => self.ctx.lun_map.get(req.lun).cloned().into_iter().collect(),
+        };
+        if lus.is_empty() && req.function == 1 {
+            // A command on an unmapped LUN ran outside any task set.
+            let own = req.task.map(|task| Aborted {
+                task,
+                running: true,
+            });
+            return conn.tmf_decided(req.itt, COMPLETE, own.as_slice(), now);
+        }
+        let mut response = COMPLETE;
+        let mut own = Vec::new();
+        for lu in &lus {
+            let d = lu.task_management(self.id, f);
+            response = response_code(d.response);
+            for (nexus, tasks) in by_nexus(&d.removal.aborted) {
+                if nexus == self.id {
+                    own.extend(tasks.iter().map(|a| Aborted {
+                        task: a.key.tag,
+                        running: a.running,
+                    }));
+                } else {
+                    work.push(Work::Abort(lu.clone(), nexus, tasks));
+                }
+            }
+            self.released(conn, lu, d.removal.started, work);
+        }
+        info!(
+            function = req.function,
+            lun = req.lun,
+            response,
+            aborted = own.len(),
+            "task management decided"
+        );
+        conn.tmf_decided(req.itt, response, &own, now);
+    }
+
+    /// Carry out work queued under the lock: executions, other sessions' starts and
+    /// aborts.
+    pub(super) fn run(self: &Arc<Self>, work: Vec<Work>) {
+        for w in work {
+            match w {
+                Work::Execute(e) => self.spawn_exec(e),
+                Work::Start(lu, key) => start_elsewhere(&self.ctx.rt.nexuses, &lu, key),
+                Work::Abort(lu, nexus, tasks) => match self.ctx.rt.nexuses.get(nexus) {
+                    Some(other) => other.abort_tasks(&lu, &tasks),
+                    // Its session ended: its running tasks still complete themselves.
+                    None => {}
+                },
+            }
+        }
+    }
+
+    /// Run `f` on the connection, then drain it and do what it asked for.
+    fn with_conn(self: &Arc<Self>, f: impl FnOnce(&Self, &mut TargetConnection, &mut Vec<Work>)) {
+        let mut work = Vec::new();
+        {
+            let mut conn = self.conn();
+            f(self, &mut conn, &mut work);
+            self.drain(&mut conn, &mut work);
+        }
+        // A blocked TMF or logout may be able to go on.
+        self.task_ended.notify_one();
+        self.run(work);
+    }
+
+    /// The nexus ends: its waiting tasks leave the task sets (what they held back may
+    /// start); its running ones complete as they finish.
+    pub(super) fn end_nexus(self: &Arc<Self>) {
+        self.conn().abort_all();
+        for lu in &self.luns {
+            let r = lu.abort_tasks_of(&[self.id]);
+            for key in r.started {
+                start_elsewhere(&self.ctx.rt.nexuses, lu, key);
+            }
+        }
+    }
+}
+
+/// Group aborted tasks by nexus.
+fn by_nexus(aborted: &[AbortedTask]) -> BTreeMap<NexusId, Vec<AbortedTask>> {
+    let mut m: BTreeMap<NexusId, Vec<AbortedTask>> = BTreeMap::new();
+    for a in aborted {
+        m.entry(a.key.nexus).or_default().push(*a);
+    }
+    m
+}
+
+/// Start `key` in its session; a session that is gone has nothing to run, so the task
+/// completes at once (and may release more).
+fn start_elsewhere(
+    dir: &super::super::session::NexusDirectory,
+    lu: &Arc<LogicalUnit>,
+    key: TaskKey,
+) {
+    let mut queue = vec![key];
+    while let Some(key) = queue.pop() {
+        match dir.get(key.nexus) {
+            Some(other) => other.start_task(lu, key),
+            None => queue.extend(lu.complete_task(key)),
+        }
+    }
+}
+
+impl super::super::session::TaskAborter for Shared {
+    fn abort_lun(self: Arc<Self>, lun: u64) {
+        let Some(lu) = self.ctx.lun_map.get(lun).cloned() else {
+            return;
+        };
+        self.with_conn(|me, conn, work| {
+            let r = lu.abort_tasks_of(&[me.id]);
+            let tasks: Vec<Aborted> = r
+                .aborted
+                .iter()
+                .map(|a| Aborted {
+                    task: a.key.tag,
+                    running: a.running,
+                })
+                .collect();
+            let n = conn.abort_tasks(&tasks, Instant::now());
+            me.released(conn, &lu, r.started, work);
+            if n > 0 {
+                info!(initiator = %me.nexus.initiator_name, isid = %hex::encode(me.nexus.isid), lun, running = n, "tasks aborted by PREEMPT AND ABORT");
+            }
+        });
+    }
+
+    fn abort_tasks(self: Arc<Self>, _lu: &Arc<LogicalUnit>, tasks: &[AbortedTask]) {
+        let tasks: Vec<Aborted> = tasks
+            .iter()
+            .map(|a| Aborted {
+                task: a.key.tag,
+                running: a.running,
+            })
+            .collect();
+        self.with_conn(|_, conn, _| {
+            conn.abort_tasks(&tasks, Instant::now());
+        });
+    }
+
+    fn start_task(self: Arc<Self>, lu: &Arc<LogicalUnit>, key: TaskKey) {
+        self.with_conn(|me, conn, work| me.released(conn, lu, vec![key], work));
+    }
+}
