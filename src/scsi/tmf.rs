@@ -79,9 +79,10 @@ impl TaskSet {
                     nexus: requester,
                     tag,
                 };
-                return decision(match self.contains(key) {
-                    true => TmfResponse::Succeeded,
-                    false => TmfResponse::Complete,
+                return decision(if self.contains(key) {
+                    TmfResponse::Succeeded
+                } else {
+                    TmfResponse::Complete
                 });
             }
             TmfFunction::AbortTaskSet => {
@@ -91,9 +92,10 @@ impl TaskSet {
             TmfFunction::ClearTaskSet => {
                 let others = self.other_nexuses(requester);
                 let r = self.abort_where(|_| true);
-                let ua = match tas || others.is_empty() {
-                    true => TmfUnitAttention::None,
-                    false => TmfUnitAttention::CommandsCleared(others),
+                let ua = if tas || others.is_empty() {
+                    TmfUnitAttention::None
+                } else {
+                    TmfUnitAttention::CommandsCleared(others)
                 };
                 (TmfResponse::Complete, r, ua)
             }
@@ -225,7 +227,14 @@ mod tests {
     fn each_function_aborts_what_sam_says() {
         use TmfFunction::*;
         use TmfResponse::*;
-        let cases: [(TmfFunction, NexusId, TmfResponse, &[(NexusId, u64, bool)]); 9] = [
+        // (function, requester, response, aborted as (nexus, tag, running))
+        type Case = (
+            TmfFunction,
+            NexusId,
+            TmfResponse,
+            &'static [(NexusId, u64, bool)],
+        );
+        let cases: [Case; 9] = [
             (AbortTask { tag: 1 }, 1, Complete, &[(1, 1, true)]),
             (AbortTask { tag: 2 }, 1, Complete, &[(1, 2, false)]),
             (AbortTask { tag: 2 }, 2, NoSuchTask, &[]), // another nexus's tag

@@ -178,11 +178,13 @@ impl Shared {
             match w {
                 Work::Execute(e) => self.spawn_exec(e),
                 Work::Start(lu, key) => start_elsewhere(&self.ctx.rt.nexuses, &lu, key),
-                Work::Abort(lu, nexus, tasks) => match self.ctx.rt.nexuses.get(nexus) {
-                    Some(other) => other.abort_tasks(&lu, &tasks),
-                    // Its session ended: its running tasks still complete themselves.
-                    None => {}
-                },
+                Work::Abort(lu, nexus, tasks) => {
+                    // A session that ended meanwhile has nothing left to abort: its
+                    // running tasks complete themselves.
+                    if let Some(other) = self.ctx.rt.nexuses.get(nexus) {
+                        other.abort_tasks(&lu, &tasks);
+                    }
+                }
             }
         }
     }
