@@ -20,3 +20,4 @@ mod quorum_fuzz_seeds;
 mod readme_config;
 mod shutdown;
 mod soak;
+mod tmf;
