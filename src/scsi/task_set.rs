@@ -31,18 +31,11 @@ pub struct Task {
 /// A task a task management function (or a nexus loss) aborted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AbortedTask {
+    /// The task, by nexus and tag.
     pub key: TaskKey,
     /// Running (enabled) tasks stay in the task set until the transport completes them;
     /// waiting ones are gone and will never start.
     pub running: bool,
-}
-
-/// What removing tasks did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Removal {
-    pub aborted: Vec<AbortedTask>,
-    /// Tasks that may start now that waiting ones are gone (they were held behind them).
-    pub started: Vec<TaskKey>,
 }
 
 /// Why a task could not enter the task set.
@@ -50,6 +43,15 @@ pub struct Removal {
 pub enum TaskSetError {
     #[error("task {0:?} is already in the task set (overlapped tag)")]
     Duplicate(TaskKey),
+}
+
+/// What removing tasks did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// In (nexus, tag) order.
+    pub aborted: Vec<AbortedTask>,
+    /// Tasks that may start now that waiting ones are gone (they were held behind them).
+    pub started: Vec<TaskKey>,
 }
 
 /// The task set of one logical unit (see the module doc).

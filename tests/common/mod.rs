@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod hooked;
 pub mod pr;
 pub mod raw;
 

@@ -4,6 +4,7 @@
 use crate::common;
 
 use bytes::Bytes;
+use common::hooked::{Hook, Hooked, Op};
 use common::*;
 use holdfast::initiator::{InitiatorError, Session};
 use holdfast::scsi::backend::BlockBackend;
@@ -23,15 +24,14 @@ const ALL_EIO: u8 = 3;
 
 const BAD_RANGE: std::ops::Range<u64> = (1 << 20)..((1 << 20) + 65536);
 
+/// The fault switch of one LUN.
 #[derive(Debug)]
-struct Faulty {
-    inner: Arc<dyn BlockBackend>,
-    mode: Arc<AtomicU8>,
-}
+struct Faulty(Arc<AtomicU8>);
 
-impl Faulty {
-    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.mode.load(Ordering::SeqCst) {
+impl Hook for Faulty {
+    fn before(&self, op: Op, offset: u64, len: u64) -> io::Result<()> {
+        match self.0.load(Ordering::SeqCst) {
+            BAD_SECTORS if op == Op::Flush => Err(io::Error::from_raw_os_error(libc::EIO)),
             BAD_SECTORS if offset < BAD_RANGE.end && offset + len > BAD_RANGE.start => {
                 Err(io::Error::from_raw_os_error(libc::EIO))
             }
@@ -39,35 +39,6 @@ impl Faulty {
             ALL_EIO => Err(io::Error::from_raw_os_error(libc::EIO)),
             _ => Ok(()),
         }
-    }
-}
-
-impl BlockBackend for Faulty {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        if self.mode.load(Ordering::SeqCst) == BAD_SECTORS {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.check(0, 0)?;
-        self.inner.flush()
-    }
-    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len)?;
-        self.inner.deallocate(offset, len)
-    }
-    fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
-        self.check(offset, 1)?;
-        self.inner.allocation_at(offset)
     }
 }
 
@@ -83,7 +54,10 @@ async fn faulty_target() -> (TestTarget, Arc<AtomicU8>, Arc<AtomicU8>) {
             "lun2.img" => b.clone(),
             _ => return inner,
         };
-        Arc::new(Faulty { inner, mode })
+        Arc::new(Hooked {
+            inner,
+            hook: Faulty(mode),
+        })
     };
     let t = start_wrapped(
         &config_text(

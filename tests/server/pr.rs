@@ -6,10 +6,10 @@
 use crate::common;
 
 use bytes::BytesMut;
+use common::hooked::{Hook, Hooked, Op};
 use common::pr::{self, sa, ty, Outcome, ALL_TG_PT, SPEC_I_PT};
 use common::{config_text, start, TestTarget, BLOCK, TARGET};
 use holdfast::initiator::{cdb, Session};
-use holdfast::scsi::backend::BlockBackend;
 use holdfast::store::memory::MemBackend;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,27 +29,14 @@ async fn one_lun_target() -> TestTarget {
 /// access check stay in flight for milliseconds, the window the PREEMPT AND ABORT fence
 /// has to close (on a fast file the window is microseconds and a broken fence goes unseen).
 #[derive(Debug)]
-struct SlowWrites(Arc<MemBackend>);
+struct SlowWrites;
 
-impl BlockBackend for SlowWrites {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        std::thread::sleep(Duration::from_millis(2));
-        self.0.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn deallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.deallocate(offset, len)
-    }
-    fn allocation_at(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-        self.0.allocation_at(offset)
+impl Hook for SlowWrites {
+    fn before(&self, op: Op, _offset: u64, _len: u64) -> std::io::Result<()> {
+        if op == Op::Write {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
     }
 }
 
@@ -57,7 +44,15 @@ impl BlockBackend for SlowWrites {
 async fn slow_write_target() -> (TestTarget, Arc<MemBackend>) {
     let mem = Arc::new(MemBackend::new(4 << 20));
     let text = config_text("", "", &[(0, "lun0.img", "4MiB")]);
-    let t = common::start_with_backend(&text, 0, Arc::new(SlowWrites(mem.clone()))).await;
+    let t = common::start_with_backend(
+        &text,
+        0,
+        Arc::new(Hooked {
+            inner: mem.clone(),
+            hook: SlowWrites,
+        }),
+    )
+    .await;
     (t, mem)
 }
 

@@ -5,9 +5,10 @@
 use crate::common;
 
 use bytes::Bytes;
+use common::hooked::{Hook, Hooked, Op};
 use common::raw::{read16, sense_of, RawConn, Recv};
 use common::*;
-use holdfast::scsi::backend::{must_not_block, refuse_to_block, BlockBackend};
+use holdfast::scsi::backend::{must_not_block, refuse_to_block};
 use holdfast::store::memory::MemBackend;
 use holdfast::wire::{self, Bhs, Pdu};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,8 +22,8 @@ const LUN1: u64 = 0x0001_0000_0000_0000;
 const GATED: u64 = 1 << 20;
 const GATED_LBA: u64 = GATED / 512;
 
-/// A backend whose reads past [`GATED`] block until the gate opens: a task that stays
-/// running as long as a test needs.
+/// Holds reads past [`GATED`] until it opens: a task that stays running as long as a
+/// test needs.
 #[derive(Debug, Default)]
 struct Gate {
     open: Mutex<bool>,
@@ -36,34 +37,17 @@ impl Gate {
     }
 }
 
-#[derive(Debug)]
-struct Gated(Arc<MemBackend>, Arc<Gate>);
-
-impl BlockBackend for Gated {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if offset >= GATED {
-            if must_not_block() {
-                return Err(refuse_to_block());
-            }
-            let g = self.1.open.lock().unwrap();
-            let _g = self.1.cv.wait_timeout_while(g, T, |open| !*open).unwrap();
+impl Hook for Arc<Gate> {
+    fn before(&self, op: Op, offset: u64, _len: u64) -> std::io::Result<()> {
+        if op != Op::Read || offset < GATED {
+            return Ok(());
         }
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn deallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.deallocate(offset, len)
-    }
-    fn allocation_at(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-        self.0.allocation_at(offset)
+        if must_not_block() {
+            return Err(refuse_to_block());
+        }
+        let g = self.open.lock().unwrap();
+        let _g = self.cv.wait_timeout_while(g, T, |open| !*open).unwrap();
+        Ok(())
     }
 }
 
@@ -72,7 +56,11 @@ async fn gated_target() -> (TestTarget, Arc<Gate>) {
     let gate = Arc::new(Gate::default());
     let mem = Arc::new(MemBackend::new(4 << 20));
     let text = config_text("", "", &[(0, "lun0.img", "4MiB"), (1, "lun1.img", "4MiB")]);
-    let t = common::start_with_backend(&text, 0, Arc::new(Gated(mem, gate.clone()))).await;
+    let backend = Hooked {
+        inner: mem,
+        hook: gate.clone(),
+    };
+    let t = common::start_with_backend(&text, 0, Arc::new(backend)).await;
     (t, gate)
 }
 
@@ -97,20 +85,10 @@ fn command(c: &mut RawConn, cdb: &[u8], edtl: u32, lun: u64, attr: u8) -> (u32, 
 
 fn tmf(c: &mut RawConn, function: u8, lun: u64, rtt: u32) -> (u32, Pdu) {
     let itt = c.itt();
-    let p = Pdu::with_data(
-        Bhs::TaskMgmtRequest(wire::TaskMgmtRequest {
-            immediate: true,
-            function: 0x80 | function,
-            lun,
-            itt,
-            referenced_task_tag: rtt,
-            cmd_sn: c.cmd_sn,
-            exp_stat_sn: c.exp_stat_sn,
-            ..Default::default()
-        }),
-        Bytes::new(),
-    );
-    (itt, p)
+    let mut r = wire::TaskMgmtRequest::default();
+    (r.immediate, r.function, r.lun, r.itt) = (true, 0x80 | function, lun, itt);
+    (r.referenced_task_tag, r.cmd_sn, r.exp_stat_sn) = (rtt, c.cmd_sn, c.exp_stat_sn);
+    (itt, Pdu::with_data(Bhs::TaskMgmtRequest(r), Bytes::new()))
 }
 
 /// What ended a task, by ITT: SCSI status (with sense) or a TMF response code.
@@ -151,6 +129,62 @@ async fn tur(c: &mut RawConn, lun: u64) -> Answer {
     a
 }
 
+/// Sessions `a` and `b` (both seen by every LU), a read of `a` on LUN 0 held running
+/// by the gate and an ORDERED TUR of `a` waiting behind it.
+struct Scene {
+    _t: TestTarget,
+    gate: Arc<Gate>,
+    a: RawConn,
+    b: RawConn,
+    slow: u32,
+    queued: u32,
+}
+
+async fn scene() -> Scene {
+    let (t, gate) = gated_target().await;
+    let mut a = session(&t, "a").await;
+    let mut b = session(&t, "b").await;
+    for c in [&mut a, &mut b] {
+        for lun in [0, LUN1] {
+            assert_eq!(tur(c, lun).await, Answer::Status(0, None));
+        }
+    }
+    let (slow, p) = command(&mut a, &read16(GATED_LBA, 1), 512, 0, 1);
+    a.send(&p).await;
+    let (queued, p) = command(&mut a, &[0; 6], 0, 0, 2);
+    a.send(&p).await;
+    tokio::time::sleep(QUIET).await;
+    Scene {
+        _t: t,
+        gate,
+        a,
+        b,
+        slow,
+        queued,
+    }
+}
+
+/// The [`scene`] after `b` sent TMF `function` for LUN 0, got FUNCTION COMPLETE, and
+/// the gate opened; `a`'s two tasks ended without status if `aborts`, else with GOOD.
+async fn after_tmf_from_b(function: u8, aborts: bool) -> Scene {
+    let mut s = scene().await;
+    let (itt, p) = tmf(&mut s.b, function, 0, 0);
+    s.b.send(&p).await;
+    assert_eq!(answer(&mut s.b, T).await, Some((itt, Answer::Tmf(0))));
+    s.gate.open();
+    if aborts {
+        assert_eq!(answer(&mut s.a, QUIET).await, None, "aborted: no status");
+    } else {
+        for itt in [s.slow, s.queued] {
+            assert_eq!(
+                answer(&mut s.a, T).await,
+                Some((itt, Answer::Status(0, None)))
+            );
+        }
+    }
+    s
+}
+
 #[tokio::test]
 async fn an_ordered_task_holds_back_only_its_own_logical_unit() {
     let (t, gate) = gated_target().await;
@@ -182,56 +216,20 @@ async fn an_ordered_task_holds_back_only_its_own_logical_unit() {
 
 #[tokio::test]
 async fn clear_task_set_aborts_other_sessions_tasks_and_tells_them() {
-    let (t, gate) = gated_target().await;
-    let mut a = session(&t, "a").await;
-    let mut b = session(&t, "b").await;
-    assert_eq!(tur(&mut a, 0).await, Answer::Status(0, None));
-    let (slow, p) = command(&mut a, &read16(GATED_LBA, 1), 512, 0, 1);
-    a.send(&p).await;
-    let (queued, p) = command(&mut a, &[0; 6], 0, 0, 2);
-    a.send(&p).await;
-    tokio::time::sleep(QUIET).await;
-    let (clear, p) = tmf(&mut b, 4, 0, 0);
-    b.send(&p).await;
-    assert_eq!(answer(&mut b, T).await, Some((clear, Answer::Tmf(0))));
-    gate.open();
-    assert_eq!(
-        answer(&mut a, QUIET).await,
-        None,
-        "{slow} and {queued} end without status"
-    );
+    let s = &mut after_tmf_from_b(4, true).await;
     // COMMANDS CLEARED BY ANOTHER INITIATOR, once; not for the nexus that cleared.
     let ua = Answer::Status(2, Some((6, 0x2F, 0x00)));
-    assert_eq!(tur(&mut a, 0).await, ua);
-    assert_eq!(tur(&mut a, 0).await, Answer::Status(0, None));
-    assert_eq!(tur(&mut b, 0).await, Answer::Status(0, None));
+    assert_eq!(tur(&mut s.a, 0).await, ua);
+    assert_eq!(tur(&mut s.a, 0).await, Answer::Status(0, None));
+    assert_eq!(tur(&mut s.b, 0).await, Answer::Status(0, None));
 }
 
 #[tokio::test]
 async fn lun_reset_aborts_every_session_task_on_that_lun_only() {
-    let (t, gate) = gated_target().await;
-    let mut a = session(&t, "a").await;
-    let mut b = session(&t, "b").await;
-    for c in [&mut a, &mut b] {
-        for lun in [0, LUN1] {
-            tur(c, lun).await;
-        }
-    }
-    let (slow, p) = command(&mut a, &read16(GATED_LBA, 1), 512, 0, 1);
-    a.send(&p).await;
-    tokio::time::sleep(QUIET).await;
-    let (reset, p) = tmf(&mut b, 5, 0, 0);
-    b.send(&p).await;
-    assert_eq!(answer(&mut b, T).await, Some((reset, Answer::Tmf(0))));
-    gate.open();
-    assert_eq!(
-        answer(&mut a, QUIET).await,
-        None,
-        "{slow} ends without status"
-    );
+    let s = &mut after_tmf_from_b(5, true).await;
     // BUS DEVICE RESET FUNCTION OCCURRED on LUN 0 for both, nothing on LUN 1.
     let ua = Answer::Status(2, Some((6, 0x29, 0x03)));
-    for c in [&mut a, &mut b] {
+    for c in [&mut s.a, &mut s.b] {
         assert_eq!(tur(c, 0).await, ua);
         assert_eq!(tur(c, LUN1).await, Answer::Status(0, None));
     }
@@ -239,18 +237,6 @@ async fn lun_reset_aborts_every_session_task_on_that_lun_only() {
 
 #[tokio::test]
 async fn abort_task_set_leaves_other_sessions_alone() {
-    let (t, gate) = gated_target().await;
-    let mut a = session(&t, "a").await;
-    let mut b = session(&t, "b").await;
-    let (slow, p) = command(&mut a, &read16(GATED_LBA, 1), 512, 0, 1);
-    a.send(&p).await;
-    tokio::time::sleep(QUIET).await;
-    let (abort, p) = tmf(&mut b, 2, 0, 0);
-    b.send(&p).await;
-    assert_eq!(answer(&mut b, T).await, Some((abort, Answer::Tmf(0))));
-    gate.open();
-    assert_eq!(
-        answer(&mut a, T).await,
-        Some((slow, Answer::Status(0, None)))
-    );
+    let s = &mut after_tmf_from_b(2, false).await;
+    assert_eq!(tur(&mut s.a, 0).await, Answer::Status(0, None), "and no UA");
 }

@@ -520,6 +520,23 @@ fn ordered(itt: u32, cmd_sn: u32) -> Bhs {
     Bhs::ScsiCommand(c)
 }
 
+/// An ORDERED task (ITT 1) and a SIMPLE one (ITT 2), submitted and not started.
+fn ordered_then_simple(s: &mut Sim) -> Vec<Submit> {
+    s.auto_start = false;
+    s.send(ordered(1, 1), &[]);
+    s.send(tur(2, 2), &[]);
+    std::mem::take(&mut s.submitted)
+}
+
+/// A SIMPLE task (ITT 1, CmdSN 1), submitted and not started.
+fn one_waiting() -> (Sim, TaskId) {
+    let mut s = Sim::new();
+    s.auto_start = false;
+    s.send(tur(1, 1), &[]);
+    let task = s.submitted[0].task;
+    (s, task)
+}
+
 fn running(task: TaskId) -> Aborted {
     Aborted {
         task,
@@ -537,10 +554,7 @@ fn waiting(task: TaskId) -> Aborted {
 #[test]
 fn tasks_are_submitted_with_their_raw_attribute_and_run_when_started() {
     let mut s = Sim::new();
-    s.auto_start = false;
-    s.send(ordered(1, 1), &[]);
-    s.send(tur(2, 2), &[]);
-    let sub = std::mem::take(&mut s.submitted);
+    let sub = ordered_then_simple(&mut s);
     assert_eq!(sub.iter().map(|x| x.attr).collect::<Vec<_>>(), [2, 1]);
     assert!(
         s.executes().is_empty(),
@@ -555,10 +569,7 @@ fn tasks_are_submitted_with_their_raw_attribute_and_run_when_started() {
 #[test]
 fn abort_task_of_a_waiting_task_answers_at_once() {
     let mut s = Sim::new();
-    s.auto_start = false;
-    s.send(ordered(1, 1), &[]);
-    s.send(tur(2, 2), &[]);
-    let sub = std::mem::take(&mut s.submitted);
+    let sub = ordered_then_simple(&mut s);
     s.start(sub[0].task);
     let ex = s.executes();
     s.send(tmf(10, 3, 1, 0, 2), &[]);
@@ -898,10 +909,7 @@ fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
 #[test]
 fn preempt_and_abort_suppresses_running_and_drops_waiting() {
     let mut s = Sim::new();
-    s.auto_start = false;
-    s.send(ordered(1, 1), &[]);
-    s.send(tur(2, 2), &[]);
-    let sub = std::mem::take(&mut s.submitted);
+    let sub = ordered_then_simple(&mut s);
     s.start(sub[0].task);
     let ex = s.executes();
     let n = s
@@ -916,10 +924,7 @@ fn preempt_and_abort_suppresses_running_and_drops_waiting() {
 
 #[test]
 fn a_task_aborted_before_its_start_ends_when_the_task_set_starts_it() {
-    let mut s = Sim::new();
-    s.auto_start = false;
-    s.send(tur(1, 1), &[]);
-    let task = s.submitted[0].task;
+    let (mut s, task) = one_waiting();
     s.send(tmf(10, 2, 2, 0, 0), &[]);
     // The task set had started it (running) but the start had not arrived yet.
     s.decide(0, &[running(task)]);
@@ -944,10 +949,7 @@ fn a_decision_for_no_pending_tmf_is_ignored() {
 
 #[test]
 fn logout_drops_waiting_tasks_without_a_response() {
-    let mut s = Sim::new();
-    s.auto_start = false;
-    s.send(tur(1, 1), &[]);
-    let task = s.submitted[0].task;
+    let (mut s, task) = one_waiting();
     s.send(
         Bhs::LogoutRequest(wire::LogoutRequest {
             immediate: true,
