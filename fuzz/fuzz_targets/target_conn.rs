@@ -1,5 +1,7 @@
 //! The target's full-feature connection (`iscsi::target_conn`) driven by arbitrary PDU
-//! sequences, decode errors, command outcomes, aborts and clock ticks.
+//! sequences, decode errors, command outcomes, aborts and clock ticks. Submitted tasks
+//! start at once (a task set that holds nothing back); a TMF is decided by aborting the
+//! running tasks it names.
 //!
 //! Checks: no panic; every status-bearing PDU takes the next StatSN; MaxCmdSN never
 //! moves back and stays at least ExpCmdSN - 1; a task id is executed once and only
@@ -10,7 +12,7 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use holdfast::iscsi::cmdsn::sn_lt;
 use holdfast::iscsi::target_conn::{
-    ConnConfig, Event, Hold, Outcome, TargetConnection, TargetContext,
+    Aborted, ConnConfig, Event, Hold, Outcome, TargetConnection, TargetContext, TmfRequest,
 };
 use holdfast::iscsi::transfer::WriteLimits;
 use holdfast::wire::{self, Bhs, Pdu, WireError, RESERVED_TAG};
@@ -123,24 +125,53 @@ struct Checker {
     r2t_ttts: Vec<u32>,
     text_ttt: u32,
     executed: HashSet<u64>,
-    running: Vec<u64>,
+    /// Running tasks and their LUNs.
+    running: Vec<(u64, u64)>,
 }
 
 impl Checker {
-    fn drain(&mut self, c: &mut TargetConnection) {
-        while let Some(p) = c.poll_transmit() {
-            self.check(&p);
-        }
-        while let Some(e) = c.poll_event() {
-            if let Event::Execute(x) = e {
-                assert!(
-                    self.executed.insert(x.task),
-                    "task {} executed twice",
-                    x.task
-                );
-                self.running.push(x.task);
+    fn drain(&mut self, c: &mut TargetConnection, now: Instant) {
+        loop {
+            while let Some(p) = c.poll_transmit() {
+                self.check(&p);
+            }
+            let Some(e) = c.poll_event() else {
+                return;
+            };
+            match e {
+                Event::Submit(s) => {
+                    c.start_task(s.task, now);
+                }
+                Event::Execute(x) => {
+                    assert!(
+                        self.executed.insert(x.task),
+                        "task {} executed twice",
+                        x.task
+                    );
+                    self.running.push((x.task, x.lun));
+                }
+                Event::TaskManagement(t) => {
+                    let aborted = self.aborted_by(&t);
+                    c.tmf_decided(t.itt, 0, &aborted, now);
+                }
+                _ => {}
             }
         }
+    }
+    /// The running tasks a TMF aborts.
+    fn aborted_by(&self, t: &TmfRequest) -> Vec<Aborted> {
+        self.running
+            .iter()
+            .filter(|(task, lun)| match t.function {
+                1 => t.task == Some(*task),
+                6 | 7 => true,
+                _ => *lun == t.lun,
+            })
+            .map(|(task, _)| Aborted {
+                task: *task,
+                running: true,
+            })
+            .collect()
     }
     fn check(&mut self, p: &Pdu) {
         let (stat_sn, exp, max, consumes) = match &p.bhs {
@@ -346,7 +377,7 @@ fuzz_target!(|input: Input| {
                 if ck.running.is_empty() {
                     continue;
                 }
-                let task = ck.running.remove(usize::from(which) % ck.running.len());
+                let (task, _) = ck.running.remove(usize::from(which) % ck.running.len());
                 let o = Outcome {
                     status,
                     sense: sense.then(|| Bytes::from_static(&[0x70, 0, 5, 0, 0, 0, 0, 10])),
@@ -361,7 +392,17 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::AbortLun(l) => {
-                c.abort_lun(u64::from(l % 3), now);
+                let lun = u64::from(l % 3);
+                let list: Vec<Aborted> = ck
+                    .running
+                    .iter()
+                    .filter(|(_, l)| *l == lun)
+                    .map(|(task, _)| Aborted {
+                        task: *task,
+                        running: true,
+                    })
+                    .collect();
+                c.abort_tasks(&list, now);
             }
             Op::DigestError {
                 on_command,
@@ -404,13 +445,13 @@ fuzz_target!(|input: Input| {
                 }
             }
         }
-        ck.drain(&mut c);
+        ck.drain(&mut c, now);
     }
     c.abort_all();
-    for task in std::mem::take(&mut ck.running) {
+    for (task, _) in std::mem::take(&mut ck.running) {
         c.handle_outcome(task, Outcome::default(), now);
     }
-    ck.drain(&mut c);
+    ck.drain(&mut c, now);
     assert_eq!(c.running_tasks(), 0, "tasks left after the end");
     assert!(ck.running.is_empty(), "nothing starts after abort_all");
 });
