@@ -1112,6 +1112,7 @@ fn block_size_4096() {
 }
 
 mod pr;
+mod tmf;
 
 mod fuzz {
     use super::*;
