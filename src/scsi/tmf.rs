@@ -174,6 +174,11 @@ impl LogicalUnit {
             .abort_where(|t| nexuses.contains(&t.key.nexus))
     }
 
+    /// Whether the task is still in the task set (waiting, or running until completed).
+    pub fn has_task(&self, key: TaskKey) -> bool {
+        self.task_set().contains(key)
+    }
+
     /// Waiting and running tasks (diagnostics and tests).
     pub fn task_counts(&self) -> (usize, usize) {
         let s = self.task_set();

@@ -164,14 +164,22 @@ async fn scene() -> Scene {
     }
 }
 
-/// The [`scene`] after `b` sent TMF `function` for LUN 0, got FUNCTION COMPLETE, and
-/// the gate opened; `a`'s two tasks ended without status if `aborts`, else with GOOD.
+/// The [`scene`] after `b` sent TMF `function` for LUN 0, the gate opened and `b` got
+/// FUNCTION COMPLETE (only then, if the TMF `aborts` `a`'s tasks); `a`'s two tasks
+/// ended without status if `aborts`, else with GOOD.
 async fn after_tmf_from_b(function: u8, aborts: bool) -> Scene {
     let mut s = scene().await;
     let (itt, p) = tmf(&mut s.b, function, 0, 0);
     s.b.send(&p).await;
-    assert_eq!(answer(&mut s.b, T).await, Some((itt, Answer::Tmf(0))));
+    if aborts {
+        let early = answer(&mut s.b, QUIET).await;
+        assert_eq!(
+            early, None,
+            "the response waits for the aborted running read"
+        );
+    }
     s.gate.open();
+    assert_eq!(answer(&mut s.b, T).await, Some((itt, Answer::Tmf(0))));
     if aborts {
         assert_eq!(answer(&mut s.a, QUIET).await, None, "aborted: no status");
     } else {

@@ -22,7 +22,21 @@ pub(super) enum Work {
     Start(Arc<LogicalUnit>, TaskKey),
     /// A TMF of this session aborted tasks of another one.
     Abort(Arc<LogicalUnit>, NexusId, Vec<AbortedTask>),
+    /// A TMF to answer once other sessions' aborted tasks have ended.
+    Answer(Deferred),
 }
+
+/// A decided TMF whose response waits for running tasks of other sessions it aborted
+/// (RFC 7143 §4.2.3.3: the response follows the end of every affected task).
+pub(super) struct Deferred {
+    itt: u32,
+    response: u8,
+    own: Vec<Aborted>,
+    others: Vec<(Arc<LogicalUnit>, TaskKey)>,
+}
+
+/// How often a deferred TMF response looks whether the tasks it waits for ended.
+const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The SAM task attribute of an iSCSI ATTR field (RFC 7143 §11.3.1; untagged and
 /// reserved values: SIMPLE).
@@ -144,31 +158,58 @@ impl Shared {
             });
             return conn.tmf_decided(req.itt, COMPLETE, own.as_slice(), now);
         }
-        let mut response = COMPLETE;
-        let mut own = Vec::new();
+        let mut d = Deferred {
+            itt: req.itt,
+            response: COMPLETE,
+            own: Vec::new(),
+            others: Vec::new(),
+        };
         for lu in &lus {
-            let d = lu.task_management(self.id, f);
-            response = response_code(d.response);
-            for (nexus, tasks) in by_nexus(&d.removal.aborted) {
+            let decision = lu.task_management(self.id, f);
+            d.response = response_code(decision.response);
+            for (nexus, tasks) in by_nexus(&decision.removal.aborted) {
                 if nexus == self.id {
-                    own.extend(tasks.iter().map(|a| Aborted {
+                    d.own.extend(tasks.iter().map(|a| Aborted {
                         task: a.key.tag,
                         running: a.running,
                     }));
-                } else {
-                    work.push(Work::Abort(lu.clone(), nexus, tasks));
+                    continue;
                 }
+                let running = tasks.iter().filter(|a| a.running);
+                d.others.extend(running.map(|a| (lu.clone(), a.key)));
+                work.push(Work::Abort(lu.clone(), nexus, tasks));
             }
-            self.released(conn, lu, d.removal.started, work);
+            self.released(conn, lu, decision.removal.started, work);
         }
         info!(
             function = req.function,
             lun = req.lun,
-            response,
-            aborted = own.len(),
+            response = d.response,
+            aborted = d.own.len(),
+            elsewhere = d.others.len(),
             "task management decided"
         );
-        conn.tmf_decided(req.itt, response, &own, now);
+        if d.others.is_empty() {
+            return conn.tmf_decided(d.itt, d.response, &d.own, now);
+        }
+        // Our own aborted tasks stop answering now; the response waits.
+        conn.abort_tasks(&d.own, now);
+        work.push(Work::Answer(d));
+    }
+
+    /// Answer a deferred TMF once the other sessions' tasks it aborted have left their
+    /// task sets (they complete as their execution ends).
+    fn answer_later(self: &Arc<Self>, d: Deferred) {
+        let me = self.clone();
+        self.handle.spawn(async move {
+            while d.others.iter().any(|(lu, key)| lu.has_task(*key)) {
+                tokio::time::sleep(ANSWER_POLL).await;
+            }
+            me.with_conn(|_, conn, _| {
+                // The own tasks again: the response also waits for those still running.
+                conn.tmf_decided(d.itt, d.response, &d.own, Instant::now());
+            });
+        });
     }
 
     /// Carry out work queued under the lock: executions, other sessions' starts and
@@ -178,6 +219,7 @@ impl Shared {
             match w {
                 Work::Execute(e) => self.spawn_exec(e),
                 Work::Start(lu, key) => start_elsewhere(&self.ctx.rt.nexuses, &lu, key),
+                Work::Answer(d) => self.answer_later(d),
                 Work::Abort(lu, nexus, tasks) => {
                     // A session that ended meanwhile has nothing left to abort: its
                     // running tasks complete themselves.
