@@ -16,7 +16,7 @@ use crate::iscsi::target_conn::{
     TaskId,
 };
 use crate::scsi::{ItNexus, LogicalUnit, LunMap, NexusId, ScsiCommand, ScsiOutcome};
-use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError, WireError};
+use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,12 +35,11 @@ const LOGIN_MAX_SEGMENT: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("connection closed by peer")]
-    Closed,
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Wire(#[from] WireError),
+    /// The next PDU could not be read: the peer closed, the socket failed, or framing.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("write: {0}")]
+    Write(#[from] std::io::Error),
     #[error("login timed out")]
     LoginTimeout,
     #[error("login failed")]
@@ -49,16 +48,6 @@ pub enum ConnError {
     Protocol(String),
     #[error("no answer to NOP-In ping")]
     PingTimeout,
-}
-
-impl From<ReadError> for ConnError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Closed => ConnError::Closed,
-            ReadError::Io(e) => ConnError::Io(e),
-            ReadError::Wire(e) => ConnError::Wire(e),
-        }
-    }
 }
 
 /// Login checks against the runtime, for a connection that arrived on `listen`.
@@ -136,15 +125,6 @@ impl LoginAuthority for Authority<'_> {
     }
 }
 
-/// One PDU off the socket ([`wire::read_pdu`]), in the connection's error type.
-async fn read_pdu(
-    rd: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    dec: &mut PduDecoder,
-) -> Result<Pdu, ConnError> {
-    Ok(wire::read_pdu(rd, buf, dec).await?)
-}
-
 async fn write_pdu(
     wr: &mut OwnedWriteHalf,
     pdu: &Pdu,
@@ -193,7 +173,9 @@ pub async fn serve(
         }
         Ok(Err(e)) => {
             match e {
-                ConnError::Closed => debug!(?peer, "connection closed during login"),
+                ConnError::Read(ReadError::Closed) => {
+                    debug!(?peer, "connection closed during login")
+                }
                 ConnError::LoginFailed => {}
                 e => warn!(?peer, error = %e, "login aborted"),
             }
@@ -230,7 +212,7 @@ pub async fn serve(
     )
     .await;
     match res {
-        Ok(()) | Err(ConnError::Closed) => debug!(?peer, "connection ended"),
+        Ok(()) | Err(ConnError::Read(ReadError::Closed)) => debug!(?peer, "connection ended"),
         Err(e) => warn!(?peer, error = %e, "connection dropped"),
     }
 }
@@ -254,13 +236,13 @@ async fn login_phase(
     // Initiator of the leading request and whether its target demanded CHAP.
     let mut who: Option<(String, bool)> = None;
     loop {
-        let pdu = match read_pdu(rd, buf, dec).await {
+        let pdu = match wire::read_pdu(rd, buf, dec).await {
             Ok(p) => p,
-            Err(ConnError::Wire(e)) => {
+            Err(ReadError::Wire(e)) => {
                 warn!(error = %e, "malformed PDU during login; dropping connection");
-                return Err(ConnError::Wire(e));
+                return Err(ReadError::Wire(e).into());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let mut step = machine.on_pdu(&pdu, &mut auth);
         if let LoginStep::ChooseTarget(lead) = &step {
@@ -669,6 +651,11 @@ async fn read_loop(
     buf: &mut BytesMut,
     dec: &mut PduDecoder,
 ) -> Result<(), ConnError> {
+    // One timer for the connection's life. The connection's deadline moves later with
+    // every PDU; re-arming a timer per PDU cost a timer-wheel update per command, so the
+    // timer only moves earlier here, and an early wake-up is a no-op for handle_timeout.
+    let timer = tokio::time::sleep(NO_DEADLINE);
+    tokio::pin!(timer);
     loop {
         let ended = shared.task_ended.notified();
         let (closed, accepts, deadline) = {
@@ -683,20 +670,30 @@ async fn read_loop(
             ended.await;
             continue;
         }
-        let read = read_pdu(rd, buf, dec);
-        let res = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), read).await,
-            None => Ok(read.await),
+        if let Some(d) = deadline.map(tokio::time::Instant::from_std) {
+            if d < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(d);
+            }
+        }
+        let res = tokio::select! {
+            biased;
+            r = wire::read_pdu(rd, buf, dec) => Some(r),
+            _ = &mut timer, if deadline.is_some() => None,
         };
         let now = Instant::now();
         let mut execs = Vec::new();
         {
             let mut conn = shared.conn();
             match res {
-                Ok(Ok(p)) => conn.handle_pdu(p, now),
-                Ok(Err(ConnError::Wire(e))) => conn.handle_wire_error(e, now)?,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => conn.handle_timeout(now)?,
+                Some(Ok(p)) => conn.handle_pdu(p, now),
+                Some(Err(ReadError::Wire(e))) => conn.handle_wire_error(e, now)?,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + NO_DEADLINE);
+                    conn.handle_timeout(now)?
+                }
             }
             shared.drain(&mut conn, &mut execs);
         }
@@ -704,11 +701,14 @@ async fn read_loop(
     }
 }
 
+/// Where the read loop's timer rests while the connection has no deadline.
+const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
 impl From<target_conn::ConnError> for ConnError {
     fn from(e: target_conn::ConnError) -> Self {
         match e {
             target_conn::ConnError::PingTimeout => ConnError::PingTimeout,
-            target_conn::ConnError::Framing(w) => ConnError::Wire(w),
+            target_conn::ConnError::Framing(w) => ConnError::Read(ReadError::Wire(w)),
         }
     }
 }
