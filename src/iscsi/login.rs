@@ -146,6 +146,19 @@ pub struct ConnectionParams {
     pub target_max_recv_data_segment_length: u32,
 }
 
+/// What a login settled: the parameters the shared negotiation engine agreed (the same
+/// types as the target's), and what the target declared about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginParams {
+    pub session: SessionParams,
+    /// `initiator_max_recv_data_segment_length` is ours (what we accept);
+    /// `target_max_recv_data_segment_length` bounds our Data-Out and immediate data.
+    pub connection: ConnectionParams,
+    pub tsih: u16,
+    pub target_portal_group_tag: Option<u16>,
+    pub target_alias: Option<String>,
+}
+
 /// What one side wants from negotiation, for either side: the target's answers and
 /// offers and the initiator's answers and checks come from the same key table
 /// ([`super::keys::KEYS`]) applied to this policy.
