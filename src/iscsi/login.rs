@@ -135,6 +135,25 @@ pub struct SessionParams {
     pub error_recovery_level: u8,
 }
 
+impl Default for SessionParams {
+    /// The RFC 7143 §13 defaults (what holds for keys nobody negotiated).
+    fn default() -> Self {
+        Self {
+            max_connections: 1,
+            initial_r2t: true,
+            immediate_data: true,
+            max_burst_length: 262_144,
+            first_burst_length: 65_536,
+            default_time2wait: 2,
+            default_time2retain: 20,
+            max_outstanding_r2t: 1,
+            data_pdu_in_order: true,
+            data_sequence_in_order: true,
+            error_recovery_level: 0,
+        }
+    }
+}
+
 /// Negotiated per-connection parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionParams {
