@@ -5,6 +5,7 @@
 
 pub mod chap;
 pub mod cmdsn;
+pub mod initiator_conn;
 pub mod keys;
 pub mod login;
 pub mod name;
