@@ -10,6 +10,8 @@ pub mod keys;
 pub mod login;
 pub mod name;
 pub mod negotiation;
+#[cfg(test)]
+mod pair_tests;
 pub mod target_conn;
 pub mod task_set;
 pub mod transfer;
