@@ -6,11 +6,11 @@
 //! | layer | knows | does |
 //! |---|---|---|
 //! | [`wire`] | bytes | PDU codec (BHS per opcode, AHS, digests), text codec, [`wire::read_pdu`] |
-//! | [`iscsi`] | `wire`; no tokio, no `scsi` | login states, one negotiation engine (key table) for both sides, CHAP, names, and the sans-IO full-feature connection [`iscsi::target_conn::TargetConnection`] (`handle_*` in, `poll_*` out, time as an input; ITT → task, the transport side of TMFs) |
+//! | [`iscsi`] | `wire`; no tokio, no `scsi` | login states, one negotiation engine (key table) for both sides, CHAP, names, and the sans-IO full-feature connections of both sides, [`iscsi::target_conn::TargetConnection`] (ITT → task, the transport side of TMFs) and [`iscsi::initiator_conn::InitiatorConnection`] (`handle_*` in, `poll_*` out, time as an input) |
 //! | [`scsi`] | nothing of iSCSI | the device server: one command table, SPC/SBC, PR state machine, unit attentions, the per-LU task set and task management ([`scsi::task_set`], [`scsi::tmf`]), and the SCSI vocabulary (status, sense, opcodes, PR codes, TransportIDs) |
 //! | [`store`] | `scsi`'s traits | file backend, durable PR state |
 //! | [`server`] | all of the above + tokio | portals, the connection driver around `TargetConnection` (tasks into LU task sets, TMF aborts to every affected session), sessions, config → runtime |
-//! | [`initiator`] | `wire`, `iscsi`, the `scsi` vocabulary, tokio | [`initiator::IscsiUrl`], [`initiator::connect`], pipelined commands, PR helpers, the one unit-attention policy |
+//! | [`initiator`] | `wire`, `iscsi`, the `scsi` vocabulary, tokio | [`initiator::IscsiUrl`], [`initiator::connect`], the session driver around `InitiatorConnection` (pipelined commands), PR helpers, the one unit-attention policy |
 //! | [`agent`] | the initiator (storage only through it) | quorum layout, membership, the pure planner, operations, the loop, VM drivers |
 //! | [`cli`] | everything | `target`, `agent`, `ctl`, `pr`, `demo`, `guest` (anyhow lives here and in `main.rs`) |
 //!

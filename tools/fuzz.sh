@@ -19,7 +19,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 SECONDS_PER_TARGET=${1:-${FUZZ_SECONDS:-20}}
-TARGETS=${FUZZ_TARGETS:-pdu_decode text_and_login cdb_dispatch pr_out cmdsn_and_transfer quorum_record target_conn}
+TARGETS=${FUZZ_TARGETS:-pdu_decode text_and_login cdb_dispatch pr_out cmdsn_and_transfer quorum_record target_conn initiator_conn}
 export RUSTC_BOOTSTRAP=1
 BUILD_DIR=${CARGO_TARGET_DIR:-$HF_ROOT/target}/fuzz-build
 . "$HF_ROOT/tools/deps.sh"

@@ -7,7 +7,7 @@
 use super::{InitiatorConfig, InitiatorError};
 use crate::iscsi::chap::{chap_response, decode_binary, encode_hex};
 use crate::iscsi::keys;
-use crate::iscsi::login::{ConnectionParams, KeyPolicy, SessionParams};
+use crate::iscsi::login::KeyPolicy;
 use crate::iscsi::negotiation::Negotiation;
 use crate::wire::text::{encode_text, parse_text};
 use crate::wire::{Bhs, LoginRequest, LoginResponse, Pdu};
@@ -27,18 +27,7 @@ pub const INITIAL_CMD_SN: u32 = 1;
 /// Answer exchanges we tolerate before calling the login stuck.
 const MAX_ROUNDS: u32 = 16;
 
-/// What a login settled: the parameters the shared negotiation engine agreed (the same
-/// types as the target's), and what the target declared about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoginParams {
-    pub session: SessionParams,
-    /// `initiator_max_recv_data_segment_length` is ours (what we accept);
-    /// `target_max_recv_data_segment_length` bounds our Data-Out and immediate data.
-    pub connection: ConnectionParams,
-    pub tsih: u16,
-    pub target_portal_group_tag: Option<u16>,
-    pub target_alias: Option<String>,
-}
+pub use crate::iscsi::login::LoginParams;
 
 /// What the target declared during login (any stage), and our own receive limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,72 +335,91 @@ impl InitiatorLogin {
                     other.unwrap_or("absent")
                 ))),
             },
-            Security::AlgorithmSent => {
-                if get(keys, "CHAP_A") != Some("5") {
-                    return Err(InitiatorError::Negotiation(
-                        "target did not select CHAP_A=5 (MD5)".into(),
-                    ));
-                }
-                let id = get(keys, "CHAP_I")
-                    .and_then(keys::parse_number)
-                    .and_then(|n| u8::try_from(n).ok())
-                    .ok_or_else(|| InitiatorError::Negotiation("bad or missing CHAP_I".into()))?;
-                let challenge = get(keys, "CHAP_C")
-                    .and_then(decode_binary)
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| InitiatorError::Negotiation("bad or missing CHAP_C".into()))?;
-                let Some((user, secret)) = self.cfg.chap.clone() else {
-                    return Err(InitiatorError::Protocol("CHAP without credentials".into()));
-                };
-                let mut out = vec![
-                    ("CHAP_N", user),
-                    (
-                        "CHAP_R",
-                        encode_hex(&chap_response(id, &secret, &challenge)),
-                    ),
-                ];
-                let mutual = if self.cfg.mutual_chap.is_some() {
-                    let mut rng = rand::thread_rng();
-                    let mut ours = [0u8; 16];
-                    rng.fill_bytes(&mut ours);
-                    let our_id = (rng.next_u32() & 0xff) as u8;
-                    out.push(("CHAP_I", our_id.to_string()));
-                    out.push(("CHAP_C", encode_hex(&ours)));
-                    Some((our_id, ours))
-                } else {
-                    None
-                };
-                self.stage = Stage::Security(Security::ResponseSent { mutual });
-                Ok(LoginStep::Send(self.request(
-                    true,
-                    SECURITY,
-                    OPERATIONAL,
-                    &pairs(&out),
-                )))
-            }
+            Security::AlgorithmSent => self.answer_chap_challenge(keys),
             Security::ResponseSent { mutual } => {
-                if let (Some((id, challenge)), Some((tuser, tsecret))) =
-                    (mutual, self.cfg.mutual_chap.as_ref())
-                {
-                    let name = get(keys, "CHAP_N");
-                    if name != Some(tuser.as_str()) {
-                        return Err(InitiatorError::TargetAuth(format!(
-                            "target CHAP_N {name:?} is not {tuser:?}"
-                        )));
-                    }
-                    let expected = chap_response(id, tsecret, &challenge);
-                    let got = get(keys, "CHAP_R").and_then(decode_binary);
-                    if got.as_deref() != Some(&expected[..]) {
-                        return Err(InitiatorError::TargetAuth(
-                            "target CHAP_R does not match".into(),
-                        ));
-                    }
-                    // Verified once; later responses in this stage need not repeat it.
-                    self.stage = Stage::Security(Security::ResponseSent { mutual: None });
+                if let Some((id, challenge)) = mutual {
+                    self.verify_mutual_chap(id, &challenge, keys)?;
                 }
                 self.security_transit(r)
             }
         }
+    }
+
+    /// CHAP_I/CHAP_C arrived: answer with CHAP_N/CHAP_R (and our own challenge when
+    /// mutual CHAP is configured).
+    fn answer_chap_challenge(
+        &mut self,
+        keys: &[(String, String)],
+    ) -> Result<LoginStep, InitiatorError> {
+        if get(keys, "CHAP_A") != Some("5") {
+            return Err(InitiatorError::Negotiation(
+                "target did not select CHAP_A=5 (MD5)".into(),
+            ));
+        }
+        let id = get(keys, "CHAP_I")
+            .and_then(keys::parse_number)
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or_else(|| InitiatorError::Negotiation("bad or missing CHAP_I".into()))?;
+        let challenge = get(keys, "CHAP_C")
+            .and_then(decode_binary)
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| InitiatorError::Negotiation("bad or missing CHAP_C".into()))?;
+        let Some((user, secret)) = self.cfg.chap.clone() else {
+            return Err(InitiatorError::Protocol("CHAP without credentials".into()));
+        };
+        let mut out = vec![
+            ("CHAP_N", user),
+            (
+                "CHAP_R",
+                encode_hex(&chap_response(id, &secret, &challenge)),
+            ),
+        ];
+        let mutual = if self.cfg.mutual_chap.is_some() {
+            let mut rng = rand::thread_rng();
+            let mut ours = [0u8; 16];
+            rng.fill_bytes(&mut ours);
+            let our_id = (rng.next_u32() & 0xff) as u8;
+            out.push(("CHAP_I", our_id.to_string()));
+            out.push(("CHAP_C", encode_hex(&ours)));
+            Some((our_id, ours))
+        } else {
+            None
+        };
+        self.stage = Stage::Security(Security::ResponseSent { mutual });
+        Ok(LoginStep::Send(self.request(
+            true,
+            SECURITY,
+            OPERATIONAL,
+            &pairs(&out),
+        )))
+    }
+
+    /// Check the target's answer to our mutual-CHAP challenge `(id, challenge)`.
+    fn verify_mutual_chap(
+        &mut self,
+        id: u8,
+        challenge: &[u8; 16],
+        keys: &[(String, String)],
+    ) -> Result<(), InitiatorError> {
+        let Some((tuser, tsecret)) = self.cfg.mutual_chap.as_ref() else {
+            return Ok(());
+        };
+        let name = get(keys, "CHAP_N");
+        if name != Some(tuser.as_str()) {
+            return Err(InitiatorError::TargetAuth(format!(
+                "target CHAP_N {name:?} is not {tuser:?}"
+            )));
+        }
+        let expected = chap_response(id, tsecret, challenge);
+        let got = get(keys, "CHAP_R").and_then(decode_binary);
+        if got.as_deref() != Some(&expected[..]) {
+            return Err(InitiatorError::TargetAuth(
+                "target CHAP_R does not match".into(),
+            ));
+        }
+        // Verified once; later responses in this stage need not repeat it.
+        self.stage = Stage::Security(Security::ResponseSent { mutual: None });
+        Ok(())
     }
 
     /// After authentication: move on once the target agrees to leave the security stage.

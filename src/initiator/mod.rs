@@ -2,8 +2,9 @@
 //! management, discovery). Used by the agent, `holdfast pr`, tests and benches.
 //!
 //! A [`Session`] is a cheap clonable handle; any number of tasks may issue commands
-//! through it concurrently. One reader task routes target PDUs by Initiator Task Tag,
-//! one writer task serialises outgoing PDUs and stamps ExpStatSN.
+//! through it concurrently. The protocol state lives in the sans-IO
+//! [`crate::iscsi::initiator_conn::InitiatorConnection`]; one reader task feeds it target
+//! PDUs and one writer task sends what it queues.
 
 pub mod connect;
 pub mod login;

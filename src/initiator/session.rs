@@ -1,133 +1,117 @@
-//! The session: one TCP connection after login, a reader task that routes target PDUs
-//! by Initiator Task Tag, a writer task that stamps ExpStatSN and sends, and a shared
-//! state (CmdSN window, outstanding tasks) behind a mutex that is never held across an
-//! await.
+//! The session: a tokio driver around the sans-IO [`InitiatorConnection`]. A reader
+//! task feeds it target PDUs, a writer task sends what it polls out (and runs its timer),
+//! and request methods lock it briefly to queue a request and register a oneshot waiter
+//! that its completion event fulfils. The lock is never held across an await.
 
 use super::login::{InitiatorLogin, LoginParams, LoginResult, LoginStep};
 use super::scsi::{encode_lun, ScsiResult};
 use super::{random_isid, InitiatorConfig, InitiatorError};
-use crate::iscsi::cmdsn::{sn_le, sn_lt};
+use crate::iscsi::initiator_conn::{
+    self as conn, tmf, CommandRequest, Event, InitiatorConnection, Itt, RequestError, Sequence,
+    SubmitError,
+};
 use crate::wire::text::{encode_text, parse_text};
-use crate::wire::{self, Ahs, Bhs, DigestConfig, Pdu, PduDecoder, WireError, RESERVED_TAG};
+use crate::wire::{self, DigestConfig, Pdu, PduDecoder, RESERVED_TAG};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 /// Largest data segment accepted during login (before MaxRecvDataSegmentLength applies).
 const LOGIN_MAX_SEGMENT: u32 = 64 * 1024;
-/// Longest CDB an Extended-CDB AHS can carry here (16 in the BHS + 244 in the AHS).
-const MAX_CDB_LEN: usize = 260;
-
-/// TMF function codes (RFC 7143 §11.5.1).
-mod tmf {
-    pub const ABORT_TASK: u8 = 1;
-    pub const ABORT_TASK_SET: u8 = 2;
-    pub const CLEAR_TASK_SET: u8 = 4;
-    pub const LOGICAL_UNIT_RESET: u8 = 5;
-    pub const TARGET_WARM_RESET: u8 = 6;
-    pub const TARGET_COLD_RESET: u8 = 7;
-    /// Response "Function complete".
-    pub const COMPLETE: u8 = 0;
-}
+/// Bytes of PDUs gathered into one socket write.
+const WRITE_BATCH: usize = 1 << 20;
 
 type Reply<T> = oneshot::Sender<Result<T, InitiatorError>>;
 
-/// A SCSI command waiting for its status.
-struct ScsiTask {
-    reply: Reply<ScsiResult>,
-    lun: u64,
-    /// Submission order, for deciding what a task management function covered.
-    seq: u64,
-    lun_field: u64,
-    data_out: Bytes,
-    data_in_len: u32,
-    data_in: BytesMut,
-    /// End of the furthest Data-In received.
-    data_in_end: usize,
-}
+/// Who waits for a request's completion: hands the event to its oneshot.
+type Waiter = Box<dyn FnOnce(Event) + Send>;
 
-enum Pending {
-    Scsi(Box<ScsiTask>),
-    Nop(Reply<()>),
-    Tmf {
-        reply: Reply<u8>,
-        function: u8,
-        lun: u64,
-        referenced: u32,
-        seq: u64,
-    },
-    Text {
-        reply: Reply<Bytes>,
-        acc: BytesMut,
-    },
-    Logout(Reply<()>),
-}
-
-impl Pending {
-    fn fail(self, e: InitiatorError) {
+/// A waiter that answers `tx` with what `pick` finds in the completion event.
+fn waiter<T: Send + 'static>(
+    tx: Reply<T>,
+    pick: fn(Event) -> Option<Result<T, RequestError>>,
+) -> Waiter {
+    Box::new(move |ev| {
+        let r = pick(ev).unwrap_or_else(|| Err(RequestError::ConnectionLost));
         // The requester may have gone away; nobody to tell then.
-        let _ = match self {
-            Pending::Scsi(t) => t.reply.send(Err(e)).map_err(drop),
-            Pending::Nop(r) | Pending::Logout(r) => r.send(Err(e)).map_err(drop),
-            Pending::Tmf { reply, .. } => reply.send(Err(e)).map_err(drop),
-            Pending::Text { reply, .. } => reply.send(Err(e)).map_err(drop),
-        };
-    }
+        let _ = tx.send(r.map_err(request_error));
+    })
 }
 
-struct State {
-    /// CmdSN for the next non-immediate request.
-    cmd_sn: u32,
-    exp_cmd_sn: u32,
-    max_cmd_sn: u32,
-    next_itt: u32,
-    next_seq: u64,
-    pending: HashMap<u32, Pending>,
-    closed: bool,
+/// The connection and the waiters of its requests, under one lock so a request and
+/// its waiter are registered together.
+struct Core {
+    conn: InitiatorConnection,
+    waiters: HashMap<Itt, Waiter>,
 }
 
-impl State {
-    fn alloc_itt(&mut self) -> u32 {
-        loop {
-            let itt = self.next_itt;
-            self.next_itt = self.next_itt.wrapping_add(1);
-            if itt != RESERVED_TAG && !self.pending.contains_key(&itt) {
-                return itt;
+impl Core {
+    /// Hand completion events to their waiters; true once the connection closed.
+    fn dispatch(&mut self) -> bool {
+        let mut closed = false;
+        while let Some(ev) = self.conn.poll_event() {
+            match ev.itt() {
+                Some(itt) => {
+                    if let Some(w) = self.waiters.remove(&itt) {
+                        w(ev);
+                    }
+                }
+                None => closed = true,
             }
         }
-    }
-
-    fn window_open(&self) -> bool {
-        sn_le(self.cmd_sn, self.max_cmd_sn)
-    }
-
-    fn scsi_outstanding(&self) -> bool {
-        self.pending.values().any(|p| matches!(p, Pending::Scsi(_)))
+        if closed {
+            // Every request was answered before Closed; nothing else will complete.
+            self.waiters.clear();
+        }
+        closed
     }
 }
 
-enum Out {
-    Pdu(Pdu),
-    Close,
+fn command_done(ev: Event) -> Option<Result<ScsiResult, RequestError>> {
+    match ev {
+        Event::CommandDone { result, .. } => Some(result.map(|r| ScsiResult {
+            status: r.status,
+            sense: r.sense,
+            data: r.data,
+            residual: r.residual,
+        })),
+        _ => None,
+    }
+}
+
+fn request_error(e: RequestError) -> InitiatorError {
+    match e {
+        RequestError::Rejected { reason } => InitiatorError::Rejected { reason },
+        RequestError::Aborted => InitiatorError::Aborted,
+        RequestError::TargetFailure(r) => InitiatorError::TargetFailure(r),
+        RequestError::ConnectionLost => InitiatorError::ConnectionLost,
+        e @ (RequestError::LogoutRefused(_)
+        | RequestError::DataDigest
+        | RequestError::Protocol(_)) => InitiatorError::Protocol(e.to_string()),
+    }
+}
+
+fn submit_error(e: SubmitError) -> InitiatorError {
+    match e {
+        SubmitError::Closed => InitiatorError::ConnectionLost,
+        e => InitiatorError::InvalidRequest(e.to_string()),
+    }
 }
 
 struct Shared {
-    state: Mutex<State>,
-    out: mpsc::UnboundedSender<Out>,
-    /// Signalled when MaxCmdSN moves or the connection closes.
+    core: Mutex<Core>,
+    /// Wakes the writer: PDUs to send, a new timeout, or the connection closed.
+    wake: Notify,
+    /// Signalled when the CmdSN window may have opened or the connection closed.
     window: Notify,
-    /// Signalled when a request completes (logout waits for SCSI tasks to drain).
-    progress: Notify,
-    exp_stat_sn: AtomicU32,
     negotiated: LoginParams,
     isid: [u8; 6],
     initiator_name: String,
@@ -135,445 +119,50 @@ struct Shared {
 }
 
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, pdu: Pdu) {
-        // Fails only when the writer is gone, which the reader reports as connection loss.
-        let _ = self.out.send(Out::Pdu(pdu));
+    /// Run `f` on the connection, then deliver its events and wake the writer.
+    fn with<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let r = self.run(f);
+        self.wake.notify_one();
+        r
     }
 
-    /// Take note of a target PDU's StatSN / ExpCmdSN / MaxCmdSN.
-    fn note_sequence(&self, bhs: &Bhs) {
-        let (stat_sn, exp, max) = match bhs {
-            Bhs::ScsiResponse(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            Bhs::TaskMgmtResponse(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            Bhs::TextResponse(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            Bhs::LogoutResponse(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            Bhs::Reject(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            Bhs::AsyncMessage(h) => (Some(h.stat_sn), h.exp_cmd_sn, h.max_cmd_sn),
-            // An unsolicited NOP-In carries the next StatSN without consuming it.
-            Bhs::NopIn(h) => (
-                (h.itt != RESERVED_TAG).then_some(h.stat_sn),
-                h.exp_cmd_sn,
-                h.max_cmd_sn,
-            ),
-            Bhs::DataIn(h) => (
-                h.status_present.then_some(h.stat_sn),
-                h.exp_cmd_sn,
-                h.max_cmd_sn,
-            ),
-            Bhs::R2t(h) => (None, h.exp_cmd_sn, h.max_cmd_sn),
-            _ => return,
-        };
-        if let Some(sn) = stat_sn {
-            let next = sn.wrapping_add(1);
-            let _ = self
-                .exp_stat_sn
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
-                    sn_lt(cur, next).then_some(next)
-                });
-        }
-        // RFC 7143 §4.2.2.1: ignore MaxCmdSN < ExpCmdSN - 1; never move either backwards.
-        if sn_lt(max, exp.wrapping_sub(1)) {
-            return;
-        }
-        let mut st = self.state();
-        let mut opened = false;
-        if sn_lt(st.exp_cmd_sn, exp) {
-            st.exp_cmd_sn = exp;
-        }
-        if sn_lt(st.max_cmd_sn, max) {
-            st.max_cmd_sn = max;
-            opened = true;
-        }
-        drop(st);
-        if opened {
+    /// [`Self::with`] without waking the writer (for the writer itself: a wake-up
+    /// permit it gave itself would spin it).
+    fn run<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let mut core = self.core();
+        let r = f(&mut core);
+        let closed = core.dispatch();
+        let open = core.conn.window_open();
+        drop(core);
+        if open || closed {
             self.window.notify_waiters();
         }
+        r
     }
 
-    fn take(&self, itt: u32) -> Option<Pending> {
-        let p = self.state().pending.remove(&itt);
-        if p.is_some() {
-            self.progress.notify_waiters();
-        }
-        p
-    }
-
-    /// End of the connection: every waiter fails.
-    fn close(&self, why: &str) {
-        let drained: Vec<Pending> = {
-            let mut st = self.state();
-            if st.closed {
-                return;
-            }
-            st.closed = true;
-            st.pending.drain().map(|(_, p)| p).collect()
-        };
-        if drained.is_empty() {
-            debug!(target = %self.target_name, why, "connection closed");
-        } else {
-            warn!(target = %self.target_name, why, failed = drained.len(), "connection lost with requests outstanding");
-        }
-        for p in drained {
-            p.fail(InitiatorError::ConnectionLost);
-        }
-        let _ = self.out.send(Out::Close);
-        self.window.notify_waiters();
-        self.progress.notify_waiters();
-    }
-
-    fn on_pdu(&self, pdu: Pdu) {
-        self.note_sequence(&pdu.bhs);
-        let Pdu { bhs, data, .. } = pdu;
-        match bhs {
-            Bhs::DataIn(h) => self.on_data_in(h, data),
-            Bhs::ScsiResponse(h) => self.on_scsi_response(h, data),
-            Bhs::R2t(h) => self.on_r2t(h),
-            Bhs::NopIn(h) => self.on_nop_in(h, data),
-            Bhs::TaskMgmtResponse(h) => self.on_tmf_response(h),
-            Bhs::TextResponse(h) => self.on_text_response(h, data),
-            Bhs::LogoutResponse(h) => match self.take(h.itt) {
-                Some(Pending::Logout(r)) => {
-                    let res = if h.response == 0 {
-                        Ok(())
-                    } else {
-                        Err(InitiatorError::Protocol(format!(
-                            "logout refused (response {})",
-                            h.response
-                        )))
-                    };
-                    let _ = r.send(res);
-                }
-                other => self.unexpected(h.itt, other, "Logout Response"),
-            },
-            Bhs::Reject(h) => {
-                // The data segment is the rejected PDU's header; its ITT names the request.
-                let itt = data
-                    .get(16..20)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                warn!(reason = h.reason, ?itt, "target rejected a PDU");
-                if let Some(p) = itt.and_then(|i| self.take(i)) {
-                    p.fail(InitiatorError::Rejected { reason: h.reason });
-                }
-            }
-            Bhs::AsyncMessage(h) => match h.async_event {
-                0 => {
-                    info!(lun = h.lun, sense = %hex::encode(&data), "target reports a SCSI asynchronous event")
-                }
-                1 => warn!("target requests logout"),
-                2 | 3 => warn!(event = h.async_event, "target will drop the connection"),
-                4 => info!("target requests parameter renegotiation (ignored)"),
-                e => debug!(event = e, "async message"),
-            },
-            other => warn!(opcode = ?other.opcode(), "unexpected PDU from the target: ignored"),
-        }
-    }
-
-    fn unexpected(&self, itt: u32, got: Option<Pending>, what: &str) {
-        match got {
-            Some(p) => {
-                warn!(itt, what, "response does not match the request: failing it");
-                p.fail(InitiatorError::Protocol(format!("unexpected {what}")));
-            }
-            None => debug!(itt, what, "response for no outstanding request: ignored"),
-        }
-    }
-
-    fn with_scsi<R>(&self, itt: u32, f: impl FnOnce(&mut ScsiTask) -> R) -> Option<R> {
-        let mut st = self.state();
-        match st.pending.get_mut(&itt) {
-            Some(Pending::Scsi(t)) => Some(f(t)),
-            _ => None,
-        }
-    }
-
-    fn on_data_in(&self, h: wire::DataIn, data: Bytes) {
-        let copied = self.with_scsi(h.itt, |t| {
-            let off = h.buffer_offset as usize;
-            let end = off.checked_add(data.len())?;
-            if end > t.data_in_len as usize {
-                return None;
-            }
-            if t.data_in.len() < t.data_in_len as usize {
-                t.data_in.resize(t.data_in_len as usize, 0);
-            }
-            t.data_in[off..end].copy_from_slice(&data);
-            t.data_in_end = t.data_in_end.max(end);
-            Some(())
-        });
-        match copied {
-            None if self.with_scsi(h.itt, |_| ()).is_none() => {
-                debug!(itt = h.itt, "Data-In for no outstanding command: ignored");
-                return;
-            }
-            None => {
-                warn!(
-                    itt = h.itt,
-                    offset = h.buffer_offset,
-                    len = data.len(),
-                    "Data-In beyond the expected length"
-                );
-                if let Some(p) = self.take(h.itt) {
-                    p.fail(InitiatorError::Protocol(
-                        "Data-In beyond the expected length".into(),
-                    ));
-                }
-                return;
-            }
-            Some(_) => {}
-        }
-        if h.status_present {
-            let residual = residual(h.underflow, h.overflow, h.residual_count);
-            self.complete_scsi(h.itt, 0, h.status, None, residual);
-        }
-    }
-
-    fn on_scsi_response(&self, h: wire::ScsiResponse, data: Bytes) {
-        // Sense data: a 2-byte SenseLength, then the sense bytes.
-        let sense = match data.get(..2) {
-            Some(l) => {
-                let len = usize::from(u16::from_be_bytes([l[0], l[1]]));
-                let end = (2 + len).min(data.len());
-                (len > 0).then(|| data.slice(2..end))
-            }
-            None => None,
-        };
-        let residual = residual(h.underflow, h.overflow, h.residual_count);
-        self.complete_scsi(h.itt, h.response, h.status, sense, residual);
-    }
-
-    fn complete_scsi(
+    /// Queue a request built by `submit` and wait for its answer.
+    async fn request<T: Send + 'static>(
         &self,
-        itt: u32,
-        response: u8,
-        status: u8,
-        sense: Option<Bytes>,
-        residual: i64,
-    ) {
-        let Some(p) = self.take(itt) else {
-            debug!(itt, "status for no outstanding command: ignored");
-            return;
-        };
-        let Pending::Scsi(t) = p else {
-            return self.unexpected(itt, Some(p), "SCSI status");
-        };
-        if response != 0 {
-            let _ = t.reply.send(Err(InitiatorError::TargetFailure(response)));
-            return;
-        }
-        let mut d = t.data_in;
-        d.truncate(t.data_in_end);
-        let _ = t.reply.send(Ok(ScsiResult {
-            status,
-            sense,
-            data: d.freeze(),
-            residual,
-        }));
+        submit: impl FnOnce(&mut InitiatorConnection) -> Result<Itt, SubmitError>,
+        pick: fn(Event) -> Option<Result<T, RequestError>>,
+    ) -> Result<T, InitiatorError> {
+        let (tx, rx) = oneshot::channel();
+        self.with(|c| {
+            let itt = submit(&mut c.conn).map_err(submit_error)?;
+            c.waiters.insert(itt, waiter(tx, pick));
+            Ok::<_, InitiatorError>(())
+        })?;
+        rx.await.unwrap_or(Err(InitiatorError::ConnectionLost))
     }
 
-    fn on_r2t(&self, h: wire::R2t) {
-        let mrdsl = self
-            .negotiated
-            .connection
-            .target_max_recv_data_segment_length;
-        let plan = self.with_scsi(h.itt, |t| {
-            let off = h.buffer_offset as usize;
-            let end = off.checked_add(h.desired_data_transfer_length as usize)?;
-            (end <= t.data_out.len() && h.desired_data_transfer_length > 0)
-                .then(|| (t.lun_field, t.data_out.slice(off..end)))
-        });
-        match plan {
-            Some(Some((lun_field, data))) => {
-                for p in data_outs(h.itt, h.ttt, lun_field, &data, h.buffer_offset, mrdsl) {
-                    self.send(p);
-                }
-            }
-            Some(None) => {
-                warn!(
-                    itt = h.itt,
-                    offset = h.buffer_offset,
-                    len = h.desired_data_transfer_length,
-                    "R2T outside the command's data"
-                );
-                if let Some(p) = self.take(h.itt) {
-                    p.fail(InitiatorError::Protocol(
-                        "R2T outside the command's data".into(),
-                    ));
-                }
-            }
-            None => debug!(itt = h.itt, "R2T for no outstanding command: ignored"),
-        }
+    /// The connection is gone from our side.
+    fn close(&self) {
+        self.with(|c| c.conn.handle_disconnect());
     }
-
-    fn on_nop_in(&self, h: wire::NopIn, data: Bytes) {
-        if h.itt == RESERVED_TAG {
-            if h.ttt != RESERVED_TAG {
-                // A target ping: answer at once, immediate, echoing its tag and data.
-                let cmd_sn = self.state().cmd_sn;
-                let max = self
-                    .negotiated
-                    .connection
-                    .target_max_recv_data_segment_length as usize;
-                let echo = data.slice(..data.len().min(max));
-                self.send(Pdu::with_data(
-                    Bhs::NopOut(wire::NopOut {
-                        immediate: true,
-                        lun: h.lun,
-                        itt: RESERVED_TAG,
-                        ttt: h.ttt,
-                        cmd_sn,
-                        exp_stat_sn: 0,
-                    }),
-                    echo,
-                ));
-            }
-            return;
-        }
-        match self.take(h.itt) {
-            Some(Pending::Nop(r)) => {
-                let _ = r.send(Ok(()));
-            }
-            other => self.unexpected(h.itt, other, "NOP-In"),
-        }
-    }
-
-    fn on_tmf_response(&self, h: wire::TaskMgmtResponse) {
-        let Some(p) = self.take(h.itt) else {
-            return debug!(itt = h.itt, "TMF response for no outstanding request");
-        };
-        let Pending::Tmf {
-            reply,
-            function,
-            lun,
-            referenced,
-            seq,
-        } = p
-        else {
-            return self.unexpected(h.itt, Some(p), "Task Management Response");
-        };
-        if h.response == tmf::COMPLETE {
-            // The target suppresses the status of tasks it aborted: fail them here.
-            let aborted: Vec<Pending> = {
-                let mut st = self.state();
-                let itts: Vec<u32> = st
-                    .pending
-                    .iter()
-                    .filter(|(itt, p)| match p {
-                        Pending::Scsi(t) => match function {
-                            tmf::ABORT_TASK => **itt == referenced,
-                            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
-                                t.lun == lun && t.seq < seq
-                            }
-                            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => t.seq < seq,
-                            _ => false,
-                        },
-                        _ => false,
-                    })
-                    .map(|(itt, _)| *itt)
-                    .collect();
-                itts.iter().filter_map(|i| st.pending.remove(i)).collect()
-            };
-            if !aborted.is_empty() {
-                debug!(
-                    function,
-                    count = aborted.len(),
-                    "tasks aborted by task management"
-                );
-                self.progress.notify_waiters();
-            }
-            for p in aborted {
-                p.fail(InitiatorError::Aborted);
-            }
-        }
-        let _ = reply.send(Ok(h.response));
-    }
-
-    fn on_text_response(&self, h: wire::TextResponse, data: Bytes) {
-        let more = {
-            let mut st = self.state();
-            match st.pending.get_mut(&h.itt) {
-                Some(Pending::Text { acc, .. }) => {
-                    acc.extend_from_slice(&data);
-                    if h.continue_ || !h.final_ {
-                        // Ask for the rest with the target's transfer tag.
-                        let cmd_sn = st.cmd_sn;
-                        st.cmd_sn = st.cmd_sn.wrapping_add(1);
-                        Some(cmd_sn)
-                    } else {
-                        None
-                    }
-                }
-                _ => {
-                    drop(st);
-                    let got = self.take(h.itt);
-                    return self.unexpected(h.itt, got, "Text Response");
-                }
-            }
-        };
-        if let Some(cmd_sn) = more {
-            self.send(Pdu::new(Bhs::TextRequest(wire::TextRequest {
-                immediate: false,
-                final_: true,
-                continue_: false,
-                lun: 0,
-                itt: h.itt,
-                ttt: h.ttt,
-                cmd_sn,
-                exp_stat_sn: 0,
-            })));
-            return;
-        }
-        if let Some(Pending::Text { reply, acc }) = self.take(h.itt) {
-            let _ = reply.send(Ok(acc.freeze()));
-        }
-    }
-}
-
-fn residual(underflow: bool, overflow: bool, count: u32) -> i64 {
-    if underflow {
-        i64::from(count)
-    } else if overflow {
-        -i64::from(count)
-    } else {
-        0
-    }
-}
-
-/// Data-Out PDUs for one burst: `data` starts at `offset`, at most `mrdsl` bytes each,
-/// DataSN from 0, F on the last.
-fn data_outs(itt: u32, ttt: u32, lun: u64, data: &Bytes, offset: u32, mrdsl: u32) -> Vec<Pdu> {
-    let seg = mrdsl.max(512) as usize;
-    let n = data.len().div_ceil(seg);
-    (0..n)
-        .map(|i| {
-            let start = i * seg;
-            let end = (start + seg).min(data.len());
-            Pdu::with_data(
-                Bhs::DataOut(wire::DataOut {
-                    final_: i + 1 == n,
-                    lun,
-                    itt,
-                    ttt,
-                    exp_stat_sn: 0,
-                    data_sn: i as u32,
-                    buffer_offset: offset + start as u32,
-                }),
-                data.slice(start..end),
-            )
-        })
-        .collect()
-}
-
-/// One PDU off the socket ([`wire::read_pdu`]), in the initiator's error type.
-async fn read_pdu(
-    rd: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    dec: &mut PduDecoder,
-) -> Result<Pdu, InitiatorError> {
-    Ok(wire::read_pdu(rd, buf, dec).await?)
 }
 
 async fn reader_task(
@@ -582,76 +171,63 @@ async fn reader_task(
     mut buf: BytesMut,
     mut dec: PduDecoder,
 ) {
-    let why = loop {
-        match read_pdu(&mut rd, &mut buf, &mut dec).await {
-            Ok(p) => shared.on_pdu(p),
-            Err(InitiatorError::Wire(WireError::DataDigest { bhs })) => {
-                // At ErrorRecoveryLevel 0 the command whose data was damaged fails.
-                warn!(itt = bhs.itt(), "data digest error");
-                if let Some(p) = shared.take(bhs.itt()) {
-                    p.fail(InitiatorError::Protocol("data digest error".into()));
+    loop {
+        let r = wire::read_pdu(&mut rd, &mut buf, &mut dec).await;
+        let now = Instant::now();
+        let closed = shared.with(|c| {
+            match r {
+                Ok(p) => c.conn.handle_pdu(p, now),
+                Err(wire::ReadError::Wire(e)) => c.conn.handle_wire_error(e, now),
+                Err(e) => {
+                    debug!(target = %shared.target_name, error = %e, "connection read ended");
+                    c.conn.handle_disconnect();
                 }
             }
-            Err(InitiatorError::ConnectionLost) => break "closed by the target".to_string(),
-            Err(e) => break e.to_string(),
-        }
-    };
-    shared.close(&why);
-}
-
-async fn writer_task(
-    shared: Arc<Shared>,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    digests: DigestConfig,
-) {
-    let mut buf = BytesMut::with_capacity(256 * 1024);
-    let mut closing = false;
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            match m {
-                Out::Pdu(mut p) => {
-                    let exp = shared.exp_stat_sn.load(Ordering::SeqCst);
-                    set_exp_stat_sn(&mut p.bhs, exp);
-                    wire::encode(&p, digests, &mut buf);
-                }
-                Out::Close => {
-                    closing = true;
-                    break;
-                }
-            }
-            // Batch what is queued into one write, up to a bound.
-            if buf.len() >= 1 << 20 {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
-                shared.close(&format!("write failed: {e}"));
-                break;
-            }
-        }
-        if closing {
+            c.conn.is_closed()
+        });
+        if closed {
             break;
         }
     }
-    let _ = wr.shutdown().await;
 }
 
-fn set_exp_stat_sn(bhs: &mut Bhs, exp: u32) {
-    match bhs {
-        Bhs::NopOut(b) => b.exp_stat_sn = exp,
-        Bhs::ScsiCommand(b) => b.exp_stat_sn = exp,
-        Bhs::TaskMgmtRequest(b) => b.exp_stat_sn = exp,
-        Bhs::TextRequest(b) => b.exp_stat_sn = exp,
-        Bhs::DataOut(b) => b.exp_stat_sn = exp,
-        Bhs::LogoutRequest(b) => b.exp_stat_sn = exp,
-        Bhs::SnackRequest(b) => b.exp_stat_sn = exp,
-        _ => {}
+async fn writer_task(shared: Arc<Shared>, mut wr: OwnedWriteHalf, digests: DigestConfig) {
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    loop {
+        let (closed, deadline) = shared.run(|c| {
+            c.conn.handle_timeout(Instant::now());
+            buf.clear();
+            while buf.len() < WRITE_BATCH {
+                let Some(p) = c.conn.poll_transmit() else {
+                    break;
+                };
+                wire::encode(&p, digests, &mut buf);
+            }
+            (c.conn.is_closed(), c.conn.poll_timeout())
+        });
+        if !buf.is_empty() {
+            if let Err(e) = wr.write_all(&buf).await {
+                warn!(target = %shared.target_name, error = %e, "write failed");
+                shared.close();
+                break;
+            }
+            // More may be queued beyond the batch bound.
+            continue;
+        }
+        if closed {
+            break;
+        }
+        match deadline {
+            Some(t) => {
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                }
+            }
+            None => shared.wake.notified().await,
+        }
     }
+    let _ = wr.shutdown().await;
 }
 
 /// Owner of the session's tasks: when the last handle goes, the connection goes.
@@ -665,7 +241,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
-        self.shared.close("session dropped");
+        self.shared.close();
     }
 }
 
@@ -718,6 +294,45 @@ async fn write_login_pdu(wr: &mut OwnedWriteHalf, pdu: &Pdu) -> Result<(), Initi
     Ok(())
 }
 
+/// A TCP connection that completed its login.
+struct LoggedIn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    dec: PduDecoder,
+    result: LoginResult,
+}
+
+/// Connect and run the login exchange (unbounded in time: the caller bounds it).
+async fn login_exchange(
+    cfg: &InitiatorConfig,
+    discovery: bool,
+    isid: [u8; 6],
+) -> Result<LoggedIn, InitiatorError> {
+    let stream = TcpStream::connect(cfg.addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut dec = PduDecoder::new(LOGIN_MAX_SEGMENT);
+    let mut login = InitiatorLogin::new(cfg.clone(), discovery, isid);
+    let mut req = login.start();
+    let result = loop {
+        write_login_pdu(&mut wr, &req).await?;
+        let resp = wire::read_pdu(&mut rd, &mut buf, &mut dec).await?;
+        match login.on_response(&resp)? {
+            LoginStep::Send(p) => req = p,
+            LoginStep::Done(r) => break *r,
+        }
+    };
+    Ok(LoggedIn {
+        rd,
+        wr,
+        buf,
+        dec,
+        result,
+    })
+}
+
 impl Session {
     fn shared(&self) -> &Shared {
         &self.inner.shared
@@ -756,36 +371,16 @@ impl Session {
 
     async fn establish(cfg: InitiatorConfig, discovery: bool) -> Result<Session, InitiatorError> {
         let isid = cfg.isid.unwrap_or_else(random_isid);
-        let timeout = cfg.login_timeout;
-        let work = async {
-            let stream = TcpStream::connect(cfg.addr).await?;
-            let _ = stream.set_nodelay(true);
-            let (mut rd, mut wr) = stream.into_split();
-            let mut buf = BytesMut::with_capacity(64 * 1024);
-            let mut dec = PduDecoder::new(LOGIN_MAX_SEGMENT);
-            let mut login = InitiatorLogin::new(cfg.clone(), discovery, isid);
-            let mut req = login.start();
-            let result = loop {
-                write_login_pdu(&mut wr, &req).await?;
-                let resp = read_pdu(&mut rd, &mut buf, &mut dec).await?;
-                match login.on_response(&resp)? {
-                    LoginStep::Send(p) => req = p,
-                    LoginStep::Done(r) => break r,
-                }
-            };
-            Ok::<_, InitiatorError>((rd, wr, buf, dec, result))
-        };
-        let (rd, wr, buf, mut dec, result) = tokio::time::timeout(timeout, work)
+        let LoggedIn {
+            rd,
+            wr,
+            buf,
+            mut dec,
+            result,
+        } = tokio::time::timeout(cfg.login_timeout, login_exchange(&cfg, discovery, isid))
             .await
             .map_err(|_| InitiatorError::Timeout)??;
-        let LoginResult {
-            params: negotiated,
-            cmd_sn,
-            exp_stat_sn,
-            exp_cmd_sn,
-            max_cmd_sn,
-            ..
-        } = *result;
+        let negotiated = result.params.clone();
         let digests = DigestConfig {
             header: negotiated.connection.header_digest,
             data: negotiated.connection.data_digest,
@@ -800,28 +395,27 @@ impl Session {
             discovery,
             "logged in"
         );
-        let (tx, rx) = mpsc::unbounded_channel();
+        let sequence = Sequence {
+            cmd_sn: result.cmd_sn,
+            exp_stat_sn: result.exp_stat_sn,
+            exp_cmd_sn: result.exp_cmd_sn,
+            max_cmd_sn: result.max_cmd_sn,
+        };
+        let conn_cfg = conn::InitiatorConfig::new(result.params, sequence);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                cmd_sn,
-                exp_cmd_sn,
-                max_cmd_sn,
-                next_itt: 1,
-                next_seq: 0,
-                pending: HashMap::new(),
-                closed: false,
+            core: Mutex::new(Core {
+                conn: InitiatorConnection::new(conn_cfg, Instant::now()),
+                waiters: HashMap::new(),
             }),
-            out: tx,
+            wake: Notify::new(),
             window: Notify::new(),
-            progress: Notify::new(),
-            exp_stat_sn: AtomicU32::new(exp_stat_sn),
             negotiated,
             isid,
             initiator_name: cfg.initiator_name.clone(),
             target_name: cfg.target_name.clone(),
         });
         let reader = tokio::spawn(reader_task(shared.clone(), rd, buf, dec));
-        let writer = tokio::spawn(writer_task(shared.clone(), wr, rx, digests));
+        let writer = tokio::spawn(writer_task(shared.clone(), wr, digests));
         Ok(Session {
             inner: Arc::new(Inner {
                 shared,
@@ -850,63 +444,11 @@ impl Session {
 
     /// Whether the connection is gone.
     pub fn is_closed(&self) -> bool {
-        self.shared().state().closed
+        self.shared().core().conn.is_closed()
     }
 
-    /// Queue a non-immediate request once the CmdSN window admits it. `build` gets the
-    /// ITT and CmdSN and returns the PDUs to send plus the pending entry.
-    async fn submit_ordered(
-        &self,
-        mut build: impl FnMut(u32, u32, u64) -> (Vec<Pdu>, Pending),
-    ) -> Result<(u32, u32), InitiatorError> {
-        let sh = self.shared();
-        loop {
-            let opened = sh.window.notified();
-            {
-                let mut st = sh.state();
-                if st.closed {
-                    return Err(InitiatorError::ConnectionLost);
-                }
-                if st.window_open() {
-                    let itt = st.alloc_itt();
-                    let cmd_sn = st.cmd_sn;
-                    st.cmd_sn = st.cmd_sn.wrapping_add(1);
-                    let seq = st.next_seq;
-                    st.next_seq += 1;
-                    let (pdus, pending) = build(itt, cmd_sn, seq);
-                    st.pending.insert(itt, pending);
-                    // Sent under the lock so PDUs leave in CmdSN order.
-                    for p in pdus {
-                        sh.send(p);
-                    }
-                    return Ok((itt, cmd_sn));
-                }
-            }
-            debug!("CmdSN window closed: waiting for MaxCmdSN to advance");
-            opened.await;
-        }
-    }
-
-    /// Queue an immediate request (it carries the current CmdSN without taking it).
-    fn submit_immediate(
-        &self,
-        build: impl FnOnce(u32, u32, u64) -> (Pdu, Pending),
-    ) -> Result<(), InitiatorError> {
-        let sh = self.shared();
-        let mut st = sh.state();
-        if st.closed {
-            return Err(InitiatorError::ConnectionLost);
-        }
-        let itt = st.alloc_itt();
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let (pdu, pending) = build(itt, st.cmd_sn, seq);
-        st.pending.insert(itt, pending);
-        sh.send(pdu);
-        Ok(())
-    }
-
-    /// Send a SCSI command and return at once with a handle to its result.
+    /// Send a SCSI command and return at once with a handle to its result. Waits (only)
+    /// while the target's CmdSN window is closed, so a slow target pushes back.
     pub async fn submit(
         &self,
         lun: u64,
@@ -914,107 +456,38 @@ impl Session {
         data_out: Option<Bytes>,
         data_in_len: u32,
     ) -> Result<Task, InitiatorError> {
-        if cdb.is_empty() || cdb.len() > MAX_CDB_LEN {
-            return Err(InitiatorError::InvalidRequest(format!(
-                "CDB of {} bytes",
-                cdb.len()
-            )));
-        }
-        let data_out = data_out.unwrap_or_default();
-        if !data_out.is_empty() && data_in_len > 0 {
-            return Err(InitiatorError::InvalidRequest(
-                "bidirectional commands are not supported".into(),
-            ));
-        }
-        let out_len = u32::try_from(data_out.len())
-            .map_err(|_| InitiatorError::InvalidRequest("Data-Out larger than 4 GiB".into()))?;
-        let mut cdb16 = [0u8; 16];
-        let head = cdb.len().min(16);
-        cdb16[..head].copy_from_slice(&cdb[..head]);
-        let ahs = if cdb.len() > 16 {
-            // Extended CDB AHS: a reserved byte, then the CDB bytes beyond 16.
-            let mut a = BytesMut::with_capacity(1 + cdb.len() - 16);
-            a.extend_from_slice(&[0]);
-            a.extend_from_slice(&cdb[16..]);
-            vec![Ahs {
-                ahs_type: 1,
-                data: a.freeze(),
-            }]
-        } else {
-            Vec::new()
+        let sh = self.shared();
+        let req = CommandRequest {
+            lun: encode_lun(lun),
+            cdb: Bytes::copy_from_slice(cdb),
+            data_out: data_out.unwrap_or_default(),
+            data_in_len,
         };
-        let n = &self.shared().negotiated;
-        let (sp, mrdsl) = (&n.session, n.connection.target_max_recv_data_segment_length);
-        let total = data_out.len();
-        let imm = if sp.immediate_data {
-            total
-                .min(sp.first_burst_length as usize)
-                .min(mrdsl as usize)
-        } else {
-            0
-        };
-        let unsolicited_end = if sp.initial_r2t {
-            imm
-        } else {
-            total.min(sp.first_burst_length as usize).max(imm)
-        };
-        let lun_field = encode_lun(lun);
         let (tx, rx) = oneshot::channel();
         let mut tx = Some(tx);
-        let (itt, cmd_sn) = self
-            .submit_ordered(|itt, cmd_sn, seq| {
-                let cmd = Pdu {
-                    bhs: Bhs::ScsiCommand(wire::ScsiCommand {
-                        immediate: false,
-                        final_: unsolicited_end == imm,
-                        read: data_in_len > 0,
-                        write: total > 0,
-                        attr: 1, // SIMPLE
-                        lun: lun_field,
-                        itt,
-                        expected_data_transfer_length: if total > 0 {
-                            out_len
-                        } else {
-                            data_in_len
-                        },
-                        cmd_sn,
-                        exp_stat_sn: 0,
-                        cdb: cdb16,
-                    }),
-                    ahs: ahs.clone(),
-                    data: data_out.slice(..imm),
-                };
-                let mut pdus = vec![cmd];
-                if unsolicited_end > imm {
-                    pdus.extend(data_outs(
-                        itt,
-                        RESERVED_TAG,
-                        lun_field,
-                        &data_out.slice(imm..unsolicited_end),
-                        imm as u32,
-                        mrdsl,
-                    ));
+        loop {
+            let opened = sh.window.notified();
+            let submitted = sh.with(|c| {
+                if !c.conn.window_open() && !c.conn.is_closed() {
+                    return Ok(None);
                 }
-                let pending = Pending::Scsi(Box::new(ScsiTask {
-                    // submit_ordered calls build exactly once.
-                    reply: tx.take().unwrap_or_else(|| oneshot::channel().0),
+                let s = c.conn.submit_command(req.clone()).map_err(submit_error)?;
+                if let Some(tx) = tx.take() {
+                    c.waiters.insert(s.itt, waiter(tx, command_done));
+                }
+                Ok::<_, InitiatorError>(Some(s))
+            })?;
+            if let Some(s) = submitted {
+                return Ok(Task {
+                    itt: s.itt,
+                    cmd_sn: s.cmd_sn,
                     lun,
-                    seq,
-                    lun_field,
-                    data_out: data_out.clone(),
-                    data_in_len,
-                    data_in: BytesMut::new(),
-                    data_in_end: 0,
-                }));
-                (pdus, pending)
-            })
-            .await?;
-        Ok(Task {
-            itt,
-            cmd_sn,
-            lun,
-            rx,
-        })
+                    rx,
+                });
+            }
+            debug!("CmdSN window closed: waiting for MaxCmdSN to advance");
+            opened.await;
+        }
     }
 
     /// Run one SCSI command: `data_out` for writes, `data_in_len` = expected read length.
@@ -1033,23 +506,15 @@ impl Session {
 
     /// NOP-Out ping; returns the round-trip time.
     pub async fn nop(&self) -> Result<Duration, InitiatorError> {
-        let (tx, rx) = oneshot::channel();
-        let start = Instant::now();
-        self.submit_immediate(|itt, cmd_sn, _| {
-            (
-                Pdu::new(Bhs::NopOut(wire::NopOut {
-                    immediate: true,
-                    lun: 0,
-                    itt,
-                    ttt: RESERVED_TAG,
-                    cmd_sn,
-                    exp_stat_sn: 0,
-                })),
-                Pending::Nop(tx),
+        self.shared()
+            .request(
+                |c| c.ping(Instant::now()),
+                |ev| match ev {
+                    Event::NopDone { result, .. } => Some(result),
+                    _ => None,
+                },
             )
-        })?;
-        rx.await.unwrap_or(Err(InitiatorError::ConnectionLost))?;
-        Ok(start.elapsed())
+            .await
     }
 
     async fn task_management(
@@ -1059,32 +524,16 @@ impl Session {
         referenced: u32,
         ref_cmd_sn: u32,
     ) -> Result<u8, InitiatorError> {
-        let (tx, rx) = oneshot::channel();
-        self.submit_immediate(|itt, cmd_sn, seq| {
-            (
-                Pdu::new(Bhs::TaskMgmtRequest(wire::TaskMgmtRequest {
-                    immediate: true,
-                    function,
-                    lun: encode_lun(lun),
-                    itt,
-                    referenced_task_tag: referenced,
-                    cmd_sn,
-                    exp_stat_sn: 0,
-                    ref_cmd_sn,
-                    exp_data_sn: 0,
-                })),
-                Pending::Tmf {
-                    reply: tx,
-                    function,
-                    lun,
-                    referenced,
-                    seq,
+        let lun_field = encode_lun(lun);
+        self.shared()
+            .request(
+                |c| c.task_management(function, lun_field, referenced, ref_cmd_sn),
+                |ev| match ev {
+                    Event::TmfDone { result, .. } => Some(result),
+                    _ => None,
                 },
             )
-        })?;
-        let r = rx.await.unwrap_or(Err(InitiatorError::ConnectionLost))?;
-        info!(function, lun, response = r, "task management done");
-        Ok(r)
+            .await
     }
 
     /// ABORT TASK for a task submitted with [`Session::submit`]. Returns the TMF response
@@ -1112,110 +561,31 @@ impl Session {
         pairs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, InitiatorError> {
         let body = encode_text(pairs);
-        if body.len()
-            > self
-                .shared()
-                .negotiated
-                .connection
-                .target_max_recv_data_segment_length as usize
-        {
-            return Err(InitiatorError::InvalidRequest(
-                "text request too long".into(),
-            ));
-        }
-        let (tx, rx) = oneshot::channel();
-        let mut tx = Some(tx);
-        self.submit_ordered(|itt, cmd_sn, _| {
-            let p = Pdu::with_data(
-                Bhs::TextRequest(wire::TextRequest {
-                    immediate: false,
-                    final_: true,
-                    continue_: false,
-                    lun: 0,
-                    itt,
-                    ttt: RESERVED_TAG,
-                    cmd_sn,
-                    exp_stat_sn: 0,
-                }),
-                body.clone(),
-            );
-            let pending = Pending::Text {
-                reply: tx.take().unwrap_or_else(|| oneshot::channel().0),
-                acc: BytesMut::new(),
-            };
-            (vec![p], pending)
-        })
-        .await?;
-        let data = rx.await.unwrap_or(Err(InitiatorError::ConnectionLost))?;
+        let data = self
+            .shared()
+            .request(
+                |c| c.text(body),
+                |ev| match ev {
+                    Event::TextDone { result, .. } => Some(result),
+                    _ => None,
+                },
+            )
+            .await?;
         Ok(parse_text(&data)?)
     }
 
     /// Wait for outstanding SCSI commands, then log out (close the session).
     pub async fn logout(self) -> Result<(), InitiatorError> {
-        let sh = self.shared();
-        loop {
-            let progressed = sh.progress.notified();
-            {
-                let st = sh.state();
-                if st.closed {
-                    return Err(InitiatorError::ConnectionLost);
-                }
-                if !st.scsi_outstanding() {
-                    break;
-                }
-            }
-            progressed.await;
-        }
-        let (tx, rx) = oneshot::channel();
-        self.submit_immediate(|itt, cmd_sn, _| {
-            (
-                Pdu::new(Bhs::LogoutRequest(wire::LogoutRequest {
-                    immediate: true,
-                    reason: 0,
-                    itt,
-                    cid: 0,
-                    cmd_sn,
-                    exp_stat_sn: 0,
-                })),
-                Pending::Logout(tx),
+        self.shared()
+            .request(
+                |c| c.logout(),
+                |ev| match ev {
+                    Event::LogoutDone { result, .. } => Some(result),
+                    _ => None,
+                },
             )
-        })?;
-        rx.await.unwrap_or(Err(InitiatorError::ConnectionLost))?;
-        debug!(target = %sh.target_name, "logged out");
+            .await?;
+        debug!(target = %self.shared().target_name, "logged out");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn data_out_split() {
-        let data = Bytes::from(vec![7u8; 10_000]);
-        let p = data_outs(5, 9, 0, &data, 4096, 4096);
-        assert_eq!(p.len(), 3);
-        let offs: Vec<(u32, u32, bool, usize)> = p
-            .iter()
-            .map(|p| match &p.bhs {
-                Bhs::DataOut(d) => (d.data_sn, d.buffer_offset, d.final_, p.data.len()),
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(
-            offs,
-            vec![
-                (0, 4096, false, 4096),
-                (1, 8192, false, 4096),
-                (2, 12288, true, 1808)
-            ]
-        );
-    }
-
-    #[test]
-    fn residual_sign() {
-        assert_eq!(residual(true, false, 10), 10);
-        assert_eq!(residual(false, true, 10), -10);
-        assert_eq!(residual(false, false, 10), 0);
     }
 }

@@ -135,6 +135,25 @@ pub struct SessionParams {
     pub error_recovery_level: u8,
 }
 
+impl Default for SessionParams {
+    /// The RFC 7143 §13 defaults (what holds for keys nobody negotiated).
+    fn default() -> Self {
+        Self {
+            max_connections: 1,
+            initial_r2t: true,
+            immediate_data: true,
+            max_burst_length: 262_144,
+            first_burst_length: 65_536,
+            default_time2wait: 2,
+            default_time2retain: 20,
+            max_outstanding_r2t: 1,
+            data_pdu_in_order: true,
+            data_sequence_in_order: true,
+            error_recovery_level: 0,
+        }
+    }
+}
+
 /// Negotiated per-connection parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionParams {
@@ -144,6 +163,19 @@ pub struct ConnectionParams {
     pub initiator_max_recv_data_segment_length: u32,
     /// Declared by us: the largest data segment we accept.
     pub target_max_recv_data_segment_length: u32,
+}
+
+/// What a login settled: the parameters the shared negotiation engine agreed (the same
+/// types as the target's), and what the target declared about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginParams {
+    pub session: SessionParams,
+    /// `initiator_max_recv_data_segment_length` is ours (what we accept);
+    /// `target_max_recv_data_segment_length` bounds our Data-Out and immediate data.
+    pub connection: ConnectionParams,
+    pub tsih: u16,
+    pub target_portal_group_tag: Option<u16>,
+    pub target_alias: Option<String>,
 }
 
 /// What one side wants from negotiation, for either side: the target's answers and

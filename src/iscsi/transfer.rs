@@ -48,6 +48,23 @@ pub struct WriteLimits {
     pub max_outstanding_r2t: u32,
 }
 
+impl WriteLimits {
+    /// The limits a login agreed. FirstBurstLength applies only when some data may come
+    /// unsolicited (immediate data, or InitialR2T=No).
+    pub fn negotiated(s: &super::login::SessionParams) -> Self {
+        Self {
+            initial_r2t: s.initial_r2t,
+            first_burst_length: if s.immediate_data || !s.initial_r2t {
+                s.first_burst_length
+            } else {
+                0
+            },
+            max_burst_length: s.max_burst_length,
+            max_outstanding_r2t: s.max_outstanding_r2t,
+        }
+    }
+}
+
 /// Data-Out collection for one write task.
 #[derive(Debug)]
 pub struct WriteTransfer {

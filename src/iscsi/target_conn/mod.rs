@@ -104,16 +104,7 @@ impl ConnConfig {
             first_stat_sn: outcome.next_stat_sn,
             max_send_segment: outcome.connection.initiator_max_recv_data_segment_length,
             max_burst: s.max_burst_length,
-            write_limits: WriteLimits {
-                initial_r2t: s.initial_r2t,
-                first_burst_length: if s.immediate_data || !s.initial_r2t {
-                    s.first_burst_length
-                } else {
-                    0
-                },
-                max_burst_length: s.max_burst_length,
-                max_outstanding_r2t: s.max_outstanding_r2t,
-            },
+            write_limits: WriteLimits::negotiated(s),
             max_command_bytes,
             nop_interval,
             nop_timeout,
