@@ -3,6 +3,7 @@
 //! The test guest and its checker are tooling for tests and the demo, not the agent.
 
 pub mod agent;
+pub mod cluster_kit;
 pub mod ctl;
 pub mod ctl_command;
 pub mod demo;
