@@ -10,8 +10,9 @@
 //! Policy (timeouts, what a failure means) stays with the caller: the demo reports
 //! errors, the tests panic.
 
-use crate::agent::config::{Failback, GroupConfig, NodeConfig, NodeSection, OfflineAction};
-use crate::agent::config::{TargetSection, Timings, VmConfig};
+use crate::agent::config::{
+    GroupConfig, NodeConfig, NodeSection, TargetSection, Timings, VmConfig,
+};
 use crate::cli::guest::AckEvent;
 use crate::initiator::{InitiatorConfig, Session};
 use crate::server::config::{
@@ -66,24 +67,24 @@ pub fn free_port() -> io::Result<u16> {
 #[derive(Clone, Debug)]
 pub struct GroupSpec {
     pub name: String,
+    /// Its one disk (the target serves it as a 16 MiB LUN).
     pub lun: u64,
+    /// `preferred_owners`, unless `prefer_self`.
     pub preferred: Vec<String>,
     /// Every node lists itself as the first preferred owner (so that after a failure
     /// several survivors each believe they should claim: a real race).
     pub prefer_self: bool,
     /// Arguments appended to the guest's command line.
     pub guest_args: Vec<String>,
-    pub monitor_interval: Duration,
-    pub offline_action: OfflineAction,
-    pub stop_timeout: Duration,
-    pub failback: Failback,
-    pub restart_threshold: u32,
-    pub restart_period: Duration,
+    /// The other `[[group]]` settings (failback, offline_action, ...); its name, disks,
+    /// preferred_owners and vm are replaced by the above when a node's config is built.
+    pub settings: GroupConfig,
 }
 
 impl GroupSpec {
     pub fn new(name: &str, lun: u64) -> GroupSpec {
-        let defaults = GroupConfig::new(name, vec![lun], VmConfig::process(vec![]));
+        let mut settings = GroupConfig::new(name, vec![lun], VmConfig::process(vec![]));
+        settings.monitor_interval = Duration::from_millis(200);
         GroupSpec {
             name: name.into(),
             lun,
@@ -91,12 +92,7 @@ impl GroupSpec {
             prefer_self: false,
             // A write aborted by PREEMPT AND ABORT gets no answer: give up on it soon.
             guest_args: vec!["--io-timeout".into(), "2s".into()],
-            monitor_interval: Duration::from_millis(200),
-            offline_action: defaults.offline_action,
-            stop_timeout: defaults.stop_timeout,
-            failback: defaults.failback,
-            restart_threshold: defaults.restart_threshold,
-            restart_period: defaults.restart_period,
+            settings,
         }
     }
 }
@@ -205,19 +201,17 @@ impl Layout {
             *restore_args = vec!["--restore".into()];
             *save_signal = Some("SIGUSR1".into());
         }
-        let mut c = GroupConfig::new(&g.name, vec![g.lun], vm);
-        c.preferred_owners = if g.prefer_self {
-            vec![node_name(id)]
-        } else {
-            g.preferred.clone()
-        };
-        c.monitor_interval = g.monitor_interval;
-        c.offline_action = g.offline_action;
-        c.stop_timeout = g.stop_timeout;
-        c.failback = g.failback;
-        c.restart_threshold = g.restart_threshold;
-        c.restart_period = g.restart_period;
-        c
+        GroupConfig {
+            name: g.name.clone(),
+            disks: vec![g.lun],
+            preferred_owners: if g.prefer_self {
+                vec![node_name(id)]
+            } else {
+                g.preferred.clone()
+            },
+            vm,
+            ..g.settings.clone()
+        }
     }
 
     /// The test guest, with the agent's placeholders for the disk, names and state.
@@ -601,7 +595,7 @@ impl Drop for Processes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::config as agent_config;
+    use crate::agent::config::{self as agent_config, Failback, OfflineAction};
     use crate::server::config as server_config;
 
     fn layout() -> Layout {
@@ -617,10 +611,10 @@ mod tests {
     fn groups() -> Vec<GroupSpec> {
         let mut a = GroupSpec::new("web", 1);
         a.preferred = vec!["node2".into(), "node1".into()];
-        a.offline_action = OfflineAction::Save;
-        a.failback = Failback::Immediately;
-        a.restart_threshold = 2;
-        a.restart_period = Duration::from_secs(600);
+        a.settings.offline_action = OfflineAction::Save;
+        a.settings.failback = Failback::Immediately;
+        a.settings.restart_threshold = 2;
+        a.settings.restart_period = Duration::from_secs(600);
         let mut b = GroupSpec::new("db", 2);
         b.prefer_self = true;
         b.guest_args.extend(["--fail-after".into(), "10".into()]);

@@ -664,13 +664,14 @@ async fn print_status(env: &Env, c: &Ctl) -> Result<(), DemoError> {
 fn group_specs() -> Vec<GroupSpec> {
     GROUPS
         .iter()
-        .map(|&(g, lun, pref)| GroupSpec {
-            preferred: pref.iter().map(|p| p.to_string()).collect(),
-            guest_args: vec![],
-            monitor_interval: Duration::from_millis(500),
-            offline_action: OfflineAction::Shutdown,
-            stop_timeout: Duration::from_secs(5),
-            ..GroupSpec::new(g, lun)
+        .map(|&(g, lun, pref)| {
+            let mut spec = GroupSpec::new(g, lun);
+            spec.preferred = pref.iter().map(|p| p.to_string()).collect();
+            spec.guest_args.clear();
+            spec.settings.monitor_interval = Duration::from_millis(500);
+            spec.settings.offline_action = OfflineAction::Shutdown;
+            spec.settings.stop_timeout = Duration::from_secs(5);
+            spec
         })
         .collect()
 }

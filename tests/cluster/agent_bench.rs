@@ -332,7 +332,7 @@ async fn failover_bench() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("failover-bench.json"));
     let mut g = GroupSpec::new(GROUP, 1);
     g.preferred = vec![node_name(1), node_name(2), node_name(3)];
-    g.offline_action = OfflineAction::Save;
+    g.settings.offline_action = OfflineAction::Save;
     // Default timings: no [timings] lines.
     let mut c = Cluster::new(3, vec![g]).await;
     for id in 1..=3 {

@@ -154,8 +154,8 @@ async fn two_survivors_racing_for_a_group_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_threshold_then_failover() {
     let mut g = preferred("flaky", 1, &[1, 2, 3]);
-    g.restart_threshold = 2;
-    g.restart_period = Duration::from_secs(600);
+    g.settings.restart_threshold = 2;
+    g.settings.restart_period = Duration::from_secs(600);
     // Each run crashes (exit 1) after 10 acknowledged writes.
     g.guest_args.extend(["--fail-after".into(), "10".into()]);
     let mut c = three_nodes(vec![g]).await;
@@ -183,8 +183,8 @@ async fn restart_threshold_then_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_to_the_preferred_owner_when_it_returns() {
     let mut g = preferred("app", 1, &[1, 2]);
-    g.failback = Failback::Immediately;
-    g.offline_action = OfflineAction::Save;
+    g.settings.failback = Failback::Immediately;
+    g.settings.offline_action = OfflineAction::Save;
     let mut c = three_nodes(vec![g]).await;
     let r = c.wait_running("app", Some(1), T).await;
     c.wait_acks("app", r.epoch, 10, T).await;
@@ -209,7 +209,7 @@ async fn failback_to_the_preferred_owner_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_move_saves_hands_over_and_restores() {
     let mut g = preferred("vm1", 1, &[1, 2, 3]);
-    g.offline_action = OfflineAction::Save;
+    g.settings.offline_action = OfflineAction::Save;
     let c = three_nodes(vec![g]).await;
     let r = c.wait_running("vm1", Some(1), T).await;
     c.wait_acks("vm1", r.epoch, 10, T).await;
@@ -381,7 +381,7 @@ async fn drain_moves_groups_away_and_status_shows_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_an_agent_hands_its_groups_over() {
     let mut g = preferred("h", 1, &[1, 2, 3]);
-    g.offline_action = OfflineAction::Save;
+    g.settings.offline_action = OfflineAction::Save;
     let mut c = three_nodes(vec![g]).await;
     let r = c.wait_running("h", Some(1), T).await;
     c.wait_acks("h", r.epoch, 10, T).await;
