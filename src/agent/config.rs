@@ -225,6 +225,25 @@ pub struct GroupConfig {
     pub vm: VmConfig,
 }
 
+impl GroupConfig {
+    /// A group with every optional setting at its default (what an omitted key means).
+    pub fn new(name: impl Into<String>, disks: Vec<u64>, vm: VmConfig) -> GroupConfig {
+        GroupConfig {
+            name: name.into(),
+            disks,
+            preferred_owners: vec![],
+            failback: default_failback(),
+            failback_window: None,
+            restart_threshold: default_restart_threshold(),
+            restart_period: default_restart_period(),
+            monitor_interval: default_monitor_interval(),
+            offline_action: default_offline_action(),
+            stop_timeout: default_stop_timeout(),
+            vm,
+        }
+    }
+}
+
 fn default_failback() -> Failback {
     Failback::Never
 }
@@ -264,7 +283,7 @@ pub enum VmConfig {
         #[serde(default = "default_stop_signal")]
         stop_signal: String,
         /// Environment added to the program's.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         env: std::collections::BTreeMap<String, String>,
         /// File receiving the program's stdout and stderr [default: STATE_DIR/GROUP.log].
         #[serde(default)]
@@ -290,6 +309,20 @@ pub enum VmConfig {
         #[serde(default = "default_virsh")]
         virsh: String,
     },
+}
+
+impl VmConfig {
+    /// A `process` VM running `command`, every optional setting at its default.
+    pub fn process(command: Vec<String>) -> VmConfig {
+        VmConfig::Process {
+            command,
+            restore_args: vec![],
+            save_signal: None,
+            stop_signal: default_stop_signal(),
+            env: Default::default(),
+            log: None,
+        }
+    }
 }
 
 fn default_stop_signal() -> String {

@@ -176,60 +176,18 @@ impl Ctl {
         let img = self.quorum.read_image().await?;
         let watched = t0.elapsed();
         let now_wall = wall_ms();
-        let mut nodes = Vec::new();
-        for s in img.slots.iter().flatten() {
-            let before = first.slot(s.node_id);
-            let moved =
-                before.is_none_or(|b| b.counter != s.counter || b.incarnation != s.incarnation);
-            let admin = img.admin(s.node_id);
-            nodes.push(NodeStatus {
-                id: s.node_id,
-                name: s.name.clone(),
-                state: s.state.name().to_string(),
-                alive: moved && s.state == quorum::NodeState::Active,
-                heartbeat_counter: s.counter,
-                incarnation: format!("{:#x}", s.incarnation),
-                last_heartbeat_ms_ago: now_wall.saturating_sub(s.wall_ms),
-                drained: admin.drained,
-                fenced_count: admin.fence_count,
-                last_fenced_by: (admin.fence_count > 0).then_some(admin.fenced_by),
-                pr_key: format!(
-                    "{:#018x}",
-                    quorum::pr_key(&self.cfg.config.node.cluster, s.node_id)
-                ),
-                groups_owned: img.load(s.node_id),
-            });
-        }
-        let name_of = |id: u16| {
-            img.slot(id).map(|s| s.name.clone()).unwrap_or_else(|| {
-                if id == 0 {
-                    "-".into()
-                } else {
-                    format!("node{id}")
-                }
-            })
-        };
-        let groups = img
-            .groups
-            .iter()
-            .map(|(_, r)| GroupStatus {
-                name: r.name.clone(),
-                owner: (r.owner != 0).then(|| name_of(r.owner)),
-                state: r.state.name().to_string(),
-                admin: r.admin.name().to_string(),
-                frozen: r.frozen,
-                epoch: r.epoch,
-                restarts: r.restarts,
-                move_to: (r.move_to != 0).then(|| name_of(r.move_to)),
-                saved: r.saved,
-                failed_on: (1..=64u16)
-                    .filter(|i| r.failed_on_node(*i))
-                    .map(name_of)
-                    .collect(),
-                reason: r.reason.clone(),
-                changed_ms_ago: now_wall.saturating_sub(r.changed_wall_ms),
-            })
-            .collect();
+        let cluster = &self.cfg.config.node.cluster;
+        Ok(ClusterStatus {
+            cluster: cluster.clone(),
+            watched_ms: watched.as_millis() as u64,
+            nodes: node_statuses(cluster, &first, &img, now_wall),
+            groups: group_statuses(&img, now_wall),
+            luns: self.lun_statuses(&img).await,
+        })
+    }
+
+    /// The keys and the reservation of the quorum LUN and of every group's disks.
+    async fn lun_statuses(&self, img: &QuorumImage) -> Vec<LunStatus> {
         let mut luns = vec![(self.quorum.lun, "quorum".to_string())];
         for g in &self.cfg.config.groups {
             for d in &g.disks {
@@ -238,14 +196,14 @@ impl Ctl {
         }
         let cluster = &self.cfg.config.node.cluster;
         let t = self.quorum.timeout;
+        let key_name = |k: u64| match quorum::node_of_key(cluster, k) {
+            Some(id) => format!("{k:#018x} ({})", node_label(img, id)),
+            None => format!("{k:#018x}"),
+        };
         let mut reservations = Vec::new();
         for (lun, what) in luns {
             let keys = bounded(t, "READ KEYS", self.session.read_keys(lun)).await;
             let res = bounded(t, "READ RESERVATION", self.session.read_reservation(lun)).await;
-            let key_name = |k: u64| match quorum::node_of_key(cluster, k) {
-                Some(id) => format!("{k:#018x} ({})", name_of(id)),
-                None => format!("{k:#018x}"),
-            };
             reservations.push(match (keys, res) {
                 (Ok((generation, keys)), Ok((_, res))) => LunStatus {
                     lun,
@@ -275,14 +233,76 @@ impl Ctl {
                 },
             });
         }
-        Ok(ClusterStatus {
-            cluster: cluster.clone(),
-            watched_ms: watched.as_millis() as u64,
-            nodes,
-            groups,
-            luns: reservations,
-        })
+        reservations
     }
+}
+
+/// A node's name as the quorum LUN knows it ("-" for no node).
+fn node_label(img: &QuorumImage, id: u16) -> String {
+    img.slot(id).map(|s| s.name.clone()).unwrap_or_else(|| {
+        if id == 0 {
+            "-".into()
+        } else {
+            format!("node{id}")
+        }
+    })
+}
+
+/// Every node with a slot; alive if its heartbeat moved between `first` and `img`.
+fn node_statuses(
+    cluster: &str,
+    first: &QuorumImage,
+    img: &QuorumImage,
+    now_wall: u64,
+) -> Vec<NodeStatus> {
+    img.slots
+        .iter()
+        .flatten()
+        .map(|s| {
+            let before = first.slot(s.node_id);
+            let moved =
+                before.is_none_or(|b| b.counter != s.counter || b.incarnation != s.incarnation);
+            let admin = img.admin(s.node_id);
+            NodeStatus {
+                id: s.node_id,
+                name: s.name.clone(),
+                state: s.state.name().to_string(),
+                alive: moved && s.state == quorum::NodeState::Active,
+                heartbeat_counter: s.counter,
+                incarnation: format!("{:#x}", s.incarnation),
+                last_heartbeat_ms_ago: now_wall.saturating_sub(s.wall_ms),
+                drained: admin.drained,
+                fenced_count: admin.fence_count,
+                last_fenced_by: (admin.fence_count > 0).then_some(admin.fenced_by),
+                pr_key: format!("{:#018x}", quorum::pr_key(cluster, s.node_id)),
+                groups_owned: img.load(s.node_id),
+            }
+        })
+        .collect()
+}
+
+fn group_statuses(img: &QuorumImage, now_wall: u64) -> Vec<GroupStatus> {
+    let name_of = |id: u16| node_label(img, id);
+    img.groups
+        .iter()
+        .map(|(_, r)| GroupStatus {
+            name: r.name.clone(),
+            owner: (r.owner != 0).then(|| name_of(r.owner)),
+            state: r.state.name().to_string(),
+            admin: r.admin.name().to_string(),
+            frozen: r.frozen,
+            epoch: r.epoch,
+            restarts: r.restarts,
+            move_to: (r.move_to != 0).then(|| name_of(r.move_to)),
+            saved: r.saved,
+            failed_on: (1..=64u16)
+                .filter(|i| r.failed_on_node(*i))
+                .map(name_of)
+                .collect(),
+            reason: r.reason.clone(),
+            changed_ms_ago: now_wall.saturating_sub(r.changed_wall_ms),
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]

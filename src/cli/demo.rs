@@ -17,20 +17,25 @@
 //! and the agents with it; their guests then give up (exit 1) once the target has been
 //! gone for 30 s.
 
-use crate::agent::config::{self as agent_config, AgentConfigError, ValidNodeConfig};
+use crate::agent::config::{self as agent_config, AgentConfigError, OfflineAction};
+use crate::agent::config::{Timings, ValidNodeConfig};
 use crate::agent::node::mono_ns;
 use crate::agent::quorum::{GroupRecord, GroupState, NodeState, QuorumImage};
 use crate::agent::AgentError;
+use crate::cli::cluster_kit::{accepts_login, children_of, free_port, node_name, sigkill};
+use crate::cli::cluster_kit::{
+    GroupSpec, KitError, Launch, Layout, LineTail, Processes, QUORUM_LUN,
+};
 use crate::cli::ctl::{self, Ctl};
 use crate::cli::guest::{self, CheckArgs, GuestError};
-use crate::initiator::{InitiatorConfig, Session};
+use crate::initiator::InitiatorConfig;
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fmt::Display;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
 /// The demo target's iSCSI name.
@@ -85,6 +90,8 @@ pub enum DemoError {
     Io { what: String, source: io::Error },
     #[error("{0}")]
     Config(#[from] AgentConfigError),
+    #[error(transparent)]
+    Kit(#[from] KitError),
     #[error("{what}: {source}")]
     Agent { what: String, source: AgentError },
     #[error("guest check of {group}: {source}")]
@@ -135,16 +142,20 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
     let port = match opts.port {
         Some(p) => p,
-        None => free_port()?,
+        None => free_port().map_err(io_err("finding a free port on 127.0.0.1"))?,
     };
     let env = Env {
-        dir: dir.clone(),
-        exe,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        kit: Layout {
+            dir: dir.clone(),
+            exe,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            target: TARGET.into(),
+            cluster: CLUSTER.into(),
+        },
         say,
     };
     become_subreaper();
-    let mut procs = Procs::default();
+    let mut procs = Processes::default();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,7 +183,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         if !matches!(e, DemoError::Interrupted(_)) {
             eprint!(
                 "---- the demo failed; the logs' last lines:\n{}",
-                diagnostics(&dir)
+                diagnostics(&env.kit)
             );
         }
         say.say(format!("{e}; killing everything the demo started"));
@@ -216,27 +227,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
 
 /// Where the demo runs.
 struct Env {
-    dir: PathBuf,
-    exe: PathBuf,
-    addr: SocketAddr,
+    kit: Layout,
     say: Narrator,
 }
 
 impl Env {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-    fn node_config(&self, id: u16) -> PathBuf {
-        self.path(&format!("node{id}.toml"))
-    }
-    fn ack_log(&self, group: &str) -> PathBuf {
-        self.path(&format!("acks-{group}.log"))
-    }
-    fn url(&self, lun: u64) -> String {
-        format!("iscsi://{}/{TARGET}/{lun}", self.addr)
-    }
     fn load(&self, id: u16) -> Result<ValidNodeConfig, DemoError> {
-        Ok(agent_config::load_file(&self.node_config(id))?)
+        Ok(agent_config::load_file(&self.kit.node_config_path(id))?)
     }
 }
 
@@ -270,42 +267,77 @@ impl Narrator {
     }
 }
 
-fn node_name(id: u16) -> String {
-    format!("node{id}")
+/// Where the failed-over group was and where it went.
+struct Failover {
+    group: &'static str,
+    victim: u16,
+    victim_name: String,
+    killed_at: u64,
+    started_ns: u64,
+    new_owner: String,
+    new_epoch: u64,
 }
 
-async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError> {
-    let say = env.say;
-    say.say(format!(
+async fn scenario(env: &Env, procs: &mut Processes) -> Result<DemoReport, DemoError> {
+    env.say.say(format!(
         "holdfast demo: a three-node cluster on this machine, files in {}",
-        env.dir.display()
+        env.kit.dir.display()
     ));
     write_configs(env)?;
+    start_target(env, procs).await?;
+    let admin = create_offline_groups(env).await?;
+    start_agents(env, procs, admin).await?;
+    let observer = Ctl::connect(env.load(NODES)?)
+        .await
+        .map_err(agent_err("ctl (observer)"))?;
+    let runs = wait_groups_running(env, procs, &observer).await?;
+    print_status(env, &observer).await?;
+    let f = fail_over(env, procs, &observer, &runs).await?;
+    print_status(env, &observer).await?;
+    observer.close().await;
+    let checks = check_disks(env).await?;
+    stop_all(env, procs).await?;
+    Ok(DemoReport {
+        group: f.group.into(),
+        from: f.victim_name,
+        to: f.new_owner,
+        failover: Duration::from_nanos(f.started_ns.saturating_sub(f.killed_at)),
+        checks,
+        elapsed: Duration::ZERO,
+    })
+}
 
-    // 1. The target.
-    say.say(format!(
+/// Step 1: the target.
+async fn start_target(env: &Env, procs: &mut Processes) -> Result<(), DemoError> {
+    env.say.say(format!(
         "starting the iSCSI target {TARGET} on {}: LUN 0 is the quorum LUN, LUN 1 web's \
          disk, LUN 2 db's disk",
-        env.addr
+        env.kit.addr
     ));
+    let config = env.kit.target_config_path();
     procs.target = Some(spawn(
         env,
-        &["target", "--config", &path_arg(&env.path("target.toml"))],
+        &[OsStr::new("target"), "--config".as_ref(), config.as_ref()],
         "target.log",
     )?);
     wait_target_up(env, procs).await?;
-    say.say("target is up");
+    env.say.say("target is up");
+    Ok(())
+}
 
-    // 2. The quorum LUN, and the groups' records (offline, so that nobody claims a group
-    //    before all three nodes have joined and placement can honour preferred owners).
+/// Step 2: the quorum LUN, and the groups' records (offline, so that nobody claims a
+/// group before all three nodes have joined and placement can honour preferred owners).
+/// Returns the administrator's connection, which sets them online in step 3.
+async fn create_offline_groups(env: &Env) -> Result<Ctl, DemoError> {
     let url: crate::initiator::IscsiUrl = env
-        .url(0)
+        .kit
+        .url(QUORUM_LUN)
         .parse()
-        .map_err(|e| DemoError::Failed(format!("{}: {e}", env.url(0))))?;
+        .map_err(|e| DemoError::Failed(format!("{}: {e}", env.kit.url(QUORUM_LUN))))?;
     let msg = ctl::init_quorum(&url, "iqn.2026-11.org.holdfast:ctl", CLUSTER, false, None)
         .await
         .map_err(agent_err("ctl init-quorum"))?;
-    say.say(msg);
+    env.say.say(msg);
     let mut admin = Ctl::connect(env.load(1)?)
         .await
         .map_err(agent_err("ctl (node1's configuration)"))?;
@@ -320,13 +352,18 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
             .await
             .map_err(agent_err(format!("ctl offline {g}")))?;
     }
-    say.say("created the records of groups web and db, offline until every node has joined");
+    env.say
+        .say("created the records of groups web and db, offline until every node has joined");
+    Ok(admin)
+}
 
-    // 3. The agents.
+/// Step 3: the agents; once all heartbeat, the groups go online.
+async fn start_agents(env: &Env, procs: &mut Processes, mut admin: Ctl) -> Result<(), DemoError> {
     for id in 1..=NODES {
-        let cfg = path_arg(&env.node_config(id));
-        let child = spawn(env, &["agent", "--config", &cfg], &format!("agent{id}.log"))?;
-        say.say(format!(
+        let config = env.kit.node_config_path(id);
+        let args = [OsStr::new("agent"), "--config".as_ref(), config.as_ref()];
+        let child = spawn(env, &args, &format!("agent{id}.log"))?;
+        env.say.say(format!(
             "started the agent of {} (pid {})",
             node_name(id),
             child.id()
@@ -334,59 +371,92 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
         procs.agents.insert(id, child);
     }
     wait_nodes_joined(procs, &admin).await?;
-    say.say("all three nodes heartbeat on the quorum LUN");
+    env.say.say("all three nodes heartbeat on the quorum LUN");
     for (g, _, pref) in GROUPS {
         admin
             .update_group(g, |r, _| ctl::req_online(r))
             .await
             .map_err(agent_err(format!("ctl online {g}")))?;
-        say.say(format!(
+        env.say.say(format!(
             "group {g} set online (preferred owners {})",
             pref.join(", ")
         ));
     }
     admin.close().await;
+    Ok(())
+}
 
-    // 4. Both groups run, and their guests write.
-    let observer = Ctl::connect(env.load(NODES)?)
-        .await
-        .map_err(agent_err("ctl (observer)"))?;
+/// Step 4: both groups run, and their guests write.
+async fn wait_groups_running(
+    env: &Env,
+    procs: &mut Processes,
+    observer: &Ctl,
+) -> Result<BTreeMap<&'static str, GroupRecord>, DemoError> {
     let mut runs = BTreeMap::new();
-    for (g, _, _) in GROUPS {
-        let r = wait_group(procs, &observer, g, "to run", |r| {
+    for (g, lun, _) in GROUPS {
+        let r = wait_group(procs, observer, g, "to run", |r| {
             r.state == GroupState::Running
         })
         .await?;
-        say.say(format!(
-            "{g} runs on {} (epoch {}): its guest writes a counter to LUN {}",
+        env.say.say(format!(
+            "{g} runs on {} (epoch {}): its guest writes a counter to LUN {lun}",
             node_name(r.owner),
             r.epoch,
-            lun_of(g)
         ));
         runs.insert(g, r);
     }
     for (g, r) in &runs {
         wait_acks(env, procs, g, r.epoch).await?;
     }
-    say.say(format!(
+    env.say.say(format!(
         "both guests have {ACKS}+ acknowledged writes (web {}, db {})",
-        acks_in(env, "web", runs["web"].epoch).len(),
-        acks_in(env, "db", runs["db"].epoch).len()
+        env.kit.acks_in("web", runs["web"].epoch).len(),
+        env.kit.acks_in("db", runs["db"].epoch).len()
     ));
-    print_status(env, &observer).await?;
+    Ok(runs)
+}
 
-    // 5. kill -9 the owner of the first group: agent and guest at once.
+/// Steps 5 and 6: kill -9 the owner of the first group and wait until the group runs
+/// again on a survivor (and the other group runs too).
+async fn fail_over(
+    env: &Env,
+    procs: &mut Processes,
+    observer: &Ctl,
+    runs: &BTreeMap<&'static str, GroupRecord>,
+) -> Result<Failover, DemoError> {
     let (group, _, _) = GROUPS[0];
-    let before = runs[group].clone();
+    let mut events = LineTail::new(env.kit.events(), true);
+    events.read_new();
+    let (victim, killed_at) = kill_owner(env, procs, group, &runs[group])?;
+    let f = wait_vm_started(env, procs, &mut events, group, victim, killed_at).await?;
+    env.say.at(
+        f.started_ns,
+        format!(
+            "{group} runs again, on {} (epoch {}): failover time {:.3} s",
+            f.new_owner,
+            f.new_epoch,
+            Duration::from_nanos(f.started_ns.saturating_sub(killed_at)).as_secs_f64()
+        ),
+    );
+    confirm_takeover(env, procs, observer, &f, runs).await?;
+    Ok(f)
+}
+
+/// Step 5: kill -9 of `group`'s owner, agent and guest at once. Returns the victim and
+/// the time of the kill.
+fn kill_owner(
+    env: &Env,
+    procs: &mut Processes,
+    group: &str,
+    before: &GroupRecord,
+) -> Result<(u16, u64), DemoError> {
     let victim = before.owner;
     let victim_name = node_name(victim);
     let pids = procs.node_pids(victim);
-    let mut events = EventTail::new(env.path("events.jsonl"));
-    events.skip_existing();
     let dead_after = env.load(1)?.timings().dead_after;
     let killed_at = mono_ns();
     procs.kill_node(victim);
-    say.at(
+    env.say.at(
         killed_at,
         format!(
             "kill -9 {victim_name}, which owns {group}: its agent and its guest (pids {})",
@@ -396,38 +466,53 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
                 .join(", ")
         ),
     );
-    let last_acked = acks_in(env, group, before.epoch).last().copied();
-    say.say(format!(
+    let last_acked = env.kit.acks_in(group, before.epoch).last().copied();
+    env.say.say(format!(
         "{group}'s last acknowledged write before the kill: counter {}; the survivors \
          take over once {victim_name}'s heartbeat has been still for dead_after = {} ms",
         last_acked.map_or("-".into(), |c| c.to_string()),
         dead_after.as_millis()
     ));
+    Ok((victim, killed_at))
+}
 
-    // 6. The group comes back on a survivor.
+/// Step 6a: narrate the agents' events until a survivor logs `vm-started` for `group`.
+async fn wait_vm_started(
+    env: &Env,
+    procs: &mut Processes,
+    events: &mut LineTail,
+    group: &'static str,
+    victim: u16,
+    killed_at: u64,
+) -> Result<Failover, DemoError> {
+    let victim_name = node_name(victim);
     let end = tokio::time::Instant::now() + STEP_TIMEOUT;
-    let (started_ns, new_owner, new_epoch) = loop {
-        procs.check_alive()?;
+    loop {
+        check_alive(procs)?;
         let mut found = None;
-        for e in events.new_events() {
+        for e in events.read_json() {
             let ns = e["mono_ns"].as_u64().unwrap_or(0);
             if ns < killed_at {
                 continue;
             }
-            narrate_event(&say, &e);
+            narrate_event(&env.say, &e);
             if e["event"] == "vm-started"
                 && e["group"] == group
                 && e["node"].as_str() != Some(victim_name.as_str())
             {
-                found = Some((
-                    ns,
-                    e["node"].as_str().unwrap_or("?").to_string(),
-                    e["epoch"].as_u64().unwrap_or(0),
-                ));
+                found = Some(Failover {
+                    group,
+                    victim,
+                    victim_name: victim_name.clone(),
+                    killed_at,
+                    started_ns: ns,
+                    new_owner: e["node"].as_str().unwrap_or("?").to_string(),
+                    new_epoch: e["epoch"].as_u64().unwrap_or(0),
+                });
             }
         }
         if let Some(f) = found {
-            break f;
+            return Ok(f);
         }
         if tokio::time::Instant::now() >= end {
             return Err(DemoError::Failed(format!(
@@ -436,55 +521,63 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
             )));
         }
         tokio::time::sleep(POLL).await;
-    };
-    let failover = Duration::from_nanos(started_ns.saturating_sub(killed_at));
-    say.at(
-        started_ns,
-        format!(
-            "{group} runs again, on {new_owner} (epoch {new_epoch}): failover time {:.3} s",
-            failover.as_secs_f64()
-        ),
-    );
-    let after = wait_group(procs, &observer, group, "to run on a survivor", |r| {
-        r.state == GroupState::Running && r.owner != victim && r.epoch == new_epoch
+    }
+}
+
+/// Step 6b: the quorum LUN agrees, the new run writes above every acknowledged write,
+/// and the other groups run (again, if the victim owned them too).
+async fn confirm_takeover(
+    env: &Env,
+    procs: &mut Processes,
+    observer: &Ctl,
+    f: &Failover,
+    runs: &BTreeMap<&'static str, GroupRecord>,
+) -> Result<(), DemoError> {
+    let (group, victim) = (f.group, f.victim);
+    let after = wait_group(procs, observer, group, "to run on a survivor", |r| {
+        r.state == GroupState::Running && r.owner != victim && r.epoch == f.new_epoch
     })
     .await?;
     wait_acks(env, procs, group, after.epoch).await?;
-    let first = ack_log_start(env, group, after.epoch);
-    say.say(format!(
+    let first = env.kit.run_start(group, after.epoch);
+    env.say.say(format!(
         "{group}'s new run started at counter {} (above every acknowledged write) and has \
          {ACKS}+ acknowledged writes",
         first.map_or("-".into(), |c| c.to_string()),
     ));
     for (g, _, _) in &GROUPS[1..] {
         if runs[g].owner == victim {
-            let r = wait_group(procs, &observer, g, "to run on a survivor", |r| {
+            let r = wait_group(procs, observer, g, "to run on a survivor", |r| {
                 r.state == GroupState::Running && r.owner != victim
             })
             .await?;
-            say.say(format!("{g} runs again too, on {}", node_name(r.owner)));
+            env.say
+                .say(format!("{g} runs again too, on {}", node_name(r.owner)));
         } else {
-            say.say(format!(
+            env.say.say(format!(
                 "{g} still runs on {}, untouched",
                 node_name(runs[g].owner)
             ));
         }
     }
-    print_status(env, &observer).await?;
-    observer.close().await;
+    Ok(())
+}
 
-    // 7. The proof: no lost acknowledged write, no double run, no late write.
+/// Step 7, the proof: no lost acknowledged write, no double run, no late write.
+/// Returns one verdict per group.
+async fn check_disks(env: &Env) -> Result<Vec<String>, DemoError> {
+    let say = env.say;
     let mut verdicts = Vec::new();
     for (g, lun, _) in GROUPS {
-        let ack_log = env.ack_log(g);
+        let ack_log = env.kit.ack_log(g);
         say.say(format!(
             "checking {g}'s disk against its guests' ack log (holdfast guest check --disk {} \
              --ack-log {})",
-            env.url(lun),
+            env.kit.url(lun),
             ack_log.display()
         ));
         let report = guest::check_disk(&CheckArgs {
-            disk: env.url(lun),
+            disk: env.kit.url(lun),
             ack_log: vec![ack_log],
             json: false,
             chap_user: None,
@@ -504,9 +597,12 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
         }
         verdicts.push(format!("{g} OK"));
     }
+    Ok(verdicts)
+}
 
-    // 8. Stop: the agents hand their groups back and stop their guests, then the target.
-    say.say(format!(
+/// Step 8: the agents hand their groups back and stop their guests, then the target.
+async fn stop_all(env: &Env, procs: &mut Processes) -> Result<(), DemoError> {
+    env.say.say(format!(
         "stopping: SIGTERM to the agents of {} (each stops its guest and leaves the cluster)",
         procs
             .agents
@@ -515,25 +611,11 @@ async fn scenario(env: &Env, procs: &mut Procs) -> Result<DemoReport, DemoError>
             .collect::<Vec<_>>()
             .join(" and ")
     ));
-    procs.stop_agents().await?;
-    say.say("agents stopped");
-    procs.stop_target().await?;
-    say.say("target stopped");
-    Ok(DemoReport {
-        group: group.into(),
-        from: victim_name,
-        to: new_owner,
-        failover,
-        checks: verdicts,
-        elapsed: Duration::ZERO,
-    })
-}
-
-fn lun_of(group: &str) -> u64 {
-    GROUPS
-        .iter()
-        .find(|(g, _, _)| *g == group)
-        .map_or(0, |(_, l, _)| *l)
+    stop_agents(procs).await?;
+    env.say.say("agents stopped");
+    stop_target(procs).await?;
+    env.say.say("target stopped");
+    Ok(())
 }
 
 /// One line for the events that tell the failover's story.
@@ -577,84 +659,31 @@ async fn print_status(env: &Env, c: &Ctl) -> Result<(), DemoError> {
 // ---------------------------------------------------------------------------------------
 // Configuration files
 
-/// A TOML string (quotes and escapes).
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
-/// A TOML array of strings.
-fn toml_list<S: AsRef<str>>(items: &[S]) -> String {
-    items
+/// The groups as the kit builds them: the demo's guests keep the default I/O timeout,
+/// a group whose node is cut off shuts its guest down, and a stop takes at most 5 s.
+fn group_specs() -> Vec<GroupSpec> {
+    GROUPS
         .iter()
-        .map(|a| toml_str(a.as_ref()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn path_arg(p: &Path) -> String {
-    p.display().to_string()
+        .map(|&(g, lun, pref)| {
+            let mut spec = GroupSpec::new(g, lun);
+            spec.preferred = pref.iter().map(|p| p.to_string()).collect();
+            spec.guest_args.clear();
+            spec.settings.monitor_interval = Duration::from_millis(500);
+            spec.settings.offline_action = OfflineAction::Shutdown;
+            spec.settings.stop_timeout = Duration::from_secs(5);
+            spec
+        })
+        .collect()
 }
 
 fn write_configs(env: &Env) -> Result<(), DemoError> {
-    let write = |name: &str, text: String| {
-        std::fs::write(env.path(name), text).map_err(io_err(format!("writing {name}")))
-    };
-    let mut luns = String::from("[[target.lun]]\nid = 0\npath = \"quorum.img\"\nsize = \"4MiB\"\n");
-    for (g, lun, _) in GROUPS {
-        luns.push_str(&format!(
-            "[[target.lun]]\nid = {lun}\npath = \"{g}.img\"\nsize = \"16MiB\"\n"
-        ));
-    }
-    write(
-        "target.toml",
-        format!(
-            "# holdfast demo: the shared storage\ndata_dir = {}\n[iscsi]\nnop_interval_secs = 2\n\
-             nop_timeout_secs = 4\n[[target]]\nname = \"{TARGET}\"\n[[target.portal]]\n\
-             listen = \"{}\"\ntpgt = 1\n{luns}",
-            toml_str(&path_arg(&env.path("data"))),
-            env.addr
-        ),
-    )?;
+    let groups = group_specs();
+    env.kit
+        .write_target_config(&groups, "# holdfast demo: the shared storage\n")?;
     for id in 1..=NODES {
-        let mut groups = String::new();
-        for (g, lun, pref) in GROUPS {
-            let cmd = [
-                path_arg(&env.exe),
-                "guest".into(),
-                "run".into(),
-                "--disk".into(),
-                "{disk0}".into(),
-                "--initiator-name".into(),
-                "{initiator_name}".into(),
-                "--epoch".into(),
-                "{epoch}".into(),
-                "--ack-log".into(),
-                path_arg(&env.ack_log(g)),
-                "--state-file".into(),
-                "{state_file}".into(),
-            ];
-            groups.push_str(&format!(
-                "\n[[group]]\nname = \"{g}\"\ndisks = [{lun}]\npreferred_owners = [{}]\n\
-                 monitor_interval = \"500ms\"\noffline_action = \"shutdown\"\n\
-                 stop_timeout = \"5s\"\n[group.vm]\ndriver = \"process\"\ncommand = [{}]\n\
-                 restore_args = [\"--restore\"]\nsave_signal = \"SIGUSR1\"\n",
-                toml_list(&pref),
-                toml_list(&cmd),
-            ));
-        }
-        write(
-            &format!("node{id}.toml"),
-            format!(
-                "# holdfast demo: the agent of node{id}\n[node]\nname = \"node{id}\"\nid = {id}\n\
-                 cluster = \"{CLUSTER}\"\nstate_dir = {}\nshared_state_dir = {}\n\
-                 event_log = {}\n[target]\nportals = [\"{}\"]\nname = \"{TARGET}\"\n\
-                 quorum_lun = 0\n{groups}",
-                toml_str(&path_arg(&env.path(&format!("node{id}")))),
-                toml_str(&path_arg(&env.path("shared"))),
-                toml_str(&path_arg(&env.path("events.jsonl"))),
-                env.addr
-            ),
-        )?;
+        let header = format!("# holdfast demo: the agent of node{id}\n");
+        env.kit
+            .write_node_config(id, &groups, &Timings::default(), &header)?;
     }
     Ok(())
 }
@@ -683,29 +712,21 @@ fn prepare_keep_dir(d: &Path) -> Result<PathBuf, DemoError> {
     Ok(d)
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_err("finding a free port on 127.0.0.1"))
-}
-
 // ---------------------------------------------------------------------------------------
 // Waiting
 
-async fn wait_target_up(env: &Env, procs: &mut Procs) -> Result<(), DemoError> {
+async fn wait_target_up(env: &Env, procs: &mut Processes) -> Result<(), DemoError> {
     let end = tokio::time::Instant::now() + STEP_TIMEOUT;
-    let mut cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:demo-probe", TARGET, env.addr);
+    let mut cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:demo-probe", TARGET, env.kit.addr);
     cfg.login_timeout = Duration::from_secs(2);
     loop {
-        procs.check_alive()?;
-        if let Ok(s) = Session::login(cfg.clone()).await {
-            let _ = s.logout().await;
+        check_alive(procs)?;
+        if accepts_login(&cfg).await {
             return Ok(());
         }
         if tokio::time::Instant::now() >= end {
             return Err(DemoError::Timeout {
-                what: format!("the target to accept logins on {}", env.addr),
+                what: format!("the target to accept logins on {}", env.kit.addr),
             });
         }
         tokio::time::sleep(POLL).await;
@@ -714,11 +735,11 @@ async fn wait_target_up(env: &Env, procs: &mut Procs) -> Result<(), DemoError> {
 
 /// Until every node's slot is active and its counter has moved twice since we first
 /// saw it.
-async fn wait_nodes_joined(procs: &mut Procs, c: &Ctl) -> Result<(), DemoError> {
+async fn wait_nodes_joined(procs: &mut Processes, c: &Ctl) -> Result<(), DemoError> {
     let end = tokio::time::Instant::now() + STEP_TIMEOUT;
     let mut first: BTreeMap<u16, u64> = BTreeMap::new();
     loop {
-        procs.check_alive()?;
+        check_alive(procs)?;
         if let Ok(img) = c.quorum.read_image().await {
             let mut ready = 0;
             for id in 1..=NODES {
@@ -745,7 +766,7 @@ async fn wait_nodes_joined(procs: &mut Procs, c: &Ctl) -> Result<(), DemoError> 
 }
 
 async fn wait_group(
-    procs: &mut Procs,
+    procs: &mut Processes,
     c: &Ctl,
     group: &str,
     what: &str,
@@ -754,7 +775,7 @@ async fn wait_group(
     let end = tokio::time::Instant::now() + STEP_TIMEOUT;
     let mut last = String::from("no record read yet");
     loop {
-        procs.check_alive()?;
+        check_alive(procs)?;
         match c.quorum.read_image().await {
             Ok(img) => {
                 if let Some(r) = group_record(&img, group) {
@@ -785,35 +806,15 @@ fn group_record(img: &QuorumImage, group: &str) -> Option<GroupRecord> {
     img.group(group).map(|(_, r, _)| r.clone())
 }
 
-/// Counters acknowledged by the run of `epoch`, in log order.
-fn acks_in(env: &Env, group: &str, epoch: u64) -> Vec<u64> {
-    ack_lines(env, group)
-        .filter(|f| f.len() >= 4 && f[0] == "ack" && f[2] == epoch.to_string())
-        .filter_map(|f| f[3].parse().ok())
-        .collect()
-}
-
-/// The first counter of the run of `epoch` (its `start` line).
-fn ack_log_start(env: &Env, group: &str, epoch: u64) -> Option<u64> {
-    ack_lines(env, group)
-        .find(|f| f.len() >= 4 && f[0] == "start" && f[2] == epoch.to_string())
-        .and_then(|f| f[3].parse().ok())
-}
-
-/// The ack log's lines, split into fields.
-fn ack_lines(env: &Env, group: &str) -> impl Iterator<Item = Vec<String>> {
-    let text = std::fs::read_to_string(env.ack_log(group)).unwrap_or_default();
-    let lines: Vec<Vec<String>> = text
-        .lines()
-        .map(|l| l.split(' ').map(str::to_string).collect())
-        .collect();
-    lines.into_iter()
-}
-
-async fn wait_acks(env: &Env, procs: &mut Procs, group: &str, epoch: u64) -> Result<(), DemoError> {
+async fn wait_acks(
+    env: &Env,
+    procs: &mut Processes,
+    group: &str,
+    epoch: u64,
+) -> Result<(), DemoError> {
     let end = tokio::time::Instant::now() + STEP_TIMEOUT;
-    while acks_in(env, group, epoch).len() < ACKS {
-        procs.check_alive()?;
+    while env.kit.acks_in(group, epoch).len() < ACKS {
+        check_alive(procs)?;
         if tokio::time::Instant::now() >= end {
             return Err(DemoError::Timeout {
                 what: format!("{group}'s guest (epoch {epoch}) to acknowledge {ACKS} writes"),
@@ -824,43 +825,8 @@ async fn wait_acks(env: &Env, procs: &mut Procs, group: &str, epoch: u64) -> Res
     Ok(())
 }
 
-/// The agents' events.jsonl, read as it grows.
-struct EventTail {
-    path: PathBuf,
-    /// Bytes already consumed (whole lines only).
-    offset: usize,
-}
-
-impl EventTail {
-    fn new(path: PathBuf) -> EventTail {
-        EventTail { path, offset: 0 }
-    }
-
-    fn skip_existing(&mut self) {
-        let _ = self.new_events();
-    }
-
-    fn new_events(&mut self) -> Vec<serde_json::Value> {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return vec![];
-        };
-        let Some(rest) = text.get(self.offset..) else {
-            return vec![];
-        };
-        // Only complete lines: an agent may be halfway through writing the last one.
-        let Some(end) = rest.rfind('\n') else {
-            return vec![];
-        };
-        self.offset += end + 1;
-        rest[..end]
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
 /// The tail of every log, for a failure report.
-fn diagnostics(dir: &Path) -> String {
+fn diagnostics(kit: &Layout) -> String {
     let mut names = vec!["target.log".to_string(), "events.jsonl".to_string()];
     for id in 1..=NODES {
         names.push(format!("agent{id}.log"));
@@ -871,60 +837,21 @@ fn diagnostics(dir: &Path) -> String {
     for (g, _, _) in GROUPS {
         names.push(format!("acks-{g}.log"));
     }
-    let mut s = String::new();
-    for n in names {
-        let Ok(text) = std::fs::read_to_string(dir.join(&n)) else {
-            continue;
-        };
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(15)..];
-        s.push_str(&format!("---- {n} (last {} lines)\n", tail.len()));
-        for l in tail {
-            s.push_str(l);
-            s.push('\n');
-        }
-    }
-    s
+    kit.log_tails(&names, 15)
 }
 
 // ---------------------------------------------------------------------------------------
 // Processes
 
-/// Start `holdfast ARGS` (this executable) with stderr appended to DIR/`log`, in its own
-/// process group (a Ctrl-C at the terminal reaches only the demo, which stops the rest),
-/// with SIGKILL as its parent-death signal (a killed demo leaves nothing running).
-fn spawn(env: &Env, args: &[&str], log: &str) -> Result<Child, DemoError> {
-    let what = format!("starting holdfast {}", args[0]);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(env.path(log))
-        .map_err(io_err(what.clone()))?;
-    let parent = std::process::id();
-    let mut cmd = Command::new(&env.exe);
-    cmd.args(args)
-        .env("HOLDFAST_LOG", CHILD_LOG)
-        // An error's first line is what the failure report needs, not its backtrace.
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file);
-    // SAFETY: between fork and exec, only async-signal-safe calls and no allocation.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // The demo died before the prctl: nobody would kill us.
-            if libc::getppid() as u32 != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(io_err(what))
+/// Start `holdfast ARGS` with stderr appended to DIR/`log`, leashed: its own process
+/// group (a Ctrl-C at the terminal reaches only the demo, which stops the rest) and
+/// SIGKILL as its parent-death signal (a killed demo leaves nothing running).
+fn spawn(env: &Env, args: &[&OsStr], log: &str) -> Result<Child, DemoError> {
+    let launch = Launch {
+        log_filter: CHILD_LOG,
+        leash: true,
+    };
+    Ok(env.kit.spawn(args, log, &launch)?)
 }
 
 /// Adopt the guests of dead agents (they are the agents' children, not ours), so that
@@ -933,40 +860,6 @@ fn become_subreaper() {
     // SAFETY: prctl with integer arguments only.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
-    }
-}
-
-/// Processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // The parent pid is the second field after the ")" that ends the command name.
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|x| x.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
-    }
-    out
-}
-
-fn sigkill(pid: i32) {
-    // SAFETY: kill(2) with a pid we started or adopted (still unreaped, so not reused);
-    // the negative form reaches its process group (guests lead their own).
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-        libc::kill(pid, libc::SIGKILL);
     }
 }
 
@@ -994,150 +887,72 @@ fn reap_orphans(keep: &[i32]) -> usize {
     n
 }
 
-/// The target and the agents, by node id.
-#[derive(Default)]
-struct Procs {
-    target: Option<Child>,
-    agents: BTreeMap<u16, Child>,
+/// An error if the target or an agent has exited.
+fn check_alive(procs: &mut Processes) -> Result<(), DemoError> {
+    match procs.exited() {
+        Some((what, status)) => Err(DemoError::Exited { what, status }),
+        None => Ok(()),
+    }
 }
 
-impl Procs {
-    /// An error if the target or an agent has exited.
-    fn check_alive(&mut self) -> Result<(), DemoError> {
-        let exited = |c: &mut Child| c.try_wait().ok().flatten();
-        if let Some(status) = self.target.as_mut().and_then(exited) {
-            self.target = None;
-            return Err(DemoError::Exited {
-                what: "the target".into(),
-                status,
-            });
-        }
-        for (&id, c) in self.agents.iter_mut() {
-            if let Some(status) = exited(c) {
-                self.agents.remove(&id);
-                return Err(DemoError::Exited {
-                    what: format!("the agent of {}", node_name(id)),
-                    status,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The agent of node `id` and its VMs (the guests it started).
-    fn node_pids(&self, id: u16) -> Vec<i32> {
-        let Some(a) = self.agents.get(&id) else {
-            return vec![];
-        };
-        let mut v = vec![a.id() as i32];
-        v.extend(children_of(a.id()));
-        v
-    }
-
-    /// kill -9 of a node: its agent and its guests at once, then reap them all.
-    fn kill_node(&mut self, id: u16) {
-        let pids = self.node_pids(id);
-        for &p in &pids {
-            sigkill(p);
-        }
-        if let Some(mut a) = self.agents.remove(&id) {
-            let _ = a.wait();
-        }
-        // The agent is reaped, so its guests have been handed to us (subreaper).
-        for &p in &pids[1..] {
-            let mut status = 0;
-            // SAFETY: waitpid with a status int we own; ECHILD if it is not ours.
-            unsafe { libc::waitpid(p, &mut status, 0) };
-        }
-    }
-
-    /// SIGTERM every agent (each hands its groups over and stops its guests) and wait.
-    async fn stop_agents(&mut self) -> Result<(), DemoError> {
-        let ids: Vec<u16> = self.agents.keys().copied().collect();
-        for c in self.agents.values() {
-            // SAFETY: kill(2) on our own unreaped child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-        let mut failures = Vec::new();
-        for id in ids {
-            let Some(c) = self.agents.get_mut(&id) else {
-                continue;
-            };
-            match wait_exit(c).await {
-                Some(s) => {
-                    // Reaped: forget it (its pid may be reused from now on).
-                    self.agents.remove(&id);
-                    if !s.success() {
-                        failures.push(format!("the agent of {} exited {s}", node_name(id)));
-                    }
-                }
-                // Left in place for kill_all.
-                None => failures.push(format!(
-                    "the agent of {} did not stop within {} s of SIGTERM",
-                    node_name(id),
-                    STOP_TIMEOUT.as_secs()
-                )),
-            }
-        }
-        let keep: Vec<i32> = self.all_pids();
-        let stray = reap_orphans(&keep);
-        if stray > 0 {
-            failures.push(format!("{stray} guest(s) outlived their agent"));
-        }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(DemoError::Failed(failures.join("; ")))
-        }
-    }
-
-    async fn stop_target(&mut self) -> Result<(), DemoError> {
-        let Some(c) = self.target.as_mut() else {
-            return Ok(());
-        };
+/// SIGTERM every agent (each hands its groups over and stops its guests) and wait.
+async fn stop_agents(procs: &mut Processes) -> Result<(), DemoError> {
+    let ids: Vec<u16> = procs.agents.keys().copied().collect();
+    for c in procs.agents.values() {
         // SAFETY: kill(2) on our own unreaped child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    let mut failures = Vec::new();
+    for id in ids {
+        let Some(c) = procs.agents.get_mut(&id) else {
+            continue;
+        };
         match wait_exit(c).await {
-            Some(s) if s.success() => {
-                self.target = None;
-                Ok(())
-            }
             Some(s) => {
-                self.target = None;
-                Err(DemoError::Failed(format!("the target exited {s}")))
+                // Reaped: forget it (its pid may be reused from now on).
+                procs.agents.remove(&id);
+                if !s.success() {
+                    failures.push(format!("the agent of {} exited {s}", node_name(id)));
+                }
             }
-            None => Err(DemoError::Failed(format!(
-                "the target did not stop within {} s of SIGTERM",
+            // Left in place for kill_all.
+            None => failures.push(format!(
+                "the agent of {} did not stop within {} s of SIGTERM",
+                node_name(id),
                 STOP_TIMEOUT.as_secs()
-            ))),
+            )),
         }
     }
-
-    fn all_pids(&self) -> Vec<i32> {
-        self.agents
-            .values()
-            .chain(self.target.iter())
-            .map(|c| c.id() as i32)
-            .collect()
+    let stray = reap_orphans(&procs.all_pids());
+    if stray > 0 {
+        failures.push(format!("{stray} guest(s) outlived their agent"));
     }
-
-    /// SIGKILL whatever still runs: the agents with their guests, then the target.
-    fn kill_all(&mut self) {
-        let ids: Vec<u16> = self.agents.keys().copied().collect();
-        for id in ids {
-            self.kill_node(id);
-        }
-        if let Some(mut t) = self.target.take() {
-            sigkill(t.id() as i32);
-            let _ = t.wait();
-        }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(DemoError::Failed(failures.join("; ")))
     }
 }
 
-impl Drop for Procs {
-    fn drop(&mut self) {
-        // A panic must not leave processes behind either.
-        self.kill_all();
+async fn stop_target(procs: &mut Processes) -> Result<(), DemoError> {
+    let Some(c) = procs.target.as_mut() else {
+        return Ok(());
+    };
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    match wait_exit(c).await {
+        Some(s) if s.success() => {
+            procs.target = None;
+            Ok(())
+        }
+        Some(s) => {
+            procs.target = None;
+            Err(DemoError::Failed(format!("the target exited {s}")))
+        }
+        None => Err(DemoError::Failed(format!(
+            "the target did not stop within {} s of SIGTERM",
+            STOP_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -1277,6 +1277,20 @@ impl Guest {
         })
         .await
     }
+
+    /// The disk's layout (from its capacity) and what is on it.
+    async fn setup(&mut self) -> Result<(Layout, DiskContents), Fail> {
+        let lun = self.lun;
+        let (last_lba, bs) = self
+            .command("read capacity", move |s: Session| async move {
+                s.read_capacity16(lun).await
+            })
+            .await?;
+        let layout = Layout::new(last_lba.saturating_add(1), bs)
+            .map_err(|e| Fail::Fatal(InitiatorError::InvalidRequest(e.to_string())))?;
+        let disk = self.scan(layout).await?;
+        Ok((layout, disk))
+    }
 }
 
 /// `holdfast guest run`: returns the exit status. Errors are what stops it before it
@@ -1286,19 +1300,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
     let cfg = initiator_config(&url, &a.initiator_name, (&a.chap_user, &a.chap_secret))?;
     let instance = a.instance.unwrap_or_else(rand::random);
     // A state file that cannot be read fails the start before anything is written.
-    let saved = match (&a.state_file, a.restore) {
-        (Some(p), true) => read_state(p)?,
-        _ => None,
-    };
-    if let Some(s) = &saved {
-        if s.epoch >= a.epoch {
-            warn!(
-                saved = s.epoch,
-                ours = a.epoch,
-                "restoring a state saved by the same or a later epoch"
-            );
-        }
-    }
+    let saved = saved_state(a)?;
     let mut log = AckLog::open(&a.ack_log)?;
     let stop = install_signals().map_err(GuestError::Signals)?;
     let mut g = Guest {
@@ -1331,19 +1333,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
             .into());
         }
     }
-    let lun = g.lun;
-    let setup = async {
-        let (last_lba, bs) = g
-            .command("read capacity", move |s: Session| async move {
-                s.read_capacity16(lun).await
-            })
-            .await?;
-        let layout = Layout::new(last_lba.saturating_add(1), bs)
-            .map_err(|e| Fail::Fatal(InitiatorError::InvalidRequest(e.to_string())))?;
-        let disk = g.scan(layout).await?;
-        Ok::<_, Fail>((layout, disk))
-    };
-    let (layout, disk) = match setup.await {
+    let (layout, disk) = match g.setup().await {
         Ok(v) => v,
         Err(f) => {
             let (reason, code, err) = ending_of_setup(f);
@@ -1376,92 +1366,147 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
         }
     }
 
-    let mut next = first;
-    let mut acked: u64 = 0;
-    let limit_reached = |acked: u64| {
-        if a.fail_after.is_some_and(|n| acked >= n) {
+    let mut w = Writer {
+        a,
+        instance,
+        layout,
+        next: first,
+        acked: 0,
+    };
+    let ending = w.write_until_done(&mut g, &mut log).await?;
+    let (reason, code) = ending_status(&ending, a, instance, w.next);
+    // Clean stops log out; a crash (or a fenced guest) just goes away.
+    if code == 0 {
+        if let Some(s) = g.session.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.logout()).await;
+        }
+    }
+    if let Err(e) = exit(&mut log, reason) {
+        eprintln!("holdfast guest run: {e}");
+    }
+    info!(instance = %Instance(instance), epoch = a.epoch, acked = w.acked, reason, code, "guest exits");
+    Ok(code)
+}
+
+/// The state to restore (`--restore` with a `--state-file`), if any.
+fn saved_state(a: &RunArgs) -> Result<Option<SavedState>, GuestError> {
+    let saved = match (&a.state_file, a.restore) {
+        (Some(p), true) => read_state(p)?,
+        _ => None,
+    };
+    if let Some(s) = &saved {
+        if s.epoch >= a.epoch {
+            warn!(
+                saved = s.epoch,
+                ours = a.epoch,
+                "restoring a state saved by the same or a later epoch"
+            );
+        }
+    }
+    Ok(saved)
+}
+
+/// The write loop of one run: a counter per write, each acknowledged one logged.
+struct Writer<'a> {
+    a: &'a RunArgs,
+    instance: u64,
+    layout: Layout,
+    /// The counter of the next write.
+    next: u64,
+    acked: u64,
+}
+
+impl Writer<'_> {
+    /// Write until a signal, a limit, a conflict or an error ends the run. Errors are
+    /// ack log failures (an acknowledged write that cannot be logged ends everything).
+    async fn write_until_done(
+        &mut self,
+        g: &mut Guest,
+        log: &mut AckLog,
+    ) -> Result<Ending, GuestError> {
+        loop {
+            if let Some(s) = g.stop_requested() {
+                return Ok(Ending::Signal(s));
+            }
+            if let Some(e) = self.limit_reached() {
+                return Ok(e);
+            }
+            if let Some(e) = self.write_one(g, log).await? {
+                return Ok(e);
+            }
+            if let Some(e) = self.limit_reached() {
+                return Ok(e);
+            }
+            if let Err(s) = g.pause(self.a.interval).await {
+                return Ok(Ending::Signal(s));
+            }
+        }
+    }
+
+    fn limit_reached(&self) -> Option<Ending> {
+        if self.a.fail_after.is_some_and(|n| self.acked >= n) {
             Some(Ending::FailAfter)
-        } else if a.exit_after.is_some_and(|n| acked >= n) {
+        } else if self.a.exit_after.is_some_and(|n| self.acked >= n) {
             Some(Ending::ExitAfter)
         } else {
             None
         }
-    };
-    let ending = loop {
-        if let Some(s) = g.stop_requested() {
-            break Ending::Signal(s);
-        }
-        if let Some(e) = limit_reached(acked) {
-            break e;
-        }
+    }
+
+    /// One write of the next counter; Some when it ends the run.
+    async fn write_one(
+        &mut self,
+        g: &mut Guest,
+        log: &mut AckLog,
+    ) -> Result<Option<Ending>, GuestError> {
+        let (instance, epoch, counter) = (self.instance, self.a.epoch, self.next);
         let r = Record {
             instance,
-            epoch: a.epoch,
-            counter: next,
+            epoch,
+            counter,
         };
-        match g.write(layout, r).await {
+        match g.write(self.layout, r).await {
             Ok(()) => {
                 log.log(&AckEvent::Ack {
                     instance,
-                    epoch: a.epoch,
-                    counter: next,
+                    epoch,
+                    counter,
                 })?;
-                acked += 1;
+                self.acked += 1;
                 // A forged record near u64::MAX must not make us wrap (or panic).
-                match next.checked_add(1) {
-                    Some(n) => next = n,
-                    None => break Ending::Error("counter space exhausted".into()),
+                match counter.checked_add(1) {
+                    Some(n) => self.next = n,
+                    None => return Ok(Some(Ending::Error("counter space exhausted".into()))),
                 }
+                Ok(None)
             }
             Err(Fail::Conflict) => {
                 // The exit status must say "fenced" even if the log cannot.
                 if let Err(e) = log.log(&AckEvent::Conflict {
                     instance,
-                    epoch: a.epoch,
-                    counter: next,
+                    epoch,
+                    counter,
                 }) {
                     eprintln!("holdfast guest run: {e}");
                 }
-                break Ending::Conflict;
+                Ok(Some(Ending::Conflict))
             }
-            Err(Fail::Stopped(s)) => break Ending::Signal(s),
-            Err(Fail::Lost) => break Ending::ConnectionLost,
-            Err(Fail::Fatal(e)) => break Ending::Error(e.to_string()),
+            Err(Fail::Stopped(s)) => Ok(Some(Ending::Signal(s))),
+            Err(Fail::Lost) => Ok(Some(Ending::ConnectionLost)),
+            Err(Fail::Fatal(e)) => Ok(Some(Ending::Error(e.to_string()))),
         }
-        if let Some(e) = limit_reached(acked) {
-            break e;
-        }
-        if let Err(s) = g.pause(a.interval).await {
-            break Ending::Signal(s);
-        }
-    };
+    }
+}
 
-    let (reason, code) = match &ending {
+/// The exit reason (for the ack log) and status of a run that ended so; a save request
+/// writes the state file here.
+fn ending_status(ending: &Ending, a: &RunArgs, instance: u64, next: u64) -> (&'static str, i32) {
+    match ending {
         Ending::ExitAfter => ("exit-after", 0),
         Ending::FailAfter => ("fail-after", EXIT_FAILURE),
         Ending::Signal(Stop::Term) => ("sigterm", 0),
         Ending::Signal(Stop::Int) => ("sigint", 0),
-        Ending::Signal(Stop::Save) => {
-            let state = SavedState {
-                // The last acknowledged counter (first - 1 when none was).
-                counter: next - 1,
-                instance: Instance(instance).to_string(),
-                epoch: a.epoch,
-            };
-            match a.state_file.as_deref() {
-                Some(p) => match write_state(p, &state) {
-                    Ok(()) => ("saved", 0),
-                    Err(e) => {
-                        eprintln!("holdfast guest run: save failed: {e}");
-                        ("save-failed", EXIT_FAILURE)
-                    }
-                },
-                None => {
-                    eprintln!("holdfast guest run: SIGUSR1 without --state-file: nothing saved");
-                    ("save-failed", EXIT_FAILURE)
-                }
-            }
-        }
+        Ending::Signal(Stop::Save) => save(a, instance, next),
         Ending::Conflict => ("conflict", EXIT_CONFLICT),
         Ending::ConnectionLost => {
             eprintln!(
@@ -1474,18 +1519,30 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
             eprintln!("holdfast guest run: {e}");
             ("error", EXIT_FAILURE)
         }
+    }
+}
+
+/// SIGUSR1: save the last acknowledged counter to the state file.
+fn save(a: &RunArgs, instance: u64, next: u64) -> (&'static str, i32) {
+    let state = SavedState {
+        // The last acknowledged counter (first - 1 when none was).
+        counter: next - 1,
+        instance: Instance(instance).to_string(),
+        epoch: a.epoch,
     };
-    // Clean stops log out; a crash (or a fenced guest) just goes away.
-    if code == 0 {
-        if let Some(s) = g.session.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.logout()).await;
+    match a.state_file.as_deref() {
+        Some(p) => match write_state(p, &state) {
+            Ok(()) => ("saved", 0),
+            Err(e) => {
+                eprintln!("holdfast guest run: save failed: {e}");
+                ("save-failed", EXIT_FAILURE)
+            }
+        },
+        None => {
+            eprintln!("holdfast guest run: SIGUSR1 without --state-file: nothing saved");
+            ("save-failed", EXIT_FAILURE)
         }
     }
-    if let Err(e) = exit(&mut log, reason) {
-        eprintln!("holdfast guest run: {e}");
-    }
-    info!(instance = %Instance(instance), epoch = a.epoch, acked, reason, code, "guest exits");
-    Ok(code)
 }
 
 fn ending_of_setup(f: Fail) -> (&'static str, i32, Option<String>) {

@@ -294,48 +294,12 @@ impl PrOutcome {
 impl fmt::Display for PrOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PrOutcome::ReadKeys { generation, keys } => {
-                if keys.is_empty() {
-                    writeln!(
-                        f,
-                        "  PR generation={generation:#x}, there are NO registered reservation keys"
-                    )
-                } else {
-                    writeln!(
-                        f,
-                        "  PR generation={generation:#x}, {} registered reservation key{} follow{}:",
-                        keys.len(),
-                        if keys.len() == 1 { "" } else { "s" },
-                        if keys.len() == 1 { "s" } else { "" },
-                    )?;
-                    keys.iter().try_for_each(|k| writeln!(f, "    {:#x}", k.0))
-                }
-            }
+            PrOutcome::ReadKeys { generation, keys } => fmt_keys(f, *generation, keys),
             PrOutcome::ReadReservation {
                 generation,
                 reservation,
                 held_by_key,
-            } => match reservation {
-                None => writeln!(
-                    f,
-                    "  PR generation={generation:#x}, there is NO reservation held"
-                ),
-                Some(r) => {
-                    writeln!(f, "  PR generation={generation:#x}, Reservation follows:")?;
-                    writeln!(f, "    Key={:#x}", r.key)?;
-                    writeln!(
-                        f,
-                        "    scope: {},  type: {}",
-                        scope_name(r.scope),
-                        r.type_.description()
-                    )?;
-                    match held_by_key {
-                        Some(true) => writeln!(f, "    held by this key"),
-                        Some(false) => writeln!(f, "    held by another key"),
-                        None => Ok(()),
-                    }
-                }
-            },
+            } => fmt_reservation(f, *generation, reservation.as_ref(), *held_by_key),
             PrOutcome::ReadFullStatus {
                 generation,
                 registrations,
@@ -344,76 +308,11 @@ impl fmt::Display for PrOutcome {
                 if registrations.is_empty() {
                     writeln!(f, "    No full status descriptors")?;
                 }
-                for r in registrations {
-                    writeln!(f, "    Key={:#x}", r.key)?;
-                    writeln!(
-                        f,
-                        "      All target ports bit {}",
-                        if r.all_tg_pt { "set" } else { "clear" }
-                    )?;
-                    writeln!(
-                        f,
-                        "      Relative port address: {:#x}",
-                        r.relative_target_port
-                    )?;
-                    match (r.holder, r.type_) {
-                        (true, Some(t)) => {
-                            writeln!(f, "      << Reservation holder >>")?;
-                            writeln!(
-                                f,
-                                "      scope: {},  type: {}",
-                                scope_name(r.scope),
-                                t.description()
-                            )?;
-                        }
-                        (true, None) => writeln!(f, "      << Reservation holder >>")?,
-                        (false, _) => writeln!(f, "      not reservation holder")?,
-                    }
-                    writeln!(f, "      Transport Id of initiator:")?;
-                    match r.transport_id.isid {
-                        Some(_) => {
-                            writeln!(f, "        iSCSI name and session id: {}", r.transport_id)?
-                        }
-                        None => writeln!(f, "        iSCSI name: {}", r.transport_id)?,
-                    }
-                }
-                Ok(())
+                registrations
+                    .iter()
+                    .try_for_each(|r| fmt_registration(f, r))
             }
-            PrOutcome::Capabilities { capabilities: c } => {
-                let b = u8::from;
-                writeln!(f, "Report capabilities response:")?;
-                writeln!(
-                    f,
-                    "  Replace Lost Reservation Capable(RLR_C): {}",
-                    b(c.rlr_c)
-                )?;
-                writeln!(f, "  Compatible Reservation Handling(CRH): {}", b(c.crh))?;
-                writeln!(
-                    f,
-                    "  Specify Initiator Ports Capable(SIP_C): {}",
-                    b(c.sip_c)
-                )?;
-                writeln!(f, "  All Target Ports Capable(ATP_C): {}", b(c.atp_c))?;
-                writeln!(
-                    f,
-                    "  Persist Through Power Loss Capable(PTPL_C): {}",
-                    b(c.ptpl_c)
-                )?;
-                writeln!(f, "  Type Mask Valid(TMV): {}", b(c.tmv))?;
-                writeln!(f, "  Allow Commands: {}", c.allow_commands)?;
-                writeln!(
-                    f,
-                    "  Persist Through Power Loss Active(PTPL_A): {}",
-                    b(c.ptpl_a)
-                )?;
-                if c.tmv {
-                    writeln!(f, "    Support indicated in Type mask:")?;
-                    for t in PrType::ALL {
-                        writeln!(f, "      {}: {}", t.description(), b(c.types.contains(&t)))?;
-                    }
-                }
-                Ok(())
-            }
+            PrOutcome::Capabilities { capabilities: c } => fmt_capabilities(f, c),
             PrOutcome::Prout { service_action } => {
                 writeln!(f, "PR out: command ({service_action}) successful")
             }
@@ -422,6 +321,114 @@ impl fmt::Display for PrOutcome {
             }
         }
     }
+}
+
+// The human forms follow sg_persist's, so that scripts and eyes used to it read them.
+
+fn fmt_keys(f: &mut fmt::Formatter<'_>, generation: u32, keys: &[Key]) -> fmt::Result {
+    if keys.is_empty() {
+        return writeln!(
+            f,
+            "  PR generation={generation:#x}, there are NO registered reservation keys"
+        );
+    }
+    writeln!(
+        f,
+        "  PR generation={generation:#x}, {} registered reservation key{} follow{}:",
+        keys.len(),
+        if keys.len() == 1 { "" } else { "s" },
+        if keys.len() == 1 { "s" } else { "" },
+    )?;
+    keys.iter().try_for_each(|k| writeln!(f, "    {:#x}", k.0))
+}
+
+fn fmt_reservation(
+    f: &mut fmt::Formatter<'_>,
+    generation: u32,
+    reservation: Option<&Reservation>,
+    held_by_key: Option<bool>,
+) -> fmt::Result {
+    let Some(r) = reservation else {
+        return writeln!(
+            f,
+            "  PR generation={generation:#x}, there is NO reservation held"
+        );
+    };
+    writeln!(f, "  PR generation={generation:#x}, Reservation follows:")?;
+    writeln!(f, "    Key={:#x}", r.key)?;
+    writeln!(
+        f,
+        "    scope: {},  type: {}",
+        scope_name(r.scope),
+        r.type_.description()
+    )?;
+    match held_by_key {
+        Some(true) => writeln!(f, "    held by this key"),
+        Some(false) => writeln!(f, "    held by another key"),
+        None => Ok(()),
+    }
+}
+
+/// One descriptor of READ FULL STATUS.
+fn fmt_registration(f: &mut fmt::Formatter<'_>, r: &FullStatus) -> fmt::Result {
+    writeln!(f, "    Key={:#x}", r.key)?;
+    writeln!(
+        f,
+        "      All target ports bit {}",
+        if r.all_tg_pt { "set" } else { "clear" }
+    )?;
+    writeln!(
+        f,
+        "      Relative port address: {:#x}",
+        r.relative_target_port
+    )?;
+    match (r.holder, r.type_) {
+        (true, Some(t)) => {
+            writeln!(f, "      << Reservation holder >>")?;
+            writeln!(
+                f,
+                "      scope: {},  type: {}",
+                scope_name(r.scope),
+                t.description()
+            )?;
+        }
+        (true, None) => writeln!(f, "      << Reservation holder >>")?,
+        (false, _) => writeln!(f, "      not reservation holder")?,
+    }
+    writeln!(f, "      Transport Id of initiator:")?;
+    match r.transport_id.isid {
+        Some(_) => writeln!(f, "        iSCSI name and session id: {}", r.transport_id),
+        None => writeln!(f, "        iSCSI name: {}", r.transport_id),
+    }
+}
+
+fn fmt_capabilities(f: &mut fmt::Formatter<'_>, c: &Capabilities) -> fmt::Result {
+    let b = u8::from;
+    writeln!(f, "Report capabilities response:")?;
+    let bits = [
+        ("Replace Lost Reservation Capable(RLR_C)", c.rlr_c),
+        ("Compatible Reservation Handling(CRH)", c.crh),
+        ("Specify Initiator Ports Capable(SIP_C)", c.sip_c),
+        ("All Target Ports Capable(ATP_C)", c.atp_c),
+        ("Persist Through Power Loss Capable(PTPL_C)", c.ptpl_c),
+        ("Type Mask Valid(TMV)", c.tmv),
+    ];
+    for (name, bit) in bits {
+        writeln!(f, "  {name}: {}", b(bit))?;
+    }
+    writeln!(f, "  Allow Commands: {}", c.allow_commands)?;
+    writeln!(
+        f,
+        "  Persist Through Power Loss Active(PTPL_A): {}",
+        b(c.ptpl_a)
+    )?;
+    if c.tmv {
+        writeln!(f, "    Support indicated in Type mask:")?;
+        for t in PrType::ALL {
+            writeln!(f, "      {}: {}", t.description(), b(c.types.contains(&t)))?;
+        }
+    }
+    Ok(())
 }
 
 fn scope_name(scope: u8) -> String {
@@ -565,17 +572,6 @@ async fn run_session(
 }
 
 async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, InitiatorError> {
-    // validate() has checked that the options each action reads are present.
-    let ty = a.type_.unwrap_or(PrType::WriteExclusive);
-    let sa_key = a.sa_key.unwrap_or(0);
-    let flags = RegisterFlags {
-        aptpl: a.aptpl,
-        all_tg_pt: a.all_tg_pt,
-        spec_i_pt: a.spec_i_pt.clone(),
-    };
-    let done = PrOutcome::Prout {
-        service_action: a.action.command_name(),
-    };
     Ok(match a.action {
         PrAction::ReadKeys => {
             let (generation, keys) = s.read_keys(lun).await?;
@@ -584,22 +580,7 @@ async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, Initiat
                 keys: keys.into_iter().map(Key).collect(),
             }
         }
-        PrAction::ReadReservation => {
-            let (generation, reservation) = s.read_reservation(lun).await?;
-            // "Held by me" needs a key to compare with; with an all-registrants type the
-            // reported key is 0 and every registrant holds it, so only a registered
-            // caller could tell, and READ RESERVATION cannot say who is registered.
-            let held_by_key = (a.key != 0).then(|| {
-                reservation
-                    .as_ref()
-                    .is_some_and(|r| r.key == a.key && !r.type_.all_registrants())
-            });
-            PrOutcome::ReadReservation {
-                generation,
-                reservation,
-                held_by_key,
-            }
-        }
+        PrAction::ReadReservation => read_reservation(s, lun, a.key).await?,
         PrAction::ReadFullStatus => {
             let (generation, registrations) = s.read_full_status(lun).await?;
             PrOutcome::ReadFullStatus {
@@ -610,34 +591,51 @@ async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, Initiat
         PrAction::Capabilities => PrOutcome::Capabilities {
             capabilities: s.report_capabilities(lun).await?,
         },
-        PrAction::Register => {
-            s.register(lun, a.key, sa_key, &flags).await?;
-            done
+        PrAction::WriteTest => write_test(s, lun, a.lba).await?,
+        _ => {
+            pr_out(s, a, lun).await?;
+            PrOutcome::Prout {
+                service_action: a.action.command_name(),
+            }
         }
-        PrAction::RegisterIgnore => {
-            s.register_ignore(lun, sa_key, &flags).await?;
-            done
-        }
-        PrAction::Reserve => {
-            s.reserve(lun, a.key, ty).await?;
-            done
-        }
-        PrAction::Release => {
-            s.release(lun, a.key, ty).await?;
-            done
-        }
-        PrAction::Clear => {
-            s.clear(lun, a.key).await?;
-            done
-        }
-        PrAction::Preempt => {
-            s.preempt(lun, a.key, sa_key, ty).await?;
-            done
-        }
-        PrAction::PreemptAbort => {
-            s.preempt_and_abort(lun, a.key, sa_key, ty).await?;
-            done
-        }
+    })
+}
+
+async fn read_reservation(s: &Session, lun: u64, key: u64) -> Result<PrOutcome, InitiatorError> {
+    let (generation, reservation) = s.read_reservation(lun).await?;
+    // "Held by me" needs a key to compare with; with an all-registrants type the
+    // reported key is 0 and every registrant holds it, so only a registered
+    // caller could tell, and READ RESERVATION cannot say who is registered.
+    let held_by_key = (key != 0).then(|| {
+        reservation
+            .as_ref()
+            .is_some_and(|r| r.key == key && !r.type_.all_registrants())
+    });
+    Ok(PrOutcome::ReadReservation {
+        generation,
+        reservation,
+        held_by_key,
+    })
+}
+
+/// The PERSISTENT RESERVE OUT actions.
+async fn pr_out(s: &Session, a: &PrArgs, lun: u64) -> Result<(), InitiatorError> {
+    // validate() has checked that the options each action reads are present.
+    let ty = a.type_.unwrap_or(PrType::WriteExclusive);
+    let sa_key = a.sa_key.unwrap_or(0);
+    let flags = RegisterFlags {
+        aptpl: a.aptpl,
+        all_tg_pt: a.all_tg_pt,
+        spec_i_pt: a.spec_i_pt.clone(),
+    };
+    match a.action {
+        PrAction::Register => s.register(lun, a.key, sa_key, &flags).await,
+        PrAction::RegisterIgnore => s.register_ignore(lun, sa_key, &flags).await,
+        PrAction::Reserve => s.reserve(lun, a.key, ty).await,
+        PrAction::Release => s.release(lun, a.key, ty).await,
+        PrAction::Clear => s.clear(lun, a.key).await,
+        PrAction::Preempt => s.preempt(lun, a.key, sa_key, ty).await,
+        PrAction::PreemptAbort => s.preempt_and_abort(lun, a.key, sa_key, ty).await,
         PrAction::RegisterMove => {
             let tid = a
                 .transport_id
@@ -653,28 +651,29 @@ async fn execute(s: &Session, a: &PrArgs, lun: u64) -> Result<PrOutcome, Initiat
                 a.aptpl,
                 tid,
             )
-            .await?;
-            done
+            .await
         }
-        PrAction::ReplaceLost => {
-            s.replace_lost_reservation(lun, a.key, ty).await?;
-            done
-        }
-        PrAction::WriteTest => {
-            let (_, block_size) = s.read_capacity16(lun).await?;
-            // A recognisable block: who wrote it, padded with zeros.
-            let mut block = vec![0u8; block_size as usize];
-            let tag = format!("holdfast pr write-test from {}\n", s.initiator_name());
-            let n = tag.len().min(block.len());
-            block[..n].copy_from_slice(&tag.as_bytes()[..n]);
-            s.write16(lun, a.lba, block.into(), block_size, true)
-                .await?;
-            PrOutcome::WriteTest {
-                lba: a.lba,
-                block_size,
-            }
-        }
-    })
+        PrAction::ReplaceLost => s.replace_lost_reservation(lun, a.key, ty).await,
+        PrAction::ReadKeys
+        | PrAction::ReadReservation
+        | PrAction::ReadFullStatus
+        | PrAction::Capabilities
+        | PrAction::WriteTest => Err(InitiatorError::InvalidRequest(format!(
+            "{} is not a PERSISTENT RESERVE OUT action",
+            a.action.name()
+        ))),
+    }
+}
+
+/// Write one recognisable block (who wrote it, padded with zeros) at `lba`.
+async fn write_test(s: &Session, lun: u64, lba: u64) -> Result<PrOutcome, InitiatorError> {
+    let (_, block_size) = s.read_capacity16(lun).await?;
+    let mut block = vec![0u8; block_size as usize];
+    let tag = format!("holdfast pr write-test from {}\n", s.initiator_name());
+    let n = tag.len().min(block.len());
+    block[..n].copy_from_slice(&tag.as_bytes()[..n]);
+    s.write16(lun, lba, block.into(), block_size, true).await?;
+    Ok(PrOutcome::WriteTest { lba, block_size })
 }
 
 /// One `holdfast pr` invocation: prints the outcome (or the error) and returns the exit

@@ -168,7 +168,7 @@ pub struct TargetConfig {
     #[serde(default, rename = "lun")]
     pub luns: Vec<LunConfig>,
     /// Initiators allowed (absent or empty: every initiator).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acl: Vec<AclConfig>,
     /// CHAP required for normal sessions to this target.
     #[serde(default)]
@@ -219,6 +219,24 @@ pub struct LunConfig {
     pub thin_provisioning: bool,
     #[serde(default)]
     pub product: Option<String>,
+}
+
+impl LunConfig {
+    /// A LUN with every optional setting at its default (what an omitted key means).
+    pub fn new(id: u64, path: impl Into<PathBuf>, size: ByteSize) -> LunConfig {
+        LunConfig {
+            id,
+            path: path.into(),
+            size,
+            serial: None,
+            read_only: false,
+            block_size: default_block_size(),
+            physical_block_size: None,
+            write_cache: true,
+            thin_provisioning: true,
+            product: None,
+        }
+    }
 }
 
 fn default_block_size() -> u32 {

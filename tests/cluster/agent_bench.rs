@@ -19,6 +19,7 @@
 use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec, LineTail};
+use holdfast::agent::config::OfflineAction;
 use holdfast::agent::node::mono_ns;
 use holdfast::agent::quorum::GroupState;
 use serde_json::{json, Value};
@@ -331,7 +332,7 @@ async fn failover_bench() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("failover-bench.json"));
     let mut g = GroupSpec::new(GROUP, 1);
     g.preferred = vec![node_name(1), node_name(2), node_name(3)];
-    g.extra = "offline_action = \"save\"\n".into();
+    g.settings.offline_action = OfflineAction::Save;
     // Default timings: no [timings] lines.
     let mut c = Cluster::new(3, vec![g]).await;
     for id in 1..=3 {

@@ -5,6 +5,7 @@
 use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec};
+use holdfast::agent::config::{Failback, OfflineAction};
 use holdfast::agent::quorum::{AdminState, GroupState};
 use std::time::{Duration, Instant};
 
@@ -153,9 +154,10 @@ async fn two_survivors_racing_for_a_group_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_threshold_then_failover() {
     let mut g = preferred("flaky", 1, &[1, 2, 3]);
-    g.extra = "restart_threshold = 2\nrestart_period = \"10min\"\n".into();
+    g.settings.restart_threshold = 2;
+    g.settings.restart_period = Duration::from_secs(600);
     // Each run crashes (exit 1) after 10 acknowledged writes.
-    g.guest_args = vec!["--fail-after".into(), "10".into()];
+    g.guest_args.extend(["--fail-after".into(), "10".into()]);
     let mut c = three_nodes(vec![g]).await;
     // Node 1 starts it, restarts it twice, then gives it up; node 2 takes it.
     let r = c
@@ -181,7 +183,8 @@ async fn restart_threshold_then_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_to_the_preferred_owner_when_it_returns() {
     let mut g = preferred("app", 1, &[1, 2]);
-    g.extra = "failback = \"immediately\"\noffline_action = \"save\"\n".into();
+    g.settings.failback = Failback::Immediately;
+    g.settings.offline_action = OfflineAction::Save;
     let mut c = three_nodes(vec![g]).await;
     let r = c.wait_running("app", Some(1), T).await;
     c.wait_acks("app", r.epoch, 10, T).await;
@@ -206,7 +209,7 @@ async fn failback_to_the_preferred_owner_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_move_saves_hands_over_and_restores() {
     let mut g = preferred("vm1", 1, &[1, 2, 3]);
-    g.extra = "offline_action = \"save\"\n".into();
+    g.settings.offline_action = OfflineAction::Save;
     let c = three_nodes(vec![g]).await;
     let r = c.wait_running("vm1", Some(1), T).await;
     c.wait_acks("vm1", r.epoch, 10, T).await;
@@ -270,7 +273,7 @@ async fn maintenance_keeps_a_stopped_guest_stopped() {
 async fn a_guest_shut_down_by_its_admin_is_not_restarted() {
     let mut g = preferred("quiet", 1, &[1, 2]);
     // The guest exits 0 after 15 writes: its administrator shut it down.
-    g.guest_args = vec!["--exit-after".into(), "15".into()];
+    g.guest_args.extend(["--exit-after".into(), "15".into()]);
     let mut c = three_nodes(vec![g]).await;
     let r = c
         .wait_record("quiet", T, "offline after a clean shutdown", |r| {
@@ -378,7 +381,7 @@ async fn drain_moves_groups_away_and_status_shows_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_an_agent_hands_its_groups_over() {
     let mut g = preferred("h", 1, &[1, 2, 3]);
-    g.extra = "offline_action = \"save\"\n".into();
+    g.settings.offline_action = OfflineAction::Save;
     let mut c = three_nodes(vec![g]).await;
     let r = c.wait_running("h", Some(1), T).await;
     c.wait_acks("h", r.epoch, 10, T).await;

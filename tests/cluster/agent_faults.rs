@@ -16,6 +16,7 @@
 use crate::common;
 
 use common::cluster::{node_name, AckTally, Cluster, GroupSpec};
+use holdfast::agent::config::OfflineAction;
 use holdfast::agent::quorum::{GroupState, NodeState, QuorumImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -316,7 +317,7 @@ async fn random_faults_keep_every_group_safe_and_running() {
     a.preferred = vec![node_name(1), node_name(2), node_name(3)];
     let mut b = GroupSpec::new("b", 2);
     b.preferred = vec![node_name(2), node_name(3)];
-    b.extra = "offline_action = \"save\"\n".into();
+    b.settings.offline_action = OfflineAction::Save;
     let c = GroupSpec::new("c", 3);
     let mut cluster = Cluster::new(NODES, vec![a, b, c]).await;
     let since = holdfast::agent::node::mono_ns();
