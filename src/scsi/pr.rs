@@ -155,6 +155,14 @@ pub struct ProutEffects {
 }
 
 impl ProutEffects {
+    /// The state changed and nothing else is asked.
+    fn changed() -> Self {
+        ProutEffects {
+            changed: true,
+            ..Default::default()
+        }
+    }
+
     fn ua(&mut self, to: Vec<RegId>, (asc, ascq): (u8, u8)) {
         if !to.is_empty() {
             self.uas.push(UaNotice { to, asc, ascq });
@@ -466,21 +474,21 @@ impl PrState {
         }
     }
 
+    /// Registration `i` now holds a reservation of type `ty`.
+    fn reserve_for(&mut self, i: usize, ty: PrType) -> Result<ProutEffects, CmdError> {
+        self.reservation = Some(Reservation {
+            holder: self.registrations[i].id.clone(),
+            ty,
+        });
+        Ok(ProutEffects::changed())
+    }
+
     fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> Result<ProutEffects, CmdError> {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if self.holds(i) && res.ty == ty => Ok(ProutEffects::default()),
             Some(_) => conflict(),
-            None => {
-                self.reservation = Some(Reservation {
-                    holder: self.registrations[i].id.clone(),
-                    ty,
-                });
-                Ok(ProutEffects {
-                    changed: true,
-                    ..Default::default()
-                })
-            }
+            None => self.reserve_for(i, ty),
         }
     }
 
@@ -514,10 +522,7 @@ impl PrState {
     fn clear(&mut self, n: &ItNexus, p: &Params) -> Result<ProutEffects, CmdError> {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
-        let mut fx = ProutEffects {
-            changed: true,
-            ..Default::default()
-        };
+        let mut fx = ProutEffects::changed();
         fx.ua(self.ids_except(|r| r.id == me), ua::RESERVATIONS_PREEMPTED);
         self.registrations.clear();
         self.reservation = None;
@@ -534,10 +539,7 @@ impl PrState {
     ) -> Result<ProutEffects, CmdError> {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
-        let mut fx = ProutEffects {
-            changed: true,
-            ..Default::default()
-        };
+        let mut fx = ProutEffects::changed();
         let need_type = || ty.ok_or(CmdError::from(Sense::invalid_cdb(2, Some(3))));
         let res = self.reservation.clone();
         let removed: Vec<RegId> = match res {
@@ -683,10 +685,7 @@ impl PrState {
         }
         self.aptpl = aptpl;
         self.bump();
-        Ok(ProutEffects {
-            changed: true,
-            ..Default::default()
-        })
+        Ok(ProutEffects::changed())
     }
 
     /// REPLACE LOST RESERVATION (SPC-5): holdfast never loses reservation state (an
@@ -701,16 +700,7 @@ impl PrState {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if !self.holds(i) || (res.ty.all_registrants() && res.ty != ty) => conflict(),
-            _ => {
-                self.reservation = Some(Reservation {
-                    holder: self.registrations[i].id.clone(),
-                    ty,
-                });
-                Ok(ProutEffects {
-                    changed: true,
-                    ..Default::default()
-                })
-            }
+            _ => self.reserve_for(i, ty),
         }
     }
 

@@ -172,30 +172,26 @@ fn register_unregister_and_generation() {
     assert_eq!(keys(&lu).1, vec![0x31]);
 }
 
+/// The PR OUT service actions only a registered I_T nexus with the right key may issue.
+const NEED_REGISTRATION: [u8; 6] = [
+    RESERVE,
+    RELEASE,
+    CLEAR,
+    PREEMPT,
+    PREEMPT_ABORT,
+    REPLACE_LOST,
+];
+
 #[test]
 fn prout_requires_registration() {
     let (lu, _) = super::lu();
     let a = nx(1, 1, 1);
-    for action in [
-        RESERVE,
-        RELEASE,
-        CLEAR,
-        PREEMPT,
-        PREEMPT_ABORT,
-        REPLACE_LOST,
-    ] {
+    for action in NEED_REGISTRATION {
         conflict(&prout(&lu, &a, action, 1, 0, 0x1));
     }
     assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0x10));
     // Registered, wrong reservation key.
-    for action in [
-        RESERVE,
-        RELEASE,
-        CLEAR,
-        PREEMPT,
-        PREEMPT_ABORT,
-        REPLACE_LOST,
-    ] {
+    for action in NEED_REGISTRATION {
         conflict(&prout(&lu, &a, action, 1, 0x11, 0x10));
     }
 }
