@@ -161,16 +161,7 @@ impl Runtime {
         Ok(Runtime {
             targets,
             discovery_chap: cfg.config.discovery_chap.as_ref().map(chap_credentials),
-            key_policy: TargetKeyPolicy {
-                max_recv_data_segment_length: s.max_recv_data_segment_length,
-                max_burst_length: s.max_burst_length,
-                first_burst_length: s.first_burst_length,
-                immediate_data: s.immediate_data,
-                initial_r2t: s.initial_r2t,
-                max_outstanding_r2t: s.max_outstanding_r2t,
-                target_alias: None,
-                ..TargetKeyPolicy::default()
-            },
+            key_policy: s.key_policy(),
             settings: s.clone(),
             limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
             backends,
@@ -266,24 +257,14 @@ mod tests {
     #[test]
     fn corrupt_pr_state_stops_the_lun() {
         let dir = tempfile::tempdir().unwrap();
-        let text = r#"
-data_dir = "data"
-[[target]]
-name = "iqn.2026-01.test:rt"
-[[target.portal]]
-listen = "127.0.0.1:0"
-[[target.lun]]
-id = 0
-path = "lun0.img"
-size = "1MiB"
-"#;
-        let cfg = super::super::config::parse(text, "test.toml", dir.path()).unwrap();
+        let text = format!("data_dir = \"data\"\n{}", super::super::config::tests::MIN);
+        let cfg = super::super::config::parse(&text, "test.toml", dir.path()).unwrap();
         assert_eq!(Runtime::build(&cfg).unwrap().targets.len(), 1);
-        let pr = dir.path().join("data").join("lun0.img.holdfast-pr");
+        let pr = dir.path().join("data").join("a.img.holdfast-pr");
         std::fs::write(&pr, b"{\"version\":1").unwrap();
         let e = Runtime::build(&cfg).unwrap_err().to_string();
         assert!(
-            e.contains("lun0.img.holdfast-pr") && e.contains("corrupt"),
+            e.contains("a.img.holdfast-pr") && e.contains("corrupt"),
             "{e}"
         );
     }
