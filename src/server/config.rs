@@ -686,28 +686,29 @@ size = "1MiB"
         assert!(e.starts_with("t.toml: target[0].name: "), "{e}");
         let e = err(&MIN.replace("127.0.0.1:3261", "localhost"));
         assert!(e.contains("target[0].portal[0].listen"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512\n"
-        ));
-        assert!(
-            e.contains("target[0].lun[1].id: LUN 0 is defined twice"),
-            "{e}"
-        );
-        let e = err(&format!(
-            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"short\"\n"
-        ));
-        assert!(e.contains("target[0].chap.secret"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"\n"
-        ));
-        assert!(e.contains("must differ"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]\n"
-        ));
-        assert!(
-            e.contains("target[0].acl[0].luns: LUN 7 is not defined"),
-            "{e}"
-        );
+        // Sections added to MIN, and what the error says.
+        let cases = [
+            (
+                "[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512",
+                "target[0].lun[1].id: LUN 0 is defined twice",
+            ),
+            (
+                "[target.chap]\nusername = \"u\"\nsecret = \"short\"",
+                "target[0].chap.secret",
+            ),
+            (
+                "[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"",
+                "must differ",
+            ),
+            (
+                "[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]",
+                "target[0].acl[0].luns: LUN 7 is not defined",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = err(&format!("{MIN}\n{section}\n"));
+            assert!(e.contains(want), "{e}");
+        }
         let e = err("bogus = 1\n");
         assert!(e.starts_with("t.toml: ") && e.contains("bogus"), "{e}");
         let e = err("data_dir = \"x\"\n");
