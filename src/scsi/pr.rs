@@ -144,6 +144,9 @@ pub struct UaNotice {
     pub ascq: u8,
 }
 
+/// What a PR OUT service action yields.
+type ProutResult = Result<ProutEffects, CmdError>;
+
 /// What a successful PR OUT asks of the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProutEffects {
@@ -301,7 +304,7 @@ impl PrState {
         cdb_bytes: &[u8],
         data: &[u8],
         caps: PrCaps,
-    ) -> Result<ProutEffects, CmdError> {
+    ) -> ProutResult {
         let Ok(action) = PrOutAction::try_from(cdb::byte(cdb_bytes, 1) & 0x1F) else {
             return bad_cdb(1, Some(4));
         };
@@ -373,13 +376,7 @@ impl PrState {
         }
     }
 
-    fn register(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ignore: bool,
-        list: &[u8],
-    ) -> Result<ProutEffects, CmdError> {
+    fn register(&mut self, n: &ItNexus, p: &Params, ignore: bool, list: &[u8]) -> ProutResult {
         let mut fx = ProutEffects::default();
         match self.find(n) {
             None => {
@@ -475,7 +472,7 @@ impl PrState {
     }
 
     /// Registration `i` now holds a reservation of type `ty`.
-    fn reserve_for(&mut self, i: usize, ty: PrType) -> Result<ProutEffects, CmdError> {
+    fn reserve_for(&mut self, i: usize, ty: PrType) -> ProutResult {
         self.reservation = Some(Reservation {
             holder: self.registrations[i].id.clone(),
             ty,
@@ -483,7 +480,7 @@ impl PrState {
         Ok(ProutEffects::changed())
     }
 
-    fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> Result<ProutEffects, CmdError> {
+    fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if self.holds(i) && res.ty == ty => Ok(ProutEffects::default()),
@@ -492,12 +489,7 @@ impl PrState {
         }
     }
 
-    fn release(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        type_code: u8,
-    ) -> Result<ProutEffects, CmdError> {
+    fn release(&mut self, n: &ItNexus, p: &Params, type_code: u8) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let mut fx = ProutEffects::default();
         let Some(res) = &self.reservation else {
@@ -519,7 +511,7 @@ impl PrState {
         Ok(fx)
     }
 
-    fn clear(&mut self, n: &ItNexus, p: &Params) -> Result<ProutEffects, CmdError> {
+    fn clear(&mut self, n: &ItNexus, p: &Params) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
         let mut fx = ProutEffects::changed();
@@ -530,13 +522,7 @@ impl PrState {
         Ok(fx)
     }
 
-    fn preempt(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ty: Option<PrType>,
-        abort: bool,
-    ) -> Result<ProutEffects, CmdError> {
+    fn preempt(&mut self, n: &ItNexus, p: &Params, ty: Option<PrType>, abort: bool) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
         let mut fx = ProutEffects::changed();
@@ -612,7 +598,7 @@ impl PrState {
         scope: u8,
         type_code: u8,
         caps: PrCaps,
-    ) -> Result<ProutEffects, CmdError> {
+    ) -> ProutResult {
         if list.len() < 24 {
             return param_len_error();
         }
@@ -691,12 +677,7 @@ impl PrState {
     /// REPLACE LOST RESERVATION (SPC-5): holdfast never loses reservation state (an
     /// unreadable state file stops the LUN instead), so this establishes the reservation
     /// like RESERVE, and lets the holder change its type.
-    fn replace_lost(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ty: PrType,
-    ) -> Result<ProutEffects, CmdError> {
+    fn replace_lost(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if !self.holds(i) || (res.ty.all_registrants() && res.ty != ty) => conflict(),
