@@ -932,6 +932,14 @@ mod tests {
         keys.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str())
     }
 
+    /// `keys` answers each key as given.
+    #[track_caller]
+    fn assert_answers(keys: &[(String, String)], want: &[(&str, &str)]) {
+        for (k, v) in want {
+            assert_eq!(get(keys, k), Some(*v), "{k}");
+        }
+    }
+
     fn status(step: &LoginStep) -> LoginStatus {
         let (r, _) = resp(step);
         LoginStatus {
@@ -993,8 +1001,10 @@ mod tests {
             (r.itt, r.exp_cmd_sn, r.max_cmd_sn),
             (0x11, 100, 100 + QUEUE_DEPTH - 1)
         );
-        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        assert_answers(
+            &keys,
+            &[("AuthMethod", "None"), ("TargetPortalGroupTag", "7")],
+        );
         let first_stat_sn = r.stat_sn;
 
         let s = m.on_pdu(&req(1, 3, true, OPEN_ISCSI_OPS), &a);
@@ -1002,12 +1012,17 @@ mod tests {
         assert!(r.transit && r.csg == 1 && r.nsg == 3);
         assert_eq!(r.tsih, 0x1234);
         assert_eq!(r.stat_sn, first_stat_sn.wrapping_add(1));
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("1048576"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("262144"));
-        assert_eq!(get(&keys, "DefaultTime2Retain"), Some("0"));
-        assert_eq!(get(&keys, "InitialR2T"), Some("No"));
-        assert_eq!(get(&keys, "IFMarker"), Some("No"));
-        assert_eq!(get(&keys, "MaxRecvDataSegmentLength"), Some("262144"));
+        assert_answers(
+            &keys,
+            &[
+                ("MaxBurstLength", "1048576"),
+                ("FirstBurstLength", "262144"),
+                ("DefaultTime2Retain", "0"),
+                ("InitialR2T", "No"),
+                ("IFMarker", "No"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ],
+        );
         // Declarations are not answered: only ours appears.
         assert_eq!(
             keys.iter()
@@ -1080,8 +1095,10 @@ mod tests {
         let s = m.on_pdu(&req(1, 3, true, &keys), &plain());
         let (r, keys) = resp(&s);
         assert!(r.transit && r.nsg == 3);
-        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        assert_answers(
+            &keys,
+            &[("HeaderDigest", "None"), ("TargetPortalGroupTag", "7")],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1155,8 +1172,10 @@ mod tests {
         );
         let (r, keys) = resp(&s);
         assert!(r.transit);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("Irrelevant"));
-        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
+        assert_answers(
+            &keys,
+            &[("MaxBurstLength", "Irrelevant"), ("HeaderDigest", "None")],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1428,13 +1447,18 @@ mod tests {
         ]);
         let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
         let (_, keys) = resp(&s);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("Reject"));
-        assert_eq!(get(&keys, "ErrorRecoveryLevel"), Some("Reject"));
-        assert_eq!(get(&keys, "X-com.example.Foo"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "X#example"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "FancyKey"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "OFMarkInt"), Some("Reject"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("Irrelevant"));
+        assert_answers(
+            &keys,
+            &[
+                ("MaxBurstLength", "Reject"),
+                ("ErrorRecoveryLevel", "Reject"),
+                ("X-com.example.Foo", "NotUnderstood"),
+                ("X#example", "NotUnderstood"),
+                ("FancyKey", "NotUnderstood"),
+                ("OFMarkInt", "Reject"),
+                ("FirstBurstLength", "Irrelevant"),
+            ],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1454,9 +1478,14 @@ mod tests {
         ]);
         let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
         let (_, keys) = resp(&s);
-        assert_eq!(get(&keys, "HeaderDigest"), Some("CRC32C"));
-        assert_eq!(get(&keys, "DataDigest"), Some("CRC32C"));
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("131072"));
+        assert_answers(
+            &keys,
+            &[
+                ("HeaderDigest", "CRC32C"),
+                ("DataDigest", "CRC32C"),
+                ("MaxBurstLength", "131072"),
+            ],
+        );
         // Capped by the MaxBurstLength of the same request, though offered before it.
         assert_eq!(get(&keys, "FirstBurstLength"), Some("131072"));
         let LoginStep::Complete(_, o) = s else {
@@ -1481,8 +1510,10 @@ mod tests {
         let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
         let (r, keys) = resp(&s);
         assert!(!r.transit);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("65536"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("8192"));
+        assert_answers(
+            &keys,
+            &[("MaxBurstLength", "65536"), ("FirstBurstLength", "8192")],
+        );
         assert_eq!(get(&keys, "ImmediateData"), None);
         let s = m.on_pdu(
             &req(
@@ -1638,9 +1669,14 @@ mod tests {
         let s = m.choose(Ok(policy), &mut a);
         let (r, keys) = resp(&s);
         assert!(r.transit && r.nsg == 1);
-        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
-        assert_eq!(get(&keys, "TargetAlias"), Some("disk-one"));
+        assert_answers(
+            &keys,
+            &[
+                ("AuthMethod", "None"),
+                ("TargetPortalGroupTag", "7"),
+                ("TargetAlias", "disk-one"),
+            ],
+        );
         assert!(matches!(m.state, LoginState::Operational { .. }));
     }
 
