@@ -143,6 +143,14 @@ fn assert_sense(o: &ScsiOutcome, key: u8, asc: u8, ascq: u8) {
     assert_eq!(sense_of(o), (key, asc, ascq));
 }
 
+/// One GET LBA STATUS descriptor: LBA, number of blocks, provisioning status.
+fn lba_status(lba: u64, blocks: u32, status: u8) -> Vec<u8> {
+    let mut d = lba.to_be_bytes().to_vec();
+    d.extend_from_slice(&blocks.to_be_bytes());
+    d.extend_from_slice(&[status, 0, 0, 0]);
+    d
+}
+
 #[track_caller]
 fn assert_good(o: &ScsiOutcome) {
     assert_eq!(o.status, status::GOOD, "{o:?}");
@@ -590,12 +598,8 @@ fn write_same_and_lba_status() {
     assert_good(&o);
     assert_eq!(&o.data_in[..8], &[0, 0, 0, 36, 0, 0, 0, 0]);
     assert_eq!(
-        &o.data_in[8..24],
-        &[0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 5, 0, 0, 0, 0]
-    );
-    assert_eq!(
-        &o.data_in[24..40],
-        &[0, 0, 0, 0, 0, 0, 0, 15, 0, 0, 3, 0xF1, 1, 0, 0, 0]
+        &o.data_in[8..40],
+        [lba_status(10, 5, 0), lba_status(15, 1009, 1)].concat()
     );
     // WRITE SAME(16) with UNMAP and a zero block deallocates.
     let mut c = rw16(opcode::WRITE_SAME_16, 11, 2);
@@ -603,12 +607,8 @@ fn write_same_and_lba_status() {
     assert_good(&run(&lu, &c, &[0; 512]));
     let o = run(&lu, &g, &[]);
     assert_eq!(
-        &o.data_in[8..24],
-        &[0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 1, 0, 0, 0, 0]
-    );
-    assert_eq!(
-        &o.data_in[24..40],
-        &[0, 0, 0, 0, 0, 0, 0, 11, 0, 0, 0, 2, 1, 0, 0, 0]
+        &o.data_in[8..40],
+        [lba_status(10, 1, 0), lba_status(11, 2, 1)].concat()
     );
     assert!(run(&lu, &rw10(opcode::READ_10, 11, 2), &[])
         .data_in
