@@ -122,13 +122,17 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("512b"), Ok(512));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size(" 8 GiB "), Ok(8 << 30));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("2TB"), Ok(2 << 40));
-        assert_eq!(parse_size("4k"), Ok(4096));
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("512b", 512),
+            ("64MiB", 64 << 20),
+            (" 8 GiB ", 8 << 30),
+            ("1g", 1 << 30),
+            ("2TB", 2 << 40),
+            ("4k", 4096),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text:?}");
+        }
         assert_eq!(parse_size(""), Err(SizeError::Number(String::new())));
         assert_eq!(parse_size("MiB"), Err(SizeError::Number("MiB".into())));
         assert_eq!(parse_size("1.5GiB"), Err(SizeError::Unit("1.5GiB".into())));

@@ -5,7 +5,7 @@
 
 use crate::agent::quorum_disk::bounded;
 use crate::agent::AgentError;
-use crate::initiator::{PrType, RegisterFlags, Session, TransportId};
+use crate::initiator::{PrType, RegisterFlags, Reservation, Session, TransportId};
 use std::time::Duration;
 
 /// Disks of a group: Write Exclusive, Registrants Only. Only the owner's nexuses are
@@ -26,6 +26,9 @@ pub struct Identity {
     pub vm_initiator_name: Option<String>,
 }
 
+/// What a reservation step on one LUN yields.
+pub type ClaimResult<T = ()> = Result<T, AgentError>;
+
 /// APTPL is a property of the whole LU set by the last REGISTER, so every REGISTER the
 /// agent and ctl send carries it, the unregistering ones included.
 pub fn aptpl() -> RegisterFlags {
@@ -33,6 +36,12 @@ pub fn aptpl() -> RegisterFlags {
         aptpl: true,
         ..RegisterFlags::default()
     }
+}
+
+/// The reservation on `lun`, if any.
+async fn reservation(s: &Session, lun: u64, t: Duration) -> ClaimResult<Option<Reservation>> {
+    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+    Ok(res)
 }
 
 fn same_name(a: &str, b: &str) -> bool {
@@ -44,12 +53,7 @@ fn same_name(a: &str, b: &str) -> bool {
 /// with our key, APTPL set so it survives a target restart. SPC-4 allows SPEC_I_PT only
 /// from an unregistered nexus, so a missing VM registration behind a registered agent
 /// nexus is fixed by unregistering the nexus first.
-pub async fn ensure_registered(
-    s: &Session,
-    lun: u64,
-    me: &Identity,
-    t: Duration,
-) -> Result<(), AgentError> {
+pub async fn ensure_registered(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
     for _ in 0..3 {
         let (_, regs) = bounded(t, "READ FULL STATUS", s.read_full_status(lun)).await?;
         let nexus = regs.iter().find(|r| {
@@ -104,14 +108,9 @@ pub async fn ensure_registered(
 }
 
 /// Join the quorum LUN: register and hold (or share) the all-registrants reservation.
-pub async fn join_quorum(
-    s: &Session,
-    lun: u64,
-    me: &Identity,
-    t: Duration,
-) -> Result<(), AgentError> {
+pub async fn join_quorum(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
     ensure_registered(s, lun, me, t).await?;
-    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+    let res = reservation(s, lun, t).await?;
     match res {
         Some(r) if r.type_ == QUORUM_TYPE => Ok(()),
         Some(r) => Err(AgentError::Claim(format!(
@@ -124,7 +123,7 @@ pub async fn join_quorum(
                 Ok(()) => Ok(()),
                 // Another member reserved it between our read and our reserve.
                 Err(AgentError::Conflict(_)) => {
-                    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+                    let res = reservation(s, lun, t).await?;
                     match res {
                         Some(r) if r.type_ == QUORUM_TYPE => Ok(()),
                         _ => Err(AgentError::Claim(format!(
@@ -140,7 +139,7 @@ pub async fn join_quorum(
 }
 
 /// Whether our key is still registered on `lun` (a lost key means we were fenced).
-pub async fn key_present(s: &Session, lun: u64, key: u64, t: Duration) -> Result<bool, AgentError> {
+pub async fn key_present(s: &Session, lun: u64, key: u64, t: Duration) -> ClaimResult<bool> {
     let (_, keys) = bounded(t, "READ KEYS", s.read_keys(lun)).await?;
     Ok(keys.contains(&key))
 }
@@ -155,7 +154,7 @@ pub async fn preempt_abort(
     victim: u64,
     ty: PrType,
     t: Duration,
-) -> Result<bool, AgentError> {
+) -> ClaimResult<bool> {
     if victim == me.key || victim == 0 {
         return Ok(false);
     }
@@ -189,14 +188,9 @@ pub async fn preempt_abort(
 
 /// Claim one disk: registered, every other key preempted (and its tasks aborted), the
 /// Write Exclusive Registrants Only reservation ours — then read back.
-pub async fn claim_disk(
-    s: &Session,
-    lun: u64,
-    me: &Identity,
-    t: Duration,
-) -> Result<(), AgentError> {
+pub async fn claim_disk(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
     ensure_registered(s, lun, me, t).await?;
-    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+    let res = reservation(s, lun, t).await?;
     match res {
         Some(r) if r.key == me.key && r.type_ == DISK_TYPE => {}
         Some(r) if r.key != me.key && r.key != 0 => {
@@ -224,7 +218,7 @@ pub async fn claim_disk(
     for k in others {
         preempt_abort(s, lun, me, k, DISK_TYPE, t).await?;
     }
-    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+    let res = reservation(s, lun, t).await?;
     if res.is_none() {
         bounded(t, "PR OUT RESERVE", s.reserve(lun, me.key, DISK_TYPE)).await?;
     }
@@ -233,13 +227,8 @@ pub async fn claim_disk(
 
 /// Read back: the reservation is ours with the right type and no other key is
 /// registered. The VM may start only after this passes.
-pub async fn verify_disk(
-    s: &Session,
-    lun: u64,
-    me: &Identity,
-    t: Duration,
-) -> Result<(), AgentError> {
-    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+pub async fn verify_disk(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
+    let res = reservation(s, lun, t).await?;
     let (_, keys) = bounded(t, "READ KEYS", s.read_keys(lun)).await?;
     match res {
         Some(r) if r.key == me.key && r.type_ == DISK_TYPE => {}
@@ -268,13 +257,8 @@ pub async fn verify_disk(
 /// Let go of a disk after the VM stopped: release the reservation. The registrations
 /// stay until the next owner preempts them (a claim removes every other key), which is
 /// harmless: the VM is stopped, and a restart here needs no new registration.
-pub async fn release_disk(
-    s: &Session,
-    lun: u64,
-    me: &Identity,
-    t: Duration,
-) -> Result<(), AgentError> {
-    let (_, res) = bounded(t, "READ RESERVATION", s.read_reservation(lun)).await?;
+pub async fn release_disk(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
+    let res = reservation(s, lun, t).await?;
     if let Some(r) = res {
         if r.key == me.key {
             bounded(t, "PR OUT RELEASE", s.release(lun, me.key, r.type_)).await?;

@@ -365,10 +365,7 @@ async fn start_claimed(
     let epoch = rec.epoch;
     let r = sh
         .update_group(&group, |r| {
-            if r.owner != me || r.owner_incarnation != inc || r.epoch != epoch {
-                return None;
-            }
-            let mut n = r.clone();
+            let mut n = if_held(r, (me, inc, epoch))?;
             n.state = GroupState::Running;
             n.saved = false;
             Some(n)
@@ -432,15 +429,8 @@ async fn undo_claim(
         let (me, inc, epoch) = (sh.id, sh.incarnation(), rec.epoch);
         let _ = sh
             .update_group(&cfg.name, |r| {
-                if r.owner != me || r.owner_incarnation != inc || r.epoch != epoch {
-                    return None;
-                }
-                let mut n = r.clone();
-                n.owner = 0;
-                n.owner_incarnation = 0;
-                n.state = GroupState::Stopped;
-                n.reason = format!("claim by node {me} failed: {why}");
-                Some(n)
+                let reason = format!("claim by node {me} failed: {why}");
+                unowned_if_held(r, (me, inc, epoch), reason)
             })
             .await;
         return Done::Failed {
@@ -490,16 +480,9 @@ pub(super) async fn release_orphan(
     let (me, old_inc, epoch) = (sh.id, rec.owner_incarnation, rec.epoch);
     let r = sh
         .update_group(&cfg.name, |r| {
-            if r.owner != me || r.owner_incarnation != old_inc || r.epoch != epoch {
-                return None;
-            }
-            let mut n = r.clone();
-            n.owner = 0;
-            n.owner_incarnation = 0;
-            n.state = GroupState::Stopped;
             // A move requested meanwhile (ctl move while we were cut off) still stands.
-            n.reason = "the owner's agent restarted or self-fenced; VM stopped".into();
-            Some(n)
+            let reason = "the owner's agent restarted or self-fenced; VM stopped".into();
+            unowned_if_held(r, (me, old_inc, epoch), reason)
         })
         .await;
     match r {
@@ -628,10 +611,7 @@ pub(super) async fn restart_in_place(
     let epoch = rec.epoch;
     let _ = sh
         .update_group(&group, |r| {
-            if r.owner != me || r.owner_incarnation != inc || r.epoch != epoch {
-                return None;
-            }
-            let mut x = r.clone();
+            let mut x = if_held(r, (me, inc, epoch))?;
             x.state = GroupState::Running;
             Some(x)
         })
@@ -812,4 +792,24 @@ pub(super) async fn kill_local(
         why,
         serde_json::json!({"ok": r.is_ok(), "error": r.err().map(|e| e.to_string())}),
     );
+}
+
+/// A claim on a group record: the owner's node id and incarnation, and the epoch.
+type Holder = (u16, u64, u64);
+
+/// A copy of `r` to update if it is still the claim of `holder`; `None` (no update) if
+/// someone has moved it on since.
+fn if_held(r: &GroupRecord, (node, incarnation, epoch): Holder) -> Option<GroupRecord> {
+    (r.owner == node && r.owner_incarnation == incarnation && r.epoch == epoch).then(|| r.clone())
+}
+
+/// `r` stopped and owned by nobody, for `reason`, if it is still the claim of `holder`
+/// (node, incarnation, epoch); `None` (no update) if someone has moved it on since.
+fn unowned_if_held(r: &GroupRecord, holder: Holder, reason: String) -> Option<GroupRecord> {
+    let mut n = if_held(r, holder)?;
+    n.owner = 0;
+    n.owner_incarnation = 0;
+    n.state = GroupState::Stopped;
+    n.reason = reason;
+    Some(n)
 }

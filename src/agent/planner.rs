@@ -167,8 +167,14 @@ pub fn plan_group(
     if rec.owner == node.id && !mine {
         return vec![Op::ReleaseOrphan { group }];
     }
+    let w = World {
+        node,
+        img,
+        membership,
+        now,
+    };
     if mine {
-        return plan_owned(node, g, rec, img, membership, now);
+        return plan_owned(&w, g, rec);
     }
     // Not ours: a VM still running here means someone else took it.
     if g.local != Local::Idle {
@@ -194,7 +200,22 @@ pub fn plan_group(
     if node.self_fencing {
         return vec![];
     }
-    plan_claim(node, g, rec, img, membership, now)
+    plan_claim(&w, g, rec)
+}
+
+/// What the decisions about one group read besides the group: this node, the quorum
+/// image, the peers' liveness and the time.
+struct World<'a> {
+    node: &'a NodeView<'a>,
+    img: &'a QuorumImage,
+    membership: &'a Membership,
+    now: Instant,
+}
+
+impl World<'_> {
+    fn candidates(&self, rec: &GroupRecord, except: u16) -> Vec<Candidate> {
+        candidates(self.node, self.img, rec, except, self.membership, self.now)
+    }
 }
 
 fn stop_waiting(g: &GroupView) -> Vec<Op> {
@@ -210,16 +231,10 @@ fn stop_waiting(g: &GroupView) -> Vec<Op> {
 /// Unowned (or its owner dead): claim if we are the node that should run it, or if
 /// that node has not claimed within `dead_after` (it may be dead too, or not have the
 /// group in its config) and we are a candidate.
-fn plan_claim(
-    node: &NodeView,
-    g: &GroupView,
-    rec: &GroupRecord,
-    img: &QuorumImage,
-    membership: &Membership,
-    now: Instant,
-) -> Vec<Op> {
+fn plan_claim(w: &World, g: &GroupView, rec: &GroupRecord) -> Vec<Op> {
+    let (node, now) = (w.node, w.now);
     let group = g.name.to_string();
-    let cands = candidates(node, img, rec, rec.owner, membership, now);
+    let cands = w.candidates(rec, rec.owner);
     let target = if rec.move_to != 0 && cands.iter().any(|c| c.id == rec.move_to) {
         Some(rec.move_to)
     } else {
@@ -246,20 +261,13 @@ fn plan_claim(
     ops.push(Op::Claim {
         group,
         victim,
-        victim_incarnation: victim.and_then(|v| img.slot(v).map(|s| s.incarnation)),
+        victim_incarnation: victim.and_then(|v| w.img.slot(v).map(|s| s.incarnation)),
     });
     ops
 }
 
 /// A record that names us as we are now.
-fn plan_owned(
-    node: &NodeView,
-    g: &GroupView,
-    rec: &GroupRecord,
-    img: &QuorumImage,
-    membership: &Membership,
-    now: Instant,
-) -> Vec<Op> {
+fn plan_owned(w: &World, g: &GroupView, rec: &GroupRecord) -> Vec<Op> {
     let group = g.name.to_string();
     match g.local {
         // Ours on the record but not running here and no op in flight: an op ended
@@ -271,14 +279,14 @@ fn plan_owned(
     if rec.frozen {
         return vec![];
     }
-    if let Some((reason, text)) = owned_request(node, g, rec, img, membership, now) {
+    if let Some((reason, text)) = owned_request(w, g, rec) {
         return vec![Op::TakeOffline {
             group,
             reason,
             text,
         }];
     }
-    if now >= g.next_monitor {
+    if w.now >= g.next_monitor {
         return vec![Op::Monitor {
             group,
             epoch: rec.epoch,
@@ -288,14 +296,8 @@ fn plan_owned(
 }
 
 /// Admin and placement requests on a group running here, most specific first.
-fn owned_request(
-    node: &NodeView,
-    g: &GroupView,
-    rec: &GroupRecord,
-    img: &QuorumImage,
-    membership: &Membership,
-    now: Instant,
-) -> Option<(OfflineReason, String)> {
+fn owned_request(w: &World, g: &GroupView, rec: &GroupRecord) -> Option<(OfflineReason, String)> {
+    let (node, img, now) = (w.node, w.img, w.now);
     let me = node.id;
     if rec.admin == AdminState::Offline {
         return Some((
@@ -305,14 +307,14 @@ fn owned_request(
     }
     if rec.move_to != 0 && rec.move_to != me {
         // A move to a node that is not alive waits (it stays here meanwhile).
-        return membership.is_alive(rec.move_to, now).then(|| {
+        return w.membership.is_alive(rec.move_to, now).then(|| {
             (
                 OfflineReason::Move(rec.move_to),
                 format!("moving to node {} on request", rec.move_to),
             )
         });
     }
-    let cands = candidates(node, img, rec, me, membership, now);
+    let cands = w.candidates(rec, me);
     let prefs = &g.policy.preferred_owners;
     if img.admin(me).drained {
         return placement::best_owner(prefs, &cands).map(|t| {

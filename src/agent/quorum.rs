@@ -294,35 +294,6 @@ impl QuorumHeader {
     }
 }
 
-/// What a node says about itself in its heartbeat slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeState {
-    /// Heartbeating and able to run groups.
-    Active = 1,
-    /// Stopped cleanly; owns nothing.
-    Left = 2,
-    /// Killed its VMs because it lost the quorum LUN or its reservation; rejoining.
-    SelfFenced = 3,
-}
-
-impl NodeState {
-    fn from_u8(v: u8) -> Option<NodeState> {
-        Some(match v {
-            1 => NodeState::Active,
-            2 => NodeState::Left,
-            3 => NodeState::SelfFenced,
-            _ => return None,
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            NodeState::Active => "active",
-            NodeState::Left => "left",
-            NodeState::SelfFenced => "self-fenced",
-        }
-    }
-}
-
 /// A node's heartbeat slot: written only by that node, with plain WRITE + FUA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatSlot {
@@ -426,59 +397,60 @@ impl NodeAdmin {
     }
 }
 
-/// Where a group's run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupState {
-    /// Nobody runs it (owner 0).
-    Stopped = 1,
-    /// The owner has claimed it and is starting (or restoring) the VM.
-    Starting = 2,
-    Running = 3,
-    /// The owner is taking it offline (offline action), for maintenance or a move.
-    Stopping = 4,
+/// State enums stored in the records as one byte: each variant's code and its name
+/// (status output), with `from_u8` (`None` for a code we do not know) and `name`.
+macro_rules! record_codes {
+    ($($(#[$doc:meta])* $ty:ident {
+        $($(#[$vdoc:meta])* $v:ident = $code:literal, $name:literal;)*
+    })*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $ty {
+            $($(#[$vdoc])* $v = $code,)*
+        }
+
+        impl $ty {
+            fn from_u8(v: u8) -> Option<$ty> {
+                match v {
+                    $($code => Some($ty::$v),)*
+                    _ => None,
+                }
+            }
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$v => $name,)*
+                }
+            }
+        }
+    )*};
 }
 
-impl GroupState {
-    fn from_u8(v: u8) -> Option<GroupState> {
-        Some(match v {
-            1 => GroupState::Stopped,
-            2 => GroupState::Starting,
-            3 => GroupState::Running,
-            4 => GroupState::Stopping,
-            _ => return None,
-        })
+record_codes! {
+    /// What a node says about itself in its heartbeat slot.
+    NodeState {
+        /// Heartbeating and able to run groups.
+        Active = 1, "active";
+        /// Stopped cleanly; owns nothing.
+        Left = 2, "left";
+        /// Killed its VMs because it lost the quorum LUN or its reservation; rejoining.
+        SelfFenced = 3, "self-fenced";
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            GroupState::Stopped => "stopped",
-            GroupState::Starting => "starting",
-            GroupState::Running => "running",
-            GroupState::Stopping => "stopping",
-        }
+    /// Where a group's run stands.
+    GroupState {
+        /// Nobody runs it (owner 0).
+        Stopped = 1, "stopped";
+        /// The owner has claimed it and is starting (or restoring) the VM.
+        Starting = 2, "starting";
+        Running = 3, "running";
+        /// The owner is taking it offline (offline action), for maintenance or a move.
+        Stopping = 4, "stopping";
     }
-}
-
-/// What the administrator wants of a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminState {
-    Online = 1,
-    /// Maintenance: stopped and kept stopped until `ctl online`.
-    Offline = 2,
-}
-
-impl AdminState {
-    fn from_u8(v: u8) -> Option<AdminState> {
-        match v {
-            1 => Some(AdminState::Online),
-            2 => Some(AdminState::Offline),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            AdminState::Online => "online",
-            AdminState::Offline => "offline",
-        }
+    /// What the administrator wants of a group.
+    AdminState {
+        Online = 1, "online";
+        /// Maintenance: stopped and kept stopped until `ctl online`.
+        Offline = 2, "offline";
     }
 }
 

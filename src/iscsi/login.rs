@@ -964,6 +964,14 @@ mod tests {
         keys.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str())
     }
 
+    /// `keys` answers each key as given.
+    #[track_caller]
+    fn assert_answers(keys: &[(String, String)], want: &[(&str, &str)]) {
+        for (k, v) in want {
+            assert_eq!(get(keys, k), Some(*v), "{k}");
+        }
+    }
+
     fn status(step: &LoginStep) -> LoginStatus {
         let (r, _) = resp(step);
         LoginStatus {
@@ -1025,8 +1033,10 @@ mod tests {
             (r.itt, r.exp_cmd_sn, r.max_cmd_sn),
             (0x11, 100, 100 + QUEUE_DEPTH - 1)
         );
-        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        assert_answers(
+            &keys,
+            &[("AuthMethod", "None"), ("TargetPortalGroupTag", "7")],
+        );
         let first_stat_sn = r.stat_sn;
 
         let s = m.on_pdu(&req(1, 3, true, OPEN_ISCSI_OPS), &a);
@@ -1034,12 +1044,17 @@ mod tests {
         assert!(r.transit && r.csg == 1 && r.nsg == 3);
         assert_eq!(r.tsih, 0x1234);
         assert_eq!(r.stat_sn, first_stat_sn.wrapping_add(1));
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("1048576"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("262144"));
-        assert_eq!(get(&keys, "DefaultTime2Retain"), Some("0"));
-        assert_eq!(get(&keys, "InitialR2T"), Some("No"));
-        assert_eq!(get(&keys, "IFMarker"), Some("No"));
-        assert_eq!(get(&keys, "MaxRecvDataSegmentLength"), Some("262144"));
+        assert_answers(
+            &keys,
+            &[
+                ("MaxBurstLength", "1048576"),
+                ("FirstBurstLength", "262144"),
+                ("DefaultTime2Retain", "0"),
+                ("InitialR2T", "No"),
+                ("IFMarker", "No"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ],
+        );
         // Declarations are not answered: only ours appears.
         assert_eq!(
             keys.iter()
@@ -1112,8 +1127,10 @@ mod tests {
         let s = m.on_pdu(&req(1, 3, true, &keys), &plain());
         let (r, keys) = resp(&s);
         assert!(r.transit && r.nsg == 3);
-        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
+        assert_answers(
+            &keys,
+            &[("HeaderDigest", "None"), ("TargetPortalGroupTag", "7")],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1166,29 +1183,20 @@ mod tests {
         );
         let (_, keys) = resp(&s);
         assert_eq!(get(&keys, "TargetPortalGroupTag"), None);
-        let s = m.on_pdu(
-            &req(
-                1,
-                3,
-                true,
-                &[
-                    ("HeaderDigest", "None"),
-                    ("DataDigest", "None"),
-                    ("DefaultTime2Wait", "2"),
-                    ("DefaultTime2Retain", "0"),
-                    ("IFMarker", "No"),
-                    ("OFMarker", "No"),
-                    ("ErrorRecoveryLevel", "0"),
-                    ("MaxRecvDataSegmentLength", "32768"),
-                    ("MaxBurstLength", "262144"),
-                ],
-            ),
-            &a,
-        );
+        // open-iscsi's first offers, then a smaller MaxRecvDataSegmentLength and a
+        // session key that discovery does not negotiate.
+        let mut ops = OPEN_ISCSI_OPS[..7].to_vec();
+        ops.extend([
+            ("MaxRecvDataSegmentLength", "32768"),
+            ("MaxBurstLength", "262144"),
+        ]);
+        let s = m.on_pdu(&req(1, 3, true, &ops), &a);
         let (r, keys) = resp(&s);
         assert!(r.transit);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("Irrelevant"));
-        assert_eq!(get(&keys, "HeaderDigest"), Some("None"));
+        assert_answers(
+            &keys,
+            &[("MaxBurstLength", "Irrelevant"), ("HeaderDigest", "None")],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1303,41 +1311,25 @@ mod tests {
 
     #[test]
     fn chap_mutual_not_configured_and_reflection() {
-        let (mut m, a, id, c) = chap_until_challenge(chap_creds(false));
-        let r = md5_hex(id, b"node1-secret-0123", &c);
-        let s = m.on_pdu(
-            &req(
-                0,
-                1,
-                true,
-                &[
-                    ("CHAP_N", "node1"),
-                    ("CHAP_R", &r),
-                    ("CHAP_I", "1"),
-                    ("CHAP_C", "0x0102"),
-                ],
-            ),
-            &a,
-        );
-        assert_fail(&s, LoginStatus::AUTH_FAILURE);
-
-        let (mut m, a, id, c) = chap_until_challenge(chap_creds(true));
-        let r = md5_hex(id, b"node1-secret-0123", &c);
-        let s = m.on_pdu(
-            &req(
-                0,
-                1,
-                true,
-                &[
-                    ("CHAP_N", "node1"),
-                    ("CHAP_R", &r),
-                    ("CHAP_I", &id.to_string()),
-                    ("CHAP_C", &encode_hex(&c)),
-                ],
-            ),
-            &a,
-        );
-        assert_fail(&s, LoginStatus::AUTH_FAILURE);
+        // Mutual CHAP asked of a target without a mutual secret; then, with one, our own
+        // challenge reflected back at us.
+        for mutual in [false, true] {
+            let (mut m, a, id, c) = chap_until_challenge(chap_creds(mutual));
+            let r = md5_hex(id, b"node1-secret-0123", &c);
+            let (chap_i, chap_c) = if mutual {
+                (id.to_string(), encode_hex(&c))
+            } else {
+                ("1".to_string(), "0x0102".to_string())
+            };
+            let keys = [
+                ("CHAP_N", "node1"),
+                ("CHAP_R", &r),
+                ("CHAP_I", &chap_i),
+                ("CHAP_C", &chap_c),
+            ];
+            let s = m.on_pdu(&req(0, 1, true, &keys), &a);
+            assert_fail(&s, LoginStatus::AUTH_FAILURE);
+        }
     }
 
     #[test]
@@ -1371,41 +1363,28 @@ mod tests {
 
     #[test]
     fn authority_refusals_and_missing_parameters() {
-        let a = plain();
-        let s = machine().on_pdu(
-            &req(
-                0,
-                1,
-                true,
-                &[("InitiatorName", INITIATOR), ("TargetName", "iqn.nope")],
+        for (keys, want) in [
+            (
+                vec![("InitiatorName", INITIATOR), ("TargetName", "iqn.nope")],
+                LoginStatus::NOT_FOUND,
             ),
-            &a,
-        );
-        assert_fail(&s, LoginStatus::NOT_FOUND);
-        let s = machine().on_pdu(
-            &req(
-                0,
-                1,
-                true,
-                &[("InitiatorName", "iqn.stranger"), ("TargetName", TARGET)],
+            (
+                vec![("InitiatorName", "iqn.stranger"), ("TargetName", TARGET)],
+                LoginStatus::AUTHORIZATION_FAILURE,
             ),
-            &a,
-        );
-        assert_fail(&s, LoginStatus::AUTHORIZATION_FAILURE);
-        let s = machine().on_pdu(&req(0, 1, true, &[("TargetName", TARGET)]), &a);
-        assert_fail(&s, LoginStatus::MISSING_PARAMETER);
-        let s = machine().on_pdu(&req(0, 1, true, &[("InitiatorName", INITIATOR)]), &a);
-        assert_fail(&s, LoginStatus::MISSING_PARAMETER);
-        let s = machine().on_pdu(
-            &req(
-                0,
-                1,
-                true,
-                &[("InitiatorName", INITIATOR), ("SessionType", "Bogus")],
+            (vec![("TargetName", TARGET)], LoginStatus::MISSING_PARAMETER),
+            (
+                vec![("InitiatorName", INITIATOR)],
+                LoginStatus::MISSING_PARAMETER,
             ),
-            &a,
-        );
-        assert_fail(&s, LoginStatus::SESSION_TYPE_NOT_SUPPORTED);
+            (
+                vec![("InitiatorName", INITIATOR), ("SessionType", "Bogus")],
+                LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
+            ),
+        ] {
+            let s = machine().on_pdu(&req(0, 1, true, &keys), &plain());
+            assert_fail(&s, want);
+        }
     }
 
     #[test]
@@ -1460,13 +1439,18 @@ mod tests {
         ]);
         let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
         let (_, keys) = resp(&s);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("Reject"));
-        assert_eq!(get(&keys, "ErrorRecoveryLevel"), Some("Reject"));
-        assert_eq!(get(&keys, "X-com.example.Foo"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "X#example"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "FancyKey"), Some("NotUnderstood"));
-        assert_eq!(get(&keys, "OFMarkInt"), Some("Reject"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("Irrelevant"));
+        assert_answers(
+            &keys,
+            &[
+                ("MaxBurstLength", "Reject"),
+                ("ErrorRecoveryLevel", "Reject"),
+                ("X-com.example.Foo", "NotUnderstood"),
+                ("X#example", "NotUnderstood"),
+                ("FancyKey", "NotUnderstood"),
+                ("OFMarkInt", "Reject"),
+                ("FirstBurstLength", "Irrelevant"),
+            ],
+        );
         let LoginStep::Complete(_, o) = s else {
             panic!()
         };
@@ -1486,9 +1470,14 @@ mod tests {
         ]);
         let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
         let (_, keys) = resp(&s);
-        assert_eq!(get(&keys, "HeaderDigest"), Some("CRC32C"));
-        assert_eq!(get(&keys, "DataDigest"), Some("CRC32C"));
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("131072"));
+        assert_answers(
+            &keys,
+            &[
+                ("HeaderDigest", "CRC32C"),
+                ("DataDigest", "CRC32C"),
+                ("MaxBurstLength", "131072"),
+            ],
+        );
         // Capped by the MaxBurstLength of the same request, though offered before it.
         assert_eq!(get(&keys, "FirstBurstLength"), Some("131072"));
         let LoginStep::Complete(_, o) = s else {
@@ -1501,20 +1490,28 @@ mod tests {
         );
     }
 
+    /// A machine under `policy` after an operational request with no keys: the target
+    /// answers with offers of its own instead of completing. Returns its keys.
+    fn offers(policy: TargetKeyPolicy) -> (Driven, Vec<(String, String)>) {
+        let mut m = Driven::with(policy, 1);
+        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &plain());
+        let (r, keys) = resp(&s);
+        assert!(!r.transit);
+        (m, keys)
+    }
+
     #[test]
     fn target_offers_when_defaults_break_policy() {
         let a = plain();
-        let policy = TargetKeyPolicy {
+        let (mut m, keys) = offers(TargetKeyPolicy {
             max_burst_length: 65536,
             first_burst_length: 8192,
             ..Default::default()
-        };
-        let mut m = Driven::with(policy, 1);
-        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
-        let (r, keys) = resp(&s);
-        assert!(!r.transit);
-        assert_eq!(get(&keys, "MaxBurstLength"), Some("65536"));
-        assert_eq!(get(&keys, "FirstBurstLength"), Some("8192"));
+        });
+        assert_answers(
+            &keys,
+            &[("MaxBurstLength", "65536"), ("FirstBurstLength", "8192")],
+        );
         assert_eq!(get(&keys, "ImmediateData"), None);
         let s = m.on_pdu(
             &req(
@@ -1534,15 +1531,11 @@ mod tests {
         );
 
         // ImmediateData=No makes FirstBurstLength moot (InitialR2T stays Yes): not offered.
-        let policy = TargetKeyPolicy {
+        let (mut m, keys) = offers(TargetKeyPolicy {
             immediate_data: false,
             first_burst_length: 8192,
             ..Default::default()
-        };
-        let mut m = Driven::with(policy, 1);
-        let s = m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
-        let (r, keys) = resp(&s);
-        assert!(!r.transit);
+        });
         assert_eq!(get(&keys, "ImmediateData"), Some("No"));
         assert_eq!(get(&keys, "FirstBurstLength"), None);
         // An answer that breaks the result function fails the login.
@@ -1550,14 +1543,10 @@ mod tests {
             &m.on_pdu(&req(1, 3, true, &[("ImmediateData", "Yes")]), &a),
             LoginStatus::INITIATOR_ERROR,
         );
-        let mut m = Driven::with(
-            TargetKeyPolicy {
-                immediate_data: false,
-                ..Default::default()
-            },
-            1,
-        );
-        m.on_pdu(&req(1, 3, true, &leading(&[])), &a);
+        let (mut m, _) = offers(TargetKeyPolicy {
+            immediate_data: false,
+            ..Default::default()
+        });
         let s = m.on_pdu(&req(1, 3, true, &[("ImmediateData", "No")]), &a);
         let LoginStep::Complete(_, o) = s else {
             panic!("{s:?}")
@@ -1670,9 +1659,14 @@ mod tests {
         let s = m.choose(Ok(policy), &mut a);
         let (r, keys) = resp(&s);
         assert!(r.transit && r.nsg == 1);
-        assert_eq!(get(&keys, "AuthMethod"), Some("None"));
-        assert_eq!(get(&keys, "TargetPortalGroupTag"), Some("7"));
-        assert_eq!(get(&keys, "TargetAlias"), Some("disk-one"));
+        assert_answers(
+            &keys,
+            &[
+                ("AuthMethod", "None"),
+                ("TargetPortalGroupTag", "7"),
+                ("TargetAlias", "disk-one"),
+            ],
+        );
         assert!(matches!(m.state, LoginState::Operational { .. }));
     }
 

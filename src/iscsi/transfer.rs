@@ -360,15 +360,8 @@ mod tests {
 
     #[test]
     fn r2t_after_immediate_then_bursts() {
-        let mut t = WriteTransfer::new(
-            3000,
-            3000,
-            &[7; 1000],
-            true,
-            limits(false, 1000, 1024, 1),
-            0x100,
-        )
-        .unwrap();
+        let l = limits(false, 1000, 1024, 1);
+        let mut t = WriteTransfer::new(3000, 3000, &[7; 1000], true, l, 0x100).unwrap();
         let r = t.next_r2ts();
         assert_eq!(
             r,
@@ -457,15 +450,8 @@ mod tests {
     #[test]
     fn data_beyond_wanted_is_accepted_and_dropped() {
         // EDTL 8 KiB but the CDB wants 512 bytes: no R2T, extra immediate bytes dropped.
-        let mut t = WriteTransfer::new(
-            8192,
-            512,
-            &[3; 1024],
-            true,
-            limits(false, 65536, 65536, 1),
-            0,
-        )
-        .unwrap();
+        let l = limits(false, 65536, 65536, 1);
+        let mut t = WriteTransfer::new(8192, 512, &[3; 1024], true, l, 0).unwrap();
         assert!(t.next_r2ts().is_empty());
         assert!(t.is_complete());
         assert_eq!(t.into_data().len(), 512);

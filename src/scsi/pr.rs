@@ -144,6 +144,9 @@ pub struct UaNotice {
     pub ascq: u8,
 }
 
+/// What a PR OUT service action yields.
+type ProutResult = Result<ProutEffects, CmdError>;
+
 /// What a successful PR OUT asks of the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProutEffects {
@@ -155,6 +158,14 @@ pub struct ProutEffects {
 }
 
 impl ProutEffects {
+    /// The state changed and nothing else is asked.
+    fn changed() -> Self {
+        ProutEffects {
+            changed: true,
+            ..Default::default()
+        }
+    }
+
     fn ua(&mut self, to: Vec<RegId>, (asc, ascq): (u8, u8)) {
         if !to.is_empty() {
             self.uas.push(UaNotice { to, asc, ascq });
@@ -293,7 +304,7 @@ impl PrState {
         cdb_bytes: &[u8],
         data: &[u8],
         caps: PrCaps,
-    ) -> Result<ProutEffects, CmdError> {
+    ) -> ProutResult {
         let Ok(action) = PrOutAction::try_from(cdb::byte(cdb_bytes, 1) & 0x1F) else {
             return bad_cdb(1, Some(4));
         };
@@ -365,13 +376,7 @@ impl PrState {
         }
     }
 
-    fn register(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ignore: bool,
-        list: &[u8],
-    ) -> Result<ProutEffects, CmdError> {
+    fn register(&mut self, n: &ItNexus, p: &Params, ignore: bool, list: &[u8]) -> ProutResult {
         let mut fx = ProutEffects::default();
         match self.find(n) {
             None => {
@@ -466,30 +471,25 @@ impl PrState {
         }
     }
 
-    fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> Result<ProutEffects, CmdError> {
+    /// Registration `i` now holds a reservation of type `ty`.
+    fn reserve_for(&mut self, i: usize, ty: PrType) -> ProutResult {
+        self.reservation = Some(Reservation {
+            holder: self.registrations[i].id.clone(),
+            ty,
+        });
+        Ok(ProutEffects::changed())
+    }
+
+    fn reserve(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if self.holds(i) && res.ty == ty => Ok(ProutEffects::default()),
             Some(_) => conflict(),
-            None => {
-                self.reservation = Some(Reservation {
-                    holder: self.registrations[i].id.clone(),
-                    ty,
-                });
-                Ok(ProutEffects {
-                    changed: true,
-                    ..Default::default()
-                })
-            }
+            None => self.reserve_for(i, ty),
         }
     }
 
-    fn release(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        type_code: u8,
-    ) -> Result<ProutEffects, CmdError> {
+    fn release(&mut self, n: &ItNexus, p: &Params, type_code: u8) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let mut fx = ProutEffects::default();
         let Some(res) = &self.reservation else {
@@ -511,13 +511,10 @@ impl PrState {
         Ok(fx)
     }
 
-    fn clear(&mut self, n: &ItNexus, p: &Params) -> Result<ProutEffects, CmdError> {
+    fn clear(&mut self, n: &ItNexus, p: &Params) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
-        let mut fx = ProutEffects {
-            changed: true,
-            ..Default::default()
-        };
+        let mut fx = ProutEffects::changed();
         fx.ua(self.ids_except(|r| r.id == me), ua::RESERVATIONS_PREEMPTED);
         self.registrations.clear();
         self.reservation = None;
@@ -525,19 +522,10 @@ impl PrState {
         Ok(fx)
     }
 
-    fn preempt(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ty: Option<PrType>,
-        abort: bool,
-    ) -> Result<ProutEffects, CmdError> {
+    fn preempt(&mut self, n: &ItNexus, p: &Params, ty: Option<PrType>, abort: bool) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         let me = self.registrations[i].id.clone();
-        let mut fx = ProutEffects {
-            changed: true,
-            ..Default::default()
-        };
+        let mut fx = ProutEffects::changed();
         let need_type = || ty.ok_or(CmdError::from(Sense::invalid_cdb(2, Some(3))));
         let res = self.reservation.clone();
         let removed: Vec<RegId> = match res {
@@ -610,7 +598,7 @@ impl PrState {
         scope: u8,
         type_code: u8,
         caps: PrCaps,
-    ) -> Result<ProutEffects, CmdError> {
+    ) -> ProutResult {
         if list.len() < 24 {
             return param_len_error();
         }
@@ -683,34 +671,17 @@ impl PrState {
         }
         self.aptpl = aptpl;
         self.bump();
-        Ok(ProutEffects {
-            changed: true,
-            ..Default::default()
-        })
+        Ok(ProutEffects::changed())
     }
 
     /// REPLACE LOST RESERVATION (SPC-5): holdfast never loses reservation state (an
     /// unreadable state file stops the LUN instead), so this establishes the reservation
     /// like RESERVE, and lets the holder change its type.
-    fn replace_lost(
-        &mut self,
-        n: &ItNexus,
-        p: &Params,
-        ty: PrType,
-    ) -> Result<ProutEffects, CmdError> {
+    fn replace_lost(&mut self, n: &ItNexus, p: &Params, ty: PrType) -> ProutResult {
         let i = self.registered_with(n, p.key)?;
         match &self.reservation {
             Some(res) if !self.holds(i) || (res.ty.all_registrants() && res.ty != ty) => conflict(),
-            _ => {
-                self.reservation = Some(Reservation {
-                    holder: self.registrations[i].id.clone(),
-                    ty,
-                });
-                Ok(ProutEffects {
-                    changed: true,
-                    ..Default::default()
-                })
-            }
+            _ => self.reserve_for(i, ty),
         }
     }
 

@@ -18,6 +18,23 @@ pub enum PrCodeError {
     OutAction(u8),
 }
 
+/// `TryFrom<u8>` for a code enum: the member of `ALL` whose `code()` it is, else the
+/// given [`PrCodeError`] variant.
+macro_rules! try_from_code {
+    ($ty:ident, $err:ident) => {
+        impl TryFrom<u8> for $ty {
+            type Error = PrCodeError;
+
+            fn try_from(code: u8) -> Result<$ty, PrCodeError> {
+                $ty::ALL
+                    .into_iter()
+                    .find(|c| c.code() == code)
+                    .ok_or(PrCodeError::$err(code))
+            }
+        }
+    };
+}
+
 /// Persistent reservation type (SPC-4 table 185). The serde form (variant names) is what
 /// the APTPL state file stores; keep it stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,16 +141,7 @@ impl PrType {
     }
 }
 
-impl TryFrom<u8> for PrType {
-    type Error = PrCodeError;
-
-    fn try_from(code: u8) -> Result<PrType, PrCodeError> {
-        PrType::ALL
-            .into_iter()
-            .find(|t| t.code() == code)
-            .ok_or(PrCodeError::TypeCode(code))
-    }
-}
+try_from_code!(PrType, TypeCode);
 
 impl fmt::Display for PrType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,72 +162,52 @@ impl FromStr for PrType {
     }
 }
 
-/// PERSISTENT RESERVE IN service actions (SPC-4 table 178).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PrInAction {
-    ReadKeys = 0,
-    ReadReservation = 1,
-    ReportCapabilities = 2,
-    ReadFullStatus = 3,
+/// Service-action enums: the codes, `ALL`, `code()` and `TryFrom<u8>` (an unknown code
+/// is the named [`PrCodeError`] variant).
+macro_rules! service_actions {
+    ($($(#[$doc:meta])* $ty:ident / $err:ident { $($v:ident = $c:literal,)* })*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $ty {
+            $($v = $c,)*
+        }
+
+        impl $ty {
+            pub const ALL: [$ty; [$($c),*].len()] = [$($ty::$v),*];
+
+            /// The SERVICE ACTION field value.
+            pub fn code(self) -> u8 {
+                self as u8
+            }
+        }
+
+        try_from_code!($ty, $err);
+    )*};
 }
 
-impl PrInAction {
-    pub const ALL: [PrInAction; 4] = [
-        PrInAction::ReadKeys,
-        PrInAction::ReadReservation,
-        PrInAction::ReportCapabilities,
-        PrInAction::ReadFullStatus,
-    ];
-
-    /// The SERVICE ACTION field value.
-    pub fn code(self) -> u8 {
-        self as u8
+service_actions! {
+    /// PERSISTENT RESERVE IN service actions (SPC-4 table 178).
+    PrInAction / InAction {
+        ReadKeys = 0,
+        ReadReservation = 1,
+        ReportCapabilities = 2,
+        ReadFullStatus = 3,
     }
-}
-
-impl TryFrom<u8> for PrInAction {
-    type Error = PrCodeError;
-
-    fn try_from(code: u8) -> Result<PrInAction, PrCodeError> {
-        PrInAction::ALL
-            .into_iter()
-            .find(|a| a.code() == code)
-            .ok_or(PrCodeError::InAction(code))
+    /// PERSISTENT RESERVE OUT service actions (SPC-4 table 188; REPLACE LOST from SPC-5).
+    PrOutAction / OutAction {
+        Register = 0,
+        Reserve = 1,
+        Release = 2,
+        Clear = 3,
+        Preempt = 4,
+        PreemptAndAbort = 5,
+        RegisterAndIgnoreExistingKey = 6,
+        RegisterAndMove = 7,
+        ReplaceLostReservation = 8,
     }
-}
-
-/// PERSISTENT RESERVE OUT service actions (SPC-4 table 188; REPLACE LOST from SPC-5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PrOutAction {
-    Register = 0,
-    Reserve = 1,
-    Release = 2,
-    Clear = 3,
-    Preempt = 4,
-    PreemptAndAbort = 5,
-    RegisterAndIgnoreExistingKey = 6,
-    RegisterAndMove = 7,
-    ReplaceLostReservation = 8,
 }
 
 impl PrOutAction {
-    pub const ALL: [PrOutAction; 9] = [
-        PrOutAction::Register,
-        PrOutAction::Reserve,
-        PrOutAction::Release,
-        PrOutAction::Clear,
-        PrOutAction::Preempt,
-        PrOutAction::PreemptAndAbort,
-        PrOutAction::RegisterAndIgnoreExistingKey,
-        PrOutAction::RegisterAndMove,
-        PrOutAction::ReplaceLostReservation,
-    ];
-
-    /// The SERVICE ACTION field value.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-
     /// Uses the CDB's SCOPE and TYPE fields.
     pub fn is_scoped(self) -> bool {
         matches!(
@@ -230,17 +218,6 @@ impl PrOutAction {
                 | PrOutAction::PreemptAndAbort
                 | PrOutAction::ReplaceLostReservation
         )
-    }
-}
-
-impl TryFrom<u8> for PrOutAction {
-    type Error = PrCodeError;
-
-    fn try_from(code: u8) -> Result<PrOutAction, PrCodeError> {
-        PrOutAction::ALL
-            .into_iter()
-            .find(|a| a.code() == code)
-            .ok_or(PrCodeError::OutAction(code))
     }
 }
 

@@ -56,6 +56,25 @@ fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
+/// A write command's checked range and the whole blocks of its Data-Out.
+struct WriteData<'a> {
+    r: BlockRange,
+    data: &'a [u8],
+    blocks: u64,
+}
+
+/// The media checks of a write and its whole blocks of data; `None` when there are none.
+fn write_data<'a>(lu: &LogicalUnit, req: &'a Request) -> Result<Option<WriteData<'a>>, Sense> {
+    let r = media_checks(lu, req.cdb, true)?;
+    let bs = lu.block_size();
+    let data = whole_blocks(&req.cmd.data_out, r.blocks, bs);
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let blocks = data.len() as u64 / bs;
+    Ok(Some(WriteData { r, data, blocks }))
+}
+
 /// Read `blocks` from `lba` into one buffer (the only allocation of a READ).
 fn read_blocks(lu: &LogicalUnit, lba: u64, blocks: u64) -> Result<BytesMut, Sense> {
     let bs = lu.block_size();
@@ -81,14 +100,10 @@ pub(crate) fn read(lu: &LogicalUnit, req: &Request) -> CmdResult {
 }
 
 pub(crate) fn write(lu: &LogicalUnit, req: &Request) -> CmdResult {
-    let r = media_checks(lu, req.cdb, true)?;
-    let bs = lu.block_size();
-    let data = whole_blocks(&req.cmd.data_out, r.blocks, bs);
-    if data.is_empty() {
+    let Some(WriteData { r, data, blocks }) = write_data(lu, req)? else {
         return Ok(Bytes::new());
-    }
+    };
     {
-        let blocks = data.len() as u64 / bs;
         let _g = if backend::must_not_block() {
             // Tried inline by the transport: do not wait behind a COMPARE AND WRITE.
             match lu.ranges.try_lock(r.lba, blocks, Mode::Shared) {
@@ -108,13 +123,9 @@ pub(crate) fn write(lu: &LogicalUnit, req: &Request) -> CmdResult {
 }
 
 pub(crate) fn write_and_verify(lu: &LogicalUnit, req: &Request) -> CmdResult {
-    let r = media_checks(lu, req.cdb, true)?;
-    let bs = lu.block_size();
-    let data = whole_blocks(&req.cmd.data_out, r.blocks, bs);
-    if data.is_empty() {
+    let Some(WriteData { r, data, blocks }) = write_data(lu, req)? else {
         return Ok(Bytes::new());
-    }
-    let blocks = data.len() as u64 / bs;
+    };
     {
         let _g = lu.ranges.lock(r.lba, blocks, Mode::Shared);
         write_bytes(lu, r.lba, data)?;
@@ -368,13 +379,9 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, req: &Request) -> CmdResult {
 }
 
 pub(crate) fn orwrite(lu: &LogicalUnit, req: &Request) -> CmdResult {
-    let r = media_checks(lu, req.cdb, true)?;
-    let bs = lu.block_size();
-    let data = whole_blocks(&req.cmd.data_out, r.blocks, bs);
-    if data.is_empty() {
+    let Some(WriteData { r, data, blocks }) = write_data(lu, req)? else {
         return Ok(Bytes::new());
-    }
-    let blocks = data.len() as u64 / bs;
+    };
     {
         let _g = lu.ranges.lock(r.lba, blocks, Mode::Exclusive);
         let mut cur = read_blocks(lu, r.lba, blocks)?;

@@ -122,31 +122,29 @@ pub(crate) fn report_luns_single(_lu: &LogicalUnit, req: &Request) -> CmdResult 
     report_luns_data(req.cdb, std::iter::once(req.cmd.lun))
 }
 
-pub(crate) fn reserve(lu: &LogicalUnit, req: &Request) -> CmdResult {
+/// RESERVE and RELEASE (6 and 10): third-party and extent reservations are not
+/// supported, so their bits in byte 1 are invalid fields.
+fn check_whole_lu_reservation(req: &Request, opcode_6: u8) -> Result<(), Sense> {
     let b1 = cdb::byte(req.cdb, 1);
-    // Third-party and extent reservations are not supported.
-    let bad = if cdb::byte(req.cdb, 0) == opcode::RESERVE_6 {
+    let bad = if cdb::byte(req.cdb, 0) == opcode_6 {
         b1 & 0x1F
     } else {
         b1 & 0x12
     };
     if bad != 0 {
-        return Err(Sense::invalid_cdb(1, Some(4)).into());
+        return Err(Sense::invalid_cdb(1, Some(4)));
     }
+    Ok(())
+}
+
+pub(crate) fn reserve(lu: &LogicalUnit, req: &Request) -> CmdResult {
+    check_whole_lu_reservation(req, opcode::RESERVE_6)?;
     lu.reserve(&req.cmd.nexus)?;
     Ok(Bytes::new())
 }
 
 pub(crate) fn release(lu: &LogicalUnit, req: &Request) -> CmdResult {
-    let b1 = cdb::byte(req.cdb, 1);
-    let bad = if cdb::byte(req.cdb, 0) == opcode::RELEASE_6 {
-        b1 & 0x1F
-    } else {
-        b1 & 0x12
-    };
-    if bad != 0 {
-        return Err(Sense::invalid_cdb(1, Some(4)).into());
-    }
+    check_whole_lu_reservation(req, opcode::RELEASE_6)?;
     lu.release(&req.cmd.nexus);
     Ok(Bytes::new())
 }

@@ -143,6 +143,14 @@ fn assert_sense(o: &ScsiOutcome, key: u8, asc: u8, ascq: u8) {
     assert_eq!(sense_of(o), (key, asc, ascq));
 }
 
+/// One GET LBA STATUS descriptor: LBA, number of blocks, provisioning status.
+fn lba_status(lba: u64, blocks: u32, status: u8) -> Vec<u8> {
+    let mut d = lba.to_be_bytes().to_vec();
+    d.extend_from_slice(&blocks.to_be_bytes());
+    d.extend_from_slice(&[status, 0, 0, 0]);
+    d
+}
+
 #[track_caller]
 fn assert_good(o: &ScsiOutcome) {
     assert_eq!(o.status, status::GOOD, "{o:?}");
@@ -259,12 +267,8 @@ fn read_capacity() {
     let (lu, _) = lu();
     let o = run(&lu, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
     assert_eq!(&o.data_in[..], &[0, 0, 3, 0xFF, 0, 0, 2, 0]);
-    assert_sense(
-        &run(&lu, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[]),
-        5,
-        0x24,
-        0,
-    );
+    let got = run(&lu, &[0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], &[]);
+    assert_sense(&got, 5, 0x24, 0);
     let mut c = [0u8; 16];
     c[0] = 0x9E;
     c[1] = 0x10;
@@ -315,25 +319,13 @@ fn lba_out_of_range() {
     let (lu, _) = lu();
     assert_sense(&run(&lu, &rw10(opcode::READ_10, 1023, 2), &[]), 5, 0x21, 0);
     assert_good(&run(&lu, &rw10(opcode::READ_10, 1023, 1), &[]));
-    assert_sense(
-        &run(&lu, &rw16(opcode::READ_16, u64::MAX, 1), &[]),
-        5,
-        0x21,
-        0,
-    );
-    assert_sense(
-        &run(&lu, &rw16(opcode::WRITE_16, 1024, 1), &[0; 512]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::READ_16, u64::MAX, 1), &[]);
+    assert_sense(&got, 5, 0x21, 0);
+    let got = run(&lu, &rw16(opcode::WRITE_16, 1024, 1), &[0; 512]);
+    assert_sense(&got, 5, 0x21, 0);
     assert_sense(&run(&lu, &rw10(opcode::READ_10, 1025, 0), &[]), 5, 0x21, 0);
-    assert_sense(
-        &run(&lu, &rw16(opcode::READ_16, 1 << 63, 0), &[]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::READ_16, 1 << 63, 0), &[]);
+    assert_sense(&got, 5, 0x21, 0);
 }
 
 #[test]
@@ -351,12 +343,8 @@ fn protect_fields_and_transfer_limit() {
     let mut c = rw10(opcode::READ_10, 0, 1);
     c[1] = 0x1A;
     assert_good(&run(&lu, &c, &[]));
-    assert_sense(
-        &run(&lu, &rw16(opcode::READ_16, 0, 1 << 20), &[]),
-        5,
-        0x24,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::READ_16, 0, 1 << 20), &[]);
+    assert_sense(&got, 5, 0x24, 0);
 }
 
 #[test]
@@ -365,18 +353,10 @@ fn read_only_lun() {
         read_only: true,
         ..settings()
     });
-    assert_sense(
-        &run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]),
-        7,
-        0x27,
-        0,
-    );
-    assert_sense(
-        &run(&lu, &rw16(opcode::WRITE_SAME_16, 0, 1), &[0; 512]),
-        7,
-        0x27,
-        0,
-    );
+    let got = run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]);
+    assert_sense(&got, 7, 0x27, 0);
+    let got = run(&lu, &rw16(opcode::WRITE_SAME_16, 0, 1), &[0; 512]);
+    assert_sense(&got, 7, 0x27, 0);
     assert_sense(&run(&lu, &caw(0, 1), &[0; 1024]), 7, 0x27, 0);
     assert_good(&run(&lu, &rw10(opcode::READ_10, 0, 1), &[]));
     let o = run(&lu, &[0x1A, 0, 0x3F, 0, 255, 0], &[]);
@@ -412,12 +392,8 @@ fn fua_and_write_cache_flush() {
     assert_eq!(be.flushes.load(Ordering::SeqCst), 1);
     assert_good(&run(&lu, &rw10(opcode::SYNC_CACHE_10, 0, 0), &[]));
     assert_eq!(be.flushes.load(Ordering::SeqCst), 2);
-    assert_sense(
-        &run(&lu, &rw16(opcode::SYNC_CACHE_16, 2000, 0), &[]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::SYNC_CACHE_16, 2000, 0), &[]);
+    assert_sense(&got, 5, 0x21, 0);
     let (lu, be) = lu_with(LunSettings {
         write_cache: false,
         ..settings()
@@ -431,12 +407,8 @@ fn backend_errors_map_to_medium_errors() {
     let (lu, be) = lu();
     be.fail.store(true, Ordering::SeqCst);
     assert_sense(&run(&lu, &rw10(opcode::READ_10, 0, 1), &[]), 3, 0x11, 0);
-    assert_sense(
-        &run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]),
-        3,
-        0x0C,
-        0,
-    );
+    let got = run(&lu, &rw10(opcode::WRITE_10, 0, 1), &[0; 512]);
+    assert_sense(&got, 3, 0x0C, 0);
 }
 
 #[test]
@@ -463,12 +435,8 @@ fn verify_variants() {
     let mut c = rw10(opcode::VERIFY_10, 4, 1);
     c[1] = 0x04;
     assert_sense(&run(&lu, &c, &[]), 5, 0x24, 0);
-    assert_sense(
-        &run(&lu, &rw10(opcode::VERIFY_10, 1024, 1), &[]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw10(opcode::VERIFY_10, 1024, 1), &[]);
+    assert_sense(&got, 5, 0x21, 0);
     let mut c = rw10(opcode::VERIFY_10, 4, 1);
     c[1] = 0x20;
     assert_sense(&run(&lu, &c, &[]), 5, 0x24, 0);
@@ -489,12 +457,8 @@ fn write_and_verify_and_orwrite() {
         .data_in
         .iter()
         .all(|&b| b == 0xFF));
-    assert_sense(
-        &run(&lu, &rw16(opcode::ORWRITE_16, 1024, 1), &[0; 512]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::ORWRITE_16, 1024, 1), &[0; 512]);
+    assert_sense(&got, 5, 0x21, 0);
 }
 
 #[test]
@@ -634,12 +598,8 @@ fn write_same_and_lba_status() {
     assert_good(&o);
     assert_eq!(&o.data_in[..8], &[0, 0, 0, 36, 0, 0, 0, 0]);
     assert_eq!(
-        &o.data_in[8..24],
-        &[0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 5, 0, 0, 0, 0]
-    );
-    assert_eq!(
-        &o.data_in[24..40],
-        &[0, 0, 0, 0, 0, 0, 0, 15, 0, 0, 3, 0xF1, 1, 0, 0, 0]
+        &o.data_in[8..40],
+        [lba_status(10, 5, 0), lba_status(15, 1009, 1)].concat()
     );
     // WRITE SAME(16) with UNMAP and a zero block deallocates.
     let mut c = rw16(opcode::WRITE_SAME_16, 11, 2);
@@ -647,12 +607,8 @@ fn write_same_and_lba_status() {
     assert_good(&run(&lu, &c, &[0; 512]));
     let o = run(&lu, &g, &[]);
     assert_eq!(
-        &o.data_in[8..24],
-        &[0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 1, 0, 0, 0, 0]
-    );
-    assert_eq!(
-        &o.data_in[24..40],
-        &[0, 0, 0, 0, 0, 0, 0, 11, 0, 0, 0, 2, 1, 0, 0, 0]
+        &o.data_in[8..40],
+        [lba_status(10, 1, 0), lba_status(11, 2, 1)].concat()
     );
     assert!(run(&lu, &rw10(opcode::READ_10, 11, 2), &[])
         .data_in
@@ -665,18 +621,10 @@ fn write_same_and_lba_status() {
     assert_good(&run(&lu, &c, &[]));
     // 0 blocks runs to the end of the medium (WSNZ=0); beyond end, anchor, wrprotect.
     assert_good(&run(&lu, &rw10(opcode::WRITE_SAME_10, 1000, 0), &blk));
-    assert_sense(
-        &run(&lu, &rw10(opcode::WRITE_SAME_10, 1025, 0), &blk),
-        5,
-        0x21,
-        0,
-    );
-    assert_sense(
-        &run(&lu, &rw16(opcode::WRITE_SAME_16, u64::MAX, 1), &blk),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw10(opcode::WRITE_SAME_10, 1025, 0), &blk);
+    assert_sense(&got, 5, 0x21, 0);
+    let got = run(&lu, &rw16(opcode::WRITE_SAME_16, u64::MAX, 1), &blk);
+    assert_sense(&got, 5, 0x21, 0);
     let mut c = rw10(opcode::WRITE_SAME_10, 0, 1);
     c[1] = 0x10;
     assert_sense(&run(&lu, &c, &blk), 5, 0x24, 0);
@@ -738,12 +686,8 @@ fn unmap() {
         thin_provisioning: false,
         ..settings()
     });
-    assert_sense(
-        &run(&lu, &unmap_cdb(24, false), &unmap_list(&[(0, 1)])),
-        5,
-        0x20,
-        0,
-    );
+    let got = run(&lu, &unmap_cdb(24, false), &unmap_list(&[(0, 1)]));
+    assert_sense(&got, 5, 0x20, 0);
 }
 
 #[test]
@@ -811,27 +755,15 @@ fn mode_select_changes_wce_and_raises_ua_for_others() {
     assert_sense(&o, 5, 0x26, 0);
     assert_eq!(&o.sense.unwrap()[15..18], &[0x88, 0, 6]);
     // PF=0 and SP=1 are invalid fields in the CDB.
-    assert_sense(
-        &lu.execute(&cmd(&a, &[0x15, 0, 0, 0, 0, 0], &[])),
-        5,
-        0x24,
-        0,
-    );
-    assert_sense(
-        &lu.execute(&cmd(&a, &[0x15, 0x11, 0, 0, 0, 0], &[])),
-        5,
-        0x24,
-        0,
-    );
+    let got = lu.execute(&cmd(&a, &[0x15, 0, 0, 0, 0, 0], &[]));
+    assert_sense(&got, 5, 0x24, 0);
+    let got = lu.execute(&cmd(&a, &[0x15, 0x11, 0, 0, 0, 0], &[]));
+    assert_sense(&got, 5, 0x24, 0);
     // Wrong page length, unknown page, truncated header.
     assert_sense(&mode_select6(&lu, &a, &[0x08, 10, 0, 0]), 5, 0x26, 0);
     assert_sense(&mode_select6(&lu, &a, &[0x05, 2, 0, 0]), 5, 0x26, 0);
-    assert_sense(
-        &lu.execute(&cmd(&a, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0])),
-        5,
-        0x1A,
-        0,
-    );
+    let got = lu.execute(&cmd(&a, &[0x15, 0x10, 0, 0, 2, 0], &[0, 0]));
+    assert_sense(&got, 5, 0x1A, 0);
 }
 
 #[test]
@@ -876,12 +808,8 @@ fn request_sense_and_unit_attentions() {
     assert_eq!(&o.data_in[..4], &[0x72, 6, 0x29, 0x03]);
     assert_good(&lu.execute(&cmd(&a, &[0; 6], &[])));
     // The other nexus gets it as CHECK CONDITION on its next command.
-    assert_sense(
-        &lu.execute(&cmd(&b, &rw10(opcode::READ_10, 0, 1), &[])),
-        6,
-        0x29,
-        0x03,
-    );
+    let got = lu.execute(&cmd(&b, &rw10(opcode::READ_10, 0, 1), &[]));
+    assert_sense(&got, 6, 0x29, 0x03);
     assert_good(&lu.execute(&cmd(&b, &[0; 6], &[])));
     // A nexus first seen after the reset has none; a lost nexus forgets its UAs.
     assert_good(&lu.execute(&cmd(&nexus(3), &[0; 6], &[])));
@@ -925,12 +853,8 @@ fn scsi2_reservations() {
     let _ = lu.execute(&cmd(&a, &[0x03, 0, 0, 0, 18, 0], &[]));
     assert_good(&lu.execute(&cmd(&a, &[0; 6], &[])));
     // Third-party reservation is not supported.
-    assert_sense(
-        &lu.execute(&cmd(&a, &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0], &[])),
-        5,
-        0x24,
-        0,
-    );
+    let got = lu.execute(&cmd(&a, &[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    assert_sense(&got, 5, 0x24, 0);
 }
 
 #[test]
@@ -1011,12 +935,8 @@ fn misc_commands() {
         run(&lu, &rw10(opcode::PRE_FETCH_10, 0, 1), &[]).status,
         status::GOOD
     );
-    assert_sense(
-        &run(&lu, &rw16(opcode::PRE_FETCH_16, 1024, 1), &[]),
-        5,
-        0x21,
-        0,
-    );
+    let got = run(&lu, &rw16(opcode::PRE_FETCH_16, 1024, 1), &[]);
+    assert_sense(&got, 5, 0x21, 0);
     assert_good(&run(&lu, &[0x1B, 1, 0, 0, 1, 0], &[]));
     assert_good(&run(&lu, &[0x1B, 0, 0, 0, 0x30, 0], &[]));
     assert_sense(&run(&lu, &[0x1B, 1, 0, 0, 0x02, 0], &[]), 5, 0x24, 0);

@@ -3,6 +3,7 @@
 
 pub use crate::config_value::ByteSize;
 use crate::config_value::{self, ConfigValueError};
+use crate::iscsi::login::TargetKeyPolicy;
 use crate::iscsi::name::check_iscsi_name;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -91,18 +92,36 @@ pub struct IscsiSettings {
 }
 
 impl Default for IscsiSettings {
+    /// The login defaults of [`TargetKeyPolicy`], with a deeper R2T pipeline.
     fn default() -> Self {
+        let k = TargetKeyPolicy::default();
         Self {
-            max_recv_data_segment_length: 256 * 1024,
-            max_burst_length: 1024 * 1024,
-            first_burst_length: 256 * 1024,
-            immediate_data: true,
-            initial_r2t: false,
+            max_recv_data_segment_length: k.max_recv_data_segment_length,
+            max_burst_length: k.max_burst_length,
+            first_burst_length: k.first_burst_length,
+            immediate_data: k.immediate_data,
+            initial_r2t: k.initial_r2t,
             max_outstanding_r2t: 4,
             queue_depth: 128,
             nop_interval_secs: 10,
             nop_timeout_secs: 30,
             login_timeout_secs: 15,
+        }
+    }
+}
+
+impl IscsiSettings {
+    /// The key policy a target offers at login under these settings.
+    pub fn key_policy(&self) -> TargetKeyPolicy {
+        TargetKeyPolicy {
+            max_recv_data_segment_length: self.max_recv_data_segment_length,
+            max_burst_length: self.max_burst_length,
+            first_burst_length: self.first_burst_length,
+            immediate_data: self.immediate_data,
+            initial_r2t: self.initial_r2t,
+            max_outstanding_r2t: self.max_outstanding_r2t,
+            target_alias: None,
+            ..TargetKeyPolicy::default()
         }
     }
 }
@@ -630,7 +649,7 @@ fn check_acl(tk: &str, t: &TargetConfig, ids: &HashSet<u64>, bad: Bad<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
@@ -639,7 +658,8 @@ mod tests {
             .to_string()
     }
 
-    const MIN: &str = r#"
+    /// The smallest valid config: one target, one portal, one LUN.
+    pub(in crate::server) const MIN: &str = r#"
 [[target]]
 name = "iqn.2026-11.org.example:t1"
 [[target.portal]]
@@ -684,28 +704,29 @@ size = "1MiB"
         assert!(e.starts_with("t.toml: target[0].name: "), "{e}");
         let e = err(&MIN.replace("127.0.0.1:3261", "localhost"));
         assert!(e.contains("target[0].portal[0].listen"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512\n"
-        ));
-        assert!(
-            e.contains("target[0].lun[1].id: LUN 0 is defined twice"),
-            "{e}"
-        );
-        let e = err(&format!(
-            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"short\"\n"
-        ));
-        assert!(e.contains("target[0].chap.secret"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"\n"
-        ));
-        assert!(e.contains("must differ"), "{e}");
-        let e = err(&format!(
-            "{MIN}\n[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]\n"
-        ));
-        assert!(
-            e.contains("target[0].acl[0].luns: LUN 7 is not defined"),
-            "{e}"
-        );
+        // Sections added to MIN, and what the error says.
+        let cases = [
+            (
+                "[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = 512",
+                "target[0].lun[1].id: LUN 0 is defined twice",
+            ),
+            (
+                "[target.chap]\nusername = \"u\"\nsecret = \"short\"",
+                "target[0].chap.secret",
+            ),
+            (
+                "[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"\nmutual_username = \"t\"\nmutual_secret = \"0123456789ab\"",
+                "must differ",
+            ),
+            (
+                "[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"\nluns = [7]",
+                "target[0].acl[0].luns: LUN 7 is not defined",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = err(&format!("{MIN}\n{section}\n"));
+            assert!(e.contains(want), "{e}");
+        }
         let e = err("bogus = 1\n");
         assert!(e.starts_with("t.toml: ") && e.contains("bogus"), "{e}");
         let e = err("data_dir = \"x\"\n");

@@ -1,7 +1,7 @@
 //! The configuration turned into running objects: targets, their logical units,
 //! access control and CHAP, shared by every connection.
 
-use super::config::{ChapConfig, ValidConfig};
+use super::config::{ChapConfig, LunConfig, ValidConfig};
 use super::session::NexusDirectory;
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
@@ -135,60 +135,10 @@ impl Runtime {
             let mut luns = BTreeMap::new();
             for (li, l) in t.luns.iter().enumerate() {
                 let key = format!("target[{ti}].lun[{li}]");
-                let path = cfg.resolve(&l.path);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| RuntimeError::Lun {
-                        key: key.clone(),
-                        reason: format!("cannot create {}: {e}", parent.display()),
-                    })?;
-                }
-                let backend = Arc::new(
-                    FileBackend::open(&path, l.size.0, true, l.read_only).map_err(|e| {
-                        RuntimeError::Lun {
-                            key: key.clone(),
-                            reason: e.to_string(),
-                        }
-                    })?,
-                );
-                backends.push((format!("{} LUN {}", t.name, l.id), backend.clone()));
-                let id = identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| {
-                    RuntimeError::Lun {
-                        key: key.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                let settings = LunSettings {
-                    block_size: l.block_size,
-                    physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
-                    read_only: l.read_only,
-                    serial: id.serial,
-                    naa: id.naa,
-                    vendor: "HOLDFAST".into(),
-                    product: l.product.clone().unwrap_or_else(|| "holdfast LUN".into()),
-                    revision: env!("CARGO_PKG_VERSION")
-                        .chars()
-                        .filter(|c| *c != '.')
-                        .take(4)
-                        .collect(),
-                    write_cache: l.write_cache,
-                    thin_provisioning: l.thin_provisioning,
-                };
-                // Persistent reservations (APTPL) live next to the identity sidecar; a
-                // state file that cannot be read stops this LUN rather than dropping
-                // reservations a cluster relies on.
-                let store = PrFileStore::for_backing(&path);
-                let pr_path = store.path().display().to_string();
-                let served = wrap(&path, backend);
-                let lu = LogicalUnit::with_persistence(settings, served, Box::new(store)).map_err(
-                    |e| RuntimeError::Lun {
-                        key: key.clone(),
-                        reason: format!("{pr_path}: {e}"),
-                    },
-                )?;
-                let dir = nexuses.clone();
-                let lun_id = l.id;
-                lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
-                luns.insert(l.id, Arc::new(lu));
+                let (lu, backend) = open_lun(cfg, l, wrap, &nexuses)
+                    .map_err(|reason| RuntimeError::Lun { key, reason })?;
+                backends.push((format!("{} LUN {}", t.name, l.id), backend));
+                luns.insert(l.id, lu);
             }
             targets.push(Arc::new(TargetNode {
                 name: t.name.clone(),
@@ -211,16 +161,7 @@ impl Runtime {
         Ok(Runtime {
             targets,
             discovery_chap: cfg.config.discovery_chap.as_ref().map(chap_credentials),
-            key_policy: TargetKeyPolicy {
-                max_recv_data_segment_length: s.max_recv_data_segment_length,
-                max_burst_length: s.max_burst_length,
-                first_burst_length: s.first_burst_length,
-                immediate_data: s.immediate_data,
-                initial_r2t: s.initial_r2t,
-                max_outstanding_r2t: s.max_outstanding_r2t,
-                target_alias: None,
-                ..TargetKeyPolicy::default()
-            },
+            key_policy: s.key_policy(),
             settings: s.clone(),
             limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
             backends,
@@ -262,6 +203,52 @@ impl Runtime {
     }
 }
 
+/// Open (creating if need be) one LUN's backing file and build its logical unit; the
+/// error is the reason, for a [`RuntimeError::Lun`].
+fn open_lun(
+    cfg: &ValidConfig,
+    l: &LunConfig,
+    wrap: &BackendWrap,
+    nexuses: &Arc<NexusDirectory>,
+) -> Result<(Arc<LogicalUnit>, Arc<FileBackend>), String> {
+    let path = cfg.resolve(&l.path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let backend =
+        Arc::new(FileBackend::open(&path, l.size.0, true, l.read_only).map_err(|e| e.to_string())?);
+    let id = identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| e.to_string())?;
+    let settings = LunSettings {
+        block_size: l.block_size,
+        physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
+        read_only: l.read_only,
+        serial: id.serial,
+        naa: id.naa,
+        vendor: "HOLDFAST".into(),
+        product: l.product.clone().unwrap_or_else(|| "holdfast LUN".into()),
+        revision: env!("CARGO_PKG_VERSION")
+            .chars()
+            .filter(|c| *c != '.')
+            .take(4)
+            .collect(),
+        write_cache: l.write_cache,
+        thin_provisioning: l.thin_provisioning,
+    };
+    // Persistent reservations (APTPL) live next to the identity sidecar; a state file
+    // that cannot be read stops this LUN rather than dropping reservations a cluster
+    // relies on.
+    let store = PrFileStore::for_backing(&path);
+    let pr_path = store.path().display().to_string();
+    let served = wrap(&path, backend.clone());
+    let lu = LogicalUnit::with_persistence(settings, served, Box::new(store))
+        .map_err(|e| format!("{pr_path}: {e}"))?;
+    let dir = nexuses.clone();
+    let lun_id = l.id;
+    lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
+    Ok((Arc::new(lu), backend))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,24 +257,14 @@ mod tests {
     #[test]
     fn corrupt_pr_state_stops_the_lun() {
         let dir = tempfile::tempdir().unwrap();
-        let text = r#"
-data_dir = "data"
-[[target]]
-name = "iqn.2026-01.test:rt"
-[[target.portal]]
-listen = "127.0.0.1:0"
-[[target.lun]]
-id = 0
-path = "lun0.img"
-size = "1MiB"
-"#;
-        let cfg = super::super::config::parse(text, "test.toml", dir.path()).unwrap();
+        let text = format!("data_dir = \"data\"\n{}", super::super::config::tests::MIN);
+        let cfg = super::super::config::parse(&text, "test.toml", dir.path()).unwrap();
         assert_eq!(Runtime::build(&cfg).unwrap().targets.len(), 1);
-        let pr = dir.path().join("data").join("lun0.img.holdfast-pr");
+        let pr = dir.path().join("data").join("a.img.holdfast-pr");
         std::fs::write(&pr, b"{\"version\":1").unwrap();
         let e = Runtime::build(&cfg).unwrap_err().to_string();
         assert!(
-            e.contains("lun0.img.holdfast-pr") && e.contains("corrupt"),
+            e.contains("a.img.holdfast-pr") && e.contains("corrupt"),
             "{e}"
         );
     }

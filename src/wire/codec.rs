@@ -124,17 +124,13 @@ impl PduDecoder {
             Some(Ok(b)) => b,
             _ => return Err(WireError::Malformed("short header")),
         };
-        let bhs = match parse_bhs(&bhs_bytes) {
-            Ok((_, Some(bhs))) => bhs,
-            Ok((_, None)) => {
-                let [i0, i1, i2, i3] = itt_bytes(&bhs_bytes);
-                return Err(WireError::UnknownOpcode {
-                    opcode: bhs_bytes[0] & 0x3f,
-                    itt: u32::from_be_bytes([i0, i1, i2, i3]),
-                    header: Box::new(bhs_bytes),
-                });
-            }
-            Err(_) => return Err(WireError::Malformed("short header")),
+        let Some(bhs) = parse_bhs(&bhs_bytes) else {
+            let [i0, i1, i2, i3] = itt_bytes(&bhs_bytes);
+            return Err(WireError::UnknownOpcode {
+                opcode: bhs_bytes[0] & 0x3f,
+                itt: u32::from_be_bytes([i0, i1, i2, i3]),
+                header: Box::new(bhs_bytes),
+            });
         };
         let data_start = header_len;
         if dd_len > 0 {
@@ -180,8 +176,7 @@ fn parse_ahs_list(frame: &Bytes, start: usize, end: usize) -> Result<Vec<Ahs>, W
     Ok(out)
 }
 
-pub use super::bhs_decode::parse_bhs;
-pub use super::bhs_encode::bhs_bytes;
+pub use super::bhs::{bhs_bytes, parse_bhs};
 
 /// Padded wire length of an AHS list.
 fn ahs_wire_len(ahs: &[Ahs]) -> usize {

@@ -1,8 +1,7 @@
 //! Wire layer: PDU codec (BHS, AHS, data segment, padding, digests) and the text
 //! key=value codec. Pure functions over bytes; no I/O.
 
-mod bhs_decode;
-mod bhs_encode;
+mod bhs;
 pub mod codec;
 pub mod pdu;
 pub mod stream;

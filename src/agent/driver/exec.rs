@@ -154,6 +154,21 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Start `cmd` as the leader of a new process group, so that signals sent to the group
+/// reach whatever it starts too, and the agent's terminal signals (Ctrl-C) do not.
+pub(crate) fn spawn_in_group(
+    cmd: &mut Command,
+    action: &'static str,
+) -> Result<Child, DriverError> {
+    cmd.process_group(0)
+        .spawn()
+        .map_err(|source| DriverError::Spawn {
+            action,
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })
+}
+
 /// Run `cmd` in its own process group with stdin from /dev/null and its output
 /// captured. Past `timeout` the whole group is SIGKILLed and the call fails with
 /// `Timeout`. A non-zero exit is not an error here: callers give exit codes meaning.
@@ -166,14 +181,9 @@ pub(crate) fn run(
     let program = cmd.get_program().to_string_lossy().into_owned();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a timeout also reaches whatever it started.
-        .process_group(0);
-    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
-        action,
-        program: program.clone(),
-        source,
-    })?;
+        .stderr(Stdio::piped());
+    // Its own group, so a timeout also reaches whatever it started.
+    let mut child = spawn_in_group(&mut cmd, action)?;
     let out: Shared = Arc::default();
     let err: Shared = if merge { out.clone() } else { Arc::default() };
     let (done_tx, done_rx) = mpsc::channel();

@@ -62,25 +62,10 @@ impl LibvirtDriver {
         cmd.args(args).envs(ctx.env()).env("LC_ALL", "C");
         let out = exec::run(cmd, action, timeout, false)?;
         Ok(Run {
+            action,
             args: args.join(" "),
             out,
         })
-    }
-
-    /// Run virsh; a non-zero exit is an error quoting virsh's complaint.
-    fn virsh_ok(
-        &self,
-        ctx: &VmContext,
-        action: &'static str,
-        args: &[&str],
-        timeout: Duration,
-    ) -> Result<Run, DriverError> {
-        let r = self.virsh(ctx, action, args, timeout)?;
-        if r.ok() {
-            Ok(r)
-        } else {
-            Err(r.error(action))
-        }
     }
 
     fn domain(&self, ctx: &VmContext) -> String {
@@ -99,7 +84,7 @@ impl LibvirtDriver {
         if r.ok() || r.says_no_managed_save() || (tolerate_no_domain && r.says_no_domain()) {
             Ok(())
         } else {
-            Err(r.error(action))
+            Err(r.error())
         }
     }
 
@@ -118,7 +103,7 @@ impl LibvirtDriver {
         } else if r.says_no_domain() {
             Ok(None)
         } else {
-            Err(r.error(action))
+            Err(r.error())
         }
     }
 
@@ -132,7 +117,7 @@ impl LibvirtDriver {
         match self.domstate(ctx, action, COMMAND_TIMEOUT)? {
             None => Ok(()),
             Some(s) if s == "shut off" => Ok(()),
-            Some(_) => Err(r.error(action)),
+            Some(_) => Err(r.error()),
         }
     }
 
@@ -173,7 +158,7 @@ impl LibvirtDriver {
                 }
             },
             // The guest never got the request: waiting would only delay the destroy.
-            Ok(r) => tracing::warn!(group = %ctx.group, "{}", r.error("stop")),
+            Ok(r) => tracing::warn!(group = %ctx.group, "{}", r.error()),
             Err(e) => tracing::warn!(group = %ctx.group, "{e}"),
         }
         self.destroy(ctx, "stop")
@@ -182,6 +167,7 @@ impl LibvirtDriver {
 
 /// One virsh call's outcome.
 struct Run {
+    action: &'static str,
     args: String,
     out: exec::Output,
 }
@@ -205,13 +191,22 @@ impl Run {
         self.says("no manage")
     }
 
-    fn error(&self, action: &'static str) -> DriverError {
+    /// A non-zero exit is an error quoting virsh's complaint.
+    fn checked(self) -> Result<Run, DriverError> {
+        if self.ok() {
+            Ok(self)
+        } else {
+            Err(self.error())
+        }
+    }
+
+    fn error(&self) -> DriverError {
         let mut msg = tail_lines(&self.out.stderr, 3);
         if msg.is_empty() {
             msg = tail_lines(&self.out.stdout, 3);
         }
         DriverError::Failed {
-            action,
+            action: self.action,
             detail: format!("virsh {}: {}: {msg}", self.args, describe(self.out.status)),
         }
     }
@@ -263,13 +258,15 @@ impl VmDriver for LibvirtDriver {
                     Some(s) => ctx.expand(s),
                     None => xml.to_string_lossy().into_owned(),
                 };
-                self.virsh_ok(ctx, "start", &["define", &xml], COMMAND_TIMEOUT)?;
+                self.virsh(ctx, "start", &["define", &xml], COMMAND_TIMEOUT)?
+                    .checked()?;
             }
         }
         // Not optional: `virsh start` would silently resume a managed save, and a plain
         // start means the saved state is not to be used (it may be older than the disks).
         self.remove_managed_save(ctx, "start", false)?;
-        self.virsh_ok(ctx, "start", &["start", &dom], COMMAND_TIMEOUT)?;
+        self.virsh(ctx, "start", &["start", &dom], COMMAND_TIMEOUT)?
+            .checked()?;
         self.stopped_by_us = false;
         Ok(())
     }
@@ -281,7 +278,8 @@ impl VmDriver for LibvirtDriver {
         if !info.ok() || !has_managed_save(&info.out.stdout) {
             return Ok(false);
         }
-        self.virsh_ok(ctx, "restore", &["start", &dom], COMMAND_TIMEOUT)?;
+        self.virsh(ctx, "restore", &["start", &dom], COMMAND_TIMEOUT)?
+            .checked()?;
         self.stopped_by_us = false;
         Ok(true)
     }
@@ -300,7 +298,10 @@ impl VmDriver for LibvirtDriver {
 
     fn save(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
         let dom = self.domain(ctx);
-        match self.virsh_ok(ctx, "save", &["managedsave", &dom], timeout) {
+        match self
+            .virsh(ctx, "save", &["managedsave", &dom], timeout)
+            .and_then(Run::checked)
+        {
             Ok(_) => {
                 self.stopped_by_us = true;
                 Ok(())
@@ -335,7 +336,7 @@ impl VmDriver for LibvirtDriver {
             // Not defined on this node (yet): nothing runs.
             Ok(VmStatus::Stopped)
         } else {
-            Err(r.error("status"))
+            Err(r.error())
         }
     }
 

@@ -14,12 +14,11 @@
 //! agent can make sure no VM of an earlier life runs before it starts one. The start
 //! time, checked against /proc, keeps a recycled pid from being taken for the VM.
 
-use super::exec::{describe, peek, signal_group, tail_lines, wait_exit, Peek};
+use super::exec::{self, describe, peek, signal_group, tail_lines, wait_exit, Peek};
 use super::{signal_number, DriverError, VmContext, VmDriver, VmStatus};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
@@ -143,15 +142,9 @@ impl ProcessDriver {
             .envs(ctx.env())
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            // Its own group: stop and kill signals must reach whatever it starts too,
-            // and the agent's terminal signals (Ctrl-C) must not reach it.
-            .process_group(0);
-        let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
-            action,
-            program: program.clone(),
-            source,
-        })?;
+            .stderr(err);
+        // Its own group: stop and kill signals must reach whatever it starts too.
+        let mut child = exec::spawn_in_group(&mut cmd, action)?;
         let pid = child.id();
         let pid_file = pid_file(ctx);
         if let Err(e) = write_pid_file(&pid_file, pid) {

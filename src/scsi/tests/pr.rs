@@ -72,6 +72,20 @@ fn prout(
     prout_raw(lu, n, action, ty, &plist(key, sak, 0))
 }
 
+/// Register each nexus with its key (REGISTER from an unregistered nexus).
+fn register(lu: &LogicalUnit, regs: &[(&Arc<ItNexus>, u64)]) {
+    for (n, key) in regs {
+        assert_good(&prout(lu, n, REGISTER, 0, 0, *key));
+    }
+}
+
+/// A fresh LU with each nexus registered with its key.
+fn registered(regs: &[(&Arc<ItNexus>, u64)]) -> LogicalUnit {
+    let (lu, _) = super::lu();
+    register(&lu, regs);
+    lu
+}
+
 fn prin(lu: &LogicalUnit, n: &Arc<ItNexus>, action: u8, alloc: u16) -> ScsiOutcome {
     let mut c = [0u8; 10];
     c[0] = 0x5E;
@@ -172,30 +186,26 @@ fn register_unregister_and_generation() {
     assert_eq!(keys(&lu).1, vec![0x31]);
 }
 
+/// The PR OUT service actions only a registered I_T nexus with the right key may issue.
+const NEED_REGISTRATION: [u8; 6] = [
+    RESERVE,
+    RELEASE,
+    CLEAR,
+    PREEMPT,
+    PREEMPT_ABORT,
+    REPLACE_LOST,
+];
+
 #[test]
 fn prout_requires_registration() {
     let (lu, _) = super::lu();
     let a = nx(1, 1, 1);
-    for action in [
-        RESERVE,
-        RELEASE,
-        CLEAR,
-        PREEMPT,
-        PREEMPT_ABORT,
-        REPLACE_LOST,
-    ] {
+    for action in NEED_REGISTRATION {
         conflict(&prout(&lu, &a, action, 1, 0, 0x1));
     }
     assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0x10));
     // Registered, wrong reservation key.
-    for action in [
-        RESERVE,
-        RELEASE,
-        CLEAR,
-        PREEMPT,
-        PREEMPT_ABORT,
-        REPLACE_LOST,
-    ] {
+    for action in NEED_REGISTRATION {
         conflict(&prout(&lu, &a, action, 1, 0x11, 0x10));
     }
 }
@@ -244,10 +254,8 @@ fn cdb_and_parameter_list_errors() {
 
 #[test]
 fn reserve_release_every_type() {
-    let (lu, _) = super::lu();
     let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    let lu = registered(&[(&a, 0xA), (&b, 0xB)]);
     for ty in TYPES {
         let gen = keys(&lu).0;
         assert_good(&prout(&lu, &a, RESERVE, ty, 0xA, 0));
@@ -326,10 +334,8 @@ fn access_table_every_type_and_role() {
         vec![0x5E, 0, 0, 0, 0, 0, 0, 0, 100, 0],      // PR IN
     ];
     for ty in TYPES {
-        let (lu, _) = super::lu();
         let (h, r, u) = (nx(1, 1, 1), nx(2, 2, 1), nx(3, 3, 1));
-        assert_good(&prout(&lu, &h, REGISTER, 0, 0, 0xA));
-        assert_good(&prout(&lu, &r, REGISTER, 0, 0, 0xB));
+        let lu = registered(&[(&h, 0xA), (&r, 0xB)]);
         assert_good(&prout(&lu, &h, RESERVE, ty, 0xA, 0));
         for (role, n) in [&h, &r, &u].into_iter().enumerate() {
             let (can_read, can_write) = expected_access(ty, role);
@@ -359,10 +365,8 @@ fn access_table_every_type_and_role() {
 #[test]
 fn unregistering_the_holder_releases() {
     for ty in TYPES {
-        let (lu, _) = super::lu();
         let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
-        assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-        assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+        let lu = registered(&[(&a, 0xA), (&b, 0xB)]);
         assert_good(&prout(&lu, &a, RESERVE, ty, 0xA, 0));
         assert_good(&prout(&lu, &a, REGISTER, 0, 0xA, 0));
         let ar = ty == 7 || ty == 8;
@@ -384,8 +388,7 @@ fn clear_removes_everything_with_ua() {
     let (lu, _) = super::lu();
     let (a, b, c) = (nx(1, 1, 1), nx(2, 2, 1), nx(3, 3, 1));
     seen(&lu, &[&c]);
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    register(&lu, &[(&a, 0xA), (&b, 0xB)]);
     assert_good(&prout(&lu, &a, RESERVE, 3, 0xA, 0));
     let gen = keys(&lu).0;
     assert_good(&prout(&lu, &b, CLEAR, 0, 0xB, 0));
@@ -401,11 +404,8 @@ fn clear_removes_everything_with_ua() {
 #[test]
 fn preempt_variants() {
     // Without a reservation: removes the registrations with the key.
-    let (lu, _) = super::lu();
     let (a, b, b2) = (nx(1, 1, 1), nx(2, 2, 1), nx(2, 3, 1));
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
-    assert_good(&prout(&lu, &b2, REGISTER, 0, 0, 0xB));
+    let lu = registered(&[(&a, 0xA), (&b, 0xB), (&b2, 0xB)]);
     let gen = keys(&lu).0;
     assert_good(&prout(&lu, &a, PREEMPT, 3, 0xA, 0xB));
     assert_eq!(keys(&lu), (gen + 1, vec![0xA]));
@@ -419,11 +419,8 @@ fn preempt_variants() {
 
     // Preempting the holder: the reservation moves to the issuer with the new type,
     // remaining registrants hear RESERVATIONS RELEASED because the type changed.
-    let (lu, _) = super::lu();
     let c = nx(3, 3, 1);
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
-    assert_good(&prout(&lu, &c, REGISTER, 0, 0, 0xC));
+    let lu = registered(&[(&a, 0xA), (&b, 0xB), (&c, 0xC)]);
     assert_good(&prout(&lu, &b, RESERVE, 1, 0xB, 0));
     assert_good(&prout(&lu, &a, PREEMPT, 5, 0xA, 0xB));
     assert_eq!(reservation(&lu), Some((0xA, 5)));
@@ -444,9 +441,7 @@ fn preempt_variants() {
 
     // All-registrants: key 0 removes every other registrant.
     let (lu, _) = super::lu();
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
-    assert_good(&prout(&lu, &c, REGISTER, 0, 0, 0xC));
+    register(&lu, &[(&a, 0xA), (&b, 0xB), (&c, 0xC)]);
     assert_good(&prout(&lu, &b, RESERVE, 8, 0xB, 0));
     assert_good(&prout(&lu, &a, PREEMPT_ABORT, 3, 0xA, 0));
     assert_eq!(reservation(&lu), Some((0xA, 3)));
@@ -456,8 +451,7 @@ fn preempt_variants() {
     conflict(&lu.execute(&cmd(&b, &rw10(opcode::READ_10, 0, 1), &[])));
     // All-registrants with a nonzero key: just that registration.
     let (lu, _) = super::lu();
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    register(&lu, &[(&a, 0xA), (&b, 0xB)]);
     assert_good(&prout(&lu, &b, RESERVE, 7, 0xB, 0));
     assert_good(&prout(&lu, &a, PREEMPT, 7, 0xA, 0xB));
     assert_eq!(reservation(&lu), Some((0, 7)));
@@ -586,10 +580,8 @@ fn all_tg_pt_covers_every_target_port() {
 
 #[test]
 fn read_full_status_layout() {
-    let (lu, _) = super::lu();
     let (a, b) = (nx(1, 1, 1), nx(2, 2, 3));
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    let lu = registered(&[(&a, 0xA), (&b, 0xB)]);
     assert_good(&prout(&lu, &b, RESERVE, 6, 0xB, 0));
     let o = prin(&lu, &a, RFS, 4096);
     assert_good(&o);
@@ -738,10 +730,8 @@ fn register_and_move() {
 
 #[test]
 fn replace_lost_reservation() {
-    let (lu, _) = super::lu();
     let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    let lu = registered(&[(&a, 0xA), (&b, 0xB)]);
     assert_good(&prout(&lu, &a, REPLACE_LOST, 5, 0xA, 0));
     assert_eq!(reservation(&lu), Some((0xA, 5)));
     // Someone else's reservation cannot be replaced.
@@ -924,8 +914,7 @@ fn unreported_unit_attention_is_queued_again() {
     let (lu, _) = super::lu();
     let (a, b) = (nx(1, 1, 1), nx(2, 2, 1));
     seen(&lu, &[&a, &b]);
-    assert_good(&prout(&lu, &a, REGISTER, 0, 0, 0xA));
-    assert_good(&prout(&lu, &b, REGISTER, 0, 0, 0xB));
+    register(&lu, &[(&a, 0xA), (&b, 0xB)]);
     assert_good(&prout(&lu, &b, PREEMPT_ABORT, 5, 0xB, 0xA));
     let tur = [0u8; 6];
     let taken = lu.execute(&cmd(&a, &tur, &[]));
