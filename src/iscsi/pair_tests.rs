@@ -9,7 +9,8 @@ use super::initiator_conn::{
 };
 use super::login::LoginParams;
 use super::target_conn::{
-    ConnConfig, Event as TEvent, Execute, Hold, Outcome, TargetConnection, TargetContext,
+    Aborted, ConnConfig, Event as TEvent, Execute, Hold, Outcome, TargetConnection, TargetContext,
+    TmfRequest,
 };
 use super::transfer::WriteLimits;
 use crate::wire::{Bhs, Pdu};
@@ -116,8 +117,13 @@ impl Pair {
             }
             while let Some(e) = self.tgt.poll_event() {
                 match e {
+                    // The fake task set starts every task at once.
+                    TEvent::Submit(t) => {
+                        assert!(self.tgt.start_task(t.task, self.now));
+                    }
                     TEvent::Execute(x) if self.hold => self.held.push(x),
                     TEvent::Execute(x) => self.execute(x),
+                    TEvent::TaskManagement(r) => self.decide_tmf(r),
                     TEvent::Close => self.target_closed = true,
                     _ => {}
                 }
@@ -157,6 +163,21 @@ impl Pair {
             },
         };
         self.tgt.handle_outcome(x.task, outcome, self.now);
+    }
+
+    /// The fake SCSI core knows ABORT TASK only: the task is running when held.
+    fn decide_tmf(&mut self, r: TmfRequest) {
+        assert_eq!(r.function, tmf::ABORT_TASK);
+        let aborted: Vec<Aborted> = r
+            .task
+            .map(|task| Aborted {
+                task,
+                running: self.held.iter().any(|x| x.task == task),
+            })
+            .into_iter()
+            .collect();
+        let response = if aborted.is_empty() { 1 } else { 0 };
+        self.tgt.tmf_decided(r.itt, response, &aborted, self.now);
     }
 
     fn release_held(&mut self) {
