@@ -323,7 +323,7 @@ fn abort_task() {
     pair.hold = false;
     pair.release_held();
     assert!(pair.has(
-        |e| matches!(e, IEvent::TmfDone { itt, result: Ok(tmf::COMPLETE) } if *itt == tmf_itt)
+        |e| matches!(e, IEvent::TmfDone { itt, result: Ok(crate::wire::tmf_response::COMPLETE) } if *itt == tmf_itt)
     ));
     assert_eq!(pair.result(victim), &Err(RequestError::Aborted));
     // The connection goes on.

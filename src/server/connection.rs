@@ -4,31 +4,31 @@
 //! cheap, else on the blocking pool, and report their outcomes back; a writer task
 //! batches the stamped PDUs it emits into vectored writes.
 
-use super::limits::{lock, BufferPermit, SessionSlot};
+use super::limits::{lock, BufferPermit};
 use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
-use crate::iscsi::login::{
-    ChapCredentials, Leading, LoginAuthority, LoginMachine, LoginOutcome, LoginStatus, LoginStep,
-    SessionType, TargetPolicy,
-};
+use crate::iscsi::login::{LoginOutcome, SessionType};
 use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
     TaskId,
 };
 use crate::scsi::{ItNexus, LogicalUnit, LunMap, NexusId, ScsiCommand, ScsiOutcome};
-use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError};
-use bytes::{Bytes, BytesMut};
+use crate::wire::{self, DigestConfig, PduDecoder, ReadError};
+use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
+mod login;
 mod tasks;
+mod writer;
+use login::login_phase;
 use tasks::Work;
+use writer::{writer_task, Out};
 
 /// Largest data segment accepted during login (RFC default is 8192; be lenient).
 const LOGIN_MAX_SEGMENT: u32 = 64 * 1024;
@@ -48,92 +48,6 @@ pub enum ConnError {
     Protocol(String),
     #[error("no answer to NOP-In ping")]
     PingTimeout,
-}
-
-/// Login checks against the runtime, for a connection that arrived on `listen`.
-struct Authority<'a> {
-    rt: &'a Runtime,
-    reg: &'a SessionRegistry,
-    listen: SocketAddr,
-    /// The session slot reserved when the login completes.
-    slot: Option<SessionSlot>,
-}
-
-impl Authority<'_> {
-    /// The policy of the target `lead` names (its alias, CHAP secrets, key policy), and
-    /// whether CHAP is demanded (for the CHAP failure count, even when locked out).
-    fn choose(&self, lead: &Leading) -> (Result<TargetPolicy, LoginStatus>, bool) {
-        let chap = match lead.authorize(self) {
-            Ok(chap) => chap,
-            Err(s) => return (Err(s), false),
-        };
-        let demanded = chap.is_some();
-        if demanded
-            && self
-                .rt
-                .limits
-                .chap_locked(&lead.initiator_name, Instant::now())
-        {
-            warn!(
-                initiator = %lead.initiator_name,
-                "login refused: CHAP locked out after repeated failures"
-            );
-            return (Err(LoginStatus::AUTH_FAILURE), demanded);
-        }
-        let mut keys = self.rt.key_policy.clone();
-        // The alias is per target.
-        if let Some(node) = lead.target_name.as_deref().and_then(|t| self.rt.target(t)) {
-            keys.target_alias = node.alias.clone();
-        }
-        (Ok(TargetPolicy { keys, chap }), demanded)
-    }
-}
-
-impl LoginAuthority for Authority<'_> {
-    fn normal_session(
-        &self,
-        target: &str,
-        initiator: &str,
-    ) -> Result<Option<ChapCredentials>, LoginStatus> {
-        self.rt.authorize_normal(self.listen, target, initiator)
-    }
-    fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
-        Ok(self.rt.discovery_chap.clone())
-    }
-    fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus> {
-        // Called once, just before the login succeeds: the place to take a session slot.
-        let initiator = lead.initiator_name.as_str();
-        let slot = self
-            .rt
-            .limits
-            .session(initiator, lead.isid, lead.target_name.as_deref())?;
-        self.slot = Some(slot);
-        if lead.tsih == 0 {
-            Ok(self.reg.allocate_tsih())
-        } else if self.reg.has_tsih(initiator, lead.isid, lead.tsih) {
-            Ok(lead.tsih)
-        } else {
-            Err(LoginStatus::SESSION_DOES_NOT_EXIST)
-        }
-    }
-    fn tpgt(&self) -> u16 {
-        self.rt
-            .targets
-            .iter()
-            .find_map(|t| t.tpgt_on(self.listen))
-            .unwrap_or(1)
-    }
-}
-
-async fn write_pdu(
-    wr: &mut OwnedWriteHalf,
-    pdu: &Pdu,
-    digests: DigestConfig,
-) -> Result<(), ConnError> {
-    let mut out = BytesMut::with_capacity(wire::BHS_LEN + pdu.data.len() + 16);
-    wire::encode(pdu, digests, &mut out);
-    wr.write_all(&out).await?;
-    Ok(())
 }
 
 /// Serve one accepted connection until it ends.
@@ -215,89 +129,6 @@ pub async fn serve(
         Ok(()) | Err(ConnError::Read(ReadError::Closed)) => debug!(?peer, "connection ended"),
         Err(e) => warn!(?peer, error = %e, "connection dropped"),
     }
-}
-
-async fn login_phase(
-    rt: &Runtime,
-    reg: &SessionRegistry,
-    listen: SocketAddr,
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
-    buf: &mut BytesMut,
-    dec: &mut PduDecoder,
-) -> Result<(LoginOutcome, Option<SessionSlot>), ConnError> {
-    let mut auth = Authority {
-        rt,
-        reg,
-        listen,
-        slot: None,
-    };
-    let mut machine = LoginMachine::new();
-    // Initiator of the leading request and whether its target demanded CHAP.
-    let mut who: Option<(String, bool)> = None;
-    loop {
-        let pdu = match wire::read_pdu(rd, buf, dec).await {
-            Ok(p) => p,
-            Err(ReadError::Wire(e)) => {
-                warn!(error = %e, "malformed PDU during login; dropping connection");
-                return Err(ReadError::Wire(e).into());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut step = machine.on_pdu(&pdu, &mut auth);
-        if let LoginStep::ChooseTarget(lead) = &step {
-            let (policy, chap) = auth.choose(lead);
-            if policy.is_ok() || chap {
-                who = Some((lead.initiator_name.clone(), chap));
-            }
-            step = machine.choose(policy, &mut auth);
-        }
-        match step {
-            LoginStep::Continue(resp) => write_pdu(wr, &resp, DigestConfig::default()).await?,
-            LoginStep::ChooseTarget(_) => unreachable!("the target was just chosen"),
-            LoginStep::Complete(resp, outcome) => {
-                write_pdu(wr, &resp, DigestConfig::default()).await?;
-                return Ok((*outcome, auth.slot.take()));
-            }
-            LoginStep::Fail(resp, error) => {
-                let initiator = who.as_ref().map_or("?", |w| w.0.as_str()).to_string();
-                let status = error.status();
-                warn!(
-                    initiator,
-                    status_class = status.class,
-                    status_detail = status.detail,
-                    reason = %error,
-                    "login refused"
-                );
-                let chap = who.as_ref().is_some_and(|w| w.1);
-                if chap
-                    && status == LoginStatus::AUTH_FAILURE
-                    && rt.limits.chap_failed(&initiator, Instant::now())
-                {
-                    warn!(
-                        initiator,
-                        failures = rt.limits.settings.chap_max_failures,
-                        lockout_secs = rt.limits.settings.chap_lockout_secs,
-                        "repeated CHAP failures: initiator locked out"
-                    );
-                }
-                write_pdu(wr, &resp, DigestConfig::default()).await?;
-                let _ = wr.shutdown().await;
-                return Err(ConnError::LoginFailed);
-            }
-        }
-    }
-}
-
-/// Something for the writer task.
-enum Out {
-    /// A stamped PDU.
-    Pdu(Pdu),
-    /// A task's buffer budget, returned once the PDUs queued before it are written: a
-    /// peer that stops reading cannot make Data-In pile up beyond the budget.
-    Release(Hold),
-    /// Flush what is queued and close the connection.
-    Close,
 }
 
 /// What the sans-IO connection asks of the target: LUN lookups, the buffer budget and
@@ -711,104 +542,4 @@ impl From<target_conn::ConnError> for ConnError {
             target_conn::ConnError::Framing(w) => ConnError::Read(ReadError::Wire(w)),
         }
     }
-}
-
-/// Data segments at least this long are sent from their own buffer (vectored write)
-/// instead of being copied behind their header: a Data-In payload is never copied.
-const COPY_DATA_MAX: usize = 2048;
-/// Buffers handed to one writev.
-const MAX_IOVECS: usize = 64;
-
-/// Write `chunks` in order with as few writev calls as the socket allows.
-async fn write_chunks(wr: &mut OwnedWriteHalf, chunks: &mut [Bytes]) -> std::io::Result<()> {
-    use bytes::Buf;
-    let mut i = 0;
-    while i < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[i..]
-            .iter()
-            .take(MAX_IOVECS)
-            .map(|c| std::io::IoSlice::new(c))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && i < chunks.len() {
-            let len = chunks[i].len();
-            if n >= len {
-                n -= len;
-                i += 1;
-            } else {
-                chunks[i].advance(n);
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Write stamped PDUs in order, batching what is queued into few vectored writes.
-async fn writer_task(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    digests: DigestConfig,
-    (stall_after, stalled): (Duration, watch::Sender<bool>),
-) {
-    // Headers and small PDUs accumulate in `small`; large payloads join `chunks` by
-    // reference between the pieces of `small` that surround them.
-    let mut small = BytesMut::with_capacity(64 * 1024);
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut closing = false;
-    let mut releases: Vec<Hold> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        chunks.clear();
-        let mut queued = 0usize;
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            match m {
-                Out::Pdu(p) => {
-                    if p.data.len() >= COPY_DATA_MAX {
-                        let trailer = wire::codec::encode_parts(&p, digests, &mut small);
-                        chunks.push(small.split().freeze());
-                        queued += p.data.len();
-                        chunks.push(p.data);
-                        small.extend_from_slice(trailer.as_slice());
-                    } else {
-                        wire::encode(&p, digests, &mut small);
-                    }
-                }
-                Out::Release(b) => releases.push(b),
-                Out::Close => closing = true,
-            }
-            if closing || queued + small.len() >= 1 << 20 {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !small.is_empty() {
-            chunks.push(small.split().freeze());
-        }
-        match tokio::time::timeout(stall_after, write_chunks(&mut wr, &mut chunks)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed; connection is gone");
-                break;
-            }
-            Err(_) => {
-                // A peer that does not read would hold its responses (and their
-                // buffer budget) forever.
-                let _ = stalled.send(true);
-                break;
-            }
-        }
-        if small.capacity() < 16 * 1024 {
-            // split() hands the written bytes away; start the next batch on fresh room.
-            small.reserve(64 * 1024);
-        }
-        releases.clear();
-        if closing {
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
 }

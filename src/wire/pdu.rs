@@ -292,6 +292,30 @@ pub struct Reject {
     pub data_sn: u32,
 }
 
+/// Task management function codes (RFC 7143 §11.5.1), one set for both sides.
+pub mod tmf_function {
+    pub const ABORT_TASK: u8 = 1;
+    pub const ABORT_TASK_SET: u8 = 2;
+    pub const CLEAR_ACA: u8 = 3;
+    pub const CLEAR_TASK_SET: u8 = 4;
+    pub const LOGICAL_UNIT_RESET: u8 = 5;
+    pub const TARGET_WARM_RESET: u8 = 6;
+    pub const TARGET_COLD_RESET: u8 = 7;
+    pub const TASK_REASSIGN: u8 = 8;
+}
+
+/// Task management response codes (RFC 7143 §11.6.1).
+pub mod tmf_response {
+    pub const COMPLETE: u8 = 0;
+    pub const NO_TASK: u8 = 1;
+    pub const NO_LUN: u8 = 2;
+    pub const STILL_ALLEGIANT: u8 = 3;
+    pub const NO_REASSIGN: u8 = 4;
+    pub const NOT_SUPPORTED: u8 = 5;
+    pub const AUTHORIZATION_FAILED: u8 = 6;
+    pub const REJECTED: u8 = 255;
+}
+
 /// Reject reason codes (RFC 7143 §11.17.1).
 pub mod reject_reason {
     pub const DATA_DIGEST_ERROR: u8 = 0x02;

@@ -221,7 +221,7 @@ impl InitiatorConnection {
         else {
             return Ok(());
         };
-        if h.response == tmf::COMPLETE {
+        if h.response == crate::wire::tmf_response::COMPLETE {
             self.abort_covered(function, lun, referenced, seq);
         }
         info!(function, lun, response = h.response, "task management done");

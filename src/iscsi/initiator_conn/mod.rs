@@ -38,17 +38,7 @@ pub const MAX_CDB_LEN: usize = 260;
 /// than taken for protocol errors.
 const RETIRED_KEPT: usize = 256;
 
-/// TMF function codes (RFC 7143 §11.5.1).
-pub mod tmf {
-    pub const ABORT_TASK: u8 = 1;
-    pub const ABORT_TASK_SET: u8 = 2;
-    pub const CLEAR_TASK_SET: u8 = 4;
-    pub const LOGICAL_UNIT_RESET: u8 = 5;
-    pub const TARGET_WARM_RESET: u8 = 6;
-    pub const TARGET_COLD_RESET: u8 = 7;
-    /// Response "Function complete".
-    pub const COMPLETE: u8 = 0;
-}
+pub use crate::wire::{tmf_function as tmf, tmf_response};
 
 /// Sequence numbers as the login left them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,16 +12,8 @@ use bytes::Bytes;
 use std::time::Instant;
 use tracing::{info, warn};
 
-/// Task management function response codes (RFC 7143 §11.6.1).
-pub mod tmf_response {
-    pub const COMPLETE: u8 = 0;
-    pub const NO_TASK: u8 = 1;
-    pub const NO_LUN: u8 = 2;
-    pub const NO_REASSIGN: u8 = 4;
-    pub const NOT_SUPPORTED: u8 = 5;
-    pub const REJECTED: u8 = 255;
-}
-use tmf_response::*;
+use wire::tmf_function::*;
+use wire::tmf_response::*;
 
 impl TargetConnection {
     /// The SCSI core aborted these tasks of this connection (a TMF of this or another
@@ -142,7 +134,7 @@ impl TargetConnection {
             task: None,
         };
         match function {
-            1 => {
+            ABORT_TASK => {
                 let rtt = t.referenced_task_tag;
                 if self.writes.remove(&rtt).is_some() {
                     // Still collecting data: it never reached a task set.
@@ -157,17 +149,15 @@ impl TargetConnection {
                 req.lun = a.lun;
                 req.task = Some(a.task_id);
             }
-            2 | 4 | 5 => {
-                // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
+            ABORT_TASK_SET | CLEAR_TASK_SET | LOGICAL_UNIT_RESET => {
                 if !self.ctx.lun_exists(lun) {
                     return self.tmf_done(t.itt, function, NO_LUN);
                 }
                 self.drop_writes(|l| l == lun);
             }
-            // TARGET WARM / COLD RESET
-            6 | 7 => self.drop_writes(|_| true),
-            3 => return self.tmf_done(t.itt, function, NOT_SUPPORTED), // no NACA
-            8 => return self.tmf_done(t.itt, function, NO_REASSIGN),   // needs ERL 2
+            TARGET_WARM_RESET | TARGET_COLD_RESET => self.drop_writes(|_| true),
+            CLEAR_ACA => return self.tmf_done(t.itt, function, NOT_SUPPORTED), // no NACA
+            TASK_REASSIGN => return self.tmf_done(t.itt, function, NO_REASSIGN), // needs ERL 2
             _ => return self.tmf_done(t.itt, function, REJECTED),
         }
         self.events.push_back(Event::TaskManagement(req));
@@ -244,7 +234,7 @@ impl TargetConnection {
             Bytes::new(),
         ));
         self.window.complete();
-        if function == 7 && response == COMPLETE {
+        if function == TARGET_COLD_RESET && response == COMPLETE {
             self.close();
         }
     }

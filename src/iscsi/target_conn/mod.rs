@@ -31,7 +31,6 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
-pub use manage::tmf_response;
 pub use pdus::{decode_lun, stamp};
 
 /// A task of this connection, unique for the connection's life (unlike an ITT, which the

@@ -4,11 +4,12 @@
 //! connections whose tasks they abort, in this session or another.
 
 use super::Shared;
-use crate::iscsi::target_conn::tmf_response::{COMPLETE, NO_TASK, REJECTED};
 use crate::iscsi::target_conn::{Aborted, Execute, Submit, TargetConnection, TmfRequest};
 use crate::scsi::{
     AbortedTask, LogicalUnit, NexusId, Task, TaskAttr, TaskKey, TmfFunction, TmfResponse,
 };
+use crate::wire::tmf_function::*;
+use crate::wire::tmf_response::{COMPLETE, NO_TASK, REJECTED};
 use crate::wire::TaskAttribute;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -52,13 +53,13 @@ pub(super) fn task_attr(raw: u8) -> TaskAttr {
 /// The SCSI function of an iSCSI TMF code, with the LUs it addresses.
 fn tmf_function(req: &TmfRequest) -> Option<TmfFunction> {
     Some(match req.function {
-        1 => TmfFunction::AbortTask {
+        ABORT_TASK => TmfFunction::AbortTask {
             tag: req.task.unwrap_or(u64::MAX),
         },
-        2 => TmfFunction::AbortTaskSet,
-        4 => TmfFunction::ClearTaskSet,
+        ABORT_TASK_SET => TmfFunction::AbortTaskSet,
+        CLEAR_TASK_SET => TmfFunction::ClearTaskSet,
         // TARGET WARM/COLD RESET: a LU reset of every LU of the session.
-        5..=7 => TmfFunction::LogicalUnitReset,
+        LOGICAL_UNIT_RESET | TARGET_WARM_RESET | TARGET_COLD_RESET => TmfFunction::LogicalUnitReset,
         _ => return None,
     })
 }
@@ -150,7 +151,7 @@ impl Shared {
             6 | 7 => self.luns.clone(),
             _ => self.ctx.lun_map.get(req.lun).cloned().into_iter().collect(),
         };
-        if lus.is_empty() && req.function == 1 {
+        if lus.is_empty() && req.function == ABORT_TASK {
             // A command on an unmapped LUN ran outside any task set.
             let own = req.task.map(|task| Aborted {
                 task,
