@@ -11,7 +11,7 @@ use crate::iscsi::initiator_conn::{
     SubmitError,
 };
 use crate::wire::text::{encode_text, parse_text};
-use crate::wire::{self, DigestConfig, Pdu, PduDecoder, RESERVED_TAG};
+use crate::wire::{self, DigestConfig, PduDecoder, PduWriter, RESERVED_TAG};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -192,21 +192,20 @@ async fn reader_task(
 }
 
 async fn writer_task(shared: Arc<Shared>, mut wr: OwnedWriteHalf, digests: DigestConfig) {
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut out = PduWriter::new(digests);
     loop {
         let (closed, deadline) = shared.run(|c| {
             c.conn.handle_timeout(Instant::now());
-            buf.clear();
-            while buf.len() < WRITE_BATCH {
+            while out.queued_bytes() < WRITE_BATCH {
                 let Some(p) = c.conn.poll_transmit() else {
                     break;
                 };
-                wire::encode(&p, digests, &mut buf);
+                out.queue(p);
             }
             (c.conn.is_closed(), c.conn.poll_timeout())
         });
-        if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
+        if out.queued_bytes() > 0 {
+            if let Err(e) = out.write_to(&mut wr).await {
                 warn!(target = %shared.target_name, error = %e, "write failed");
                 shared.close();
                 break;
@@ -287,13 +286,6 @@ impl Task {
     }
 }
 
-async fn write_login_pdu(wr: &mut OwnedWriteHalf, pdu: &Pdu) -> Result<(), InitiatorError> {
-    let mut out = BytesMut::new();
-    wire::encode(pdu, DigestConfig::default(), &mut out);
-    wr.write_all(&out).await?;
-    Ok(())
-}
-
 /// A TCP connection that completed its login.
 struct LoggedIn {
     rd: OwnedReadHalf,
@@ -316,8 +308,10 @@ async fn login_exchange(
     let mut dec = PduDecoder::new(LOGIN_MAX_SEGMENT);
     let mut login = InitiatorLogin::new(cfg.clone(), discovery, isid);
     let mut req = login.start();
+    // Login PDUs carry no digests (RFC 7143 §13.1).
+    let mut out = PduWriter::new(DigestConfig::default());
     let result = loop {
-        write_login_pdu(&mut wr, &req).await?;
+        out.send(&mut wr, req).await?;
         let resp = wire::read_pdu(&mut rd, &mut buf, &mut dec).await?;
         match login.on_response(&resp)? {
             LoginStep::Send(p) => req = p,

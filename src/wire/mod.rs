@@ -9,4 +9,4 @@ pub mod text;
 
 pub use codec::{encode, DigestConfig, PduDecoder, WireError};
 pub use pdu::*;
-pub use stream::{read_pdu, ReadError};
+pub use stream::{read_pdu, PduWriter, ReadError};

@@ -1,10 +1,11 @@
-//! Reading PDUs off a byte stream: the one loop behind the target's connections, the
-//! initiator's sessions and the raw test peer. Framing is [`PduDecoder`]'s; this only
-//! feeds it. Cancel-safe: input read before a cancellation stays in the buffer.
-use super::codec::{PduDecoder, WireError};
+//! PDUs over a byte stream, for the target's connections, the initiator's sessions and
+//! the raw test peer alike. Reading: [`read_pdu`] feeds [`PduDecoder`] (framing is its);
+//! cancel-safe, input read before a cancellation stays in the buffer. Writing:
+//! [`PduWriter`] batches PDUs into vectored writes.
+use super::codec::{encode, encode_parts, DigestConfig, PduDecoder, WireError};
 use super::pdu::Pdu;
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why no PDU could be read.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,110 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     }
 }
 
+/// Data segments at least this long are sent from their own buffer (vectored write)
+/// instead of being copied behind their header: a Data-In or Data-Out payload is never
+/// copied.
+const COPY_DATA_MAX: usize = 2048;
+/// Buffers handed to one writev.
+const MAX_IOVECS: usize = 64;
+/// Room kept for headers and small PDUs between flushes.
+const SMALL_ROOM: usize = 64 * 1024;
+
+/// PDUs queued for one write: headers and small PDUs are encoded into one buffer, large
+/// data segments join by reference between the pieces that surround them.
+#[derive(Debug)]
+pub struct PduWriter {
+    digests: DigestConfig,
+    small: BytesMut,
+    chunks: Vec<Bytes>,
+    queued: usize,
+}
+
+impl PduWriter {
+    pub fn new(digests: DigestConfig) -> Self {
+        Self {
+            digests,
+            small: BytesMut::with_capacity(SMALL_ROOM),
+            chunks: Vec::new(),
+            queued: 0,
+        }
+    }
+
+    /// Encode `pdu` behind what is queued.
+    pub fn queue(&mut self, pdu: Pdu) {
+        if pdu.data.len() >= COPY_DATA_MAX {
+            let trailer = encode_parts(&pdu, self.digests, &mut self.small);
+            self.chunks.push(self.small.split().freeze());
+            self.queued += pdu.data.len();
+            self.chunks.push(pdu.data);
+            self.small.extend_from_slice(trailer.as_slice());
+        } else {
+            encode(&pdu, self.digests, &mut self.small);
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued + self.small.len()
+    }
+
+    /// Write everything queued to `wr`, in order, with as few writev calls as it takes.
+    /// On an error the queue is dropped: the stream is unusable anyway.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.split().freeze());
+        }
+        let res = write_chunks(wr, &mut self.chunks).await;
+        self.chunks.clear();
+        self.queued = 0;
+        if self.small.capacity() < SMALL_ROOM / 4 {
+            // split() handed the written bytes away; start the next batch on fresh room.
+            self.small.reserve(SMALL_ROOM);
+        }
+        res
+    }
+
+    /// Queue `pdu` and write it with whatever was queued before it.
+    pub async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        pdu: Pdu,
+    ) -> std::io::Result<()> {
+        self.queue(pdu);
+        self.write_to(wr).await
+    }
+}
+
+/// Write `chunks` in order with as few writev calls as the stream allows.
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[i..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < chunks.len() {
+            let len = chunks[i].len();
+            if n >= len {
+                n -= len;
+                i += 1;
+            } else {
+                chunks[i].advance(n);
+                n = 0;
+            }
+        }
+    }
+    wr.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +179,40 @@ mod tests {
             read_pdu(&mut server, &mut buf, &mut dec).await,
             Err(ReadError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn writer_batches_small_and_large_pdus_in_order() {
+        let small = Pdu::with_data(
+            Bhs::NopOut(NopOut {
+                itt: 1,
+                ..Default::default()
+            }),
+            bytes::Bytes::from_static(b"abc"),
+        );
+        let large = Pdu::with_data(
+            Bhs::NopOut(NopOut {
+                itt: 2,
+                ..Default::default()
+            }),
+            bytes::Bytes::from(vec![7u8; 5000]),
+        );
+        let digests = DigestConfig {
+            header: true,
+            data: true,
+        };
+        let mut expected = BytesMut::new();
+        for p in [&small, &large, &small] {
+            encode(p, digests, &mut expected);
+        }
+        let mut w = PduWriter::new(digests);
+        w.queue(small.clone());
+        w.queue(large);
+        w.queue(small);
+        assert!(w.queued_bytes() >= 5000);
+        let mut out: Vec<u8> = Vec::new();
+        w.write_to(&mut out).await.unwrap();
+        assert_eq!(out, &expected[..]);
+        assert_eq!(w.queued_bytes(), 0);
     }
 }

@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use holdfast::wire::text::{encode_text, parse_text};
-use holdfast::wire::{self, Bhs, DigestConfig, Pdu, PduDecoder, RESERVED_TAG};
+use holdfast::wire::{self, Bhs, DigestConfig, Pdu, PduDecoder, PduWriter, RESERVED_TAG};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,9 +56,11 @@ impl RawConn {
         out
     }
 
+    /// Send `pdu` through the library's own PDU writer; a target that already closed is
+    /// not an error here.
     pub async fn send(&mut self, pdu: &Pdu) {
-        let b = self.encode(pdu);
-        self.send_raw(&b).await;
+        let mut out = PduWriter::new(self.digests);
+        let _ = out.send(&mut self.stream, pdu.clone()).await;
     }
 
     /// Write bytes; a target that already closed is not an error here.

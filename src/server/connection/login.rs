@@ -9,7 +9,7 @@ use crate::iscsi::login::{
 use crate::server::limits::SessionSlot;
 use crate::server::runtime::Runtime;
 use crate::server::session::SessionRegistry;
-use crate::wire::{self, DigestConfig, Pdu, PduDecoder, ReadError};
+use crate::wire::{self, DigestConfig, PduDecoder, PduWriter, ReadError};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -92,17 +92,6 @@ impl LoginAuthority for Authority<'_> {
     }
 }
 
-async fn write_pdu(
-    wr: &mut OwnedWriteHalf,
-    pdu: &Pdu,
-    digests: DigestConfig,
-) -> Result<(), ConnError> {
-    let mut out = BytesMut::with_capacity(wire::BHS_LEN + pdu.data.len() + 16);
-    wire::encode(pdu, digests, &mut out);
-    wr.write_all(&out).await?;
-    Ok(())
-}
-
 pub(super) async fn login_phase(
     rt: &Runtime,
     reg: &SessionRegistry,
@@ -119,6 +108,8 @@ pub(super) async fn login_phase(
         slot: None,
     };
     let mut machine = LoginMachine::new();
+    // Login PDUs carry no digests (RFC 7143 §13.1).
+    let mut out = PduWriter::new(DigestConfig::default());
     // Initiator of the leading request and whether its target demanded CHAP.
     let mut who: Option<(String, bool)> = None;
     loop {
@@ -139,10 +130,10 @@ pub(super) async fn login_phase(
             step = machine.choose(policy, &mut auth);
         }
         match step {
-            LoginStep::Continue(resp) => write_pdu(wr, &resp, DigestConfig::default()).await?,
+            LoginStep::Continue(resp) => out.send(wr, resp).await?,
             LoginStep::ChooseTarget(_) => unreachable!("the target was just chosen"),
             LoginStep::Complete(resp, outcome) => {
-                write_pdu(wr, &resp, DigestConfig::default()).await?;
+                out.send(wr, resp).await?;
                 return Ok((*outcome, auth.slot.take()));
             }
             LoginStep::Fail(resp, error) => {
@@ -167,7 +158,7 @@ pub(super) async fn login_phase(
                         "repeated CHAP failures: initiator locked out"
                     );
                 }
-                write_pdu(wr, &resp, DigestConfig::default()).await?;
+                out.send(wr, resp).await?;
                 let _ = wr.shutdown().await;
                 return Err(ConnError::LoginFailed);
             }
