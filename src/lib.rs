@@ -5,7 +5,7 @@
 //!
 //! | layer | knows | does |
 //! |---|---|---|
-//! | [`wire`] | bytes | PDU codec (BHS per opcode, AHS, digests), text codec, [`wire::read_pdu`] |
+//! | [`wire`] | bytes | PDU codec (BHS per opcode, AHS, digests), text codec, the PDU stream pair [`wire::read_pdu`] / [`wire::PduWriter`] |
 //! | [`iscsi`] | `wire`; no tokio, no `scsi` | login states, one negotiation engine (key table) for both sides, CHAP, names, and the sans-IO full-feature connections of both sides, [`iscsi::target_conn::TargetConnection`] (ITT → task, the transport side of TMFs) and [`iscsi::initiator_conn::InitiatorConnection`] (`handle_*` in, `poll_*` out, time as an input) |
 //! | [`scsi`] | nothing of iSCSI | the device server: one command table, SPC/SBC, PR state machine, unit attentions, the per-LU task set and task management ([`scsi::task_set`], [`scsi::tmf`]), and the SCSI vocabulary (status, sense, opcodes, PR codes, TransportIDs) |
 //! | [`store`] | `scsi`'s traits | file backend, durable PR state |
