@@ -65,6 +65,24 @@ pub enum PrAction {
 }
 
 impl PrAction {
+    /// Whether the action's parameters include a reservation type (`--type`).
+    fn needs_type(self) -> bool {
+        use PrAction::*;
+        matches!(
+            self,
+            Reserve | Release | Preempt | PreemptAbort | RegisterMove | ReplaceLost
+        )
+    }
+
+    /// Whether the action's parameters include a service action key (`--sa-key`).
+    fn needs_sa_key(self) -> bool {
+        use PrAction::*;
+        matches!(
+            self,
+            Register | RegisterIgnore | Preempt | PreemptAbort | RegisterMove
+        )
+    }
+
     /// The name on the command line, e.g. `preempt-abort`.
     pub fn name(self) -> String {
         clap::ValueEnum::to_possible_value(&self)
@@ -462,28 +480,13 @@ pub fn default_initiator_name() -> String {
 fn validate(a: &PrArgs) -> Result<(), PrCommandError> {
     let usage = |m: String| Err(PrCommandError::Usage(m));
     let act = a.action;
-    let needs_type = matches!(
-        act,
-        PrAction::Reserve
-            | PrAction::Release
-            | PrAction::Preempt
-            | PrAction::PreemptAbort
-            | PrAction::RegisterMove
-            | PrAction::ReplaceLost
-    );
-    if needs_type && a.type_.is_none() {
-        return usage(format!("{} needs --type", act.name()));
-    }
-    let needs_sa_key = matches!(
-        act,
-        PrAction::Register
-            | PrAction::RegisterIgnore
-            | PrAction::Preempt
-            | PrAction::PreemptAbort
-            | PrAction::RegisterMove
-    );
-    if needs_sa_key && a.sa_key.is_none() {
-        return usage(format!("{} needs --sa-key", act.name()));
+    for (needed, given, option) in [
+        (act.needs_type(), a.type_.is_some(), "--type"),
+        (act.needs_sa_key(), a.sa_key.is_some(), "--sa-key"),
+    ] {
+        if needed && !given {
+            return usage(format!("{} needs {option}", act.name()));
+        }
     }
     if !a.spec_i_pt.is_empty() && act != PrAction::Register {
         return usage("--spec-i-pt is only allowed with register".into());
