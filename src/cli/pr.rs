@@ -9,6 +9,7 @@
 //! RESERVATION CONFLICT is an expected outcome in fencing and cluster validation, so it
 //! has its own exit status, [`EXIT_RESERVATION_CONFLICT`] (24, as sg_persist).
 
+use super::SessionError;
 use crate::initiator::pr::{parse_isid, Capabilities, FullStatus, Reservation};
 pub use crate::initiator::url::{IscsiUrl, UrlError};
 use crate::initiator::{
@@ -209,36 +210,23 @@ fn parse_transport_id(s: &str) -> Result<TransportId, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum PrCommandError {
     #[error(transparent)]
-    Url(#[from] UrlError),
-    #[error("{0}")]
-    Usage(String),
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("{command}: {source}")]
-    Command {
-        command: &'static str,
-        source: InitiatorError,
-    },
+    Session(#[from] SessionError),
     #[error("timed out after {0} s")]
     Timeout(u64),
 }
 
+session_error_sources!(PrCommandError);
+
 impl PrCommandError {
     pub fn is_reservation_conflict(&self) -> bool {
-        matches!(
-            self,
-            PrCommandError::Command {
-                source: InitiatorError::ReservationConflict,
-                ..
-            }
-        )
+        matches!(self, PrCommandError::Session(e) if e.is_reservation_conflict())
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
             _ if self.is_reservation_conflict() => EXIT_RESERVATION_CONFLICT,
             // The same status clap uses for a bad command line.
-            PrCommandError::Url(_) | PrCommandError::Usage(_) => EXIT_USAGE,
+            PrCommandError::Session(e) if e.is_usage() => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -478,7 +466,7 @@ pub fn default_initiator_name() -> String {
 
 /// The options each action needs, checked before anything touches the network.
 fn validate(a: &PrArgs) -> Result<(), PrCommandError> {
-    let usage = |m: String| Err(PrCommandError::Usage(m));
+    let usage = |m: String| Err(SessionError::Usage(m).into());
     let act = a.action;
     for (needed, given, option) in [
         (act.needs_type(), a.type_.is_some(), "--type"),
@@ -528,7 +516,7 @@ pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, P
         None => DEFAULT_ISID,
         Some("random") => random_isid(),
         Some(s) => parse_isid(s).ok_or_else(|| {
-            PrCommandError::Usage(format!(
+            SessionError::Usage(format!(
                 "--isid {s:?}: expected up to 12 hex digits or \"random\""
             ))
         })?,
@@ -568,9 +556,12 @@ async fn run_session(
     if let Err(e) = session.logout().await {
         tracing::warn!(error = %e, "logout failed");
     }
-    result.map_err(|source| PrCommandError::Command {
-        command: a.action.command_name(),
-        source,
+    result.map_err(|source| {
+        SessionError::Scsi {
+            what: a.action.command_name(),
+            source,
+        }
+        .into()
     })
 }
 
