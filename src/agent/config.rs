@@ -269,26 +269,7 @@ fn default_stop_timeout() -> Duration {
 #[serde(tag = "driver", rename_all = "lowercase", deny_unknown_fields)]
 pub enum VmConfig {
     /// The agent runs and supervises a command line (e.g. qemu-system-x86_64).
-    Process {
-        /// Program and arguments.
-        command: Vec<String>,
-        /// Extra arguments when restoring a saved state (e.g. ["-incoming", "file:{state_file}"]).
-        #[serde(default)]
-        restore_args: Vec<String>,
-        /// Signal asking the program to save its state to {state_file} and exit 0
-        /// ("SIGUSR1"); unset = this VM cannot save (save falls back to shutdown).
-        #[serde(default)]
-        save_signal: Option<String>,
-        /// Signal for a graceful stop [default: SIGTERM].
-        #[serde(default = "default_stop_signal")]
-        stop_signal: String,
-        /// Environment added to the program's.
-        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-        env: std::collections::BTreeMap<String, String>,
-        /// File receiving the program's stdout and stderr [default: STATE_DIR/GROUP.log].
-        #[serde(default)]
-        log: Option<PathBuf>,
-    },
+    Process(ProcessVm),
     /// An rgmanager-style script: `script start|stop|status|save|restore|kill`.
     Script {
         path: PathBuf,
@@ -314,7 +295,38 @@ pub enum VmConfig {
 impl VmConfig {
     /// A `process` VM running `command`, every optional setting at its default.
     pub fn process(command: Vec<String>) -> VmConfig {
-        VmConfig::Process {
+        VmConfig::Process(ProcessVm::new(command))
+    }
+}
+
+/// The `process` driver's settings ([`VmConfig::Process`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessVm {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra arguments when restoring a saved state (e.g. ["-incoming", "file:{state_file}"]).
+    #[serde(default)]
+    pub restore_args: Vec<String>,
+    /// Signal asking the program to save its state to {state_file} and exit 0
+    /// ("SIGUSR1"); unset = this VM cannot save (save falls back to shutdown).
+    #[serde(default)]
+    pub save_signal: Option<String>,
+    /// Signal for a graceful stop [default: SIGTERM].
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Environment added to the program's.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// File receiving the program's stdout and stderr [default: STATE_DIR/GROUP.log].
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+}
+
+impl ProcessVm {
+    /// Settings running `command`, every optional one at its default.
+    pub fn new(command: Vec<String>) -> ProcessVm {
+        ProcessVm {
             command,
             restore_args: vec![],
             save_signal: None,
@@ -604,12 +616,12 @@ fn check_vm(
     bad: &Bad<'_>,
 ) -> Result<(), AgentConfigError> {
     match vm {
-        VmConfig::Process {
+        VmConfig::Process(ProcessVm {
             command,
             save_signal,
             stop_signal,
             ..
-        } => {
+        }) => {
             if command.is_empty() || command[0].is_empty() {
                 return Err(bad(&key("vm.command"), "must name a program".into()));
             }

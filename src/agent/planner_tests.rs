@@ -345,95 +345,59 @@ fn release_orphan(group: &str) -> Op {
     }
 }
 
+/// Cases of one scene and the plan expected at one time, a test each:
+/// `NAME: |s| SCENE, at MS => OPS;` (OPS may use the scene as `s`).
+macro_rules! plan_cases {
+    ($($name:ident: |$s:ident| $scene:expr, at $ms:expr => $ops:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let $s = $scene;
+                assert_eq!($s.plan($ms), $ops);
+            }
+        )*
+    };
+}
+
 /// A time at which every scene's nodes have been watched for long enough that
 /// silent ones are dead.
 const LATE: u64 = 10_000;
 
 // ---- Records ----
 
-#[test]
-fn a_group_without_a_record_gets_one() {
-    let s = me(1).configured("web");
-    assert_eq!(
-        s.plan(0),
-        [Op::EnsureGroupRecord {
-            group: "web".into()
-        }]
-    );
-}
-
-#[test]
-fn a_busy_group_is_left_alone() {
-    let s = me(1)
-        .group(owned_by_inc("web", 1, INC_OLD_ME))
-        .local("web", Local::Busy);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn groups_are_planned_in_config_order() {
-    let s = me(1).group(unowned("b")).group(unowned("a"));
-    assert_eq!(s.plan(LATE), [claim("a"), claim("b")]);
+plan_cases! {
+    a_group_without_a_record_gets_one:
+        |s| me(1).configured("web"),
+        at 0 => [Op::EnsureGroupRecord { group: "web".into() }];
+    a_busy_group_is_left_alone:
+        |s| me(1).group(owned_by_inc("web", 1, INC_OLD_ME)).local("web", Local::Busy),
+        at LATE => [];
+    groups_are_planned_in_config_order:
+        |s| me(1).group(unowned("b")).group(unowned("a")),
+        at LATE => [claim("a"), claim("b")];
 }
 
 // ---- Placement of unowned groups ----
 
-#[test]
-fn an_unowned_group_is_claimed_by_its_preferred_owner() {
-    let s = me(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[1, 2]);
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn a_node_that_is_not_preferred_starts_waiting() {
-    let s = me(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[2, 1]);
-    assert_eq!(s.plan(LATE), [start_waiting(&s, "web", LATE)]);
-}
-
-#[test]
-fn waiting_less_than_dead_after_does_nothing() {
-    let s = me(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[2])
-        .waiting_since("web", LATE - 2999);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn after_dead_after_of_waiting_a_candidate_claims_itself() {
-    let s = me(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[2])
-        .waiting_since("web", LATE - 3000);
-    assert_eq!(s.plan(LATE), [stop_waiting("web"), claim("web")]);
-}
-
-#[test]
-fn without_preference_the_least_loaded_node_claims() {
-    let s = me(1)
-        .node(2, alive())
-        .group(owned_by("db", 2))
-        .group(unowned("web"));
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn a_more_loaded_node_waits_for_the_least_loaded() {
-    let s = me(1)
-        .node(2, alive())
-        .group(mine("db", 1))
-        .running("db")
-        .next_monitor("db", LATE + 1)
-        .group(unowned("web"));
-    assert_eq!(s.plan(LATE), [start_waiting(&s, "web", LATE)]);
+plan_cases! {
+    an_unowned_group_is_claimed_by_its_preferred_owner:
+        |s| me(1).node(2, alive()).group(unowned("web")).prefer("web", &[1, 2]),
+        at LATE => [claim("web")];
+    a_node_that_is_not_preferred_starts_waiting:
+        |s| me(1).node(2, alive()).group(unowned("web")).prefer("web", &[2, 1]),
+        at LATE => [start_waiting(&s, "web", LATE)];
+    waiting_less_than_dead_after_does_nothing:
+        |s| me(1).node(2, alive()).group(unowned("web")).prefer("web", &[2]).waiting_since("web", LATE - 2999),
+        at LATE => [];
+    after_dead_after_of_waiting_a_candidate_claims_itself:
+        |s| me(1).node(2, alive()).group(unowned("web")).prefer("web", &[2]).waiting_since("web", LATE - 3000),
+        at LATE => [stop_waiting("web"), claim("web")];
+    without_preference_the_least_loaded_node_claims:
+        |s| me(1).node(2, alive()).group(owned_by("db", 2)).group(unowned("web")),
+        at LATE => [claim("web")];
+    a_more_loaded_node_waits_for_the_least_loaded:
+        |s| me(1).node(2, alive()).group(mine("db", 1)).running("db").next_monitor("db", LATE + 1).group(unowned("web")),
+        at LATE => [start_waiting(&s, "web", LATE)];
 }
 
 #[test]
@@ -444,44 +408,19 @@ fn equal_load_is_broken_by_the_lowest_id() {
     assert_eq!(s.plan(LATE), [claim("web")]);
 }
 
-#[test]
-fn a_node_where_the_group_failed_never_claims_it() {
-    let s = me(1)
-        .node(2, alive())
-        .group(failed_on(unowned("web"), 1))
-        .prefer("web", &[1])
-        .waiting_since("web", 0);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn the_preferred_owner_where_it_failed_is_skipped() {
-    let s = me(1)
-        .node(2, alive())
-        .group(failed_on(unowned("web"), 2))
-        .prefer("web", &[2, 1]);
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn a_drained_node_never_claims() {
-    let s = me(1)
-        .drained(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[1])
-        .waiting_since("web", 0);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn a_drained_preferred_owner_is_skipped() {
-    let s = me(1)
-        .node(2, alive())
-        .drained(2)
-        .group(unowned("web"))
-        .prefer("web", &[2, 1]);
-    assert_eq!(s.plan(LATE), [claim("web")]);
+plan_cases! {
+    a_node_where_the_group_failed_never_claims_it:
+        |s| me(1).node(2, alive()).group(failed_on(unowned("web"), 1)).prefer("web", &[1]).waiting_since("web", 0),
+        at LATE => [];
+    the_preferred_owner_where_it_failed_is_skipped:
+        |s| me(1).node(2, alive()).group(failed_on(unowned("web"), 2)).prefer("web", &[2, 1]),
+        at LATE => [claim("web")];
+    a_drained_node_never_claims:
+        |s| me(1).drained(1).node(2, alive()).group(unowned("web")).prefer("web", &[1]).waiting_since("web", 0),
+        at LATE => [];
+    a_drained_preferred_owner_is_skipped:
+        |s| me(1).node(2, alive()).drained(2).group(unowned("web")).prefer("web", &[2, 1]),
+        at LATE => [claim("web")];
 }
 
 #[test]
@@ -494,19 +433,13 @@ fn a_dead_preferred_owner_is_skipped() {
     assert_eq!(s.plan(3000), [claim("web")]);
 }
 
-#[test]
-fn a_preferred_owner_that_left_is_skipped() {
-    let s = me(1)
-        .node(2, left())
-        .group(unowned("web"))
-        .prefer("web", &[2, 1]);
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn a_preferred_owner_that_never_heartbeated_is_skipped() {
-    let s = me(1).group(unowned("web")).prefer("web", &[2, 1]);
-    assert_eq!(s.plan(0), [claim("web")]);
+plan_cases! {
+    a_preferred_owner_that_left_is_skipped:
+        |s| me(1).node(2, left()).group(unowned("web")).prefer("web", &[2, 1]),
+        at LATE => [claim("web")];
+    a_preferred_owner_that_never_heartbeated_is_skipped:
+        |s| me(1).group(unowned("web")).prefer("web", &[2, 1]),
+        at 0 => [claim("web")];
 }
 
 #[test]
@@ -529,22 +462,18 @@ fn a_claim_is_held_back_until_the_backoff_ends() {
     assert_eq!(s.plan(LATE), [claim("web")]);
 }
 
-#[test]
-fn a_backoff_also_holds_back_waiting() {
-    let s = me(1)
-        .node(2, alive())
-        .group(unowned("web"))
-        .prefer("web", &[2])
-        .backoff_until("web", LATE + 1);
-    assert_eq!(s.plan(LATE), []);
+plan_cases! {
+    a_backoff_also_holds_back_waiting:
+        |s| me(1).node(2, alive()).group(unowned("web")).prefer("web", &[2]).backoff_until("web", LATE + 1),
+        at LATE => [];
 }
 
 // ---- Owned by a peer ----
 
-#[test]
-fn a_dead_owner_is_taken_over_with_a_fence() {
-    let s = me(1).node(2, silent_since(0)).group(owned_by("web", 2));
-    assert_eq!(s.plan(3000), [claim_fencing("web", 2)]);
+plan_cases! {
+    a_dead_owner_is_taken_over_with_a_fence:
+        |s| me(1).node(2, silent_since(0)).group(owned_by("web", 2)),
+        at 3000 => [claim_fencing("web", 2)];
 }
 
 #[test]
@@ -554,13 +483,10 @@ fn an_owner_silent_for_less_than_dead_after_keeps_its_group() {
     assert_eq!(s.plan(4000), [claim_fencing("web", 2)]);
 }
 
-#[test]
-fn the_dead_owner_is_no_candidate_even_when_preferred() {
-    let s = me(1)
-        .node(2, silent_since(0))
-        .group(owned_by("web", 2))
-        .prefer("web", &[2, 1]);
-    assert_eq!(s.plan(LATE), [claim_fencing("web", 2)]);
+plan_cases! {
+    the_dead_owner_is_no_candidate_even_when_preferred:
+        |s| me(1).node(2, silent_since(0)).group(owned_by("web", 2)).prefer("web", &[2, 1]),
+        at LATE => [claim_fencing("web", 2)];
 }
 
 #[test]
@@ -602,10 +528,10 @@ fn our_own_read_blackout_does_not_make_the_owner_dead() {
     assert_eq!(s.plan(5000), [claim_fencing("web", 2)]);
 }
 
-#[test]
-fn an_owner_that_left_is_taken_over_at_once() {
-    let s = me(1).node(2, left()).group(owned_by("web", 2));
-    assert_eq!(s.plan(0), [claim_fencing("web", 2)]);
+plan_cases! {
+    an_owner_that_left_is_taken_over_at_once:
+        |s| me(1).node(2, left()).group(owned_by("web", 2)),
+        at 0 => [claim_fencing("web", 2)];
 }
 
 #[test]
@@ -618,29 +544,21 @@ fn an_alive_owner_with_a_new_incarnation_keeps_its_orphan() {
     assert_eq!(s.plan(LATE), [stop_waiting("web")]);
 }
 
-#[test]
-fn an_alive_owner_keeps_its_group() {
-    let s = me(1)
-        .node(2, alive())
-        .group(owned_by("web", 2))
-        .prefer("web", &[1]);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn an_owner_never_seen_is_not_taken_over() {
-    let s = me(1).group(owned_by("web", 5));
-    assert_eq!(s.plan(LATE), []);
+plan_cases! {
+    an_alive_owner_keeps_its_group:
+        |s| me(1).node(2, alive()).group(owned_by("web", 2)).prefer("web", &[1]),
+        at LATE => [];
+    an_owner_never_seen_is_not_taken_over:
+        |s| me(1).group(owned_by("web", 5)),
+        at LATE => [];
 }
 
 // ---- Orphans and strays ----
 
-#[test]
-fn a_record_of_an_earlier_incarnation_of_ours_is_released() {
-    let s = me(1)
-        .node(2, alive())
-        .group(owned_by_inc("web", 1, INC_OLD_ME));
-    assert_eq!(s.plan(0), [release_orphan("web")]);
+plan_cases! {
+    a_record_of_an_earlier_incarnation_of_ours_is_released:
+        |s| me(1).node(2, alive()).group(owned_by_inc("web", 1, INC_OLD_ME)),
+        at 0 => [release_orphan("web")];
 }
 
 #[test]
@@ -650,54 +568,24 @@ fn an_orphan_is_released_even_when_offline_or_moving() {
     assert_eq!(s.plan(0), [release_orphan("web")]);
 }
 
-#[test]
-fn a_record_of_ours_with_nothing_running_here_is_released() {
-    let s = me(1).group(mine("web", 1));
-    assert_eq!(s.plan(0), [release_orphan("web")]);
-}
-
-#[test]
-fn a_vm_running_here_for_a_peers_record_is_killed() {
-    let s = me(1)
-        .node(2, alive())
-        .group(owned_by("web", 2))
-        .running("web");
-    assert_eq!(
-        s.plan(LATE),
-        [Op::KillLocal {
-            group: "web".into(),
-            why: "group record names node 2 (epoch 4) as owner while the VM runs here".into(),
-        }]
-    );
-}
-
-#[test]
-fn a_vm_running_here_for_an_unowned_record_is_killed() {
-    let s = me(1)
-        .group(unowned("web"))
-        .local("web", Local::Running { epoch: 3 });
-    assert_eq!(
-        s.plan(LATE),
-        [Op::KillLocal {
-            group: "web".into(),
-            why: "group record names node 0 (epoch 4) as owner while the VM runs here".into(),
-        }]
-    );
+plan_cases! {
+    a_record_of_ours_with_nothing_running_here_is_released:
+        |s| me(1).group(mine("web", 1)),
+        at 0 => [release_orphan("web")];
+    a_vm_running_here_for_a_peers_record_is_killed:
+        |s| me(1).node(2, alive()).group(owned_by("web", 2)).running("web"),
+        at LATE => [Op::KillLocal { group: "web".into(), why: "group record names node 2 (epoch 4) as owner while the VM runs here".into(), }];
+    a_vm_running_here_for_an_unowned_record_is_killed:
+        |s| me(1).group(unowned("web")).local("web", Local::Running { epoch: 3 }),
+        at LATE => [Op::KillLocal { group: "web".into(), why: "group record names node 0 (epoch 4) as owner while the VM runs here".into(), }];
 }
 
 // ---- Admin offline ----
 
-#[test]
-fn an_offline_group_running_here_is_stopped_for_maintenance() {
-    let s = me(1).group(offline(mine("web", 1))).running("web");
-    assert_eq!(
-        s.plan(LATE),
-        [take_offline(
-            "web",
-            OfflineReason::Maintenance,
-            "taken offline by the administrator"
-        )]
-    );
+plan_cases! {
+    an_offline_group_running_here_is_stopped_for_maintenance:
+        |s| me(1).group(offline(mine("web", 1))).running("web"),
+        at LATE => [take_offline("web", OfflineReason::Maintenance, "taken offline by the administrator")];
 }
 
 #[test]
@@ -708,30 +596,18 @@ fn an_offline_unowned_group_is_not_claimed_and_stops_waiting() {
     assert_eq!(s.plan(LATE), [stop_waiting("web")]);
 }
 
-#[test]
-fn an_offline_group_of_a_dead_owner_is_not_taken_over() {
-    let s = me(1)
-        .node(2, silent_since(0))
-        .group(offline(owned_by("web", 2)));
-    assert_eq!(s.plan(LATE), []);
+plan_cases! {
+    an_offline_group_of_a_dead_owner_is_not_taken_over:
+        |s| me(1).node(2, silent_since(0)).group(offline(owned_by("web", 2))),
+        at LATE => [];
 }
 
 // ---- Moves ----
 
-#[test]
-fn a_move_to_an_alive_node_takes_the_group_offline_here() {
-    let s = me(1)
-        .node(2, alive())
-        .group(moving_to(mine("web", 1), 2))
-        .running("web");
-    assert_eq!(
-        s.plan(LATE),
-        [take_offline(
-            "web",
-            OfflineReason::Move(2),
-            "moving to node 2 on request"
-        )]
-    );
+plan_cases! {
+    a_move_to_an_alive_node_takes_the_group_offline_here:
+        |s| me(1).node(2, alive()).group(moving_to(mine("web", 1), 2)).running("web"),
+        at LATE => [take_offline("web", OfflineReason::Move(2), "moving to node 2 on request")];
 }
 
 #[test]
@@ -747,80 +623,33 @@ fn a_move_to_a_dead_node_stays_here() {
     assert_eq!(s.plan(LATE), [monitor("web", 4)]);
 }
 
-#[test]
-fn a_move_to_ourselves_is_no_move() {
-    let s = me(1)
-        .node(2, alive())
-        .group(moving_to(mine("web", 1), 1))
-        .running("web")
-        .next_monitor("web", LATE + 1);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn the_move_target_claims_the_released_group() {
-    let s = me(2)
-        .node(1, alive())
-        .group(moving_to(unowned("web"), 2))
-        .prefer("web", &[1]);
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn others_wait_for_the_move_target() {
-    let s = me(1)
-        .node(2, alive())
-        .group(moving_to(unowned("web"), 2))
-        .prefer("web", &[1]);
-    assert_eq!(s.plan(LATE), [start_waiting(&s, "web", LATE)]);
-}
-
-#[test]
-fn a_move_target_that_is_no_candidate_falls_back_to_placement() {
-    let s = me(1)
-        .node(2, alive())
-        .drained(2)
-        .group(moving_to(unowned("web"), 2));
-    assert_eq!(s.plan(LATE), [claim("web")]);
-}
-
-#[test]
-fn a_move_to_a_node_that_died_after_the_release_is_claimed_by_placement() {
-    let s = me(1)
-        .node(2, silent_since(0))
-        .group(moving_to(unowned("web"), 2));
-    assert_eq!(s.plan(LATE), [claim("web")]);
+plan_cases! {
+    a_move_to_ourselves_is_no_move:
+        |s| me(1).node(2, alive()).group(moving_to(mine("web", 1), 1)).running("web").next_monitor("web", LATE + 1),
+        at LATE => [];
+    the_move_target_claims_the_released_group:
+        |s| me(2).node(1, alive()).group(moving_to(unowned("web"), 2)).prefer("web", &[1]),
+        at LATE => [claim("web")];
+    others_wait_for_the_move_target:
+        |s| me(1).node(2, alive()).group(moving_to(unowned("web"), 2)).prefer("web", &[1]),
+        at LATE => [start_waiting(&s, "web", LATE)];
+    a_move_target_that_is_no_candidate_falls_back_to_placement:
+        |s| me(1).node(2, alive()).drained(2).group(moving_to(unowned("web"), 2)),
+        at LATE => [claim("web")];
+    a_move_to_a_node_that_died_after_the_release_is_claimed_by_placement:
+        |s| me(1).node(2, silent_since(0)).group(moving_to(unowned("web"), 2)),
+        at LATE => [claim("web")];
 }
 
 // ---- Drain ----
 
-#[test]
-fn a_drained_owner_moves_its_group_to_the_best_owner() {
-    let s = me(1)
-        .drained(1)
-        .node(2, alive())
-        .node(3, alive())
-        .group(mine("web", 1))
-        .running("web")
-        .prefer("web", &[3, 2]);
-    assert_eq!(
-        s.plan(LATE),
-        [take_offline(
-            "web",
-            OfflineReason::Move(3),
-            "node drained; moving to node 3"
-        )]
-    );
-}
-
-#[test]
-fn a_drained_owner_without_a_peer_keeps_its_group() {
-    let s = me(1)
-        .drained(1)
-        .node(2, silent_since(0))
-        .group(mine("web", 1))
-        .running("web");
-    assert_eq!(s.plan(LATE), [monitor("web", 4)]);
+plan_cases! {
+    a_drained_owner_moves_its_group_to_the_best_owner:
+        |s| me(1).drained(1).node(2, alive()).node(3, alive()).group(mine("web", 1)).running("web").prefer("web", &[3, 2]),
+        at LATE => [take_offline("web", OfflineReason::Move(3), "node drained; moving to node 3")];
+    a_drained_owner_without_a_peer_keeps_its_group:
+        |s| me(1).drained(1).node(2, silent_since(0)).group(mine("web", 1)).running("web"),
+        at LATE => [monitor("web", 4)];
 }
 
 // ---- Failback ----
@@ -843,16 +672,13 @@ fn failback_to_1() -> Op {
     )
 }
 
-#[test]
-fn failback_immediately_moves_home() {
-    let s = away_from_home().failback("web", Failback::Immediately, None);
-    assert_eq!(s.plan(LATE), [failback_to_1()]);
-}
-
-#[test]
-fn failback_never_stays() {
-    let s = away_from_home().failback("web", Failback::Never, None);
-    assert_eq!(s.plan(LATE), []);
+plan_cases! {
+    failback_immediately_moves_home:
+        |s| away_from_home().failback("web", Failback::Immediately, None),
+        at LATE => [failback_to_1()];
+    failback_never_stays:
+        |s| away_from_home().failback("web", Failback::Never, None),
+        at LATE => [];
 }
 
 #[test]
@@ -879,64 +705,30 @@ fn failback_window_may_wrap_midnight() {
     assert_eq!(s.plan(LATE), []);
 }
 
-#[test]
-fn failback_without_a_valid_window_never_happens() {
-    let s = away_from_home().failback("web", Failback::Window, None);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn no_failback_to_a_node_where_the_group_failed() {
-    let s = me(2)
-        .node(1, alive())
-        .group(failed_on(mine("web", 2), 1))
-        .running("web")
-        .prefer("web", &[1, 2])
-        .failback("web", Failback::Immediately, None)
-        .next_monitor("web", LATE + 1);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn no_failback_to_a_dead_preferred_owner() {
-    let s = away_from_home()
-        .node(1, silent_since(0))
-        .failback("web", Failback::Immediately, None);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn no_failback_when_already_home() {
-    let s = me(1)
-        .node(2, alive())
-        .group(mine("web", 1))
-        .running("web")
-        .prefer("web", &[1, 2])
-        .failback("web", Failback::Immediately, None)
-        .next_monitor("web", LATE + 1);
-    assert_eq!(s.plan(LATE), []);
-}
-
-#[test]
-fn failback_from_a_node_outside_the_preferred_list() {
-    let s = me(3)
-        .node(1, alive())
-        .group(mine("web", 3))
-        .running("web")
-        .prefer("web", &[1])
-        .failback("web", Failback::Immediately, None);
-    assert_eq!(s.plan(LATE), [failback_to_1()]);
+plan_cases! {
+    failback_without_a_valid_window_never_happens:
+        |s| away_from_home().failback("web", Failback::Window, None),
+        at LATE => [];
+    no_failback_to_a_node_where_the_group_failed:
+        |s| me(2).node(1, alive()).group(failed_on(mine("web", 2), 1)).running("web").prefer("web", &[1, 2]).failback("web", Failback::Immediately, None).next_monitor("web", LATE + 1),
+        at LATE => [];
+    no_failback_to_a_dead_preferred_owner:
+        |s| away_from_home().node(1, silent_since(0)).failback("web", Failback::Immediately, None),
+        at LATE => [];
+    no_failback_when_already_home:
+        |s| me(1).node(2, alive()).group(mine("web", 1)).running("web").prefer("web", &[1, 2]).failback("web", Failback::Immediately, None).next_monitor("web", LATE + 1),
+        at LATE => [];
+    failback_from_a_node_outside_the_preferred_list:
+        |s| me(3).node(1, alive()).group(mine("web", 3)).running("web").prefer("web", &[1]).failback("web", Failback::Immediately, None),
+        at LATE => [failback_to_1()];
 }
 
 // ---- Frozen, monitoring ----
 
-#[test]
-fn a_frozen_group_is_neither_monitored_nor_moved() {
-    let s = me(1)
-        .node(2, alive())
-        .group(frozen(offline(moving_to(mine("web", 1), 2))))
-        .running("web");
-    assert_eq!(s.plan(LATE), []);
+plan_cases! {
+    a_frozen_group_is_neither_monitored_nor_moved:
+        |s| me(1).node(2, alive()).group(frozen(offline(moving_to(mine("web", 1), 2)))).running("web"),
+        at LATE => [];
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! errors, the tests panic.
 
 use crate::agent::config::{
-    GroupConfig, NodeConfig, NodeSection, TargetSection, Timings, VmConfig,
+    GroupConfig, NodeConfig, NodeSection, ProcessVm, TargetSection, Timings, VmConfig,
 };
 use crate::cli::guest::AckEvent;
 use crate::initiator::{InitiatorConfig, Session};
@@ -192,11 +192,11 @@ impl Layout {
 
     fn group_config(&self, id: u16, g: &GroupSpec) -> GroupConfig {
         let mut vm = VmConfig::process(self.guest_command(g));
-        if let VmConfig::Process {
+        if let VmConfig::Process(ProcessVm {
             restore_args,
             save_signal,
             ..
-        } = &mut vm
+        }) = &mut vm
         {
             *restore_args = vec!["--restore".into()];
             *save_signal = Some("SIGUSR1".into());
@@ -675,12 +675,12 @@ mod tests {
         assert_eq!(web.monitor_interval, Duration::from_millis(200));
         let db = v.group("db").unwrap();
         assert_eq!(db.preferred_owners, vec!["node3"]);
-        let VmConfig::Process {
+        let VmConfig::Process(ProcessVm {
             command,
             restore_args,
             save_signal,
             ..
-        } = &db.vm
+        }) = &db.vm
         else {
             panic!("not a process VM: {:?}", db.vm);
         };

@@ -30,9 +30,10 @@
 //! `conflict INSTANCE EPOCH COUNTER`, `exit INSTANCE EPOCH REASON`. INSTANCE is 16 hex
 //! digits, the numbers decimal.
 
+use super::SessionError;
 use crate::initiator::{
     connect, past_unit_attention, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError,
-    IscsiUrl, Session, UrlError,
+    IscsiUrl, Session,
 };
 use crate::scsi::sense::key as sense_key;
 use crate::scsi::status;
@@ -939,16 +940,7 @@ pub struct CheckArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     #[error(transparent)]
-    Url(#[from] UrlError),
-    #[error("{0}")]
-    Usage(String),
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("{what}: {source}")]
-    Scsi {
-        what: &'static str,
-        source: InitiatorError,
-    },
+    Session(#[from] SessionError),
     #[error("{}: {source}", path.display())]
     File {
         path: PathBuf,
@@ -964,15 +956,14 @@ pub enum GuestError {
     Timeout,
 }
 
+session_error_sources!(GuestError);
+
 impl GuestError {
     /// `guest run`'s exit status for this error (`guest check` always exits 2).
     pub fn exit_code(&self) -> i32 {
         match self {
-            GuestError::Url(_) | GuestError::Usage(_) => EXIT_USAGE,
-            GuestError::Scsi {
-                source: InitiatorError::ReservationConflict,
-                ..
-            } => EXIT_CONFLICT,
+            GuestError::Session(e) if e.is_usage() => EXIT_USAGE,
+            GuestError::Session(e) if e.is_reservation_conflict() => EXIT_CONFLICT,
             _ => EXIT_FAILURE,
         }
     }
@@ -1575,7 +1566,7 @@ async fn read_disk(cfg: InitiatorConfig, lun: u64) -> Result<DiskContents, Guest
             addr,
             source,
         })?;
-    let scsi = |what| move |source| GuestError::Scsi { what, source };
+    let scsi = |what| move |source| GuestError::from(SessionError::Scsi { what, source });
     let (last_lba, bs) = past_unit_attention(|| s.read_capacity16(lun))
         .await
         .map_err(scsi("READ CAPACITY(16)"))?;

@@ -9,6 +9,7 @@
 //! RESERVATION CONFLICT is an expected outcome in fencing and cluster validation, so it
 //! has its own exit status, [`EXIT_RESERVATION_CONFLICT`] (24, as sg_persist).
 
+use super::SessionError;
 use crate::initiator::pr::{parse_isid, Capabilities, FullStatus, Reservation};
 pub use crate::initiator::url::{IscsiUrl, UrlError};
 use crate::initiator::{
@@ -65,6 +66,24 @@ pub enum PrAction {
 }
 
 impl PrAction {
+    /// Whether the action's parameters include a reservation type (`--type`).
+    fn needs_type(self) -> bool {
+        use PrAction::*;
+        matches!(
+            self,
+            Reserve | Release | Preempt | PreemptAbort | RegisterMove | ReplaceLost
+        )
+    }
+
+    /// Whether the action's parameters include a service action key (`--sa-key`).
+    fn needs_sa_key(self) -> bool {
+        use PrAction::*;
+        matches!(
+            self,
+            Register | RegisterIgnore | Preempt | PreemptAbort | RegisterMove
+        )
+    }
+
     /// The name on the command line, e.g. `preempt-abort`.
     pub fn name(self) -> String {
         clap::ValueEnum::to_possible_value(&self)
@@ -191,36 +210,23 @@ fn parse_transport_id(s: &str) -> Result<TransportId, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum PrCommandError {
     #[error(transparent)]
-    Url(#[from] UrlError),
-    #[error("{0}")]
-    Usage(String),
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("{command}: {source}")]
-    Command {
-        command: &'static str,
-        source: InitiatorError,
-    },
+    Session(#[from] SessionError),
     #[error("timed out after {0} s")]
     Timeout(u64),
 }
 
+session_error_sources!(PrCommandError);
+
 impl PrCommandError {
     pub fn is_reservation_conflict(&self) -> bool {
-        matches!(
-            self,
-            PrCommandError::Command {
-                source: InitiatorError::ReservationConflict,
-                ..
-            }
-        )
+        matches!(self, PrCommandError::Session(e) if e.is_reservation_conflict())
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
             _ if self.is_reservation_conflict() => EXIT_RESERVATION_CONFLICT,
             // The same status clap uses for a bad command line.
-            PrCommandError::Url(_) | PrCommandError::Usage(_) => EXIT_USAGE,
+            PrCommandError::Session(e) if e.is_usage() => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -460,30 +466,15 @@ pub fn default_initiator_name() -> String {
 
 /// The options each action needs, checked before anything touches the network.
 fn validate(a: &PrArgs) -> Result<(), PrCommandError> {
-    let usage = |m: String| Err(PrCommandError::Usage(m));
+    let usage = |m: String| Err(SessionError::Usage(m).into());
     let act = a.action;
-    let needs_type = matches!(
-        act,
-        PrAction::Reserve
-            | PrAction::Release
-            | PrAction::Preempt
-            | PrAction::PreemptAbort
-            | PrAction::RegisterMove
-            | PrAction::ReplaceLost
-    );
-    if needs_type && a.type_.is_none() {
-        return usage(format!("{} needs --type", act.name()));
-    }
-    let needs_sa_key = matches!(
-        act,
-        PrAction::Register
-            | PrAction::RegisterIgnore
-            | PrAction::Preempt
-            | PrAction::PreemptAbort
-            | PrAction::RegisterMove
-    );
-    if needs_sa_key && a.sa_key.is_none() {
-        return usage(format!("{} needs --sa-key", act.name()));
+    for (needed, given, option) in [
+        (act.needs_type(), a.type_.is_some(), "--type"),
+        (act.needs_sa_key(), a.sa_key.is_some(), "--sa-key"),
+    ] {
+        if needed && !given {
+            return usage(format!("{} needs {option}", act.name()));
+        }
     }
     if !a.spec_i_pt.is_empty() && act != PrAction::Register {
         return usage("--spec-i-pt is only allowed with register".into());
@@ -525,7 +516,7 @@ pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, P
         None => DEFAULT_ISID,
         Some("random") => random_isid(),
         Some(s) => parse_isid(s).ok_or_else(|| {
-            PrCommandError::Usage(format!(
+            SessionError::Usage(format!(
                 "--isid {s:?}: expected up to 12 hex digits or \"random\""
             ))
         })?,
@@ -565,9 +556,12 @@ async fn run_session(
     if let Err(e) = session.logout().await {
         tracing::warn!(error = %e, "logout failed");
     }
-    result.map_err(|source| PrCommandError::Command {
-        command: a.action.command_name(),
-        source,
+    result.map_err(|source| {
+        SessionError::Scsi {
+            what: a.action.command_name(),
+            source,
+        }
+        .into()
     })
 }
 

@@ -137,10 +137,11 @@ pub(crate) struct CommandSpec {
 
 const C: u8 = 0x04; // control byte: only NACA is examined (and rejected)
 
+/// A table row: the opcode is the usage data's first byte.
 macro_rules! cmd {
-    ($op:expr, $sa:expr, $name:expr, $usage:expr, $dout:expr, $acc:expr, $h:expr) => {
+    ($sa:expr, $name:expr, $usage:expr, $dout:expr, $acc:expr, $h:expr) => {
         CommandSpec {
-            opcode: $op,
+            opcode: $usage[0],
             service_action: $sa,
             name: $name,
             usage: &$usage,
@@ -175,561 +176,53 @@ const fn with12(opcode: u8, b1: u8) -> [u8; 12] {
 
 /// Every command the device server implements. Dispatch, Data-Out sizing and REPORT
 /// SUPPORTED OPERATION CODES all read this one table.
+#[rustfmt::skip]
 pub(crate) static COMMANDS: &[CommandSpec] = &[
-    cmd!(
-        opcode::TEST_UNIT_READY,
-        None,
-        "TEST UNIT READY",
-        [opcode::TEST_UNIT_READY, 0, 0, 0, 0, C],
-        DataOut::None,
-        Access::Status,
-        spc::test_unit_ready
-    ),
-    CommandSpec {
-        ua_exempt: true,
-        ..cmd!(
-            opcode::REQUEST_SENSE,
-            None,
-            "REQUEST SENSE",
-            [opcode::REQUEST_SENSE, 0x01, 0, 0, 0xFF, C],
-            DataOut::None,
-            Access::Any,
-            spc::request_sense
-        )
-    },
-    cmd!(
-        opcode::READ_6,
-        None,
-        "READ(6)",
-        [opcode::READ_6, 0x1F, 0xFF, 0xFF, 0xFF, C],
-        DataOut::None,
-        Access::Read,
-        sbc::read
-    ),
-    cmd!(
-        opcode::WRITE_6,
-        None,
-        "WRITE(6)",
-        [opcode::WRITE_6, 0x1F, 0xFF, 0xFF, 0xFF, C],
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write
-    ),
-    CommandSpec {
-        ua_exempt: true,
-        ..cmd!(
-            opcode::INQUIRY,
-            None,
-            "INQUIRY",
-            [opcode::INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, C],
-            DataOut::None,
-            Access::Any,
-            spc::inquiry
-        )
-    },
-    cmd!(
-        opcode::MODE_SELECT_6,
-        None,
-        "MODE SELECT(6)",
-        [opcode::MODE_SELECT_6, 0x11, 0, 0, 0xFF, C],
-        DataOut::Param { at: 4, width: 1 },
-        Access::Write,
-        mode::mode_select
-    ),
-    cmd!(
-        opcode::RESERVE_6,
-        None,
-        "RESERVE(6)",
-        [opcode::RESERVE_6, 0, 0, 0, 0, C],
-        DataOut::None,
-        Access::Reserve,
-        spc::reserve
-    ),
-    cmd!(
-        opcode::RELEASE_6,
-        None,
-        "RELEASE(6)",
-        [opcode::RELEASE_6, 0, 0, 0, 0, C],
-        DataOut::None,
-        Access::Release,
-        spc::release
-    ),
-    cmd!(
-        opcode::MODE_SENSE_6,
-        None,
-        "MODE SENSE(6)",
-        [opcode::MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, C],
-        DataOut::None,
-        Access::Read,
-        mode::mode_sense
-    ),
-    cmd!(
-        opcode::START_STOP_UNIT,
-        None,
-        "START STOP UNIT",
-        [opcode::START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, C],
-        DataOut::None,
-        Access::Write,
-        spc::start_stop_unit
-    ),
-    cmd!(
-        opcode::PREVENT_ALLOW,
-        None,
-        "PREVENT ALLOW MEDIUM REMOVAL",
-        [opcode::PREVENT_ALLOW, 0, 0, 0, 0x03, C],
-        DataOut::None,
-        Access::Write,
-        spc::prevent_allow
-    ),
-    cmd!(
-        opcode::READ_CAPACITY_10,
-        None,
-        "READ CAPACITY(10)",
-        [
-            opcode::READ_CAPACITY_10,
-            0,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            0,
-            0x01,
-            C
-        ],
-        DataOut::None,
-        Access::Status,
-        sbc::read_capacity_10
-    ),
-    cmd!(
-        opcode::READ_10,
-        None,
-        "READ(10)",
-        with10(opcode::READ_10, 0xFA),
-        DataOut::None,
-        Access::Read,
-        sbc::read
-    ),
-    cmd!(
-        opcode::WRITE_10,
-        None,
-        "WRITE(10)",
-        with10(opcode::WRITE_10, 0xFA),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write
-    ),
-    cmd!(
-        opcode::WRITE_VERIFY_10,
-        None,
-        "WRITE AND VERIFY(10)",
-        with10(opcode::WRITE_VERIFY_10, 0xF2),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write_and_verify
-    ),
-    cmd!(
-        opcode::VERIFY_10,
-        None,
-        "VERIFY(10)",
-        with10(opcode::VERIFY_10, 0xF6),
-        DataOut::Verify,
-        Access::Read,
-        sbc::verify
-    ),
-    cmd!(
-        opcode::PRE_FETCH_10,
-        None,
-        "PRE-FETCH(10)",
-        with10(opcode::PRE_FETCH_10, 0x02),
-        DataOut::None,
-        Access::Read,
-        sbc::pre_fetch
-    ),
-    cmd!(
-        opcode::SYNC_CACHE_10,
-        None,
-        "SYNCHRONIZE CACHE(10)",
-        with10(opcode::SYNC_CACHE_10, 0x06),
-        DataOut::None,
-        Access::Write,
-        sbc::synchronize_cache
-    ),
-    cmd!(
-        opcode::READ_DEFECT_10,
-        None,
-        "READ DEFECT DATA(10)",
-        [opcode::READ_DEFECT_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
-        DataOut::None,
-        Access::Read,
-        sbc::read_defect_data
-    ),
-    cmd!(
-        opcode::WRITE_SAME_10,
-        None,
-        "WRITE SAME(10)",
-        with10(opcode::WRITE_SAME_10, 0xF8),
-        DataOut::WriteSame,
-        Access::Write,
-        sbc::write_same
-    ),
-    CommandSpec {
-        thin_only: true,
-        ..cmd!(
-            opcode::UNMAP,
-            None,
-            "UNMAP",
-            [opcode::UNMAP, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
-            DataOut::Param { at: 7, width: 2 },
-            Access::Write,
-            sbc::unmap
-        )
-    },
-    cmd!(
-        opcode::MODE_SELECT_10,
-        None,
-        "MODE SELECT(10)",
-        [opcode::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
-        DataOut::Param { at: 7, width: 2 },
-        Access::Write,
-        mode::mode_select
-    ),
-    cmd!(
-        opcode::RESERVE_10,
-        None,
-        "RESERVE(10)",
-        [opcode::RESERVE_10, 0, 0, 0, 0, 0, 0, 0, 0, C],
-        DataOut::Param { at: 7, width: 2 },
-        Access::Reserve,
-        spc::reserve
-    ),
-    cmd!(
-        opcode::RELEASE_10,
-        None,
-        "RELEASE(10)",
-        [opcode::RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, C],
-        DataOut::Param { at: 7, width: 2 },
-        Access::Release,
-        spc::release
-    ),
-    cmd!(
-        opcode::MODE_SENSE_10,
-        None,
-        "MODE SENSE(10)",
-        [
-            opcode::MODE_SENSE_10,
-            0x18,
-            0xFF,
-            0xFF,
-            0,
-            0,
-            0,
-            0xFF,
-            0xFF,
-            C
-        ],
-        DataOut::None,
-        Access::Read,
-        mode::mode_sense
-    ),
-    cmd!(
-        opcode::PERSISTENT_RESERVE_IN,
-        None,
-        "PERSISTENT RESERVE IN",
-        [
-            opcode::PERSISTENT_RESERVE_IN,
-            0x1F,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0xFF,
-            0xFF,
-            C
-        ],
-        DataOut::None,
-        Access::Any,
-        spc::persistent_reserve_in
-    ),
-    cmd!(
-        opcode::PERSISTENT_RESERVE_OUT,
-        None,
-        "PERSISTENT RESERVE OUT",
-        [
-            opcode::PERSISTENT_RESERVE_OUT,
-            0x1F,
-            0xFF,
-            0,
-            0,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            C
-        ],
-        DataOut::Param { at: 5, width: 4 },
-        Access::PrOut,
-        spc::persistent_reserve_out
-    ),
-    cmd!(
-        opcode::READ_16,
-        None,
-        "READ(16)",
-        with(RW16, opcode::READ_16, 0xFA),
-        DataOut::None,
-        Access::Read,
-        sbc::read
-    ),
-    cmd!(
-        opcode::COMPARE_AND_WRITE,
-        None,
-        "COMPARE AND WRITE",
-        [
-            opcode::COMPARE_AND_WRITE,
-            0xF8,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            0,
-            0,
-            0xFF,
-            0x1F,
-            C
-        ],
-        DataOut::CompareAndWrite,
-        Access::Write,
-        sbc::compare_and_write
-    ),
-    cmd!(
-        opcode::WRITE_16,
-        None,
-        "WRITE(16)",
-        with(RW16, opcode::WRITE_16, 0xFA),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write
-    ),
-    cmd!(
-        opcode::ORWRITE_16,
-        None,
-        "ORWRITE(16)",
-        with(RW16, opcode::ORWRITE_16, 0xF8),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::orwrite
-    ),
-    cmd!(
-        opcode::WRITE_VERIFY_16,
-        None,
-        "WRITE AND VERIFY(16)",
-        with(RW16, opcode::WRITE_VERIFY_16, 0xF2),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write_and_verify
-    ),
-    cmd!(
-        opcode::VERIFY_16,
-        None,
-        "VERIFY(16)",
-        with(RW16, opcode::VERIFY_16, 0xF6),
-        DataOut::Verify,
-        Access::Read,
-        sbc::verify
-    ),
-    cmd!(
-        opcode::PRE_FETCH_16,
-        None,
-        "PRE-FETCH(16)",
-        with(RW16, opcode::PRE_FETCH_16, 0x02),
-        DataOut::None,
-        Access::Read,
-        sbc::pre_fetch
-    ),
-    cmd!(
-        opcode::SYNC_CACHE_16,
-        None,
-        "SYNCHRONIZE CACHE(16)",
-        with(RW16, opcode::SYNC_CACHE_16, 0x06),
-        DataOut::None,
-        Access::Write,
-        sbc::synchronize_cache
-    ),
-    cmd!(
-        opcode::WRITE_SAME_16,
-        None,
-        "WRITE SAME(16)",
-        with(RW16, opcode::WRITE_SAME_16, 0xF9),
-        DataOut::WriteSame,
-        Access::Write,
-        sbc::write_same
-    ),
-    cmd!(
-        opcode::SERVICE_ACTION_IN_16,
-        Some(opcode::SA_READ_CAPACITY_16),
-        "READ CAPACITY(16)",
-        [
-            opcode::SERVICE_ACTION_IN_16,
-            0x1F,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            C
-        ],
-        DataOut::None,
-        Access::Status,
-        sbc::read_capacity_16
-    ),
-    CommandSpec {
-        thin_only: true,
-        ..cmd!(
-            opcode::SERVICE_ACTION_IN_16,
-            Some(opcode::SA_GET_LBA_STATUS),
-            "GET LBA STATUS",
-            [
-                opcode::SERVICE_ACTION_IN_16,
-                0x1F,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0,
-                C
-            ],
-            DataOut::None,
-            Access::Read,
-            sbc::get_lba_status
-        )
-    },
-    CommandSpec {
-        ua_exempt: true,
-        ..cmd!(
-            opcode::REPORT_LUNS,
-            None,
-            "REPORT LUNS",
-            [
-                opcode::REPORT_LUNS,
-                0,
-                0xFF,
-                0,
-                0,
-                0,
-                0xFF,
-                0xFF,
-                0xFF,
-                0xFF,
-                0,
-                C
-            ],
-            DataOut::None,
-            Access::Any,
-            spc::report_luns_single
-        )
-    },
-    cmd!(
-        opcode::MAINTENANCE_IN,
-        Some(opcode::SA_REPORT_SUPPORTED_OPCODES),
-        "REPORT SUPPORTED OPERATION CODES",
-        [
-            opcode::MAINTENANCE_IN,
-            0x1F,
-            0x87,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            C
-        ],
-        DataOut::None,
-        Access::Any,
-        spc::report_supported_opcodes
-    ),
-    cmd!(
-        opcode::READ_12,
-        None,
-        "READ(12)",
-        with12(opcode::READ_12, 0xFA),
-        DataOut::None,
-        Access::Read,
-        sbc::read
-    ),
-    cmd!(
-        opcode::WRITE_12,
-        None,
-        "WRITE(12)",
-        with12(opcode::WRITE_12, 0xFA),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write
-    ),
-    cmd!(
-        opcode::WRITE_VERIFY_12,
-        None,
-        "WRITE AND VERIFY(12)",
-        with12(opcode::WRITE_VERIFY_12, 0xF2),
-        DataOut::Blocks,
-        Access::Write,
-        sbc::write_and_verify
-    ),
-    cmd!(
-        opcode::VERIFY_12,
-        None,
-        "VERIFY(12)",
-        with12(opcode::VERIFY_12, 0xF6),
-        DataOut::Verify,
-        Access::Read,
-        sbc::verify
-    ),
-    cmd!(
-        opcode::READ_DEFECT_12,
-        None,
-        "READ DEFECT DATA(12)",
-        [
-            opcode::READ_DEFECT_12,
-            0x1F,
-            0,
-            0,
-            0,
-            0,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            C
-        ],
-        DataOut::None,
-        Access::Read,
-        sbc::read_defect_data
-    ),
+    cmd!(None, "TEST UNIT READY", [opcode::TEST_UNIT_READY, 0, 0, 0, 0, C], DataOut::None, Access::Status, spc::test_unit_ready),
+    CommandSpec { ua_exempt: true, ..cmd!(None, "REQUEST SENSE", [opcode::REQUEST_SENSE, 0x01, 0, 0, 0xFF, C], DataOut::None, Access::Any, spc::request_sense) },
+    cmd!(None, "READ(6)", [opcode::READ_6, 0x1F, 0xFF, 0xFF, 0xFF, C], DataOut::None, Access::Read, sbc::read),
+    cmd!(None, "WRITE(6)", [opcode::WRITE_6, 0x1F, 0xFF, 0xFF, 0xFF, C], DataOut::Blocks, Access::Write, sbc::write),
+    CommandSpec { ua_exempt: true, ..cmd!(None, "INQUIRY", [opcode::INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, C], DataOut::None, Access::Any, spc::inquiry) },
+    cmd!(None, "MODE SELECT(6)", [opcode::MODE_SELECT_6, 0x11, 0, 0, 0xFF, C], DataOut::Param { at: 4, width: 1 }, Access::Write, mode::mode_select),
+    cmd!(None, "RESERVE(6)", [opcode::RESERVE_6, 0, 0, 0, 0, C], DataOut::None, Access::Reserve, spc::reserve),
+    cmd!(None, "RELEASE(6)", [opcode::RELEASE_6, 0, 0, 0, 0, C], DataOut::None, Access::Release, spc::release),
+    cmd!(None, "MODE SENSE(6)", [opcode::MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, C], DataOut::None, Access::Read, mode::mode_sense),
+    cmd!(None, "START STOP UNIT", [opcode::START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, C], DataOut::None, Access::Write, spc::start_stop_unit),
+    cmd!(None, "PREVENT ALLOW MEDIUM REMOVAL", [opcode::PREVENT_ALLOW, 0, 0, 0, 0x03, C], DataOut::None, Access::Write, spc::prevent_allow),
+    cmd!(None, "READ CAPACITY(10)", [opcode::READ_CAPACITY_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C], DataOut::None, Access::Status, sbc::read_capacity_10),
+    cmd!(None, "READ(10)", with10(opcode::READ_10, 0xFA), DataOut::None, Access::Read, sbc::read),
+    cmd!(None, "WRITE(10)", with10(opcode::WRITE_10, 0xFA), DataOut::Blocks, Access::Write, sbc::write),
+    cmd!(None, "WRITE AND VERIFY(10)", with10(opcode::WRITE_VERIFY_10, 0xF2), DataOut::Blocks, Access::Write, sbc::write_and_verify),
+    cmd!(None, "VERIFY(10)", with10(opcode::VERIFY_10, 0xF6), DataOut::Verify, Access::Read, sbc::verify),
+    cmd!(None, "PRE-FETCH(10)", with10(opcode::PRE_FETCH_10, 0x02), DataOut::None, Access::Read, sbc::pre_fetch),
+    cmd!(None, "SYNCHRONIZE CACHE(10)", with10(opcode::SYNC_CACHE_10, 0x06), DataOut::None, Access::Write, sbc::synchronize_cache),
+    cmd!(None, "READ DEFECT DATA(10)", [opcode::READ_DEFECT_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C], DataOut::None, Access::Read, sbc::read_defect_data),
+    cmd!(None, "WRITE SAME(10)", with10(opcode::WRITE_SAME_10, 0xF8), DataOut::WriteSame, Access::Write, sbc::write_same),
+    CommandSpec { thin_only: true, ..cmd!(None, "UNMAP", [opcode::UNMAP, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C], DataOut::Param { at: 7, width: 2 }, Access::Write, sbc::unmap) },
+    cmd!(None, "MODE SELECT(10)", [opcode::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C], DataOut::Param { at: 7, width: 2 }, Access::Write, mode::mode_select),
+    cmd!(None, "RESERVE(10)", [opcode::RESERVE_10, 0, 0, 0, 0, 0, 0, 0, 0, C], DataOut::Param { at: 7, width: 2 }, Access::Reserve, spc::reserve),
+    cmd!(None, "RELEASE(10)", [opcode::RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, C], DataOut::Param { at: 7, width: 2 }, Access::Release, spc::release),
+    cmd!(None, "MODE SENSE(10)", [opcode::MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C], DataOut::None, Access::Read, mode::mode_sense),
+    cmd!(None, "PERSISTENT RESERVE IN", [opcode::PERSISTENT_RESERVE_IN, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, C], DataOut::None, Access::Any, spc::persistent_reserve_in),
+    cmd!(None, "PERSISTENT RESERVE OUT", [opcode::PERSISTENT_RESERVE_OUT, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C], DataOut::Param { at: 5, width: 4 }, Access::PrOut, spc::persistent_reserve_out),
+    cmd!(None, "READ(16)", with(RW16, opcode::READ_16, 0xFA), DataOut::None, Access::Read, sbc::read),
+    cmd!(None, "COMPARE AND WRITE", [opcode::COMPARE_AND_WRITE, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0x1F, C], DataOut::CompareAndWrite, Access::Write, sbc::compare_and_write),
+    cmd!(None, "WRITE(16)", with(RW16, opcode::WRITE_16, 0xFA), DataOut::Blocks, Access::Write, sbc::write),
+    cmd!(None, "ORWRITE(16)", with(RW16, opcode::ORWRITE_16, 0xF8), DataOut::Blocks, Access::Write, sbc::orwrite),
+    cmd!(None, "WRITE AND VERIFY(16)", with(RW16, opcode::WRITE_VERIFY_16, 0xF2), DataOut::Blocks, Access::Write, sbc::write_and_verify),
+    cmd!(None, "VERIFY(16)", with(RW16, opcode::VERIFY_16, 0xF6), DataOut::Verify, Access::Read, sbc::verify),
+    cmd!(None, "PRE-FETCH(16)", with(RW16, opcode::PRE_FETCH_16, 0x02), DataOut::None, Access::Read, sbc::pre_fetch),
+    cmd!(None, "SYNCHRONIZE CACHE(16)", with(RW16, opcode::SYNC_CACHE_16, 0x06), DataOut::None, Access::Write, sbc::synchronize_cache),
+    cmd!(None, "WRITE SAME(16)", with(RW16, opcode::WRITE_SAME_16, 0xF9), DataOut::WriteSame, Access::Write, sbc::write_same),
+    cmd!(Some(opcode::SA_READ_CAPACITY_16), "READ CAPACITY(16)", [opcode::SERVICE_ACTION_IN_16, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Status, sbc::read_capacity_16),
+    CommandSpec { thin_only: true, ..cmd!(Some(opcode::SA_GET_LBA_STATUS), "GET LBA STATUS", [opcode::SERVICE_ACTION_IN_16, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Read, sbc::get_lba_status) },
+    CommandSpec { ua_exempt: true, ..cmd!(None, "REPORT LUNS", [opcode::REPORT_LUNS, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Any, spc::report_luns_single) },
+    cmd!(Some(opcode::SA_REPORT_SUPPORTED_OPCODES), "REPORT SUPPORTED OPERATION CODES", [opcode::MAINTENANCE_IN, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Any, spc::report_supported_opcodes),
+    cmd!(None, "READ(12)", with12(opcode::READ_12, 0xFA), DataOut::None, Access::Read, sbc::read),
+    cmd!(None, "WRITE(12)", with12(opcode::WRITE_12, 0xFA), DataOut::Blocks, Access::Write, sbc::write),
+    cmd!(None, "WRITE AND VERIFY(12)", with12(opcode::WRITE_VERIFY_12, 0xF2), DataOut::Blocks, Access::Write, sbc::write_and_verify),
+    cmd!(None, "VERIFY(12)", with12(opcode::VERIFY_12, 0xF6), DataOut::Verify, Access::Read, sbc::verify),
+    cmd!(None, "READ DEFECT DATA(12)", [opcode::READ_DEFECT_12, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Read, sbc::read_defect_data),
 ];
 
 /// Opcodes whose CDB carries a service action in byte 1 bits 4..0.
@@ -1199,16 +692,7 @@ impl LogicalUnit {
     /// I_T nexus loss: release its SCSI-2 reservation and forget its state (a nexus that
     /// logs in again starts without unit attentions).
     pub fn nexus_lost(&self, nexus: &ItNexus) {
-        {
-            let mut r = self
-                .reservation
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if r.as_ref() == Some(nexus) {
-                *r = None;
-                self.reserved.store(false, Ordering::Release);
-            }
-        }
+        self.release(nexus);
         let mut map = self.nexuses.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(state) = map.remove(nexus) {
             self.ua_pending

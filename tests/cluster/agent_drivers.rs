@@ -2,7 +2,7 @@
 //! fixture VM script (script), and a fake virsh keeping domains in a directory (libvirt).
 
 use holdfast::agent::config::VmConfig;
-use holdfast::agent::driver::process::ProcessDriver;
+use holdfast::agent::driver::process::{ProcessDriver, ProcessVm};
 use holdfast::agent::driver::{build, DriverError, VmContext, VmDriver, VmStatus};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,14 +75,12 @@ fn process(
     save_signal: Option<&str>,
     log: PathBuf,
 ) -> ProcessDriver {
-    ProcessDriver::new(
-        command,
-        restore_args.iter().map(|s| s.to_string()).collect(),
-        save_signal.map(str::to_string),
-        "SIGTERM".into(),
-        BTreeMap::new(),
-        log,
-    )
+    let vm = ProcessVm {
+        restore_args: restore_args.iter().map(|s| s.to_string()).collect(),
+        save_signal: save_signal.map(str::to_string),
+        ..ProcessVm::new(command)
+    };
+    ProcessDriver::new(vm, log)
 }
 
 const POLITE: &str = r#"trap "exit 0" TERM; while :; do sleep 0.05; done"#;
@@ -102,14 +100,7 @@ fn process_start_status_stop() {
     let dir = tempfile::tempdir().unwrap();
     let c = ctx(dir.path());
     // Through build(), with the default log in a directory that does not exist yet.
-    let vm = VmConfig::Process {
-        command: sh(&format!("echo hello from {{group}}; {POLITE}")),
-        restore_args: vec![],
-        save_signal: None,
-        stop_signal: "SIGTERM".into(),
-        env: BTreeMap::new(),
-        log: None,
-    };
+    let vm = VmConfig::process(sh(&format!("echo hello from {{group}}; {POLITE}")));
     let log = dir.path().join("logs/deep/web.log");
     let mut d = build(&vm, log.clone());
     assert_eq!(d.status(&c).unwrap(), VmStatus::Stopped);
@@ -283,8 +274,10 @@ fn process_env_and_placeholders_reach_the_child() {
     env.insert("VM_NAME".to_string(), "{group}-{node}".to_string());
     // The agent's variables win over a config's.
     env.insert("HOLDFAST_EPOCH".to_string(), "999".to_string());
-    let mut d = ProcessDriver::new(
-        vec![
+    let vm = ProcessVm {
+        stop_signal: "TERM".into(),
+        env,
+        ..ProcessVm::new(vec![
             "sh".into(),
             "-c".into(),
             r#"echo "args $1 $2"; env | grep -E '^(HOLDFAST_|VM_)' | sort; echo end; exec sleep 600"#
@@ -292,13 +285,9 @@ fn process_env_and_placeholders_reach_the_child() {
             "vm".into(),
             "{disk1}".into(),
             "lun{lun0}@{epoch}".into(),
-        ],
-        vec![],
-        None,
-        "TERM".into(),
-        env,
-        out.clone(),
-    );
+        ])
+    };
+    let mut d = ProcessDriver::new(vm, out.clone());
     d.start(&c).unwrap();
     let mut text = String::new();
     eventually("the child's report", || {

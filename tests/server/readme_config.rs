@@ -361,7 +361,7 @@ fn readme_agent_examples_are_valid() {
         .groups
         .iter()
         .map(|g| match g.vm {
-            agent_config::VmConfig::Process { .. } => "process",
+            agent_config::VmConfig::Process(_) => "process",
             agent_config::VmConfig::Script { .. } => "script",
             agent_config::VmConfig::Libvirt { .. } => "libvirt",
         })

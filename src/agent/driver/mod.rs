@@ -17,21 +17,7 @@ pub mod script;
 pub fn build(vm: &crate::agent::config::VmConfig, default_log: PathBuf) -> Box<dyn VmDriver> {
     use crate::agent::config::VmConfig;
     match vm {
-        VmConfig::Process {
-            command,
-            restore_args,
-            save_signal,
-            stop_signal,
-            env,
-            log,
-        } => Box::new(process::ProcessDriver::new(
-            command.clone(),
-            restore_args.clone(),
-            save_signal.clone(),
-            stop_signal.clone(),
-            env.clone(),
-            log.clone().unwrap_or(default_log),
-        )),
+        VmConfig::Process(p) => Box::new(process::ProcessDriver::new(p.clone(), default_log)),
         VmConfig::Script { path, timeout } => {
             Box::new(script::ScriptDriver::new(path.clone(), *timeout))
         }

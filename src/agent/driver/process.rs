@@ -16,7 +16,7 @@
 
 use super::exec::{self, describe, peek, signal_group, tail_lines, wait_exit, Peek};
 use super::{signal_number, DriverError, VmContext, VmDriver, VmStatus};
-use std::collections::BTreeMap;
+pub use crate::agent::config::ProcessVm;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -50,32 +50,19 @@ enum State {
 }
 
 pub struct ProcessDriver {
-    command: Vec<String>,
-    restore_args: Vec<String>,
-    save_signal: Option<String>,
-    stop_signal: String,
-    env: BTreeMap<String, String>,
+    /// The settings; strings may hold placeholders. Its `log` is not used: see `log`.
+    vm: ProcessVm,
+    /// The resolved log file (the config's or STATE_DIR/GROUP.log).
     log: PathBuf,
     state: State,
 }
 
 impl ProcessDriver {
-    /// Settings as in [`crate::agent::config::VmConfig::Process`]; `log` is the resolved
-    /// log file (the config's or STATE_DIR/GROUP.log). Strings may hold placeholders.
-    pub fn new(
-        command: Vec<String>,
-        restore_args: Vec<String>,
-        save_signal: Option<String>,
-        stop_signal: String,
-        env: BTreeMap<String, String>,
-        log: PathBuf,
-    ) -> Self {
+    /// A driver for `vm`, its output going to `vm.log` or else to `default_log`.
+    pub fn new(vm: ProcessVm, default_log: PathBuf) -> Self {
+        let log = vm.log.clone().unwrap_or(default_log);
         ProcessDriver {
-            command,
-            restore_args,
-            save_signal,
-            stop_signal,
-            env,
+            vm,
             log,
             state: State::Idle,
         }
@@ -111,6 +98,7 @@ impl ProcessDriver {
             });
         }
         let argv: Vec<String> = self
+            .vm
             .command
             .iter()
             .chain(extra)
@@ -137,7 +125,7 @@ impl ProcessDriver {
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.clone(), ctx.expand(v))))
+            .envs(self.vm.env.iter().map(|(k, v)| (k.clone(), ctx.expand(v))))
             // Last, so a config's env cannot mask what the agent tells the VM.
             .envs(ctx.env())
             .stdin(Stdio::null())
@@ -412,7 +400,7 @@ impl VmDriver for ProcessDriver {
         if !saved {
             return Ok(false);
         }
-        let extra = self.restore_args.clone();
+        let extra = self.vm.restore_args.clone();
         self.spawn(ctx, "restore", &extra)?;
         Ok(true)
     }
@@ -420,9 +408,9 @@ impl VmDriver for ProcessDriver {
     fn stop(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
         // Config validation refuses bad names; an error here leaves the VM running for
         // the agent's escalation to kill.
-        let sig = signal_number(&self.stop_signal).ok_or_else(|| DriverError::Failed {
+        let sig = signal_number(&self.vm.stop_signal).ok_or_else(|| DriverError::Failed {
             action: "stop",
-            detail: format!("{:?} is not a signal", self.stop_signal),
+            detail: format!("{:?} is not a signal", self.vm.stop_signal),
         })?;
         let State::Running { child, .. } = &mut self.state else {
             self.state = State::Idle;
@@ -454,7 +442,7 @@ impl VmDriver for ProcessDriver {
     }
 
     fn save(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
-        let Some(name) = &self.save_signal else {
+        let Some(name) = &self.vm.save_signal else {
             return Err(DriverError::Unsupported { action: "save" });
         };
         let sig = signal_number(name).ok_or_else(|| DriverError::Failed {
