@@ -250,10 +250,11 @@ fn status_of(p: &Pdu) -> Option<(u32, u8, u32)> {
     }
 }
 
-fn reject_reason_of(p: &Pdu) -> Option<u8> {
+/// `p` is a Reject with `reason`.
+fn assert_rejected(p: &Pdu, reason: u8) {
     match &p.bhs {
-        Bhs::Reject(r) => Some(r.reason),
-        _ => None,
+        Bhs::Reject(r) => assert_eq!(r.reason, reason),
+        other => panic!("expected a Reject (reason {reason:#04x}), got {other:?}"),
     }
 }
 
@@ -393,10 +394,7 @@ fn reused_task_tag_is_rejected() {
     s.send(tur(1, 1), &[]);
     s.send(tur(1, 2), &[]);
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::TASK_IN_PROGRESS)
-    );
+    assert_rejected(&sent[0], reject_reason::TASK_IN_PROGRESS);
 }
 
 #[test]
@@ -437,10 +435,7 @@ fn data_out_with_wrong_datasn_or_offset_fails_the_task() {
         let r = r2ts(&s.take_sent());
         s.send(data_out(3, r[0].ttt, data_sn, offset, true), &[0; 4096]);
         let sent = s.take_sent();
-        assert_eq!(
-            reject_reason_of(&sent[0]),
-            Some(reject_reason::PROTOCOL_ERROR)
-        );
+        assert_rejected(&sent[0], reject_reason::PROTOCOL_ERROR);
         assert_eq!(
             status_of(&sent[1]).map(|s| s.1),
             Some(status::CHECK_CONDITION)
@@ -456,10 +451,7 @@ fn data_out_with_wrong_datasn_or_offset_fails_the_task() {
 fn data_out_for_unknown_task_is_rejected() {
     let mut s = Sim::new();
     s.send(data_out(42, 1, 0, 0, true), &[0; 512]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -633,10 +625,7 @@ fn abort_task_of_a_pending_write_drops_it() {
     };
     assert_eq!(t.response, 0);
     s.send(data_out(3, r[0].ttt, 0, 0, true), &[0; 4096]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -712,10 +701,7 @@ fn data_digest_error_on_a_command_rejects_and_fails_it_in_order() {
     s.conn.handle_wire_error(err, s.now).expect("recoverable");
     s.drain();
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::DATA_DIGEST_ERROR)
-    );
+    assert_rejected(&sent[0], reject_reason::DATA_DIGEST_ERROR);
     let (itt, st, _) = status_of(&sent[1]).expect("status");
     assert_eq!(
         (itt, st, sent[1].data[14], sent[1].data[15]),
@@ -734,10 +720,7 @@ fn unknown_opcode_is_rejected_and_header_digest_error_is_fatal() {
     s.conn.handle_wire_error(err, s.now).expect("recoverable");
     s.drain();
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::COMMAND_NOT_SUPPORTED)
-    );
+    assert_rejected(&sent[0], reject_reason::COMMAND_NOT_SUPPORTED);
     assert_eq!(sent[0].data[0], 0x1f);
     let fatal = s.conn.handle_wire_error(WireError::HeaderDigest, s.now);
     assert!(matches!(fatal, Err(ConnError::Framing(_))));
@@ -748,14 +731,10 @@ fn snack_and_target_only_pdus_are_rejected() {
     let mut s = Sim::new();
     s.send(Bhs::SnackRequest(wire::SnackRequest::default()), &[]);
     s.send(Bhs::NopIn(wire::NopIn::default()), &[]);
-    let reasons: Vec<_> = s.take_sent().iter().map(reject_reason_of).collect();
-    assert_eq!(
-        reasons,
-        [
-            Some(reject_reason::SNACK_REJECT),
-            Some(reject_reason::PROTOCOL_ERROR)
-        ]
-    );
+    let sent = s.take_sent();
+    assert_eq!(sent.len(), 2);
+    assert_rejected(&sent[0], reject_reason::SNACK_REJECT);
+    assert_rejected(&sent[1], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -842,10 +821,7 @@ fn send_targets_continues_across_text_responses() {
     let pairs = wire::text::parse_text(&body).unwrap();
     assert_eq!(pairs.iter().filter(|(k, _)| k == "TargetName").count(), 40);
     s.send(text(2, 0x1234, cmd_sn), &[]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::INVALID_PDU_FIELD)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::INVALID_PDU_FIELD);
 }
 
 #[test]
@@ -854,10 +830,7 @@ fn discovery_session_rejects_scsi_commands() {
     cfg.discovery = true;
     let mut s = Sim::with(cfg, 1 << 20);
     s.send(tur(1, 1), &[]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
     assert!(s.executes().is_empty());
 }
 
