@@ -1437,7 +1437,7 @@ mod tests {
 
     #[test]
     fn reject_not_understood_and_irrelevant() {
-        let (s, keys) = answered(
+        let (s, _) = answered(
             &[
                 ("MaxBurstLength", "100"),
                 ("MaxRecvDataSegmentLength", "99999999"),
