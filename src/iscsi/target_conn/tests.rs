@@ -520,6 +520,16 @@ fn ordered_then_simple(s: &mut Sim) -> Vec<Submit> {
     std::mem::take(&mut s.submitted)
 }
 
+/// [`ordered_then_simple`] with the ORDERED task started: the sim, both submissions
+/// and the ORDERED task's execution.
+fn ordered_started() -> (Sim, Vec<Submit>, Execute) {
+    let mut s = Sim::new();
+    let sub = ordered_then_simple(&mut s);
+    s.start(sub[0].task);
+    let ex = s.executes().remove(0);
+    (s, sub, ex)
+}
+
 /// A SIMPLE task (ITT 1, CmdSN 1), submitted and not started.
 fn one_waiting() -> (Sim, TaskId) {
     let mut s = Sim::new();
@@ -560,10 +570,7 @@ fn tasks_are_submitted_with_their_raw_attribute_and_run_when_started() {
 
 #[test]
 fn abort_task_of_a_waiting_task_answers_at_once() {
-    let mut s = Sim::new();
-    let sub = ordered_then_simple(&mut s);
-    s.start(sub[0].task);
-    let ex = s.executes();
+    let (mut s, sub, ex) = ordered_started();
     s.send(tmf(10, 3, 1, 0, 2), &[]);
     assert!(
         s.take_sent().is_empty() && !s.conn.accepts_pdus(),
@@ -577,7 +584,7 @@ fn abort_task_of_a_waiting_task_answers_at_once() {
         panic!("TMF response")
     };
     assert_eq!((t.itt, t.response), (10, 0));
-    s.good(ex[0].task);
+    s.good(ex.task);
     assert!(!s.start(sub[1].task), "the aborted task never starts");
     assert!(s.executes().is_empty());
     assert_eq!(s.conn.window(), (3, 6), "every slot is free again");
@@ -881,15 +888,12 @@ fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
 
 #[test]
 fn preempt_and_abort_suppresses_running_and_drops_waiting() {
-    let mut s = Sim::new();
-    let sub = ordered_then_simple(&mut s);
-    s.start(sub[0].task);
-    let ex = s.executes();
+    let (mut s, sub, ex) = ordered_started();
     let n = s
         .conn
         .abort_tasks(&[running(sub[0].task), waiting(sub[1].task)], s.now);
     assert_eq!(n, 1);
-    assert_eq!(s.good(ex[0].task), Delivery::Suppressed);
+    assert_eq!(s.good(ex.task), Delivery::Suppressed);
     assert!(s.take_sent().is_empty() && s.executes().is_empty());
     assert_eq!(s.conn.running_tasks(), 0);
     assert_eq!(s.conn.window(), (3, 6));
