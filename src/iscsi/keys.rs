@@ -447,6 +447,13 @@ mod tests {
         )
     }
 
+    /// Each (key, offered value, the answer; None: no answer) under the default policy.
+    fn assert_answered(cases: &[(&str, &str, Option<&str>)]) {
+        for (key, value, want) in cases {
+            assert_eq!(ans(key, value).as_deref(), *want, "{key}={value}");
+        }
+    }
+
     #[test]
     fn table_is_consistent() {
         for (i, k) in KEYS.iter().enumerate() {
@@ -468,56 +475,45 @@ mod tests {
 
     #[test]
     fn numeric_rules() {
-        assert_eq!(
-            ans("MaxBurstLength", "16776192").as_deref(),
-            Some("1048576")
-        );
-        assert_eq!(ans("MaxBurstLength", "4096").as_deref(), Some("4096"));
-        assert_eq!(ans("MaxBurstLength", "0x1000").as_deref(), Some("4096"));
-        assert_eq!(ans("MaxBurstLength", "511").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxBurstLength", "16777216").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxBurstLength", "12ab").as_deref(), Some("Reject"));
-        assert_eq!(ans("DefaultTime2Wait", "5").as_deref(), Some("5"));
-        assert_eq!(ans("DefaultTime2Wait", "3601").as_deref(), Some("Reject"));
-        assert_eq!(ans("DefaultTime2Retain", "0").as_deref(), Some("0"));
-        assert_eq!(ans("DefaultTime2Retain", "60").as_deref(), Some("20"));
-        assert_eq!(ans("ErrorRecoveryLevel", "2").as_deref(), Some("0"));
-        assert_eq!(ans("ErrorRecoveryLevel", "3").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxConnections", "8").as_deref(), Some("1"));
-        assert_eq!(ans("MaxConnections", "0").as_deref(), Some("Reject"));
-        assert_eq!(ans("iSCSIProtocolLevel", "2").as_deref(), Some("1"));
-        assert_eq!(ans("iSCSIProtocolLevel", "0").as_deref(), Some("0"));
-        // FirstBurstLength is capped by (default) MaxBurstLength.
-        assert_eq!(
-            ans("FirstBurstLength", "16776192").as_deref(),
-            Some("262144")
-        );
+        assert_answered(&[
+            ("MaxBurstLength", "16776192", Some("1048576")),
+            ("MaxBurstLength", "4096", Some("4096")),
+            ("MaxBurstLength", "0x1000", Some("4096")),
+            ("MaxBurstLength", "511", Some("Reject")),
+            ("MaxBurstLength", "16777216", Some("Reject")),
+            ("MaxBurstLength", "12ab", Some("Reject")),
+            ("DefaultTime2Wait", "5", Some("5")),
+            ("DefaultTime2Wait", "3601", Some("Reject")),
+            ("DefaultTime2Retain", "0", Some("0")),
+            ("DefaultTime2Retain", "60", Some("20")),
+            ("ErrorRecoveryLevel", "2", Some("0")),
+            ("ErrorRecoveryLevel", "3", Some("Reject")),
+            ("MaxConnections", "8", Some("1")),
+            ("MaxConnections", "0", Some("Reject")),
+            ("iSCSIProtocolLevel", "2", Some("1")),
+            ("iSCSIProtocolLevel", "0", Some("0")),
+            // FirstBurstLength is capped by (default) MaxBurstLength.
+            ("FirstBurstLength", "16776192", Some("262144")),
+        ]);
     }
 
     #[test]
     fn boolean_and_list_rules() {
-        assert_eq!(ans("InitialR2T", "No").as_deref(), Some("No"));
-        assert_eq!(ans("ImmediateData", "Yes").as_deref(), Some("Yes"));
-        assert_eq!(ans("ImmediateData", "yes").as_deref(), Some("Reject"));
-        assert_eq!(ans("DataPDUInOrder", "No").as_deref(), Some("Yes"));
-        assert_eq!(ans("IFMarker", "Yes").as_deref(), Some("No"));
-        assert_eq!(ans("OFMarkInt", "2048~8192").as_deref(), Some("Reject"));
-        assert_eq!(
-            ans("HeaderDigest", "CRC32C,None").as_deref(),
-            Some("CRC32C")
-        );
-        assert_eq!(ans("HeaderDigest", "None,CRC32C").as_deref(), Some("None"));
-        assert_eq!(ans("DataDigest", "MD5").as_deref(), Some("Reject"));
-        assert_eq!(
-            ans("TaskReporting", "FastAbort,RFC3720").as_deref(),
-            Some("RFC3720")
-        );
-        assert_eq!(ans("SendTargets", "All").as_deref(), Some("Irrelevant"));
-        assert_eq!(ans("MaxRecvDataSegmentLength", "262144"), None);
-        assert_eq!(
-            ans("MaxRecvDataSegmentLength", "100").as_deref(),
-            Some("Reject")
-        );
+        assert_answered(&[
+            ("InitialR2T", "No", Some("No")),
+            ("ImmediateData", "Yes", Some("Yes")),
+            ("ImmediateData", "yes", Some("Reject")),
+            ("DataPDUInOrder", "No", Some("Yes")),
+            ("IFMarker", "Yes", Some("No")),
+            ("OFMarkInt", "2048~8192", Some("Reject")),
+            ("HeaderDigest", "CRC32C,None", Some("CRC32C")),
+            ("HeaderDigest", "None,CRC32C", Some("None")),
+            ("DataDigest", "MD5", Some("Reject")),
+            ("TaskReporting", "FastAbort,RFC3720", Some("RFC3720")),
+            ("SendTargets", "All", Some("Irrelevant")),
+            ("MaxRecvDataSegmentLength", "262144", None),
+            ("MaxRecvDataSegmentLength", "100", Some("Reject")),
+        ]);
     }
 
     #[test]
