@@ -474,8 +474,9 @@ mod tests {
     }
 
     #[test]
-    fn numeric_rules() {
+    fn answers_by_rule() {
         assert_answered(&[
+            // Numeric rules.
             ("MaxBurstLength", "16776192", Some("1048576")),
             ("MaxBurstLength", "4096", Some("4096")),
             ("MaxBurstLength", "0x1000", Some("4096")),
@@ -494,12 +495,7 @@ mod tests {
             ("iSCSIProtocolLevel", "0", Some("0")),
             // FirstBurstLength is capped by (default) MaxBurstLength.
             ("FirstBurstLength", "16776192", Some("262144")),
-        ]);
-    }
-
-    #[test]
-    fn boolean_and_list_rules() {
-        assert_answered(&[
+            // Boolean and list rules.
             ("InitialR2T", "No", Some("No")),
             ("ImmediateData", "Yes", Some("Yes")),
             ("ImmediateData", "yes", Some("Reject")),
