@@ -242,6 +242,16 @@ fn tmf(itt: u32, cmd_sn: u32, function: u8, lun: u64, rtt: u32) -> Bhs {
     })
 }
 
+fn logout(immediate: bool, reason: u8, itt: u32, cmd_sn: u32) -> Bhs {
+    Bhs::LogoutRequest(wire::LogoutRequest {
+        immediate,
+        reason,
+        itt,
+        cmd_sn,
+        ..Default::default()
+    })
+}
+
 fn status_of(p: &Pdu) -> Option<(u32, u8, u32)> {
     match &p.bhs {
         Bhs::ScsiResponse(r) => Some((r.itt, r.status, r.stat_sn)),
@@ -846,16 +856,7 @@ fn logout_waits_for_running_tasks_then_closes() {
     let mut s = Sim::new();
     s.send(read10(1, 1, 512), &[]);
     let ex = s.executes();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            immediate: true,
-            reason: 0,
-            itt: 9,
-            cmd_sn: 2,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(true, 0, 9, 2), &[]);
     assert!(s.take_sent().is_empty() && !s.conn.is_closed());
     assert_eq!(s.good(ex[0].task), Delivery::Suppressed);
     let sent = s.take_sent();
@@ -870,15 +871,7 @@ fn logout_waits_for_running_tasks_then_closes() {
 #[test]
 fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
     let mut s = Sim::new();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            reason: 2,
-            itt: 9,
-            cmd_sn: 1,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(false, 2, 9, 1), &[]);
     let Bhs::LogoutResponse(l) = &s.take_sent()[0].bhs else {
         panic!()
     };
@@ -927,15 +920,7 @@ fn a_decision_for_no_pending_tmf_is_ignored() {
 #[test]
 fn logout_drops_waiting_tasks_without_a_response() {
     let (mut s, task) = one_waiting();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            immediate: true,
-            itt: 9,
-            cmd_sn: 2,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(true, 0, 9, 2), &[]);
     assert!(matches!(s.take_sent()[0].bhs, Bhs::LogoutResponse(_)));
     assert!(
         !s.start(task),
