@@ -1126,14 +1126,7 @@ struct Guest {
 /// Worth a new session: the connection is lost, or the target failed this session's
 /// request in a way a fresh login may cure.
 fn is_connection_error(e: &InitiatorError) -> bool {
-    e.is_connection_lost()
-        || matches!(
-            e,
-            InitiatorError::Rejected { .. }
-                | InitiatorError::TargetFailure(_)
-                | InitiatorError::Aborted
-                | InitiatorError::Timeout
-        )
+    e.is_connection_lost() || matches!(e, InitiatorError::Request(_) | InitiatorError::Timeout)
 }
 
 /// Worth retrying on the same session after a pause.

@@ -23,6 +23,7 @@ pub use pr::{Capabilities, FullStatus, PrType, RegisterFlags, Reservation, Trans
 pub use scsi::{cdb, encode_lun, ScsiResult, Sense};
 pub use session::{Session, Task};
 
+pub use crate::iscsi::initiator_conn::RequestError;
 use std::net::SocketAddr;
 
 /// Everything that can go wrong on the initiator side.
@@ -46,15 +47,13 @@ pub enum InitiatorError {
     Negotiation(String),
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The target rejected a PDU of this request (RFC 7143 §11.17.1 reason code).
-    #[error("request rejected by the target (reason {reason:#04x})")]
-    Rejected { reason: u8 },
-    /// The task was aborted by task management (ours) before it completed.
-    #[error("task aborted")]
-    Aborted,
-    /// iSCSI service response other than "command completed at target".
-    #[error("target failure (iSCSI response {0:#04x})")]
-    TargetFailure(u8),
+    /// The target failed this request: rejected a PDU of it, answered with a service
+    /// response other than "command completed at target", or our task management
+    /// aborted it ([`RequestError::Rejected`], [`RequestError::TargetFailure`],
+    /// [`RequestError::Aborted`]; the request errors that end the connection become
+    /// [`InitiatorError::ConnectionLost`] or [`InitiatorError::Protocol`]).
+    #[error(transparent)]
+    Request(RequestError),
     #[error("CHECK CONDITION: sense key {key:#04x} asc {asc:#04x} ascq {ascq:#04x}")]
     CheckCondition { key: u8, asc: u8, ascq: u8 },
     #[error("RESERVATION CONFLICT")]
@@ -73,6 +72,20 @@ impl From<crate::wire::ReadError> for InitiatorError {
             crate::wire::ReadError::Closed => InitiatorError::ConnectionLost,
             crate::wire::ReadError::Io(e) => InitiatorError::Io(e),
             crate::wire::ReadError::Wire(e) => InitiatorError::Wire(e),
+        }
+    }
+}
+
+impl From<RequestError> for InitiatorError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::ConnectionLost => InitiatorError::ConnectionLost,
+            RequestError::LogoutRefused(_)
+            | RequestError::DataDigest
+            | RequestError::Protocol(_) => InitiatorError::Protocol(e.to_string()),
+            RequestError::Rejected { .. }
+            | RequestError::Aborted
+            | RequestError::TargetFailure(_) => InitiatorError::Request(e),
         }
     }
 }

@@ -173,10 +173,24 @@ fn invalid(msg: impl Into<String>) -> InitiatorError {
 }
 
 impl Session {
-    pub async fn test_unit_ready(&self, lun: u64) -> Result<(), InitiatorError> {
-        self.command(lun, &cdb::test_unit_ready(), None, 0)
+    /// A command that must end in GOOD status: its Data-In.
+    async fn checked(
+        &self,
+        lun: u64,
+        cdb: &[u8],
+        data_out: Option<Bytes>,
+        data_in_len: u32,
+    ) -> Result<Bytes, InitiatorError> {
+        Ok(self
+            .command(lun, cdb, data_out, data_in_len)
             .await?
-            .check()
+            .check()?
+            .data)
+    }
+
+    pub async fn test_unit_ready(&self, lun: u64) -> Result<(), InitiatorError> {
+        self.checked(lun, &cdb::test_unit_ready(), None, 0)
+            .await
             .map(|_| ())
     }
 
@@ -188,11 +202,8 @@ impl Session {
         page: u8,
         alloc: u16,
     ) -> Result<Bytes, InitiatorError> {
-        let r = self
-            .command(lun, &cdb::inquiry(evpd, page, alloc), None, alloc.into())
-            .await?
-            .check()?;
-        Ok(r.data)
+        self.checked(lun, &cdb::inquiry(evpd, page, alloc), None, alloc.into())
+            .await
     }
 
     /// READ(16) of `blocks` blocks of `block_size` bytes.
@@ -206,11 +217,8 @@ impl Session {
         let len = blocks
             .checked_mul(block_size)
             .ok_or_else(|| invalid("read length overflows"))?;
-        let r = self
-            .command(lun, &cdb::read16(lba, blocks, false), None, len)
-            .await?
-            .check()?;
-        Ok(r.data)
+        self.checked(lun, &cdb::read16(lba, blocks, false), None, len)
+            .await
     }
 
     /// WRITE(16) of `data` (a whole number of blocks of `block_size`).
@@ -227,27 +235,23 @@ impl Session {
         }
         let blocks = u32::try_from(data.len() / block_size as usize)
             .map_err(|_| invalid("write too large"))?;
-        self.command(lun, &cdb::write16(lba, blocks, fua), Some(data), 0)
-            .await?
-            .check()
+        self.checked(lun, &cdb::write16(lba, blocks, fua), Some(data), 0)
+            .await
             .map(|_| ())
     }
 
     /// SYNCHRONIZE CACHE(16) of the whole LUN.
     pub async fn synchronize_cache(&self, lun: u64) -> Result<(), InitiatorError> {
-        self.command(lun, &cdb::synchronize_cache16(0, 0), None, 0)
-            .await?
-            .check()
+        self.checked(lun, &cdb::synchronize_cache16(0, 0), None, 0)
+            .await
             .map(|_| ())
     }
 
     /// READ CAPACITY(16): (last LBA, logical block size).
     pub async fn read_capacity16(&self, lun: u64) -> Result<(u64, u32), InitiatorError> {
-        let r = self
-            .command(lun, &cdb::read_capacity16(32), None, 32)
-            .await?
-            .check()?;
-        let d = &r.data;
+        let d = self
+            .checked(lun, &cdb::read_capacity16(32), None, 32)
+            .await?;
         if d.len() < 12 {
             return Err(InitiatorError::Protocol(format!(
                 "READ CAPACITY(16) returned {} bytes",
@@ -265,11 +269,9 @@ impl Session {
     pub async fn report_luns(&self) -> Result<Vec<u64>, InitiatorError> {
         let mut alloc: u32 = 8 + 8 * 256;
         loop {
-            let r = self
-                .command(0, &cdb::report_luns(0, alloc), None, alloc)
-                .await?
-                .check()?;
-            let d = &r.data;
+            let d = self
+                .checked(0, &cdb::report_luns(0, alloc), None, alloc)
+                .await?;
             if d.len() < 8 {
                 return Err(InitiatorError::Protocol("short REPORT LUNS data".into()));
             }
@@ -310,14 +312,13 @@ impl Session {
         let mut data = BytesMut::with_capacity(verify.len() * 2);
         data.extend_from_slice(verify);
         data.extend_from_slice(write);
-        self.command(
+        self.checked(
             lun,
             &cdb::compare_and_write(lba, blocks, false),
             Some(data.freeze()),
             0,
         )
-        .await?
-        .check()
+        .await
         .map(|_| ())
     }
 }

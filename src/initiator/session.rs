@@ -42,7 +42,7 @@ fn waiter<T: Send + 'static>(
     Box::new(move |ev| {
         let r = pick(ev).unwrap_or_else(|| Err(RequestError::ConnectionLost));
         // The requester may have gone away; nobody to tell then.
-        let _ = tx.send(r.map_err(request_error));
+        let _ = tx.send(r.map_err(InitiatorError::from));
     })
 }
 
@@ -84,18 +84,6 @@ fn command_done(ev: Event) -> Option<Result<ScsiResult, RequestError>> {
             residual: r.residual,
         })),
         _ => None,
-    }
-}
-
-fn request_error(e: RequestError) -> InitiatorError {
-    match e {
-        RequestError::Rejected { reason } => InitiatorError::Rejected { reason },
-        RequestError::Aborted => InitiatorError::Aborted,
-        RequestError::TargetFailure(r) => InitiatorError::TargetFailure(r),
-        RequestError::ConnectionLost => InitiatorError::ConnectionLost,
-        e @ (RequestError::LogoutRefused(_)
-        | RequestError::DataDigest
-        | RequestError::Protocol(_)) => InitiatorError::Protocol(e.to_string()),
     }
 }
 
@@ -531,7 +519,7 @@ impl Session {
     }
 
     /// ABORT TASK for a task submitted with [`Session::submit`]. Returns the TMF response
-    /// (0 = function complete; the task then fails with [`InitiatorError::Aborted`]).
+    /// (0 = function complete; the task then fails with [`RequestError::Aborted`]).
     pub async fn abort_task(&self, task: &Task) -> Result<u8, InitiatorError> {
         self.task_management(tmf::ABORT_TASK, task.lun, task.itt, task.cmd_sn)
             .await

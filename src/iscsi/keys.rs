@@ -139,6 +139,20 @@ const fn key(name: &'static str, rule: Rule, phase: Phase, ours: fn(&KeyPolicy) 
     }
 }
 
+/// A session-wide key of the operational stage with its RFC default, not negotiated in
+/// discovery sessions.
+const fn session_op(
+    name: &'static str,
+    rule: Rule,
+    default: &'static str,
+    ours: fn(&KeyPolicy) -> Ours,
+) -> KeyDef {
+    let mut k = key(name, rule, Phase::Operational, ours);
+    k.default = Some(default);
+    k.in_discovery = false;
+    k
+}
+
 const fn auth(name: &'static str) -> KeyDef {
     let mut k = key(name, Rule::Auth, Phase::Security, nothing);
     k.scope = Scope::Connection;
@@ -171,12 +185,8 @@ pub static KEYS: &[KeyDef] = &[
     },
     // Only one connection per session is supported.
     KeyDef {
-        default: Some("1"),
         range: Some((1, 65535)),
-        in_discovery: false,
-        ..key("MaxConnections", Rule::Min, Phase::Operational, |_| {
-            Ours::Num(1)
-        })
+        ..session_op("MaxConnections", Rule::Min, "1", |_| Ours::Num(1))
     },
     KeyDef {
         sender: Sender::Initiator,
@@ -188,20 +198,10 @@ pub static KEYS: &[KeyDef] = &[
     identity("InitiatorAlias", Sender::Initiator),
     identity("TargetAddress", Sender::Target),
     identity("TargetPortalGroupTag", Sender::Target),
-    KeyDef {
-        default: Some("Yes"),
-        in_discovery: false,
-        ..key("InitialR2T", Rule::Or, Phase::Operational, |p| {
-            Ours::Bool(p.initial_r2t)
-        })
-    },
-    KeyDef {
-        default: Some("Yes"),
-        in_discovery: false,
-        ..key("ImmediateData", Rule::And, Phase::Operational, |p| {
-            Ours::Bool(p.immediate_data)
-        })
-    },
+    session_op("InitialR2T", Rule::Or, "Yes", |p| Ours::Bool(p.initial_r2t)),
+    session_op("ImmediateData", Rule::And, "Yes", |p| {
+        Ours::Bool(p.immediate_data)
+    }),
     KeyDef {
         scope: Scope::Connection,
         default: Some("8192"),
@@ -214,22 +214,18 @@ pub static KEYS: &[KeyDef] = &[
         )
     },
     KeyDef {
-        default: Some("262144"),
         range: LEN_RANGE,
-        in_discovery: false,
-        ..key("MaxBurstLength", Rule::Min, Phase::Operational, |p| {
+        ..session_op("MaxBurstLength", Rule::Min, "262144", |p| {
             Ours::Num(p.max_burst_length)
         })
     },
     KeyDef {
-        default: Some("65536"),
         range: LEN_RANGE,
-        in_discovery: false,
         // Unsolicited data is impossible with InitialR2T=Yes and ImmediateData=No.
         irrelevant: Some(|a| a.flag("InitialR2T") && !a.flag("ImmediateData")),
         // FirstBurstLength MUST NOT exceed MaxBurstLength.
         cap: Some(|a| a.num("MaxBurstLength")),
-        ..key("FirstBurstLength", Rule::Min, Phase::Operational, |p| {
+        ..session_op("FirstBurstLength", Rule::Min, "65536", |p| {
             Ours::Num(p.first_burst_length)
         })
     },
@@ -248,24 +244,14 @@ pub static KEYS: &[KeyDef] = &[
         })
     },
     KeyDef {
-        default: Some("1"),
         range: Some((1, 65535)),
-        in_discovery: false,
-        ..key("MaxOutstandingR2T", Rule::Min, Phase::Operational, |p| {
+        ..session_op("MaxOutstandingR2T", Rule::Min, "1", |p| {
             Ours::Num(p.max_outstanding_r2t)
         })
     },
     // Data reassembly out of order is not implemented: insist on order.
-    KeyDef {
-        default: Some("Yes"),
-        in_discovery: false,
-        ..key("DataPDUInOrder", Rule::Or, Phase::Operational, yes)
-    },
-    KeyDef {
-        default: Some("Yes"),
-        in_discovery: false,
-        ..key("DataSequenceInOrder", Rule::Or, Phase::Operational, yes)
-    },
+    session_op("DataPDUInOrder", Rule::Or, "Yes", yes),
+    session_op("DataSequenceInOrder", Rule::Or, "Yes", yes),
     // Only ERL 0 is implemented.
     KeyDef {
         default: Some("0"),
@@ -309,21 +295,13 @@ pub static KEYS: &[KeyDef] = &[
         ..key("IFMarkInt", Rule::Reject, Phase::Operational, nothing)
     },
     // RFC 7143 §13.23: we implement neither ResponseFence nor FastAbort.
-    KeyDef {
-        default: Some("RFC3720"),
-        in_discovery: false,
-        ..key("TaskReporting", Rule::List, Phase::Operational, |_| {
-            Ours::Values(&["RFC3720"])
-        })
-    },
+    session_op("TaskReporting", Rule::List, "RFC3720", |_| {
+        Ours::Values(&["RFC3720"])
+    }),
     // RFC 7143 §13.24: level 1 is RFC 7143 itself; RFC 7144 features (level 2) are not.
     KeyDef {
-        default: Some("1"),
         range: Some((0, 31)),
-        in_discovery: false,
-        ..key("iSCSIProtocolLevel", Rule::Min, Phase::Operational, |_| {
-            Ours::Num(1)
-        })
+        ..session_op("iSCSIProtocolLevel", Rule::Min, "1", |_| Ours::Num(1))
     },
 ];
 
@@ -469,6 +447,13 @@ mod tests {
         )
     }
 
+    /// Each (key, offered value, the answer; None: no answer) under the default policy.
+    fn assert_answered(cases: &[(&str, &str, Option<&str>)]) {
+        for (key, value, want) in cases {
+            assert_eq!(ans(key, value).as_deref(), *want, "{key}={value}");
+        }
+    }
+
     #[test]
     fn table_is_consistent() {
         for (i, k) in KEYS.iter().enumerate() {
@@ -489,57 +474,42 @@ mod tests {
     }
 
     #[test]
-    fn numeric_rules() {
-        assert_eq!(
-            ans("MaxBurstLength", "16776192").as_deref(),
-            Some("1048576")
-        );
-        assert_eq!(ans("MaxBurstLength", "4096").as_deref(), Some("4096"));
-        assert_eq!(ans("MaxBurstLength", "0x1000").as_deref(), Some("4096"));
-        assert_eq!(ans("MaxBurstLength", "511").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxBurstLength", "16777216").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxBurstLength", "12ab").as_deref(), Some("Reject"));
-        assert_eq!(ans("DefaultTime2Wait", "5").as_deref(), Some("5"));
-        assert_eq!(ans("DefaultTime2Wait", "3601").as_deref(), Some("Reject"));
-        assert_eq!(ans("DefaultTime2Retain", "0").as_deref(), Some("0"));
-        assert_eq!(ans("DefaultTime2Retain", "60").as_deref(), Some("20"));
-        assert_eq!(ans("ErrorRecoveryLevel", "2").as_deref(), Some("0"));
-        assert_eq!(ans("ErrorRecoveryLevel", "3").as_deref(), Some("Reject"));
-        assert_eq!(ans("MaxConnections", "8").as_deref(), Some("1"));
-        assert_eq!(ans("MaxConnections", "0").as_deref(), Some("Reject"));
-        assert_eq!(ans("iSCSIProtocolLevel", "2").as_deref(), Some("1"));
-        assert_eq!(ans("iSCSIProtocolLevel", "0").as_deref(), Some("0"));
-        // FirstBurstLength is capped by (default) MaxBurstLength.
-        assert_eq!(
-            ans("FirstBurstLength", "16776192").as_deref(),
-            Some("262144")
-        );
-    }
-
-    #[test]
-    fn boolean_and_list_rules() {
-        assert_eq!(ans("InitialR2T", "No").as_deref(), Some("No"));
-        assert_eq!(ans("ImmediateData", "Yes").as_deref(), Some("Yes"));
-        assert_eq!(ans("ImmediateData", "yes").as_deref(), Some("Reject"));
-        assert_eq!(ans("DataPDUInOrder", "No").as_deref(), Some("Yes"));
-        assert_eq!(ans("IFMarker", "Yes").as_deref(), Some("No"));
-        assert_eq!(ans("OFMarkInt", "2048~8192").as_deref(), Some("Reject"));
-        assert_eq!(
-            ans("HeaderDigest", "CRC32C,None").as_deref(),
-            Some("CRC32C")
-        );
-        assert_eq!(ans("HeaderDigest", "None,CRC32C").as_deref(), Some("None"));
-        assert_eq!(ans("DataDigest", "MD5").as_deref(), Some("Reject"));
-        assert_eq!(
-            ans("TaskReporting", "FastAbort,RFC3720").as_deref(),
-            Some("RFC3720")
-        );
-        assert_eq!(ans("SendTargets", "All").as_deref(), Some("Irrelevant"));
-        assert_eq!(ans("MaxRecvDataSegmentLength", "262144"), None);
-        assert_eq!(
-            ans("MaxRecvDataSegmentLength", "100").as_deref(),
-            Some("Reject")
-        );
+    fn answers_by_rule() {
+        assert_answered(&[
+            // Numeric rules.
+            ("MaxBurstLength", "16776192", Some("1048576")),
+            ("MaxBurstLength", "4096", Some("4096")),
+            ("MaxBurstLength", "0x1000", Some("4096")),
+            ("MaxBurstLength", "511", Some("Reject")),
+            ("MaxBurstLength", "16777216", Some("Reject")),
+            ("MaxBurstLength", "12ab", Some("Reject")),
+            ("DefaultTime2Wait", "5", Some("5")),
+            ("DefaultTime2Wait", "3601", Some("Reject")),
+            ("DefaultTime2Retain", "0", Some("0")),
+            ("DefaultTime2Retain", "60", Some("20")),
+            ("ErrorRecoveryLevel", "2", Some("0")),
+            ("ErrorRecoveryLevel", "3", Some("Reject")),
+            ("MaxConnections", "8", Some("1")),
+            ("MaxConnections", "0", Some("Reject")),
+            ("iSCSIProtocolLevel", "2", Some("1")),
+            ("iSCSIProtocolLevel", "0", Some("0")),
+            // FirstBurstLength is capped by (default) MaxBurstLength.
+            ("FirstBurstLength", "16776192", Some("262144")),
+            // Boolean and list rules.
+            ("InitialR2T", "No", Some("No")),
+            ("ImmediateData", "Yes", Some("Yes")),
+            ("ImmediateData", "yes", Some("Reject")),
+            ("DataPDUInOrder", "No", Some("Yes")),
+            ("IFMarker", "Yes", Some("No")),
+            ("OFMarkInt", "2048~8192", Some("Reject")),
+            ("HeaderDigest", "CRC32C,None", Some("CRC32C")),
+            ("HeaderDigest", "None,CRC32C", Some("None")),
+            ("DataDigest", "MD5", Some("Reject")),
+            ("TaskReporting", "FastAbort,RFC3720", Some("RFC3720")),
+            ("SendTargets", "All", Some("Irrelevant")),
+            ("MaxRecvDataSegmentLength", "262144", None),
+            ("MaxRecvDataSegmentLength", "100", Some("Reject")),
+        ]);
     }
 
     #[test]

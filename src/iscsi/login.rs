@@ -966,6 +966,18 @@ mod tests {
 
     /// `keys` answers each key as given.
     #[track_caller]
+    /// A leading request of the operational stage with `extra` keys: the target's answers
+    /// include `want`. Returns the step and all the answered keys.
+    fn answered(
+        extra: &[(&'static str, &'static str)],
+        want: &[(&str, &str)],
+    ) -> (LoginStep, Vec<(String, String)>) {
+        let s = machine().on_pdu(&req(1, 3, true, &leading(extra)), &plain());
+        let keys = resp(&s).1;
+        assert_answers(&keys, want);
+        (s, keys)
+    }
+
     fn assert_answers(keys: &[(String, String)], want: &[(&str, &str)]) {
         for (k, v) in want {
             assert_eq!(get(keys, k), Some(*v), "{k}");
@@ -1425,22 +1437,19 @@ mod tests {
 
     #[test]
     fn reject_not_understood_and_irrelevant() {
-        let keys = leading(&[
-            ("MaxBurstLength", "100"),
-            ("MaxRecvDataSegmentLength", "99999999"),
-            ("ErrorRecoveryLevel", "7"),
-            ("X-com.example.Foo", "1"),
-            ("X#example", "2"),
-            ("FancyKey", "3"),
-            ("OFMarkInt", "2048~8192"),
-            ("InitialR2T", "Yes"),
-            ("ImmediateData", "No"),
-            ("FirstBurstLength", "4096"),
-        ]);
-        let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
-        let (_, keys) = resp(&s);
-        assert_answers(
-            &keys,
+        let (s, _) = answered(
+            &[
+                ("MaxBurstLength", "100"),
+                ("MaxRecvDataSegmentLength", "99999999"),
+                ("ErrorRecoveryLevel", "7"),
+                ("X-com.example.Foo", "1"),
+                ("X#example", "2"),
+                ("FancyKey", "3"),
+                ("OFMarkInt", "2048~8192"),
+                ("InitialR2T", "Yes"),
+                ("ImmediateData", "No"),
+                ("FirstBurstLength", "4096"),
+            ],
             &[
                 ("MaxBurstLength", "Reject"),
                 ("ErrorRecoveryLevel", "Reject"),
@@ -1462,16 +1471,13 @@ mod tests {
 
     #[test]
     fn digests_and_burst_rules() {
-        let keys = leading(&[
-            ("HeaderDigest", "CRC32C,None"),
-            ("DataDigest", "CRC32C"),
-            ("FirstBurstLength", "1048576"),
-            ("MaxBurstLength", "131072"),
-        ]);
-        let s = machine().on_pdu(&req(1, 3, true, &keys), &plain());
-        let (_, keys) = resp(&s);
-        assert_answers(
-            &keys,
+        let (s, keys) = answered(
+            &[
+                ("HeaderDigest", "CRC32C,None"),
+                ("DataDigest", "CRC32C"),
+                ("FirstBurstLength", "1048576"),
+                ("MaxBurstLength", "131072"),
+            ],
             &[
                 ("HeaderDigest", "CRC32C"),
                 ("DataDigest", "CRC32C"),

@@ -221,6 +221,13 @@ impl Pair {
             .unwrap_or_else(|| panic!("no result for {itt}: {:?}", self.events))
     }
 
+    /// The command `itt` completed with GOOD status.
+    fn good(&self, itt: Itt) -> &CommandResult {
+        let r = self.result(itt).as_ref().expect("completed");
+        assert_eq!(r.status, 0, "GOOD status");
+        r
+    }
+
     fn has(&self, f: impl Fn(&IEvent) -> bool) -> bool {
         self.events.iter().any(f)
     }
@@ -234,8 +241,7 @@ impl Pair {
 fn read_spanning_bursts() {
     let mut pair = Pair::new(params(true, false));
     let itt = pair.submit(0x28, 2, 40, Bytes::new());
-    let r = pair.result(itt).as_ref().unwrap();
-    assert_eq!(r.status, 0);
+    let r = pair.good(itt);
     assert_eq!(&r.data[..], &pair.disk[2 * BLOCK..42 * BLOCK]);
     // 20 KiB over MaxRecvDataSegmentLength 8 KiB.
     assert!(pair.count_from_tgt(|b| matches!(b, Bhs::DataIn(_))) >= 3);
@@ -247,7 +253,7 @@ fn write_solicited_by_r2t_only() {
     let mut pair = Pair::new(params(false, true));
     let data = Bytes::from(vec![0xab; 40 * BLOCK]);
     let itt = pair.submit(0x2a, 4, 40, data.clone());
-    assert_eq!(pair.result(itt).as_ref().unwrap().status, 0);
+    pair.good(itt);
     assert_eq!(&pair.disk[4 * BLOCK..44 * BLOCK], &data[..]);
     // MaxBurstLength 16 KiB: 20 KiB needs two R2Ts.
     assert_eq!(pair.count_from_tgt(|b| matches!(b, Bhs::R2t(_))), 2);
@@ -259,7 +265,7 @@ fn write_with_immediate_and_unsolicited_data() {
     let mut pair = Pair::new(params(true, false));
     let data: Bytes = (0..40 * BLOCK).map(|i| (i % 251) as u8).collect();
     let itt = pair.submit(0x2a, 0, 40, data.clone());
-    assert_eq!(pair.result(itt).as_ref().unwrap().status, 0);
+    pair.good(itt);
     assert_eq!(&pair.disk[..40 * BLOCK], &data[..]);
     assert_eq!(pair.from_ini[0].data.len(), 4096, "immediate data");
     // FirstBurst 8 KiB went unsolicited; the remaining 12 KiB took one R2T.
@@ -286,7 +292,7 @@ fn cmd_sn_window_closes_and_opens() {
     assert_eq!(sent(&pair), 7);
     pair.release_held();
     for itt in itts {
-        assert_eq!(pair.result(itt).as_ref().unwrap().status, 0);
+        pair.good(itt);
     }
     assert!(pair.ini.window_open());
 }

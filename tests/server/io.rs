@@ -4,7 +4,7 @@ use crate::common;
 
 use bytes::Bytes;
 use common::*;
-use holdfast::initiator::{cdb, InitiatorError, Session};
+use holdfast::initiator::{cdb, InitiatorError, RequestError, Session};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -250,7 +250,7 @@ async fn lun_reset_during_io_does_not_hang() {
                     match s.write16(0, w * 1024, d.clone(), BLOCK, false).await {
                         Ok(()) => done += 1,
                         // Aborted by the reset, or UNIT ATTENTION after it: both expected.
-                        Err(InitiatorError::Aborted)
+                        Err(InitiatorError::Request(RequestError::Aborted))
                         | Err(InitiatorError::CheckCondition { .. }) => {}
                         Err(e) => panic!("worker {w}: {e}"),
                     }

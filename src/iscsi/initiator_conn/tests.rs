@@ -76,27 +76,23 @@ impl Sim {
         s
     }
     fn read(&mut self, len: u32) -> Itt {
-        let itt = self
-            .conn
-            .submit_command(CommandRequest {
-                lun: 0,
-                cdb: Bytes::from_static(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
-                data_out: Bytes::new(),
-                data_in_len: len,
-            })
-            .unwrap()
-            .itt;
-        self.drain();
-        itt
+        self.submit(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], Bytes::new(), len)
     }
     fn write(&mut self, len: usize) -> Itt {
+        self.submit(
+            &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            Bytes::from(vec![0x5a; len]),
+            0,
+        )
+    }
+    fn submit(&mut self, cdb: &'static [u8], data_out: Bytes, data_in_len: u32) -> Itt {
         let itt = self
             .conn
             .submit_command(CommandRequest {
                 lun: 0,
-                cdb: Bytes::from_static(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
-                data_out: Bytes::from(vec![0x5a; len]),
-                data_in_len: 0,
+                cdb: Bytes::from_static(cdb),
+                data_out,
+                data_in_len,
             })
             .unwrap()
             .itt;

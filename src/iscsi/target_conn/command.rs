@@ -162,15 +162,7 @@ impl TargetConnection {
             self.cfg.write_limits,
             ttt_base,
         ) {
-            Ok(t) => {
-                let mut w = PendingWrite { transfer: t, ready };
-                self.send_r2ts(&mut w);
-                if w.transfer.is_complete() {
-                    self.start_write(w);
-                } else {
-                    self.writes.insert(c.itt, w);
-                }
-            }
+            Ok(t) => self.advance_write(c.itt, PendingWrite { transfer: t, ready }),
             Err(e) => {
                 warn!(itt = c.itt, error = %e, "bad immediate/unsolicited data: failing the command");
                 self.send(scsi_response(
@@ -182,6 +174,17 @@ impl TargetConnection {
                 ));
                 self.window.complete();
             }
+        }
+    }
+
+    /// Asks for the data the write still lacks, and starts it once all is there
+    /// (otherwise it waits under `itt` for more Data-Out).
+    fn advance_write(&mut self, itt: u32, mut w: PendingWrite) {
+        self.send_r2ts(&mut w);
+        if w.transfer.is_complete() {
+            self.start_write(w);
+        } else {
+            self.writes.insert(itt, w);
         }
     }
 
@@ -296,14 +299,7 @@ impl TargetConnection {
             .transfer
             .on_data_out(d.ttt, d.data_sn, d.buffer_offset, &p.data, d.final_)
         {
-            Ok(()) => {
-                self.send_r2ts(&mut w);
-                if w.transfer.is_complete() {
-                    self.start_write(w);
-                } else {
-                    self.writes.insert(d.itt, w);
-                }
-            }
+            Ok(()) => self.advance_write(d.itt, w),
             Err(e) => {
                 // ERL 0 cannot recover a data sequence: reject the PDU, fail the task.
                 warn!(itt = d.itt, error = %e, "invalid Data-Out: rejecting and failing the command");

@@ -225,31 +225,29 @@ impl TargetConnection {
     }
 
     fn tmf_done(&mut self, itt: u32, function: u8, response: u8) {
-        self.send(pdus::pdu(
-            Bhs::TaskMgmtResponse(wire::TaskMgmtResponse {
-                response,
-                itt,
-                ..Default::default()
-            }),
-            Bytes::new(),
-        ));
-        self.window.complete();
-        if function == TARGET_COLD_RESET && response == COMPLETE {
-            self.close();
-        }
+        let bhs = Bhs::TaskMgmtResponse(wire::TaskMgmtResponse {
+            response,
+            itt,
+            ..Default::default()
+        });
+        self.finish_request(bhs, function == TARGET_COLD_RESET && response == COMPLETE);
     }
 
     fn logout_response(&mut self, itt: u32, response: u8) {
-        self.send(pdus::pdu(
-            Bhs::LogoutResponse(wire::LogoutResponse {
-                response,
-                itt,
-                ..Default::default()
-            }),
-            Bytes::new(),
-        ));
+        let bhs = Bhs::LogoutResponse(wire::LogoutResponse {
+            response,
+            itt,
+            ..Default::default()
+        });
+        self.finish_request(bhs, response == 0);
+    }
+
+    /// Sends the response that ends a task management or logout request, frees its
+    /// command window slot, and closes the connection when `then_close`.
+    fn finish_request(&mut self, bhs: Bhs, then_close: bool) {
+        self.send(pdus::pdu(bhs, Bytes::new()));
         self.window.complete();
-        if response == 0 {
+        if then_close {
             self.close();
         }
     }

@@ -242,6 +242,16 @@ fn tmf(itt: u32, cmd_sn: u32, function: u8, lun: u64, rtt: u32) -> Bhs {
     })
 }
 
+fn logout(immediate: bool, reason: u8, itt: u32, cmd_sn: u32) -> Bhs {
+    Bhs::LogoutRequest(wire::LogoutRequest {
+        immediate,
+        reason,
+        itt,
+        cmd_sn,
+        ..Default::default()
+    })
+}
+
 fn status_of(p: &Pdu) -> Option<(u32, u8, u32)> {
     match &p.bhs {
         Bhs::ScsiResponse(r) => Some((r.itt, r.status, r.stat_sn)),
@@ -250,10 +260,11 @@ fn status_of(p: &Pdu) -> Option<(u32, u8, u32)> {
     }
 }
 
-fn reject_reason_of(p: &Pdu) -> Option<u8> {
+/// `p` is a Reject with `reason`.
+fn assert_rejected(p: &Pdu, reason: u8) {
     match &p.bhs {
-        Bhs::Reject(r) => Some(r.reason),
-        _ => None,
+        Bhs::Reject(r) => assert_eq!(r.reason, reason),
+        other => panic!("expected a Reject (reason {reason:#04x}), got {other:?}"),
     }
 }
 
@@ -393,10 +404,7 @@ fn reused_task_tag_is_rejected() {
     s.send(tur(1, 1), &[]);
     s.send(tur(1, 2), &[]);
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::TASK_IN_PROGRESS)
-    );
+    assert_rejected(&sent[0], reject_reason::TASK_IN_PROGRESS);
 }
 
 #[test]
@@ -437,10 +445,7 @@ fn data_out_with_wrong_datasn_or_offset_fails_the_task() {
         let r = r2ts(&s.take_sent());
         s.send(data_out(3, r[0].ttt, data_sn, offset, true), &[0; 4096]);
         let sent = s.take_sent();
-        assert_eq!(
-            reject_reason_of(&sent[0]),
-            Some(reject_reason::PROTOCOL_ERROR)
-        );
+        assert_rejected(&sent[0], reject_reason::PROTOCOL_ERROR);
         assert_eq!(
             status_of(&sent[1]).map(|s| s.1),
             Some(status::CHECK_CONDITION)
@@ -456,10 +461,7 @@ fn data_out_with_wrong_datasn_or_offset_fails_the_task() {
 fn data_out_for_unknown_task_is_rejected() {
     let mut s = Sim::new();
     s.send(data_out(42, 1, 0, 0, true), &[0; 512]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -528,6 +530,16 @@ fn ordered_then_simple(s: &mut Sim) -> Vec<Submit> {
     std::mem::take(&mut s.submitted)
 }
 
+/// [`ordered_then_simple`] with the ORDERED task started: the sim, both submissions
+/// and the ORDERED task's execution.
+fn ordered_started() -> (Sim, Vec<Submit>, Execute) {
+    let mut s = Sim::new();
+    let sub = ordered_then_simple(&mut s);
+    s.start(sub[0].task);
+    let ex = s.executes().remove(0);
+    (s, sub, ex)
+}
+
 /// A SIMPLE task (ITT 1, CmdSN 1), submitted and not started.
 fn one_waiting() -> (Sim, TaskId) {
     let mut s = Sim::new();
@@ -568,10 +580,7 @@ fn tasks_are_submitted_with_their_raw_attribute_and_run_when_started() {
 
 #[test]
 fn abort_task_of_a_waiting_task_answers_at_once() {
-    let mut s = Sim::new();
-    let sub = ordered_then_simple(&mut s);
-    s.start(sub[0].task);
-    let ex = s.executes();
+    let (mut s, sub, ex) = ordered_started();
     s.send(tmf(10, 3, 1, 0, 2), &[]);
     assert!(
         s.take_sent().is_empty() && !s.conn.accepts_pdus(),
@@ -585,7 +594,7 @@ fn abort_task_of_a_waiting_task_answers_at_once() {
         panic!("TMF response")
     };
     assert_eq!((t.itt, t.response), (10, 0));
-    s.good(ex[0].task);
+    s.good(ex.task);
     assert!(!s.start(sub[1].task), "the aborted task never starts");
     assert!(s.executes().is_empty());
     assert_eq!(s.conn.window(), (3, 6), "every slot is free again");
@@ -633,10 +642,7 @@ fn abort_task_of_a_pending_write_drops_it() {
     };
     assert_eq!(t.response, 0);
     s.send(data_out(3, r[0].ttt, 0, 0, true), &[0; 4096]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -712,10 +718,7 @@ fn data_digest_error_on_a_command_rejects_and_fails_it_in_order() {
     s.conn.handle_wire_error(err, s.now).expect("recoverable");
     s.drain();
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::DATA_DIGEST_ERROR)
-    );
+    assert_rejected(&sent[0], reject_reason::DATA_DIGEST_ERROR);
     let (itt, st, _) = status_of(&sent[1]).expect("status");
     assert_eq!(
         (itt, st, sent[1].data[14], sent[1].data[15]),
@@ -734,10 +737,7 @@ fn unknown_opcode_is_rejected_and_header_digest_error_is_fatal() {
     s.conn.handle_wire_error(err, s.now).expect("recoverable");
     s.drain();
     let sent = s.take_sent();
-    assert_eq!(
-        reject_reason_of(&sent[0]),
-        Some(reject_reason::COMMAND_NOT_SUPPORTED)
-    );
+    assert_rejected(&sent[0], reject_reason::COMMAND_NOT_SUPPORTED);
     assert_eq!(sent[0].data[0], 0x1f);
     let fatal = s.conn.handle_wire_error(WireError::HeaderDigest, s.now);
     assert!(matches!(fatal, Err(ConnError::Framing(_))));
@@ -748,14 +748,10 @@ fn snack_and_target_only_pdus_are_rejected() {
     let mut s = Sim::new();
     s.send(Bhs::SnackRequest(wire::SnackRequest::default()), &[]);
     s.send(Bhs::NopIn(wire::NopIn::default()), &[]);
-    let reasons: Vec<_> = s.take_sent().iter().map(reject_reason_of).collect();
-    assert_eq!(
-        reasons,
-        [
-            Some(reject_reason::SNACK_REJECT),
-            Some(reject_reason::PROTOCOL_ERROR)
-        ]
-    );
+    let sent = s.take_sent();
+    assert_eq!(sent.len(), 2);
+    assert_rejected(&sent[0], reject_reason::SNACK_REJECT);
+    assert_rejected(&sent[1], reject_reason::PROTOCOL_ERROR);
 }
 
 #[test]
@@ -842,10 +838,7 @@ fn send_targets_continues_across_text_responses() {
     let pairs = wire::text::parse_text(&body).unwrap();
     assert_eq!(pairs.iter().filter(|(k, _)| k == "TargetName").count(), 40);
     s.send(text(2, 0x1234, cmd_sn), &[]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::INVALID_PDU_FIELD)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::INVALID_PDU_FIELD);
 }
 
 #[test]
@@ -854,10 +847,7 @@ fn discovery_session_rejects_scsi_commands() {
     cfg.discovery = true;
     let mut s = Sim::with(cfg, 1 << 20);
     s.send(tur(1, 1), &[]);
-    assert_eq!(
-        reject_reason_of(&s.take_sent()[0]),
-        Some(reject_reason::PROTOCOL_ERROR)
-    );
+    assert_rejected(&s.take_sent()[0], reject_reason::PROTOCOL_ERROR);
     assert!(s.executes().is_empty());
 }
 
@@ -866,16 +856,7 @@ fn logout_waits_for_running_tasks_then_closes() {
     let mut s = Sim::new();
     s.send(read10(1, 1, 512), &[]);
     let ex = s.executes();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            immediate: true,
-            reason: 0,
-            itt: 9,
-            cmd_sn: 2,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(true, 0, 9, 2), &[]);
     assert!(s.take_sent().is_empty() && !s.conn.is_closed());
     assert_eq!(s.good(ex[0].task), Delivery::Suppressed);
     let sent = s.take_sent();
@@ -890,15 +871,7 @@ fn logout_waits_for_running_tasks_then_closes() {
 #[test]
 fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
     let mut s = Sim::new();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            reason: 2,
-            itt: 9,
-            cmd_sn: 1,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(false, 2, 9, 1), &[]);
     let Bhs::LogoutResponse(l) = &s.take_sent()[0].bhs else {
         panic!()
     };
@@ -908,15 +881,12 @@ fn logout_for_recovery_is_refused_and_the_connection_goes_on() {
 
 #[test]
 fn preempt_and_abort_suppresses_running_and_drops_waiting() {
-    let mut s = Sim::new();
-    let sub = ordered_then_simple(&mut s);
-    s.start(sub[0].task);
-    let ex = s.executes();
+    let (mut s, sub, ex) = ordered_started();
     let n = s
         .conn
         .abort_tasks(&[running(sub[0].task), waiting(sub[1].task)], s.now);
     assert_eq!(n, 1);
-    assert_eq!(s.good(ex[0].task), Delivery::Suppressed);
+    assert_eq!(s.good(ex.task), Delivery::Suppressed);
     assert!(s.take_sent().is_empty() && s.executes().is_empty());
     assert_eq!(s.conn.running_tasks(), 0);
     assert_eq!(s.conn.window(), (3, 6));
@@ -950,15 +920,7 @@ fn a_decision_for_no_pending_tmf_is_ignored() {
 #[test]
 fn logout_drops_waiting_tasks_without_a_response() {
     let (mut s, task) = one_waiting();
-    s.send(
-        Bhs::LogoutRequest(wire::LogoutRequest {
-            immediate: true,
-            itt: 9,
-            cmd_sn: 2,
-            ..Default::default()
-        }),
-        &[],
-    );
+    s.send(logout(true, 0, 9, 2), &[]);
     assert!(matches!(s.take_sent()[0].bhs, Bhs::LogoutResponse(_)));
     assert!(
         !s.start(task),
