@@ -151,15 +151,19 @@ mod tests {
     use super::*;
     use crate::wire::{encode, Bhs, DigestConfig, NopOut};
 
-    #[tokio::test]
-    async fn reads_pdus_split_across_reads_then_reports_close() {
-        let pdu = Pdu::with_data(
+    fn nop_out(itt: u32, data: bytes::Bytes) -> Pdu {
+        Pdu::with_data(
             Bhs::NopOut(NopOut {
-                itt: 7,
+                itt,
                 ..Default::default()
             }),
-            bytes::Bytes::from_static(b"ping"),
-        );
+            data,
+        )
+    }
+
+    #[tokio::test]
+    async fn reads_pdus_split_across_reads_then_reports_close() {
+        let pdu = nop_out(7, bytes::Bytes::from_static(b"ping"));
         let mut bytes = BytesMut::new();
         encode(&pdu, DigestConfig::default(), &mut bytes);
         encode(&pdu, DigestConfig::default(), &mut bytes);
@@ -183,20 +187,8 @@ mod tests {
 
     #[tokio::test]
     async fn writer_batches_small_and_large_pdus_in_order() {
-        let small = Pdu::with_data(
-            Bhs::NopOut(NopOut {
-                itt: 1,
-                ..Default::default()
-            }),
-            bytes::Bytes::from_static(b"abc"),
-        );
-        let large = Pdu::with_data(
-            Bhs::NopOut(NopOut {
-                itt: 2,
-                ..Default::default()
-            }),
-            bytes::Bytes::from(vec![7u8; 5000]),
-        );
+        let small = nop_out(1, bytes::Bytes::from_static(b"abc"));
+        let large = nop_out(2, bytes::Bytes::from(vec![7u8; 5000]));
         let digests = DigestConfig {
             header: true,
             data: true,
