@@ -122,11 +122,14 @@ impl Shared {
     /// permit it gave itself would spin it).
     fn run<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut core = self.core();
+        let was_open = core.conn.window_open();
         let r = f(&mut core);
         let closed = core.dispatch();
-        let open = core.conn.window_open();
+        // Submitters wait only while the window is shut: wake them when it opens, not
+        // on every PDU while it stays open.
+        let opened = !was_open && core.conn.window_open();
         drop(core);
-        if open || closed {
+        if opened || closed {
             self.window.notify_waiters();
         }
         r

@@ -56,6 +56,40 @@ async fn random_round_trip_32_in_flight() {
     s.logout().await.unwrap();
 }
 
+/// With a CmdSN window of 2, 24 concurrent commands make submitters wait for the window
+/// to open again; every one of them must be woken and complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitters_wait_for_a_small_cmdsn_window() {
+    let t = start(&config_text(
+        "queue_depth = 2",
+        "",
+        &[(0, "lun0.img", "16MiB")],
+    ))
+    .await;
+    let s = ready_session(&t).await;
+    // The login response promises the default window (128); run past it first.
+    for i in 0..130u64 {
+        s.read16(0, i, 1, BLOCK).await.expect("read");
+    }
+    let reads: Vec<_> = (0..24u64)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.read16(0, i * 8, 8, BLOCK).await })
+        })
+        .collect();
+    for r in reads {
+        let done = tokio::time::timeout(Duration::from_secs(20), r).await;
+        assert_eq!(
+            done.expect("a submitter was never woken")
+                .unwrap()
+                .expect("read")
+                .len(),
+            8 * BLOCK as usize
+        );
+    }
+    s.logout().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_write_needs_r2ts() {
     let t = start(&config_text(

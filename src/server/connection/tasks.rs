@@ -148,7 +148,7 @@ impl Shared {
             return conn.tmf_decided(req.itt, REJECTED, &[], now);
         };
         let lus: Vec<Arc<LogicalUnit>> = match req.function {
-            6 | 7 => self.luns.clone(),
+            TARGET_WARM_RESET | TARGET_COLD_RESET => self.luns.clone(),
             _ => self.ctx.lun_map.get(req.lun).cloned().into_iter().collect(),
         };
         if lus.is_empty() && req.function == ABORT_TASK {
@@ -170,10 +170,7 @@ impl Shared {
             d.response = response_code(decision.response);
             for (nexus, tasks) in by_nexus(&decision.removal.aborted) {
                 if nexus == self.id {
-                    d.own.extend(tasks.iter().map(|a| Aborted {
-                        task: a.key.tag,
-                        running: a.running,
-                    }));
+                    d.own.extend(tasks.iter().map(own_task));
                     continue;
                 }
                 let running = tasks.iter().filter(|a| a.running);
@@ -258,6 +255,14 @@ impl Shared {
     }
 }
 
+/// An aborted task of this connection, as the connection knows it (by its own tag).
+fn own_task(a: &AbortedTask) -> Aborted {
+    Aborted {
+        task: a.key.tag,
+        running: a.running,
+    }
+}
+
 /// Group aborted tasks by nexus.
 fn by_nexus(aborted: &[AbortedTask]) -> BTreeMap<NexusId, Vec<AbortedTask>> {
     let mut m: BTreeMap<NexusId, Vec<AbortedTask>> = BTreeMap::new();
@@ -290,14 +295,7 @@ impl super::super::session::TaskAborter for Shared {
         };
         self.with_conn(|me, conn, work| {
             let r = lu.abort_tasks_of(&[me.id]);
-            let tasks: Vec<Aborted> = r
-                .aborted
-                .iter()
-                .map(|a| Aborted {
-                    task: a.key.tag,
-                    running: a.running,
-                })
-                .collect();
+            let tasks: Vec<Aborted> = r.aborted.iter().map(own_task).collect();
             let n = conn.abort_tasks(&tasks, Instant::now());
             me.released(conn, &lu, r.started, work);
             if n > 0 {
@@ -307,13 +305,7 @@ impl super::super::session::TaskAborter for Shared {
     }
 
     fn abort_tasks(self: Arc<Self>, _lu: &Arc<LogicalUnit>, tasks: &[AbortedTask]) {
-        let tasks: Vec<Aborted> = tasks
-            .iter()
-            .map(|a| Aborted {
-                task: a.key.tag,
-                running: a.running,
-            })
-            .collect();
+        let tasks: Vec<Aborted> = tasks.iter().map(own_task).collect();
         self.with_conn(|_, conn, _| {
             conn.abort_tasks(&tasks, Instant::now());
         });
