@@ -209,6 +209,18 @@ pub trait VmDriver: Send {
     fn status(&mut self, ctx: &VmContext) -> Result<VmStatus, DriverError>;
     /// Forget a saved state (after a start that must not use it).
     fn discard_saved(&mut self, ctx: &VmContext) -> Result<(), DriverError>;
+    /// Freeze the VM in place during a storage outage: afterwards it neither writes nor
+    /// talks on the network, and [`resume`](VmDriver::resume) continues it where it
+    /// stopped. `Unsupported` when this VM cannot be paused (the agent kills it instead).
+    fn pause(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let _ = ctx;
+        Err(DriverError::Unsupported { action: "pause" })
+    }
+    /// Continue a VM that [`pause`](VmDriver::pause) froze.
+    fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let _ = ctx;
+        Err(DriverError::Unsupported { action: "resume" })
+    }
 }
 
 /// A signal number from "SIGTERM", "TERM" or "15".
