@@ -97,12 +97,18 @@ pub struct Timings {
     /// Longest a single iSCSI command may take before the session is dropped and redone.
     #[serde(with = "humantime_serde")]
     pub io_timeout: Duration,
-    /// A node that has not completed a heartbeat write for this long kills its VMs.
+    /// A node that has not completed a heartbeat write for this long pauses its VMs
+    /// (and resumes them only if its claims still stand once the target answers again).
     #[serde(with = "humantime_serde")]
     pub self_fence_after: Duration,
     /// A peer whose heartbeat counter has not advanced for this long is fenced.
     #[serde(with = "humantime_serde")]
     pub dead_after: Duration,
+    /// Longest a VM stays paused through a storage outage before it is killed and its
+    /// group released (Windows' resiliency period is 4 minutes too). `0s`: never pause,
+    /// kill at once.
+    #[serde(with = "humantime_serde")]
+    pub max_pause: Duration,
 }
 
 impl Default for Timings {
@@ -113,6 +119,7 @@ impl Default for Timings {
             io_timeout: Duration::from_millis(1000),
             self_fence_after: Duration::from_millis(2000),
             dead_after: Duration::from_millis(3000),
+            max_pause: Duration::from_secs(240),
         }
     }
 }

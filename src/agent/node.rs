@@ -13,7 +13,7 @@ use crate::agent::driver::{self, VmDriver};
 use crate::agent::membership::Membership;
 use crate::agent::ops::{self, drive, Done, Shared};
 use crate::agent::placement::RestartBudget;
-use crate::agent::planner::{self, GroupView, Local, NodeView, Op, Policy};
+use crate::agent::planner::{self, GroupView, Local, NodeView, Op, OutageAction, Policy};
 use crate::agent::quorum::{self, NodeState, QuorumImage};
 use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
@@ -37,6 +37,8 @@ struct GroupRt {
     next_monitor: Instant,
     waiting_since: Option<Instant>,
     backoff_until: Option<Instant>,
+    /// Why and since when (wall clock, for people) the VM is paused, while it is.
+    pause_note: Option<PauseNote>,
 }
 
 impl GroupRt {
@@ -60,6 +62,8 @@ pub struct Agent {
     done_rx: mpsc::UnboundedReceiver<Done>,
     last_image: Option<QuorumImage>,
     self_fencing: bool,
+    /// What STATE_DIR/paused.json says now (rewritten only on change).
+    pause_file: String,
 }
 
 /// Start an agent and run it until `stop` turns true (SIGTERM): then owned groups are
@@ -90,8 +94,14 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => agent.tick().await,
-            Some(d) = agent.done_rx.recv() => agent.on_done(d).await,
+            _ = tick.tick() => {
+                agent.tick().await;
+                agent.write_pause_file();
+            }
+            Some(d) = agent.done_rx.recv() => {
+                agent.on_done(d).await;
+                agent.write_pause_file();
+            }
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() {
                     break;
@@ -150,6 +160,7 @@ impl Agent {
                     next_monitor: Instant::now(),
                     waiting_since: None,
                     backoff_until: None,
+                    pause_note: None,
                 },
             );
         }
@@ -178,6 +189,7 @@ impl Agent {
             done_rx,
             last_image: None,
             self_fencing: false,
+            pause_file: String::new(),
         })
     }
 
@@ -202,6 +214,7 @@ impl Agent {
         if let Ok(mut l) = self.sh.layout.lock() {
             *l = Some(q.layout);
         }
+        self.check_not_fenced(&s).await?;
         claim::join_quorum(&s, tcfg.quorum_lun, &self.sh.me, t).await?;
         if let Ok(mut cur) = self.sh.session.lock() {
             *cur = Some(s.clone());
@@ -212,7 +225,7 @@ impl Agent {
         // "Re-register after every re-login": a new nexus starts unregistered.
         let vm = self.vm_identity();
         for g in self.groups.values() {
-            if matches!(g.local, Local::Running { .. }) {
+            if matches!(g.local, Local::Running { .. } | Local::Paused { .. }) {
                 for &lun in &g.cfg.disks {
                     claim::ensure_registered(&s, lun, &vm, t).await?;
                 }
@@ -222,6 +235,31 @@ impl Agent {
             q.ensure_group(g).await?;
         }
         tracing::info!(portal = %addr, "logged in; quorum LUN joined");
+        Ok(())
+    }
+
+    /// With VMs here (running or paused), our key must still be on the quorum LUN and on
+    /// their disks when we log in again: if a peer removed it, we were fenced while
+    /// away, and re-registering would hide that. Then the next tick kills them.
+    async fn check_not_fenced(&self, s: &crate::initiator::Session) -> Result<(), AgentError> {
+        if !self.have_vms() {
+            return Ok(());
+        }
+        let t = self.sh.timeout();
+        let quorum = self.sh.cfg.config.target.quorum_lun;
+        let luns = self
+            .groups
+            .values()
+            .filter(|g| matches!(g.local, Local::Running { .. } | Local::Paused { .. }))
+            .flat_map(|g| g.cfg.disks.iter().copied());
+        for lun in std::iter::once(quorum).chain(luns) {
+            if !claim::key_present(s, lun, self.sh.me.key, t).await? {
+                self.sh.fenced.store(true, Ordering::SeqCst);
+                return Err(AgentError::Fenced(format!(
+                    "our key is gone from LUN {lun}: this node was fenced while away"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -241,15 +279,23 @@ impl Agent {
         self.groups.values().any(|g| g.local != Local::Idle)
     }
 
-    /// Why this node must kill its VMs now, if it must.
-    fn self_fence_check(&self) -> Option<String> {
+    fn running_vms(&self) -> bool {
+        self.groups
+            .values()
+            .any(|g| matches!(g.local, Local::Running { .. }))
+    }
+
+    /// Whether this node must fence itself or pause its VMs now, and why.
+    fn outage_check(&self) -> Option<OutageAction> {
         let last_ok = self.sh.last_heartbeat_ok.load(Ordering::SeqCst);
         let age = (last_ok != 0).then(|| Duration::from_nanos(mono_ns().saturating_sub(last_ok)));
-        planner::self_fence_reason(
+        let t = self.sh.cfg.timings();
+        planner::outage_action(
             self.sh.fenced.load(Ordering::SeqCst),
-            self.have_vms(),
+            self.running_vms(),
             age,
-            self.sh.cfg.timings().self_fence_after,
+            t.self_fence_after,
+            t.max_pause,
         )
     }
 
@@ -271,8 +317,13 @@ impl Agent {
         // beat may come after the next self-fence check, which would kill VMs that
         // just rode out a short target restart. (Not on the first login: joining
         // peers get a beat to show up before anyone places groups.)
-        if self.have_vms() && ops::write_heartbeat(&self.sh).await.is_ok() {
-            self.sh.last_heartbeat_ok.store(mono_ns(), Ordering::SeqCst);
+        if self.have_vms() {
+            match ops::write_heartbeat(&self.sh).await {
+                Ok(()) => self.sh.last_heartbeat_ok.store(mono_ns(), Ordering::SeqCst),
+                // Preempted on the quorum LUN while we were away: fenced.
+                Err(AgentError::Conflict(_)) => self.sh.fenced.store(true, Ordering::SeqCst),
+                Err(_) => {}
+            }
         }
         true
     }
@@ -298,10 +349,15 @@ impl Agent {
 
     /// One poll: self-fence if we must, read the image, plan, run the ops.
     async fn tick(&mut self) {
-        if let Some(why) = self.self_fence_check() {
-            self.self_fence(&why).await;
-            return;
+        match self.outage_check() {
+            Some(OutageAction::Fence(why)) => {
+                self.self_fence(&why).await;
+                return;
+            }
+            Some(OutageAction::Pause(why)) => self.pause_running(&why).await,
+            None => {}
         }
+        self.expire_pauses().await;
         if !self.ensure_connected().await {
             return;
         }
@@ -410,6 +466,16 @@ impl Agent {
                     g.waiting_since = since;
                 }
             }
+            Op::Resume {
+                group,
+                epoch,
+                since,
+            } => {
+                self.spawn_op(&group, move |sh, cfg, drv| async move {
+                    ops::resume(&sh, &vm, &cfg, &drv, epoch, since).await
+                });
+            }
+            Op::PauseExpired { group, paused_for } => self.end_pause(&group, paused_for).await,
         }
     }
 
@@ -439,6 +505,15 @@ impl Agent {
                     g.local = Local::Idle;
                 }
                 self.self_fence(&format!("group {group}: {why}")).await;
+            }
+            Done::StillPaused {
+                group,
+                epoch,
+                since,
+            } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.local = Local::Paused { epoch, since };
+                }
             }
             Done::Monitored { group, status } => {
                 let Some(g) = self.groups.get_mut(&group) else {
@@ -476,6 +551,15 @@ impl Agent {
             .emit("self-fence", "", why, serde_json::json!({}));
         let mut kills = Vec::new();
         for (n, g) in &self.groups {
+            if g.local != Local::Idle {
+                let what = match g.local {
+                    Local::Paused { .. } => "paused VM killed: this node was fenced",
+                    _ => "VM killed: this node fenced itself",
+                };
+                self.sh
+                    .events
+                    .emit("vm-killed", n, what, serde_json::json!({"why": why}));
+            }
             let ctx = self.sh.ctx(&g.cfg, 0);
             let d = g.driver.clone();
             let n = n.clone();
@@ -512,6 +596,106 @@ impl Agent {
         self.self_fencing = false;
     }
 
+    /// Freeze every running VM (quorum I/O has failed for `self_fence_after`): a paused
+    /// VM neither writes nor talks, and resumes only if its claim survives the outage.
+    /// A VM that cannot be paused is killed; its record, still ours, is released as an
+    /// orphan once the target answers.
+    async fn pause_running(&mut self, why: &str) {
+        let now = Instant::now();
+        let mut pauses = Vec::new();
+        for (n, g) in &self.groups {
+            let Local::Running { epoch } = g.local else {
+                continue;
+            };
+            let ctx = self.sh.ctx(&g.cfg, epoch);
+            let d = g.driver.clone();
+            let n = n.clone();
+            pauses.push(async move { (n, epoch, drive(&d, move |d| d.pause(&ctx)).await) });
+        }
+        for (n, epoch, r) in futures_join(pauses).await {
+            let Some(g) = self.groups.get_mut(&n) else {
+                continue;
+            };
+            match r {
+                Ok(()) => {
+                    g.local = Local::Paused { epoch, since: now };
+                    g.pause_note = Some(PauseNote::new(why));
+                    self.sh.events.emit(
+                        "paused",
+                        &n,
+                        why,
+                        serde_json::json!({"epoch": epoch, "max_pause_ms":
+                            self.sh.cfg.timings().max_pause.as_millis() as u64}),
+                    );
+                }
+                Err(e) => {
+                    let text = format!("cannot pause the VM ({e}); killed instead: {why}");
+                    ops::kill_local(&self.sh, &g.cfg, &g.driver, &text).await;
+                    g.local = Local::Idle;
+                }
+            }
+        }
+    }
+
+    /// Kill the VMs paused for longer than `max_pause`.
+    async fn expire_pauses(&mut self) {
+        let ops = {
+            let views: Vec<GroupView> = self.groups.values().map(GroupRt::view).collect();
+            planner::expired_pauses(&views, self.sh.cfg.timings().max_pause, Instant::now())
+        };
+        for op in ops {
+            self.run_op(op, None, Instant::now()).await;
+        }
+    }
+
+    /// A pause that lasted too long: the VM dies here; the record (still ours) is
+    /// released as an orphan when the target answers, and placement decides again.
+    async fn end_pause(&mut self, group: &str, paused_for: Duration) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        let why = format!(
+            "paused for {} s, longer than max_pause: killed",
+            paused_for.as_secs()
+        );
+        self.sh.events.emit(
+            "pause-expired",
+            group,
+            &why,
+            serde_json::json!({"paused_ms": paused_for.as_millis() as u64}),
+        );
+        ops::kill_local(&self.sh, &g.cfg, &g.driver, &why).await;
+        g.local = Local::Idle;
+    }
+
+    /// STATE_DIR/paused.json: the groups paused here, since when and why, for
+    /// `ctl status` on this node (the quorum LUN cannot be written during an outage).
+    fn write_pause_file(&mut self) {
+        let mut paused = Vec::new();
+        for (n, g) in self.groups.iter_mut() {
+            if matches!(g.local, Local::Running { .. } | Local::Idle) {
+                g.pause_note = None;
+            }
+            if let Some(note) = &g.pause_note {
+                paused.push(
+                    serde_json::json!({"group": n, "since_wall_ms": note.since_wall_ms,
+                    "why": note.why}),
+                );
+            }
+        }
+        let text = serde_json::json!({ "paused": paused }).to_string();
+        if text == self.pause_file {
+            return;
+        }
+        let path = self.sh.cfg.config.node.state_dir.join(PAUSE_FILE);
+        match crate::store::atomic::write_file_atomically(&path, text.as_bytes()) {
+            Ok(()) => self.pause_file = text,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the pause file")
+            }
+        }
+    }
+
     /// Wait (bounded) for the operations in flight before a SIGTERM hand-over.
     async fn settle_ops(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -527,6 +711,11 @@ impl Agent {
                 Done::Idle { group } | Done::Failed { group, .. } | Done::Fenced { group, .. } => {
                     (group, Local::Idle)
                 }
+                Done::StillPaused {
+                    group,
+                    epoch,
+                    since,
+                } => (group, Local::Paused { epoch, since }),
             };
             if let Some(g) = self.groups.get_mut(&group) {
                 g.local = local;
@@ -548,6 +737,13 @@ impl Agent {
         let names: Vec<String> = self.groups.keys().cloned().collect();
         for n in names {
             let g = &self.groups[&n];
+            if let Local::Paused { .. } = g.local {
+                // Paused means the target did not answer: nothing can be handed over, and
+                // a VM must not outlive its agent unwatched.
+                let why = "agent stopping while the VM was paused by a storage outage";
+                ops::kill_local(&self.sh, &g.cfg, &g.driver, why).await;
+                continue;
+            }
             if !matches!(g.local, Local::Running { .. }) {
                 continue;
             }
@@ -589,6 +785,25 @@ where
         }
     }
     out
+}
+
+/// The file in STATE_DIR that lists the groups paused on this node.
+pub const PAUSE_FILE: &str = "paused.json";
+
+/// Why a VM is paused, and since when on the wall clock (for people reading status).
+#[derive(Debug, Clone)]
+struct PauseNote {
+    why: String,
+    since_wall_ms: u64,
+}
+
+impl PauseNote {
+    fn new(why: &str) -> PauseNote {
+        PauseNote {
+            why: why.to_string(),
+            since_wall_ms: crate::agent::wall_ms(),
+        }
+    }
 }
 
 fn fresh_incarnation() -> u64 {

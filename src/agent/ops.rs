@@ -17,7 +17,7 @@ use crate::agent::{wall_ms, AgentError};
 use crate::initiator::Session;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What an operation reports back to the main loop.
 pub(super) enum Done {
@@ -31,6 +31,12 @@ pub(super) enum Done {
     Fenced { group: String, why: String },
     /// The operation failed; retry later.
     Failed { group: String, why: String },
+    /// A resume could not reach the target: still paused as before.
+    StillPaused {
+        group: String,
+        epoch: u64,
+        since: Instant,
+    },
 }
 
 /// What the operations share.
@@ -516,24 +522,9 @@ pub(super) async fn monitor(
     epoch: u64,
 ) -> Done {
     let group = cfg.name.clone();
-    if let Ok(s) = sh.session() {
-        for &lun in &cfg.disks {
-            match claim::key_present(&s, lun, vm.key, sh.timeout()).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Done::Fenced {
-                        group,
-                        why: format!("our key is gone from LUN {lun}"),
-                    }
-                }
-                Err(e) => {
-                    if e.is_connection() {
-                        sh.drop_session(&e);
-                    }
-                    break;
-                }
-            }
-        }
+    // A target that cannot be asked is not a lost claim: the status check still runs.
+    if let Err(Some(fenced)) = claim_still_ours(sh, vm, cfg).await {
+        return fenced;
     }
     let ctx = sh.ctx(cfg, epoch);
     match drive(drv, move |d| d.status(&ctx)).await {
@@ -774,6 +765,103 @@ async fn hand_back(
         Some(x)
     })
     .await
+}
+
+/// Resume a VM paused through a storage outage, if and only if our claim still stands:
+/// the record is re-written by COMPARE AND WRITE first (a peer's claim of the same record
+/// and this resume are ordered by the target: exactly one wins), then our key is checked
+/// on every disk, and only then does the VM continue.
+pub(super) async fn resume(
+    sh: &Shared,
+    vm: &Identity,
+    cfg: &GroupConfig,
+    drv: &Arc<Mutex<Box<dyn VmDriver>>>,
+    epoch: u64,
+    since: Instant,
+) -> Done {
+    let group = cfg.name.clone();
+    let paused_ms = since.elapsed().as_millis() as u64;
+    let still_paused = || Done::StillPaused {
+        group: group.clone(),
+        epoch,
+        since,
+    };
+    let holder = (sh.id, sh.incarnation(), epoch);
+    let reason = format!("resumed after a {paused_ms} ms pause (storage outage)");
+    let kept = sh
+        .update_group(&group, |r| {
+            if_held(r, holder)
+                .filter(|r| r.state == GroupState::Running)
+                .map(|mut n| {
+                    n.reason = reason.clone();
+                    n
+                })
+        })
+        .await;
+    match kept {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let why = "paused VM: its claim was taken during the outage; never resumed";
+            kill_local(sh, cfg, drv, why).await;
+            return Done::Idle { group };
+        }
+        Err(e) => return lost_resume(sh, &e, still_paused()),
+    }
+    if let Err(done) = claim_still_ours(sh, vm, cfg).await {
+        return done.unwrap_or_else(still_paused);
+    }
+    let ctx = sh.ctx(cfg, epoch);
+    if let Err(e) = drive(drv, move |d| d.resume(&ctx)).await {
+        kill_local(sh, cfg, drv, &format!("resume failed: {e}")).await;
+        return Done::Monitored {
+            group,
+            status: VmStatus::Failed(format!("resume failed: {e}")),
+        };
+    }
+    sh.events.emit(
+        "resumed",
+        &group,
+        &reason,
+        serde_json::json!({"epoch": epoch, "paused_ms": paused_ms}),
+    );
+    Done::Running { group, epoch }
+}
+
+/// A resume that lost the target again: log it and stay paused.
+fn lost_resume(sh: &Shared, e: &AgentError, still_paused: Done) -> Done {
+    if e.is_connection() {
+        sh.drop_session(e);
+    }
+    tracing::warn!(error = %e, "cannot resume yet; the VM stays paused");
+    still_paused
+}
+
+/// Our key on every disk of the group. `Err(Some(Fenced))` when one lost it;
+/// `Err(None)` when the target could not be asked.
+async fn claim_still_ours(
+    sh: &Shared,
+    vm: &Identity,
+    cfg: &GroupConfig,
+) -> Result<(), Option<Done>> {
+    let s = sh.session().map_err(|_| None)?;
+    for &lun in &cfg.disks {
+        match claim::key_present(&s, lun, vm.key, sh.timeout()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Some(Done::Fenced {
+                    group: cfg.name.clone(),
+                    why: format!("our key is gone from LUN {lun}"),
+                }))
+            }
+            Err(e) => {
+                if e.is_connection() {
+                    sh.drop_session(&e);
+                }
+                return Err(None);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Kill a VM that must not run here (its record names another owner, or the agent

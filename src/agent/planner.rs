@@ -7,7 +7,7 @@ use crate::agent::config::{self, Failback, GroupConfig};
 use crate::agent::driver::VmStatus;
 use crate::agent::membership::{Liveness, Membership};
 use crate::agent::placement::{self, Candidate, RestartBudget};
-use crate::agent::quorum::{AdminState, GroupRecord, NodeState, QuorumImage};
+use crate::agent::quorum::{AdminState, GroupRecord, GroupState, NodeState, QuorumImage};
 use std::time::{Duration, Instant};
 
 /// Where a group stands on this node.
@@ -19,6 +19,12 @@ pub enum Local {
     Busy,
     Running {
         epoch: u64,
+    },
+    /// Frozen through a storage outage since `since`: resumed only if its claim at
+    /// `epoch` still stands once the target answers again, killed otherwise.
+    Paused {
+        epoch: u64,
+        since: Instant,
     },
 }
 
@@ -131,6 +137,20 @@ pub enum Op {
         group: String,
         since: Option<Instant>,
     },
+    /// Quorum I/O works again and the record still names us at `epoch`: resume the
+    /// paused VM through a COMPARE AND WRITE on the record (a peer's claim and our
+    /// resume are then ordered by the target).
+    Resume {
+        group: String,
+        epoch: u64,
+        since: Instant,
+    },
+    /// Paused longer than `max_pause`: kill the VM (the record, still ours, is released
+    /// as an orphan once the target answers).
+    PauseExpired {
+        group: String,
+        paused_for: Duration,
+    },
 }
 
 /// The ops for every configured group, in the order given.
@@ -178,10 +198,17 @@ pub fn plan_group(
     }
     // Not ours: a VM still running here means someone else took it.
     if g.local != Local::Idle {
-        let why = format!(
-            "group record names node {} (epoch {}) as owner while the VM runs here",
-            rec.owner, rec.epoch
-        );
+        let why = match g.local {
+            Local::Paused { .. } => format!(
+                "paused VM: the group was claimed by node {} (epoch {}) during the outage; \
+                 never resumed",
+                rec.owner, rec.epoch
+            ),
+            _ => format!(
+                "group record names node {} (epoch {}) as owner while the VM runs here",
+                rec.owner, rec.epoch
+            ),
+        };
         return vec![Op::KillLocal { group, why }];
     }
     if rec.admin == AdminState::Offline {
@@ -274,6 +301,7 @@ fn plan_owned(w: &World, g: &GroupView, rec: &GroupRecord) -> Vec<Op> {
         // without finishing the record (e.g. lost connection). Make it consistent.
         Local::Idle => return vec![Op::ReleaseOrphan { group }],
         Local::Busy => return vec![],
+        Local::Paused { epoch, since } => return plan_paused(rec, group, epoch, since),
         Local::Running { .. } => {}
     }
     if rec.frozen {
@@ -293,6 +321,24 @@ fn plan_owned(w: &World, g: &GroupView, rec: &GroupRecord) -> Vec<Op> {
         }];
     }
     vec![]
+}
+
+/// A VM paused here whose record still names this incarnation: resume it if the record
+/// is the run we paused (same epoch, running); anything else means the claim moved on.
+fn plan_paused(rec: &GroupRecord, group: String, epoch: u64, since: Instant) -> Vec<Op> {
+    if rec.epoch == epoch && rec.state == GroupState::Running {
+        return vec![Op::Resume {
+            group,
+            epoch,
+            since,
+        }];
+    }
+    let why = format!(
+        "paused VM: its record moved on to epoch {} ({}) during the outage; never resumed",
+        rec.epoch,
+        rec.state.name()
+    );
+    vec![Op::KillLocal { group, why }]
 }
 
 /// Admin and placement requests on a group running here, most specific first.
@@ -440,26 +486,58 @@ pub fn handover(
     }
 }
 
-/// Whether this node must kill all its VMs now, and why: a quorum write was refused
-/// (a peer fenced us), or, with VMs running, no heartbeat write has completed for
-/// `self_fence_after` (peers will soon take our groups). `heartbeat_age` is `None`
-/// before the first completed write.
-pub fn self_fence_reason(
+/// What a node does about its VMs when it is fenced or its quorum I/O falters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutageAction {
+    /// A peer fenced us (or pausing is switched off): kill every VM here, paused or
+    /// not, and rejoin as a new incarnation.
+    Fence(String),
+    /// No heartbeat write has completed for `self_fence_after`: freeze the running VMs
+    /// until the target answers again (peers may take them over meanwhile; then they
+    /// are killed, never resumed).
+    Pause(String),
+}
+
+/// Whether this node must act on its VMs now, and how: a quorum write was refused (a
+/// peer fenced us) → fence; with VMs running and no heartbeat write completed for
+/// `self_fence_after` → pause them, or fence when `max_pause` is zero (pausing off).
+/// `heartbeat_age` is `None` before the first completed write.
+pub fn outage_action(
     fenced: bool,
-    have_vms: bool,
+    running_vms: bool,
     heartbeat_age: Option<Duration>,
     self_fence_after: Duration,
-) -> Option<String> {
+    max_pause: Duration,
+) -> Option<OutageAction> {
     if fenced {
-        return Some("a quorum LUN write was refused: this node was fenced".into());
+        return Some(OutageAction::Fence(
+            "a quorum LUN write was refused: this node was fenced".into(),
+        ));
     }
-    match heartbeat_age {
-        Some(age) if have_vms && age > self_fence_after => Some(format!(
-            "no completed heartbeat write for {} ms",
-            age.as_millis()
-        )),
-        _ => None,
-    }
+    let age = heartbeat_age.filter(|a| running_vms && *a > self_fence_after)?;
+    let why = format!("no completed heartbeat write for {} ms", age.as_millis());
+    Some(if max_pause.is_zero() {
+        OutageAction::Fence(why)
+    } else {
+        OutageAction::Pause(why)
+    })
+}
+
+/// Paused VMs whose pause has outlasted `max_pause`: they are killed (Windows' compute
+/// resiliency period ends the same way).
+pub fn expired_pauses(groups: &[GroupView], max_pause: Duration, now: Instant) -> Vec<Op> {
+    groups
+        .iter()
+        .filter_map(|g| match g.local {
+            Local::Paused { since, .. } if now.saturating_duration_since(since) >= max_pause => {
+                Some(Op::PauseExpired {
+                    group: g.name.to_string(),
+                    paused_for: now.saturating_duration_since(since),
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

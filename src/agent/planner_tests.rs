@@ -150,6 +150,11 @@ impl Scene {
             .map_or(0, |r| r.epoch);
         self.local(group, Local::Running { epoch })
     }
+    /// Paused here at `ms` while the record stood at `epoch`.
+    fn paused(self, group: &str, epoch: u64, ms: u64) -> Scene {
+        let since = self.at(ms);
+        self.local(group, Local::Paused { epoch, since })
+    }
     fn waiting_since(self, group: &str, ms: u64) -> Scene {
         self.conf(group, |c| c.waiting_since_ms = Some(ms))
     }
@@ -765,27 +770,158 @@ fn a_self_fencing_node_still_kills_a_stray_vm() {
     assert!(matches!(&s.plan(LATE)[..], [Op::KillLocal { .. }]));
 }
 
+// ---- Storage outages: fence, pause, resume ----
+
+const SELF_FENCE_AFTER: Duration = Duration::from_secs(2);
+const MAX_PAUSE: Duration = Duration::from_secs(240);
+
+fn outage(fenced: bool, running: bool, age_ms: Option<u64>, max: Duration) -> Option<OutageAction> {
+    let age = age_ms.map(Duration::from_millis);
+    outage_action(fenced, running, age, SELF_FENCE_AFTER, max)
+}
+
+/// fenced, VMs running, heartbeat age (ms), max_pause, expected action.
+type OutageCase = (bool, bool, Option<u64>, Duration, Option<OutageAction>);
+
 #[test]
-fn self_fence_when_a_quorum_write_was_refused() {
-    let r = self_fence_reason(true, false, None, Duration::from_secs(2));
+fn outage_actions() {
+    use OutageAction::{Fence, Pause};
+    let fenced = || Fence("a quorum LUN write was refused: this node was fenced".into());
+    let stale = "no completed heartbeat write for 2001 ms".to_string();
+    let cases: &[OutageCase] = &[
+        // A refused quorum write kills, paused VMs included, pausing on or off.
+        (true, false, None, MAX_PAUSE, Some(fenced())),
+        (true, true, Some(10), Duration::ZERO, Some(fenced())),
+        // A stale heartbeat pauses running VMs; with pausing off it kills them.
+        (
+            false,
+            true,
+            Some(2001),
+            MAX_PAUSE,
+            Some(Pause(stale.clone())),
+        ),
+        (false, true, Some(2001), Duration::ZERO, Some(Fence(stale))),
+        // Nothing running (idle, or everything already paused): nothing to do.
+        (false, false, Some(2001), MAX_PAUSE, None),
+        // At the limit, not past it; and nothing to judge before the first beat.
+        (false, true, Some(2000), MAX_PAUSE, None),
+        (false, true, None, MAX_PAUSE, None),
+    ];
+    for (i, (f, run, age, max, want)) in cases.iter().enumerate() {
+        assert_eq!(&outage(*f, *run, *age, *max), want, "case {i}");
+    }
+}
+
+#[test]
+fn a_paused_group_still_ours_is_resumed_in_the_same_epoch() {
+    let s = me(1)
+        .node(2, alive())
+        .group(mine("web", 1))
+        .paused("web", 4, 1000);
     assert_eq!(
-        r.as_deref(),
-        Some("a quorum LUN write was refused: this node was fenced")
+        s.plan(LATE),
+        [Op::Resume {
+            group: "web".into(),
+            epoch: 4,
+            since: s.at(1000),
+        }]
     );
 }
 
 #[test]
-fn self_fence_on_a_stale_heartbeat_only_with_vms_running() {
-    let limit = Duration::from_secs(2);
-    let age = Some(Duration::from_millis(2001));
+fn a_paused_group_resumes_even_after_an_outage_every_node_saw() {
+    // Everyone was blind for 8 s (a target restart): the peers look silent since
+    // before the blackout, but the observer credits its own blackout, so nobody is
+    // dead and our paused group is simply resumed.
+    let s = me(1)
+        .node(2, silent_since(1000))
+        .node(3, silent_since(1000))
+        .blackout(1000, 9000)
+        .group(mine("web", 1))
+        .group(owned_by("db", 2))
+        .paused("web", 4, 3000);
+    let ops = s.plan(9200);
     assert_eq!(
-        self_fence_reason(false, true, age, limit).as_deref(),
-        Some("no completed heartbeat write for 2001 ms")
+        ops,
+        [Op::Resume {
+            group: "web".into(),
+            epoch: 4,
+            since: s.at(3000),
+        }]
     );
-    assert_eq!(self_fence_reason(false, false, age, limit), None);
-    assert_eq!(self_fence_reason(false, true, Some(limit), limit), None);
-    // Before the first completed heartbeat there is nothing to judge.
-    assert_eq!(self_fence_reason(false, true, None, limit), None);
+}
+
+#[test]
+fn a_paused_group_claimed_by_a_peer_is_killed_never_resumed() {
+    let s = me(1)
+        .node(2, alive())
+        .group(with(owned_by("web", 2), |r| r.epoch = 5))
+        .paused("web", 4, 1000);
+    assert_eq!(
+        s.plan(LATE),
+        [Op::KillLocal {
+            group: "web".into(),
+            why: "paused VM: the group was claimed by node 2 (epoch 5) during the outage; \
+                  never resumed"
+                .into(),
+        }]
+    );
+}
+
+#[test]
+fn a_paused_group_whose_record_moved_on_is_killed() {
+    // Still our incarnation on the record, but not the run we paused.
+    let s = me(1)
+        .group(with(mine("web", 1), |r| r.epoch = 6))
+        .paused("web", 4, 1000);
+    assert!(matches!(&s.plan(LATE)[..], [Op::KillLocal { why, .. }] if why.contains("epoch 6")));
+    let s = me(1)
+        .group(with(mine("web", 1), |r| r.state = GroupState::Stopping))
+        .paused("web", 4, 1000);
+    assert!(matches!(&s.plan(LATE)[..], [Op::KillLocal { .. }]));
+    // Released to nobody meanwhile (an admin, or our own orphan release).
+    let s = me(1).group(unowned("web")).paused("web", 4, 1000);
+    assert!(matches!(&s.plan(LATE)[..], [Op::KillLocal { .. }]));
+}
+
+#[test]
+fn a_paused_group_is_not_monitored() {
+    let s = me(1)
+        .group(mine("web", 1))
+        .paused("web", 4, 0)
+        .next_monitor("web", 0);
+    assert!(!s.plan(LATE).iter().any(|o| matches!(o, Op::Monitor { .. })));
+}
+
+#[test]
+fn pauses_expire_after_max_pause() {
+    let s = me(1)
+        .group(mine("web", 1))
+        .group(mine("db", 1))
+        .paused("web", 4, 1000)
+        .paused("db", 4, 5000);
+    let views: Vec<GroupView> = s
+        .confs
+        .iter()
+        .map(|(n, c)| GroupView {
+            name: n,
+            policy: &c.policy,
+            local: c.local,
+            next_monitor: s.at(0),
+            waiting_since: None,
+            backoff_until: None,
+        })
+        .collect();
+    let at = |ms| expired_pauses(&views, MAX_PAUSE, s.at(ms));
+    assert_eq!(at(240_999), []);
+    assert_eq!(
+        at(241_000),
+        [Op::PauseExpired {
+            group: "web".into(),
+            paused_for: MAX_PAUSE,
+        }]
+    );
+    assert_eq!(at(245_000).len(), 2);
 }
 
 // ---- After a monitor ----
