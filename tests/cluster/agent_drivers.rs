@@ -479,6 +479,7 @@ fn script_driver(timeout: Duration) -> Box<dyn VmDriver> {
         &VmConfig::Script {
             path: fixture("test-vm-script.sh"),
             timeout,
+            pause: false,
         },
         PathBuf::from("/nonexistent/unused.log"),
     )
@@ -663,6 +664,7 @@ fn script_missing_or_not_executable_is_a_spawn_error() {
             &VmConfig::Script {
                 path: path.clone(),
                 timeout: Duration::from_secs(5),
+                pause: false,
             },
             PathBuf::new(),
         );
