@@ -277,12 +277,17 @@ fn default_stop_timeout() -> Duration {
 pub enum VmConfig {
     /// The agent runs and supervises a command line (e.g. qemu-system-x86_64).
     Process(ProcessVm),
-    /// An rgmanager-style script: `script start|stop|status|save|restore|kill`.
+    /// An rgmanager-style script: `script start|stop|status|save|restore|kill`, and
+    /// `pause|resume` when `pause` is set.
     Script {
         path: PathBuf,
         /// Longest any action other than stop/save may take.
         #[serde(default = "default_script_timeout", with = "humantime_serde")]
         timeout: Duration,
+        /// The script implements `pause` and `resume`; without it the agent kills the VM
+        /// where it would pause it.
+        #[serde(default)]
+        pause: bool,
     },
     /// A libvirt domain driven through virsh.
     Libvirt {
@@ -328,6 +333,11 @@ pub struct ProcessVm {
     /// File receiving the program's stdout and stderr [default: STATE_DIR/GROUP.log].
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// QEMU's QMP socket ("{state_dir}/{group}.qmp", given to QEMU as `-qmp
+    /// unix:PATH,server=on,wait=off`): pause and resume then use QMP `stop` and `cont`
+    /// instead of SIGSTOP and SIGCONT to the process group.
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
 }
 
 impl ProcessVm {
@@ -340,6 +350,7 @@ impl ProcessVm {
             stop_signal: default_stop_signal(),
             env: Default::default(),
             log: None,
+            qmp: None,
         }
     }
 }

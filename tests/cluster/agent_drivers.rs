@@ -479,6 +479,7 @@ fn script_driver(timeout: Duration) -> Box<dyn VmDriver> {
         &VmConfig::Script {
             path: fixture("test-vm-script.sh"),
             timeout,
+            pause: false,
         },
         PathBuf::from("/nonexistent/unused.log"),
     )
@@ -663,6 +664,7 @@ fn script_missing_or_not_executable_is_a_spawn_error() {
             &VmConfig::Script {
                 path: path.clone(),
                 timeout: Duration::from_secs(5),
+                pause: false,
             },
             PathBuf::new(),
         );
@@ -980,4 +982,274 @@ fn libvirt_missing_virsh_is_a_spawn_error() {
             ..
         })
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// pause / resume
+
+/// State letters of every thread of every process in process group `pgid`, read from
+/// /proc independently of the driver.
+fn group_thread_states(pgid: u32) -> Vec<char> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let f: Vec<String> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        if f.get(2).and_then(|p| p.parse::<u32>().ok()) != Some(pgid) {
+            continue;
+        }
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("stat")) {
+                if let Some((_, r)) = s.rsplit_once(')') {
+                    out.push(r.trim_start().chars().next().unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn process_pause_freezes_the_group_and_resume_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path());
+    let (f, g) = (
+        dir.path().join("child.out"),
+        dir.path().join("grandchild.out"),
+    );
+    let script = format!(
+        r#"trap 'echo term > "$HOLDFAST_STATE_FILE.term"; kill $gc; exit 0' TERM
+( trap - TERM; while :; do echo g >> {g}; sleep 0.01; done ) & gc=$!
+while :; do echo c >> {f}; sleep 0.01; done"#,
+        f = f.display(),
+        g = g.display()
+    );
+    let mut d = process(sh(&script), &[], None, dir.path().join("log"));
+    // Not running: an error that says so.
+    let e = d.pause(&c).unwrap_err().to_string();
+    assert!(e.contains("not running"), "{e}");
+    d.start(&c).unwrap();
+    let pid = d.pid().unwrap();
+    eventually("both writers", || size(&f) > 0 && size(&g) > 0);
+
+    d.pause(&c).unwrap();
+    let states = group_thread_states(pid);
+    assert!(states.len() >= 2, "{states:?}");
+    assert!(states.iter().all(|s| matches!(s, 'T' | 'Z')), "{states:?}");
+    assert!(states.contains(&'T'), "{states:?}");
+    let (a, b) = (size(&f), size(&g));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!((size(&f), size(&g)), (a, b), "a paused VM wrote");
+    assert_eq!(d.status(&c).unwrap(), VmStatus::Running);
+
+    d.resume(&c).unwrap();
+    eventually("both writers again", || size(&f) > a && size(&g) > b);
+    assert!(!group_thread_states(pid).contains(&'T'));
+
+    // Kill of a paused VM: prompt, reaped.
+    d.pause(&c).unwrap();
+    let t = Instant::now();
+    d.kill(&c).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(!pid_exists(pid), "pid {pid} not reaped");
+    // The rest of the group died too (zombies where init does not reap orphans).
+    eventually("the group to die", || {
+        group_thread_states(pid).iter().all(|s| *s == 'Z')
+    });
+    let e = d.resume(&c).unwrap_err().to_string();
+    assert!(e.contains("not running"), "{e}");
+
+    // Stop of a paused VM is graceful: its TERM handler runs.
+    d.start(&c).unwrap();
+    let pid = d.pid().unwrap();
+    d.pause(&c).unwrap();
+    let t = Instant::now();
+    d.stop(&c, Duration::from_secs(10)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(!pid_exists(pid));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("web.state.term")).unwrap(),
+        "term\n"
+    );
+    assert!(d.pause(&c).unwrap_err().to_string().contains("not running"));
+}
+
+/// qemu-system-x86_64 must be installed: this test does not pass without it.
+fn qemu() -> String {
+    let found = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86): the QMP \
+         pause test needs a real QEMU"
+    );
+    "qemu-system-x86_64".into()
+}
+
+/// query-status over a raw QMP exchange, independent of the driver's client.
+fn raw_qmp_status(sock: &Path) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"QMP\""), "{line}");
+    writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
+    writeln!(w, r#"{{"execute":"query-status","id":"q"}}"#).unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == "q" {
+            return v["return"]["status"].as_str().unwrap().to_string();
+        }
+    }
+}
+
+#[test]
+fn process_pause_through_qmp_against_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path());
+    let command: Vec<String> = [
+        qemu().as_str(),
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+        "unix:{state_dir}/{group}.qmp,server=on,wait=off",
+    ]
+    .map(String::from)
+    .to_vec();
+    let vm = ProcessVm {
+        qmp: Some("{state_dir}/{group}.qmp".into()),
+        ..ProcessVm::new(command)
+    };
+    let mut d = ProcessDriver::new(vm, dir.path().join("log"));
+    d.start(&c).unwrap();
+    let pid = d.pid().unwrap();
+    let sock = dir.path().join("web.qmp");
+    eventually("the QMP socket", || sock.exists());
+    assert_eq!(raw_qmp_status(&sock), "running");
+    d.pause(&c).unwrap();
+    assert_eq!(raw_qmp_status(&sock), "paused");
+    // Paused by QMP, not by a signal: the monitor still answers.
+    assert!(!group_thread_states(pid).contains(&'T'));
+    assert_eq!(d.status(&c).unwrap(), VmStatus::Running);
+    d.resume(&c).unwrap();
+    assert_eq!(raw_qmp_status(&sock), "running");
+    d.pause(&c).unwrap();
+    d.kill(&c).unwrap();
+    assert!(!pid_exists(pid));
+
+    // Without qmp, the same QEMU is frozen thread by thread.
+    let vm = ProcessVm::new(
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let mut d = ProcessDriver::new(vm, dir.path().join("log"));
+    d.start(&c).unwrap();
+    let pid = d.pid().unwrap();
+    d.pause(&c).unwrap();
+    let states = group_thread_states(pid);
+    assert!(
+        states.len() >= 2 && states.iter().all(|s| *s == 'T'),
+        "{states:?}"
+    );
+    d.resume(&c).unwrap();
+    d.kill(&c).unwrap();
+}
+
+#[test]
+fn script_pause_only_with_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path());
+    let mut d = script_driver(Duration::from_secs(20));
+    assert!(matches!(
+        d.pause(&c),
+        Err(DriverError::Unsupported { action: "pause" })
+    ));
+    assert!(matches!(
+        d.resume(&c),
+        Err(DriverError::Unsupported { action: "resume" })
+    ));
+    assert!(calls(&dir.path().join("calls.log")).is_empty());
+    let mut d = build(
+        &VmConfig::Script {
+            path: fixture("test-vm-script.sh"),
+            timeout: Duration::from_secs(20),
+            pause: true,
+        },
+        PathBuf::new(),
+    );
+    d.start(&c).unwrap();
+    let vm = read_pid(&dir.path().join("web.pid"));
+    d.pause(&c).unwrap();
+    // The fixture's VM (a sleep) is started detached from the script's group: check it.
+    let st = std::fs::read_to_string(format!("/proc/{vm}/stat")).unwrap();
+    assert!(
+        st.rsplit_once(')').unwrap().1.trim_start().starts_with('T'),
+        "{st}"
+    );
+    d.resume(&c).unwrap();
+    d.kill(&c).unwrap();
+    assert_eq!(
+        calls(&dir.path().join("calls.log")),
+        [
+            "start start 20",
+            "pause pause 20",
+            "resume resume 20",
+            "kill kill 20"
+        ]
+    );
+}
+
+#[test]
+fn libvirt_pause_suspends_and_resume_resumes() {
+    let f = FakeLibvirt::new();
+    let c = ctx(f.path());
+    let mut d = f.driver(true);
+    d.start(&c).unwrap();
+    f.calls();
+    d.pause(&c).unwrap();
+    assert_eq!(f.calls(), ["suspend web"]);
+    assert_eq!(d.status(&c).unwrap(), VmStatus::Running); // paused (user)
+    assert_eq!(f.reason(), "user");
+    d.resume(&c).unwrap();
+    assert_eq!(f.reason(), "unpaused");
+    d.kill(&c).unwrap();
+    f.calls();
+    let e = d.pause(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("virsh suspend web") && e.contains("not running"),
+        "{e}"
+    );
 }

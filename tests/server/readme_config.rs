@@ -184,6 +184,7 @@ save_signal = "SIGUSR1"
 stop_signal = "SIGTERM"
 env = { A = "b" }
 log = "/tmp/p.log"
+qmp = "/tmp/p.qmp"
 
 [[group]]
 name = "s"
@@ -192,6 +193,7 @@ disks = [2]
 driver = "script"
 path = "/bin/true"
 timeout = "60s"
+pause = true
 
 [[group]]
 name = "l"

@@ -343,6 +343,21 @@ impl VmDriver for LibvirtDriver {
     fn discard_saved(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
         self.remove_managed_save(ctx, "discard_saved", true)
     }
+
+    /// `virsh suspend`: libvirt stops the vCPUs (QMP `stop`).
+    fn pause(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let dom = self.domain(ctx);
+        self.virsh(ctx, "pause", &["suspend", &dom], COMMAND_TIMEOUT)?
+            .checked()?;
+        Ok(())
+    }
+
+    fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let dom = self.domain(ctx);
+        self.virsh(ctx, "resume", &["resume", &dom], COMMAND_TIMEOUT)?
+            .checked()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

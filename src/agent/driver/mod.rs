@@ -1,5 +1,6 @@
-//! VM drivers: one trait (start, stop, kill, save, restore, status) over the ways a node
-//! runs a guest: a supervised process, an rgmanager-style script, or libvirt.
+//! VM drivers: one trait (start, stop, kill, save, restore, status, pause, resume) over
+//! the ways a node runs a guest: a supervised process, an rgmanager-style script, or
+//! libvirt.
 //!
 //! Calls block (they fork, wait and signal); the agent runs them on tokio's blocking
 //! pool, one group at a time.
@@ -8,8 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod exec;
+mod freeze;
 pub mod libvirt;
 pub mod process;
+pub mod qmp;
 pub mod script;
 
 /// The driver a group's `[group.vm]` section asks for. `default_log` is where a process
@@ -18,9 +21,11 @@ pub fn build(vm: &crate::agent::config::VmConfig, default_log: PathBuf) -> Box<d
     use crate::agent::config::VmConfig;
     match vm {
         VmConfig::Process(p) => Box::new(process::ProcessDriver::new(p.clone(), default_log)),
-        VmConfig::Script { path, timeout } => {
-            Box::new(script::ScriptDriver::new(path.clone(), *timeout))
-        }
+        VmConfig::Script {
+            path,
+            timeout,
+            pause,
+        } => Box::new(script::ScriptDriver::new(path.clone(), *timeout, *pause)),
         VmConfig::Libvirt {
             domain,
             xml,

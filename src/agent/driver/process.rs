@@ -13,9 +13,17 @@
 //! kills that process group on `kill`, `stop`, `start` and `restore`, so a restarted
 //! agent can make sure no VM of an earlier life runs before it starts one. The start
 //! time, checked against /proc, keeps a recycled pid from being taken for the VM.
+//!
+//! Pause freezes the whole process group with SIGSTOP and returns once every thread of it
+//! is stopped; resume is SIGCONT. With `qmp` set, QEMU is asked instead (`stop`/`cont`,
+//! checked with `query-status`): its vCPUs stop and its devices quiesce while its monitor
+//! stays responsive. A stopped group is still Running to `status` (waitid asks for exits
+//! only), SIGKILL ends it as it is, and `stop` and `save` follow their signal with SIGCONT,
+//! since a stopped process only acts on a signal once it is continued.
 
 use super::exec::{self, describe, peek, signal_group, tail_lines, wait_exit, Peek};
-use super::{signal_number, DriverError, VmContext, VmDriver, VmStatus};
+use super::qmp::{self, Qmp, QmpError};
+use super::{freeze, signal_number, DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::ProcessVm;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -33,6 +41,11 @@ const TAIL_LINES: usize = 10;
 /// Longest wait for an earlier agent's VM to die after SIGKILL (it is not our child:
 /// there is no reaping it, only watching /proc).
 const ORPHAN_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest a pause or a resume may take: for every thread to stop (a thread in
+/// uninterruptible disk sleep stops only once that I/O ends), or for a QMP command.
+/// Past it the call fails with `Timeout`, and the agent kills the VM.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum State {
     /// Never started, or stopped/killed/saved by us.
@@ -196,6 +209,89 @@ impl ProcessDriver {
         }
         self.state = State::Idle;
     }
+
+    /// The pid of the running program, or an error saying it is not running.
+    fn running_pid(&mut self, action: &'static str) -> Result<u32, DriverError> {
+        self.refresh(action)?;
+        let why = match &self.state {
+            State::Running { child, .. } => return Ok(child.id()),
+            State::Idle => "never started, or stopped".to_string(),
+            State::Exited(st) => status_detail(st),
+        };
+        Err(DriverError::Failed {
+            action,
+            detail: format!("the VM is not running ({why})"),
+        })
+    }
+
+    /// The expanded QMP socket path, when the config names one.
+    fn qmp_path(&self, ctx: &VmContext) -> Option<PathBuf> {
+        self.vm.qmp.as_ref().map(|p| match p.to_str() {
+            Some(s) => PathBuf::from(ctx.expand(s)),
+            None => p.clone(),
+        })
+    }
+
+    /// Pause or resume: QMP `command` when configured, else the group signal. `pause`
+    /// tells which.
+    fn set_paused(&mut self, ctx: &VmContext, pause: bool) -> Result<(), DriverError> {
+        let action = if pause { "pause" } else { "resume" };
+        let pid = self.running_pid(action)?;
+        match self.qmp_path(ctx) {
+            Some(path) => qmp_set_paused(&path, action, pause),
+            None => signal_set_paused(pid, action, pause),
+        }?;
+        // It may have died meanwhile (a zombie counts as frozen).
+        self.running_pid(action)?;
+        tracing::debug!(group = %ctx.group, pid, action, "VM {action}d");
+        Ok(())
+    }
+}
+
+/// SIGSTOP (pause) or SIGCONT the group and wait until every thread is (no longer)
+/// stopped. A pause that times out leaves stopped what stopped.
+fn signal_set_paused(pgid: u32, action: &'static str, pause: bool) -> Result<(), DriverError> {
+    let waited = if pause {
+        freeze::stop_group(pgid, PAUSE_TIMEOUT)
+    } else {
+        freeze::continue_group(pgid, PAUSE_TIMEOUT)
+    };
+    waited.map_err(|left| {
+        tracing::warn!(
+            pgid,
+            action,
+            "not every thread of the VM followed within {PAUSE_TIMEOUT:?}: {}",
+            freeze::describe(&left)
+        );
+        DriverError::Timeout {
+            action,
+            after: PAUSE_TIMEOUT,
+        }
+    })
+}
+
+/// QMP `stop` (pause) or `cont`, then `query-status` must say "paused" or "running".
+fn qmp_set_paused(path: &Path, action: &'static str, pause: bool) -> Result<(), DriverError> {
+    let (command, want) = if pause {
+        ("stop", "paused")
+    } else {
+        ("cont", "running")
+    };
+    let run = || -> Result<String, QmpError> {
+        let mut q = Qmp::connect(path, PAUSE_TIMEOUT)?;
+        q.execute(command, None)?;
+        qmp::run_state(&mut q)
+    };
+    let failed = |detail: String| DriverError::Failed { action, detail };
+    match run() {
+        Ok(state) if state == want => Ok(()),
+        Ok(state) => Err(failed(format!(
+            "QMP {}: after {command} the VM is {state:?}, not {want:?}",
+            path.display()
+        ))),
+        Err(QmpError::Timeout { after, .. }) => Err(DriverError::Timeout { action, after }),
+        Err(e) => Err(failed(format!("QMP {}: {e}", path.display()))),
+    }
 }
 
 /// [`finish`], and the run's pid file goes: nothing is left for a successor to kill.
@@ -284,6 +380,8 @@ fn kill_orphan(
         // the start time (a pid is not recycled within microseconds).
         if let Some((sig, timeout)) = graceful {
             signal_group(pid, sig);
+            // That agent may have died with the VM paused (SIGSTOPped).
+            signal_group(pid, libc::SIGCONT);
             wait_gone(pid, timeout);
         }
         // After a graceful exit init may have reaped it, freeing the pid (what is left
@@ -418,6 +516,8 @@ impl VmDriver for ProcessDriver {
         };
         let pid = child.id();
         signal_group(pid, sig);
+        // A paused (SIGSTOPped) group keeps the stop signal pending until continued.
+        signal_group(pid, libc::SIGCONT);
         if wait_exit(pid, timeout).unwrap_or(Peek::Running) == Peek::Running {
             tracing::warn!(
                 group = %ctx.group,
@@ -477,6 +577,8 @@ impl VmDriver for ProcessDriver {
         // rest of its group must keep running until it has written its state.
         // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
         unsafe { libc::kill(pid as libc::pid_t, sig) };
+        // A paused group could neither act on the signal nor write the state.
+        signal_group(pid, libc::SIGCONT);
         let ended = match wait_exit(pid, timeout).unwrap_or(Peek::Running) {
             Peek::Running => {
                 self.kill_now();
@@ -535,6 +637,14 @@ impl VmDriver for ProcessDriver {
             action: "discard_saved",
             detail: format!("{}: {e}", ctx.state_file.display()),
         })
+    }
+
+    fn pause(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.set_paused(ctx, true)
+    }
+
+    fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.set_paused(ctx, false)
     }
 }
 

@@ -17,6 +17,11 @@
 //! | save    | saved, stopped | 3: cannot save (LSB "unimplemented"): `Unsupported`; others failed |
 //! | restore | restored       | 7: no saved state, nothing started; others failed      |
 //! | status  | running        | 3: stopped (LSB "not running"); 5: shut down cleanly by its admin, not to be restarted; others: failed |
+//! | pause   | paused (neither writes nor talks on the network) | failed (the agent kills the VM) |
+//! | resume  | continued where it paused | failed                                     |
+//!
+//! `pause` and `resume` run only when the config sets `pause = true`; without it they
+//! are `Unsupported` and the script is not asked.
 //!
 //! A saved state lives at `$HOLDFAST_STATE_FILE`: `discard_saved` deletes that file,
 //! and `restore` must exit 7 when it is missing.
@@ -37,12 +42,26 @@ const TAIL_LINES: usize = 5;
 pub struct ScriptDriver {
     path: PathBuf,
     timeout: Duration,
+    /// The script implements `pause` and `resume`.
+    pause: bool,
 }
 
 impl ScriptDriver {
     /// `timeout` bounds every action but stop and save, which get the agent's.
-    pub fn new(path: PathBuf, timeout: Duration) -> Self {
-        ScriptDriver { path, timeout }
+    pub fn new(path: PathBuf, timeout: Duration, pause: bool) -> Self {
+        ScriptDriver {
+            path,
+            timeout,
+            pause,
+        }
+    }
+
+    /// `pause` or `resume`, when the script implements them.
+    fn run_pause(&self, ctx: &VmContext, action: &'static str) -> Result<(), DriverError> {
+        if !self.pause {
+            return Err(DriverError::Unsupported { action });
+        }
+        self.run_ok(ctx, action, self.timeout)
     }
 
     fn run(
@@ -141,5 +160,13 @@ impl VmDriver for ScriptDriver {
             }),
             _ => Ok(()),
         }
+    }
+
+    fn pause(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.run_pause(ctx, "pause")
+    }
+
+    fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.run_pause(ctx, "resume")
     }
 }
