@@ -12,8 +12,7 @@
 //! Both sides have permanent neighbour entries, so an address lookup never fails fast
 //! either: the node's packets vanish until [`Netns::heal`].
 //!
-//! Dropping the fixture deletes its namespaces (which destroys their veth pairs), also
-//! when a test panics. Namespaces left by a test process that died without dropping it
+//! Dropping the fixture deletes its links and namespaces, also when a test panics. Namespaces left by a test process that died without dropping it
 //! (SIGKILL) are deleted when the next fixture is made, after killing what still runs
 //! in them: only this fixture makes `hf-<pid>-` namespaces, so that is an orphaned
 //! agent or guest of the dead run, which would otherwise keep its veth alive.
@@ -222,10 +221,13 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting a namespace with no process left in it destroys its veth pair.
+        // The link first: a namespace outlives its name while a socket of a killed
+        // process still retransmits into a cut link, and its veth pair with it.
         for l in self.links.values() {
-            if let Err(e) = ip(&["netns", "del", &l.ns]) {
-                eprintln!("netns fixture: {e}");
+            for args in [["link", "del", &l.host_if()], ["netns", "del", &l.ns]] {
+                if let Err(e) = ip(&args) {
+                    eprintln!("netns fixture: {e}");
+                }
             }
         }
     }
