@@ -272,6 +272,20 @@ impl Layout {
         log: &str,
         launch: &Launch,
     ) -> Result<Child, KitError> {
+        self.spawn_via::<&str, S>(&[], args, log, launch)
+    }
+
+    /// [`Layout::spawn`] through a wrapper that execs the rest of its command line,
+    /// such as `ip netns exec NS` (an agent in its own network namespace): `wrapper`,
+    /// then the executable and `args`. The wrapper must exec, not fork, so that the
+    /// child's pid is holdfast's.
+    pub fn spawn_via<W: AsRef<OsStr>, S: AsRef<OsStr>>(
+        &self,
+        wrapper: &[W],
+        args: &[S],
+        log: &str,
+        launch: &Launch,
+    ) -> Result<Child, KitError> {
         let what = format!(
             "starting holdfast {}",
             args.first()
@@ -282,7 +296,14 @@ impl Layout {
             .append(true)
             .open(self.path(log))
             .map_err(io_err(what.clone()))?;
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.args(args)
             .env("HOLDFAST_LOG", launch.log_filter)
             .stdout(Stdio::null())

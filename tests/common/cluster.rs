@@ -5,7 +5,15 @@
 //! layout and the process handling are the library's cluster kit
 //! (`holdfast::cli::cluster_kit`), shared with `holdfast demo`; this adds the tests'
 //! policy (panics, timeouts) and fault injection.
+//!
+//! [`Cluster::new_partitionable`] puts each node (its agent and, through it, its guests)
+//! in its own network namespace (tests/common/netns.rs), so that [`Cluster::cut`] can
+//! partition a node. The target stays in the root namespace and listens on 0.0.0.0:
+//! the test's own sessions (quorum reads, ctl, the checker) keep using 127.0.0.1 and
+//! are never cut, and a target restarted while a link is down still binds (a down
+//! link's address is not local).
 
+use super::netns::Netns;
 use holdfast::agent::config::Timings;
 use holdfast::agent::quorum::{GroupRecord, GroupState, QuorumImage};
 use holdfast::agent::quorum_disk::QuorumDisk;
@@ -30,6 +38,9 @@ pub struct Cluster {
     pub addr: SocketAddr,
     pub nodes: u16,
     pub groups: Vec<GroupSpec>,
+    /// The nodes' namespaces, in partitionable mode. Dropped after `procs` is emptied
+    /// (in `Drop`), so no process of ours is left in a namespace it deletes.
+    net: Option<Netns>,
     procs: Processes,
 }
 
@@ -37,6 +48,16 @@ impl Cluster {
     /// Write the configs, start the target and format the quorum LUN (agents are
     /// started with [`Cluster::start_agent`]).
     pub async fn new(nodes: u16, groups: Vec<GroupSpec>) -> Cluster {
+        Cluster::build(nodes, groups, None).await
+    }
+
+    /// [`Cluster::new`] with each node in its own network namespace, reaching the
+    /// target over its own link, which [`Cluster::cut`] takes down. Needs root.
+    pub async fn new_partitionable(nodes: u16, groups: Vec<GroupSpec>) -> Cluster {
+        Cluster::build(nodes, groups, Some(Netns::new(nodes))).await
+    }
+
+    async fn build(nodes: u16, groups: Vec<GroupSpec>, net: Option<Netns>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
         let addr = SocketAddr::from(([127, 0, 0, 1], kit::free_port().expect("a free port")));
@@ -47,7 +68,6 @@ impl Cluster {
             target: TARGET.into(),
             cluster: CLUSTER.into(),
         };
-        kit.write_target_config(&groups, "").unwrap();
         std::fs::create_dir_all(kit.path("shared")).unwrap();
         let mut c = Cluster {
             dir,
@@ -56,8 +76,10 @@ impl Cluster {
             addr,
             nodes,
             groups,
+            net,
             procs: Processes::default(),
         };
+        c.write_target_config();
         c.start_target().await;
         let out = c.run(&["ctl", "init-quorum", &c.kit.url(0), "--cluster", CLUSTER]);
         assert!(
@@ -66,11 +88,43 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         for id in 1..=nodes {
-            c.kit
-                .write_node_config(id, &c.groups, &Timings::default(), "")
-                .unwrap();
+            c.write_node_config(id, &Timings::default());
+        }
+        if c.net.is_some() {
+            // ctl runs here, in the root namespace.
+            let cfg = c.kit.node_config(1, &c.groups, &Timings::default());
+            kit::write_toml(&c.ctl_config(), "", &cfg).unwrap();
         }
         c
+    }
+
+    /// DIR/target.toml; partitionable: listening on every address.
+    fn write_target_config(&self) {
+        let mut cfg = self.kit.target_config(&self.groups);
+        if self.net.is_some() {
+            let any = SocketAddr::from(([0, 0, 0, 0], self.addr.port()));
+            cfg.targets[0].portals[0].listen = any.to_string();
+        }
+        kit::write_toml(&self.kit.target_config_path(), "", &cfg).unwrap();
+    }
+
+    /// DIR/nodeN.toml with `timings`; partitionable: the portal is the target's side
+    /// of the node's link.
+    pub fn write_node_config(&self, id: u16, timings: &Timings) {
+        let mut cfg = self.kit.node_config(id, &self.groups, timings);
+        if let Some(net) = &self.net {
+            let portal = SocketAddr::from((net.host_addr(id), self.addr.port()));
+            cfg.target.portals = vec![portal.to_string()];
+        }
+        kit::write_toml(&self.node_config(id), "", &cfg).unwrap();
+    }
+
+    /// The config `ctl` runs with: node 1's, reaching the target on 127.0.0.1.
+    fn ctl_config(&self) -> PathBuf {
+        match self.net {
+            Some(_) => self.path("ctl.toml"),
+            None => self.node_config(1),
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -96,23 +150,37 @@ impl Cluster {
 
     /// `holdfast ctl --config nodeN.toml ARGS`.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let cfg = self.node_config(1).display().to_string();
+        let cfg = self.ctl_config().display().to_string();
         let mut a = vec!["ctl", "--config", cfg.as_str()];
         a.extend_from_slice(args);
         self.run(&a)
     }
 
-    fn spawn(&self, args: &[&std::ffi::OsStr], log: &str, log_filter: &str) -> std::process::Child {
+    /// Start `holdfast ARGS`, in node `node`'s namespace if there is one.
+    fn spawn(
+        &self,
+        node: Option<u16>,
+        args: &[&std::ffi::OsStr],
+        log: &str,
+        log_filter: &str,
+    ) -> std::process::Child {
         let launch = Launch {
             log_filter,
             leash: false,
         };
-        self.kit.spawn(args, log, &launch).expect("spawn holdfast")
+        let wrapper = match (&self.net, node) {
+            (Some(net), Some(id)) => net.exec_prefix(id),
+            _ => vec![],
+        };
+        self.kit
+            .spawn_via(&wrapper, args, log, &launch)
+            .expect("spawn holdfast")
     }
 
     pub async fn start_target(&mut self) {
         let config = self.kit.target_config_path();
         let child = self.spawn(
+            None,
             &["target".as_ref(), "--config".as_ref(), config.as_ref()],
             "target.log",
             "info",
@@ -139,6 +207,7 @@ impl Cluster {
     pub fn start_agent(&mut self, id: u16) {
         let config = self.node_config(id);
         let child = self.spawn(
+            Some(id),
             &["agent".as_ref(), "--config".as_ref(), config.as_ref()],
             &format!("agent{id}.log"),
             "info,holdfast::initiator=warn",
@@ -360,6 +429,35 @@ impl Cluster {
     }
 }
 
+/// Partitions (partitionable clusters only).
+impl Cluster {
+    fn net(&self) -> &Netns {
+        self.net
+            .as_ref()
+            .expect("a partition needs Cluster::new_partitionable")
+    }
+
+    pub fn is_partitionable(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// Partition node `id` from the target: its link goes down (no RST, packets
+    /// vanish), for its agent and its guests alike.
+    pub fn cut(&self, id: u16) {
+        self.net().cut(id);
+    }
+
+    /// End node `id`'s partition.
+    pub fn heal(&self, id: u16) {
+        self.net().heal(id);
+    }
+
+    /// Node `id`'s network namespace.
+    pub fn namespace(&self, id: u16) -> &str {
+        self.net().namespace(id)
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Never leave processes behind a failed assertion: guests first, then agents.
@@ -431,12 +529,31 @@ impl Cluster {
         self.procs.target.is_some()
     }
 
+    /// Every guest (VM process) of every agent that is not gone: (node, pid, stopped).
+    /// A stopped guest is a paused VM (SIGSTOP) or one of a frozen node.
+    pub fn guests(&self) -> Vec<(u16, i32, bool)> {
+        self.agents_up()
+            .into_iter()
+            .flat_map(|id| self.guest_pids(id).into_iter().map(move |p| (id, p)))
+            .filter(|&(_, p)| kit::is_running(p))
+            .map(|(id, p)| (id, p, is_stopped(p)))
+            .collect()
+    }
+
     /// The guests (VM processes) the node's agent runs now.
     pub fn guest_pids(&self, id: u16) -> Vec<i32> {
         self.agent_pid(id)
             .map(|p| kit::children_of(p as u32))
             .unwrap_or_default()
     }
+}
+
+/// Whether `pid` is stopped (state T: SIGSTOP).
+pub fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
 }
 
 /// Acknowledged writes per epoch of one group, kept up to date from its ack log
