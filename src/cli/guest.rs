@@ -874,11 +874,18 @@ Exit status: 0 clean stop (SIGTERM/SIGINT, SIGUSR1 save, --exit-after), 75 RESER
 CONFLICT (fenced), 1 failure (--fail-after, target gone for 30 s, I/O error), 2 bad usage.")]
 pub struct RunArgs {
     /// iscsi://HOST[:PORT]/TARGET-IQN/LUN
-    #[arg(long)]
-    pub disk: String,
+    #[arg(long, required_unless_present = "device", requires = "initiator_name")]
+    pub disk: Option<String>,
     /// Our iSCSI initiator name (the one the agent registered)
     #[arg(long)]
-    pub initiator_name: String,
+    pub initiator_name: Option<String>,
+    /// Write through this block device (or file) with O_DIRECT|O_DSYNC instead of our
+    /// own iSCSI session, e.g. the kernel initiator's /dev/sdX; EIO counts as fenced
+    #[arg(long, conflicts_with_all = ["disk", "initiator_name"])]
+    pub device: Option<PathBuf>,
+    /// Logical block size of --device
+    #[arg(long, default_value_t = 512, requires = "device")]
+    pub block_size: u32,
     /// This run's epoch; the run writes into region EPOCH % 16
     #[arg(long)]
     pub epoch: u64,
@@ -969,7 +976,7 @@ impl GuestError {
     }
 }
 
-fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
+pub(super) fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
     move |source| GuestError::File {
         path: path.to_path_buf(),
         source,
@@ -1038,13 +1045,13 @@ pub fn write_state(path: &Path, state: &SavedState) -> Result<(), GuestError> {
 
 /// The ack log: every line goes out in one write(2) on an O_APPEND file, so lines of
 /// guests sharing the file never mix.
-struct AckLog {
+pub(super) struct AckLog {
     file: std::fs::File,
     path: PathBuf,
 }
 
 impl AckLog {
-    fn open(path: &Path) -> Result<AckLog, GuestError> {
+    pub(super) fn open(path: &Path) -> Result<AckLog, GuestError> {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -1056,7 +1063,7 @@ impl AckLog {
         })
     }
 
-    fn log(&mut self, e: &AckEvent) -> Result<(), GuestError> {
+    pub(super) fn log(&mut self, e: &AckEvent) -> Result<(), GuestError> {
         let line = format!("{e}\n");
         self.file
             .write_all(line.as_bytes())
@@ -1067,7 +1074,7 @@ impl AckLog {
 
 /// A stop the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+pub(super) enum Stop {
     Term,
     Int,
     Save,
@@ -1075,7 +1082,7 @@ enum Stop {
 
 /// Install the handlers now (so an early signal is not fatal); the receiver sees the
 /// first signal.
-fn install_signals() -> std::io::Result<watch::Receiver<Option<Stop>>> {
+pub(super) fn install_signals() -> std::io::Result<watch::Receiver<Option<Stop>>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -1106,7 +1113,7 @@ enum Fail {
 
 /// How a run ends: the ack log's exit reason and the exit status.
 #[derive(Debug)]
-enum Ending {
+pub(super) enum Ending {
     ExitAfter,
     FailAfter,
     Signal(Stop),
@@ -1280,8 +1287,16 @@ impl Guest {
 /// `holdfast guest run`: returns the exit status. Errors are what stops it before it
 /// could start (bad usage, unreadable files, the first login).
 pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
-    let url: IscsiUrl = a.disk.parse()?;
-    let cfg = initiator_config(&url, &a.initiator_name, (&a.chap_user, &a.chap_secret))?;
+    if let Some(device) = &a.device {
+        return super::guest_device::run(a, device).await;
+    }
+    let (Some(disk), Some(name)) = (&a.disk, &a.initiator_name) else {
+        return Err(GuestError::Layout(
+            "--disk and --initiator-name are required without --device".into(),
+        ));
+    };
+    let url: IscsiUrl = disk.parse()?;
+    let cfg = initiator_config(&url, name, (&a.chap_user, &a.chap_secret))?;
     let instance = a.instance.unwrap_or_else(rand::random);
     // A state file that cannot be read fails the start before anything is written.
     let saved = saved_state(a)?;
@@ -1373,7 +1388,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
 }
 
 /// The state to restore (`--restore` with a `--state-file`), if any.
-fn saved_state(a: &RunArgs) -> Result<Option<SavedState>, GuestError> {
+pub(super) fn saved_state(a: &RunArgs) -> Result<Option<SavedState>, GuestError> {
     let saved = match (&a.state_file, a.restore) {
         (Some(p), true) => read_state(p)?,
         _ => None,
@@ -1484,7 +1499,12 @@ impl Writer<'_> {
 
 /// The exit reason (for the ack log) and status of a run that ended so; a save request
 /// writes the state file here.
-fn ending_status(ending: &Ending, a: &RunArgs, instance: u64, next: u64) -> (&'static str, i32) {
+pub(super) fn ending_status(
+    ending: &Ending,
+    a: &RunArgs,
+    instance: u64,
+    next: u64,
+) -> (&'static str, i32) {
     match ending {
         Ending::ExitAfter => ("exit-after", 0),
         Ending::FailAfter => ("fail-after", EXIT_FAILURE),

@@ -25,6 +25,7 @@ pub mod ctl;
 pub mod ctl_command;
 pub mod demo;
 pub mod guest;
+mod guest_device;
 pub mod pr;
 pub mod target;
 
