@@ -4,5 +4,6 @@ pub mod config;
 pub mod connection;
 pub mod limits;
 pub mod portal;
+pub mod reload;
 pub mod runtime;
 pub mod session;
