@@ -299,6 +299,12 @@ impl Agent {
         )
     }
 
+    /// A heartbeat write completed after `t`.
+    fn beat_since(&self, t: Instant) -> bool {
+        let last_ok = self.sh.last_heartbeat_ok.load(Ordering::SeqCst);
+        last_ok != 0 && Duration::from_nanos(mono_ns().saturating_sub(last_ok)) < t.elapsed()
+    }
+
     /// Log in again if the session is gone. `false`: not connected this tick.
     async fn ensure_connected(&mut self) -> bool {
         if self.sh.session().is_ok() {
@@ -471,6 +477,11 @@ impl Agent {
                 epoch,
                 since,
             } => {
+                // Peers must see us alive before the resume rewrites the record, or a
+                // peer still judging us dead would claim right after it.
+                if !self.beat_since(since) {
+                    return;
+                }
                 self.spawn_op(&group, move |sh, cfg, drv| async move {
                     ops::resume(&sh, &vm, &cfg, &drv, epoch, since).await
                 });

@@ -261,9 +261,17 @@ async fn claim_record(
     };
     let expect_owner = seen.owner;
     let expect_epoch = seen.epoch;
+    // A takeover also needs the record untouched since we judged its owner dead: an
+    // owner that resumed after a pause rewrote it, and its resume must win or lose to
+    // this claim as a whole, never both proceed.
+    let expect_touched = victim.map(|_| seen.changed_wall_ms);
     let claimed = sh
         .update_group(&group, |r| {
-            if r.owner != expect_owner || r.epoch != expect_epoch || r.admin == AdminState::Offline
+            let touched = expect_touched.is_some_and(|t| t != r.changed_wall_ms);
+            if r.owner != expect_owner
+                || r.epoch != expect_epoch
+                || touched
+                || r.admin == AdminState::Offline
             {
                 return None;
             }
@@ -284,7 +292,7 @@ async fn claim_record(
             sh.events.emit(
                 "claim-lost",
                 &group,
-                "the record changed before our COMPARE AND WRITE: another node won",
+                "the record changed before our COMPARE AND WRITE: another node won, or its owner resumed it",
                 serde_json::json!({"seen_epoch": expect_epoch}),
             );
             return Err(Done::Idle { group });
