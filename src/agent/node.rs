@@ -635,6 +635,9 @@ impl Agent {
                 }
             }
         }
+        // At once, not after this tick's login attempt (io_timeout when cut off):
+        // `ctl status` on this node reads it while the VMs are paused.
+        self.write_pause_file();
     }
 
     /// Kill the VMs paused for longer than `max_pause`.
