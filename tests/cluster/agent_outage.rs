@@ -16,6 +16,7 @@ use crate::common;
 use common::cluster::{node_name, Cluster, GroupSpec};
 use holdfast::agent::config::Timings;
 use holdfast::agent::node::mono_ns;
+use holdfast::agent::quorum::GroupState;
 use holdfast::cli::cluster_kit::ack_events;
 use holdfast::cli::guest::AckEvent;
 use serde_json::Value;
@@ -320,4 +321,84 @@ async fn target_restarts_after_1_10_and_60_s_pause_and_resume_every_vm_in_place(
         println!("check {g}: {}", report.lines().last().unwrap_or(""));
     }
     println!("agent_outage: pauses per outage (s → group → ms): {measured:?}");
+}
+
+/// An outage longer than `max_pause` (5 s here, so the test is short): each paused VM
+/// is killed when its pause expires ("pause-expired"), never resumed; once the target
+/// answers, its record (still naming the owner) is released and the group starts
+/// again in a new epoch. The old run never writes again: the checker is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_max_pause_kills_the_paused_vm_and_the_group_starts_again() {
+    let t = Timings {
+        max_pause: Duration::from_secs(5),
+        ..Timings::default()
+    };
+    let mut g = GroupSpec::new("x", 1);
+    g.preferred = vec![node_name(1)];
+    let mut c = Cluster::new(3, vec![g]).await;
+    for id in 1..=3 {
+        c.write_node_config(id, &t);
+        c.start_agent(id);
+    }
+    let r = c.wait_running("x", Some(1), T).await;
+    c.wait_acks("x", r.epoch, 5, T).await;
+    let old = c.guest_pids(1);
+    assert_eq!(old.len(), 1, "node1's guests: {old:?}");
+    let since = mono_ns();
+    c.kill_target();
+    let killed_at = Instant::now();
+    let down = t.self_fence_after + t.max_pause + Duration::from_secs(5);
+    let end = killed_at + down;
+    while events_of(&c, "pause-expired", "x", since).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "no pause-expired within {down:?} of the outage\n{}",
+            c.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expired_after = killed_at.elapsed();
+    // The target is still down: node1 says nothing is paused any more.
+    let out = c.ctl(&["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.code() == Some(1) && stdout.contains("no group is paused on this node"),
+        "ctl status after the pause expired: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(down.saturating_sub(killed_at.elapsed())).await;
+    let old_acks = c.acked_in_epoch("x", r.epoch);
+    c.start_target().await;
+    let r2 = c
+        .wait_record("x", T, "running in a new epoch", |x| {
+            x.state == GroupState::Running && x.epoch > r.epoch
+        })
+        .await;
+    c.wait_acks("x", r2.epoch, 10, T).await;
+    assert!(
+        old.iter().all(|&p| !c.is_running(p)),
+        "the expired VM still runs"
+    );
+    assert_eq!(
+        c.acked_in_epoch("x", r.epoch),
+        old_acks,
+        "the expired run acknowledged writes after the outage"
+    );
+    let resumed = events_of(&c, "resumed", "x", since);
+    assert!(
+        resumed.is_empty(),
+        "an expired pause was resumed: {resumed:?}"
+    );
+    let paused = events_of(&c, "paused", "x", since);
+    assert_eq!(paused.len(), 1, "{paused:?}\n{}", c.diagnostics());
+    println!(
+        "max_pause {:?}: pause expired {:.1} s into the outage; x runs again on node{} in \
+         epoch {} (was {})",
+        t.max_pause,
+        expired_after.as_secs_f64(),
+        r2.owner,
+        r2.epoch,
+        r.epoch
+    );
+    c.check("x");
 }
