@@ -391,6 +391,11 @@ async fn an_outage_longer_than_max_pause_kills_the_paused_vm_and_the_group_start
     );
     let paused = events_of(&c, "paused", "x", since);
     assert_eq!(paused.len(), 1, "{paused:?}\n{}", c.diagnostics());
+    let released = events_of(&c, "orphan-released", "x", since);
+    assert!(
+        matches!(&released[..], [e] if e["reason"] == "record of this node whose VM is gone"),
+        "the record of the expired VM was not released as this node's: {released:?}"
+    );
     println!(
         "max_pause {:?}: pause expired {:.1} s into the outage; x runs again on node{} in \
          epoch {} (was {})",
