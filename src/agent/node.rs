@@ -320,10 +320,13 @@ impl Agent {
             return false;
         }
         // With VMs running, prove we are alive at once: the heartbeat task's next
-        // beat may come after the next self-fence check, which would kill VMs that
-        // just rode out a short target restart. (Not on the first login: joining
-        // peers get a beat to show up before anyone places groups.)
-        if self.have_vms() {
+        // beat may come after the next outage check, which would pause VMs that just
+        // rode out a short target restart. After an outage, do it without VMs too: a
+        // VM that this tick's plan starts would otherwise be judged by the age of the
+        // last beat before the outage and paused at once. (Not on the first login:
+        // joining peers get a beat to show up before anyone places groups.)
+        let beat_before = self.sh.last_heartbeat_ok.load(Ordering::SeqCst) != 0;
+        if self.have_vms() || beat_before {
             match ops::write_heartbeat(&self.sh).await {
                 Ok(()) => self.sh.last_heartbeat_ok.store(mono_ns(), Ordering::SeqCst),
                 // Preempted on the quorum LUN while we were away: fenced.
@@ -646,6 +649,9 @@ impl Agent {
                 }
             }
         }
+        // At once, not after this tick's login attempt (io_timeout when cut off):
+        // `ctl status` on this node reads it while the VMs are paused.
+        self.write_pause_file();
     }
 
     /// Kill the VMs paused for longer than `max_pause`.

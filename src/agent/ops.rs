@@ -476,8 +476,9 @@ async fn record_fence(sh: &Shared, victim: u16, incarnation: u64) -> Result<(), 
     Ok(())
 }
 
-/// A record that names us from an earlier life: make sure no VM of it runs here, then
-/// give it back (Stopped) so placement decides afresh.
+/// A record that names us from an earlier life, or one whose VM died here while the
+/// target was unreachable: make sure no VM of it runs here, then give it back
+/// (Stopped) so placement decides afresh.
 pub(super) async fn release_orphan(
     sh: &Shared,
     cfg: &GroupConfig,
@@ -492,11 +493,23 @@ pub(super) async fn release_orphan(
         };
     }
     let (me, old_inc, epoch) = (sh.id, rec.owner_incarnation, rec.epoch);
+    // Our current incarnation: the VM died while the record could not be written
+    // (a pause that outlasted max_pause, a VM that could not be paused).
+    let (reason, event_reason) = if old_inc == sh.incarnation() {
+        (
+            "the VM was killed while the target was unreachable; VM stopped",
+            "record of this node whose VM is gone",
+        )
+    } else {
+        (
+            "the owner's agent restarted or self-fenced; VM stopped",
+            "record from an earlier incarnation of this node",
+        )
+    };
     let r = sh
         .update_group(&cfg.name, |r| {
             // A move requested meanwhile (ctl move while we were cut off) still stands.
-            let reason = "the owner's agent restarted or self-fenced; VM stopped".into();
-            unowned_if_held(r, (me, old_inc, epoch), reason)
+            unowned_if_held(r, (me, old_inc, epoch), reason.into())
         })
         .await;
     match r {
@@ -504,7 +517,7 @@ pub(super) async fn release_orphan(
             sh.events.emit(
                 "orphan-released",
                 &cfg.name,
-                "record from an earlier incarnation of this node",
+                event_reason,
                 serde_json::json!({"epoch": epoch}),
             );
             Done::Idle {

@@ -13,8 +13,9 @@ use crate::agent::record_update::{self, Decision, Updated};
 use crate::agent::{wall_ms, AgentError};
 use crate::initiator::{connect, connect_portals, ConnectOptions, IscsiUrl, Session};
 use bytes::Bytes;
-use serde::Serialize;
-use std::time::{Duration, Instant};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// A ctl connection: logged in with the node's initiator name and a ctl ISID (its own
 /// I_T nexus), registered with the node's key only while it changes records.
@@ -183,6 +184,7 @@ impl Ctl {
             nodes: node_statuses(cluster, &first, &img, now_wall),
             groups: group_statuses(&img, now_wall),
             luns: self.lun_statuses(&img).await,
+            paused_here: vec![],
         })
     }
 
@@ -313,6 +315,8 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     pub groups: Vec<GroupStatus>,
     pub luns: Vec<LunStatus>,
+    /// Groups this node's agent keeps paused (from its paused.json, not the LUN).
+    pub paused_here: Vec<PausedHere>,
 }
 
 #[derive(Debug, Serialize)]
@@ -420,6 +424,10 @@ impl std::fmt::Display for ClusterStatus {
                 }
             )?;
         }
+        if !self.paused_here.is_empty() {
+            writeln!(f)?;
+            write!(f, "{}", PausedList(&self.paused_here))?;
+        }
         writeln!(f, "\nRESERVATIONS")?;
         for l in &self.luns {
             match &l.error {
@@ -438,6 +446,72 @@ impl std::fmt::Display for ClusterStatus {
                     }
                 )?,
             }
+        }
+        Ok(())
+    }
+}
+
+/// A group that this node's agent keeps paused through a storage outage, as the
+/// agent's STATE_DIR/paused.json lists it. During an outage the quorum LUN cannot be
+/// read, and its record still says "running": this file is where the truth is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedHere {
+    pub group: String,
+    /// When the pause began (wall clock, ms since the epoch).
+    pub since_wall_ms: u64,
+    pub why: String,
+    /// How long it has lasted when ctl read the file.
+    #[serde(default)]
+    pub paused_for_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct PauseFile {
+    paused: Vec<PausedHere>,
+}
+
+/// The groups paused on this node, from STATE_DIR/paused.json (written by the agent
+/// whenever the set changes); none if there is no such file (no agent ran here).
+pub fn paused_here(state_dir: &Path, now_wall: u64) -> Result<Vec<PausedHere>, String> {
+    let path = state_dir.join(crate::agent::node::PAUSE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let file: PauseFile =
+        serde_json::from_str(&text).map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+    Ok(file
+        .paused
+        .into_iter()
+        .map(|p| PausedHere {
+            paused_for_ms: now_wall.saturating_sub(p.since_wall_ms),
+            ..p
+        })
+        .collect())
+}
+
+/// The "PAUSED ON THIS NODE" section of `ctl status`.
+pub struct PausedList<'a>(pub &'a [PausedHere]);
+
+impl std::fmt::Display for PausedList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "PAUSED ON THIS NODE (storage outage)")?;
+        writeln!(
+            f,
+            "  {:<16} {:<20} {:>10}  why",
+            "name", "paused since (UTC)", "for"
+        )?;
+        for p in self.0 {
+            let since = UNIX_EPOCH + Duration::from_millis(p.since_wall_ms);
+            writeln!(
+                f,
+                "  {:<16} {:<20} {:>6} ago  {}",
+                p.group,
+                humantime::format_rfc3339_seconds(since).to_string(),
+                format!("{} s", p.paused_for_ms / 1000),
+                p.why
+            )?;
         }
         Ok(())
     }
@@ -571,4 +645,47 @@ pub fn req_move(r: &GroupRecord, to: u16) -> Result<GroupRecord, String> {
     let mut n = r.clone();
     n.move_to = to;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_pause_file_means_nothing_paused() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(paused_here(d.path(), 1_000), Ok(vec![]));
+    }
+
+    #[test]
+    fn the_agents_pause_file_is_read_with_how_long_each_pause_lasted() {
+        let d = tempfile::tempdir().unwrap();
+        let text = r#"{"paused":[{"group":"web","since_wall_ms":1800000000000,
+            "why":"no completed heartbeat write for 2100 ms"}]}"#;
+        std::fs::write(d.path().join(crate::agent::node::PAUSE_FILE), text).unwrap();
+        let p = paused_here(d.path(), 1_800_000_042_500).unwrap();
+        assert_eq!(
+            p,
+            vec![PausedHere {
+                group: "web".into(),
+                since_wall_ms: 1_800_000_000_000,
+                why: "no completed heartbeat write for 2100 ms".into(),
+                paused_for_ms: 42_500,
+            }]
+        );
+        let shown = PausedList(&p).to_string();
+        assert!(shown.contains("PAUSED ON THIS NODE"), "{shown}");
+        let line = shown.lines().last().unwrap();
+        for part in ["web", "2027-01-15T08:00:00Z", "42 s ago", "2100 ms"] {
+            assert!(line.contains(part), "{part:?} missing from {line:?}");
+        }
+    }
+
+    #[test]
+    fn a_broken_pause_file_is_an_error_that_names_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(crate::agent::node::PAUSE_FILE), "{").unwrap();
+        let e = paused_here(d.path(), 0).unwrap_err();
+        assert!(e.contains("paused.json"), "{e}");
+    }
 }

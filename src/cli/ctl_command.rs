@@ -1,6 +1,8 @@
 //! `holdfast ctl`'s commands: parse, connect, change a record, wait, print.
 use super::ctl::{self, Ctl};
+use crate::agent::config::ValidNodeConfig;
 use crate::agent::quorum::GroupState;
+use crate::agent::wall_ms;
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -82,7 +84,7 @@ pub fn main(args: &CtlArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()?;
     match rt.block_on(run(args)) {
-        Ok(()) => Ok(0),
+        Ok(code) => Ok(code),
         Err(e) => {
             if args.json {
                 println!(
@@ -105,7 +107,9 @@ fn done(json: bool, msg: String) {
     }
 }
 
-async fn run(args: &CtlArgs) -> anyhow::Result<()> {
+/// Run the command; `Ok` carries the exit status of a command that printed its own
+/// failure (`status` with the target unreachable).
+async fn run(args: &CtlArgs) -> anyhow::Result<i32> {
     if let CtlCommand::InitQuorum {
         url,
         cluster,
@@ -121,26 +125,66 @@ async fn run(args: &CtlArgs) -> anyhow::Result<()> {
             .zip(chap_secret.clone().map(String::into_bytes));
         let msg = ctl::init_quorum(&url, initiator_name, cluster, *force, chap).await?;
         done(args.json, msg);
-        return Ok(());
+        return Ok(0);
     }
     // The config error names the file itself.
     let cfg = crate::agent::config::load_file(&args.config)?;
+    if let CtlCommand::Status = args.command {
+        return status(cfg, args.json).await;
+    }
     let mut c = Ctl::connect(cfg).await?;
     let result = on_cluster(&mut c, &args.command, args.json).await;
     c.close().await;
-    result
+    result.map(|()| 0)
 }
 
-async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Result<()> {
-    match command {
-        CtlCommand::InitQuorum { .. } => unreachable!("handled before connecting"),
-        CtlCommand::Status => {
-            let st = c.status().await?;
+/// `ctl status`: the cluster as the quorum LUN shows it, plus the groups that this
+/// node's agent keeps paused (its STATE_DIR/paused.json). During a storage outage the
+/// LUN cannot be read: then the paused groups are printed anyway, and the error after.
+async fn status(cfg: ValidNodeConfig, json: bool) -> anyhow::Result<i32> {
+    let state_dir = cfg.config.node.state_dir.clone();
+    let from_lun = async {
+        let c = Ctl::connect(cfg).await?;
+        let st = c.status().await;
+        c.close().await;
+        st
+    }
+    .await;
+    // Read after the LUN, so that a pause that began meanwhile shows.
+    let paused = ctl::paused_here(&state_dir, wall_ms()).unwrap_or_else(|e| {
+        eprintln!("holdfast ctl: warning: {e}");
+        vec![]
+    });
+    match from_lun {
+        Ok(mut st) => {
+            st.paused_here = paused;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 print!("{st}");
             }
+            Ok(0)
+        }
+        Err(e) => {
+            if json {
+                let v = serde_json::json!({"ok": false, "error": e.to_string(),
+                    "paused_here": paused});
+                println!("{v}");
+            } else if paused.is_empty() {
+                println!("no group is paused on this node");
+            } else {
+                print!("{}", ctl::PausedList(&paused));
+            }
+            eprintln!("holdfast ctl: {e}");
+            Ok(1)
+        }
+    }
+}
+
+async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        CtlCommand::InitQuorum { .. } | CtlCommand::Status => {
+            unreachable!("handled before connecting")
         }
         CtlCommand::Move { group, node, wait } => move_group(c, group, node, *wait, json).await?,
         CtlCommand::Offline { group, wait } => {

@@ -5,7 +5,7 @@
 use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec};
-use holdfast::agent::config::{Failback, OfflineAction};
+use holdfast::agent::config::{Failback, OfflineAction, Timings};
 use holdfast::agent::quorum::{AdminState, GroupState};
 use std::time::{Duration, Instant};
 
@@ -402,12 +402,24 @@ async fn sigterm_of_an_agent_hands_its_groups_over() {
     c.check("h");
 }
 
+/// With pausing switched off (`max_pause = 0`), an outage longer than self_fence_after
+/// kills the VMs at once, as before pausing existed. (With the default, the VMs pause
+/// and resume in place: tests/cluster/agent_outage.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_cut_off_from_the_target_self_fences_and_recovers() {
-    let mut c = three_nodes(vec![preferred("cut", 1, &[1, 2])]).await;
+async fn with_pausing_off_a_node_cut_off_from_the_target_self_fences_and_recovers() {
+    let mut c = Cluster::new(3, vec![preferred("cut", 1, &[1, 2])]).await;
+    let no_pause = Timings {
+        max_pause: Duration::ZERO,
+        ..Timings::default()
+    };
+    for id in 1..=3 {
+        c.write_node_config(id, &no_pause);
+        c.start_agent(id);
+    }
     let r = c.wait_running("cut", Some(1), T).await;
     c.wait_acks("cut", r.epoch, 10, T).await;
     let guest: Vec<i32> = c.node_pids(1)[1..].to_vec();
+    let since = holdfast::agent::node::mono_ns();
     // Longer than self_fence_after (2 s): every node loses the quorum LUN.
     c.kill_target();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -422,6 +434,13 @@ async fn a_node_cut_off_from_the_target_self_fences_and_recovers() {
     assert!(
         guest.iter().all(|&p| !c.is_running(p)),
         "the VM survived the self-fence"
+    );
+    assert!(
+        !c.events()
+            .iter()
+            .any(|e| e["event"] == "paused" && e["mono_ns"].as_u64().is_some_and(|t| t >= since)),
+        "a VM was paused with max_pause = 0\n{}",
+        c.diagnostics()
     );
     c.start_target().await;
     // The group comes back under a new epoch (the old record is an orphan).

@@ -24,7 +24,7 @@
 use crate::common;
 
 use common::cluster::{node_name, AckTally, Cluster, GroupSpec};
-use holdfast::agent::config::OfflineAction;
+use holdfast::agent::config::{OfflineAction, Timings};
 use holdfast::agent::quorum::{GroupState, NodeState, QuorumImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -499,21 +499,32 @@ async fn random_faults_keep_every_group_safe_and_running() {
 /// Found by the fault test (FAULT_SEED=2781824569, round 150, before the settle waited
 /// for heartbeats): a `ctl move` that lands while the owner is cut off is dropped when
 /// the owner self-fences and gives its record back as an orphan (`release_orphan`
-/// writes move_to = 0), so placement puts the group back on its preferred owner and
+/// wrote move_to = 0), so placement puts the group back on its preferred owner and
 /// `ctl move --wait` timed out. Fixed: the orphan release keeps move_to.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_requested_while_the_owner_is_cut_off_is_not_lost() {
+///
+/// The owner is frozen for 2.3 s: longer than self_fence_after (no heartbeat for 2 s
+/// when thawed), shorter than the peers' dead_after (3 s). Since storage outages pause
+/// VMs, a thawed owner pauses and resumes instead of fencing itself; `max_pause = 0`
+/// (never pause) on the owner keeps the self-fence and orphan release that the bug
+/// was in. `pausing` says which path the owner takes; the events must show it.
+async fn move_requested_while_the_owner_is_frozen(pausing: bool) {
     const T: Duration = Duration::from_secs(30);
     let mut g = GroupSpec::new("m", 1);
     g.preferred = vec![node_name(1), node_name(2), node_name(3)];
     let mut c = Cluster::new(3, vec![g]).await;
+    if !pausing {
+        let t = Timings {
+            max_pause: Duration::ZERO,
+            ..Timings::default()
+        };
+        c.write_node_config(1, &t);
+    }
     for id in 1..=3 {
         c.start_agent(id);
     }
     let r = c.wait_running("m", Some(1), T).await;
     c.wait_acks("m", r.epoch, 5, T).await;
-    // Frozen for 2.3 s: long enough to self-fence when thawed (no heartbeat for 2 s),
-    // too short for the peers to call it dead (3 s without a heartbeat seen).
+    let since = holdfast::agent::node::mono_ns();
     let frozen = c.freeze_node(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = c.ctl(&["move", "m", "node3", "--wait", "0"]);
@@ -535,5 +546,32 @@ async fn a_move_requested_while_the_owner_is_cut_off_is_not_lost() {
         "the requested move to node3 was lost: {r2:?}\n{}",
         c.diagnostics()
     );
+    let node1: Vec<String> = c
+        .events()
+        .iter()
+        .filter(|e| e["node"] == "node1" && e["mono_ns"].as_u64().is_some_and(|t| t >= since))
+        .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let has = |x: &str| node1.iter().any(|e| e == x);
+    let path_taken = if pausing {
+        has("paused") && has("resumed") && has("offline") && !has("self-fence")
+    } else {
+        has("self-fence") && has("orphan-released") && !has("paused")
+    };
+    assert!(
+        path_taken,
+        "node1 (pausing {pausing}) took another path: {node1:?}\n{}",
+        c.diagnostics()
+    );
     c.check("m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_requested_while_the_owner_is_cut_off_survives_its_self_fence() {
+    move_requested_while_the_owner_is_frozen(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_requested_while_the_owner_is_cut_off_follows_its_pause_and_resume() {
+    move_requested_while_the_owner_is_frozen(true).await;
 }
