@@ -13,3 +13,4 @@ mod agent_guest;
 mod agent_partitions;
 mod agent_protocol;
 mod demo;
+mod kernel_node;

@@ -1,0 +1,417 @@
+//! The Linux kernel initiator as a cluster node's data path. Node 1 runs inside the
+//! `../shared/vm-initiator` QEMU guest (tools/kernel-node/guest-node.sh): open-iscsi
+//! logs in as the node's VM initiator name, its agent is this build's binary, and its
+//! "VM" is `holdfast guest run --device /dev/sdX` (O_DIRECT|O_DSYNC through the kernel's
+//! block device). Node 2 is a host agent whose VM is the usual iSCSI test guest.
+//!
+//! - Power cut: SIGKILL of the guest's QEMU; node 2 fences node 1 and takes over.
+//! - Freeze: SIGSTOP of QEMU until node 2 has taken over and written, then SIGCONT. The
+//!   thawed guest's kernel initiator must get RESERVATION CONFLICT: its queued writes
+//!   (kernel log) and a deliberate write as the old run's epoch (must exit 75).
+//!
+//! Both end with `holdfast guest check` over every ack log: no lost acknowledged write,
+//! no double run, no late write. The tests skip (with the reason printed) without the
+//! guest image or QEMU, or with SKIP_VM=1; `HOLDFAST_VM_TESTS=require` (tools/test) turns
+//! a missing prerequisite into a failure.
+
+use crate::common;
+
+use common::cluster::{node_name, Cluster, GroupSpec, TARGET};
+use holdfast::agent::config::{Timings, VmConfig};
+use holdfast::cli::cluster_kit as kit;
+use holdfast::cli::guest::AckEvent;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GROUP: &str = "g1";
+const LUN: u64 = 1;
+/// Where run-guest.sh mounts the cluster directory in the guest.
+const SHARE: &str = "/mnt/host";
+/// The kernel block device of the group's disk, as guest-node.sh links it.
+const DEVICE: &str = "/dev/hf-disk";
+/// The guest's VM acknowledges into its own file (the host's VM appends to another one
+/// at the same time, and appends over 9p and on the host are not atomic together).
+const GUEST_ACKS: &str = "acks-g1-guest.log";
+const BOOT: Duration = Duration::from_secs(150);
+const T: Duration = Duration::from_secs(60);
+
+/// Only one guest at a time: each is a 2-vCPU TCG emulator on a small machine.
+static ONE_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What running the guest needs: run-guest.sh and a built image.
+struct VmInitiator {
+    run_guest: PathBuf,
+}
+
+/// The vm-initiator, or None (with the reason printed) when the test must skip.
+fn vm_initiator() -> Option<VmInitiator> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = std::env::var_os("HOLDFAST_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared"));
+    let images = std::env::var_os("VM_INITIATOR_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/vm-initiator")
+        });
+    let run_guest = shared.join("vm-initiator/run-guest.sh");
+    let missing = if std::env::var("SKIP_VM").as_deref() == Ok("1") {
+        Some("SKIP_VM=1".to_string())
+    } else if !run_guest.is_file() {
+        Some(format!("{} missing", run_guest.display()))
+    } else if let Some(f) = ["vmlinuz", "initrd.img", "root.img"]
+        .iter()
+        .find(|f| !images.join(f).is_file())
+    {
+        Some(format!(
+            "guest image {} missing (run {}/vm-initiator/build-image.sh)",
+            images.join(f).display(),
+            shared.display()
+        ))
+    } else if !Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        Some("qemu-system-x86_64 not installed".to_string())
+    } else {
+        None
+    };
+    match missing {
+        None => Some(VmInitiator { run_guest }),
+        Some(why) if std::env::var("HOLDFAST_VM_TESTS").as_deref() == Ok("require") => {
+            panic!("kernel_node: HOLDFAST_VM_TESTS=require but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIP kernel_node: {why}");
+            None
+        }
+    }
+}
+
+/// Slower than the defaults: node 1 runs under TCG emulation on a shared machine.
+fn timings() -> Timings {
+    Timings {
+        heartbeat_interval: Duration::from_millis(1000),
+        poll_interval: Duration::from_millis(250),
+        io_timeout: Duration::from_millis(2000),
+        self_fence_after: Duration::from_millis(4000),
+        dead_after: Duration::from_millis(6000),
+        ..Timings::default()
+    }
+}
+
+/// Target, quorum LUN and node configs; node 1's is rewritten for the guest.
+async fn cluster() -> Cluster {
+    let mut spec = GroupSpec::new(GROUP, LUN);
+    spec.preferred = vec![node_name(1)];
+    let c = Cluster::new(2, vec![spec]).await;
+    c.write_node_config(2, &timings());
+    write_guest_node_config(&c);
+    std::fs::copy(&c.bin, c.path("holdfast")).expect("copy holdfast into the share");
+    c
+}
+
+/// Node 1 as the guest sees it: the portal through slirp, files in the share, and a VM
+/// writing through the kernel's block device.
+fn write_guest_node_config(c: &Cluster) {
+    let mut cfg = c.kit.node_config(1, &c.groups, &timings());
+    let share = Path::new(SHARE);
+    cfg.target.portals = vec![format!("10.0.2.2:{}", c.addr.port())];
+    cfg.node.state_dir = share.join("node1");
+    cfg.node.shared_state_dir = Some(share.join("shared"));
+    cfg.node.event_log = Some(share.join("events-node1.jsonl"));
+    let acks = share.join(GUEST_ACKS).display().to_string();
+    let command = [
+        "/run/hf/holdfast",
+        "guest",
+        "run",
+        "--device",
+        DEVICE,
+        "--epoch",
+        "{epoch}",
+        "--ack-log",
+        &acks,
+        "--state-file",
+        "{state_file}",
+    ];
+    let VmConfig::Process(vm) = &mut cfg.groups[0].vm else {
+        panic!("the kit's groups use the process driver");
+    };
+    vm.command = command.iter().map(|s| s.to_string()).collect();
+    std::fs::create_dir_all(c.path("node1")).unwrap();
+    kit::write_toml(&c.node_config(1), "", &cfg).unwrap();
+}
+
+/// The node's VM initiator name (docs/AGENT.md, identities): the agent registers it on
+/// the group's disks, and open-iscsi in the guest logs in with it.
+fn vm_initiator_name(id: u16) -> String {
+    format!("iqn.2026-11.org.holdfast:{}.{}.vm", common::cluster::CLUSTER, node_name(id))
+}
+
+/// run-guest.sh with guest-node.sh, and its QEMU.
+struct Guest {
+    run_guest: Child,
+    qemu: i32,
+}
+
+impl Guest {
+    fn boot(c: &Cluster, vmi: &VmInitiator) -> Guest {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel-node/guest-node.sh");
+        let out = std::fs::File::create(c.path("guest.out")).unwrap();
+        let share = c.dir.path().display().to_string();
+        let env = [
+            format!("HF_TARGET_IQN={TARGET}"),
+            format!("HF_LUN={LUN}"),
+            format!("HF_VM_INITIATOR={}", vm_initiator_name(1)),
+            "HF_CONFIG=node1.toml".to_string(),
+            format!("HF_DEVICE={DEVICE}"),
+        ];
+        let mut cmd = Command::new(&vmi.run_guest);
+        cmd.arg(&script)
+            .args(["--portal-port", &c.addr.port().to_string()])
+            .args(["--timeout", "600", "--share", &share])
+            .args(["--initiator-name", &vm_initiator_name(1)])
+            .arg("--console-log")
+            .arg(c.path("guest-console.log"));
+        for e in &env {
+            cmd.args(["--env", e]);
+        }
+        let err = out.try_clone().unwrap();
+        let mut run_guest = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start run-guest.sh");
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let qemu = kit::children_of(run_guest.id()).into_iter().find(|&p| is_qemu(p));
+            if let Some(qemu) = qemu {
+                return Guest { run_guest, qemu };
+            }
+            if Instant::now() > end || matches!(run_guest.try_wait(), Ok(Some(_))) {
+                let _ = run_guest.kill();
+                panic!("no QEMU under run-guest.sh:\n{}", read(c, "guest.out"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of QEMU, a child of our run-guest.sh child that is still
+        // running (run-guest.sh reaps it only when it exits, and we have not waited).
+        unsafe { libc::kill(self.qemu, sig) };
+    }
+
+    /// Wait up to `timeout` for run-guest.sh to end; its exit status.
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.run_guest.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.run_guest.try_wait() {
+            self.signal(libc::SIGCONT);
+            self.signal(libc::SIGKILL);
+            // run-guest.sh then sees QEMU gone and exits.
+            if self.wait(Duration::from_secs(10)).is_none() {
+                let _ = self.run_guest.kill();
+                let _ = self.run_guest.wait();
+            }
+        }
+    }
+}
+
+fn is_qemu(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu-system"))
+}
+
+fn read(c: &Cluster, name: &str) -> String {
+    std::fs::read_to_string(c.path(name)).unwrap_or_default()
+}
+
+/// Everything the guest left, for failure messages.
+fn guest_diagnostics(c: &Cluster) -> String {
+    let names = [
+        "guest.out",
+        "guest-status",
+        "agent-guest.log",
+        "events-node1.jsonl",
+        GUEST_ACKS,
+        "node1/g1.log",
+        "probe.log",
+    ];
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    format!("{}{}", c.kit.log_tails(&names, 30), c.diagnostics())
+}
+
+/// The guest VM's ack log events.
+fn guest_acks(c: &Cluster) -> Vec<AckEvent> {
+    read(c, GUEST_ACKS).lines().filter_map(AckEvent::parse).collect()
+}
+
+fn acked_in(events: &[AckEvent], run: u64) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, AckEvent::Ack { epoch, .. } if *epoch == run))
+        .count()
+}
+
+/// Boot the guest and wait until node 1 runs the group through the kernel initiator
+/// (5 acknowledged writes), then start node 2 and wait until it is up. Returns the
+/// guest run's epoch.
+async fn guest_owns_the_group(c: &mut Cluster, guest: &mut Guest) -> u64 {
+    let end = Instant::now() + BOOT;
+    let epoch = loop {
+        if let Some(r) = c.record(GROUP).await {
+            if r.owner == 1 && r.state == holdfast::agent::quorum::GroupState::Running {
+                if acked_in(&guest_acks(c), r.epoch) >= 5 {
+                    break r.epoch;
+                }
+            }
+        }
+        let ended = guest.run_guest.try_wait().ok().flatten();
+        assert!(
+            Instant::now() < end && ended.is_none(),
+            "node 1 in the guest did not run {GROUP} (run-guest.sh: {ended:?})\n{}",
+            guest_diagnostics(c)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let status = read(c, "guest-status");
+    assert!(status.contains(&format!("login {}", vm_initiator_name(1))), "{status}");
+    let since = 0;
+    c.start_agent(2);
+    assert!(
+        c.wait_agent_started(2, since, T).await,
+        "node 2 did not start\n{}",
+        c.diagnostics()
+    );
+    epoch
+}
+
+/// Node 2 took the group over from the guest's run `old`: a newer epoch, with 5 acks.
+async fn survivor_takes_over(c: &Cluster, old: u64) -> u64 {
+    let r = c.wait_running(GROUP, Some(2), T).await;
+    assert!(r.epoch > old, "{r:?}");
+    c.wait_acks(GROUP, r.epoch, 5, T).await;
+    let img = c.image().await;
+    assert!(img.admin(1).fence_count >= 1, "node 1 not fenced: {:?}", img.admin(1));
+    r.epoch
+}
+
+/// `holdfast guest check` over the disk and every ack log: must be clean. Node 2 is
+/// stopped first, so that no write is in flight while the checker reads.
+fn check_everything(c: &mut Cluster, extra_logs: &[&str]) -> String {
+    c.kill_node(2);
+    let mut args = vec![
+        "guest".to_string(),
+        "check".into(),
+        "--disk".into(),
+        c.kit.url(LUN),
+    ];
+    let mut logs = vec![c.ack_log(GROUP), c.path(GUEST_ACKS)];
+    logs.extend(extra_logs.iter().map(|l| c.path(l)));
+    for l in logs {
+        args.push("--ack-log".into());
+        args.push(l.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "guest check failed:\n{text}\n{}",
+        guest_diagnostics(c)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_of_the_guest_node_fails_over_cleanly() {
+    let Some(vmi) = vm_initiator() else { return };
+    let _one = ONE_GUEST.lock().await;
+    let mut c = cluster().await;
+    let mut guest = Guest::boot(&c, &vmi);
+    let old = guest_owns_the_group(&mut c, &mut guest).await;
+    let cut = Instant::now();
+    guest.signal(libc::SIGKILL);
+    let new = survivor_takes_over(&c, old).await;
+    eprintln!("power cut: node 2 runs {GROUP} (epoch {new}) {:?} after the cut", cut.elapsed());
+    let report = check_everything(&mut c, &[]);
+    eprintln!("{report}");
+}
+
+/// Ask the guest for one write as epoch `run` through its kernel block device; its
+/// exit status.
+async fn probe_write(c: &Cluster, run: u64) -> i32 {
+    std::fs::write(c.path("probe-request"), run.to_string()).unwrap();
+    let end = Instant::now() + T;
+    loop {
+        if let Ok(rc) = std::fs::read_to_string(c.path("probe-rc")) {
+            return rc.trim().parse().expect("probe-rc");
+        }
+        assert!(
+            Instant::now() < end,
+            "the guest did not run the probe\n{}",
+            guest_diagnostics(c)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
+    let Some(vmi) = vm_initiator() else { return };
+    let _one = ONE_GUEST.lock().await;
+    let mut c = cluster().await;
+    let mut guest = Guest::boot(&c, &vmi);
+    let old = guest_owns_the_group(&mut c, &mut guest).await;
+    guest.signal(libc::SIGSTOP);
+    let end = Instant::now() + Duration::from_secs(2);
+    while !kit::all_threads_stopped(guest.qemu) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let acked_when_frozen = acked_in(&guest_acks(&c), old);
+    let new = survivor_takes_over(&c, old).await;
+    guest.signal(libc::SIGCONT);
+    // The thawed node's deliberate write as the old run: refused by the target.
+    let rc = probe_write(&c, old).await;
+    assert_eq!(rc, 75, "probe write through the kernel initiator\n{}", guest_diagnostics(&c));
+    let dmesg = read(&c, "guest-dmesg.log");
+    assert!(
+        dmesg.contains("reservation conflict"),
+        "the guest kernel saw no RESERVATION CONFLICT:\n{dmesg}"
+    );
+    // The survivor keeps writing after the thaw.
+    let before = c.acked_in_epoch(GROUP, new);
+    c.wait_acks(GROUP, new, before + 5, T).await;
+    std::fs::write(c.path("guest-stop"), "").unwrap();
+    let stopped = guest.wait(T);
+    let events = guest_acks(&c);
+    let conflict = events
+        .iter()
+        .any(|e| matches!(e, AckEvent::Conflict { epoch, .. } if *epoch == old));
+    eprintln!(
+        "freeze: {acked_when_frozen} acks before the freeze, {} in all; the frozen VM's own \
+         write got RESERVATION CONFLICT: {conflict}; guest ended: {stopped:?}",
+        acked_in(&events, old)
+    );
+    let report = check_everything(&mut c, &["probe-acks.log"]);
+    eprintln!("{report}");
+}
