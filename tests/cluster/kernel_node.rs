@@ -148,7 +148,11 @@ fn write_guest_node_config(c: &Cluster) {
 /// The node's VM initiator name (docs/AGENT.md, identities): the agent registers it on
 /// the group's disks, and open-iscsi in the guest logs in with it.
 fn vm_initiator_name(id: u16) -> String {
-    format!("iqn.2026-11.org.holdfast:{}.{}.vm", common::cluster::CLUSTER, node_name(id))
+    format!(
+        "iqn.2026-11.org.holdfast:{}.{}.vm",
+        common::cluster::CLUSTER,
+        node_name(id)
+    )
 }
 
 /// run-guest.sh with guest-node.sh, and its QEMU.
@@ -188,7 +192,9 @@ impl Guest {
             .expect("start run-guest.sh");
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            let qemu = kit::children_of(run_guest.id()).into_iter().find(|&p| is_qemu(p));
+            let qemu = kit::children_of(run_guest.id())
+                .into_iter()
+                .find(|&p| is_qemu(p));
             if let Some(qemu) = qemu {
                 return Guest { run_guest, qemu };
             }
@@ -258,7 +264,10 @@ fn guest_diagnostics(c: &Cluster) -> String {
 
 /// The guest VM's ack log events.
 fn guest_acks(c: &Cluster) -> Vec<AckEvent> {
-    read(c, GUEST_ACKS).lines().filter_map(AckEvent::parse).collect()
+    read(c, GUEST_ACKS)
+        .lines()
+        .filter_map(AckEvent::parse)
+        .collect()
 }
 
 fn acked_in(events: &[AckEvent], run: u64) -> usize {
@@ -290,7 +299,10 @@ async fn guest_owns_the_group(c: &mut Cluster, guest: &mut Guest) -> u64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let status = read(c, "guest-status");
-    assert!(status.contains(&format!("login {}", vm_initiator_name(1))), "{status}");
+    assert!(
+        status.contains(&format!("login {}", vm_initiator_name(1))),
+        "{status}"
+    );
     let since = 0;
     c.start_agent(2);
     assert!(
@@ -307,7 +319,11 @@ async fn survivor_takes_over(c: &Cluster, old: u64) -> u64 {
     assert!(r.epoch > old, "{r:?}");
     c.wait_acks(GROUP, r.epoch, 5, T).await;
     let img = c.image().await;
-    assert!(img.admin(1).fence_count >= 1, "node 1 not fenced: {:?}", img.admin(1));
+    assert!(
+        img.admin(1).fence_count >= 1,
+        "node 1 not fenced: {:?}",
+        img.admin(1)
+    );
     r.epoch
 }
 
@@ -352,7 +368,10 @@ async fn power_cut_of_the_guest_node_fails_over_cleanly() {
     let cut = Instant::now();
     guest.signal(libc::SIGKILL);
     let new = survivor_takes_over(&c, old).await;
-    eprintln!("power cut: node 2 runs {GROUP} (epoch {new}) {:?} after the cut", cut.elapsed());
+    eprintln!(
+        "power cut: node 2 runs {GROUP} (epoch {new}) {:?} after the cut",
+        cut.elapsed()
+    );
     let report = check_everything(&mut c, &[]);
     eprintln!("{report}");
 }
@@ -375,6 +394,105 @@ async fn probe_write(c: &Cluster, run: u64) -> i32 {
     }
 }
 
+/// Blocks per region of the test guest's layout on the 16 MiB disk (32768 blocks of 512
+/// bytes: min(1024, (blocks - 1) / 16)), as README.md "Test guest" documents it.
+const SLOTS: u64 = 1024;
+
+/// The blocks the test guest's run of `epoch` writes to.
+fn region_of(epoch: u64) -> std::ops::Range<u64> {
+    let first = 1 + (epoch % 16) * SLOTS;
+    first..first + SLOTS
+}
+
+/// The block of the probe's one write: its first counter, from its `start` line.
+fn probe_block(c: &Cluster, epoch: u64) -> u64 {
+    let first = read(c, "probe-acks.log")
+        .lines()
+        .filter_map(AckEvent::parse)
+        .find_map(|e| match e {
+            AckEvent::Start { first, .. } => Some(first),
+            _ => None,
+        })
+        .expect("the probe's start line");
+    region_of(epoch).start + first % SLOTS
+}
+
+/// The LBAs of the writes the guest kernel logged as refused with RESERVATION CONFLICT
+/// ("reservation conflict", then the failed command's CDB: WRITE(10) or WRITE(16)).
+fn refused_blocks(dmesg: &str) -> Vec<u64> {
+    let lines: Vec<&str> = dmesg.lines().collect();
+    let mut blocks = vec![];
+    for (i, l) in lines.iter().enumerate() {
+        if !l.contains("reservation conflict") {
+            continue;
+        }
+        let cdb = lines[i + 1..lines.len().min(i + 4)]
+            .iter()
+            .find_map(|l| l.split_once("CDB: ").map(|(_, c)| c));
+        if let Some(lba) = cdb.and_then(write_lba) {
+            blocks.push(lba);
+        }
+    }
+    blocks
+}
+
+/// The LBA of a WRITE(10) or WRITE(16) CDB as the kernel prints it ("Write(10) 2a 08 ...").
+fn write_lba(cdb: &str) -> Option<u64> {
+    let bytes: Vec<u8> = cdb
+        .split_whitespace()
+        .skip(1)
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let be = |r: std::ops::Range<usize>| {
+        bytes
+            .get(r)
+            .map(|b| b.iter().fold(0u64, |a, &x| a << 8 | u64::from(x)))
+    };
+    match bytes.first() {
+        Some(0x2a) => be(2..6),
+        Some(0x8a) => be(2..10),
+        _ => None,
+    }
+}
+
+/// The kernel log at the guest's end: RESERVATION CONFLICT for the probe's write and for
+/// the frozen VM's own write (queued across the freeze, or issued the moment it thawed,
+/// before its agent paused or killed it). Returns the VM's refused blocks.
+fn kernel_refusals(c: &Cluster, old: u64) -> Vec<u64> {
+    let refused = refused_blocks(&read(c, "guest-dmesg.log"));
+    let probe = probe_block(c, old);
+    assert!(
+        refused.contains(&probe),
+        "the probe's block {probe} is not among the refused writes {refused:?}\n{}",
+        guest_diagnostics(c)
+    );
+    let region = region_of(old);
+    let vm_refused: Vec<u64> = refused
+        .iter()
+        .copied()
+        .filter(|b| region.contains(b) && *b != probe)
+        .collect();
+    assert!(
+        !vm_refused.is_empty(),
+        "no write of the frozen VM got RESERVATION CONFLICT (refused: {refused:?})\n{}",
+        guest_diagnostics(c)
+    );
+    vm_refused
+}
+
+#[test]
+fn refused_writes_are_read_from_the_kernel_log() {
+    let dmesg = "[ 22.1] sd 0:0:0:1: reservation conflict\n\
+        [ 22.1] sd 0:0:0:1: [sdb] tag#78 FAILED Result: hostbyte=DID_OK driverbyte=DRIVER_OK\n\
+        [ 22.1] sd 0:0:0:1: [sdb] tag#78 CDB: Write(10) 2a 08 00 00 04 0a 00 00 01 00\n\
+        [ 22.2] sd 0:0:0:1: [sdb] tag#79 CDB: Write(10) 2a 08 00 00 05 00 00 00 01 00\n\
+        [ 22.5] sd 0:0:0:1: reservation conflict\n\
+        [ 22.5] sd 0:0:0:1: [sdb] tag#71 CDB: Write(16) 8a 08 00 00 00 00 00 00 04 65 00 00 00 01 00 00\n";
+    assert_eq!(refused_blocks(dmesg), vec![0x40a, 0x465]);
+    assert!(region_of(1).contains(&0x40a) && !region_of(2).contains(&0x40a));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
     let Some(vmi) = vm_initiator() else { return };
@@ -392,24 +510,31 @@ async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
     guest.signal(libc::SIGCONT);
     // The thawed node's deliberate write as the old run: refused by the target.
     let rc = probe_write(&c, old).await;
-    assert_eq!(rc, 75, "probe write through the kernel initiator\n{}", guest_diagnostics(&c));
-    let dmesg = read(&c, "guest-dmesg.log");
-    assert!(
-        dmesg.contains("reservation conflict"),
-        "the guest kernel saw no RESERVATION CONFLICT:\n{dmesg}"
+    assert_eq!(
+        rc,
+        75,
+        "probe write through the kernel initiator\n{}",
+        guest_diagnostics(&c)
     );
     // The survivor keeps writing after the thaw.
     let before = c.acked_in_epoch(GROUP, new);
     c.wait_acks(GROUP, new, before + 5, T).await;
     std::fs::write(c.path("guest-stop"), "").unwrap();
     let stopped = guest.wait(T);
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "guest-node.sh did not stop cleanly: {stopped:?}\n{}",
+        guest_diagnostics(&c)
+    );
+    let vm_refused = kernel_refusals(&c, old);
     let events = guest_acks(&c);
     let conflict = events
         .iter()
         .any(|e| matches!(e, AckEvent::Conflict { epoch, .. } if *epoch == old));
     eprintln!(
-        "freeze: {acked_when_frozen} acks before the freeze, {} in all; the frozen VM's own \
-         write got RESERVATION CONFLICT: {conflict}; guest ended: {stopped:?}",
+        "freeze: {acked_when_frozen} acks before the freeze, {} in all; the frozen VM's \
+         writes to blocks {vm_refused:?} got RESERVATION CONFLICT (logged by the VM: \
+         {conflict})",
         acked_in(&events, old)
     );
     let report = check_everything(&mut c, &["probe-acks.log"]);
