@@ -5,21 +5,29 @@
 //! block device). Node 2 is a host agent whose VM is the usual iSCSI test guest.
 //!
 //! - Power cut: SIGKILL of the guest's QEMU; node 2 fences node 1 and takes over.
-//! - Freeze: SIGSTOP of QEMU until node 2 has taken over and written, then SIGCONT. The
-//!   thawed guest's kernel initiator must get RESERVATION CONFLICT: its queued writes
-//!   (kernel log) and a deliberate write as the old run's epoch (must exit 75).
+//! - Freeze: the kernel initiator's connection stalls (a relay holds what it sends, so the
+//!   VM's next write is certainly outstanding), QEMU gets SIGSTOP, the stalled
+//!   connection is dropped, and once node 2 has taken over and written, SIGCONT. The
+//!   thawed kernel re-logs in and resends the queued write: the guest's kernel log must
+//!   show it refused with RESERVATION CONFLICT, and a deliberate write as the old run's
+//!   epoch must be refused too (exit 75). Whether the agent pauses or kills the VM on
+//!   thaw does not matter here.
 //!
 //! Both end with `holdfast guest check` over every ack log: no lost acknowledged write,
 //! no double run, no late write. The tests skip (with the reason printed) without the
 //! guest image or QEMU, or with SKIP_VM=1; `HOLDFAST_VM_TESTS=require` (tools/test) turns
 //! a missing prerequisite into a failure.
 
+mod relay;
+
 use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec, TARGET};
 use holdfast::agent::config::{Timings, VmConfig};
+use holdfast::agent::quorum::GroupState;
 use holdfast::cli::cluster_kit as kit;
 use holdfast::cli::guest::AckEvent;
+use relay::Relay;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,6 +144,9 @@ fn write_guest_node_config(c: &Cluster) {
         &acks,
         "--state-file",
         "{state_file}",
+        // Nearly always a write in flight: a freeze then catches one queued.
+        "--interval",
+        "2ms",
     ];
     let VmConfig::Process(vm) = &mut cfg.groups[0].vm else {
         panic!("the kit's groups use the process driver");
@@ -162,7 +173,8 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(c: &Cluster, vmi: &VmInitiator) -> Guest {
+    /// Boot node 1; its kernel initiator reaches the target through `data_port`.
+    fn boot(c: &Cluster, vmi: &VmInitiator, data_port: u16) -> Guest {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel-node/guest-node.sh");
         let out = std::fs::File::create(c.path("guest.out")).unwrap();
         let share = c.dir.path().display().to_string();
@@ -172,6 +184,7 @@ impl Guest {
             format!("HF_VM_INITIATOR={}", vm_initiator_name(1)),
             "HF_CONFIG=node1.toml".to_string(),
             format!("HF_DEVICE={DEVICE}"),
+            format!("HF_DATA_PORT={data_port}"),
         ];
         let mut cmd = Command::new(&vmi.run_guest);
         cmd.arg(&script)
@@ -284,10 +297,9 @@ async fn guest_owns_the_group(c: &mut Cluster, guest: &mut Guest) -> u64 {
     let end = Instant::now() + BOOT;
     let epoch = loop {
         if let Some(r) = c.record(GROUP).await {
-            if r.owner == 1 && r.state == holdfast::agent::quorum::GroupState::Running {
-                if acked_in(&guest_acks(c), r.epoch) >= 5 {
-                    break r.epoch;
-                }
+            let running = r.owner == 1 && r.state == GroupState::Running;
+            if running && acked_in(&guest_acks(c), r.epoch) >= 5 {
+                break r.epoch;
             }
         }
         let ended = guest.run_guest.try_wait().ok().flatten();
@@ -303,10 +315,9 @@ async fn guest_owns_the_group(c: &mut Cluster, guest: &mut Guest) -> u64 {
         status.contains(&format!("login {}", vm_initiator_name(1))),
         "{status}"
     );
-    let since = 0;
     c.start_agent(2);
     assert!(
-        c.wait_agent_started(2, since, T).await,
+        c.wait_agent_started(2, 0, T).await,
         "node 2 did not start\n{}",
         c.diagnostics()
     );
@@ -363,7 +374,7 @@ async fn power_cut_of_the_guest_node_fails_over_cleanly() {
     let Some(vmi) = vm_initiator() else { return };
     let _one = ONE_GUEST.lock().await;
     let mut c = cluster().await;
-    let mut guest = Guest::boot(&c, &vmi);
+    let mut guest = Guest::boot(&c, &vmi, c.addr.port());
     let old = guest_owns_the_group(&mut c, &mut guest).await;
     let cut = Instant::now();
     guest.signal(libc::SIGKILL);
@@ -374,6 +385,34 @@ async fn power_cut_of_the_guest_node_fails_over_cleanly() {
     );
     let report = check_everything(&mut c, &[]);
     eprintln!("{report}");
+}
+
+/// Wait until the guest's VM (writing every 2 ms) has acknowledged nothing for a second:
+/// its next write is outstanding. The counter of that write.
+async fn wait_for_a_stalled_write(c: &Cluster, run: u64) -> u64 {
+    let end = Instant::now() + T;
+    let next = |events: Vec<AckEvent>| {
+        events.iter().fold(None, |n, e| match e {
+            AckEvent::Start { epoch, first, .. } if *epoch == run => Some(*first),
+            AckEvent::Ack { epoch, counter, .. } if *epoch == run => Some(counter + 1),
+            _ => n,
+        })
+    };
+    let mut last = (next(guest_acks(c)), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = next(guest_acks(c));
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(1) {
+            return n.expect("the run's start line");
+        }
+        assert!(
+            Instant::now() < end,
+            "the guest's VM kept acknowledging writes through a held connection\n{}",
+            guest_diagnostics(c)
+        );
+    }
 }
 
 /// Ask the guest for one write as epoch `run` through its kernel block device; its
@@ -417,80 +456,90 @@ fn probe_block(c: &Cluster, epoch: u64) -> u64 {
     region_of(epoch).start + first % SLOTS
 }
 
-/// The LBAs of the writes the guest kernel logged as refused with RESERVATION CONFLICT
-/// ("reservation conflict", then the failed command's CDB: WRITE(10) or WRITE(16)).
-fn refused_blocks(dmesg: &str) -> Vec<u64> {
-    let lines: Vec<&str> = dmesg.lines().collect();
-    let mut blocks = vec![];
-    for (i, l) in lines.iter().enumerate() {
-        if !l.contains("reservation conflict") {
-            continue;
-        }
-        let cdb = lines[i + 1..lines.len().min(i + 4)]
-            .iter()
-            .find_map(|l| l.split_once("CDB: ").map(|(_, c)| c));
-        if let Some(lba) = cdb.and_then(write_lba) {
-            blocks.push(lba);
-        }
-    }
-    blocks
+/// A write the guest kernel failed with RESERVATION CONFLICT.
+#[derive(Debug, PartialEq)]
+enum Refused {
+    /// A data write to this block (512-byte blocks: the sector number).
+    Block(u64),
+    /// A cache flush, as an O_DSYNC write sends after its data.
+    Flush,
 }
 
-/// The LBA of a WRITE(10) or WRITE(16) CDB as the kernel prints it ("Write(10) 2a 08 ...").
-fn write_lba(cdb: &str) -> Option<u64> {
-    let bytes: Vec<u8> = cdb
-        .split_whitespace()
-        .skip(1)
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    let be = |r: std::ops::Range<usize>| {
-        bytes
-            .get(r)
-            .map(|b| b.iter().fold(0u64, |a, &x| a << 8 | u64::from(x)))
-    };
-    match bytes.first() {
-        Some(0x2a) => be(2..6),
-        Some(0x8a) => be(2..10),
-        _ => None,
-    }
+/// The refused writes in the guest's kernel log, from the block layer's error line:
+/// "critical nexus error, dev sdb, sector 1034 op 0x1:(WRITE) flags 0x28800 phys_seg 1 …"
+/// (Linux 6.1; 6.5 and later call it "reservation conflict error"). A flush carries no
+/// data: phys_seg 0.
+fn refused_writes(dmesg: &str) -> Vec<Refused> {
+    dmesg
+        .lines()
+        .filter(|l| {
+            l.contains("critical nexus error, dev ")
+                || l.contains("reservation conflict error, dev ")
+        })
+        .filter(|l| l.contains(" op 0x1:(WRITE) "))
+        .filter_map(|l| {
+            let field = |name: &str| -> Option<u64> {
+                let rest = l.split_once(name)?.1;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            match field(" phys_seg ")? {
+                0 => Some(Refused::Flush),
+                _ => Some(Refused::Block(field(", sector ")?)),
+            }
+        })
+        .collect()
 }
 
 /// The kernel log at the guest's end: RESERVATION CONFLICT for the probe's write and for
-/// the frozen VM's own write (queued across the freeze, or issued the moment it thawed,
-/// before its agent paused or killed it). Returns the VM's refused blocks.
-fn kernel_refusals(c: &Cluster, old: u64) -> Vec<u64> {
-    let refused = refused_blocks(&read(c, "guest-dmesg.log"));
-    let probe = probe_block(c, old);
-    assert!(
-        refused.contains(&probe),
-        "the probe's block {probe} is not among the refused writes {refused:?}\n{}",
-        guest_diagnostics(c)
-    );
+/// the frozen VM's write of counter `stalled` (the data, or the flush that follows it),
+/// queued across the freeze. The VM's refused writes.
+fn kernel_refusals(c: &Cluster, old: u64, stalled: u64) -> Vec<Refused> {
+    let mut refused = refused_writes(&read(c, "guest-dmesg.log"));
+    let probe = Refused::Block(probe_block(c, old));
+    let Some(at) = refused.iter().position(|r| *r == probe) else {
+        panic!(
+            "the probe's write ({probe:?}) is not among the refused ones {refused:?}\n{}",
+            guest_diagnostics(c)
+        );
+    };
+    refused.remove(at);
+    // Nothing else writes through the device: the rest is the VM's.
     let region = region_of(old);
-    let vm_refused: Vec<u64> = refused
-        .iter()
-        .copied()
-        .filter(|b| region.contains(b) && *b != probe)
-        .collect();
     assert!(
-        !vm_refused.is_empty(),
-        "no write of the frozen VM got RESERVATION CONFLICT (refused: {refused:?})\n{}",
+        refused.iter().all(|r| match r {
+            Refused::Block(b) => region.contains(b),
+            Refused::Flush => true,
+        }),
+        "refused writes outside the old run's region: {refused:?}"
+    );
+    let queued = Refused::Block(region.start + stalled % SLOTS);
+    assert!(
+        refused.contains(&queued) || refused.contains(&Refused::Flush),
+        "the frozen VM's queued write of counter {stalled} ({queued:?}) was not refused \
+         with RESERVATION CONFLICT: {refused:?}\n{}",
         guest_diagnostics(c)
     );
-    vm_refused
+    refused
 }
 
 #[test]
 fn refused_writes_are_read_from_the_kernel_log() {
-    let dmesg = "[ 22.1] sd 0:0:0:1: reservation conflict\n\
-        [ 22.1] sd 0:0:0:1: [sdb] tag#78 FAILED Result: hostbyte=DID_OK driverbyte=DRIVER_OK\n\
-        [ 22.1] sd 0:0:0:1: [sdb] tag#78 CDB: Write(10) 2a 08 00 00 04 0a 00 00 01 00\n\
-        [ 22.2] sd 0:0:0:1: [sdb] tag#79 CDB: Write(10) 2a 08 00 00 05 00 00 00 01 00\n\
-        [ 22.5] sd 0:0:0:1: reservation conflict\n\
-        [ 22.5] sd 0:0:0:1: [sdb] tag#71 CDB: Write(16) 8a 08 00 00 00 00 00 00 04 65 00 00 00 01 00 00\n";
-    assert_eq!(refused_blocks(dmesg), vec![0x40a, 0x465]);
-    assert!(region_of(1).contains(&0x40a) && !region_of(2).contains(&0x40a));
+    let dmesg = "[   22.7]  connection1:0: detected conn error (1020)\n\
+        [   25.7] sd 0:0:0:1: reservation conflict\n\
+        [   25.7] critical nexus error, dev sdb, sector 0 op 0x1:(WRITE) flags 0x800 phys_seg 0 prio class 2\n\
+        [   26.1] sd 0:0:0:1: reservation conflict\n\
+        [   26.1] sd 0:0:0:1: [sdb] tag#78 CDB: Write(10) 2a 08 00 00 04 96 00 00 01 00\n\
+        [   26.1] critical nexus error, dev sdb, sector 1174 op 0x1:(WRITE) flags 0x28800 phys_seg 1 prio class 2\n\
+        [   27.0] critical nexus error, dev sdb, sector 7 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2\n\
+        [   28.0] reservation conflict error, dev sdc, sector 1037 op 0x1:(WRITE) flags 0x8800 phys_seg 1 prio class 2\n";
+    assert_eq!(
+        refused_writes(dmesg),
+        vec![Refused::Flush, Refused::Block(1174), Refused::Block(1037)]
+    );
+    assert!(region_of(1).contains(&1174) && !region_of(2).contains(&1174));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,14 +547,20 @@ async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
     let Some(vmi) = vm_initiator() else { return };
     let _one = ONE_GUEST.lock().await;
     let mut c = cluster().await;
-    let mut guest = Guest::boot(&c, &vmi);
+    let relay = Relay::start(c.addr).await;
+    let mut guest = Guest::boot(&c, &vmi, relay.port);
     let old = guest_owns_the_group(&mut c, &mut guest).await;
+    // Freeze the node while its VM has a write outstanding: the data path stalls (the
+    // VM's next write never reaches the target), then QEMU stops, then the stalled
+    // connection goes away. The agent's own sessions are not stalled.
+    relay.hold();
+    let stalled = wait_for_a_stalled_write(&c, old).await;
     guest.signal(libc::SIGSTOP);
     let end = Instant::now() + Duration::from_secs(2);
     while !kit::all_threads_stopped(guest.qemu) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let acked_when_frozen = acked_in(&guest_acks(&c), old);
+    relay.cut();
     let new = survivor_takes_over(&c, old).await;
     guest.signal(libc::SIGCONT);
     // The thawed node's deliberate write as the old run: refused by the target.
@@ -526,14 +581,14 @@ async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
         "guest-node.sh did not stop cleanly: {stopped:?}\n{}",
         guest_diagnostics(&c)
     );
-    let vm_refused = kernel_refusals(&c, old);
+    let vm_refused = kernel_refusals(&c, old, stalled);
     let events = guest_acks(&c);
     let conflict = events
         .iter()
         .any(|e| matches!(e, AckEvent::Conflict { epoch, .. } if *epoch == old));
     eprintln!(
-        "freeze: {acked_when_frozen} acks before the freeze, {} in all; the frozen VM's \
-         writes to blocks {vm_refused:?} got RESERVATION CONFLICT (logged by the VM: \
+        "freeze: write {stalled} outstanding at the freeze, {} acks in all; the frozen VM's \
+         writes {vm_refused:?} got RESERVATION CONFLICT (logged by the VM: \
          {conflict})",
         acked_in(&events, old)
     );

@@ -4,12 +4,13 @@
 # Linux kernel initiator. Driven by tests/cluster/kernel_node.rs.
 #
 #   1. open-iscsi logs in as the node's VM initiator name (HF_VM_INITIATOR, written to
-#      /etc/iscsi/initiatorname.iscsi) through the portal TARGET_HOST:TARGET_PORT;
+#      /etc/iscsi/initiatorname.iscsi) through TARGET_HOST:HF_DATA_PORT (the test's relay
+#      to the target, default TARGET_PORT: the target itself);
 #   2. the block device of LUN HF_LUN becomes HF_DEVICE (a symlink to /dev/sdX), the
 #      path the node config's VM command (`holdfast guest run --device`) uses;
 #   3. `holdfast agent --config SHARE/HF_CONFIG` runs from the host's build (copied from
 #      the share to tmpfs, so a frozen or slow 9p share cannot stall its page-ins); its
-#      own sessions use the repository's initiator over TCP to the same portal;
+#      own sessions use the repository's initiator over TCP to the portal of its config;
 #   4. requests from the host, as files in the share:
 #        probe-request (an epoch)  one write through the kernel device as that epoch
 #                                  (`guest run --device --exit-after 1`); its exit
@@ -18,12 +19,12 @@
 #      Status lines go to SHARE/guest-status; the kernel log to SHARE/guest-dmesg.log.
 #
 # Env (run-guest.sh --env): HF_TARGET_IQN, HF_LUN, HF_VM_INITIATOR, HF_CONFIG (file
-# name in the share), HF_DEVICE, HF_SHARE (where --share is mounted, default /mnt/host).
+# name in the share), HF_DEVICE, HF_DATA_PORT, HF_SHARE (where --share is mounted, default /mnt/host).
 set -euo pipefail
 # run-guest.sh --share mounts the host folder here (VM_HOST_SHARE is not exported)
 SHARE=${HF_SHARE:-/mnt/host}
 mountpoint -q "$SHARE" || { echo "FAIL $SHARE is not mounted (run-guest.sh --share)"; exit 1; }
-PORTAL="$TARGET_HOST:$TARGET_PORT"
+PORTAL="$TARGET_HOST:${HF_DATA_PORT:-$TARGET_PORT}"
 RUN=/run/hf
 STATUS=$SHARE/guest-status
 mkdir -p "$RUN"
