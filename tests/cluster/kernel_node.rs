@@ -18,7 +18,9 @@
 //! guest image or QEMU, or with SKIP_VM=1; `HOLDFAST_VM_TESTS=require` (tools/test) turns
 //! a missing prerequisite into a failure.
 
+mod kernel_log;
 mod relay;
+mod vm;
 
 use crate::common;
 
@@ -27,10 +29,11 @@ use holdfast::agent::config::{Timings, VmConfig};
 use holdfast::agent::quorum::GroupState;
 use holdfast::cli::cluster_kit as kit;
 use holdfast::cli::guest::AckEvent;
+use kernel_log::{refused_writes, Refused};
 use relay::Relay;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
+use vm::{vm_initiator, Guest, VmInitiator};
 
 const GROUP: &str = "g1";
 const LUN: u64 = 1;
@@ -46,58 +49,6 @@ const T: Duration = Duration::from_secs(60);
 
 /// Only one guest at a time: each is a 2-vCPU TCG emulator on a small machine.
 static ONE_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// What running the guest needs: run-guest.sh and a built image.
-struct VmInitiator {
-    run_guest: PathBuf,
-}
-
-/// The vm-initiator, or None (with the reason printed) when the test must skip.
-fn vm_initiator() -> Option<VmInitiator> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shared = std::env::var_os("HOLDFAST_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("../shared"));
-    let images = std::env::var_os("VM_INITIATOR_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/vm-initiator")
-        });
-    let run_guest = shared.join("vm-initiator/run-guest.sh");
-    let missing = if std::env::var("SKIP_VM").as_deref() == Ok("1") {
-        Some("SKIP_VM=1".to_string())
-    } else if !run_guest.is_file() {
-        Some(format!("{} missing", run_guest.display()))
-    } else if let Some(f) = ["vmlinuz", "initrd.img", "root.img"]
-        .iter()
-        .find(|f| !images.join(f).is_file())
-    {
-        Some(format!(
-            "guest image {} missing (run {}/vm-initiator/build-image.sh)",
-            images.join(f).display(),
-            shared.display()
-        ))
-    } else if !Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some("qemu-system-x86_64 not installed".to_string())
-    } else {
-        None
-    };
-    match missing {
-        None => Some(VmInitiator { run_guest }),
-        Some(why) if std::env::var("HOLDFAST_VM_TESTS").as_deref() == Ok("require") => {
-            panic!("kernel_node: HOLDFAST_VM_TESTS=require but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIP kernel_node: {why}");
-            None
-        }
-    }
-}
 
 /// Slower than the defaults: node 1 runs under TCG emulation on a shared machine.
 fn timings() -> Timings {
@@ -166,94 +117,34 @@ fn vm_initiator_name(id: u16) -> String {
     )
 }
 
-/// run-guest.sh with guest-node.sh, and its QEMU.
-struct Guest {
-    run_guest: Child,
-    qemu: i32,
-}
-
-impl Guest {
-    /// Boot node 1; its kernel initiator reaches the target through `data_port`.
-    fn boot(c: &Cluster, vmi: &VmInitiator, data_port: u16) -> Guest {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel-node/guest-node.sh");
-        let out = std::fs::File::create(c.path("guest.out")).unwrap();
-        let share = c.dir.path().display().to_string();
-        let env = [
-            format!("HF_TARGET_IQN={TARGET}"),
-            format!("HF_LUN={LUN}"),
-            format!("HF_VM_INITIATOR={}", vm_initiator_name(1)),
-            "HF_CONFIG=node1.toml".to_string(),
-            format!("HF_DEVICE={DEVICE}"),
-            format!("HF_DATA_PORT={data_port}"),
-        ];
-        let mut cmd = Command::new(&vmi.run_guest);
-        cmd.arg(&script)
-            .args(["--portal-port", &c.addr.port().to_string()])
-            .args(["--timeout", "600", "--share", &share])
-            .args(["--initiator-name", &vm_initiator_name(1)])
-            .arg("--console-log")
-            .arg(c.path("guest-console.log"));
-        for e in &env {
-            cmd.args(["--env", e]);
-        }
-        let err = out.try_clone().unwrap();
-        let mut run_guest = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start run-guest.sh");
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            let qemu = kit::children_of(run_guest.id())
-                .into_iter()
-                .find(|&p| is_qemu(p));
-            if let Some(qemu) = qemu {
-                return Guest { run_guest, qemu };
-            }
-            if Instant::now() > end || matches!(run_guest.try_wait(), Ok(Some(_))) {
-                let _ = run_guest.kill();
-                panic!("no QEMU under run-guest.sh:\n{}", read(c, "guest.out"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+/// Boot node 1 in the guest; its kernel initiator reaches the target through
+/// `data_port`, its agent directly.
+fn boot_node1(c: &Cluster, vmi: &VmInitiator, data_port: u16) -> Guest {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel-node/guest-node.sh");
+    let mut options: Vec<String> = vec![
+        "--portal-port".into(),
+        c.addr.port().to_string(),
+        "--timeout".into(),
+        "600".into(),
+        "--share".into(),
+        c.dir.path().display().to_string(),
+        "--initiator-name".into(),
+        vm_initiator_name(1),
+        "--console-log".into(),
+        c.path("guest-console.log").display().to_string(),
+    ];
+    let env = [
+        format!("HF_TARGET_IQN={TARGET}"),
+        format!("HF_LUN={LUN}"),
+        format!("HF_VM_INITIATOR={}", vm_initiator_name(1)),
+        "HF_CONFIG=node1.toml".to_string(),
+        format!("HF_DEVICE={DEVICE}"),
+        format!("HF_DATA_PORT={data_port}"),
+    ];
+    for e in env {
+        options.extend(["--env".to_string(), e]);
     }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) of QEMU, a child of our run-guest.sh child that is still
-        // running (run-guest.sh reaps it only when it exits, and we have not waited).
-        unsafe { libc::kill(self.qemu, sig) };
-    }
-
-    /// Wait up to `timeout` for run-guest.sh to end; its exit status.
-    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.run_guest.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if let Ok(None) = self.run_guest.try_wait() {
-            self.signal(libc::SIGCONT);
-            self.signal(libc::SIGKILL);
-            // run-guest.sh then sees QEMU gone and exits.
-            if self.wait(Duration::from_secs(10)).is_none() {
-                let _ = self.run_guest.kill();
-                let _ = self.run_guest.wait();
-            }
-        }
-    }
-}
-
-fn is_qemu(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu-system"))
+    Guest::boot(vmi, &script, &options, &c.path("guest.out"))
 }
 
 fn read(c: &Cluster, name: &str) -> String {
@@ -302,7 +193,7 @@ async fn guest_owns_the_group(c: &mut Cluster, guest: &mut Guest) -> u64 {
                 break r.epoch;
             }
         }
-        let ended = guest.run_guest.try_wait().ok().flatten();
+        let ended = guest.ended();
         assert!(
             Instant::now() < end && ended.is_none(),
             "node 1 in the guest did not run {GROUP} (run-guest.sh: {ended:?})\n{}",
@@ -374,7 +265,7 @@ async fn power_cut_of_the_guest_node_fails_over_cleanly() {
     let Some(vmi) = vm_initiator() else { return };
     let _one = ONE_GUEST.lock().await;
     let mut c = cluster().await;
-    let mut guest = Guest::boot(&c, &vmi, c.addr.port());
+    let mut guest = boot_node1(&c, &vmi, c.addr.port());
     let old = guest_owns_the_group(&mut c, &mut guest).await;
     let cut = Instant::now();
     guest.signal(libc::SIGKILL);
@@ -456,43 +347,6 @@ fn probe_block(c: &Cluster, epoch: u64) -> u64 {
     region_of(epoch).start + first % SLOTS
 }
 
-/// A write the guest kernel failed with RESERVATION CONFLICT.
-#[derive(Debug, PartialEq)]
-enum Refused {
-    /// A data write to this block (512-byte blocks: the sector number).
-    Block(u64),
-    /// A cache flush, as an O_DSYNC write sends after its data.
-    Flush,
-}
-
-/// The refused writes in the guest's kernel log, from the block layer's error line:
-/// "critical nexus error, dev sdb, sector 1034 op 0x1:(WRITE) flags 0x28800 phys_seg 1 …"
-/// (Linux 6.1; 6.5 and later call it "reservation conflict error"). A flush carries no
-/// data: phys_seg 0.
-fn refused_writes(dmesg: &str) -> Vec<Refused> {
-    dmesg
-        .lines()
-        .filter(|l| {
-            l.contains("critical nexus error, dev ")
-                || l.contains("reservation conflict error, dev ")
-        })
-        .filter(|l| l.contains(" op 0x1:(WRITE) "))
-        .filter_map(|l| {
-            let field = |name: &str| -> Option<u64> {
-                let rest = l.split_once(name)?.1;
-                rest.split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse()
-                    .ok()
-            };
-            match field(" phys_seg ")? {
-                0 => Some(Refused::Flush),
-                _ => Some(Refused::Block(field(", sector ")?)),
-            }
-        })
-        .collect()
-}
-
 /// The kernel log at the guest's end: RESERVATION CONFLICT for the probe's write and for
 /// the frozen VM's write of counter `stalled` (the data, or the flush that follows it),
 /// queued across the freeze. The VM's refused writes.
@@ -525,30 +379,13 @@ fn kernel_refusals(c: &Cluster, old: u64, stalled: u64) -> Vec<Refused> {
     refused
 }
 
-#[test]
-fn refused_writes_are_read_from_the_kernel_log() {
-    let dmesg = "[   22.7]  connection1:0: detected conn error (1020)\n\
-        [   25.7] sd 0:0:0:1: reservation conflict\n\
-        [   25.7] critical nexus error, dev sdb, sector 0 op 0x1:(WRITE) flags 0x800 phys_seg 0 prio class 2\n\
-        [   26.1] sd 0:0:0:1: reservation conflict\n\
-        [   26.1] sd 0:0:0:1: [sdb] tag#78 CDB: Write(10) 2a 08 00 00 04 96 00 00 01 00\n\
-        [   26.1] critical nexus error, dev sdb, sector 1174 op 0x1:(WRITE) flags 0x28800 phys_seg 1 prio class 2\n\
-        [   27.0] critical nexus error, dev sdb, sector 7 op 0x0:(READ) flags 0x0 phys_seg 1 prio class 2\n\
-        [   28.0] reservation conflict error, dev sdc, sector 1037 op 0x1:(WRITE) flags 0x8800 phys_seg 1 prio class 2\n";
-    assert_eq!(
-        refused_writes(dmesg),
-        vec![Refused::Flush, Refused::Block(1174), Refused::Block(1037)]
-    );
-    assert!(region_of(1).contains(&1174) && !region_of(2).contains(&1174));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
     let Some(vmi) = vm_initiator() else { return };
     let _one = ONE_GUEST.lock().await;
     let mut c = cluster().await;
     let relay = Relay::start(c.addr).await;
-    let mut guest = Guest::boot(&c, &vmi, relay.port);
+    let mut guest = boot_node1(&c, &vmi, relay.port);
     let old = guest_owns_the_group(&mut c, &mut guest).await;
     // Freeze the node while its VM has a write outstanding: the data path stalls (the
     // VM's next write never reaches the target), then QEMU stops, then the stalled
@@ -556,10 +393,7 @@ async fn frozen_guest_node_is_fenced_on_the_kernel_data_path() {
     relay.hold();
     let stalled = wait_for_a_stalled_write(&c, old).await;
     guest.signal(libc::SIGSTOP);
-    let end = Instant::now() + Duration::from_secs(2);
-    while !kit::all_threads_stopped(guest.qemu) && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    guest.wait_stopped();
     relay.cut();
     let new = survivor_takes_over(&c, old).await;
     guest.signal(libc::SIGCONT);
