@@ -3,9 +3,10 @@
 //!
 //! Same record layout and ack log as the iSCSI mode (so `guest check` judges both alike).
 //! Every I/O is O_DIRECT (no page cache between us and the disk) and every write
-//! O_DSYNC (acknowledged only once durable, like a FUA write). The kernel reports a
-//! RESERVATION CONFLICT as EIO, so an EIO on write counts as fenced: it is logged as a
-//! `conflict` and the run exits 75.
+//! O_DSYNC (acknowledged only once durable, like a FUA write). Linux fails a direct
+//! write that got RESERVATION CONFLICT with EBADE (BLK_STS_NEXUS / RESV_CONFLICT) and
+//! other paths with EIO, so either counts as fenced: it is logged as a `conflict` and
+//! the run exits 75.
 
 use super::guest::{
     ending_status, file_err, first_counter, install_signals, saved_state, AckEvent, AckLog,
@@ -99,10 +100,11 @@ impl Device {
     }
 }
 
-/// What a failed write means: EIO is how the kernel reports RESERVATION CONFLICT
-/// (and a dead path, which after the kernel's own retries is as good as fenced).
+/// What a failed write means: EBADE is how the kernel reports RESERVATION CONFLICT to
+/// direct I/O, EIO through other paths (and for a dead path, which after the kernel's
+/// own retries is as good as fenced).
 fn ending_of_write_error(e: &std::io::Error) -> Ending {
-    if e.raw_os_error() == Some(libc::EIO) {
+    if matches!(e.raw_os_error(), Some(libc::EBADE | libc::EIO)) {
         Ending::Conflict
     } else {
         Ending::Error(e.to_string())
@@ -348,9 +350,11 @@ mod tests {
     }
 
     #[test]
-    fn eio_means_fenced_other_errors_do_not() {
-        let eio = std::io::Error::from_raw_os_error(libc::EIO);
-        assert!(matches!(ending_of_write_error(&eio), Ending::Conflict));
+    fn eio_and_ebade_mean_fenced_other_errors_do_not() {
+        for fenced in [libc::EIO, libc::EBADE] {
+            let e = std::io::Error::from_raw_os_error(fenced);
+            assert!(matches!(ending_of_write_error(&e), Ending::Conflict));
+        }
         let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert!(matches!(ending_of_write_error(&enospc), Ending::Error(_)));
         let (reason, code) = ending_status(

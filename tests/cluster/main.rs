@@ -1,6 +1,7 @@
 //! Cluster integration tests in one crate: `holdfast agent` processes against a target,
-//! the VM drivers, the test guest and its checker, the demo, the fault test and the
-//! failover benchmark. Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
+//! the VM drivers, the test guest and its checker, the demo, the fault test, the
+//! failover benchmark, and a node inside a QEMU guest writing through the kernel
+//! initiator (kernel_node). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -14,3 +15,4 @@ mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
 mod demo;
+mod kernel_node;
