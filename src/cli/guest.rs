@@ -1167,8 +1167,9 @@ impl Guest {
     /// Log in again with a fresh ISID, every 100 ms for up to 30 s.
     async fn relogin(&mut self) -> Result<(), Fail> {
         self.session = None;
-        let deadline = Instant::now() + RELOGIN_FOR;
+        let mut deadline = Instant::now() + RELOGIN_FOR;
         let mut attempt_no: u32 = 0;
+        let mut began = Instant::now();
         loop {
             attempt_no += 1;
             let mut rx = self.stop.clone();
@@ -1190,9 +1191,15 @@ impl Guest {
                 }
                 Err(e) => debug!(error = %e, "re-login failed"),
             }
+            // A round (wait + attempt) far longer than its limits means this process was
+            // stopped (a VM paused through a storage outage): that is not patience spent.
+            if began.elapsed() > RELOGIN_EVERY + LOGIN_TIMEOUT + Duration::from_secs(1) {
+                deadline = Instant::now() + RELOGIN_FOR;
+            }
             if Instant::now() >= deadline {
                 return Err(Fail::Lost);
             }
+            began = Instant::now();
             self.pause(RELOGIN_EVERY).await.map_err(Fail::Stopped)?;
         }
     }
