@@ -17,6 +17,7 @@
 //! [`config_value`] holds what both configuration files share (errors, sizes).
 
 pub mod agent;
+pub mod atomic_file;
 pub mod cli;
 pub mod config_value;
 pub mod initiator;

@@ -705,7 +705,7 @@ impl Agent {
             return;
         }
         let path = self.sh.cfg.config.node.state_dir.join(PAUSE_FILE);
-        match crate::store::atomic::write_file_atomically(&path, text.as_bytes()) {
+        match crate::atomic_file::write_file_atomically(&path, text.as_bytes()) {
             Ok(()) => self.pause_file = text,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the pause file")

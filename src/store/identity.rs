@@ -2,8 +2,8 @@
 //! (VPD 0x80). Cluster software keys disks on these, so they must never change for the
 //! life of the backing file; they live in a sidecar `<backing file>.holdfast-id`.
 
-use super::atomic::write_file_atomically;
 use super::StoreError;
+use crate::atomic_file::write_file_atomically;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::io;

@@ -2,13 +2,12 @@
 //! [`crate::scsi::backend::BlockBackend`], the persisted per-LUN identity (NAA + serial),
 //! and the crash-atomic file write used for durable state.
 
-pub mod atomic;
 pub mod file;
 pub mod identity;
 pub mod memory;
 pub mod pr_file;
 
-pub use atomic::write_file_atomically;
+pub use crate::atomic_file::write_file_atomically;
 pub use file::FileBackend;
 pub use identity::{load_or_create, LunIdentity};
 pub use memory::MemBackend;

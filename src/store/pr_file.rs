@@ -1,7 +1,7 @@
 //! File-backed [`PrStore`]: the APTPL persistent reservation state of a LUN in the sidecar
 //! `<backing file>.holdfast-pr`, replaced crash-atomically.
 
-use super::atomic::write_file_atomically;
+use crate::atomic_file::write_file_atomically;
 use crate::scsi::PrStore;
 use std::ffi::OsString;
 use std::fs::{self, File};

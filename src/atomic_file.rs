@@ -1,4 +1,6 @@
-//! Crash-atomic replacement of small files (LUN identity, persistent reservation state).
+//! Crash-atomic replacement of small files: the target's LUN identity and persistent
+//! reservation state, the agent's paused.json. Outside `store` so the agent can use it
+//! without reaching into the storage layer.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
