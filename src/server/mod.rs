@@ -3,6 +3,7 @@
 pub mod config;
 pub mod connection;
 pub mod limits;
+pub mod live;
 pub mod portal;
 pub mod reload;
 pub mod runtime;
