@@ -1,5 +1,6 @@
 //! The tokio edge: configuration, portals, the connection driver and session registry.
 
+pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod limits;
