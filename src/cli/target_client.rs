@@ -21,7 +21,9 @@ pub fn main(action: &TargetAction) -> anyhow::Result<i32> {
         println!("{reply}");
     }
     if reply["ok"] != Value::Bool(true) {
-        let error = reply["error"].as_str().unwrap_or("the target gave no reason");
+        let error = reply["error"]
+            .as_str()
+            .unwrap_or("the target gave no reason");
         eprintln!("holdfast target {cmd}: {error}");
         return Ok(1);
     }

@@ -5,8 +5,8 @@
 //! batches the stamped PDUs it emits into vectored writes.
 
 use super::limits::{lock, BufferPermit};
-use super::runtime::Runtime;
 use super::live::SessionLuns;
+use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::login::{LoginOutcome, SessionType};
 use crate::iscsi::target_conn::{

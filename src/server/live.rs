@@ -212,7 +212,7 @@ pub fn join(
     let s = Arc::new(SessionLuns::new(
         nexus.clone(),
         tsih,
-        node.lun_map_for(&nexus.initiator_name),
+        visible_map(&node, &nexus.initiator_name),
     ));
     c.sessions.push(Arc::downgrade(&s));
     s
@@ -314,7 +314,10 @@ fn grow_luns(rt: &Runtime, plan: &Plan) -> Result<Vec<Arc<LogicalUnit>>, ReloadE
     let served = rt.served();
     let mut grown = Vec::new();
     for c in &plan.changes {
-        let Change::LunGrown { target, lun, to, .. } = c else {
+        let Change::LunGrown {
+            target, lun, to, ..
+        } = c
+        else {
             continue;
         };
         let what = || format!("{target} LUN {lun}");
@@ -338,7 +341,10 @@ fn commit(rt: &Runtime, new: ValidConfig, p: Prepared) {
     let old = rt.served();
     let mut targets = Vec::new();
     for (ti, t) in new.config.targets.iter().enumerate() {
-        let mut luns = old.target(&t.name).map(|n| n.luns.clone()).unwrap_or_default();
+        let mut luns = old
+            .target(&t.name)
+            .map(|n| n.luns.clone())
+            .unwrap_or_default();
         for (target, lun, lu, _) in &p.new_luns {
             if *target == t.name {
                 luns.insert(*lun, lu.clone());
@@ -368,13 +374,26 @@ fn commit(rt: &Runtime, new: ValidConfig, p: Prepared) {
     if let (Some(portals), Some(sink)) = (p.portals, &c.portal_sink) {
         let _ = sink.send(portals);
     }
-    c.backends
-        .extend(p.new_luns.into_iter().map(|(target, lun, _, backend)| LunBackend {
-            target,
-            lun,
-            backend,
-        }));
+    c.backends.extend(
+        p.new_luns
+            .into_iter()
+            .map(|(target, lun, _, backend)| LunBackend {
+                target,
+                lun,
+                backend,
+            }),
+    );
     c.config = new;
+}
+
+/// The LUNs a session of `initiator` sees: none once the ACL no longer admits it (the
+/// session stays, as the ACL only decides logins).
+fn visible_map(node: &TargetNode, initiator: &str) -> LunMap {
+    if node.admits(initiator) {
+        node.lun_map_for(initiator)
+    } else {
+        LunMap::default()
+    }
 }
 
 /// Give every session the map the new ACLs and LUNs allow; a session whose inventory
@@ -385,7 +404,7 @@ fn remap_sessions(rt: &Runtime, sessions: &[Arc<SessionLuns>]) {
         let Some(node) = served.target(&s.nexus.target_name) else {
             continue;
         };
-        let map = node.lun_map_for(&s.nexus.initiator_name);
+        let map = visible_map(&node, &s.nexus.initiator_name);
         let units = map.units();
         if s.replace(map) {
             for lu in &units {

@@ -149,7 +149,14 @@ impl Shared {
         };
         let lus: Vec<Arc<LogicalUnit>> = match req.function {
             TARGET_WARM_RESET | TARGET_COLD_RESET => self.ctx.luns.current().units(),
-            _ => self.ctx.luns.current().get(req.lun).cloned().into_iter().collect(),
+            _ => self
+                .ctx
+                .luns
+                .current()
+                .get(req.lun)
+                .cloned()
+                .into_iter()
+                .collect(),
         };
         if lus.is_empty() && req.function == ABORT_TASK {
             // A command on an unmapped LUN ran outside any task set.
