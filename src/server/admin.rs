@@ -262,3 +262,17 @@ fn show(rt: &Runtime) -> Value {
         "targets": targets,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_object_naming_the_command() {
+        let parse = |s: &str| serde_json::from_str::<AdminRequest>(s);
+        assert_eq!(parse(r#"{"cmd":"reload"}"#).unwrap(), AdminRequest::Reload);
+        assert_eq!(parse(r#"{"cmd":"luns"}"#).unwrap(), AdminRequest::Luns);
+        assert!(parse(r#"{"cmd":"shutdown"}"#).is_err());
+        assert!(parse(r#"{"cmd":"show","x":1}"#).is_err());
+    }
+}

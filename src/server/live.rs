@@ -218,8 +218,8 @@ pub fn join(
     s
 }
 
-/// Re-read nothing: plan `new` against the running configuration and apply it, or
-/// refuse it whole. Returns the applied changes.
+/// Plan `new` against the running configuration and apply it, or refuse it whole.
+/// Returns the applied changes.
 pub async fn reload(rt: &Runtime, new: ValidConfig) -> Result<Vec<Change>, ReloadError> {
     let _one = rt.live.reloading.lock().await;
     let old = rt.live.config();
