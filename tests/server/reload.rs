@@ -517,10 +517,9 @@ async fn sighup_rotates_chap_and_destructive_changes_are_refused() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(rotated, "the new secret never worked: {}", t.log());
-    let e = login(OLD)
-        .await
-        .err()
-        .expect("the old secret still logs in");
+    let Err(e) = login(OLD).await else {
+        panic!("the old secret still logs in");
+    };
     assert_eq!(e.login_status(), Some((2, 1)), "{e}");
     let lib = |secret: &str| format!("iscsi://alice%{secret}@127.0.0.1:{}/{TARGET}/0", t.port);
     assert!(libiscsi("iscsi-inq", NEWCOMER, lib(NEW), &[]).await.0);
