@@ -24,17 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the iSCSI target (no --config: the embedded default in ./holdfast-data).
-    Target {
-        /// TOML configuration file.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Validate the configuration, print what would be served, and exit.
-        #[arg(long)]
-        check: bool,
-        /// Print the embedded default configuration and exit.
-        #[arg(long)]
-        print_default_config: bool,
-    },
+    /// `reload|sessions|luns|show` talk to a running target through its admin socket.
+    Target(Box<cli::target::TargetArgs>),
     /// Persistent reservations on a LUN, like sg_persist, over holdfast's own initiator.
     /// Exit status 24 = RESERVATION CONFLICT.
     Pr(Box<PrArgs>),
@@ -79,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     let quiet = matches!(
         args.command,
         Command::Pr(_) | Command::Ctl(_) | Command::Guest { .. } | Command::Demo { .. }
+    ) || matches!(&args.command, Command::Target(t) if t.action.is_some()
     );
     let filter = args
         .log
@@ -92,11 +84,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match args.command {
-        Command::Target {
-            config,
-            check,
-            print_default_config,
-        } => cli::target::main(config.as_deref(), check, print_default_config),
+        Command::Target(args) => std::process::exit(cli::target::main(&args)?),
         Command::Pr(args) => std::process::exit(cli::pr::main(&args)?),
         Command::Agent { config, check } => cli::agent::main(&config, check),
         Command::Ctl(args) => std::process::exit(cli::ctl_command::main(&args)?),

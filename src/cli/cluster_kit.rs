@@ -151,6 +151,7 @@ impl Layout {
             },
             limits: LimitSettings::default(),
             discovery_chap: None,
+            admin_socket: None,
             targets: vec![TargetConfig {
                 name: self.target.clone(),
                 alias: None,

@@ -28,6 +28,7 @@ pub mod guest;
 mod guest_device;
 pub mod pr;
 pub mod target;
+mod target_client;
 
 use crate::initiator::{ConnectError, InitiatorError, UrlError};
 

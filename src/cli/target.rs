@@ -1,31 +1,115 @@
 //! `holdfast target`: load the configuration (or the embedded default), print what is
-//! served, run the portals until SIGINT/SIGTERM.
+//! served, run the portals and the admin socket until SIGINT/SIGTERM, reload on SIGHUP;
+//! and the admin clients `holdfast target reload|sessions|luns|show`.
+use crate::server::admin::{self, AdminSocket, ConfigSource};
 use crate::server::config::{self, ValidConfig};
 use crate::server::portal::Portals;
 use crate::server::runtime::Runtime;
 use anyhow::Context as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
 
-/// `holdfast target [--config F] [--check] [--print-default-config]`.
-pub fn main(config: Option<&Path>, check: bool, print_default_config: bool) -> anyhow::Result<()> {
-    if print_default_config {
-        print!("{}", config::EMBEDDED_DEFAULT.trim_start());
-        return Ok(());
+/// `holdfast target [--config F] [--check] [--print-default-config] [--admin-socket S]`,
+/// or one of the admin clients.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct TargetArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print what would be served, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+    /// Admin socket path [default: the config's admin_socket, else <data_dir>/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: Option<TargetAction>,
+}
+
+/// Talk to a running target through its admin socket.
+#[derive(clap::Subcommand, Debug)]
+pub enum TargetAction {
+    /// Re-read the configuration file the target was started with and apply what can
+    /// change live; a destructive change refuses the whole reload (exit status 1).
+    Reload(ClientArgs),
+    /// The logged-in sessions: initiator, ISID, TSIH, portal group, LUNs.
+    Sessions(ClientArgs),
+    /// The served LUNs with their current sizes.
+    Luns(ClientArgs),
+    /// The configuration being served (targets, portals, LUNs, ACLs).
+    Show(ClientArgs),
+}
+
+/// Where the admin socket is, and how to print.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    /// The target's configuration file (its admin_socket, else <data_dir>/admin.sock).
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The admin socket itself.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the target's JSON answer as is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `holdfast target …`; returns the exit status.
+pub fn main(args: &TargetArgs) -> anyhow::Result<i32> {
+    if let Some(action) = &args.action {
+        return super::target_client::main(action);
     }
-    let cfg = match config {
-        Some(p) => config::load_file(p)?,
+    if args.print_default_config {
+        print!("{}", config::EMBEDDED_DEFAULT.trim_start());
+        return Ok(0);
+    }
+    let cfg = load(args.config.as_deref(), args.admin_socket.as_deref())?;
+    if args.check {
+        print_summary(&cfg);
+        return Ok(0);
+    }
+    let config = args.config.clone();
+    let socket = args.admin_socket.clone();
+    let source: Arc<ConfigSource> = Arc::new(move || load(config.as_deref(), socket.as_deref()));
+    run(cfg, source)?;
+    Ok(0)
+}
+
+/// The configuration file, or the embedded default; `admin_socket` overrides its path.
+fn load(
+    config: Option<&Path>,
+    admin_socket: Option<&Path>,
+) -> Result<ValidConfig, config::ConfigError> {
+    let mut cfg = read(config)?;
+    if let Some(p) = admin_socket {
+        cfg.admin_socket = p.to_path_buf();
+    }
+    Ok(cfg)
+}
+
+fn read(config: Option<&Path>) -> Result<ValidConfig, config::ConfigError> {
+    match config {
+        Some(p) => config::load_file(p),
         None => config::parse(
             config::EMBEDDED_DEFAULT,
             "<embedded default>",
             Path::new(""),
-        )?,
-    };
-    if check {
-        print_summary(&cfg);
-        return Ok(());
+        ),
     }
-    run(cfg)
+}
+
+/// The admin socket a client should use: `--socket`, else the one `--config` (or the
+/// embedded default) names.
+pub fn socket_path(args: &ClientArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    Ok(read(args.config.as_deref())?.admin_socket)
 }
 
 fn print_summary(cfg: &ValidConfig) {
@@ -49,7 +133,7 @@ fn print_summary(cfg: &ValidConfig) {
     }
 }
 
-fn run(cfg: ValidConfig) -> anyhow::Result<()> {
+fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("holdfast")
@@ -60,17 +144,39 @@ fn run(cfg: ValidConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("{}: cannot open the LUNs", cfg.source))?,
         );
         let portals = Portals::bind(&cfg.listen_addrs()).await?;
+        let admin = AdminSocket::bind(&cfg.admin_socket).await?;
         print_summary(&cfg);
-        tracing::info!(portals = ?portals.local_addrs(), "holdfast target ready");
+        tracing::info!(portals = ?portals.local_addrs(), admin_socket = %admin.path().display(), "holdfast target ready");
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let serve = tokio::spawn(portals.serve(runtime, rx));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-        }
+        let serve = tokio::spawn(portals.serve(runtime.clone(), rx.clone()));
+        let admin = tokio::spawn(admin.serve(runtime.clone(), source.clone(), rx));
+        wait_for_stop(&runtime, &*source).await?;
         let _ = tx.send(true);
         serve.await.context("serving task failed")?;
+        let _ = admin.await;
         Ok(())
     })
+}
+
+/// Reload on SIGHUP until SIGINT or SIGTERM.
+async fn wait_for_stop(rt: &Runtime, source: &ConfigSource) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT received");
+                return Ok(());
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received");
+                return Ok(());
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // admin::reload logs the outcome.
+                let _ = admin::reload(rt, source).await;
+            }
+        }
+    }
 }

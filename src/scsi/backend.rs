@@ -5,7 +5,7 @@ use std::io;
 /// Byte-addressed backing store of one logical unit. Calls block; the transport runs
 /// them off the async runtime.
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
-    /// Size in bytes (fixed for the life of the backend).
+    /// Size in bytes: fixed, except that a live reload may grow it (never shrink it).
     fn size(&self) -> u64;
     /// Fill `buf` from `offset`; holes read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

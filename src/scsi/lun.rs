@@ -11,7 +11,7 @@ use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 /// Static description of one logical unit.
@@ -281,7 +281,8 @@ pub struct LogicalUnit {
     settings: LunSettings,
     backend: Arc<dyn BlockBackend>,
     block_size: u64,
-    num_blocks: u64,
+    /// Only ever grows (a live reload, see [`LogicalUnit::capacity_grown`]).
+    num_blocks: AtomicU64,
     pub(crate) wce: AtomicBool,
     pub(crate) d_sense: AtomicBool,
     pub(crate) ranges: RangeLock,
@@ -372,7 +373,7 @@ impl LogicalUnit {
             settings,
             backend,
             block_size,
-            num_blocks,
+            num_blocks: AtomicU64::new(num_blocks),
             ranges: RangeLock::new(),
             nexuses: RwLock::new(HashMap::new()),
             ua_pending: AtomicUsize::new(0),
@@ -524,8 +525,30 @@ impl LogicalUnit {
         self.block_size
     }
 
-    pub(crate) fn num_blocks(&self) -> u64 {
-        self.num_blocks
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    /// The backend grew (a live reload): take its new size as the capacity and raise
+    /// CAPACITY DATA HAS CHANGED (2A/09) for every nexus of this LU, `seeing` included
+    /// (nexuses that may address it but have sent it nothing yet). Returns the new
+    /// number of blocks.
+    pub fn capacity_grown(&self, seeing: &[ItNexus]) -> u64 {
+        let blocks = self.backend.size() / self.block_size;
+        self.num_blocks.fetch_max(blocks, Ordering::AcqRel);
+        let (asc, ascq) = ua::CAPACITY_DATA_HAS_CHANGED;
+        for n in seeing {
+            self.note_nexus(n);
+        }
+        self.queue_unit_attention(&|_| true, asc, ascq);
+        self.num_blocks()
+    }
+
+    /// Raise a unit attention for one nexus, whether or not it has addressed this LU yet
+    /// (REPORTED LUNS DATA HAS CHANGED reaches a session through any LU it can see).
+    pub fn queue_unit_attention_for(&self, nexus: &ItNexus, (asc, ascq): (u8, u8)) {
+        self.note_nexus(nexus);
+        self.queue_unit_attention(&|n| n == nexus, asc, ascq);
     }
 
     pub(crate) fn max_transfer_blocks(&self) -> u64 {
@@ -848,7 +871,7 @@ impl LogicalUnit {
     pub(crate) fn check_range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
         let end = lba.checked_add(blocks.max(1));
         match end {
-            Some(end) if end <= self.num_blocks => Ok(()),
+            Some(end) if end <= self.num_blocks() => Ok(()),
             _ => Err(Sense::LBA_OUT_OF_RANGE),
         }
     }

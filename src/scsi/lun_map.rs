@@ -25,6 +25,16 @@ impl LunMap {
         self.luns.get(&lun)
     }
 
+    /// The LUN numbers in the map, ascending.
+    pub fn ids(&self) -> Vec<u64> {
+        self.luns.keys().copied().collect()
+    }
+
+    /// The logical units in the map.
+    pub fn units(&self) -> Vec<Arc<LogicalUnit>> {
+        self.luns.values().cloned().collect()
+    }
+
     pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
         let cdb: &[u8] = &cmd.cdb;
         let opcode = cdb::byte(cdb, 0);

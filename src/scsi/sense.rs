@@ -26,6 +26,10 @@ pub mod ua {
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
     pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
     pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
+    /// SPC-4: the LU's capacity changed (a live reload grew it).
+    pub const CAPACITY_DATA_HAS_CHANGED: (u8, u8) = (0x2A, 0x09);
+    /// SPC-4: the LUN inventory this nexus sees changed (LUN added, ACL or mask changed).
+    pub const REPORTED_LUNS_DATA_HAS_CHANGED: (u8, u8) = (0x3F, 0x0E);
 }
 
 /// Where in the CDB or parameter list an invalid field sits (sense-key specific field).

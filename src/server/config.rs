@@ -57,6 +57,11 @@ pub struct Config {
     /// CHAP required for discovery sessions (absent: discovery is open, filtered by ACL).
     #[serde(default)]
     pub discovery_chap: Option<ChapConfig>,
+    /// Unix socket (mode 0600) of the admin interface: `holdfast target reload`,
+    /// `sessions`, `luns`, `show`. Relative paths as for data_dir; absent:
+    /// `<data_dir>/admin.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
 }
@@ -298,6 +303,8 @@ pub struct ValidConfig {
     pub config: Config,
     /// Per target, its portals' resolved socket addresses.
     pub portal_addrs: Vec<Vec<(SocketAddr, u16)>>,
+    /// The admin socket's path, resolved (see [`Config::admin_socket`]).
+    pub admin_socket: PathBuf,
 }
 
 impl ValidConfig {
@@ -436,11 +443,16 @@ fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, Conf
     if let Some((key, reason)) = first {
         return Err(ConfigValueError::new(file, &key, reason).into());
     }
+    let admin_socket = match &config.admin_socket {
+        Some(p) => base.join(p),
+        None => data_dir.join("admin.sock"),
+    };
     Ok(ValidConfig {
         source: file.to_string(),
         data_dir,
         config,
         portal_addrs,
+        admin_socket,
     })
 }
 

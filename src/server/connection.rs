@@ -5,6 +5,7 @@
 //! batches the stamped PDUs it emits into vectored writes.
 
 use super::limits::{lock, BufferPermit};
+use super::live::SessionLuns;
 use super::runtime::Runtime;
 use super::session::{SessionControl, SessionKey, SessionRegistry};
 use crate::iscsi::login::{LoginOutcome, SessionType};
@@ -12,7 +13,7 @@ use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
     TaskId,
 };
-use crate::scsi::{ItNexus, LogicalUnit, LunMap, NexusId, ScsiCommand, ScsiOutcome};
+use crate::scsi::{ItNexus, LunMap, NexusId, ScsiCommand, ScsiOutcome};
 use crate::wire::{self, DigestConfig, PduDecoder, ReadError};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -135,7 +136,8 @@ pub async fn serve(
 /// SendTargets answers.
 struct Context {
     rt: Arc<Runtime>,
-    lun_map: LunMap,
+    /// The session's LUN map (a reload replaces it).
+    luns: Arc<SessionLuns>,
     initiator: String,
     target_name: Option<String>,
     discovery: bool,
@@ -145,11 +147,11 @@ struct Context {
 
 impl TargetContext for Context {
     fn lun_exists(&self, lun: u64) -> bool {
-        self.lun_map.get(lun).is_some()
+        self.luns.current().get(lun).is_some()
     }
 
     fn data_out_length(&self, lun: u64, cdb: &[u8]) -> u32 {
-        self.lun_map.data_out_length(lun, cdb)
+        self.luns.current().data_out_length(lun, cdb)
     }
 
     fn reserve_buffer(&self, bytes: u32) -> Option<Hold> {
@@ -160,7 +162,7 @@ impl TargetContext for Context {
     /// SendTargets (RFC 7143 Appendix C): targets this initiator may see, with portals.
     fn send_targets(&self, which: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for t in &self.rt.targets {
+        for t in &self.rt.served().targets {
             let wanted = match which {
                 "All" => self.discovery,
                 "" => self
@@ -196,8 +198,6 @@ struct Shared {
     conn: Mutex<TargetConnection>,
     ctx: Arc<Context>,
     out: mpsc::UnboundedSender<Out>,
-    /// The same LUNs as the map, for nexus-wide events (reset, nexus loss).
-    luns: Vec<Arc<LogicalUnit>>,
     nexus: Arc<ItNexus>,
     /// This nexus in the LU task sets and the nexus directory.
     id: NexusId,
@@ -256,7 +256,7 @@ impl Shared {
         // a page-cache copy: try cheap commands here first (see try_inline).
         if try_inline(&cmd) {
             if let Some(outcome) =
-                crate::scsi::backend::without_blocking(|| self.ctx.lun_map.execute(&cmd))
+                crate::scsi::backend::without_blocking(|| self.ctx.luns.current().execute(&cmd))
             {
                 self.finish(task, &cmd, outcome);
                 return;
@@ -264,7 +264,7 @@ impl Shared {
         }
         let me = self.clone();
         self.handle.spawn_blocking(move || {
-            let outcome = me.ctx.lun_map.execute(&cmd);
+            let outcome = me.ctx.luns.current().execute(&cmd);
             me.finish(task, &cmd, outcome);
         });
     }
@@ -282,7 +282,7 @@ impl Shared {
             if conn.handle_outcome(task, o, Instant::now()) == Delivery::Suppressed {
                 // A unit attention this task took was never reported: give it back
                 // before anyone waiting for the task (TMF, session end) goes on.
-                if let Some(lu) = self.ctx.lun_map.get(cmd.lun) {
+                if let Some(lu) = self.ctx.luns.lu(cmd.lun) {
                     lu.unreported(&cmd.nexus, &outcome);
                 }
             }
@@ -316,10 +316,9 @@ fn try_inline(cmd: &ScsiCommand) -> bool {
     }
 }
 
-/// The LUN map, LUs, nexus and session registration of a logged-in session.
+/// The LUN map, nexus and session registration of a logged-in session.
 struct Nexus {
-    lun_map: LunMap,
-    luns: Vec<Arc<LogicalUnit>>,
+    luns: Arc<SessionLuns>,
     nexus: Arc<ItNexus>,
     control: Option<SessionControl>,
     key_handle: Option<(SessionKey, Arc<super::session::SessionHandle>)>,
@@ -333,21 +332,21 @@ async fn join_session(
 ) -> Result<Nexus, ConnError> {
     let (SessionType::Normal, Some(tname)) = (outcome.session_type, outcome.target_name.as_deref())
     else {
+        let nexus = Arc::new(ItNexus {
+            initiator_name: outcome.initiator_name.clone(),
+            isid: outcome.isid,
+            target_name: String::new(),
+            tpgt: 0,
+            relative_port_id: 0,
+        });
         return Ok(Nexus {
-            lun_map: LunMap::new(Default::default()),
-            luns: Vec::new(),
-            nexus: Arc::new(ItNexus {
-                initiator_name: outcome.initiator_name.clone(),
-                isid: outcome.isid,
-                target_name: String::new(),
-                tpgt: 0,
-                relative_port_id: 0,
-            }),
+            luns: Arc::new(SessionLuns::new(nexus.clone(), 0, LunMap::default())),
+            nexus,
             control: None,
             key_handle: None,
         });
     };
-    let Some(target) = rt.target(tname).cloned() else {
+    let Some(target) = rt.target(tname) else {
         return Err(ConnError::Protocol(format!("target {tname} vanished")));
     };
     // The portal group is the one of the portal that accepted the connection (as
@@ -371,8 +370,7 @@ async fn join_session(
         old.terminate().await;
     }
     Ok(Nexus {
-        lun_map: target.lun_map_for(&outcome.initiator_name),
-        luns: target.visible_luns(&outcome.initiator_name),
+        luns: super::live::join(rt, &target, nexus.clone(), outcome.tsih),
         nexus,
         control: Some(control),
         key_handle: Some((key, handle)),
@@ -392,7 +390,6 @@ async fn run_full_feature(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let Nexus {
-        lun_map,
         luns,
         nexus,
         control,
@@ -400,7 +397,7 @@ async fn run_full_feature(
     } = join_session(&rt, &reg, &outcome, listen).await?;
     let ctx = Arc::new(Context {
         rt: rt.clone(),
-        lun_map,
+        luns,
         initiator: outcome.initiator_name.clone(),
         target_name: outcome.target_name.clone(),
         discovery: outcome.session_type == SessionType::Discovery,
@@ -420,13 +417,13 @@ async fn run_full_feature(
         conn: Mutex::new(conn),
         ctx,
         out: tx,
-        luns,
         nexus,
         id: rt.nexuses.allocate_id(),
         handle: tokio::runtime::Handle::current(),
         task_ended: Notify::new(),
     });
-    if !shared.luns.is_empty() {
+    if !shared.nexus.target_name.is_empty() {
+        // Every normal session, also one that sees no LUN yet (a reload may add some).
         let weak: std::sync::Weak<dyn super::session::TaskAborter> = Arc::downgrade(&shared) as _;
         rt.nexuses.insert((*shared.nexus).clone(), shared.id, weak);
     }
@@ -461,7 +458,7 @@ async fn run_full_feature(
         ended.await;
     }
     rt.nexuses.remove(&shared.nexus, shared.id);
-    for lu in &shared.luns {
+    for lu in shared.ctx.luns.every_lu() {
         lu.nexus_lost(&shared.nexus);
     }
     let _ = shared.out.send(Out::Close);

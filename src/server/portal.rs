@@ -42,53 +42,28 @@ impl Portals {
             .collect()
     }
 
-    /// Serve until `shutdown` turns true; then end sessions and flush.
-    pub async fn serve(self, rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
+    /// Serve until `shutdown` turns true; then end sessions and flush. Portals a live
+    /// reload adds arrive through the runtime's portal sink and are served alike.
+    pub async fn serve(self, rt: Arc<Runtime>, shutdown: watch::Receiver<bool>) {
         let reg = Arc::new(SessionRegistry::new());
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
+        let (sink, mut added) = tokio::sync::mpsc::unbounded_channel::<Portals>();
+        rt.live.set_portal_sink(sink);
+        let mut sets = (&mut accepts, &mut conns);
         for (listen, l) in self.listeners {
-            let rt = rt.clone();
-            let reg = reg.clone();
-            let sd = shutdown.clone();
-            let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
-            accepts.spawn(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((s, peer)) => {
-                            tracing::debug!(%peer, %listen, "connection accepted");
-                            if ctx.send(s).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(%listen, error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
-            let sd2 = sd.clone();
-            let reg2 = reg.clone();
-            conns.spawn(async move {
-                let mut set = JoinSet::new();
-                let mut sd3 = sd2.clone();
-                loop {
-                    tokio::select! {
-                        s = crx.recv() => match s {
-                            Some(s) => { set.spawn(connection::serve(rt.clone(), reg2.clone(), s, listen, sd2.clone())); }
-                            None => break,
-                        },
-                        _ = sd3.wait_for(|v| *v) => break,
-                        Some(_) = set.join_next(), if !set.is_empty() => {}
-                    }
-                }
-                // Connections see the same shutdown signal and wind down themselves.
-                while set.join_next().await.is_some() {}
-            });
+            serve_portal(&mut sets, (listen, l), &rt, &reg, &shutdown);
         }
-        let _ = shutdown.wait_for(|v| *v).await;
+        let mut stop = shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => break,
+                Some(p) = added.recv() => for (listen, l) in p.listeners {
+                    info!(%listen, "portal added by reload");
+                    serve_portal(&mut sets, (listen, l), &rt, &reg, &shutdown);
+                },
+            }
+        }
         info!("shutting down: no new connections; ending sessions");
         accepts.abort_all();
         let drain = async { while conns.join_next().await.is_some() {} };
@@ -102,4 +77,51 @@ impl Portals {
         let _ = tokio::task::spawn_blocking(move || rt2.flush_all()).await;
         info!(sessions = reg.len(), "shutdown complete");
     }
+}
+
+type PortalTasks<'a> = (&'a mut JoinSet<()>, &'a mut JoinSet<()>);
+
+/// Accept on one listener and serve each connection in its own task.
+fn serve_portal(
+    (accepts, conns): &mut PortalTasks<'_>,
+    (listen, l): (SocketAddr, TcpListener),
+    rt: &Arc<Runtime>,
+    reg: &Arc<SessionRegistry>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
+    accepts.spawn(async move {
+        loop {
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    tracing::debug!(%peer, %listen, "connection accepted");
+                    if ctx.send(s).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%listen, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let (rt, reg, sd2) = (rt.clone(), reg.clone(), shutdown.clone());
+    conns.spawn(async move {
+        let mut set = JoinSet::new();
+        let mut sd3 = sd2.clone();
+        loop {
+            tokio::select! {
+                s = crx.recv() => match s {
+                    Some(s) => { set.spawn(connection::serve(rt.clone(), reg.clone(), s, listen, sd2.clone())); }
+                    None => break,
+                },
+                _ = sd3.wait_for(|v| *v) => break,
+                Some(_) = set.join_next(), if !set.is_empty() => {}
+            }
+        }
+        // Connections see the same shutdown signal and wind down themselves.
+        while set.join_next().await.is_some() {}
+    });
 }

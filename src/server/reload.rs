@@ -194,6 +194,11 @@ fn global_changes(
             what: "[limits] settings".into(),
         });
     }
+    if old.admin_socket != new.admin_socket {
+        refusals.push(Refusal::NotLive {
+            what: "admin_socket".into(),
+        });
+    }
     if old.discovery_chap != new.discovery_chap {
         changes.push(Change::ChapChanged {
             scope: "discovery".into(),

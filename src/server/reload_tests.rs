@@ -172,3 +172,15 @@ fn portal_add_is_live_removal_is_not() {
     let err = plan(&cfg(&new), &cfg(BASE), &[]).unwrap_err();
     assert!(matches!(&err.0[0], Refusal::NotLive { what } if what.contains("3261")));
 }
+
+#[test]
+fn admin_socket_cannot_move_live() {
+    let new = format!("admin_socket = \"/run/other.sock\"\n{BASE}");
+    let e = plan(&cfg(BASE), &cfg(&new), &[]).unwrap_err();
+    assert_eq!(
+        e.0,
+        vec![Refusal::NotLive {
+            what: "admin_socket".into()
+        }]
+    );
+}

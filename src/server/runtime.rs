@@ -1,7 +1,8 @@
 //! The configuration turned into running objects: targets, their logical units,
 //! access control and CHAP, shared by every connection.
 
-use super::config::{ChapConfig, LunConfig, ValidConfig};
+use super::config::{ChapConfig, LunConfig, TargetConfig, ValidConfig};
+use super::live::{LiveState, LunBackend, Served};
 use super::session::NexusDirectory;
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
@@ -103,7 +104,10 @@ pub type BackendWrap = dyn Fn(&std::path::Path, Arc<dyn BlockBackend>) -> Arc<dy
 /// Everything shared by all connections of one running target process.
 #[derive(Debug)]
 pub struct Runtime {
+    /// The targets as built from the starting configuration; what is served now (after
+    /// live reloads) is [`Runtime::served`].
     pub targets: Vec<Arc<TargetNode>>,
+    /// As built; see [`Runtime::served`].
     pub discovery_chap: Option<ChapCredentials>,
     pub key_policy: TargetKeyPolicy,
     pub settings: super::config::IscsiSettings,
@@ -111,8 +115,9 @@ pub struct Runtime {
     pub nexuses: Arc<NexusDirectory>,
     /// Connection, session, buffer and CHAP-failure limits.
     pub limits: super::limits::ResourceLimits,
-    /// Every backing store, for the flush at shutdown.
-    backends: Vec<(String, Arc<FileBackend>)>,
+    /// The running configuration, sessions' LUN maps and backing stores, as reloads
+    /// change them.
+    pub live: LiveState,
 }
 
 impl Runtime {
@@ -137,25 +142,15 @@ impl Runtime {
                 let key = format!("target[{ti}].lun[{li}]");
                 let (lu, backend) = open_lun(cfg, l, wrap, &nexuses)
                     .map_err(|reason| RuntimeError::Lun { key, reason })?;
-                backends.push((format!("{} LUN {}", t.name, l.id), backend));
+                backends.push(LunBackend {
+                    target: t.name.clone(),
+                    lun: l.id,
+                    backend,
+                });
                 luns.insert(l.id, lu);
             }
-            targets.push(Arc::new(TargetNode {
-                name: t.name.clone(),
-                alias: t.alias.clone(),
-                portals: cfg.portal_addrs[ti].clone(),
-                luns,
-                acl: t
-                    .acl
-                    .iter()
-                    .map(|a| AclEntry {
-                        initiator: a.initiator.clone(),
-                        luns: a.luns.clone(),
-                        chap: a.chap.as_ref().map(chap_credentials),
-                    })
-                    .collect(),
-                chap: t.chap.as_ref().map(chap_credentials),
-            }));
+            let portals = cfg.portal_addrs[ti].clone();
+            targets.push(Arc::new(node_from_config(t, portals, luns)));
         }
         let s = &cfg.config.iscsi;
         Ok(Runtime {
@@ -164,15 +159,21 @@ impl Runtime {
             key_policy: s.key_policy(),
             settings: s.clone(),
             limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
-            backends,
+            live: LiveState::new(cfg.clone(), backends),
             nexuses,
         })
     }
 
-    pub fn target(&self, name: &str) -> Option<&Arc<TargetNode>> {
-        self.targets
-            .iter()
-            .find(|t| t.name.eq_ignore_ascii_case(name))
+    /// The targets and discovery CHAP served now.
+    pub fn served(&self) -> Arc<Served> {
+        self.live.served(|| Served {
+            targets: self.targets.clone(),
+            discovery_chap: self.discovery_chap.clone(),
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Option<Arc<TargetNode>> {
+        self.served().target(name)
     }
 
     /// Login check for a normal session arriving on `listen`.
@@ -195,17 +196,41 @@ impl Runtime {
 
     /// Flush every LUN (shutdown).
     pub fn flush_all(&self) {
-        for (name, b) in &self.backends {
+        for (target, lun, b) in self.live.backends() {
             if let Err(e) = b.flush() {
-                tracing::error!(lun = %name, error = %e, "flush at shutdown failed");
+                tracing::error!(%target, lun, error = %e, "flush at shutdown failed");
             }
         }
     }
 }
 
+/// A target node as configured, serving `luns` on `portals`.
+pub(crate) fn node_from_config(
+    t: &TargetConfig,
+    portals: Vec<(SocketAddr, u16)>,
+    luns: BTreeMap<u64, Arc<LogicalUnit>>,
+) -> TargetNode {
+    TargetNode {
+        name: t.name.clone(),
+        alias: t.alias.clone(),
+        portals,
+        luns,
+        acl: t
+            .acl
+            .iter()
+            .map(|a| AclEntry {
+                initiator: a.initiator.clone(),
+                luns: a.luns.clone(),
+                chap: a.chap.as_ref().map(chap_credentials),
+            })
+            .collect(),
+        chap: t.chap.as_ref().map(chap_credentials),
+    }
+}
+
 /// Open (creating if need be) one LUN's backing file and build its logical unit; the
 /// error is the reason, for a [`RuntimeError::Lun`].
-fn open_lun(
+pub(crate) fn open_lun(
     cfg: &ValidConfig,
     l: &LunConfig,
     wrap: &BackendWrap,

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Chunk size of the zero-writing fallback of [`BlockBackend::deallocate`].
 const ZERO_CHUNK: usize = 1 << 20;
@@ -16,7 +16,8 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct FileBackend {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Only ever grows (a live reload, see [`FileBackend::grow`]).
+    size: AtomicU64,
     read_only: bool,
     /// Cleared once the filesystem refuses hole punching, so we stop asking.
     punch_supported: AtomicBool,
@@ -88,7 +89,7 @@ impl FileBackend {
         Ok(FileBackend {
             file,
             path: path.into(),
-            size,
+            size: AtomicU64::new(size),
             read_only,
             punch_supported: AtomicBool::new(true),
         })
@@ -96,6 +97,41 @@ impl FileBackend {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Grow the store to `size` bytes while it is served (a live reload): a regular file
+    /// is extended sparsely (also when the LUN is read-only), a block device must already
+    /// be that large. A smaller `size` changes nothing: shrinking would destroy data.
+    pub fn grow(&self, size: u64) -> Result<(), StoreError> {
+        let path = self.path.as_path();
+        if size <= self.size.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| StoreError::io(path, "stat", e))?;
+        if meta.file_type().is_block_device() {
+            let actual = device_size(&self.file).map_err(|e| StoreError::io(path, "size", e))?;
+            if actual < size {
+                return Err(StoreError::DeviceTooSmall {
+                    path: path.into(),
+                    actual,
+                    configured: size,
+                });
+            }
+        } else if meta.len() < size {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| StoreError::io(path, "open", e))?;
+            file.set_len(size)
+                .map_err(|e| StoreError::io(path, "extend", e))?;
+            file.sync_all()
+                .map_err(|e| StoreError::io(path, "fsync", e))?;
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     pub fn read_only(&self) -> bool {
@@ -174,11 +210,11 @@ fn device_size(file: &File) -> io::Result<u64> {
 
 impl BlockBackend for FileBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         if backend::must_not_block() {
             return self.read_cached(buf, offset);
         }
@@ -189,7 +225,7 @@ impl BlockBackend for FileBackend {
         // Also when must_not_block: a buffered write lands in the page cache (ext4 has no
         // RWF_NOWAIT for it); only flush and deallocate refuse.
         self.check_writable()?;
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -205,7 +241,7 @@ impl BlockBackend for FileBackend {
             return Err(backend::refuse_to_block());
         }
         self.check_writable()?;
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -233,17 +269,18 @@ impl BlockBackend for FileBackend {
     }
 
     fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
-        if offset >= self.size {
+        let size = self.size();
+        if offset >= size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "offset past the end",
             ));
         }
-        let rest = self.size - offset;
+        let rest = size - offset;
         match self.seek(offset, libc::SEEK_DATA) {
-            Ok(data) if data > offset => Ok((false, (data.min(self.size) - offset).max(1))),
+            Ok(data) if data > offset => Ok((false, (data.min(size) - offset).max(1))),
             Ok(_) => match self.seek(offset, libc::SEEK_HOLE) {
-                Ok(hole) => Ok((true, (hole.min(self.size).saturating_sub(offset)).max(1))),
+                Ok(hole) => Ok((true, (hole.min(size).saturating_sub(offset)).max(1))),
                 Err(_) => Ok((true, rest)),
             },
             // No data at or after `offset`: a hole to the end.

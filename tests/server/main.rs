@@ -18,6 +18,7 @@ mod pr_cli;
 mod pr_restart;
 mod quorum_fuzz_seeds;
 mod readme_config;
+mod reload;
 mod shutdown;
 mod soak;
 mod tmf;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 /// A config that sets every key, so serializing it shows every field the code has.
 const EVERY_KEY: &str = r#"
 data_dir = "d"
+admin_socket = "admin.sock"
 [discovery_chap]
 username = "disc"
 secret = "discovery-secret"

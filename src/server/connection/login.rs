@@ -65,7 +65,7 @@ impl LoginAuthority for Authority<'_> {
         self.rt.authorize_normal(self.listen, target, initiator)
     }
     fn discovery_session(&self, _initiator: &str) -> Result<Option<ChapCredentials>, LoginStatus> {
-        Ok(self.rt.discovery_chap.clone())
+        Ok(self.rt.served().discovery_chap.clone())
     }
     fn resolve_tsih(&mut self, lead: &Leading) -> Result<u16, LoginStatus> {
         // Called once, just before the login succeeds: the place to take a session slot.
@@ -85,6 +85,7 @@ impl LoginAuthority for Authority<'_> {
     }
     fn tpgt(&self) -> u16 {
         self.rt
+            .served()
             .targets
             .iter()
             .find_map(|t| t.tpgt_on(self.listen))

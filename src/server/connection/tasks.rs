@@ -82,7 +82,7 @@ impl Shared {
 
     /// A command's data is in: enter it into its LU's task set.
     pub(super) fn submit(&self, conn: &mut TargetConnection, s: Submit, work: &mut Vec<Work>) {
-        let Some(lu) = self.ctx.lun_map.get(s.lun) else {
+        let Some(lu) = self.ctx.luns.current().get(s.lun).cloned() else {
             // No LU, no task set: the device server answers at once (LUN NOT SUPPORTED).
             conn.start_task(s.task, Instant::now());
             return;
@@ -93,7 +93,7 @@ impl Shared {
             nexus: self.nexus.clone(),
         };
         match lu.submit_task(task) {
-            Ok(started) => self.released(conn, lu, started, work),
+            Ok(started) => self.released(conn, &lu, started, work),
             Err(e) => {
                 // Task ids are never reused, so this is a bug; run it rather than hang.
                 warn!(error = %e, "task set refused a task: running it outside the task set");
@@ -129,9 +129,9 @@ impl Shared {
         task: u64,
         work: &mut Vec<Work>,
     ) {
-        if let Some(lu) = self.ctx.lun_map.get(lun) {
+        if let Some(lu) = self.ctx.luns.lu(lun) {
             let started = lu.complete_task(self.key(task));
-            self.released(conn, lu, started, work);
+            self.released(conn, &lu, started, work);
         }
     }
 
@@ -148,8 +148,15 @@ impl Shared {
             return conn.tmf_decided(req.itt, REJECTED, &[], now);
         };
         let lus: Vec<Arc<LogicalUnit>> = match req.function {
-            TARGET_WARM_RESET | TARGET_COLD_RESET => self.luns.clone(),
-            _ => self.ctx.lun_map.get(req.lun).cloned().into_iter().collect(),
+            TARGET_WARM_RESET | TARGET_COLD_RESET => self.ctx.luns.current().units(),
+            _ => self
+                .ctx
+                .luns
+                .current()
+                .get(req.lun)
+                .cloned()
+                .into_iter()
+                .collect(),
         };
         if lus.is_empty() && req.function == ABORT_TASK {
             // A command on an unmapped LUN ran outside any task set.
@@ -246,10 +253,10 @@ impl Shared {
     /// start); its running ones complete as they finish.
     pub(super) fn end_nexus(self: &Arc<Self>) {
         self.conn().abort_all();
-        for lu in &self.luns {
+        for lu in self.ctx.luns.every_lu() {
             let r = lu.abort_tasks_of(&[self.id]);
             for key in r.started {
-                start_elsewhere(&self.ctx.rt.nexuses, lu, key);
+                start_elsewhere(&self.ctx.rt.nexuses, &lu, key);
             }
         }
     }
@@ -290,7 +297,7 @@ fn start_elsewhere(
 
 impl super::super::session::TaskAborter for Shared {
     fn abort_lun(self: Arc<Self>, lun: u64) {
-        let Some(lu) = self.ctx.lun_map.get(lun).cloned() else {
+        let Some(lu) = self.ctx.luns.lu(lun) else {
             return;
         };
         self.with_conn(|me, conn, work| {
