@@ -251,8 +251,17 @@ impl Scene {
             dead_after: DEAD_AFTER,
             local_minute: self.minute,
         };
-        let views: Vec<GroupView> = self
-            .confs
+        plan(
+            &node,
+            &self.views(),
+            &self.image(ms),
+            &self.membership(ms),
+            now,
+        )
+    }
+
+    fn views(&self) -> Vec<GroupView<'_>> {
+        self.confs
             .iter()
             .map(|(n, c)| GroupView {
                 name: n,
@@ -262,8 +271,7 @@ impl Scene {
                 waiting_since: c.waiting_since_ms.map(|t| self.at(t)),
                 backoff_until: c.backoff_until_ms.map(|t| self.at(t)),
             })
-            .collect();
-        plan(&node, &views, &self.image(ms), &self.membership(ms), now)
+            .collect()
     }
 }
 
@@ -900,18 +908,7 @@ fn pauses_expire_after_max_pause() {
         .group(mine("db", 1))
         .paused("web", 4, 1000)
         .paused("db", 4, 5000);
-    let views: Vec<GroupView> = s
-        .confs
-        .iter()
-        .map(|(n, c)| GroupView {
-            name: n,
-            policy: &c.policy,
-            local: c.local,
-            next_monitor: s.at(0),
-            waiting_since: None,
-            backoff_until: None,
-        })
-        .collect();
+    let views = s.views();
     let at = |ms| expired_pauses(&views, MAX_PAUSE, s.at(ms));
     assert_eq!(at(240_999), []);
     assert_eq!(

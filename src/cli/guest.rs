@@ -1111,6 +1111,19 @@ enum Fail {
     Fatal(InitiatorError),
 }
 
+impl RunArgs {
+    /// `--fail-after` / `--exit-after` reached after `acked` acknowledged writes.
+    pub(super) fn limit_reached(&self, acked: u64) -> Option<Ending> {
+        if self.fail_after.is_some_and(|n| acked >= n) {
+            Some(Ending::FailAfter)
+        } else if self.exit_after.is_some_and(|n| acked >= n) {
+            Some(Ending::ExitAfter)
+        } else {
+            None
+        }
+    }
+}
+
 /// How a run ends: the ack log's exit reason and the exit status.
 #[derive(Debug)]
 pub(super) enum Ending {
@@ -1450,13 +1463,7 @@ impl Writer<'_> {
     }
 
     fn limit_reached(&self) -> Option<Ending> {
-        if self.a.fail_after.is_some_and(|n| self.acked >= n) {
-            Some(Ending::FailAfter)
-        } else if self.a.exit_after.is_some_and(|n| self.acked >= n) {
-            Some(Ending::ExitAfter)
-        } else {
-            None
-        }
+        self.a.limit_reached(self.acked)
     }
 
     /// One write of the next counter; Some when it ends the run.

@@ -210,13 +210,7 @@ impl DeviceWriter<'_> {
     }
 
     fn limit_reached(&self) -> Option<Ending> {
-        if self.a.fail_after.is_some_and(|n| self.acked >= n) {
-            Some(Ending::FailAfter)
-        } else if self.a.exit_after.is_some_and(|n| self.acked >= n) {
-            Some(Ending::ExitAfter)
-        } else {
-            None
-        }
+        self.a.limit_reached(self.acked)
     }
 
     /// One write of the next counter; Some when it ends the run.

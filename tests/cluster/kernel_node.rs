@@ -233,31 +233,9 @@ async fn survivor_takes_over(c: &Cluster, old: u64) -> u64 {
 /// stopped first, so that no write is in flight while the checker reads.
 fn check_everything(c: &mut Cluster, extra_logs: &[&str]) -> String {
     c.kill_node(2);
-    let mut args = vec![
-        "guest".to_string(),
-        "check".into(),
-        "--disk".into(),
-        c.kit.url(LUN),
-    ];
     let mut logs = vec![c.ack_log(GROUP), c.path(GUEST_ACKS)];
     logs.extend(extra_logs.iter().map(|l| c.path(l)));
-    for l in logs {
-        args.push("--ack-log".into());
-        args.push(l.display().to_string());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "guest check failed:\n{text}\n{}",
-        guest_diagnostics(c)
-    );
-    text
+    c.check_logs(GROUP, &logs, &guest_diagnostics(c))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -389,16 +389,21 @@ impl Cluster {
 
     /// `holdfast guest check` over the group's disk and ack log: must be clean.
     pub fn check(&self, group: &str) -> String {
+        self.check_logs(group, &[self.ack_log(group)], &self.diagnostics())
+    }
+
+    /// `holdfast guest check` over the group's disk and these ack logs: must be clean;
+    /// `diagnostics` go into the failure message.
+    pub fn check_logs(&self, group: &str, logs: &[PathBuf], diagnostics: &str) -> String {
         let g = self.groups.iter().find(|g| g.name == group).expect("group");
-        let url = self.kit.url(g.lun);
-        let out = self.run(&[
-            "guest",
-            "check",
-            "--disk",
-            &url,
-            "--ack-log",
-            &self.ack_log(group).display().to_string(),
-        ]);
+        let mut args = vec!["guest".to_string(), "check".into(), "--disk".into()];
+        args.push(self.kit.url(g.lun));
+        for l in logs {
+            args.push("--ack-log".into());
+            args.push(l.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.run(&args);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -406,8 +411,7 @@ impl Cluster {
         );
         assert!(
             out.status.success(),
-            "guest check of {group} failed:\n{text}\n{}",
-            self.diagnostics()
+            "guest check of {group} failed:\n{text}\n{diagnostics}"
         );
         text
     }
