@@ -104,9 +104,10 @@ run_tracked "$VMI/run-guest.sh" "$GUEST_SCRIPT" --portal-port "$PORT" \
 : >"$SHARE/failed"   # releases host_side if the guest died early
 host_rc=0; wait "$HOST_SIDE" || host_rc=$?
 if [ -f "$HF_TMP/restarted.pid" ]; then
+  # started by host_side's subshell, not a child here: the exit trap stops it
   wait "$TARGET_PID" 2>/dev/null || true
-  TARGET_PID=$(cat "$HF_TMP/restarted.pid")
-  _HF_PIDS+=("$TARGET_PID")
+  _HF_PIDS+=("$(cat "$HF_TMP/restarted.pid")")
+  TARGET_PID=""
 fi
 sed 's/^/    | /' "$out" "$HF_TMP/host-side.log"
 log "guest finished, run-guest.sh status $rc; host side status $host_rc"
@@ -120,7 +121,7 @@ case "$line" in
   "CASE-RESULT reload FAIL"*) report FAIL vm-reload/reload "${line#"CASE-RESULT reload FAIL "}"; fails=1 ;;
   *) report FAIL vm-reload/reload "no result from the guest (run-guest.sh status $rc)"; fails=1 ;;
 esac
-if ! stop_holdfast "$TARGET_PID"; then
+if [ -n "$TARGET_PID" ] && ! stop_holdfast "$TARGET_PID"; then
   report FAIL vm-reload/holdfast-stop "holdfast did not exit 0 on SIGTERM"
   fails=1
 fi

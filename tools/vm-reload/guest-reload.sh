@@ -50,6 +50,16 @@ done
 sid_of() { iscsiadm -m session | sed -n 's/^tcp: \[\([0-9]*\)\].*/\1/p' | xargs echo; }
 sid0=$(sid_of)
 size0=$(blockdev --getsize64 "/dev/$dev")
+# the same session, never dropped: same ids, no connection error or recovery logged
+session_kept() {
+  local sid1
+  sid1=$(sid_of)
+  [ "$sid1" = "$sid0" ] || fail "session ids changed: [$sid0] -> [$sid1]"
+  dmesg >"$SHARE/guest-dmesg.log" 2>&1 || true
+  if grep -E "conn error|detected conn|session recovery|reinstat" "$SHARE/guest-dmesg.log"; then
+    fail "the kernel log shows a connection error or recovery"
+  fi
+}
 say "logged in: session [$sid0], LUN 0 = /dev/$dev, $size0 bytes"
 
 fio --eta=never --name=live --filename="/dev/$dev" --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
@@ -67,6 +77,7 @@ say "host reloaded while fio runs; rescanning"
 
 # --- 4. rescan, new size, new LUN --------------------------------------------------------
 iscsiadm -m session --rescan >/dev/null || fail "iscsiadm -m session --rescan"
+session_kept
 size1=""
 for _ in $(seq 100); do
   size1=$(blockdev --getsize64 "/dev/$dev")
@@ -94,12 +105,7 @@ dd if="/dev/$dev" of=/dev/null bs=1M skip=$((size0 >> 20)) iflag=direct status=n
 rc=0; wait "$FIO" || rc=$?
 [ "$rc" = 0 ] || fail "fio exit $rc: $(grep -i err "$SHARE/fio.txt" | head -n 3)"
 grep -q "err= 0" "$SHARE/fio.txt" || fail "fio reported errors: $(grep -i 'err=' "$SHARE/fio.txt")"
-sid1=$(sid_of)
-[ "$sid1" = "$sid0" ] || fail "session ids changed: [$sid0] -> [$sid1]"
-dmesg >"$SHARE/guest-dmesg.log" 2>&1 || true
-if grep -E "conn error|detected conn|session recovery|reinstat" "$SHARE/guest-dmesg.log"; then
-  fail "the kernel log shows a connection error or recovery"
-fi
+session_kept
 
 # --- 5. the host checks its side -----------------------------------------------------------
 : >"$SHARE/checked"
