@@ -361,8 +361,9 @@ impl Drop for Keeper {
 }
 
 /// A libiscsi initiator with one session reading all along: `iscsi-perf` (sequential
-/// READ(16), infinite runtime, no reconnects, so a dropped session ends it instead of
-/// being replaced). Its output is kept line by line with the time each line came.
+/// READ(16), infinite runtime). Its output is kept line by line with the time each line
+/// came. `-x 0` asks for no reconnects, yet libiscsi 1.19 silently logs in again (a new
+/// ISID and TSIH) when its connection drops: only the target's session list shows that.
 /// Its exit status is not used: iscsi-perf 1.19 retries a unit attention without counting
 /// the retry in flight, so after one it may never finish on its own; it is killed.
 struct Perf {
@@ -433,8 +434,8 @@ impl Perf {
             .join("\n")
     }
 
-    /// Ok once a progress line reporting reads completed came after `since` (up to 10 s)
-    /// while iscsi-perf still runs and has reported no error.
+    /// Ok once reads completed after `since` (up to 10 s) and iscsi-perf has reported no
+    /// error.
     async fn progress_since(&self, since: std::time::Instant) -> Result<(), String> {
         for _ in 0..1000 {
             let lines = self.lines.lock().unwrap().clone();
@@ -444,15 +445,15 @@ impl Perf {
             {
                 return Err(format!("iscsi-perf reported {l:?}:\n{}", self.output()));
             }
-            let progressed = lines.iter().any(|(at, l)| {
-                *at > since
-                    && l.split("iops current ")
-                        .nth(1)
-                        .and_then(|r| r.split(' ').next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-            });
-            if progressed {
+            // Each progress line counts the reads since the one before: the second line
+            // after `since` counts only reads done after it.
+            let rates: Vec<u64> = lines
+                .iter()
+                .filter(|(at, _)| *at > since)
+                .filter_map(|(_, l)| l.split("iops current ").nth(1))
+                .filter_map(|r| r.split(' ').next()?.parse().ok())
+                .collect();
+            if rates.iter().skip(1).any(|&n| n > 0) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
