@@ -3,8 +3,8 @@
 # The Linux kernel initiator (open-iscsi in the QEMU guest of ../shared/vm-initiator)
 # through a live reload of holdfast (issue 12): the guest (tools/vm-reload/guest-reload.sh)
 # logs in and writes LUN 0 with fio (O_DIRECT); meanwhile this script rewrites the
-# target's config (LUN 0 32 MiB -> 48 MiB, LUN 1 added, an ACL entry added) and runs
-# `holdfast target reload --socket`. The guest rescans, must see the new size and the new
+# target's config (LUN 0 32 MiB -> 48 MiB, LUN 1 added, an ACL entry added, the CHAP
+# secret the guest logged in with rotated) and runs `holdfast target reload --socket`. The guest rescans, must see the new size and the new
 # LUN with fio still running and ending without error, on the same session. Here,
 # `holdfast target sessions --json` must show the guest's session with the same ISID and
 # TSIH before the reload and after the guest's checks. Prints PASS/FAIL vm-reload/reload.
@@ -22,6 +22,9 @@ IQN=iqn.2026-11.org.holdfast:vm-reload
 INITIATOR=iqn.2026-11.org.holdfast:guest
 OTHER=iqn.2026-11.org.holdfast:added-by-reload
 IO_SECONDS=${IO_SECONDS:-40}
+CHAP_USER=guest
+CHAP_SECRET=guest-secret-123
+ROTATED_SECRET=rotated-secret-456
 
 [ -x "$VMI/run-guest.sh" ] || die "$VMI/run-guest.sh missing (../shared beside the repository root)"
 command -v jq >/dev/null || die "jq is required"
@@ -39,16 +42,17 @@ CFG=$HF_TMP/holdfast.toml
 SOCK=$HF_TMP/data/admin.sock
 SHARE=$HF_TMP/share
 mkdir -p "$SHARE"
-# write_config LUN0_SIZE WITH_LUN1(0|1) ACL_INITIATORS...
+# write_config LUN0_SIZE WITH_LUN1(0|1) CHAP_SECRET ACL_INITIATORS...
 write_config() {
-  local lun0=$1 lun1=$2 init
-  shift 2
+  local lun0=$1 lun1=$2 secret=$3 init
+  shift 3
   {
     printf 'data_dir = "data"\n[[target]]\nname = "%s"\n' "$IQN"
     printf '[[target.portal]]\nlisten = "127.0.0.1:%s"\ntpgt = 1\n' "$PORT"
     printf '[[target.lun]]\nid = 0\npath = "lun0.img"\nsize = "%s"\n' "$lun0"
     [ "$lun1" = 1 ] && printf '[[target.lun]]\nid = 1\npath = "lun1.img"\nsize = "8MiB"\n'
     for init in "$@"; do printf '[[target.acl]]\ninitiator = "%s"\n' "$init"; done
+    printf '[target.chap]\nusername = "%s"\nsecret = "%s"\n' "$CHAP_USER" "$secret"
   } >"$CFG.tmp"
   mv "$CFG.tmp" "$CFG"
 }
@@ -57,7 +61,7 @@ guest_session() {
   "$HOLDFAST_BIN" target sessions --socket "$SOCK" --json |
     jq -r --arg i "$INITIATOR" '[.sessions[] | select(.initiator == $i) | "\(.isid) \(.tsih)"] | join(",")'
 }
-write_config 32MiB 0 "$INITIATOR"
+write_config 32MiB 0 "$CHAP_SECRET" "$INITIATOR"
 start_holdfast "$CFG" "$HF_TMP/holdfast.log" || { report FAIL vm-reload/reload "holdfast did not start"; exit 1; }
 TARGET_PID=$HOLDFAST_PID
 
@@ -68,10 +72,15 @@ host_side() {
   [ -f "$SHARE/ready" ] || { echo "host: no 'ready' from the guest"; return 1; }
   before=$(guest_session)
   echo "host: guest ready ($(tr '\n' ' ' <"$SHARE/ready")); target has session $before"
-  write_config 48MiB 1 "$INITIATOR" "$OTHER"
+  write_config 48MiB 1 "$ROTATED_SECRET" "$INITIATOR" "$OTHER"
   out=$("$HOLDFAST_BIN" target reload --socket "$SOCK" 2>&1) || {
     echo "host: reload failed: $out"; : >"$SHARE/reloaded"; return 1; }
   echo "host: $out"
+  local change
+  for change in "LUN 0 grown from 33554432 to 50331648 bytes" "LUN 1 added" \
+    "ACL entry $OTHER added" "CHAP credentials changed"; do
+    grep -qF "$change" <<<"$out" || echo "the reload did not report '$change'" >"$SHARE/host-failed"
+  done
   if [ "${DROP_SESSION:-0}" = 1 ]; then
     echo "host: DROP_SESSION=1: kill -9 of the target, started again"
     kill -KILL "$TARGET_PID"
@@ -100,7 +109,8 @@ rc=0
 run_tracked "$VMI/run-guest.sh" "$GUEST_SCRIPT" --portal-port "$PORT" \
   --timeout "${VM_TIMEOUT:-$((IO_SECONDS + 240))}" --initiator-name "$INITIATOR" --share "$SHARE" \
   --env "IQN=$IQN" --env "GROWN_BYTES=$(size_bytes 48MiB)" --env "NEW_LUN_BYTES=$(size_bytes 8MiB)" \
-  --env "IO_SECONDS=$IO_SECONDS" >"$out" 2>&1 </dev/null || rc=$?
+  --env "IO_SECONDS=$IO_SECONDS" --env "CHAP_USER=$CHAP_USER" --env "CHAP_SECRET=$CHAP_SECRET" \
+  >"$out" 2>&1 </dev/null || rc=$?
 : >"$SHARE/failed"   # releases host_side if the guest died early
 host_rc=0; wait "$HOST_SIDE" || host_rc=$?
 if [ -f "$HF_TMP/restarted.pid" ]; then

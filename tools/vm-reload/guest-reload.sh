@@ -2,16 +2,16 @@
 # tools/vm-reload/guest-reload.sh: the kernel initiator through a live reload of the
 # target (../shared/vm-initiator/run-guest.sh runs it as root; tools/vm-reload.sh is the
 # host side). Handshake through files in the share:
-#   1. open-iscsi logs in, fio writes LUN 0 (O_DIRECT) in the background;
+#   1. open-iscsi logs in (CHAP), fio writes LUN 0 (O_DIRECT) in the background;
 #   2. guest -> host: "ready" (session id, size of LUN 0);
-#   3. the host grows LUN 0, adds LUN 1 and an ACL entry, reloads; host -> guest: "reloaded";
+#   3. the host grows LUN 0, adds LUN 1 and an ACL entry, rotates the CHAP secret, reloads; host -> guest: "reloaded";
 #   4. with fio still running: `iscsiadm -m session --rescan`, LUN 0 has the new size and
 #      LUN 1 is there (lsscsi); fio ends without error; same session id, no connection
 #      error or recovery in the kernel log (nothing logged in again);
 #   5. guest -> host: "checked"; the host compares its own session list; host -> guest:
 #      "host-done"; then logout.
 # Prints "CASE-RESULT reload PASS|FAIL [reason]".
-# Env: IQN, GROWN_BYTES (LUN 0 after the reload), NEW_LUN_BYTES (LUN 1), IO_SECONDS.
+# Env: IQN, CHAP_USER, CHAP_SECRET, GROWN_BYTES (LUN 0 after the reload), NEW_LUN_BYTES (LUN 1), IO_SECONDS.
 set -uo pipefail
 SHARE=/mnt/host
 PORTAL="$TARGET_HOST:$TARGET_PORT"
@@ -36,7 +36,10 @@ for _ in $(seq 50); do rc=0; iscsiadm -m session >/dev/null 2>&1 || rc=$?; [ $rc
 iscsiadm -m discovery -t st -p "$PORTAL" >/dev/null || fail "discovery through $PORTAL"
 iscsiadm -m node -T "$IQN" -o delete >/dev/null 2>&1 || true
 iscsiadm -m node -T "$IQN" -p "$PORTAL,1" -o new >/dev/null
-iscsiadm -m node -T "$IQN" -p "$PORTAL" --login >/dev/null || fail "login"
+iscsiadm -m node -T "$IQN" -p "$PORTAL" -o update -n node.session.auth.authmethod -v CHAP >/dev/null
+iscsiadm -m node -T "$IQN" -p "$PORTAL" -o update -n node.session.auth.username -v "$CHAP_USER" >/dev/null
+iscsiadm -m node -T "$IQN" -p "$PORTAL" -o update -n node.session.auth.password -v "$CHAP_SECRET" >/dev/null
+iscsiadm -m node -T "$IQN" -p "$PORTAL" --login >/dev/null || fail "login (CHAP)"
 dev=""
 for _ in $(seq 100); do
   for d in /sys/class/scsi_disk/*:0; do
@@ -112,4 +115,4 @@ session_kept
 wait_file host-done 60 || fail "no 'host-done' from the host"
 [ -f "$SHARE/host-failed" ] && fail "host: $(cat "$SHARE/host-failed")"
 iscsiadm -m node -T "$IQN" -p "$PORTAL" --logout >/dev/null || true
-echo "CASE-RESULT reload PASS LUN 0 $size0 -> $size1 bytes and LUN 1 seen after rescan under fio, session [$sid0] kept"
+echo "CASE-RESULT reload PASS LUN 0 $size0 -> $size1 bytes and LUN 1 seen after rescan under fio, CHAP secret rotated, session [$sid0] kept"
