@@ -1,9 +1,10 @@
 //! Changing the target live: the real `holdfast target` process on real TCP, its config
 //! file rewritten and reloaded through the admin socket (`holdfast target reload`) and
 //! by SIGHUP, while one session of holdfast's initiator keeps writing and reading back.
-//! libiscsi's utilities (`iscsi-ls`, `iscsi-readcapacity16`, `iscsi-inq`) are the second
-//! initiator. Every test asserts that the original session never dropped: same ISID and
-//! TSIH in `holdfast target sessions`, no I/O error, I/O still going at the end.
+//! libiscsi is the second initiator: `iscsi-perf` keeps one session reading through the
+//! reloads, and `iscsi-ls`, `iscsi-readcapacity16`, `iscsi-inq` log in afterwards. Every
+//! test asserts that the original sessions never dropped: same ISID and TSIH in
+//! `holdfast target sessions`, no I/O error, I/O still going after the reload.
 
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
@@ -22,6 +23,8 @@ const KEEPER: &str = "iqn.2026-11.org.holdfast:keeper";
 const NEWCOMER: &str = "iqn.2026-11.org.holdfast:newcomer";
 /// An initiator whose ACL entry a reload removes while it is logged in.
 const LEAVER: &str = "iqn.2026-11.org.holdfast:leaver";
+/// libiscsi's `iscsi-perf`: the second session that must survive every reload.
+const READER: &str = "iqn.2026-11.org.holdfast:reader";
 const MIB: u64 = 1 << 20;
 const REPORTED_LUNS_CHANGED: (u8, u8) = (0x3F, 0x0E);
 const CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
@@ -357,8 +360,143 @@ impl Drop for Keeper {
     }
 }
 
+/// A libiscsi initiator with one session reading all along: `iscsi-perf` (sequential
+/// READ(16), infinite runtime). Its output is kept line by line with the time each line
+/// came. `-x 0` asks for no reconnects, yet libiscsi 1.19 silently logs in again (a new
+/// ISID and TSIH) when its connection drops: only the target's session list shows that.
+/// Its exit status is not used: iscsi-perf 1.19 retries a unit attention without counting
+/// the retry in flight, so after one it may never finish on its own; it is killed.
+struct Perf {
+    child: Child,
+    lines: Arc<Mutex<Vec<(std::time::Instant, String)>>>,
+}
+
+/// What iscsi-perf says when I/O failed or its session ended.
+const PERF_ERRORS: [&str; 5] = [
+    "failed",
+    "Failed",
+    "maximum number of command retries",
+    "ABORT",
+    "finished",
+];
+
+impl Perf {
+    async fn start(name: &str, url: String) -> Perf {
+        let mut child = Command::new("iscsi-perf")
+            .args(["-i", name, "-x", "0", "-m", "2", &url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}: libiscsi-bin (iscsi-perf) is required"));
+        let lines: Arc<Mutex<Vec<_>>> = Arc::default();
+        Self::collect(child.stdout.take().expect("stdout"), lines.clone());
+        Self::collect(child.stderr.take().expect("stderr"), lines.clone());
+        let perf = Perf { child, lines };
+        perf.progress_since(std::time::Instant::now())
+            .await
+            .unwrap_or_else(|e| panic!("iscsi-perf never got going: {e}"));
+        perf
+    }
+
+    /// Progress lines end in '\r', the rest in '\n': split on both.
+    fn collect(
+        mut from: impl std::io::Read + Send + 'static,
+        into: Arc<Mutex<Vec<(std::time::Instant, String)>>>,
+    ) {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut line = Vec::new();
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                for &b in &buf[..n] {
+                    if b == b'\r' || b == b'\n' {
+                        if !line.is_empty() {
+                            let l = String::from_utf8_lossy(&line).into_owned();
+                            into.lock().unwrap().push((std::time::Instant::now(), l));
+                        }
+                        line.clear();
+                    } else {
+                        line.push(b);
+                    }
+                }
+            }
+        });
+    }
+
+    fn output(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Ok once reads completed after `since` (up to 10 s) and iscsi-perf has reported no
+    /// error.
+    async fn progress_since(&self, since: std::time::Instant) -> Result<(), String> {
+        for _ in 0..1000 {
+            let lines = self.lines.lock().unwrap().clone();
+            if let Some((_, l)) = lines
+                .iter()
+                .find(|(_, l)| PERF_ERRORS.iter().any(|e| l.contains(e)))
+            {
+                return Err(format!("iscsi-perf reported {l:?}:\n{}", self.output()));
+            }
+            // Each progress line counts the reads since the one before: the second line
+            // after `since` counts only reads done after it.
+            let rates: Vec<u64> = lines
+                .iter()
+                .filter(|(at, _)| *at > since)
+                .filter_map(|(_, l)| l.split("iops current ").nth(1))
+                .filter_map(|r| r.split(' ').next()?.parse().ok())
+                .collect();
+            if rates.iter().skip(1).any(|&n| n > 0) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("no progress in 10 s:\n{}", self.output()))
+    }
+
+    /// Still running on its first session: progress after `since`, no error, not exited.
+    async fn check_alive(&mut self, since: std::time::Instant) -> Result<(), String> {
+        self.progress_since(since).await?;
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            r => Err(format!("iscsi-perf ended ({r:?}):\n{}", self.output())),
+        }
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn url(port: u16, lun: u64) -> String {
     format!("iscsi://127.0.0.1:{port}/{TARGET}/{lun}")
+}
+
+/// The reader kept its session through everything since `since`: it read on after it,
+/// reported no error, still runs, and the target still has exactly the sessions `before`
+/// (same initiators, ISIDs and TSIHs: nothing logged in again).
+async fn reader_kept_its_session(
+    t: &LiveTarget,
+    reader: &mut Perf,
+    before: &[(String, String, u64)],
+    since: std::time::Instant,
+) -> Result<(), String> {
+    reader.check_alive(since).await?;
+    let now = t.sessions().await;
+    if now != before {
+        return Err(format!("sessions were {before:?}, now {now:?}"));
+    }
+    Ok(())
 }
 
 /// Through the admin socket: a LUN grows, a LUN, an ACL entry and a portal are added;
@@ -370,17 +508,18 @@ async fn grow_add_lun_acl_and_portal_through_the_socket() {
     let mut spec = Spec {
         ports: vec![free_port()],
         luns: vec![(0, 16)],
-        acl: vec![(KEEPER, None), (LEAVER, None)],
+        acl: vec![(KEEPER, None), (LEAVER, None), (READER, None)],
         chap_secret: None,
     };
     let t = LiveTarget::start(&spec).await;
     let keeper = Keeper::start(t.addr(), None).await;
     keeper.assert_alive().await;
+    let mut reader = Perf::start(READER, url(spec.ports[0], 0)).await;
     let leaver = Session::login(InitiatorConfig::new(LEAVER, TARGET, t.addr()))
         .await
         .expect("leaver login");
     let before = t.sessions().await;
-    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before.len(), 3, "{before:?}");
     let (ok, out) = libiscsi("iscsi-inq", NEWCOMER, url(spec.ports[0], 0), &[]).await;
     assert!(!ok, "not in the ACL yet, yet logged in: {out}");
 
@@ -389,6 +528,7 @@ async fn grow_add_lun_acl_and_portal_through_the_socket() {
     spec.luns = vec![(0, 32), (1, 8)];
     spec.acl.push((NEWCOMER, Some(vec![0, 1])));
     t.rewrite(&spec);
+    let reloaded = std::time::Instant::now();
     let out = t.admin("reload", &[]).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -413,6 +553,9 @@ async fn grow_add_lun_acl_and_portal_through_the_socket() {
         .await
         .unwrap();
     assert_eq!(seen, vec![0, 1]);
+    reader_kept_its_session(&t, &mut reader, &before, reloaded)
+        .await
+        .expect("libiscsi's session through the grow/add reload");
     let (last1, _) = keeper
         .cmd(|s| async move { s.read_capacity16(1).await })
         .await
@@ -442,9 +585,10 @@ async fn grow_add_lun_acl_and_portal_through_the_socket() {
 
     // A mask change: the newcomer keeps LUN 1 only (on the next login here); the leaver's
     // entry goes: its session stays, but sees no LUN any more.
-    spec.acl[2].1 = Some(vec![1]);
+    spec.acl[3].1 = Some(vec![1]);
     spec.acl.remove(1);
     t.rewrite(&spec);
+    let masked = std::time::Instant::now();
     let out = t.admin("reload", &[]).await;
     let said = text(&out);
     assert!(
@@ -475,7 +619,9 @@ async fn grow_add_lun_acl_and_portal_through_the_socket() {
     );
 
     keeper.assert_alive().await;
-    assert_eq!(t.sessions().await, before, "the kept session was replaced");
+    reader_kept_its_session(&t, &mut reader, &before, masked)
+        .await
+        .expect("libiscsi's session through both reloads");
     assert!(keeper.stop().await > 0);
 }
 
@@ -497,10 +643,14 @@ async fn sighup_rotates_chap_and_destructive_changes_are_refused() {
     let t = LiveTarget::start(&spec).await;
     let keeper = Keeper::start(t.addr(), Some(OLD)).await;
     keeper.assert_alive().await;
+    let lib = |secret: &str| format!("iscsi://alice%{secret}@127.0.0.1:{}/{TARGET}/0", t.port);
+    let mut reader = Perf::start(READER, lib(OLD)).await;
     let before = t.sessions().await;
+    assert_eq!(before.len(), 2, "{before:?}");
 
     spec.chap_secret = Some(NEW);
     t.rewrite(&spec);
+    let rotated_at = std::time::Instant::now();
     t.sighup();
     let login = |secret: &'static str| {
         let mut cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:other", TARGET, t.addr());
@@ -521,16 +671,19 @@ async fn sighup_rotates_chap_and_destructive_changes_are_refused() {
         panic!("the old secret still logs in");
     };
     assert_eq!(e.login_status(), Some((2, 1)), "{e}");
-    let lib = |secret: &str| format!("iscsi://alice%{secret}@127.0.0.1:{}/{TARGET}/0", t.port);
     assert!(libiscsi("iscsi-inq", NEWCOMER, lib(NEW), &[]).await.0);
     assert!(!libiscsi("iscsi-inq", NEWCOMER, lib(OLD), &[]).await.0);
     keeper.assert_alive().await;
+    reader_kept_its_session(&t, &mut reader, &before, rotated_at)
+        .await
+        .expect("libiscsi's session through the CHAP rotation");
 
     // A shrink of the LUN in use, with an addition that must not happen either.
-    let isid = &before[0].1;
+    let isid = &before.iter().find(|s| s.0 == KEEPER).expect("keeper").1;
     let mut bad = spec.clone();
     bad.luns = vec![(0, 8), (1, 8)];
     t.rewrite(&bad);
+    let refused = std::time::Instant::now();
     let out = t.admin("reload", &[]).await;
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
@@ -567,8 +720,46 @@ async fn sighup_rotates_chap_and_destructive_changes_are_refused() {
         .unwrap();
     assert_eq!((last + 1) * 512, 16 * MIB);
     keeper.assert_alive().await;
-    assert_eq!(t.sessions().await, before, "the kept session was replaced");
+    reader_kept_its_session(&t, &mut reader, &before, refused)
+        .await
+        .expect("libiscsi's session through the refused reloads");
     assert!(keeper.stop().await > 0);
+}
+
+/// The check above can fail: the reader's session is reinstated (a login as the same
+/// initiator with the same ISID drops it, RFC 7143 6.3.5) and that login ends, so the
+/// target stays up and whatever libiscsi does next, error or a new login (a new TSIH),
+/// it is caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_reader_session_is_caught() {
+    let spec = Spec {
+        ports: vec![free_port()],
+        luns: vec![(0, 16)],
+        acl: vec![],
+        chap_secret: None,
+    };
+    let t = LiveTarget::start(&spec).await;
+    let mut reader = Perf::start(READER, url(spec.ports[0], 0)).await;
+    let before = t.sessions().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let since = std::time::Instant::now();
+    reader_kept_its_session(&t, &mut reader, &before, since)
+        .await
+        .expect("nothing happened yet");
+
+    let isid = u64::from_str_radix(&before[0].1, 16).expect("ISID in hex");
+    let mut cfg = InitiatorConfig::new(READER, TARGET, t.addr());
+    let mut six = [0u8; 6];
+    six.copy_from_slice(&isid.to_be_bytes()[2..]);
+    cfg.isid = Some(six);
+    let since = std::time::Instant::now();
+    let usurper = Session::login(cfg).await.expect("reinstating login");
+    usurper.logout().await.expect("logout");
+    let caught = reader_kept_its_session(&t, &mut reader, &before, since).await;
+    let Err(how) = caught else {
+        panic!("a dropped session went unnoticed");
+    };
+    eprintln!("caught as it should be: {how}");
 }
 
 /// A client with no target behind the socket says so and fails.
