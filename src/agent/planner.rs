@@ -511,7 +511,7 @@ pub fn outage_action(
 ) -> Option<OutageAction> {
     if fenced {
         return Some(OutageAction::Fence(
-            "a quorum LUN write was refused: this node was fenced".into(),
+            "this node was fenced: a quorum LUN write was refused, or its key is gone".into(),
         ));
     }
     let age = heartbeat_age.filter(|a| running_vms && *a > self_fence_after)?;

@@ -794,7 +794,8 @@ type OutageCase = (bool, bool, Option<u64>, Duration, Option<OutageAction>);
 #[test]
 fn outage_actions() {
     use OutageAction::{Fence, Pause};
-    let fenced = || Fence("a quorum LUN write was refused: this node was fenced".into());
+    let fenced =
+        || Fence("this node was fenced: a quorum LUN write was refused, or its key is gone".into());
     let stale = "no completed heartbeat write for 2001 ms".to_string();
     let cases: &[OutageCase] = &[
         // A refused quorum write kills, paused VMs included, pausing on or off.
