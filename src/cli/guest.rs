@@ -1472,42 +1472,48 @@ impl Writer<'_> {
         g: &mut Guest,
         log: &mut AckLog,
     ) -> Result<Option<Ending>, GuestError> {
-        let (instance, epoch, counter) = (self.instance, self.a.epoch, self.next);
         let r = Record {
-            instance,
-            epoch,
-            counter,
+            instance: self.instance,
+            epoch: self.a.epoch,
+            counter: self.next,
         };
         match g.write(self.layout, r).await {
             Ok(()) => {
-                log.log(&AckEvent::Ack {
-                    instance,
-                    epoch,
-                    counter,
-                })?;
                 self.acked += 1;
-                // A forged record near u64::MAX must not make us wrap (or panic).
-                match counter.checked_add(1) {
-                    Some(n) => self.next = n,
-                    None => return Ok(Some(Ending::Error("counter space exhausted".into()))),
-                }
-                Ok(None)
+                Ok(log_acked(log, &r)?.map(|n| self.next = n).err())
             }
             Err(Fail::Conflict) => {
-                // The exit status must say "fenced" even if the log cannot.
-                if let Err(e) = log.log(&AckEvent::Conflict {
-                    instance,
-                    epoch,
-                    counter,
-                }) {
-                    eprintln!("holdfast guest run: {e}");
-                }
+                log_refused(log, &r);
                 Ok(Some(Ending::Conflict))
             }
             Err(Fail::Stopped(s)) => Ok(Some(Ending::Signal(s))),
             Err(Fail::Lost) => Ok(Some(Ending::ConnectionLost)),
             Err(Fail::Fatal(e)) => Ok(Some(Ending::Error(e.to_string()))),
         }
+    }
+}
+
+/// Log the acknowledged write `r`: the counter to write next, or why the run must end.
+pub(super) fn log_acked(log: &mut AckLog, r: &Record) -> Result<Result<u64, Ending>, GuestError> {
+    log.log(&AckEvent::Ack {
+        instance: r.instance,
+        epoch: r.epoch,
+        counter: r.counter,
+    })?;
+    // A forged record near u64::MAX must not make us wrap (or panic).
+    Ok(r.counter
+        .checked_add(1)
+        .ok_or_else(|| Ending::Error("counter space exhausted".into())))
+}
+
+/// Log the refused write `r`. The exit status says "fenced" even if the log cannot.
+pub(super) fn log_refused(log: &mut AckLog, r: &Record) {
+    if let Err(e) = log.log(&AckEvent::Conflict {
+        instance: r.instance,
+        epoch: r.epoch,
+        counter: r.counter,
+    }) {
+        eprintln!("holdfast guest run: {e}");
     }
 }
 

@@ -9,8 +9,8 @@
 //! the run exits 75.
 
 use super::guest::{
-    ending_status, file_err, first_counter, install_signals, saved_state, AckEvent, AckLog,
-    DiskContents, Ending, GuestError, Instance, Layout, Record, RunArgs, Stop,
+    ending_status, file_err, first_counter, install_signals, log_acked, log_refused, saved_state,
+    AckEvent, AckLog, DiskContents, Ending, GuestError, Instance, Layout, Record, RunArgs, Stop,
 };
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -219,40 +219,20 @@ impl DeviceWriter<'_> {
         dev: &Device,
         log: &mut AckLog,
     ) -> Result<Option<Ending>, GuestError> {
-        let (instance, epoch, counter) = (self.instance, self.a.epoch, self.next);
-        if let Err(e) = dev
-            .write(Record {
-                instance,
-                epoch,
-                counter,
-            })
-            .await
-        {
+        let r = Record {
+            instance: self.instance,
+            epoch: self.a.epoch,
+            counter: self.next,
+        };
+        if let Err(e) = dev.write(r).await {
             let ending = ending_of_write_error(&e);
             if matches!(ending, Ending::Conflict) {
-                // The exit status must say "fenced" even if the log cannot.
-                if let Err(e) = log.log(&AckEvent::Conflict {
-                    instance,
-                    epoch,
-                    counter,
-                }) {
-                    eprintln!("holdfast guest run: {e}");
-                }
+                log_refused(log, &r);
             }
             return Ok(Some(ending));
         }
-        log.log(&AckEvent::Ack {
-            instance,
-            epoch,
-            counter,
-        })?;
         self.acked += 1;
-        // A forged record near u64::MAX must not make us wrap (or panic).
-        match counter.checked_add(1) {
-            Some(n) => self.next = n,
-            None => return Ok(Some(Ending::Error("counter space exhausted".into()))),
-        }
-        Ok(None)
+        Ok(log_acked(log, &r)?.map(|n| self.next = n).err())
     }
 }
 
