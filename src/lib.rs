@@ -21,6 +21,7 @@ pub mod atomic_file;
 pub mod cli;
 pub mod config_value;
 pub mod initiator;
+pub mod metrics;
 pub mod iscsi;
 pub mod scsi;
 pub mod server;
