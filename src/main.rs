@@ -44,6 +44,10 @@ enum Command {
         /// Validate the configuration, print it with its defaults, and exit.
         #[arg(long)]
         check: bool,
+        /// Serve Prometheus metrics on ADDR (GET /metrics), e.g. 127.0.0.1:9465
+        /// [default: the config's node.metrics key, else none].
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Administer the cluster through its quorum LUN.
     Ctl(Box<CtlArgs>),
@@ -86,7 +90,11 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Target(args) => std::process::exit(cli::target::main(&args)?),
         Command::Pr(args) => std::process::exit(cli::pr::main(&args)?),
-        Command::Agent { config, check } => cli::agent::main(&config, check),
+        Command::Agent {
+            config,
+            check,
+            metrics,
+        } => cli::agent::main(&config, check, metrics),
         Command::Ctl(args) => std::process::exit(cli::ctl_command::main(&args)?),
         Command::Guest { command } => std::process::exit(cli::guest::main(command)?),
         Command::Demo { port, keep, quiet } => {

@@ -56,6 +56,10 @@ pub struct NodeSection {
     /// Append every transition as a JSON line to this file [default: STATE_DIR/events.jsonl].
     #[serde(default)]
     pub event_log: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); absent: no metrics.
+    /// `holdfast agent --metrics ADDR` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn default_state_dir() -> PathBuf {

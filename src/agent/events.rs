@@ -36,6 +36,7 @@ impl Events {
     /// `reason` why, `extra` any other fields.
     pub fn emit(&self, event: &str, group: &str, reason: &str, extra: serde_json::Value) {
         tracing::info!(event, group, reason, extra = %extra, "transition");
+        crate::metrics::agent::on_event(event, &extra);
         if let Some(f) = &self.file {
             let mut v = serde_json::json!({
                 "wall_ms": wall_ms(),

@@ -10,7 +10,7 @@
 use crate::agent::claim::{self, Identity};
 use crate::agent::config::{GroupConfig, ValidNodeConfig};
 use crate::agent::driver::{self, VmDriver};
-use crate::agent::membership::Membership;
+use crate::agent::membership::{Liveness, Membership};
 use crate::agent::ops::{self, drive, Done, Shared};
 use crate::agent::placement::RestartBudget;
 use crate::agent::planner::{self, GroupView, Local, NodeView, Op, OutageAction, Policy};
@@ -18,6 +18,7 @@ use crate::agent::quorum::{self, NodeState, QuorumImage};
 use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
 use crate::initiator::connect_portals;
+use crate::metrics::agent as metrics;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,9 @@ struct GroupRt {
     backoff_until: Option<Instant>,
     /// Why and since when (wall clock, for people) the VM is paused, while it is.
     pause_note: Option<PauseNote>,
+    /// A claim from a dead owner is under way: when its heartbeat last moved (for the
+    /// failover duration metric).
+    failover_from: Option<Instant>,
 }
 
 impl GroupRt {
@@ -87,6 +91,13 @@ pub async fn run(
             tracing::error!(group = g.cfg.name, error = %e, "cannot kill a VM left by an earlier agent");
             return Err(AgentError::Driver(e));
         }
+    }
+    if let Some(m) = metrics::get() {
+        let sh = agent.sh.clone();
+        m.watch_heartbeat(Box::new(move || {
+            let ok = sh.last_heartbeat_ok.load(Ordering::SeqCst);
+            (ok != 0).then(|| Duration::from_nanos(mono_ns().saturating_sub(ok)))
+        }));
     }
     let hb = tokio::spawn(ops::heartbeat_loop(agent.sh.clone()));
     let poll = agent.sh.cfg.timings().poll_interval;
@@ -161,6 +172,7 @@ impl Agent {
                     waiting_since: None,
                     backoff_until: None,
                     pause_note: None,
+                    failover_from: None,
                 },
             );
         }
@@ -376,6 +388,7 @@ impl Agent {
         // Judge liveness at the moment the read completed, not when the tick began.
         let now = Instant::now();
         self.membership.observe(now, img.slots.iter().flatten());
+        self.report_metrics(&img, now);
         let ops = {
             let views: Vec<GroupView> = self.groups.values().map(GroupRt::view).collect();
             planner::plan(&self.node_view(), &views, &img, &self.membership, now)
@@ -439,6 +452,10 @@ impl Agent {
                 victim_incarnation,
             } => {
                 let Some(rec) = record(&group) else { return };
+                let silent = victim.and_then(|v| self.membership.silent_for(v, now));
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.failover_from = silent.map(|s| now - s);
+                }
                 self.spawn_op(&group, move |sh, cfg, drv| async move {
                     ops::claim_and_start(&sh, &vm, &cfg, &drv, &rec, victim, victim_incarnation)
                         .await
@@ -498,6 +515,9 @@ impl Agent {
         match d {
             Done::Running { group, epoch } => {
                 if let Some(g) = self.groups.get_mut(&group) {
+                    if let (Some(t), Some(m)) = (g.failover_from.take(), metrics::get()) {
+                        m.failover(now.saturating_duration_since(t));
+                    }
                     g.local = Local::Running { epoch };
                     g.next_monitor = now + g.cfg.monitor_interval;
                 }
@@ -547,6 +567,37 @@ impl Agent {
                     Some(op) => self.run_op(op, None, now).await,
                 }
             }
+        }
+    }
+
+    /// Peers, group records and local states for the metrics (if on).
+    fn report_metrics(&mut self, img: &QuorumImage, now: Instant) {
+        let Some(m) = metrics::get() else { return };
+        let peers = img.slots.iter().flatten().filter(|s| s.node_id != self.sh.id);
+        let (mut alive, mut dead) = (0, 0);
+        for p in peers {
+            match self.membership.liveness(p.node_id, now) {
+                Liveness::Alive => alive += 1,
+                Liveness::Dead => dead += 1,
+                Liveness::Unknown | Liveness::Left => {}
+            }
+        }
+        m.peers(alive, dead);
+        for (_, r) in &img.groups {
+            m.group_record(&r.name, r.state.name(), r.owner);
+        }
+        for (name, g) in &mut self.groups {
+            if !matches!(g.local, Local::Busy) {
+                // A claim that did not end running is no failover.
+                g.failover_from = None;
+            }
+            let state = match g.local {
+                Local::Idle => "idle",
+                Local::Busy => "busy",
+                Local::Running { .. } => "running",
+                Local::Paused { .. } => "paused",
+            };
+            m.group_local(name, state);
         }
     }
 

@@ -2,11 +2,17 @@
 //! SIGTERM (then hand the groups over).
 use crate::agent::config::{self, ValidNodeConfig};
 use anyhow::Context as _;
+use crate::metrics::http::{MetricsServer, Render};
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
-/// `holdfast agent --config F [--check]`.
-pub fn main(path: &Path, check: bool) -> anyhow::Result<()> {
-    let cfg = config::load_file(path)?;
+/// `holdfast agent --config F [--check] [--metrics ADDR]`.
+pub fn main(path: &Path, check: bool, metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut cfg = config::load_file(path)?;
+    if metrics.is_some() {
+        cfg.config.node.metrics = metrics;
+    }
     if check {
         println!(
             "configuration {} is valid: node {} (id {}) of cluster {}, initiator {}, VM \
@@ -33,6 +39,9 @@ fn run(cfg: ValidNodeConfig) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = cfg.config.node.metrics {
+            serve_metrics(addr, rx.clone()).await?;
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let agent = tokio::spawn(crate::agent::node::run(cfg, rx));
         tokio::select! {
@@ -43,4 +52,19 @@ fn run(cfg: ValidNodeConfig) -> anyhow::Result<()> {
         agent.await.context("agent task failed")??;
         Ok(())
     })
+}
+
+/// Turn the agent's metrics on and serve them on `addr` until `stop`.
+async fn serve_metrics(
+    addr: SocketAddr,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let server = MetricsServer::bind(addr)
+        .await
+        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    tracing::info!(addr = %server.local_addr()?, "metrics endpoint: GET /metrics");
+    let metrics = crate::metrics::agent::install();
+    let render: Render = Arc::new(move |f| metrics.render(f));
+    tokio::spawn(server.serve(render, stop));
+    Ok(())
 }

@@ -152,6 +152,7 @@ impl Layout {
             limits: LimitSettings::default(),
             discovery_chap: None,
             admin_socket: None,
+            metrics: None,
             targets: vec![TargetConfig {
                 name: self.target.clone(),
                 alias: None,
@@ -179,6 +180,7 @@ impl Layout {
                 state_dir: self.path(&node_name(id)),
                 shared_state_dir: Some(self.path("shared")),
                 event_log: Some(self.events()),
+                metrics: None,
             },
             target: TargetSection {
                 portals: vec![self.addr.to_string()],

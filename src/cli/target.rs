@@ -1,6 +1,7 @@
 //! `holdfast target`: load the configuration (or the embedded default), print what is
 //! served, run the portals and the admin socket until SIGINT/SIGTERM, reload on SIGHUP;
 //! and the admin clients `holdfast target reload|sessions|luns|show`.
+use crate::metrics::http::{MetricsServer, Render};
 use crate::server::admin::{self, AdminSocket, ConfigSource};
 use crate::server::config::{self, ValidConfig};
 use crate::server::portal::Portals;
@@ -27,6 +28,10 @@ pub struct TargetArgs {
     /// Admin socket path [default: the config's admin_socket, else <data_dir>/admin.sock].
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR (GET /metrics), e.g. 127.0.0.1:9464
+    /// [default: the config's metrics key, else none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub action: Option<TargetAction>,
 }
@@ -68,26 +73,33 @@ pub fn main(args: &TargetArgs) -> anyhow::Result<i32> {
         print!("{}", config::EMBEDDED_DEFAULT.trim_start());
         return Ok(0);
     }
-    let cfg = load(args.config.as_deref(), args.admin_socket.as_deref())?;
+    let cfg = load(args.config.as_deref(), args.admin_socket.as_deref(), args.metrics)?;
     if args.check {
         print_summary(&cfg);
         return Ok(0);
     }
     let config = args.config.clone();
     let socket = args.admin_socket.clone();
-    let source: Arc<ConfigSource> = Arc::new(move || load(config.as_deref(), socket.as_deref()));
+    let metrics = args.metrics;
+    let source: Arc<ConfigSource> =
+        Arc::new(move || load(config.as_deref(), socket.as_deref(), metrics));
     run(cfg, source)?;
     Ok(0)
 }
 
-/// The configuration file, or the embedded default; `admin_socket` overrides its path.
+/// The configuration file, or the embedded default; `admin_socket` and `metrics`
+/// override its keys.
 fn load(
     config: Option<&Path>,
     admin_socket: Option<&Path>,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<ValidConfig, config::ConfigError> {
     let mut cfg = read(config)?;
     if let Some(p) = admin_socket {
         cfg.admin_socket = p.to_path_buf();
+    }
+    if metrics.is_some() {
+        cfg.config.metrics = metrics;
     }
     Ok(cfg)
 }
@@ -145,9 +157,10 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         );
         let portals = Portals::bind(&cfg.listen_addrs()).await?;
         let admin = AdminSocket::bind(&cfg.admin_socket).await?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        serve_metrics(&cfg, &runtime, rx.clone()).await?;
         print_summary(&cfg);
         tracing::info!(portals = ?portals.local_addrs(), admin_socket = %admin.path().display(), "holdfast target ready");
-        let (tx, rx) = tokio::sync::watch::channel(false);
         let serve = tokio::spawn(portals.serve(runtime.clone(), rx.clone()));
         let admin = tokio::spawn(admin.serve(runtime.clone(), source.clone(), rx));
         wait_for_stop(&runtime, &*source).await?;
@@ -156,6 +169,25 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         let _ = admin.await;
         Ok(())
     })
+}
+
+/// Bind the metrics endpoint, if configured, and serve it until `stop`.
+async fn serve_metrics(
+    cfg: &ValidConfig,
+    runtime: &Arc<Runtime>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (Some(addr), Some(metrics)) = (cfg.config.metrics, runtime.metrics.clone()) else {
+        return Ok(());
+    };
+    let server = MetricsServer::bind(addr)
+        .await
+        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    tracing::info!(addr = %server.local_addr()?, "metrics endpoint: GET /metrics");
+    let rt = runtime.clone();
+    let render: Render = Arc::new(move |f| metrics.render(&rt.metrics_gauges(), f));
+    tokio::spawn(server.serve(render, stop));
+    Ok(())
 }
 
 /// Reload on SIGHUP until SIGINT or SIGTERM.

@@ -62,6 +62,10 @@ pub struct Config {
     /// `<data_dir>/admin.sock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); absent: no metrics.
+    /// `holdfast target --metrics ADDR` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
 }

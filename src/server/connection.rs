@@ -13,7 +13,8 @@ use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
     TaskId,
 };
-use crate::scsi::{ItNexus, LunMap, NexusId, ScsiCommand, ScsiOutcome};
+use crate::metrics::target::{CommandDone, CommandKind, SessionMetrics};
+use crate::scsi::{status, ItNexus, LunMap, NexusId, ScsiCommand, ScsiOutcome};
 use crate::wire::{self, DigestConfig, PduDecoder, ReadError};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -99,6 +100,9 @@ pub async fn serve(
         Ok(Ok(o)) => o,
     };
     let (outcome, _session_slot) = outcome;
+    if let Some(m) = &rt.metrics {
+        m.login();
+    }
     info!(
         ?peer,
         initiator = %outcome.initiator_name,
@@ -204,6 +208,8 @@ struct Shared {
     handle: tokio::runtime::Handle,
     /// Signalled whenever a task ends (a blocked TMF or logout, the session's end).
     task_ended: Notify,
+    /// This session's metric handles (None: metrics off, or a discovery session).
+    metrics: Option<SessionMetrics>,
 }
 
 impl Shared {
@@ -252,25 +258,42 @@ impl Shared {
 
     fn spawn_exec(self: &Arc<Self>, e: Execute) {
         let (task, cmd) = self.command(e);
+        let started = self.metrics.as_ref().map(|_| Instant::now());
         // The round trip through the blocking pool (two thread wake-ups) costs more than
         // a page-cache copy: try cheap commands here first (see try_inline).
         if try_inline(&cmd) {
             if let Some(outcome) =
                 crate::scsi::backend::without_blocking(|| self.ctx.luns.current().execute(&cmd))
             {
-                self.finish(task, &cmd, outcome);
+                self.finish(task, &cmd, outcome, started);
                 return;
             }
         }
         let me = self.clone();
         self.handle.spawn_blocking(move || {
             let outcome = me.ctx.luns.current().execute(&cmd);
-            me.finish(task, &cmd, outcome);
+            me.finish(task, &cmd, outcome, started);
         });
     }
 
     /// Report a command's outcome to the connection and start what it releases.
-    fn finish(self: &Arc<Self>, task: TaskId, cmd: &ScsiCommand, outcome: ScsiOutcome) {
+    fn finish(
+        self: &Arc<Self>,
+        task: TaskId,
+        cmd: &ScsiCommand,
+        outcome: ScsiOutcome,
+        started: Option<Instant>,
+    ) {
+        if let (Some(m), Some(t0)) = (&self.metrics, started) {
+            m.command(CommandDone {
+                lun: cmd.lun,
+                kind: CommandKind::of(cmd.cdb.first().copied().unwrap_or(0)),
+                read: outcome.data_in.len() as u64,
+                written: cmd.data_out.len() as u64,
+                conflict: outcome.status == status::RESERVATION_CONFLICT,
+                took: t0.elapsed(),
+            });
+        }
         let mut work = Vec::new();
         {
             let mut conn = self.conn();
@@ -389,12 +412,14 @@ async fn run_full_feature(
     (mut buf, mut dec): (BytesMut, PduDecoder),
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let joined = join_session(&rt, &reg, &outcome, listen).await?;
+    let metrics = session_metrics(&rt, &joined);
     let Nexus {
         luns,
         nexus,
         control,
         key_handle,
-    } = join_session(&rt, &reg, &outcome, listen).await?;
+    } = joined;
     let ctx = Arc::new(Context {
         rt: rt.clone(),
         luns,
@@ -421,6 +446,7 @@ async fn run_full_feature(
         id: rt.nexuses.allocate_id(),
         handle: tokio::runtime::Handle::current(),
         task_ended: Notify::new(),
+        metrics,
     });
     if !shared.nexus.target_name.is_empty() {
         // Every normal session, also one that sees no LUN yet (a reload may add some).
@@ -469,6 +495,18 @@ async fn run_full_feature(
         drop::<SessionControl>(control);
     }
     res
+}
+
+/// Resolve a normal session's metric handles, once, at login.
+fn session_metrics(rt: &Runtime, nexus: &Nexus) -> Option<SessionMetrics> {
+    let m = rt.metrics.as_ref()?;
+    let n = &nexus.nexus;
+    if n.target_name.is_empty() {
+        return None;
+    }
+    let isid = hex::encode(n.isid);
+    let luns = nexus.luns.current().ids();
+    Some(m.session(&n.target_name, &n.initiator_name, &isid, &luns))
 }
 
 /// Feed the connection: PDUs from the socket, decode errors and its timer; run what it

@@ -199,6 +199,11 @@ fn global_changes(
             what: "admin_socket".into(),
         });
     }
+    if old.metrics != new.metrics {
+        refusals.push(Refusal::NotLive {
+            what: "metrics".into(),
+        });
+    }
     if old.discovery_chap != new.discovery_chap {
         changes.push(Change::ChapChanged {
             scope: "discovery".into(),

@@ -4,6 +4,7 @@
 use super::config::{ChapConfig, LunConfig, TargetConfig, ValidConfig};
 use super::live::{LiveState, LunBackend, Served};
 use super::session::NexusDirectory;
+use crate::metrics::target::{TargetGauges, TargetMetrics};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
@@ -118,6 +119,8 @@ pub struct Runtime {
     /// The running configuration, sessions' LUN maps and backing stores, as reloads
     /// change them.
     pub live: LiveState,
+    /// Prometheus series, when the configuration asks for them (`metrics`).
+    pub metrics: Option<Arc<TargetMetrics>>,
 }
 
 impl Runtime {
@@ -161,6 +164,7 @@ impl Runtime {
             limits: super::limits::ResourceLimits::new(cfg.config.limits.clone()),
             live: LiveState::new(cfg.clone(), backends),
             nexuses,
+            metrics: cfg.config.metrics.map(|_| Arc::new(TargetMetrics::new())),
         })
     }
 
@@ -192,6 +196,25 @@ impl Runtime {
             return Err(LoginStatus::AUTHORIZATION_FAILURE);
         }
         Ok(t.chap_for(initiator))
+    }
+
+    /// What the metrics read from the running target at a scrape.
+    pub fn metrics_gauges(&self) -> TargetGauges {
+        let limit = usize::try_from(self.limits.settings.buffer_memory.0)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let served = self.served();
+        let luns = served.targets.iter().flat_map(|t| {
+            let luns = t.luns.iter();
+            luns.map(|(id, lu)| (t.name.clone(), *id, lu.is_offline()))
+        });
+        TargetGauges {
+            sessions: self.limits.live_sessions(),
+            connections: self.limits.open_connections(),
+            buffer_in_use: limit.saturating_sub(self.limits.buffer_available()) as u64,
+            buffer_limit: limit as u64,
+            luns: luns.collect(),
+        }
     }
 
     /// Flush every LUN (shutdown).

@@ -113,6 +113,8 @@ pub(super) async fn login_phase(
     let mut out = PduWriter::new(DigestConfig::default());
     // Initiator of the leading request and whether its target demanded CHAP.
     let mut who: Option<(String, bool)> = None;
+    // The target it names (None: discovery), for the CHAP failure count.
+    let mut target: Option<String> = None;
     loop {
         let pdu = match wire::read_pdu(rd, buf, dec).await {
             Ok(p) => p,
@@ -127,6 +129,7 @@ pub(super) async fn login_phase(
             let (policy, chap) = auth.choose(lead);
             if policy.is_ok() || chap {
                 who = Some((lead.initiator_name.clone(), chap));
+                target = lead.target_name.clone();
             }
             step = machine.choose(policy, &mut auth);
         }
@@ -148,6 +151,12 @@ pub(super) async fn login_phase(
                     "login refused"
                 );
                 let chap = who.as_ref().is_some_and(|w| w.1);
+                if let Some(m) = &rt.metrics {
+                    m.login_failed(status.class, status.detail);
+                    if chap && status == LoginStatus::AUTH_FAILURE {
+                        m.chap_failed(target.as_deref());
+                    }
+                }
                 if chap
                     && status == LoginStatus::AUTH_FAILURE
                     && rt.limits.chap_failed(&initiator, Instant::now())
