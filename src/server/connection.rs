@@ -285,11 +285,15 @@ impl Shared {
         started: Option<Instant>,
     ) {
         if let (Some(m), Some(t0)) = (&self.metrics, started) {
+            let kind = CommandKind::of(cmd.cdb.first().copied().unwrap_or(0));
+            // Bytes of the medium: what reads returned and writes stored (GOOD).
+            let good = outcome.status == status::GOOD;
+            let moved = |k, n: usize| if good && kind == k { n as u64 } else { 0 };
             m.command(CommandDone {
                 lun: cmd.lun,
-                kind: CommandKind::of(cmd.cdb.first().copied().unwrap_or(0)),
-                read: outcome.data_in.len() as u64,
-                written: cmd.data_out.len() as u64,
+                kind,
+                read: moved(CommandKind::Read, outcome.data_in.len()),
+                written: moved(CommandKind::Write, cmd.data_out.len()),
                 conflict: outcome.status == status::RESERVATION_CONFLICT,
                 took: t0.elapsed(),
             });

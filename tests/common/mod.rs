@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod hooked;
+pub mod metrics;
 pub mod netns;
 pub mod pr;
 pub mod raw;

@@ -13,6 +13,7 @@ mod kill_durability;
 mod layers;
 mod limits;
 mod login;
+mod metrics;
 mod pr;
 mod pr_cli;
 mod pr_restart;
