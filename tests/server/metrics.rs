@@ -7,8 +7,13 @@ use crate::common::metrics::{free_addr, promtool_check, samples, scrape, value, 
 use crate::common::{clear_unit_attention, BLOCK};
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, PrType, RegisterFlags, Session};
+use holdfast::metrics::agent;
+use holdfast::metrics::http::Format;
+use holdfast::metrics::target::{CommandDone, CommandKind, TargetGauges, TargetMetrics};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TARGET: &str = "iqn.2026-11.org.holdfast:metrics";
@@ -165,4 +170,103 @@ async fn target_metrics_negotiate_the_format() {
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut s, &mut reply).expect("reply");
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+}
+
+/// Every series name the code exports: the families' TYPE lines from a target and an
+/// agent registry with every family populated (histograms with their three suffixes).
+fn exported_series() -> BTreeSet<String> {
+    let m = Arc::new(TargetMetrics::new());
+    let s = m.session("t", "i", "00", &[0]);
+    s.command(CommandDone {
+        lun: 0,
+        kind: CommandKind::Read,
+        read: 512,
+        written: 512,
+        conflict: true,
+        took: Duration::from_millis(1),
+    });
+    m.login();
+    m.login_failed(2, 1);
+    m.chap_failed(Some("t"));
+    let gauges = TargetGauges {
+        luns: vec![("t".into(), 0, false)],
+        ..TargetGauges::default()
+    };
+    let a = agent::install();
+    agent::on_event("fenced", &serde_json::json!({}));
+    agent::on_event("vm-started", &serde_json::json!({"claim_ms": 10.0}));
+    a.failover(Duration::from_secs(3));
+    a.group_record("g", "running", 1);
+    a.group_local("g", "running");
+    a.peers(1, 0);
+    let text = m.render(&gauges, Format::Prometheus) + &a.render(Format::Prometheus);
+    let mut names = BTreeSet::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+        names.insert(name.to_string());
+    }
+    names
+}
+
+/// Every `expr` and templating `query` string of the dashboard.
+fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                match (k.as_str(), x) {
+                    ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => dashboard_queries(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| dashboard_queries(x, out)),
+        _ => {}
+    }
+}
+
+/// docs/grafana/holdfast.json parses, uses no series the code does not export, and
+/// shows every series family the code exports: it cannot drift silently.
+#[test]
+fn the_grafana_dashboard_matches_the_exported_series() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana/holdfast.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("JSON");
+    let mut queries = Vec::new();
+    dashboard_queries(&dash, &mut queries);
+    assert!(queries.len() > 20, "{queries:?}");
+    let exported = exported_series();
+    let mut used = BTreeSet::new();
+    for q in &queries {
+        let mut rest = q.as_str();
+        while let Some(i) = rest.find("holdfast_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(exported.contains(&name), "{name} (in {q}) is not exported: {exported:?}");
+            rest = &rest[i + name.len()..];
+            used.insert(name);
+        }
+    }
+    let unshown: Vec<_> = exported
+        .iter()
+        .filter(|n| !n.ends_with("_bucket") && !n.ends_with("_sum") && !n.ends_with("_count"))
+        .filter(|n| !exported.contains(&format!("{n}_count")))
+        .filter(|n| !used.contains(*n))
+        .collect();
+    // A histogram family is shown through any of its suffixes.
+    let hist_unshown: Vec<_> = exported
+        .iter()
+        .filter_map(|n| n.strip_suffix("_count"))
+        .filter(|b| !["_bucket", "_sum", "_count"].iter().any(|s| used.contains(&format!("{b}{s}"))))
+        .collect();
+    assert!(unshown.is_empty() && hist_unshown.is_empty(), "not on the dashboard: {unshown:?} {hist_unshown:?}");
 }
