@@ -101,7 +101,8 @@ _deps_packages() {
   local use
   for use in "$@"; do
     case $use in
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils ;;
+      # prometheus: for promtool (check metrics); its daemon is not used
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -158,6 +159,16 @@ _deps_qemu_iscsi() {
   fi
 }
 
+_deps_promtool() {
+  promtool --version | head -n 1
+  # a valid exposition passes, one without HELP fails: promtool really lints
+  printf '# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n' | promtool check metrics || return 1
+  if printf '# TYPE x_total counter\nx_total 1\n' | promtool check metrics >/dev/null 2>&1; then
+    echo "promtool check metrics accepted a series without help text"
+    return 1
+  fi
+}
+
 _deps_tool() { command -v "$1" >/dev/null || { echo "$1 not on PATH"; return 1; }; }
 
 deps_verify() {
@@ -177,6 +188,7 @@ deps_verify() {
         ;;&
       test)
         _deps_check "sg_persist (sg3-utils)" _deps_tool sg_persist
+        _deps_check "promtool check metrics (prometheus)" _deps_promtool
         _deps_check "cargo fmt" cargo fmt --version
         _deps_check "cargo clippy" cargo clippy --version
         _deps_check "cargo fuzz" cargo fuzz --version

@@ -573,7 +573,11 @@ impl Agent {
     /// Peers, group records and local states for the metrics (if on).
     fn report_metrics(&mut self, img: &QuorumImage, now: Instant) {
         let Some(m) = metrics::get() else { return };
-        let peers = img.slots.iter().flatten().filter(|s| s.node_id != self.sh.id);
+        let peers = img
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| s.node_id != self.sh.id);
         let (mut alive, mut dead) = (0, 0);
         for p in peers {
             match self.membership.liveness(p.node_id, now) {

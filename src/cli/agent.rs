@@ -1,8 +1,8 @@
 //! `holdfast agent`: validate the node configuration, or run the agent until SIGINT or
 //! SIGTERM (then hand the groups over).
 use crate::agent::config::{self, ValidNodeConfig};
-use anyhow::Context as _;
 use crate::metrics::http::{MetricsServer, Render};
+use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

@@ -73,7 +73,11 @@ pub fn main(args: &TargetArgs) -> anyhow::Result<i32> {
         print!("{}", config::EMBEDDED_DEFAULT.trim_start());
         return Ok(0);
     }
-    let cfg = load(args.config.as_deref(), args.admin_socket.as_deref(), args.metrics)?;
+    let cfg = load(
+        args.config.as_deref(),
+        args.admin_socket.as_deref(),
+        args.metrics,
+    )?;
     if args.check {
         print_summary(&cfg);
         return Ok(0);

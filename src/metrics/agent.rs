@@ -132,13 +132,37 @@ impl AgentMetrics {
 
     fn register_counts(&mut self) {
         let r = &mut self.registry;
-        r.register("holdfast_agent_events", "Agent events, by name", self.events.clone());
+        r.register(
+            "holdfast_agent_events",
+            "Agent events, by name",
+            self.events.clone(),
+        );
         let counters = [
-            ("holdfast_agent_fences", "Dead peers this node fenced (PREEMPT AND ABORT)", &self.fences),
-            ("holdfast_agent_self_fences", "Times this node fenced itself", &self.self_fences),
-            ("holdfast_agent_pauses", "VMs paused through a storage outage", &self.pauses),
-            ("holdfast_agent_resumes", "Paused VMs resumed as the owner", &self.resumes),
-            ("holdfast_agent_vm_restarts", "VMs restarted in place after a failure", &self.vm_restarts),
+            (
+                "holdfast_agent_fences",
+                "Dead peers this node fenced (PREEMPT AND ABORT)",
+                &self.fences,
+            ),
+            (
+                "holdfast_agent_self_fences",
+                "Times this node fenced itself",
+                &self.self_fences,
+            ),
+            (
+                "holdfast_agent_pauses",
+                "VMs paused through a storage outage",
+                &self.pauses,
+            ),
+            (
+                "holdfast_agent_resumes",
+                "Paused VMs resumed as the owner",
+                &self.resumes,
+            ),
+            (
+                "holdfast_agent_vm_restarts",
+                "VMs restarted in place after a failure",
+                &self.vm_restarts,
+            ),
         ];
         for (name, help, c) in counters {
             r.register(name, help, c.clone());
@@ -165,8 +189,16 @@ impl AgentMetrics {
             Unit::Seconds,
             self.heartbeat_age.clone(),
         );
-        r.register("holdfast_agent_peers_alive", "Peers whose heartbeat moves", self.peers_alive.clone());
-        r.register("holdfast_agent_peers_dead", "Peers judged dead (heartbeat still for dead_after)", self.peers_dead.clone());
+        r.register(
+            "holdfast_agent_peers_alive",
+            "Peers whose heartbeat moves",
+            self.peers_alive.clone(),
+        );
+        r.register(
+            "holdfast_agent_peers_dead",
+            "Peers judged dead (heartbeat still for dead_after)",
+            self.peers_dead.clone(),
+        );
         r.register(
             "holdfast_agent_group_state",
             "A group's state in its quorum record (1: current)",
@@ -197,7 +229,8 @@ impl AgentMetrics {
             "vm-restart" => &self.vm_restarts,
             "vm-started" => {
                 if let Some(ms) = extra.get("claim_ms").and_then(serde_json::Value::as_f64) {
-                    self.claim.observe(Duration::from_secs_f64(ms.max(0.0) / 1e3));
+                    self.claim
+                        .observe(Duration::from_secs_f64(ms.max(0.0) / 1e3));
                 }
                 return;
             }

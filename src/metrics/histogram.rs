@@ -123,7 +123,11 @@ mod tests {
         h.observe(Duration::from_micros(50)); // on the first bound: first bucket
         h.observe(Duration::from_micros(51));
         h.observe(Duration::from_secs(60)); // above every bound: +Inf
-        let c: Vec<u64> = h.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let c: Vec<u64> =
+            h.0.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
         assert_eq!((c[0], c[1], c[c.len() - 1]), (1, 1, 1));
         assert_eq!(h.count(), 3);
         assert_eq!(h.0.sum_ns.load(Ordering::Relaxed), 60_000_101_000);

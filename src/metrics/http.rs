@@ -96,11 +96,9 @@ pub fn respond(req: Result<Request, BadRequest>, render: &Render) -> Vec<u8> {
             "request too large\n".into(),
         ),
         Ok(r) if r.path != "/metrics" => ("404 Not Found", "text/plain", "not found\n".into()),
-        Ok(r) if r.method != "GET" && r.method != "HEAD" => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".into(),
-        ),
+        Ok(r) if r.method != "GET" && r.method != "HEAD" => {
+            ("405 Method Not Allowed", "text/plain", "only GET\n".into())
+        }
         Ok(r) => {
             let body = if r.method == "HEAD" {
                 String::new()
@@ -215,7 +213,10 @@ mod tests {
     #[test]
     fn a_scrape_is_parsed_with_its_format() {
         let r = parse_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept: application/openmetrics-text;version=1.0.0").unwrap();
-        assert_eq!((r.path.as_str(), r.format), ("/metrics", Format::OpenMetrics));
+        assert_eq!(
+            (r.path.as_str(), r.format),
+            ("/metrics", Format::OpenMetrics)
+        );
         let r = parse_request(b"GET /metrics HTTP/1.0").unwrap();
         assert_eq!(r.format, Format::Prometheus);
     }
@@ -262,16 +263,25 @@ mod tests {
     /// each get their answer (or none), and the server still answers a scrape after.
     #[tokio::test]
     async fn the_server_survives_hostile_clients() {
-        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let addr = server.local_addr().unwrap();
         let (_tx, rx) = watch::channel(false);
         tokio::spawn(server.serve(render(), rx));
         let huge = vec![b'a'; MAX_REQUEST * 2];
         assert!(exchange(addr, &huge).await.starts_with("HTTP/1.1 431"));
-        assert!(exchange(addr, b"\x00\x01\x02\r\n\r\n").await.starts_with("HTTP/1.1 400"));
-        assert!(exchange(addr, b"GET /metr").await.starts_with("HTTP/1.1 400"));
+        assert!(exchange(addr, b"\x00\x01\x02\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
+        assert!(exchange(addr, b"GET /metr")
+            .await
+            .starts_with("HTTP/1.1 400"));
         let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK") && ok.contains("holdfast_x 1"), "{ok}");
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK") && ok.contains("holdfast_x 1"),
+            "{ok}"
+        );
     }
 
     /// Send `req`, half-close, read the reply to the end.

@@ -177,8 +177,18 @@ impl TargetMetrics {
         let bytes = |r: &mut Registry, n: &str, h: &str, f: &Family<LunLabels, Counter>| {
             r.register_with_unit(n, h, Unit::Bytes, f.clone())
         };
-        bytes(r, "holdfast_lun_read", "Bytes read from a LUN", &self.lun_read_bytes);
-        bytes(r, "holdfast_lun_written", "Bytes written to a LUN", &self.lun_written_bytes);
+        bytes(
+            r,
+            "holdfast_lun_read",
+            "Bytes read from a LUN",
+            &self.lun_read_bytes,
+        );
+        bytes(
+            r,
+            "holdfast_lun_written",
+            "Bytes written to a LUN",
+            &self.lun_written_bytes,
+        );
         r.register(
             "holdfast_lun_reservation_conflicts",
             "Commands on a LUN answered RESERVATION CONFLICT",
@@ -217,7 +227,11 @@ impl TargetMetrics {
 
     fn register_process_wide(&mut self) {
         let r = &mut self.registry;
-        r.register("holdfast_logins", "Logins that completed", self.logins.clone());
+        r.register(
+            "holdfast_logins",
+            "Logins that completed",
+            self.logins.clone(),
+        );
         r.register(
             "holdfast_login_failures",
             "Logins refused, by login status (class and detail, hex)",
@@ -228,8 +242,16 @@ impl TargetMetrics {
             "CHAP authentications that failed, by target (discovery: empty)",
             self.chap_failures.clone(),
         );
-        r.register("holdfast_sessions", "Logged-in sessions", self.sessions.clone());
-        r.register("holdfast_connections", "Open TCP connections", self.connections.clone());
+        r.register(
+            "holdfast_sessions",
+            "Logged-in sessions",
+            self.sessions.clone(),
+        );
+        r.register(
+            "holdfast_connections",
+            "Open TCP connections",
+            self.connections.clone(),
+        );
         r.register_with_unit(
             "holdfast_buffer_memory_in_use",
             "Command buffer budget in use (limits.buffer_memory)",
@@ -252,13 +274,17 @@ impl TargetMetrics {
     /// A login was refused with status `class`/`detail`.
     pub fn login_failed(&self, class: u8, detail: u8) {
         let status = format!("{class:02x}{detail:02x}");
-        self.login_failures.get_or_create(&StatusLabel { status }).inc();
+        self.login_failures
+            .get_or_create(&StatusLabel { status })
+            .inc();
     }
 
     /// A CHAP authentication failed for `target` (None: a discovery session).
     pub fn chap_failed(&self, target: Option<&str>) {
         let target = target.unwrap_or("").to_string();
-        self.chap_failures.get_or_create(&TargetLabel { target }).inc();
+        self.chap_failures
+            .get_or_create(&TargetLabel { target })
+            .inc();
     }
 
     /// Resolve the handles of a session logged in to `target` that sees `luns`.

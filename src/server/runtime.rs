@@ -4,8 +4,8 @@
 use super::config::{ChapConfig, LunConfig, TargetConfig, ValidConfig};
 use super::live::{LiveState, LunBackend, Served};
 use super::session::NexusDirectory;
-use crate::metrics::target::{TargetGauges, TargetMetrics};
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
+use crate::metrics::target::{TargetGauges, TargetMetrics};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
 use crate::store::{identity, FileBackend, PrFileStore};

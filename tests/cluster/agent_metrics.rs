@@ -64,21 +64,33 @@ async fn a_failover_shows_in_the_survivors_metrics() {
     let owner = r2.owner;
     let id = owner.to_string();
     let text = scrape_until(addrs[&owner], "the new owner's view", |s| {
-        v(s, "holdfast_agent_group_local_state", &[("group", "web"), ("state", "running")])
-            == 1.0
+        v(
+            s,
+            "holdfast_agent_group_local_state",
+            &[("group", "web"), ("state", "running")],
+        ) == 1.0
             && v(s, "holdfast_agent_group_owner", &[("group", "web")]) == f64::from(owner)
             && v(s, "holdfast_agent_peers_dead", &[]) == 1.0
     })
     .await;
     let s = samples(&text);
     assert!(v(&s, "holdfast_agent_fences_total", &[]) >= 1.0, "{text}");
-    assert!(v(&s, "holdfast_agent_claim_duration_seconds_count", &[]) >= 1.0, "{text}");
-    assert!(v(&s, "holdfast_agent_failover_duration_seconds_count", &[]) >= 1.0, "{text}");
+    assert!(
+        v(&s, "holdfast_agent_claim_duration_seconds_count", &[]) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        v(&s, "holdfast_agent_failover_duration_seconds_count", &[]) >= 1.0,
+        "{text}"
+    );
     // Detection alone takes dead_after: a failover shorter than that was not measured
     // from the dead owner's last heartbeat.
     let sum = v(&s, "holdfast_agent_failover_duration_seconds_sum", &[]);
     assert!(sum >= Timings::default().dead_after.as_secs_f64(), "{text}");
-    assert!(v(&s, "holdfast_agent_heartbeat_age_seconds", &[]) < 3.0, "{text}");
+    assert!(
+        v(&s, "holdfast_agent_heartbeat_age_seconds", &[]) < 3.0,
+        "{text}"
+    );
     assert_eq!(v(&s, "holdfast_agent_peers_alive", &[]), 1.0, "{text}");
     let running = [("group", "web"), ("state", "running")];
     assert_eq!(v(&s, "holdfast_agent_group_state", &running), 1.0, "{text}");
@@ -86,7 +98,10 @@ async fn a_failover_shows_in_the_survivors_metrics() {
     for (n, addr) in addrs.iter().filter(|(n, _)| **n != 1) {
         let text = scrape(*addr);
         let (ok, said) = promtool_check(&text);
-        assert!(ok, "node {n} (owner {id}): promtool refused:\n{said}\n{text}");
+        assert!(
+            ok,
+            "node {n} (owner {id}): promtool refused:\n{said}\n{text}"
+        );
     }
     c.check("web");
 }

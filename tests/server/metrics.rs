@@ -86,14 +86,22 @@ async fn io_and_conflict(t: &Target) -> Session {
     let writer = Session::login(c).await.expect("CHAP login");
     clear_unit_attention(&writer, 0).await;
     let data = Bytes::from(vec![0x5a; 8 * BLOCK as usize]);
-    writer.write16(0, 0, data.clone(), BLOCK, false).await.expect("write");
+    writer
+        .write16(0, 0, data.clone(), BLOCK, false)
+        .await
+        .expect("write");
     let back = writer.read16(0, 0, 8, BLOCK).await.expect("read");
     assert_eq!(back, data);
-    let holder = Session::login(t.config(HOLDER, SECRET)).await.expect("login");
+    let holder = Session::login(t.config(HOLDER, SECRET))
+        .await
+        .expect("login");
     clear_unit_attention(&holder, 0).await;
     let flags = RegisterFlags::default();
     holder.register(0, 0, 0xb0, &flags).await.expect("register");
-    holder.reserve(0, 0xb0, PrType::WriteExclusive).await.expect("reserve");
+    holder
+        .reserve(0, 0xb0, PrType::WriteExclusive)
+        .await
+        .expect("reserve");
     let e = writer.write16(0, 8, data, BLOCK, false).await.unwrap_err();
     assert!(matches!(e, InitiatorError::ReservationConflict), "{e}");
     holder.logout().await.expect("logout");
@@ -128,29 +136,65 @@ async fn target_metrics_follow_io_conflicts_and_chap_failures() {
     let lun = [("target", TARGET), ("lun", "0")];
     let me = [("initiator", WRITER), ("isid", "400001370001")];
     let kind = |k| [("target", TARGET), ("lun", "0"), ("kind", k)];
-    assert_eq!(v("holdfast_lun_written_bytes_total", &lun), Some(4096.0), "{text}");
-    assert_eq!(v("holdfast_lun_read_bytes_total", &lun), Some(4096.0), "{text}");
+    assert_eq!(
+        v("holdfast_lun_written_bytes_total", &lun),
+        Some(4096.0),
+        "{text}"
+    );
+    assert_eq!(
+        v("holdfast_lun_read_bytes_total", &lun),
+        Some(4096.0),
+        "{text}"
+    );
     // The good write and the conflicted one; the read; the holder's PR OUTs are other.
     let count = "holdfast_lun_command_duration_seconds_count";
     assert_eq!(v(count, &kind("write")), Some(2.0), "{text}");
     assert_eq!(v(count, &kind("read")), Some(1.0), "{text}");
     assert!(v(count, &kind("other")).unwrap_or(0.0) >= 2.0, "{text}");
-    let inf = [("target", TARGET), ("lun", "0"), ("kind", "write"), ("le", "+Inf")];
-    assert_eq!(v("holdfast_lun_command_duration_seconds_bucket", &inf), Some(2.0));
-    assert_eq!(v("holdfast_lun_reservation_conflicts_total", &lun), Some(1.0));
+    let inf = [
+        ("target", TARGET),
+        ("lun", "0"),
+        ("kind", "write"),
+        ("le", "+Inf"),
+    ];
+    assert_eq!(
+        v("holdfast_lun_command_duration_seconds_bucket", &inf),
+        Some(2.0)
+    );
+    assert_eq!(
+        v("holdfast_lun_reservation_conflicts_total", &lun),
+        Some(1.0)
+    );
     let w = [me[0], me[1], ("kind", "write")];
-    assert_eq!(v("holdfast_session_commands_total", &w), Some(2.0), "{text}");
+    assert_eq!(
+        v("holdfast_session_commands_total", &w),
+        Some(2.0),
+        "{text}"
+    );
     assert_eq!(v("holdfast_session_written_bytes_total", &me), Some(4096.0));
-    assert_eq!(v("holdfast_session_reservation_conflicts_total", &me), Some(1.0));
-    assert_eq!(v("holdfast_chap_failures_total", &[("target", TARGET)]), Some(1.0), "{text}");
-    assert_eq!(v("holdfast_login_failures_total", &[("status", "0201")]), Some(1.0));
+    assert_eq!(
+        v("holdfast_session_reservation_conflicts_total", &me),
+        Some(1.0)
+    );
+    assert_eq!(
+        v("holdfast_chap_failures_total", &[("target", TARGET)]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        v("holdfast_login_failures_total", &[("status", "0201")]),
+        Some(1.0)
+    );
     assert_eq!(v("holdfast_logins_total", &[]), Some(2.0));
     assert_eq!(v("holdfast_lun_offline", &lun), Some(0.0));
     assert!(v("holdfast_buffer_memory_limit_bytes", &[]).unwrap_or(0.0) > 0.0);
     // The holder logged out (its series went), the writer is still in.
     assert_eq!(v("holdfast_sessions", &[]), Some(1.0), "{text}");
     let (ok, said) = promtool_check(&text);
-    assert!(ok, "promtool check metrics refused the exposition:\n{said}\n{text}");
+    assert!(
+        ok,
+        "promtool check metrics refused the exposition:\n{said}\n{text}"
+    );
 
     writer.logout().await.expect("logout");
     wait_gone(&t, WRITER).await;
@@ -162,9 +206,15 @@ async fn target_metrics_negotiate_the_format() {
     let t = Target::start().await;
     let om = "application/openmetrics-text; version=1.0.0";
     let (head, body) = crate::common::metrics::get(t.metrics, Some(om)).expect("scrape");
-    assert!(head.contains("Content-Type: application/openmetrics-text"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
     assert!(body.ends_with("# EOF\n"), "{body}");
-    assert!(body.contains("holdfast_buffer_memory_limit_bytes "), "{body}");
+    assert!(
+        body.contains("holdfast_buffer_memory_limit_bytes "),
+        "{body}"
+    );
     let mut s = std::net::TcpStream::connect(t.metrics).expect("connect");
     std::io::Write::write_all(&mut s, b"GET /other HTTP/1.1\r\n\r\n").expect("send");
     let mut reply = String::new();
@@ -251,7 +301,10 @@ fn the_grafana_dashboard_matches_the_exported_series() {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            assert!(exported.contains(&name), "{name} (in {q}) is not exported: {exported:?}");
+            assert!(
+                exported.contains(&name),
+                "{name} (in {q}) is not exported: {exported:?}"
+            );
             rest = &rest[i + name.len()..];
             used.insert(name);
         }
@@ -266,7 +319,14 @@ fn the_grafana_dashboard_matches_the_exported_series() {
     let hist_unshown: Vec<_> = exported
         .iter()
         .filter_map(|n| n.strip_suffix("_count"))
-        .filter(|b| !["_bucket", "_sum", "_count"].iter().any(|s| used.contains(&format!("{b}{s}"))))
+        .filter(|b| {
+            !["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|s| used.contains(&format!("{b}{s}")))
+        })
         .collect();
-    assert!(unshown.is_empty() && hist_unshown.is_empty(), "not on the dashboard: {unshown:?} {hist_unshown:?}");
+    assert!(
+        unshown.is_empty() && hist_unshown.is_empty(),
+        "not on the dashboard: {unshown:?} {hist_unshown:?}"
+    );
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const EVERY_KEY: &str = r#"
 data_dir = "d"
 admin_socket = "admin.sock"
+metrics = "127.0.0.1:9464"
 [discovery_chap]
 username = "disc"
 secret = "discovery-secret"
@@ -152,6 +153,7 @@ vm_initiator_name = "iqn.2026-11.org.example:n1.vm"
 state_dir = "/tmp/state"
 shared_state_dir = "/tmp/shared"
 event_log = "/tmp/events.jsonl"
+metrics = "127.0.0.1:9465"
 [target]
 portals = ["127.0.0.1:3260"]
 name = "iqn.2026-11.org.example:t"
