@@ -74,6 +74,9 @@ struct SessionLabels {
     target: String,
     initiator: String,
     isid: String,
+    /// A reinstated session (same initiator port) is a new series, so that the old
+    /// session's end cannot remove the new one's.
+    tsih: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +84,7 @@ struct SessionKindLabels {
     target: String,
     initiator: String,
     isid: String,
+    tsih: u16,
     kind: CommandKind,
 }
 
@@ -92,6 +96,27 @@ struct TargetLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: String,
+}
+
+impl SessionLabels {
+    fn with_kind(&self, kind: CommandKind) -> SessionKindLabels {
+        SessionKindLabels {
+            target: self.target.clone(),
+            initiator: self.initiator.clone(),
+            isid: self.isid.clone(),
+            tsih: self.tsih,
+            kind,
+        }
+    }
+}
+
+/// Which session: its target, initiator port (name and ISID, hex) and TSIH.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionId<'a> {
+    pub target: &'a str,
+    pub initiator: &'a str,
+    pub isid: &'a str,
+    pub tsih: u16,
 }
 
 type HistogramFamily<L> = Family<L, DurationHistogram, fn() -> DurationHistogram>;
@@ -288,33 +313,23 @@ impl TargetMetrics {
     }
 
     /// Resolve the handles of a session logged in to `target` that sees `luns`.
-    pub fn session(
-        self: &Arc<Self>,
-        target: &str,
-        initiator: &str,
-        isid: &str,
-        luns: &[u64],
-    ) -> SessionMetrics {
+    pub fn session(self: &Arc<Self>, id: &SessionId<'_>, luns: &[u64]) -> SessionMetrics {
         let labels = SessionLabels {
-            target: target.to_string(),
-            initiator: initiator.to_string(),
-            isid: isid.to_string(),
+            target: id.target.to_string(),
+            initiator: id.initiator.to_string(),
+            isid: id.isid.to_string(),
+            tsih: id.tsih,
         };
         let commands = CommandKind::ALL.map(|kind| {
-            let l = SessionKindLabels {
-                target: labels.target.clone(),
-                initiator: labels.initiator.clone(),
-                isid: labels.isid.clone(),
-                kind,
-            };
-            self.session_commands.get_or_create_owned(&l)
+            self.session_commands
+                .get_or_create_owned(&labels.with_kind(kind))
         });
         SessionMetrics {
             commands,
             read_bytes: self.session_read_bytes.get_or_create_owned(&labels),
             written_bytes: self.session_written_bytes.get_or_create_owned(&labels),
             conflicts: self.session_conflicts.get_or_create_owned(&labels),
-            luns: luns.iter().map(|&l| (l, self.lun(target, l))).collect(),
+            luns: luns.iter().map(|&l| (l, self.lun(id.target, l))).collect(),
             labels,
             all: self.clone(),
         }
@@ -427,12 +442,7 @@ impl Drop for SessionMetrics {
     fn drop(&mut self) {
         let m = &self.all;
         for kind in CommandKind::ALL {
-            m.session_commands.remove(&SessionKindLabels {
-                target: self.labels.target.clone(),
-                initiator: self.labels.initiator.clone(),
-                isid: self.labels.isid.clone(),
-                kind,
-            });
+            m.session_commands.remove(&self.labels.with_kind(kind));
         }
         m.session_read_bytes.remove(&self.labels);
         m.session_written_bytes.remove(&self.labels);
@@ -447,7 +457,13 @@ mod tests {
     #[test]
     fn a_session_accounts_commands_and_its_series_go_with_it() {
         let m = Arc::new(TargetMetrics::new());
-        let s = m.session("iqn.t", "iqn.i", "400001370000", &[0]);
+        let id = SessionId {
+            target: "iqn.t",
+            initiator: "iqn.i",
+            isid: "400001370000",
+            tsih: 7,
+        };
+        let s = m.session(&id, &[0]);
         let done = |lun, kind, read, written, conflict| CommandDone {
             lun,
             kind,
@@ -462,7 +478,7 @@ mod tests {
         s.command(done(3, CommandKind::Other, 0, 0, false));
         let text = m.render(&TargetGauges::default(), Format::Prometheus);
         for want in [
-            r#"holdfast_session_commands_total{target="iqn.t",initiator="iqn.i",isid="400001370000",kind="read"} 1"#,
+            r#"holdfast_session_commands_total{target="iqn.t",initiator="iqn.i",isid="400001370000",tsih="7",kind="read"} 1"#,
             r#"holdfast_lun_read_bytes_total{target="iqn.t",lun="0"} 4096"#,
             r#"holdfast_lun_written_bytes_total{target="iqn.t",lun="0"} 512"#,
             r#"holdfast_lun_reservation_conflicts_total{target="iqn.t",lun="0"} 1"#,

@@ -13,7 +13,7 @@ use crate::iscsi::target_conn::{
     self, ConnConfig, Delivery, Event, Execute, Hold, Outcome, TargetConnection, TargetContext,
     TaskId,
 };
-use crate::metrics::target::{CommandDone, CommandKind, SessionMetrics};
+use crate::metrics::target::{CommandDone, CommandKind, SessionId, SessionMetrics};
 use crate::scsi::{status, ItNexus, LunMap, NexusId, ScsiCommand, ScsiOutcome};
 use crate::wire::{self, DigestConfig, PduDecoder, ReadError};
 use bytes::BytesMut;
@@ -509,8 +509,13 @@ fn session_metrics(rt: &Runtime, nexus: &Nexus) -> Option<SessionMetrics> {
         return None;
     }
     let isid = hex::encode(n.isid);
-    let luns = nexus.luns.current().ids();
-    Some(m.session(&n.target_name, &n.initiator_name, &isid, &luns))
+    let id = SessionId {
+        target: &n.target_name,
+        initiator: &n.initiator_name,
+        isid: &isid,
+        tsih: nexus.luns.tsih,
+    };
+    Some(m.session(&id, &nexus.luns.current().ids()))
 }
 
 /// Feed the connection: PDUs from the socket, decode errors and its timer; run what it

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, PrType, RegisterFlags, Session};
 use holdfast::metrics::agent;
 use holdfast::metrics::http::Format;
-use holdfast::metrics::target::{CommandDone, CommandKind, TargetGauges, TargetMetrics};
+use holdfast::metrics::target::{CommandDone, CommandKind, SessionId, TargetGauges, TargetMetrics};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -226,7 +226,13 @@ async fn target_metrics_negotiate_the_format() {
 /// agent registry with every family populated (histograms with their three suffixes).
 fn exported_series() -> BTreeSet<String> {
     let m = Arc::new(TargetMetrics::new());
-    let s = m.session("t", "i", "00", &[0]);
+    let id = SessionId {
+        target: "t",
+        initiator: "i",
+        isid: "00",
+        tsih: 1,
+    };
+    let s = m.session(&id, &[0]);
     s.command(CommandDone {
         lun: 0,
         kind: CommandKind::Read,
