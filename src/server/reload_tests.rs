@@ -184,3 +184,15 @@ fn admin_socket_cannot_move_live() {
         }]
     );
 }
+
+#[test]
+fn the_metrics_endpoint_cannot_move_live() {
+    let new = format!("metrics = \"127.0.0.1:9464\"\n{BASE}");
+    let e = plan(&cfg(BASE), &cfg(&new), &[]).unwrap_err();
+    assert_eq!(
+        e.0,
+        vec![Refusal::NotLive {
+            what: "metrics".into()
+        }]
+    );
+}

@@ -74,6 +74,12 @@ async fn a_failover_shows_in_the_survivors_metrics() {
     })
     .await;
     let s = samples(&text);
+    let took = |h: &str| v(&s, &format!("holdfast_agent_{h}_duration_seconds_sum"), &[]);
+    eprintln!(
+        "failover {:.2} s, claim {:.3} s",
+        took("failover"),
+        took("claim")
+    );
     assert!(v(&s, "holdfast_agent_fences_total", &[]) >= 1.0, "{text}");
     assert!(
         v(&s, "holdfast_agent_claim_duration_seconds_count", &[]) >= 1.0,
