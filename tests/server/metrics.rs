@@ -3,16 +3,22 @@
 //! logout; each scrape checks the counters and histograms that must have moved, with
 //! their labels, and `promtool check metrics` accepts the exposition.
 
+use crate::common::hooked::{Hook, Hooked, Op};
 use crate::common::metrics::{free_addr, promtool_check, samples, scrape, value, wait_up};
 use crate::common::{clear_unit_attention, BLOCK};
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, PrType, RegisterFlags, Session};
 use holdfast::metrics::agent;
-use holdfast::metrics::http::Format;
+use holdfast::metrics::http::{Format, MetricsServer, Render};
 use holdfast::metrics::target::{CommandDone, CommandKind, SessionId, TargetGauges, TargetMetrics};
+use holdfast::scsi::backend::BlockBackend;
+use holdfast::server::config;
+use holdfast::server::portal::Portals;
+use holdfast::server::runtime::Runtime;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -335,4 +341,80 @@ fn the_grafana_dashboard_matches_the_exported_series() {
         unshown.is_empty() && hist_unshown.is_empty(),
         "not on the dashboard: {unshown:?} {hist_unshown:?}"
     );
+}
+
+/// Fails every backend call with ENODEV once switched on (the device is gone).
+#[derive(Debug)]
+struct Gone(Arc<AtomicBool>);
+
+impl Hook for Gone {
+    fn before(&self, _: Op, _: u64, _: u64) -> std::io::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        Ok(())
+    }
+}
+
+/// A target whose `metrics` key is set, LUN 0's store failing on demand; the endpoint is
+/// wired as `holdfast target` wires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_store_shows_as_an_offline_lun() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let text = format!(
+        "metrics = \"{addr}\"\n{}",
+        crate::common::config_text("", "", &[(0, "lun0.img", "1MiB"), (1, "lun1.img", "1MiB")])
+    );
+    let cfg = config::parse(&text, "test.toml", dir.path()).expect("config");
+    let gone = Arc::new(AtomicBool::new(false));
+    let switch = gone.clone();
+    let wrap = move |p: &std::path::Path, inner: Arc<dyn BlockBackend>| -> Arc<dyn BlockBackend> {
+        if !p.ends_with("lun0.img") {
+            return inner;
+        }
+        Arc::new(Hooked {
+            inner,
+            hook: Gone(switch.clone()),
+        })
+    };
+    let rt = Arc::new(Runtime::build_with(&cfg, &wrap).expect("runtime"));
+    let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
+    let portal = portals.local_addrs()[0];
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(portals.serve(rt.clone(), rx.clone()));
+    let metrics = rt
+        .metrics
+        .clone()
+        .expect("the metrics key turns metrics on");
+    let server = MetricsServer::bind(cfg.config.metrics.expect("key"))
+        .await
+        .expect("bind");
+    let state = rt.clone();
+    let render: Render = Arc::new(move |f| metrics.render(&state.metrics_gauges(), f));
+    tokio::spawn(server.serve(render, rx));
+
+    let s = Session::login(InitiatorConfig::new(
+        crate::common::INITIATOR,
+        crate::common::TARGET,
+        portal,
+    ))
+    .await
+    .expect("login");
+    clear_unit_attention(&s, 0).await;
+    let target = crate::common::TARGET;
+    let offline = |text: &str, lun: &str| {
+        value(
+            &samples(text),
+            "holdfast_lun_offline",
+            &[("target", target), ("lun", lun)],
+        )
+    };
+    assert_eq!(offline(&scrape(addr), "0"), Some(0.0));
+    gone.store(true, Ordering::SeqCst);
+    let data = Bytes::from(vec![1; BLOCK as usize]);
+    s.write16(0, 0, data, BLOCK, false).await.unwrap_err();
+    let text = scrape(addr);
+    assert_eq!(offline(&text, "0"), Some(1.0), "{text}");
+    assert_eq!(offline(&text, "1"), Some(0.0), "{text}");
 }
