@@ -14,5 +14,6 @@ mod agent_guest;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
+mod ctl_wait;
 mod demo;
 mod kernel_node;
