@@ -43,6 +43,7 @@ async fn move_and_offline_print_each_state_change_and_a_stuck_wait_exits_3() {
 
     // A real planned move: stop on node1, hand over, start on node2.
     let out = c.ctl(&["move", "g1", "node2", "--wait", "30"]);
+    eprintln!("ctl move g1 node2 --wait 30: {}", show(&out));
     assert!(out.status.success(), "{}", show(&out));
     let seen = transitions(&out.stdout, "g1");
     let what: Vec<&str> = seen.iter().map(|(_, w)| w.as_str()).collect();
