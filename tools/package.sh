@@ -63,7 +63,8 @@ grep -qx 'data_dir = "/var/lib/holdfast"' "$conf" || {
 }
 
 say "cargo deb --no-build"
-deb=$(cargo deb --no-build | tail -n 1)
+# stripped like a Debian package (the release profile keeps line tables for backtraces)
+deb=$(cargo deb --no-build --strip | tail -n 1)
 [ -f "$deb" ] || { say "cargo deb did not name a package file (got: $deb)"; exit 1; }
 say "built $deb"
 echo "$deb"
