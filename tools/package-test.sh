@@ -16,6 +16,8 @@
 #      target's files appear in /var/lib/holdfast; SIGTERM stops it with status 0.
 # Needs root (chroot, unshare), debootstrap, libiscsi-bin, cargo-deb (tools/deps.sh).
 # Env: NO_BUILD=1, DEBIAN_MIRROR (default http://deb.debian.org/debian), KEEP_TMP=1.
+# Greps at the end of a pipe read it all (no -q): under pipefail an early exit would
+# fail the writer with SIGPIPE.
 set -euo pipefail
 HF_NAME=package-test
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -54,7 +56,7 @@ contents_ok() {
     if grep -qxF "$p" <<<"$list"; then echo "  listed   $p"; else echo "  MISSING  $p"; missing=1; fi
   done
   dpkg-deb -f "$DEB" Package Version Architecture Depends | sed 's/^/  /'
-  dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles | grep -qx /etc/holdfast/target.toml ||
+  dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles | grep -x /etc/holdfast/target.toml >/dev/null ||
     { echo "  /etc/holdfast/target.toml is not a conffile"; missing=1; }
   return "$missing"
 }
@@ -70,7 +72,7 @@ unpacked_ok() {
     { echo "$out"; return 1; }
   echo "$out" | sed 's/^/  bash: /'
   grep -q '^complete .* holdfast$' <<<"$out" && grep -qx ctl <<<"$out" || return 1
-  zcat "$x/usr/share/man/man1/holdfast-ctl-move.1.gz" | grep -q 'wait' ||
+  zcat "$x/usr/share/man/man1/holdfast-ctl-move.1.gz" | grep 'wait' >/dev/null ||
     { echo "  holdfast-ctl-move.1 does not mention --wait"; return 1; }
   grep -q 'holdfast' "$x/usr/share/zsh/vendor-completions/_holdfast" &&
     grep -q 'complete -c holdfast' "$x/usr/share/fish/vendor_completions.d/holdfast.fish"
@@ -144,7 +146,7 @@ clean_root_ok() {
   make_root || { echo "  could not make the Debian root"; return 1; }
   cp "$DEB" "$WORK/tmp/holdfast.deb"
   chroot "$WORK" dpkg -i /tmp/holdfast.deb 2>&1 | sed 's/^/  dpkg: /'
-  chroot "$WORK" dpkg -s holdfast | grep -q '^Status: install ok installed' ||
+  chroot "$WORK" dpkg -s holdfast | grep '^Status: install ok installed' >/dev/null ||
     { echo "  dpkg -i in the clean root failed"; return 1; }
   log "root ready and package installed in $((SECONDS - t0)) s"
   local rc=0

@@ -56,9 +56,11 @@ grep -qx 'data_dir = "/var/lib/holdfast"' "$conf" || {
   cat "$conf" >&2
   exit 1
 }
-"$BIN" target --check --config "$conf" | grep -q "data in /var/lib/holdfast" || {
-  say "holdfast target --check does not accept $conf (or its data is not in /var/lib/holdfast)"
-  "$BIN" target --check --config "$conf" >&2 || true
+# (captured first: grep -q in a pipe may exit before the writer, a SIGPIPE under pipefail)
+check=$("$BIN" target --check --config "$conf" 2>&1) &&
+  grep -q "data in /var/lib/holdfast" <<<"$check" || {
+  say "holdfast target --check does not accept $conf (or its data is not in /var/lib/holdfast):"
+  echo "$check" >&2
   exit 1
 }
 
