@@ -58,10 +58,30 @@ fn man_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Write the completion script of `cmd` for `shell` into `dir`; returns its path.
-pub fn completions(mut cmd: clap::Command, shell: Shell, dir: &Path) -> std::io::Result<PathBuf> {
+/// Hidden subcommands of `cmd` (this one) are left out.
+pub fn completions(cmd: clap::Command, shell: Shell, dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
+    let mut cmd = without_hidden_subcommands(&cmd);
     let name = cmd.get_name().to_string();
     clap_complete::generate_to(shell, &mut cmd, name, dir)
+}
+
+/// `cmd` rebuilt with its visible subcommands only: clap_complete completes hidden
+/// ones too, and clap cannot remove a subcommand.
+fn without_hidden_subcommands(cmd: &clap::Command) -> clap::Command {
+    // Without clap's "string" feature names are &'static str; this runs once per
+    // process, so leaking the two short strings is harmless.
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_owned().into_boxed_str()) };
+    let mut c = clap::Command::new(leak(cmd.get_name()))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(v) = cmd.get_version() {
+        c = c.version(leak(v));
+    }
+    if let Some(a) = cmd.get_about() {
+        c = c.about(a.clone());
+    }
+    c
 }
 
 /// Every argument and subcommand under `cmd` that has no help text, as
@@ -110,6 +130,7 @@ mod tests {
                     .arg(Arg::new("fast").long("fast")),
             )
             .subcommand(Command::new("stop"))
+            .subcommand(Command::new("secret").about("internal").hide(true))
     }
 
     #[test]
@@ -144,6 +165,10 @@ mod tests {
             assert_eq!(p, dir.path().join(file));
             let s = std::fs::read_to_string(&p).unwrap();
             assert!(s.contains("go") && s.contains("fast"), "{shell}: {s}");
+            assert!(
+                !s.contains("secret"),
+                "{shell} completes a hidden command: {s}"
+            );
         }
     }
 }
