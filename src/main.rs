@@ -2,7 +2,7 @@
 //! module in `holdfast::cli` (the CLI edge, where anyhow lives).
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use holdfast::cli::{self, ctl_command::CtlArgs, guest::GuestCommand, pr::PrArgs};
 use std::path::PathBuf;
 
@@ -66,6 +66,12 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Write man pages or shell completions from these definitions (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        command: cli::generate::GenerateCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,7 +79,11 @@ fn main() -> anyhow::Result<()> {
     // pr, ctl, guest and demo print for scripts and people: only warnings in the log
     let quiet = matches!(
         args.command,
-        Command::Pr(_) | Command::Ctl(_) | Command::Guest { .. } | Command::Demo { .. }
+        Command::Pr(_)
+            | Command::Ctl(_)
+            | Command::Guest { .. }
+            | Command::Demo { .. }
+            | Command::Generate { .. }
     ) || matches!(&args.command, Command::Target(t) if t.action.is_some()
     );
     let filter = args
@@ -106,5 +116,30 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Generate { command } => {
+            std::process::exit(cli::generate::main(Cli::command(), &command)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` (and the man pages made from it) explains every argument and
+    /// subcommand: a new one without a doc comment fails here.
+    #[test]
+    fn every_argument_and_subcommand_has_help_text() {
+        let missing = cli::generate::missing_help(&Cli::command());
+        assert!(
+            missing.is_empty(),
+            "no help text:\n  {}",
+            missing.join("\n  ")
+        );
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -141,33 +141,6 @@ impl Ctl {
         )))
     }
 
-    /// Wait until `pred` holds for group `name` (or `timeout` passes).
-    pub async fn wait_group(
-        &self,
-        name: &str,
-        timeout: Duration,
-        pred: impl Fn(&GroupRecord) -> bool,
-    ) -> Result<GroupRecord, AgentError> {
-        let end = Instant::now() + timeout;
-        loop {
-            let img = self.quorum.read_image().await?;
-            if let Some((_, r, _)) = img.group(name) {
-                if pred(r) {
-                    return Ok(r.clone());
-                }
-                if Instant::now() >= end {
-                    return Err(AgentError::Other(format!(
-                        "timed out waiting for group {name:?}: it is {} on node {} ({})",
-                        r.state.name(),
-                        r.owner,
-                        r.reason
-                    )));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     pub async fn status(&self) -> Result<ClusterStatus, AgentError> {
         let hb = self.cfg.timings().heartbeat_interval;
         let first = self.quorum.read_image().await?;
@@ -240,7 +213,7 @@ impl Ctl {
 }
 
 /// A node's name as the quorum LUN knows it ("-" for no node).
-fn node_label(img: &QuorumImage, id: u16) -> String {
+pub(super) fn node_label(img: &QuorumImage, id: u16) -> String {
     img.slot(id).map(|s| s.name.clone()).unwrap_or_else(|| {
         if id == 0 {
             "-".into()

@@ -1,7 +1,7 @@
 //! `holdfast ctl`'s commands: parse, connect, change a record, wait, print.
 use super::ctl::{self, Ctl};
+use super::ctl_wait::{self, Goal, WaitError};
 use crate::agent::config::ValidNodeConfig;
-use crate::agent::quorum::GroupState;
 use crate::agent::wall_ms;
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -35,8 +35,10 @@ pub enum CtlCommand {
         #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl",
               value_parser = crate::iscsi::name::parse_iscsi_name)]
         initiator_name: String,
+        /// CHAP user name to log in with (with --chap-secret).
         #[arg(long, requires = "chap_secret")]
         chap_user: Option<String>,
+        /// CHAP secret to log in with (with --chap-user).
         #[arg(long, env = "HOLDFAST_CHAP_SECRET", requires = "chap_user")]
         chap_secret: Option<String>,
     },
@@ -45,34 +47,48 @@ pub enum CtlCommand {
     Status,
     /// Planned move: offline action on the owner, hand-over, start/restore on NODE.
     Move {
+        /// The group to move.
         group: String,
+        /// The node to move it to (name or node id).
         node: String,
-        /// Wait until the group runs on NODE (seconds; 0 = don't wait).
+        /// Wait until the group runs on NODE, printing each state change (seconds;
+        /// 0 = don't wait). Exit status 3 if it has not by then, 4 if the move failed.
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
     /// Maintenance: stop the group and keep it stopped.
     Offline {
+        /// The group to take offline.
         group: String,
+        /// Wait until the group has stopped, printing each state change (seconds;
+        /// 0 = don't wait). Exit status 3 if it has not by then.
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
     /// End maintenance (and forget where it failed): the group is placed and started.
     Online {
+        /// The group to bring online.
         group: String,
+        /// Wait until the group runs, printing each state change (seconds; 0 = don't
+        /// wait). Exit status 3 if it does not by then, 4 if it was taken offline again.
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
     /// Stop monitoring the group (its VM is left alone) until `thaw`.
     Freeze {
+        /// The group to freeze.
         group: String,
     },
+    /// Resume monitoring a frozen group.
     Thaw {
+        /// The group to thaw.
         group: String,
     },
     /// Move every group away from NODE and keep new ones off it (--undo ends that).
     Drain {
+        /// The node to drain (name or node id).
         node: String,
+        /// End the drain: the node accepts groups again.
         #[arg(long)]
         undo: bool,
     },
@@ -93,7 +109,8 @@ pub fn main(args: &CtlArgs) -> anyhow::Result<i32> {
                 );
             }
             eprintln!("holdfast ctl: {e:#}");
-            Ok(1)
+            Ok(e.downcast_ref::<WaitError>()
+                .map_or(1, WaitError::exit_code))
         }
     }
 }
@@ -188,12 +205,11 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
         }
         CtlCommand::Move { group, node, wait } => move_group(c, group, node, *wait, json).await?,
         CtlCommand::Offline { group, wait } => {
+            let t0 = Instant::now();
             c.update_group(group, |r, _| ctl::req_offline(r)).await?;
             if *wait > 0 {
-                c.wait_group(group, Duration::from_secs(*wait), |r| {
-                    r.state == GroupState::Stopped
-                })
-                .await?;
+                let timeout = Duration::from_secs(*wait);
+                ctl_wait::wait(c, group, Goal::Stopped, t0, timeout, !json).await?;
                 done(json, format!("group {group} is offline"));
             } else {
                 done(json, format!("offline of {group} requested"));
@@ -246,10 +262,8 @@ async fn move_group(
         done(json, format!("move of {group} to {node} requested"));
         return Ok(());
     }
-    c.wait_group(group, Duration::from_secs(wait), |r| {
-        r.owner == to && r.state == GroupState::Running
-    })
-    .await?;
+    let timeout = Duration::from_secs(wait);
+    ctl_wait::wait(c, group, Goal::RunOn(to), t0, timeout, !json).await?;
     done(
         json,
         format!(
@@ -261,16 +275,14 @@ async fn move_group(
 }
 
 async fn online(c: &mut Ctl, group: &str, wait: u64, json: bool) -> anyhow::Result<()> {
+    let t0 = Instant::now();
     c.update_group(group, |r, _| ctl::req_online(r)).await?;
     if wait == 0 {
         done(json, format!("online of {group} requested"));
         return Ok(());
     }
-    let r = c
-        .wait_group(group, Duration::from_secs(wait), |r| {
-            r.state == GroupState::Running
-        })
-        .await?;
+    let timeout = Duration::from_secs(wait);
+    let r = ctl_wait::wait(c, group, Goal::Running, t0, timeout, !json).await?;
     let img = c.quorum.read_image().await?;
     let owner = img
         .slot(r.owner)

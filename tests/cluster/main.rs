@@ -15,5 +15,6 @@ mod agent_metrics;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
+mod ctl_wait;
 mod demo;
 mod kernel_node;
