@@ -741,6 +741,60 @@ driver = "process"
 command = ["sleep", "1000"]
 "#;
 
+    #[test]
+    fn chap_secret_inline_needs_a_private_file_or_comes_from_secret_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let with_chap = |body: &str| {
+            MINIMAL.replace(
+                "quorum_lun = 0\n",
+                &format!("quorum_lun = 0\n[target.chap]\nusername = \"u\"\n{body}\n"),
+            )
+        };
+        let inline = with_chap("secret = \"inline-secret-1\"");
+        let p = write("open.toml", &inline, 0o644);
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+        assert!(e.contains("target.chap.secret"), "{e}");
+        let p = write("private.toml", &inline, 0o600);
+        let v = load_file(&p).unwrap();
+        assert_eq!(
+            v.config.target.chap.unwrap().secret.expose(),
+            "inline-secret-1"
+        );
+        write("chap.secret", "file-secret-22\n", 0o600);
+        let p = write(
+            "file.toml",
+            &with_chap("secret_file = \"chap.secret\""),
+            0o644,
+        );
+        let v = load_file(&p).unwrap();
+        let shown = toml::to_string(&v.config).unwrap();
+        assert!(!shown.contains("file-secret-22"), "{shown}");
+        assert!(!format!("{v:?}").contains("file-secret-22"));
+        let opts = v.connect_options([0; 6], Duration::from_secs(1));
+        assert_eq!(opts.chap.unwrap().1, b"file-secret-22");
+        let both = with_chap("secret = \"inline-secret-1\"\nsecret_file = \"chap.secret\"");
+        let p = write("both.toml", &both, 0o600);
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.contains("mutually exclusive"), "{e}");
+        // The one length rule: 17 bytes, once refused here, is accepted like on the target.
+        assert!(parse(&with_chap("secret = \"seventeen-bytes-x\""), "n.toml").is_ok());
+        let e = parse(&with_chap("secret = \"short\""), "n.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target.chap.secret: must be 12 to 255 bytes"),
+            "{e}"
+        );
+    }
+
     /// Before the shared validator the agent checked only the iqn./eui./naa. prefix.
     #[test]
     fn names_follow_the_shared_iscsi_name_rules() {

@@ -786,6 +786,85 @@ size = "1MiB"
 "#;
 
     #[test]
+    fn secret_files_are_read_relative_to_the_config_and_exclusive() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("init.secret", "initiator-secret\n", 0o600);
+        write("tgt.secret", "target-secret-99", 0o600);
+        write("open.secret", "initiator-secret", 0o644);
+        let chap = |body: &str| format!("{MIN}\n[target.chap]\nusername = \"u\"\n{body}\n");
+        let files = "secret_file = \"init.secret\"\nmutual_username = \"t\"\nmutual_secret_file = \"tgt.secret\"";
+        let v = parse(&chap(files), "t.toml", dir.path()).unwrap();
+        let c = v.config.targets[0].chap.as_ref().unwrap();
+        assert_eq!(c.secret.expose(), "initiator-secret");
+        assert_eq!(
+            c.mutual_secret.as_ref().unwrap().expose(),
+            "target-secret-99"
+        );
+        let shown = toml::to_string(&v.config).unwrap();
+        assert!(
+            !shown.contains("initiator-secret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!format!("{v:?}").contains("target-secret-99"));
+        let e = parse(
+            &chap("secret = \"initiator-secret\"\nsecret_file = \"init.secret\""),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("target[0].chap.secret: secret and secret_file are mutually exclusive"),
+            "{e}"
+        );
+        let e = parse(&chap("secret_file = \"open.secret\""), "t.toml", dir.path())
+            .unwrap_err()
+            .to_string();
+        let fix = format!("chmod 600 {}", dir.path().join("open.secret").display());
+        assert!(
+            e.contains("target[0].chap.secret_file") && e.contains(&fix),
+            "{e}"
+        );
+        let e = parse(&chap(""), "t.toml", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target[0].chap.secret: is missing"), "{e}");
+    }
+
+    #[test]
+    fn open_portals_are_the_unguarded_non_loopback_ones() {
+        let open = |extra: &str, listen: &str| {
+            let v = parse(
+                &format!("{}{extra}\n", MIN.replace("127.0.0.1:3261", listen)),
+                "t.toml",
+                Path::new("/"),
+            )
+            .unwrap();
+            v.config.open_portals(&v.portal_addrs)
+        };
+        assert_eq!(open("", "127.0.0.1:3261"), vec![]);
+        assert_eq!(open("", "[::1]:3261"), vec![]);
+        let any = open("", "0.0.0.0:3261");
+        assert_eq!(
+            any,
+            vec![(
+                "iqn.2026-11.org.example:t1".to_string(),
+                "0.0.0.0:3261".parse().unwrap()
+            )]
+        );
+        let acl = "[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"";
+        assert_eq!(open(acl, "0.0.0.0:3261"), vec![]);
+        let chap = "[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"";
+        assert_eq!(open(chap, "0.0.0.0:3261"), vec![]);
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let v = parse(EMBEDDED_DEFAULT, "<embedded>", Path::new("")).unwrap();
         let t = &v.config.targets[0];
