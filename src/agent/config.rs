@@ -86,7 +86,7 @@ pub struct TargetSection {
 pub struct ChapSection {
     pub username: String,
     /// 12 to 255 bytes; or `secret_file`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
     pub secret: Secret,
     /// File holding `secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -293,7 +293,7 @@ pub struct AclConfig {
 pub struct ChapConfig {
     pub username: String,
     /// The initiator's secret (12 to 255 bytes); or `secret_file`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
     pub secret: Secret,
     /// File holding `secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,7 +301,7 @@ pub struct ChapConfig {
     /// Mutual CHAP: the target's name and secret.
     #[serde(default)]
     pub mutual_username: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_secret: Option<Secret>,
     /// File holding `mutual_secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
