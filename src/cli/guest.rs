@@ -39,6 +39,7 @@ use crate::initiator::{
 use crate::log_limit::{FailureLog, Repeated, Verdict};
 use crate::scsi::sense::key as sense_key;
 use crate::scsi::status;
+use crate::secret::Secret;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -922,7 +923,7 @@ pub struct RunArgs {
     pub chap_user: Option<String>,
     /// CHAP secret
     #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<String>,
+    pub chap_secret: Option<Secret>,
 }
 
 /// Arguments of `holdfast guest check`.
@@ -944,7 +945,7 @@ pub struct CheckArgs {
     pub chap_user: Option<String>,
     /// CHAP secret
     #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<String>,
+    pub chap_secret: Option<Secret>,
 }
 
 /// Why `guest run` or `guest check` could not do its job.
@@ -990,10 +991,11 @@ pub(super) fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError
 fn initiator_config(
     url: &IscsiUrl,
     name: &str,
-    chap: (&Option<String>, &Option<String>),
+    chap: (&Option<String>, &Option<Secret>),
 ) -> Result<InitiatorConfig, GuestError> {
     // Random ISID: each login is a new I_T nexus; the agent registers the name.
-    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), chap.1.as_deref());
+    let secret = chap.1.as_ref().map(Secret::expose);
+    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), secret);
     opts.login_timeout = Some(LOGIN_TIMEOUT);
     Ok(connect::resolve_url(url, &opts)?)
 }
