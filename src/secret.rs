@@ -127,6 +127,30 @@ mod tests {
         assert_eq!(back.expose(), "abc");
     }
 
+    /// The login's own structs hold the secrets as bytes; their Debug leaves them out.
+    #[test]
+    fn login_structs_debug_without_secrets() {
+        let creds = crate::iscsi::login::ChapCredentials {
+            username: "u".into(),
+            secret: b"chap-secret-one".to_vec(),
+            mutual: Some(("t".into(), b"chap-secret-two".to_vec())),
+        };
+        let mut cfg = crate::initiator::InitiatorConfig::new(
+            "iqn.2026-11.org.example:i",
+            "iqn.2026-11.org.example:t",
+            "127.0.0.1:3260".parse().unwrap(),
+        );
+        cfg.chap = Some(("u".into(), b"chap-secret-one".to_vec()));
+        cfg.mutual_chap = Some(("t".into(), b"chap-secret-two".to_vec()));
+        for shown in [format!("{creds:?}"), format!("{cfg:?}")] {
+            assert!(!shown.contains("chap-secret"), "{shown}");
+            assert!(
+                shown.contains("\"u\"") && shown.contains("\"t\""),
+                "{shown}"
+            );
+        }
+    }
+
     fn file_with(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");

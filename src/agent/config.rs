@@ -779,6 +779,7 @@ command = ["sleep", "1000"]
         assert!(!shown.contains("file-secret-22"), "{shown}");
         assert!(!format!("{v:?}").contains("file-secret-22"));
         let opts = v.connect_options([0; 6], Duration::from_secs(1));
+        assert!(!format!("{opts:?}").contains("file-secret-22"), "{opts:?}");
         assert_eq!(opts.chap.unwrap().1, b"file-secret-22");
         let both = with_chap("secret = \"inline-secret-1\"\nsecret_file = \"chap.secret\"");
         let p = write("both.toml", &both, 0o600);
