@@ -217,10 +217,15 @@ impl Drop for Running {
 }
 
 fn start_target(extra: &[&str], cfg: &Path, log: &Path) -> Running {
+    start_target_env(extra, cfg, log, &[])
+}
+
+fn start_target_env(extra: &[&str], cfg: &Path, log: &Path, env: &[(&str, &str)]) -> Running {
     let mut args: Vec<&str> = extra.to_vec();
     args.extend(["target", "--config", cfg.to_str().unwrap()]);
     let child = Command::new(bin())
         .args(&args)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -328,4 +333,35 @@ async fn json_log_format_and_the_open_portal_warning() {
         .unwrap_or_else(|| panic!("no open-portal warning:\n{text}"));
     assert_eq!(warning["level"], "WARN", "{warning}");
     assert_eq!(warning["portal"], format!("0.0.0.0:{port}"), "{warning}");
+}
+
+/// Under systemd (JOURNAL_STREAM set, stderr not a terminal) text lines start with the
+/// level: journald stamps them itself. Without it, with a timestamp.
+#[tokio::test]
+async fn journald_lines_carry_no_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    for journal in [true, false] {
+        let port = free_port();
+        let cfg = dir.path().join("t.toml");
+        write_mode(&cfg, &target_toml(port, ""), 0o644);
+        let log = dir.path().join(format!("target-{journal}.log"));
+        let env: &[(&str, &str)] = if journal {
+            &[("JOURNAL_STREAM", "8:1234")]
+        } else {
+            &[]
+        };
+        let target = start_target_env(&[], &cfg, &log, env);
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let s = wait_login(InitiatorConfig::new(INITIATOR, TARGET, addr), &log).await;
+        s.logout().await.ok();
+        drop(target);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let ready = text
+            .lines()
+            .find(|l| l.contains("holdfast target ready"))
+            .unwrap_or_else(|| panic!("no ready line:\n{text}"));
+        let stamped = ready.starts_with("20");
+        assert_eq!(stamped, !journal, "JOURNAL_STREAM {journal}: {ready:?}");
+        assert!(!ready.contains('\x1b'), "colours in a file: {ready:?}");
+    }
 }
