@@ -318,13 +318,19 @@ impl Agent {
             return true;
         }
         if let Err(e) = self.connect().await {
-            match self.reach_log.failure(&e.to_string(), Instant::now()) {
+            // The event too is news only when the failure starts, changes or is
+            // repeated for long (a refused login fails every poll).
+            let news = match self.reach_log.failure(&e.to_string(), Instant::now()) {
                 Verdict::Log { repeated } => {
-                    tracing::warn!(error = %e, "cannot reach the target{}", Repeated(repeated))
+                    tracing::warn!(error = %e, "cannot reach the target{}", Repeated(repeated));
+                    true
                 }
-                _ => tracing::debug!(error = %e, "cannot reach the target"),
-            }
-            if !e.is_connection() {
+                _ => {
+                    tracing::debug!(error = %e, "cannot reach the target");
+                    false
+                }
+            };
+            if news && !e.is_connection() {
                 self.sh
                     .events
                     .emit("connect-failed", "", &e.to_string(), serde_json::json!({}));

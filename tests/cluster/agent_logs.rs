@@ -3,6 +3,8 @@
 //! - A 10 s target outage (SIGKILL, restart on the same port and state, as in
 //!   agent_outage.rs) gives a handful of agent log lines, not one per 200 ms poll: a
 //!   repeated failure is logged once, then at a bounded rate, and its end at once.
+//! - A login the target refuses (wrong CHAP secret) at every poll: one log line and one
+//!   `connect-failed` event, not one per poll.
 //! - A cluster whose target requires CHAP, with every secret in a `secret_file` or the
 //!   environment: the agent logs in, `ctl status --json` works, and no log (at debug
 //!   level) and no output contains a secret.
@@ -133,16 +135,68 @@ async fn chap_target(l: &Layout, procs: &mut Procs) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chap_cluster_never_logs_or_prints_its_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let l = Layout {
-        dir: dir.path().to_path_buf(),
+fn layout(dir: &Path) -> Layout {
+    Layout {
+        dir: dir.to_path_buf(),
         exe: PathBuf::from(env!("CARGO_BIN_EXE_holdfast")),
         addr: SocketAddr::from(([127, 0, 0, 1], kit::free_port().unwrap())),
         target: TARGET.into(),
         cluster: CLUSTER.into(),
+    }
+}
+
+/// node1.toml with CHAP, its secret from `secret_file`; the agent started.
+fn start_chap_agent(l: &Layout, secret_file: PathBuf, log_filter: &str, procs: &mut Procs) {
+    let mut node = l.node_config(1, &[], &Timings::default());
+    node.target.chap = Some(ChapSection {
+        username: "agent".into(),
+        secret: Secret::default(),
+        secret_file: Some(secret_file),
+    });
+    kit::write_toml(&l.node_config_path(1), "", &node).unwrap();
+    let launch = Launch {
+        log_filter,
+        leash: false,
     };
+    let config = l.node_config_path(1);
+    let args = ["agent".as_ref(), "--config".as_ref(), config.as_os_str()];
+    let child = l.spawn_via(&[] as &[&str], &args, "agent1.log", &launch);
+    procs.0.push(child.unwrap());
+}
+
+/// An agent whose CHAP secret the target refuses (and then locks out) fails every
+/// poll; for 5 s of that it logs a line or two, not one or two per poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_logged_once_not_every_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layout(dir.path());
+    let mut procs = Procs(vec![]);
+    chap_target(&l, &mut procs).await;
+    write_private(&l.path("wrong.secret"), "not-the-right-one");
+    start_chap_agent(&l, l.path("wrong.secret"), "info", &mut procs);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(procs);
+    let log = lines(&l.path("agent1.log"));
+    let text = log.join("\n");
+    let refusals = log.iter().filter(|l| l.contains("login failed")).count();
+    assert!(refusals >= 1, "the refusal is logged:\n{text}");
+    assert!(
+        log.len() <= 3,
+        "{} lines for 5 s of refused logins:\n{text}",
+        log.len()
+    );
+    let events = lines(&l.events());
+    let failed = events
+        .iter()
+        .filter(|e| e.contains("connect-failed"))
+        .count();
+    assert_eq!(failed, 1, "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chap_cluster_never_logs_or_prints_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = layout(dir.path());
     let mut procs = Procs(vec![]);
     chap_target(&l, &mut procs).await;
     let url = l.url(0);
@@ -160,23 +214,8 @@ async fn a_chap_cluster_never_logs_or_prints_its_secret() {
         ok,
         "init-quorum with the secret from the environment: {init}{init_err}"
     );
-    let mut node = l.node_config(1, &[], &Timings::default());
-    node.target.chap = Some(ChapSection {
-        username: "agent".into(),
-        secret: Secret::default(),
-        secret_file: Some(l.path("chap.secret")),
-    });
-    kit::write_toml(&l.node_config_path(1), "", &node).unwrap();
-    let launch = Launch {
-        log_filter: "debug",
-        leash: false,
-    };
+    start_chap_agent(&l, l.path("chap.secret"), "debug", &mut procs);
     let config = l.node_config_path(1);
-    let args = ["agent".as_ref(), "--config".as_ref(), config.as_os_str()];
-    procs.0.push(
-        l.spawn_via(&[] as &[&str], &args, "agent1.log", &launch)
-            .unwrap(),
-    );
     let end = Instant::now() + T;
     while !std::fs::read_to_string(l.path("agent1.log"))
         .is_ok_and(|t| t.contains("quorum LUN joined"))
