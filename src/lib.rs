@@ -14,16 +14,21 @@
 //! | [`agent`] | the initiator (storage only through it) | quorum layout, membership, the pure planner, operations, the loop, VM drivers |
 //! | [`cli`] | everything | `target`, `agent`, `ctl`, `pr`, `demo`, `guest` (anyhow lives here and in `main.rs`) |
 //!
-//! [`config_value`] holds what both configuration files share (errors, sizes).
+//! [`config_value`] holds what both configuration files share (errors, sizes);
+//! [`secret`] the secret type that never prints; [`log_limit`] and [`backoff`] how
+//! repeated failures are logged and retried.
 
 pub mod agent;
 pub mod atomic_file;
+pub mod backoff;
 pub mod cli;
 pub mod config_value;
 pub mod initiator;
 pub mod iscsi;
+pub mod log_limit;
 pub mod metrics;
 pub mod scsi;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod wire;

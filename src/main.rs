@@ -17,6 +17,10 @@ struct Cli {
     /// [default: info; warn for `pr`, whose stdout and stderr scripts read]
     #[arg(long, global = true, env = "HOLDFAST_LOG")]
     log: Option<String>,
+    /// Log line format on stderr: `text` (under systemd, without timestamps: journald
+    /// adds its own) or `json`, one object per line
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HOLDFAST_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +78,31 @@ enum Command {
     },
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Log to stderr with `filter`. Text gets colours only on a terminal and no timestamp
+/// when stderr is journald's stream (systemd sets JOURNAL_STREAM; journald stamps each
+/// line itself).
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let journal = !tty && std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+        LogFormat::Text if journal => fmt.with_ansi(false).without_time().init(),
+        LogFormat::Text => fmt.with_ansi(tty).init(),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Cli::parse();
     // pr, ctl, guest and demo print for scripts and people: only warnings in the log
@@ -90,13 +119,7 @@ fn main() -> anyhow::Result<()> {
         .log
         .as_deref()
         .unwrap_or(if quiet { "warn" } else { "info" });
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(filter, args.log_format)?;
     match args.command {
         Command::Target(args) => std::process::exit(cli::target::main(&args)?),
         Command::Pr(args) => std::process::exit(cli::pr::main(&args)?),

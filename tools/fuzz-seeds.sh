@@ -88,6 +88,7 @@ secret = "fuzz-initiator-secret"
 mutual_username = "fuzztarget"
 mutual_secret = "fuzz-target-secret-2"
 TOML
+  chmod 600 "$file" # it holds CHAP secrets
 }
 
 # capture_start PCAP BASE / capture_stop: tcpdump on lo, ports BASE..BASE+2

@@ -52,6 +52,7 @@ for kind in plain chap mutual; do
     mutual) printf '\n[target.chap]\nusername = "%s"\nsecret = "%s"\nmutual_username = "%s"\nmutual_secret = "%s"\n' \
               "$CHAP_USER" "$CHAP_SECRET" "$MUTUAL_USER" "$MUTUAL_SECRET" >>"$cfg" ;;
   esac
+  chmod 600 "$cfg" # it holds the CHAP secret
 done
 
 declare -A PID

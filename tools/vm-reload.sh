@@ -54,6 +54,7 @@ write_config() {
     for init in "$@"; do printf '[[target.acl]]\ninitiator = "%s"\n' "$init"; done
     printf '[target.chap]\nusername = "%s"\nsecret = "%s"\n' "$CHAP_USER" "$secret"
   } >"$CFG.tmp"
+  chmod 600 "$CFG.tmp" # it holds the CHAP secret
   mv "$CFG.tmp" "$CFG"
 }
 # guest_session: "ISID TSIH" of the guest's session(s) on the target

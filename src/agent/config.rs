@@ -4,7 +4,9 @@
 use crate::config_value::{self, ConfigValueError};
 use crate::initiator::url::parse_portal;
 use crate::initiator::ConnectOptions;
+use crate::iscsi::chap::check_secret_len;
 use crate::iscsi::name::check_iscsi_name;
+use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -80,11 +82,38 @@ pub struct TargetSection {
     pub chap: Option<ChapSection>,
 }
 
+/// One-way CHAP. The secret is given inline (then node.toml must be mode 0600) or as
+/// `secret_file` (mode 0600, one trailing newline ignored, relative to node.toml's
+/// directory).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChapSection {
     pub username: String,
-    pub secret: String,
+    /// 12 to 255 bytes; or `secret_file`.
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub secret: Secret,
+    /// File holding `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl ChapSection {
+    /// Read `secret_file` (relative to `base`) into `secret`; both given is refused.
+    fn load_secret_file(&mut self, base: &Path) -> Result<(), (String, String)> {
+        let Some(p) = &self.secret_file else {
+            return Ok(());
+        };
+        let key = "target.chap.secret_file";
+        if !self.secret.is_empty() {
+            return Err((
+                key.into(),
+                "secret and secret_file are mutually exclusive: give one".into(),
+            ));
+        }
+        self.secret = crate::secret::read_secret_file(&base.join(p))
+            .map_err(|e| (key.into(), e.to_string()))?;
+        Ok(())
+    }
 }
 
 /// Timings. Safety never depends on them (the target enforces reservations); they decide
@@ -396,7 +425,7 @@ impl ValidNodeConfig {
         let chap = self.config.target.chap.as_ref();
         let mut opts = ConnectOptions::new(self.initiator_name.clone()).with_chap(
             chap.map(|c| c.username.as_str()),
-            chap.map(|c| c.secret.as_str()),
+            chap.map(|c| c.secret.expose()),
         );
         opts.isid = Some(isid);
         opts.login_timeout = Some(login_timeout);
@@ -404,13 +433,31 @@ impl ValidNodeConfig {
     }
 }
 
+/// Load and validate node.toml: a secret inline needs the file private (mode 0600), a
+/// `secret_file` is read relative to the file's directory.
 pub fn load_file(path: &Path) -> Result<ValidNodeConfig, AgentConfigError> {
-    let (config, file) = config_value::read_toml(path)?;
-    validate(config, &file)
+    let (config, file) = config_value::read_toml::<NodeConfig>(path)?;
+    if config
+        .target
+        .chap
+        .as_ref()
+        .is_some_and(|c| !c.secret.is_empty())
+    {
+        crate::secret::require_private(path).map_err(|e| {
+            ConfigValueError::new(
+                &file,
+                "target.chap.secret",
+                format!("{e} (or move it to a secret_file)"),
+            )
+        })?;
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    validate(config, &file, &base)
 }
 
+/// Parse and validate node.toml's text; `base` anchors a relative `secret_file`.
 pub fn parse(text: &str, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
-    validate(config_value::parse_toml(text, file)?, file)
+    validate(config_value::parse_toml(text, file)?, file, Path::new(""))
 }
 
 /// "HH:MM-HH:MM" → (start minute, end minute) of the day.
@@ -448,10 +495,17 @@ fn iscsi_name_reason(name: &str, key: &str, derived_from: Option<&str>) -> Resul
     })
 }
 
-fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConfigError> {
+fn validate(
+    mut config: NodeConfig,
+    file: &str,
+    base: &Path,
+) -> Result<ValidNodeConfig, AgentConfigError> {
     let bad = |key: &str, reason: String| -> AgentConfigError {
         ConfigValueError::new(file, key, reason).into()
     };
+    if let Some(c) = &mut config.target.chap {
+        c.load_secret_file(base).map_err(|(k, r)| bad(&k, r))?;
+    }
     let (initiator_name, vm_initiator_name) = check_node(&config.node, &bad)?;
     let portals = check_target(&config.target, &bad)?;
     config.timings.check().map_err(|(k, r)| bad(&k, r))?;
@@ -550,13 +604,11 @@ fn check_target(t: &TargetSection, bad: &Bad<'_>) -> Result<Vec<SocketAddr>, Age
         return Err(bad("target.quorum_lun", "must be at most 16383".into()));
     }
     if let Some(c) = &t.chap {
-        if c.secret.len() < 12 || c.secret.len() > 16 {
-            // RFC 7143 §12.1.3 asks for 12..16-byte secrets; targets refuse shorter ones.
-            return Err(bad(
-                "target.chap.secret",
-                "must be 12 to 16 characters".into(),
-            ));
+        if c.secret.is_empty() {
+            let why = "is missing: give secret or secret_file";
+            return Err(bad("target.chap.secret", why.into()));
         }
+        check_secret_len(c.secret.len()).map_err(|r| bad("target.chap.secret", r))?;
     }
     Ok(portals)
 }
@@ -692,6 +744,61 @@ disks = [1]
 driver = "process"
 command = ["sleep", "1000"]
 "#;
+
+    #[test]
+    fn chap_secret_inline_needs_a_private_file_or_comes_from_secret_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let with_chap = |body: &str| {
+            MINIMAL.replace(
+                "quorum_lun = 0\n",
+                &format!("quorum_lun = 0\n[target.chap]\nusername = \"u\"\n{body}\n"),
+            )
+        };
+        let inline = with_chap("secret = \"inline-secret-1\"");
+        let p = write("open.toml", &inline, 0o644);
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+        assert!(e.contains("target.chap.secret"), "{e}");
+        let p = write("private.toml", &inline, 0o600);
+        let v = load_file(&p).unwrap();
+        assert_eq!(
+            v.config.target.chap.unwrap().secret.expose(),
+            "inline-secret-1"
+        );
+        write("chap.secret", "file-secret-22\n", 0o600);
+        let p = write(
+            "file.toml",
+            &with_chap("secret_file = \"chap.secret\""),
+            0o644,
+        );
+        let v = load_file(&p).unwrap();
+        let shown = toml::to_string(&v.config).unwrap();
+        assert!(!shown.contains("file-secret-22"), "{shown}");
+        assert!(!format!("{v:?}").contains("file-secret-22"));
+        let opts = v.connect_options([0; 6], Duration::from_secs(1));
+        assert!(!format!("{opts:?}").contains("file-secret-22"), "{opts:?}");
+        assert_eq!(opts.chap.unwrap().1, b"file-secret-22");
+        let both = with_chap("secret = \"inline-secret-1\"\nsecret_file = \"chap.secret\"");
+        let p = write("both.toml", &both, 0o600);
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.contains("mutually exclusive"), "{e}");
+        // The one length rule: 17 bytes, once refused here, is accepted like on the target.
+        assert!(parse(&with_chap("secret = \"seventeen-bytes-x\""), "n.toml").is_ok());
+        let e = parse(&with_chap("secret = \"short\""), "n.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target.chap.secret: must be 12 to 255 bytes"),
+            "{e}"
+        );
+    }
 
     /// Before the shared validator the agent checked only the iqn./eui./naa. prefix.
     #[test]

@@ -19,6 +19,7 @@ use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
 use crate::initiator::connect_portals;
 use crate::metrics::agent as metrics;
+use crate::log_limit::{FailureLog, Repeated, Verdict};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,10 @@ pub struct Agent {
     self_fencing: bool,
     /// What STATE_DIR/paused.json says now (rewritten only on change).
     pause_file: String,
+    /// Failed logins, logged on change and then at a bounded rate.
+    reach_log: FailureLog,
+    /// Failed quorum reads, likewise.
+    read_log: FailureLog,
 }
 
 /// Start an agent and run it until `stop` turns true (SIGTERM): then owned groups are
@@ -202,6 +207,8 @@ impl Agent {
             last_image: None,
             self_fencing: false,
             pause_file: String::new(),
+            reach_log: FailureLog::default(),
+            read_log: FailureLog::default(),
         })
     }
 
@@ -323,14 +330,26 @@ impl Agent {
             return true;
         }
         if let Err(e) = self.connect().await {
-            tracing::warn!(error = %e, "cannot reach the target");
-            if !e.is_connection() {
+            // The event too is news only when the failure starts, changes or is
+            // repeated for long (a refused login fails every poll).
+            let news = match self.reach_log.failure(&e.to_string(), Instant::now()) {
+                Verdict::Log { repeated } => {
+                    tracing::warn!(error = %e, "cannot reach the target{}", Repeated(repeated));
+                    true
+                }
+                _ => {
+                    tracing::debug!(error = %e, "cannot reach the target");
+                    false
+                }
+            };
+            if news && !e.is_connection() {
                 self.sh
                     .events
                     .emit("connect-failed", "", &e.to_string(), serde_json::json!({}));
             }
             return false;
         }
+        log_recovery(&mut self.reach_log, "target reachable again");
         // With VMs running, prove we are alive at once: the heartbeat task's next
         // beat may come after the next outage check, which would pause VMs that just
         // rode out a short target restart. After an outage, do it without VMs too: a
@@ -349,10 +368,11 @@ impl Agent {
         true
     }
 
-    async fn read_image(&self) -> Option<QuorumImage> {
+    async fn read_image(&mut self) -> Option<QuorumImage> {
         let q = self.sh.quorum().ok()?;
         match q.read_image().await {
             Ok(img) => {
+                log_recovery(&mut self.read_log, "quorum LUN readable again");
                 for c in &img.corrupt {
                     tracing::warn!(error = %c, "corrupt quorum record");
                 }
@@ -362,7 +382,12 @@ impl Agent {
                 if e.is_connection() {
                     self.sh.drop_session(&e);
                 }
-                tracing::warn!(error = %e, "cannot read the quorum LUN");
+                match self.read_log.failure(&e.to_string(), Instant::now()) {
+                    Verdict::Log { repeated } => {
+                        tracing::warn!(error = %e, "cannot read the quorum LUN{}", Repeated(repeated))
+                    }
+                    _ => tracing::debug!(error = %e, "cannot read the quorum LUN"),
+                }
                 None
             }
         }
@@ -841,6 +866,13 @@ impl Agent {
             *s = NodeState::Left;
         }
         let _ = ops::write_heartbeat(&self.sh).await;
+    }
+}
+
+/// Log the end of a run of failures, if `log` had one.
+fn log_recovery(log: &mut FailureLog, what: &str) {
+    if let Verdict::Recovered { failures, lasted } = log.success(Instant::now()) {
+        tracing::info!(failures, after_ms = lasted.as_millis() as u64, "{what}");
     }
 }
 

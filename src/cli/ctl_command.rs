@@ -38,9 +38,14 @@ pub enum CtlCommand {
         /// CHAP user name to log in with (with --chap-secret).
         #[arg(long, requires = "chap_secret")]
         chap_user: Option<String>,
-        /// CHAP secret to log in with (with --chap-user).
-        #[arg(long, env = "HOLDFAST_CHAP_SECRET", requires = "chap_user")]
-        chap_secret: Option<String>,
+        /// CHAP secret to log in with (with --chap-user; its value is never shown in --help).
+        #[arg(
+            long,
+            env = "HOLDFAST_CHAP_SECRET",
+            hide_env_values = true,
+            requires = "chap_user"
+        )]
+        chap_secret: Option<crate::secret::Secret>,
     },
     /// Nodes (alive, fenced, last heartbeat), groups (owner, state, epoch, restarts) and
     /// the PR keys of every LUN.
@@ -139,7 +144,7 @@ async fn run(args: &CtlArgs) -> anyhow::Result<i32> {
         let url: crate::initiator::IscsiUrl = url.parse()?;
         let chap = chap_user
             .clone()
-            .zip(chap_secret.clone().map(String::into_bytes));
+            .zip(chap_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()));
         let msg = ctl::init_quorum(&url, initiator_name, cluster, *force, chap).await?;
         done(args.json, msg);
         return Ok(0);

@@ -31,12 +31,15 @@
 //! digits, the numbers decimal.
 
 use super::SessionError;
+use crate::backoff::Backoff;
 use crate::initiator::{
     connect, past_unit_attention, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError,
     IscsiUrl, Session,
 };
+use crate::log_limit::{FailureLog, Repeated, Verdict};
 use crate::scsi::sense::key as sense_key;
 use crate::scsi::status;
+use crate::secret::Secret;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -70,6 +73,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const CHECKER_INITIATOR: &str = "iqn.2026-11.org.holdfast:checker";
 /// Re-login pace and patience after a lost connection.
 const RELOGIN_EVERY: Duration = Duration::from_millis(100);
+/// The longest wait between re-login attempts (they back off from RELOGIN_EVERY).
+const RELOGIN_CAP: Duration = Duration::from_secs(1);
 const RELOGIN_FOR: Duration = Duration::from_secs(30);
 /// Each login attempt's own limit (a hung target must not eat the whole 30 s).
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -918,7 +923,7 @@ pub struct RunArgs {
     pub chap_user: Option<String>,
     /// CHAP secret
     #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<String>,
+    pub chap_secret: Option<Secret>,
 }
 
 /// Arguments of `holdfast guest check`.
@@ -940,7 +945,7 @@ pub struct CheckArgs {
     pub chap_user: Option<String>,
     /// CHAP secret
     #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<String>,
+    pub chap_secret: Option<Secret>,
 }
 
 /// Why `guest run` or `guest check` could not do its job.
@@ -986,10 +991,11 @@ pub(super) fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError
 fn initiator_config(
     url: &IscsiUrl,
     name: &str,
-    chap: (&Option<String>, &Option<String>),
+    chap: (&Option<String>, &Option<Secret>),
 ) -> Result<InitiatorConfig, GuestError> {
     // Random ISID: each login is a new I_T nexus; the agent registers the name.
-    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), chap.1.as_deref());
+    let secret = chap.1.as_ref().map(Secret::expose);
+    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), secret);
     opts.login_timeout = Some(LOGIN_TIMEOUT);
     Ok(connect::resolve_url(url, &opts)?)
 }
@@ -1177,14 +1183,14 @@ impl Guest {
         }
     }
 
-    /// Log in again with a fresh ISID, every 100 ms for up to 30 s.
+    /// Log in again with a fresh ISID, backing off from 100 ms to 1 s, for up to 30 s.
     async fn relogin(&mut self) -> Result<(), Fail> {
         self.session = None;
         let mut deadline = Instant::now() + RELOGIN_FOR;
-        let mut attempt_no: u32 = 0;
+        let mut backoff = Backoff::new(RELOGIN_EVERY, RELOGIN_CAP);
+        let mut failures = FailureLog::default();
         let mut began = Instant::now();
         loop {
-            attempt_no += 1;
             let mut rx = self.stop.clone();
             let attempt = tokio::select! {
                 r = Session::login(self.cfg.clone()) => r,
@@ -1194,26 +1200,32 @@ impl Guest {
             };
             match attempt {
                 Ok(s) => {
-                    info!(isid = %hex::encode(s.isid()), "logged in again");
+                    let failed = match failures.success(Instant::now().into_std()) {
+                        Verdict::Recovered { failures, .. } => failures,
+                        _ => 0,
+                    };
+                    info!(isid = %hex::encode(s.isid()), failed, "logged in again");
                     self.session = Some(s);
                     return Ok(());
                 }
-                // Once a second is enough to follow a restart in the log.
-                Err(e) if attempt_no % 10 == 1 => {
-                    warn!(error = %e, attempt = attempt_no, "re-login failed; retrying")
-                }
-                Err(e) => debug!(error = %e, "re-login failed"),
+                Err(e) => match failures.failure(&e.to_string(), Instant::now().into_std()) {
+                    Verdict::Log { repeated } => {
+                        warn!(error = %e, "re-login failed; retrying{}", Repeated(repeated))
+                    }
+                    _ => debug!(error = %e, "re-login failed"),
+                },
             }
             // A round (wait + attempt) far longer than its limits means this process was
             // stopped (a VM paused through a storage outage): that is not patience spent.
-            if began.elapsed() > RELOGIN_EVERY + LOGIN_TIMEOUT + Duration::from_secs(1) {
+            if began.elapsed() > RELOGIN_CAP + LOGIN_TIMEOUT + Duration::from_secs(1) {
                 deadline = Instant::now() + RELOGIN_FOR;
             }
             if Instant::now() >= deadline {
                 return Err(Fail::Lost);
             }
             began = Instant::now();
-            self.pause(RELOGIN_EVERY).await.map_err(Fail::Stopped)?;
+            let wait = backoff.next_delay(rand::random());
+            self.pause(wait).await.map_err(Fail::Stopped)?;
         }
     }
 

@@ -169,7 +169,7 @@ pub struct PrArgs {
     pub chap_user: Option<String>,
     /// CHAP secret
     #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<String>,
+    pub chap_secret: Option<crate::secret::Secret>,
     /// Seconds the whole command (connect, login, command, logout) may take
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -511,7 +511,10 @@ pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, P
     )
     // clap makes --chap-user require a secret; a secret alone (e.g. from the
     // environment, shared with other tools) is not used.
-    .with_chap(a.chap_user.as_deref(), a.chap_secret.as_deref());
+    .with_chap(
+        a.chap_user.as_deref(),
+        a.chap_secret.as_ref().map(crate::secret::Secret::expose),
+    );
     opts.isid = Some(match a.isid.as_deref() {
         None => DEFAULT_ISID,
         Some("random") => random_isid(),

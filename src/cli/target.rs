@@ -80,6 +80,8 @@ pub fn main(args: &TargetArgs) -> anyhow::Result<i32> {
     )?;
     if args.check {
         print_summary(&cfg);
+        // Secrets print as "<redacted>" (crate::secret::Secret).
+        print!("{}", toml::to_string_pretty(&cfg.config)?);
         return Ok(0);
     }
     let config = args.config.clone();
@@ -164,6 +166,9 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(false);
         serve_metrics(&cfg, &runtime, rx.clone()).await?;
         print_summary(&cfg);
+        for (name, addr) in cfg.config.open_portals(&cfg.portal_addrs) {
+            tracing::warn!(iqn = %name, portal = %addr, "portal is not on loopback and the target has neither an ACL nor CHAP: any initiator that reaches it may log in; add [[target.acl]] or [target.chap]");
+        }
         tracing::info!(portals = ?portals.local_addrs(), admin_socket = %admin.path().display(), "holdfast target ready");
         let serve = tokio::spawn(portals.serve(runtime.clone(), rx.clone()));
         let admin = tokio::spawn(admin.serve(runtime.clone(), source.clone(), rx));

@@ -6,8 +6,9 @@ use super::{InitiatorConfig, InitiatorError, Session};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-/// Who logs in and how: everything of a login but the target and its address.
-#[derive(Debug, Clone)]
+/// Who logs in and how: everything of a login but the target and its address. `Debug`
+/// leaves the CHAP secret out.
+#[derive(Clone)]
 pub struct ConnectOptions {
     pub initiator_name: String,
     /// A fixed ISID makes every login the same I_T nexus (reservations stay with it);
@@ -17,6 +18,17 @@ pub struct ConnectOptions {
     pub chap: Option<(String, Vec<u8>)>,
     /// None keeps [`InitiatorConfig`]'s default.
     pub login_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("initiator_name", &self.initiator_name)
+            .field("isid", &self.isid)
+            .field("chap_user", &self.chap.as_ref().map(|(u, _)| u))
+            .field("login_timeout", &self.login_timeout)
+            .finish()
+    }
 }
 
 impl ConnectOptions {

@@ -241,7 +241,9 @@ impl InitiatorLogin {
             )));
         };
         if r.status_class != 0 {
-            tracing::warn!(
+            // The caller logs the error it gets (the agent's reconnect loop at a bounded
+            // rate): a warning here would repeat at every attempt.
+            tracing::debug!(
                 class = r.status_class,
                 detail = r.status_detail,
                 "login refused by the target"

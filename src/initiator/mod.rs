@@ -117,8 +117,8 @@ impl InitiatorError {
     }
 }
 
-/// How to reach and log in to one target.
-#[derive(Debug, Clone)]
+/// How to reach and log in to one target. `Debug` leaves the CHAP secrets out.
+#[derive(Clone)]
 pub struct InitiatorConfig {
     pub initiator_name: String,
     pub target_name: String,
@@ -141,6 +141,21 @@ pub struct InitiatorConfig {
     pub first_burst_length: u32,
     /// How long connect + login may take.
     pub login_timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for InitiatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = |c: &Option<(String, Vec<u8>)>| c.as_ref().map(|(u, _)| u.clone());
+        f.debug_struct("InitiatorConfig")
+            .field("initiator_name", &self.initiator_name)
+            .field("target_name", &self.target_name)
+            .field("addr", &self.addr)
+            .field("isid", &self.isid)
+            .field("chap_user", &user(&self.chap))
+            .field("mutual_chap_user", &user(&self.mutual_chap))
+            .field("login_timeout", &self.login_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InitiatorConfig {

@@ -16,8 +16,25 @@ pub const CHALLENGE_LEN: usize = 16;
 /// Longest challenge accepted from an initiator (RFC 7143 allows large binary values;
 /// anything this long is already absurd for CHAP).
 pub const MAX_PEER_CHALLENGE_LEN: usize = 1024;
-/// RFC 7143 §12.1.3: secrets shorter than this are too weak to resist offline attacks.
-pub const WEAK_SECRET_LEN: usize = 12;
+/// The one CHAP secret length rule, for the target's and the agent's configuration
+/// alike. At least 12 bytes: RFC 7143 §12.1.3 asks for 96 bits of secret against
+/// offline attacks on a captured exchange, and Microsoft's initiator refuses shorter
+/// secrets. At most 255: LIO's limit; RFC 7143 sets none. (Microsoft's initiator also
+/// refuses more than 16, so 12 to 16 works with every initiator.)
+pub const MIN_SECRET_LEN: usize = 12;
+/// See [`MIN_SECRET_LEN`].
+pub const MAX_SECRET_LEN: usize = 255;
+
+/// Why a configured CHAP secret of `len` bytes is refused; what the config error says.
+pub fn check_secret_len(len: usize) -> Result<(), String> {
+    if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&len) {
+        return Ok(());
+    }
+    Err(format!(
+        "must be {MIN_SECRET_LEN} to {MAX_SECRET_LEN} bytes long (is {len}; \
+         12 to 16 suits every initiator)"
+    ))
+}
 
 /// Why an authentication failed. All of these end the login with AUTH_FAILURE.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,8 +113,8 @@ pub struct ChapExchange {
 
 impl ChapExchange {
     pub fn new(creds: ChapCredentials) -> Self {
-        if creds.secret.len() < WEAK_SECRET_LEN {
-            tracing::warn!(user = %creds.username, "CHAP secret shorter than {WEAK_SECRET_LEN} bytes is weak");
+        if creds.secret.len() < MIN_SECRET_LEN {
+            tracing::warn!(user = %creds.username, "CHAP secret shorter than {MIN_SECRET_LEN} bytes is weak");
         }
         Self {
             creds,
@@ -276,6 +293,16 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, SeedableRng};
+
+    #[test]
+    fn one_secret_length_rule() {
+        assert!(check_secret_len(11).unwrap_err().contains("12 to 255"));
+        assert!(check_secret_len(0).is_err());
+        assert!(check_secret_len(256).is_err());
+        for ok in [12, 16, 17, 255] {
+            assert_eq!(check_secret_len(ok), Ok(()), "{ok}");
+        }
+    }
 
     fn creds(mutual: bool) -> ChapCredentials {
         ChapCredentials {

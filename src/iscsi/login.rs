@@ -83,14 +83,24 @@ impl LoginStatus {
     };
 }
 
-/// CHAP secrets that apply to one login.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// CHAP secrets that apply to one login. `Debug` shows the names, not the secrets.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ChapCredentials {
     /// What the initiator must prove (CHAP_N must equal `username`).
     pub username: String,
     pub secret: Vec<u8>,
     /// Mutual CHAP: what the target answers with when the initiator challenges it.
     pub mutual: Option<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ChapCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapCredentials")
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .field("mutual_username", &self.mutual.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the target allows for a given login; supplied by the target layer.

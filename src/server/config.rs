@@ -3,8 +3,10 @@
 
 pub use crate::config_value::ByteSize;
 use crate::config_value::{self, ConfigValueError};
+use crate::iscsi::chap::check_secret_len;
 use crate::iscsi::login::TargetKeyPolicy;
 use crate::iscsi::name::check_iscsi_name;
+use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -287,16 +289,110 @@ pub struct AclConfig {
     pub chap: Option<ChapConfig>,
 }
 
+/// CHAP credentials. Each secret is given inline or as a file (`secret_file`,
+/// `mutual_secret_file`: mode 0600, one trailing newline ignored, relative to the config
+/// file's directory); a config file holding a secret inline must itself be 0600.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     pub username: String,
-    pub secret: String,
+    /// The initiator's secret (12 to 255 bytes); or `secret_file`.
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub secret: Secret,
+    /// File holding `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     /// Mutual CHAP: the target's name and secret.
     #[serde(default)]
     pub mutual_username: Option<String>,
-    #[serde(default)]
-    pub mutual_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret: Option<Secret>,
+    /// File holding `mutual_secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret_file: Option<PathBuf>,
+}
+
+impl ChapConfig {
+    /// Whether a secret is written in the config file itself.
+    fn has_inline_secret(&self) -> bool {
+        !self.secret.is_empty() || self.mutual_secret.is_some()
+    }
+
+    /// Read `secret_file` and `mutual_secret_file` (relative to `base`) into `secret`
+    /// and `mutual_secret`; a secret given both ways is refused. Err: (key, reason).
+    fn load_secret_files(&mut self, key: &str, base: &Path) -> Result<(), (String, String)> {
+        let both = |k: &str| {
+            (
+                format!("{key}.{k}"),
+                format!("{k} and {k}_file are mutually exclusive: give one"),
+            )
+        };
+        let read = |k: &str, p: &Path| {
+            crate::secret::read_secret_file(&base.join(p))
+                .map_err(|e| (format!("{key}.{k}_file"), e.to_string()))
+        };
+        if let Some(p) = &self.secret_file {
+            if !self.secret.is_empty() {
+                return Err(both("secret"));
+            }
+            self.secret = read("secret", p)?;
+        }
+        if let Some(p) = &self.mutual_secret_file {
+            if self.mutual_secret.is_some() {
+                return Err(both("mutual_secret"));
+            }
+            self.mutual_secret = Some(read("mutual_secret", p)?);
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every CHAP section with its key (`discovery_chap`, `target[0].chap`,
+    /// `target[0].acl[1].chap`).
+    fn chaps_mut(&mut self) -> Vec<(String, &mut ChapConfig)> {
+        let mut v: Vec<(String, &mut ChapConfig)> = Vec::new();
+        if let Some(c) = &mut self.discovery_chap {
+            v.push(("discovery_chap".into(), c));
+        }
+        for (ti, t) in self.targets.iter_mut().enumerate() {
+            if let Some(c) = &mut t.chap {
+                v.push((format!("target[{ti}].chap"), c));
+            }
+            for (ai, a) in t.acl.iter_mut().enumerate() {
+                if let Some(c) = &mut a.chap {
+                    v.push((format!("target[{ti}].acl[{ai}].chap"), c));
+                }
+            }
+        }
+        v
+    }
+
+    /// The key of the first secret written in the file itself, if any.
+    fn inline_secret_key(&mut self) -> Option<String> {
+        self.chaps_mut()
+            .into_iter()
+            .find(|(_, c)| c.has_inline_secret())
+            .map(|(k, _)| k)
+    }
+
+    /// The portals reachable from other hosts of targets that accept any initiator
+    /// without CHAP: (target name, address). Worth a warning at start.
+    pub fn open_portals(
+        &self,
+        portal_addrs: &[Vec<(SocketAddr, u16)>],
+    ) -> Vec<(String, SocketAddr)> {
+        let mut open = Vec::new();
+        for (t, addrs) in self.targets.iter().zip(portal_addrs) {
+            let guarded = !t.acl.is_empty() || t.chap.is_some();
+            for (a, _) in addrs {
+                if !guarded && !a.ip().is_loopback() {
+                    open.push((t.name.clone(), *a));
+                }
+            }
+        }
+        open
+    }
 }
 
 /// A validated configuration with resolved paths and addresses.
@@ -336,7 +432,12 @@ impl ValidConfig {
 
 /// Load and validate a config file.
 pub fn load_file(path: &Path) -> Result<ValidConfig, ConfigError> {
-    let (config, file) = config_value::read_toml(path)?;
+    let (mut config, file) = config_value::read_toml::<Config>(path)?;
+    if let Some(key) = config.inline_secret_key() {
+        crate::secret::require_private(path).map_err(|e| {
+            ConfigValueError::new(&file, &key, format!("{e} (or move it to a secret_file)"))
+        })?;
+    }
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     validate(config, &file, &base)
 }
@@ -350,12 +451,13 @@ fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
     if c.username.is_empty() {
         bad(format!("{key}.username"), "must not be empty".into());
     }
-    if c.secret.len() < 12 || c.secret.len() > 255 {
-        // RFC 7143 §12.1.3 asks for secrets of at least 96 bits; Windows insists on 12–16.
+    if c.secret.is_empty() {
         bad(
             format!("{key}.secret"),
-            "must be 12 to 255 characters long".into(),
+            "is missing: give secret or secret_file".into(),
         );
+    } else if let Err(why) = check_secret_len(c.secret.len()) {
+        bad(format!("{key}.secret"), why);
     }
     match (&c.mutual_username, &c.mutual_secret) {
         (None, None) => {}
@@ -367,11 +469,8 @@ fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
             if u.is_empty() {
                 bad(format!("{key}.mutual_username"), "must not be empty".into());
             }
-            if s.len() < 12 || s.len() > 255 {
-                bad(
-                    format!("{key}.mutual_secret"),
-                    "must be 12 to 255 characters long".into(),
-                );
+            if let Err(why) = check_secret_len(s.len()) {
+                bad(format!("{key}.mutual_secret"), why);
             }
             if s == &c.secret {
                 // RFC 7143 §12.1.3: the two directions must use different secrets.
@@ -387,7 +486,11 @@ fn check_chap(c: &ChapConfig, key: &str, bad: &mut dyn FnMut(String, String)) {
 /// Where a check reports a bad setting: key and reason (the first one is reported).
 type Bad<'a> = &'a mut dyn FnMut(String, String);
 
-fn validate(config: Config, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
+fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, ConfigError> {
+    for (key, chap) in config.chaps_mut() {
+        chap.load_secret_files(&key, base)
+            .map_err(|(k, why)| ConfigValueError::new(file, &k, why))?;
+    }
     let mut first: Option<(String, String)> = None;
     let mut bad = |key: String, reason: String| {
         if first.is_none() {
@@ -685,6 +788,85 @@ id = 0
 path = "a.img"
 size = "1MiB"
 "#;
+
+    #[test]
+    fn secret_files_are_read_relative_to_the_config_and_exclusive() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("init.secret", "initiator-secret\n", 0o600);
+        write("tgt.secret", "target-secret-99", 0o600);
+        write("open.secret", "initiator-secret", 0o644);
+        let chap = |body: &str| format!("{MIN}\n[target.chap]\nusername = \"u\"\n{body}\n");
+        let files = "secret_file = \"init.secret\"\nmutual_username = \"t\"\nmutual_secret_file = \"tgt.secret\"";
+        let v = parse(&chap(files), "t.toml", dir.path()).unwrap();
+        let c = v.config.targets[0].chap.as_ref().unwrap();
+        assert_eq!(c.secret.expose(), "initiator-secret");
+        assert_eq!(
+            c.mutual_secret.as_ref().unwrap().expose(),
+            "target-secret-99"
+        );
+        let shown = toml::to_string(&v.config).unwrap();
+        assert!(
+            !shown.contains("initiator-secret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!format!("{v:?}").contains("target-secret-99"));
+        let e = parse(
+            &chap("secret = \"initiator-secret\"\nsecret_file = \"init.secret\""),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("target[0].chap.secret: secret and secret_file are mutually exclusive"),
+            "{e}"
+        );
+        let e = parse(&chap("secret_file = \"open.secret\""), "t.toml", dir.path())
+            .unwrap_err()
+            .to_string();
+        let fix = format!("chmod 600 {}", dir.path().join("open.secret").display());
+        assert!(
+            e.contains("target[0].chap.secret_file") && e.contains(&fix),
+            "{e}"
+        );
+        let e = parse(&chap(""), "t.toml", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target[0].chap.secret: is missing"), "{e}");
+    }
+
+    #[test]
+    fn open_portals_are_the_unguarded_non_loopback_ones() {
+        let open = |extra: &str, listen: &str| {
+            let v = parse(
+                &format!("{}{extra}\n", MIN.replace("127.0.0.1:3261", listen)),
+                "t.toml",
+                Path::new("/"),
+            )
+            .unwrap();
+            v.config.open_portals(&v.portal_addrs)
+        };
+        assert_eq!(open("", "127.0.0.1:3261"), vec![]);
+        assert_eq!(open("", "[::1]:3261"), vec![]);
+        let any = open("", "0.0.0.0:3261");
+        assert_eq!(
+            any,
+            vec![(
+                "iqn.2026-11.org.example:t1".to_string(),
+                "0.0.0.0:3261".parse().unwrap()
+            )]
+        );
+        let acl = "[[target.acl]]\ninitiator = \"iqn.2026-11.org.example:i\"";
+        assert_eq!(open(acl, "0.0.0.0:3261"), vec![]);
+        let chap = "[target.chap]\nusername = \"u\"\nsecret = \"0123456789ab\"";
+        assert_eq!(open(chap, "0.0.0.0:3261"), vec![]);
+    }
 
     #[test]
     fn embedded_default_is_valid() {

@@ -91,9 +91,9 @@ impl TargetNode {
 pub fn chap_credentials(c: &ChapConfig) -> ChapCredentials {
     ChapCredentials {
         username: c.username.clone(),
-        secret: c.secret.as_bytes().to_vec(),
+        secret: c.secret.expose().as_bytes().to_vec(),
         mutual: match (&c.mutual_username, &c.mutual_secret) {
-            (Some(u), Some(s)) => Some((u.clone(), s.as_bytes().to_vec())),
+            (Some(u), Some(s)) => Some((u.clone(), s.expose().as_bytes().to_vec())),
             _ => None,
         },
     }

@@ -12,6 +12,7 @@ mod agent_failover;
 mod agent_faults;
 mod agent_guest;
 mod agent_metrics;
+mod agent_logs;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;

@@ -20,6 +20,7 @@ mod pr_restart;
 mod quorum_fuzz_seeds;
 mod readme_config;
 mod reload;
+mod secrets;
 mod shutdown;
 mod soak;
 mod tmf;

@@ -79,10 +79,17 @@ struct LiveTarget {
     port: u16,
 }
 
+/// A config that may hold a CHAP secret inline must be mode 0600.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("config");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
 impl LiveTarget {
     async fn start(spec: &Spec) -> LiveTarget {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("t.toml"), spec.toml()).expect("config");
+        write_private(&dir.path().join("t.toml"), &spec.toml());
         let log = std::fs::File::create(dir.path().join("target.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["--log", "info", "target", "--config"])
@@ -122,7 +129,7 @@ impl LiveTarget {
     }
 
     fn rewrite(&self, spec: &Spec) {
-        std::fs::write(self.dir.path().join("t.toml"), spec.toml()).expect("rewrite config");
+        write_private(&self.dir.path().join("t.toml"), &spec.toml());
     }
 
     fn sighup(&self) {
