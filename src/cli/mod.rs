@@ -23,10 +23,12 @@ pub mod agent;
 pub mod cluster_kit;
 pub mod ctl;
 pub mod ctl_command;
+pub mod ctl_events;
 pub mod demo;
 pub mod guest;
 mod guest_device;
 pub mod pr;
+pub mod status_page;
 pub mod target;
 mod target_client;
 

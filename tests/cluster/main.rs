@@ -8,6 +8,7 @@ mod common;
 
 mod agent_bench;
 mod agent_drivers;
+mod agent_events;
 mod agent_failover;
 mod agent_faults;
 mod agent_guest;
@@ -16,3 +17,4 @@ mod agent_partitions;
 mod agent_protocol;
 mod demo;
 mod kernel_node;
+mod status_page;
