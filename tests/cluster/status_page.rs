@@ -166,9 +166,19 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// A child killed when dropped, so a failing test leaves no browser or server behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Headless Chromium with DevTools on a port it picks (read from DevToolsActivePort).
-fn chromium(profile: &Path) -> (Child, u16) {
-    let child = Command::new("chromium")
+fn chromium(profile: &Path) -> (Reaped, u16) {
+    let child = Reaped(Command::new("chromium")
         .args([
             "--headless",
             "--no-sandbox",
@@ -182,7 +192,7 @@ fn chromium(profile: &Path) -> (Child, u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("chromium is required for this test (tools/deps.sh installs it): {e}"));
+        .unwrap_or_else(|e| panic!("chromium is required for this test (tools/deps.sh installs it): {e}")));
     let file = profile.join("DevToolsActivePort");
     let end = Instant::now() + Duration::from_secs(30);
     loop {
@@ -198,7 +208,7 @@ fn chromium(profile: &Path) -> (Child, u16) {
 }
 
 /// `holdfast ctl serve` on a free port, with node `id`'s config.
-fn serve(c: &Cluster, id: u16) -> (Child, SocketAddr) {
+fn serve(c: &Cluster, id: u16) -> (Reaped, SocketAddr) {
     let mut child = Command::new(&c.bin)
         .args(["ctl", "--config"])
         .arg(c.node_config(id))
@@ -207,8 +217,10 @@ fn serve(c: &Cluster, id: u16) -> (Child, SocketAddr) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let out = child.stdout.take().unwrap();
+    let child = Reaped(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(out).read_line(&mut line).unwrap();
     let addr = line
         .trim()
         .strip_prefix("status page on http://")
@@ -230,8 +242,9 @@ const LOOK: &str = r#"JSON.stringify({
   marker: window.__holdfast_test_marker || 0
 })"#;
 
+/// `Null` while the page is still loading (the expression throws then).
 fn look(cdp: &mut Cdp) -> serde_json::Value {
-    serde_json::from_str(&cdp.eval(LOOK)).unwrap()
+    serde_json::from_str(&cdp.eval(LOOK)).unwrap_or(serde_json::Value::Null)
 }
 
 fn wait_page(cdp: &mut Cdp, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
@@ -259,7 +272,7 @@ async fn the_live_page_shows_the_new_owner_and_the_fence_without_a_reload() {
         c.start_agent(id);
     }
     c.wait_running("web", Some(1), T).await;
-    let (mut srv, addr) = serve(&c, 3);
+    let (_srv, addr) = serve(&c, 3);
     let end = Instant::now() + T;
     while !http(addr, "GET", "/api/status").1.contains(r#""ok":true"#) {
         assert!(Instant::now() < end, "/api/status never became ok");
@@ -273,7 +286,7 @@ async fn the_live_page_shows_the_new_owner_and_the_fence_without_a_reload() {
     assert!(code == 200 && page.contains("<script>"), "{code}");
 
     let profile = tempfile::tempdir().unwrap();
-    let (mut browser, port) = chromium(profile.path());
+    let (_browser, port) = chromium(profile.path());
     let (_, list) = http(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/json/list");
     let targets: serde_json::Value = serde_json::from_str(&list).unwrap();
     let ws = targets
@@ -308,8 +321,4 @@ async fn the_live_page_shows_the_new_owner_and_the_fence_without_a_reload() {
     std::fs::create_dir_all(artifact().parent().unwrap()).unwrap();
     std::fs::write(artifact(), &png).unwrap();
     eprintln!("screenshot: {} ({} bytes)", artifact().display(), png.len());
-    let _ = browser.kill();
-    let _ = browser.wait();
-    let _ = srv.kill();
-    let _ = srv.wait();
 }
