@@ -103,7 +103,11 @@ impl Alerter {
         let seq = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
         if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
             self.running.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(kind = a.kind, seq, "alert dropped: {MAX_RUNNING} alert commands still running");
+            tracing::warn!(
+                kind = a.kind,
+                seq,
+                "alert dropped: {MAX_RUNNING} alert commands still running"
+            );
             return;
         }
         let env = alert_env(&self.source, &a, seq);
@@ -193,7 +197,10 @@ mod tests {
         assert_eq!(get("NODE").as_deref(), Some("hv2"));
         assert_eq!(get("TARGET_NODE").as_deref(), Some("hv1"));
         assert_eq!(get("TARGET_NODE_ID").as_deref(), Some("1"));
-        assert_eq!(get("TIMESTAMP").as_deref(), Some("2023-11-14T22:13:20.123Z"));
+        assert_eq!(
+            get("TIMESTAMP").as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
         assert_eq!(get("SEQUENCE").as_deref(), Some("9"));
         assert_eq!(get("EPOCH").as_deref(), Some("4"));
         let mut none = fence();
@@ -208,7 +215,10 @@ mod tests {
     fn a_hung_command_is_killed_at_its_timeout_and_the_caller_never_waits() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let cmd = format!("echo \"$HOLDFAST_ALERT_KIND\" > {}; exec sleep 30", out.display());
+        let cmd = format!(
+            "echo \"$HOLDFAST_ALERT_KIND\" > {}; exec sleep 30",
+            out.display()
+        );
         let a = Alerter::new(cmd, Duration::from_millis(300), src());
         let t0 = Instant::now();
         a.fire(fence());

@@ -497,7 +497,10 @@ fn validate(config: NodeConfig, file: &str) -> Result<ValidNodeConfig, AgentConf
 
 /// An alert command must say something, and get time to run.
 fn check_alert(n: &NodeSection, bad: &Bad<'_>) -> Result<(), AgentConfigError> {
-    if n.alert_command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+    if n.alert_command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
         return Err(bad("node.alert_command", "must not be empty".into()));
     }
     if n.alert_timeout.is_zero() {

@@ -111,7 +111,10 @@ mod tests {
             .flat_map(|f| lines(f))
             .collect();
         let want: Vec<String> = (4..10).map(|i| format!("{i:038}")).collect();
-        assert_eq!(newest, want, "the newest lines, in order, nothing lost in between");
+        assert_eq!(
+            newest, want,
+            "the newest lines, in order, nothing lost in between"
+        );
     }
 
     #[test]

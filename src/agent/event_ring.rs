@@ -17,8 +17,17 @@ const KIND_CAP: usize = 24;
 const GROUP_CAP: usize = 48;
 const REASON_CAP: usize = 120;
 const ACTOR_CAP: usize = 64;
-const ENTRY_BODY: usize =
-    1 + 2 + 8 + 8 + 1 + (1 + KIND_CAP) + (1 + GROUP_CAP) + (1 + REASON_CAP) + 2 + 8 + (1 + ACTOR_CAP);
+const ENTRY_BODY: usize = 1
+    + 2
+    + 8
+    + 8
+    + 1
+    + (1 + KIND_CAP)
+    + (1 + GROUP_CAP)
+    + (1 + REASON_CAP)
+    + 2
+    + 8
+    + (1 + ACTOR_CAP);
 
 /// First LBA of the ring: right after the group table.
 pub fn ring_lba() -> u64 {
@@ -143,12 +152,16 @@ impl RingEntry {
             },
             kind: r.text(KIND_CAP).ok_or_else(|| corrupt("bad kind text"))?,
             group: r.text(GROUP_CAP).ok_or_else(|| corrupt("bad group text"))?,
-            reason: r.text(REASON_CAP).ok_or_else(|| corrupt("bad reason text"))?,
+            reason: r
+                .text(REASON_CAP)
+                .ok_or_else(|| corrupt("bad reason text"))?,
             target_node: u16::from_be_bytes(r.take()),
             epoch: u64::from_be_bytes(r.take()),
             actor: r.text(ACTOR_CAP).ok_or_else(|| corrupt("bad actor text"))?,
         };
-        if e.seq == 0 || !(1..=MAX_NODE_ID).contains(&e.node_id) || entry_lba(e.node_id, e.seq) != lba
+        if e.seq == 0
+            || !(1..=MAX_NODE_ID).contains(&e.node_id)
+            || entry_lba(e.node_id, e.seq) != lba
         {
             return Err(corrupt("entry does not belong in this slot"));
         }
@@ -361,8 +374,16 @@ mod tests {
 
     #[test]
     fn mixed_nodes_merge_by_time_and_select_filters() {
-        let a = SubRing::decode(1, &image(1, &[entry(1, 1, 100), entry(1, 2, 300)], 512), 512);
-        let b = SubRing::decode(3, &image(3, &[entry(3, 1, 200), entry(3, 2, 300)], 512), 512);
+        let a = SubRing::decode(
+            1,
+            &image(1, &[entry(1, 1, 100), entry(1, 2, 300)], 512),
+            512,
+        );
+        let b = SubRing::decode(
+            3,
+            &image(3, &[entry(3, 1, 200), entry(3, 2, 300)], 512),
+            512,
+        );
         let m = merge(&[a, b]);
         let order: Vec<(u16, u64)> = m.iter().map(|e| (e.node_id, e.seq)).collect();
         assert_eq!(order, [(1, 1), (3, 1), (1, 2), (3, 2)]);
@@ -380,7 +401,10 @@ mod tests {
 
     #[test]
     fn the_ring_lies_after_the_group_table() {
-        assert_eq!(ring_lba(), QuorumLayout::group_lba(crate::agent::quorum::MAX_GROUPS));
+        assert_eq!(
+            ring_lba(),
+            QuorumLayout::group_lba(crate::agent::quorum::MAX_GROUPS)
+        );
         assert_eq!(sub_ring_lba(1), ring_lba());
         assert_eq!(entry_lba(2, PER_NODE + 1), sub_ring_lba(2));
         assert_eq!(blocks_with_ring(), 385 + 64 * 64);

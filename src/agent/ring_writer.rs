@@ -143,7 +143,10 @@ async fn drain(
 /// Node names from the heartbeat slots; `false` if they could not be read.
 async fn read_names(q: &QuorumDisk, queue: &RingQueue) -> bool {
     let max = crate::agent::config::MAX_NODE_ID;
-    let Ok(all) = q.read_blocks(QuorumLayout::slot_lba(1), u32::from(max)).await else {
+    let Ok(all) = q
+        .read_blocks(QuorumLayout::slot_lba(1), u32::from(max))
+        .await
+    else {
         return false;
     };
     let mut names = BTreeMap::new();

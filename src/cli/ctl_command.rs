@@ -239,7 +239,8 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
         CtlCommand::Freeze { group } => {
             c.update_group(group, |r, _| ctl::req_freeze(r, true))
                 .await?;
-            c.record("ctl-freeze", group, "monitoring suspended", 0).await;
+            c.record("ctl-freeze", group, "monitoring suspended", 0)
+                .await;
             done(
                 json,
                 format!("group {group} frozen: its VM is no longer monitored"),

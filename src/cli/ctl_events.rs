@@ -73,7 +73,11 @@ impl std::fmt::Display for EventView {
             self.time,
             self.node,
             self.kind,
-            if self.group.is_empty() { "-" } else { &self.group },
+            if self.group.is_empty() {
+                "-"
+            } else {
+                &self.group
+            },
             self.reason
         )?;
         if let Some(t) = &self.target_node {
@@ -103,7 +107,9 @@ impl Ctl {
             actor: actor(),
         };
         if let Err(e) = ring_io::append_fresh(&self.quorum, e).await {
-            eprintln!("holdfast ctl: warning: the change is made but not recorded in the event ring: {e}");
+            eprintln!(
+                "holdfast ctl: warning: the change is made but not recorded in the event ring: {e}"
+            );
         }
     }
 
@@ -113,7 +119,13 @@ impl Ctl {
         let img = self.quorum.read_image().await?;
         let me = self.cfg.config.node.id;
         let ids: Vec<u16> = (1..=crate::agent::config::MAX_NODE_ID)
-            .filter(|&id| id == me || img.slot(id).is_some() || img.admin_block(id).is_some_and(|b| b.iter().any(|&x| x != 0)))
+            .filter(|&id| {
+                id == me
+                    || img.slot(id).is_some()
+                    || img
+                        .admin_block(id)
+                        .is_some_and(|b| b.iter().any(|&x| x != 0))
+            })
             .collect();
         let merged = ring_io::read_merged(&self.quorum, &ids).await?;
         Ok((img, merged))
@@ -153,19 +165,24 @@ pub async fn run(
     follow: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let since = since.map(|s| parse_since(s, wall_ms())).transpose().map_err(anyhow::Error::msg)?;
+    let since = since
+        .map(|s| parse_since(s, wall_ms()))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let (img, merged) = c.events().await?;
     let mut seen = BTreeMap::new();
     event_ring::unseen(&merged, &mut seen);
     for e in event_ring::select(merged, since, n) {
         print(&EventView::of(&img, &e), json)?;
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (img, merged) = c.events().await?;
         for e in event_ring::unseen(&merged, &mut seen) {
             print(&EventView::of(&img, &e), json)?;
         }
     }
-    Ok(())
 }

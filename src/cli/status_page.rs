@@ -242,7 +242,9 @@ async fn answer(mut conn: TcpStream, snap: &Mutex<String>) -> std::io::Result<()
     }
     let body = snap.lock().map(|s| s.clone()).unwrap_or_default();
     match route(&buf) {
-        Ok("/") | Ok("/index.html") => respond(&mut conn, 200, "text/html; charset=utf-8", PAGE).await,
+        Ok("/") | Ok("/index.html") => {
+            respond(&mut conn, 200, "text/html; charset=utf-8", PAGE).await
+        }
         Ok("/api/status") => respond(&mut conn, 200, "application/json", &body).await,
         Ok(_) => respond(&mut conn, 404, "text/plain", "not found\n").await,
         Err(code) => respond(&mut conn, code, "text/plain", "bad request\n").await,
@@ -292,7 +294,10 @@ mod tests {
 
     #[test]
     fn requests_are_routed_or_refused() {
-        assert_eq!(route(b"GET /api/status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"), Ok("/api/status"));
+        assert_eq!(
+            route(b"GET /api/status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok("/api/status")
+        );
         assert_eq!(route(b"GET / HTTP/1.0\r\n\r\n"), Ok("/"));
         assert_eq!(route(b"POST / HTTP/1.1\r\n\r\n"), Err(405));
         assert_eq!(route(b"GET /\r\n\r\n"), Err(400));
@@ -315,7 +320,12 @@ mod tests {
             epoch: 0,
             actor: String::new(),
         };
-        let v = [e("a", "paused"), e("b", "paused"), e("b", "resumed"), e("c", "claimed")];
+        let v = [
+            e("a", "paused"),
+            e("b", "paused"),
+            e("b", "resumed"),
+            e("c", "claimed"),
+        ];
         assert_eq!(paused_by_ring(&v), ["a"]);
     }
 }

@@ -85,9 +85,17 @@ async fn a_fence_runs_the_alert_command_and_every_node_sees_it_in_ctl_events() {
     }
     let r = c.wait_running("web", Some(1), T).await;
     let out = ctl_as(&c, 2, "alice", &["freeze", "web"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ctl_as(&c, 2, "alice", &["thaw", "web"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.kill_node(1);
     let r2 = c.wait_running_elsewhere("web", 1, T).await;
     assert!(r2.epoch > r.epoch);
@@ -110,11 +118,17 @@ async fn a_fence_runs_the_alert_command_and_every_node_sees_it_in_ctl_events() {
     assert_eq!(fence["HOLDFAST_ALERT_TARGET_NODE_ID"], "1");
     assert_eq!(fence["HOLDFAST_ALERT_GROUP"], "web");
     assert_eq!(fence["HOLDFAST_ALERT_CLUSTER"], "testlab");
-    assert!(fence["HOLDFAST_ALERT_REASON"].contains("preempted"), "{fence:?}");
+    assert!(
+        fence["HOLDFAST_ALERT_REASON"].contains("preempted"),
+        "{fence:?}"
+    );
     assert!(fence["HOLDFAST_ALERT_SEQUENCE"].parse::<u64>().unwrap() >= 1);
     let at = humantime::parse_rfc3339(&fence["HOLDFAST_ALERT_TIMESTAMP"]).expect("RFC 3339");
     let ms = fence["HOLDFAST_ALERT_TIMESTAMP_MS"].parse::<u64>().unwrap();
-    assert_eq!(at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64, ms);
+    assert_eq!(
+        at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
+        ms
+    );
     let age = SystemTime::now().duration_since(at).unwrap();
     assert!(age < Duration::from_secs(60), "{age:?}");
 
@@ -139,12 +153,21 @@ async fn a_fence_runs_the_alert_command_and_every_node_sees_it_in_ctl_events() {
     let fenced = ev.iter().find(|e| e["kind"] == "fenced").unwrap();
     assert_eq!(fenced["node"], survivor.as_str());
     assert_eq!(fenced["target_node"], "node1");
-    let freeze = ev.iter().find(|e| e["kind"] == "ctl-freeze").expect("ctl-freeze");
+    let freeze = ev
+        .iter()
+        .find(|e| e["kind"] == "ctl-freeze")
+        .expect("ctl-freeze");
     assert_eq!(freeze["node"], "node2");
     assert_eq!(freeze["source"], "ctl");
-    assert!(freeze["actor"].as_str().unwrap().starts_with("alice@"), "{freeze}");
+    assert!(
+        freeze["actor"].as_str().unwrap().starts_with("alice@"),
+        "{freeze}"
+    );
     let times: Vec<u64> = ev.iter().map(|e| e["wall_ms"].as_u64().unwrap()).collect();
-    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not merged by time: {times:?}");
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "not merged by time: {times:?}"
+    );
     // Sequence numbers per node grow by one.
     for node in ["node1", "node2"] {
         let seqs: Vec<u64> = ev
@@ -154,12 +177,21 @@ async fn a_fence_runs_the_alert_command_and_every_node_sees_it_in_ctl_events() {
             .collect();
         let mut sorted = seqs.clone();
         sorted.sort();
-        assert_eq!(sorted, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{node}");
+        assert_eq!(
+            sorted,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "{node}"
+        );
     }
     let last2 = json_lines(&ctl_as(&c, 3, "bob", &["events", "--json", "-n", "2"]));
     assert_eq!(last2.len(), 2);
     assert_eq!(last2[1]["seq"], ev[ev.len() - 1]["seq"]);
-    let none = json_lines(&ctl_as(&c, 3, "bob", &["events", "--json", "--since", "2100-01-01T00:00:00Z"]));
+    let none = json_lines(&ctl_as(
+        &c,
+        3,
+        "bob",
+        &["events", "--json", "--since", "2100-01-01T00:00:00Z"],
+    ));
     assert!(none.is_empty());
 
     follow_sees_a_new_change(&c);
@@ -185,8 +217,14 @@ fn follow_sees_a_new_change(c: &Cluster) {
     });
     std::thread::sleep(Duration::from_secs(1));
     let out = ctl_as(c, 2, "carol", &["drain", "node3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let line = rx.recv_timeout(Duration::from_secs(15)).expect("no followed event");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("no followed event");
     let _ = f.kill();
     let _ = f.wait();
     let e: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -211,5 +249,8 @@ fn watch_redraws(c: &Cluster) {
     let text = String::from_utf8_lossy(&out.stdout);
     let frames = text.matches("\x1b[H\x1b[2Jholdfast status at").count();
     assert!(frames >= 2, "{frames} frames:\n{text}");
-    assert!(text.contains("RECENT EVENTS") && text.contains("fenced"), "{text}");
+    assert!(
+        text.contains("RECENT EVENTS") && text.contains("fenced"),
+        "{text}"
+    );
 }
