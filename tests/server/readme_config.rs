@@ -152,6 +152,7 @@ vm_initiator_name = "iqn.2026-11.org.example:n1.vm"
 state_dir = "/tmp/state"
 shared_state_dir = "/tmp/shared"
 event_log = "/tmp/events.jsonl"
+alert_command = "logger -t holdfast-alert"
 [target]
 portals = ["127.0.0.1:3260"]
 name = "iqn.2026-11.org.example:t"
