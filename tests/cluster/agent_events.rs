@@ -254,3 +254,119 @@ fn watch_redraws(c: &Cluster) {
         "{text}"
     );
 }
+
+mod on_the_lun {
+    //! The ring's I/O against a real in-process target: two writers of one node's
+    //! sub-ring (its agent and a ctl) racing never overwrite each other, and a quorum
+    //! LUN too small for the ring still formats and says what to do.
+
+    use crate::common::{self, config_text, start, TARGET};
+    use holdfast::agent::claim::{self, Identity};
+    use holdfast::agent::event_ring::{RingEntry, Source, PER_NODE};
+    use holdfast::agent::quorum::{self};
+    use holdfast::agent::quorum_disk::QuorumDisk;
+    use holdfast::agent::ring_io;
+    use holdfast::cli::ctl;
+    use holdfast::initiator::{InitiatorConfig, IscsiUrl, Session};
+    use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(5);
+    const CLUSTER: &str = "ring";
+
+    async fn joined(addr: std::net::SocketAddr, lun: u64, id: u16, purpose: u8) -> QuorumDisk {
+        let me = Identity {
+            key: quorum::pr_key(CLUSTER, id),
+            initiator_name: format!("iqn.2026-11.org.holdfast:ring.n{id}"),
+            isid: quorum::node_isid(id, purpose),
+            vm_initiator_name: None,
+        };
+        let mut c = InitiatorConfig::new(&me.initiator_name, TARGET, addr);
+        c.isid = Some(me.isid);
+        let s = Session::login(c).await.expect("login");
+        common::clear_unit_attention(&s, lun).await;
+        claim::join_quorum(&s, lun, &me, T).await.expect("join");
+        QuorumDisk::open(s, lun, CLUSTER, T).await.expect("open").0
+    }
+
+    fn entry(kind: &str, source: Source) -> RingEntry {
+        RingEntry {
+            node_id: 2,
+            seq: 0,
+            wall_ms: holdfast::agent::wall_ms(),
+            source,
+            kind: kind.into(),
+            group: "web".into(),
+            reason: String::new(),
+            target_node: 0,
+            epoch: 0,
+            actor: String::new(),
+        }
+    }
+
+    fn url(addr: std::net::SocketAddr, lun: u64) -> IscsiUrl {
+        format!("iscsi://{addr}/{TARGET}/{lun}").parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writers_of_one_sub_ring_keep_every_entry_and_a_small_lun_says_so() {
+        let t = start(&config_text(
+            "",
+            "",
+            &[(0, "q.img", "4MiB"), (1, "small.img", "1MiB")],
+        ))
+        .await;
+        let name = "iqn.2026-11.org.holdfast:ctl";
+        let msg = ctl::init_quorum(&url(t.addr, 0), name, CLUSTER, false, None)
+            .await
+            .unwrap();
+        assert!(msg.contains("event ring of 64 entries"), "{msg}");
+        let agent = joined(t.addr, 0, 2, quorum::ISID_AGENT).await;
+        let ctl_side = joined(t.addr, 0, 2, quorum::ISID_CTL).await;
+        // The agent keeps its view of the sub-ring; ctl appends behind its back, so the
+        // agent's next COMPARE AND WRITE miscompares instead of overwriting.
+        let mut view = ring_io::read_sub_ring(&agent, 2).await.unwrap();
+        let n = PER_NODE + 5;
+        let (mut written, mut miscompares) = (0, 0);
+        for i in 0..n {
+            if i % 3 == 0 {
+                ring_io::append_fresh(&ctl_side, entry("ctl-freeze", Source::Ctl))
+                    .await
+                    .unwrap();
+            }
+            loop {
+                match ring_io::append(&agent, &mut view, entry("vm-started", Source::Agent))
+                    .await
+                    .unwrap()
+                {
+                    holdfast::agent::quorum_disk::CawOutcome::Written => break,
+                    holdfast::agent::quorum_disk::CawOutcome::Miscompare => {
+                        miscompares += 1;
+                        view = ring_io::read_sub_ring(&agent, 2).await.unwrap();
+                    }
+                }
+            }
+            written += 1;
+        }
+        let ctl_writes = n.div_ceil(3);
+        assert!(miscompares >= 1, "ctl never raced the agent");
+        let r = ring_io::read_sub_ring(&ctl_side, 2).await.unwrap();
+        assert!(r.corrupt.is_empty(), "{:?}", r.corrupt);
+        let total = written + ctl_writes;
+        let seqs: Vec<u64> = r.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, ((total - PER_NODE + 1)..=total).collect::<Vec<_>>());
+        let merged = ring_io::read_merged(&ctl_side, &[1, 2, 3]).await.unwrap();
+        assert_eq!(merged.len(), PER_NODE as usize);
+
+        // A LUN big enough for the records but not for the ring.
+        let msg = ctl::init_quorum(&url(t.addr, 1), name, CLUSTER, false, None)
+            .await
+            .unwrap();
+        assert!(msg.contains("no event ring"), "{msg}");
+        let small = joined(t.addr, 1, 2, quorum::ISID_AGENT).await;
+        let e = ring_io::check_room(&small).await.unwrap_err().to_string();
+        assert!(
+            e.contains("re-run `holdfast ctl init-quorum --force`"),
+            "{e}"
+        );
+    }
+}
