@@ -105,7 +105,8 @@ _deps_packages() {
     case $use in
       # prometheus: for promtool (check metrics); its daemon is not used
       # debootstrap, iproute2: tools/package-test.sh (a clean Debian root, its own netns)
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 ;;
+      # chromium: the status page test (tests/cluster/status_page.rs)
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -179,6 +180,14 @@ _deps_promtool() {
   fi
 }
 
+# headless Chromium renders a page (tests/cluster/status_page.rs drives it over DevTools)
+_deps_chromium() {
+  local out
+  out=$(timeout 60 chromium --headless --no-sandbox --disable-gpu --dump-dom \
+    'data:text/html,<p id=x>holdfast-probe</p>' 2>/dev/null) || { echo "chromium failed: $out"; return 1; }
+  grep -q 'holdfast-probe' <<<"$out" || { echo "chromium rendered nothing: $out"; return 1; }
+}
+
 _deps_tool() { command -v "$1" >/dev/null || { echo "$1 not on PATH"; return 1; }; }
 
 deps_verify() {
@@ -199,6 +208,7 @@ deps_verify() {
       test)
         _deps_check "sg_persist (sg3-utils)" _deps_tool sg_persist
         _deps_check "promtool check metrics (prometheus)" _deps_promtool
+        _deps_check "chromium --headless (the status page test)" _deps_chromium
         _deps_check "cargo fmt" cargo fmt --version
         _deps_check "cargo clippy" cargo clippy --version
         _deps_check "cargo fuzz" cargo fuzz --version

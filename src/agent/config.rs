@@ -1,7 +1,7 @@
 //! Agent configuration (`node.toml`): TOML via serde, validated before anything starts,
 //! with errors that name the file, the key and the reason.
 
-use crate::config_value::{self, ConfigValueError};
+use crate::config_value::{self, ByteSize, ConfigValueError};
 use crate::initiator::url::parse_portal;
 use crate::initiator::ConnectOptions;
 use crate::iscsi::chap::check_secret_len;
@@ -62,6 +62,32 @@ pub struct NodeSection {
     /// `holdfast agent --metrics ADDR` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Rotate the event log when it would grow past this size ("0": never)
+    /// [default: 10MiB].
+    #[serde(default = "default_event_log_max_size")]
+    pub event_log_max_size: ByteSize,
+    /// Rotated event logs kept (EVENT_LOG.1 … EVENT_LOG.N) [default: 5].
+    #[serde(default = "default_event_log_keep")]
+    pub event_log_keep: u32,
+    /// Run through `/bin/sh -c` on fence, self-fence, pause, resume, claim failure and
+    /// VM restart, with HOLDFAST_ALERT_* variables (README, "Cluster events and alerts").
+    #[serde(default)]
+    pub alert_command: Option<String>,
+    /// An alert command still running after this is killed [default: 30s].
+    #[serde(default = "default_alert_timeout", with = "humantime_serde")]
+    pub alert_timeout: Duration,
+}
+
+fn default_event_log_max_size() -> ByteSize {
+    ByteSize(10 << 20)
+}
+
+fn default_event_log_keep() -> u32 {
+    5
+}
+
+fn default_alert_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_state_dir() -> PathBuf {
@@ -508,6 +534,7 @@ fn validate(
     }
     let (initiator_name, vm_initiator_name) = check_node(&config.node, &bad)?;
     let portals = check_target(&config.target, &bad)?;
+    check_alert(&config.node, &bad)?;
     config.timings.check().map_err(|(k, r)| bad(&k, r))?;
     let mut names = HashSet::new();
     let mut claimed_luns = HashSet::new();
@@ -524,6 +551,20 @@ fn validate(
         vm_initiator_name,
         portals,
     })
+}
+
+/// An alert command must say something, and get time to run.
+fn check_alert(n: &NodeSection, bad: &Bad<'_>) -> Result<(), AgentConfigError> {
+    if n.alert_command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err(bad("node.alert_command", "must not be empty".into()));
+    }
+    if n.alert_timeout.is_zero() {
+        return Err(bad("node.alert_timeout", "must be more than 0s".into()));
+    }
+    Ok(())
 }
 
 /// Turns a key and a reason into the file's error.

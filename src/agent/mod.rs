@@ -3,9 +3,12 @@
 //! peers with PREEMPT AND ABORT, and starts a VM only after its reservation is read back.
 //! The protocol is described in docs/AGENT.md.
 
+pub mod alert;
 pub mod claim;
 pub mod config;
 pub mod driver;
+pub mod event_log;
+pub mod event_ring;
 pub mod events;
 pub mod membership;
 mod ops;
@@ -14,6 +17,8 @@ pub mod planner;
 pub mod quorum;
 pub mod quorum_disk;
 pub mod record_update;
+pub mod ring_io;
+pub mod ring_writer;
 
 use crate::initiator::{ConnectError, InitiatorError};
 

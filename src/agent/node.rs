@@ -105,6 +105,8 @@ pub async fn run(
         }));
     }
     let hb = tokio::spawn(ops::heartbeat_loop(agent.sh.clone()));
+    let sh = agent.sh.clone();
+    let ring = agent.sh.events.start_ring(move || sh.quorum().ok());
     let poll = agent.sh.cfg.timings().poll_interval;
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -126,6 +128,10 @@ pub async fn run(
         }
     }
     agent.shutdown().await;
+    agent.sh.events.flush_ring(Duration::from_secs(2)).await;
+    if let Some(r) = ring {
+        r.abort();
+    }
     hb.abort();
     Ok(())
 }
@@ -154,14 +160,7 @@ impl Agent {
                 n.state_dir.display()
             ))
         })?;
-        let events = Events::open(
-            &n.name,
-            Some(
-                n.event_log
-                    .clone()
-                    .unwrap_or_else(|| n.state_dir.join("events.jsonl")),
-            ),
-        );
+        let events = Events::for_node(&cfg);
         let mut groups = BTreeMap::new();
         for g in &cfg.config.groups {
             let d = driver::build(&g.vm, n.state_dir.join(format!("{}.log", g.name)));

@@ -181,6 +181,10 @@ impl Layout {
                 shared_state_dir: Some(self.path("shared")),
                 event_log: Some(self.events()),
                 metrics: None,
+                event_log_max_size: crate::config_value::ByteSize(10 << 20),
+                event_log_keep: 5,
+                alert_command: None,
+                alert_timeout: Duration::from_secs(30),
             },
             target: TargetSection {
                 portals: vec![self.addr.to_string()],

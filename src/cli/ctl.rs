@@ -5,6 +5,7 @@
 
 use crate::agent::claim::{self, Identity};
 use crate::agent::config::ValidNodeConfig;
+use crate::agent::event_ring;
 use crate::agent::quorum::{
     self, AdminState, GroupRecord, GroupState, QuorumHeader, QuorumImage, QuorumLayout,
 };
@@ -149,16 +150,32 @@ impl Ctl {
         tokio::time::sleep(hb * 2 + hb / 2).await;
         let img = self.quorum.read_image().await?;
         let watched = t0.elapsed();
+        let moved = |s: &quorum::HeartbeatSlot| {
+            first
+                .slot(s.node_id)
+                .is_none_or(|b| b.counter != s.counter || b.incarnation != s.incarnation)
+        };
+        Ok(self.status_of(&img, watched, &moved).await)
+    }
+
+    /// The status from `img`, a node being alive when `moved` says its heartbeat moved
+    /// while it was watched for `watched`.
+    pub async fn status_of(
+        &self,
+        img: &QuorumImage,
+        watched: Duration,
+        moved: &(dyn Fn(&quorum::HeartbeatSlot) -> bool + Sync),
+    ) -> ClusterStatus {
         let now_wall = wall_ms();
         let cluster = &self.cfg.config.node.cluster;
-        Ok(ClusterStatus {
+        ClusterStatus {
             cluster: cluster.clone(),
             watched_ms: watched.as_millis() as u64,
-            nodes: node_statuses(cluster, &first, &img, now_wall),
-            groups: group_statuses(&img, now_wall),
-            luns: self.lun_statuses(&img).await,
+            nodes: node_statuses(cluster, img, now_wall, moved),
+            groups: group_statuses(img, now_wall),
+            luns: self.lun_statuses(img).await,
             paused_here: vec![],
-        })
+        }
     }
 
     /// The keys and the reservation of the quorum LUN and of every group's disks.
@@ -213,7 +230,7 @@ impl Ctl {
 }
 
 /// A node's name as the quorum LUN knows it ("-" for no node).
-pub(super) fn node_label(img: &QuorumImage, id: u16) -> String {
+pub fn node_label(img: &QuorumImage, id: u16) -> String {
     img.slot(id).map(|s| s.name.clone()).unwrap_or_else(|| {
         if id == 0 {
             "-".into()
@@ -223,26 +240,24 @@ pub(super) fn node_label(img: &QuorumImage, id: u16) -> String {
     })
 }
 
-/// Every node with a slot; alive if its heartbeat moved between `first` and `img`.
+/// Every node with a slot; alive if `moved` says its heartbeat moved.
 fn node_statuses(
     cluster: &str,
-    first: &QuorumImage,
     img: &QuorumImage,
     now_wall: u64,
+    moved: &(dyn Fn(&quorum::HeartbeatSlot) -> bool + Sync),
 ) -> Vec<NodeStatus> {
     img.slots
         .iter()
         .flatten()
         .map(|s| {
-            let before = first.slot(s.node_id);
-            let moved =
-                before.is_none_or(|b| b.counter != s.counter || b.incarnation != s.incarnation);
             let admin = img.admin(s.node_id);
             NodeStatus {
                 id: s.node_id,
                 name: s.name.clone(),
                 state: s.state.name().to_string(),
-                alive: moved && s.state == quorum::NodeState::Active,
+                alive: moved(s) && s.state == quorum::NodeState::Active,
+                fenced: admin.fence_count > 0 && admin.fenced_incarnation == s.incarnation,
                 heartbeat_counter: s.counter,
                 incarnation: format!("{:#x}", s.incarnation),
                 last_heartbeat_ms_ago: now_wall.saturating_sub(s.wall_ms),
@@ -298,6 +313,8 @@ pub struct NodeStatus {
     pub name: String,
     pub state: String,
     pub alive: bool,
+    /// A peer fenced this incarnation (it has not rejoined since).
+    pub fenced: bool,
     pub heartbeat_counter: u64,
     pub incarnation: String,
     pub last_heartbeat_ms_ago: u64,
@@ -562,14 +579,36 @@ pub async fn init_quorum(
         )),
         e => e,
     })?;
+    let ring = if last + 1 >= event_ring::blocks_with_ring() {
+        clear_ring(&s, url.lun, bs, t).await?;
+        format!("an event ring of {} entries per node", event_ring::PER_NODE)
+    } else {
+        format!(
+            "no event ring: it needs {} blocks",
+            event_ring::blocks_with_ring()
+        )
+    };
     let _ = s.logout().await;
     Ok(format!(
-        "formatted LUN {} of {} as the quorum LUN of cluster {cluster:?} ({} nodes, {} groups, {bs}-byte blocks)",
+        "formatted LUN {} of {} as the quorum LUN of cluster {cluster:?} ({} nodes, {} groups, {ring}, {bs}-byte blocks)",
         url.lun,
         url.target,
         crate::agent::config::MAX_NODE_ID,
         quorum::MAX_GROUPS
     ))
+}
+
+/// Zero the event ring (a re-format starts a new history), a bounded chunk per WRITE.
+async fn clear_ring(s: &Session, lun: u64, bs: u32, t: Duration) -> Result<(), AgentError> {
+    const CHUNK: u64 = 256;
+    let (mut lba, end) = (event_ring::ring_lba(), event_ring::blocks_with_ring());
+    while lba < end {
+        let n = CHUNK.min(end - lba);
+        let zeros = Bytes::from(vec![0u8; (n * u64::from(bs)) as usize]);
+        bounded(t, "WRITE", s.write16(lun, lba, zeros, bs, true)).await?;
+        lba += n;
+    }
+    Ok(())
 }
 
 /// Helpers for the ctl requests: each returns the new record or a refusal.

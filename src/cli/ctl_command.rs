@@ -1,7 +1,9 @@
 //! `holdfast ctl`'s commands: parse, connect, change a record, wait, print.
 use super::ctl::{self, Ctl};
 use super::ctl_wait::{self, Goal, WaitError};
+use super::{ctl_events, status_page};
 use crate::agent::config::ValidNodeConfig;
+use crate::agent::quorum::GroupState;
 use crate::agent::wall_ms;
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -49,7 +51,31 @@ pub enum CtlCommand {
     },
     /// Nodes (alive, fenced, last heartbeat), groups (owner, state, epoch, restarts) and
     /// the PR keys of every LUN.
-    Status,
+    Status {
+        /// Redraw every second until interrupted (Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The recent transitions of the whole cluster (fences, claims, starts, pauses, ctl
+    /// changes with who asked), from the event ring on the quorum LUN, oldest first.
+    Events {
+        /// Only events since a duration ago ("10m") or a time ("2026-12-01T10:00:00Z").
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N events.
+        #[arg(short = 'n', long = "lines")]
+        lines: Option<usize>,
+        /// Keep printing new events as they land.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// A read-only status page over HTTP: nodes, groups, PR keys and recent events,
+    /// updated every second (JSON at /api/status).
+    Serve {
+        /// Address to listen on (port 0: any free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8474")]
+        listen: std::net::SocketAddr,
+    },
     /// Planned move: offline action on the owner, hand-over, start/restore on NODE.
     Move {
         /// The group to move.
@@ -151,8 +177,11 @@ async fn run(args: &CtlArgs) -> anyhow::Result<i32> {
     }
     // The config error names the file itself.
     let cfg = crate::agent::config::load_file(&args.config)?;
-    if let CtlCommand::Status = args.command {
-        return status(cfg, args.json).await;
+    match &args.command {
+        CtlCommand::Status { watch: false } => return status(cfg, args.json).await,
+        CtlCommand::Status { watch: true } => return status_page::watch(cfg).await.map(|()| 0),
+        CtlCommand::Serve { listen } => return status_page::serve(cfg, *listen).await.map(|()| 0),
+        _ => {}
     }
     let mut c = Ctl::connect(cfg).await?;
     let result = on_cluster(&mut c, &args.command, args.json).await;
@@ -205,13 +234,21 @@ async fn status(cfg: ValidNodeConfig, json: bool) -> anyhow::Result<i32> {
 
 async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Result<()> {
     match command {
-        CtlCommand::InitQuorum { .. } | CtlCommand::Status => {
+        CtlCommand::InitQuorum { .. } | CtlCommand::Status { .. } | CtlCommand::Serve { .. } => {
             unreachable!("handled before connecting")
         }
+        CtlCommand::Events {
+            since,
+            lines,
+            follow,
+        } => ctl_events::run(c, since.as_deref(), *lines, *follow, json).await?,
         CtlCommand::Move { group, node, wait } => move_group(c, group, node, *wait, json).await?,
         CtlCommand::Offline { group, wait } => {
             let t0 = Instant::now();
-            c.update_group(group, |r, _| ctl::req_offline(r)).await?;
+            let by = format!("offline requested by {}", ctl_events::actor());
+            c.update_group(group, |r, _| ctl::req_offline(r).map(|n| noted(n, &by)))
+                .await?;
+            c.record("ctl-offline", group, &by, 0).await;
             if *wait > 0 {
                 let timeout = Duration::from_secs(*wait);
                 ctl_wait::wait(c, group, Goal::Stopped, t0, timeout, !json).await?;
@@ -224,6 +261,8 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
         CtlCommand::Freeze { group } => {
             c.update_group(group, |r, _| ctl::req_freeze(r, true))
                 .await?;
+            c.record("ctl-freeze", group, "monitoring suspended", 0)
+                .await;
             done(
                 json,
                 format!("group {group} frozen: its VM is no longer monitored"),
@@ -232,6 +271,7 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
         CtlCommand::Thaw { group } => {
             c.update_group(group, |r, _| ctl::req_freeze(r, false))
                 .await?;
+            c.record("ctl-thaw", group, "monitoring resumes", 0).await;
             done(json, format!("group {group} thawed: monitoring resumes"));
         }
         CtlCommand::Drain { node, undo } => {
@@ -239,6 +279,11 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
             let id = Ctl::resolve_node(&img, node)?;
             let drained = !*undo;
             c.update_admin(id, |a| a.drained = drained).await?;
+            let (kind, what) = match drained {
+                true => ("ctl-drain", "drained"),
+                false => ("ctl-undrain", "accepts groups again"),
+            };
+            c.record(kind, "", &format!("node {node} {what}"), id).await;
             done(
                 json,
                 if drained {
@@ -262,7 +307,10 @@ async fn move_group(
     let img = c.quorum.read_image().await?;
     let to = Ctl::resolve_node(&img, node)?;
     let t0 = Instant::now();
-    c.update_group(group, |r, _| ctl::req_move(r, to)).await?;
+    let by = format!("move to {node} requested by {}", ctl_events::actor());
+    c.update_group(group, |r, _| ctl::req_move(r, to).map(|n| noted(n, &by)))
+        .await?;
+    c.record("ctl-move", group, &by, to).await;
     if wait == 0 {
         done(json, format!("move of {group} to {node} requested"));
         return Ok(());
@@ -279,9 +327,21 @@ async fn move_group(
     Ok(())
 }
 
+/// `n` with `by` (what was asked, by whom) as its reason while the group is stopped;
+/// a running group keeps its reason until its owner acts.
+fn noted(mut n: crate::agent::quorum::GroupRecord, by: &str) -> crate::agent::quorum::GroupRecord {
+    if n.state == GroupState::Stopped {
+        n.reason = by.to_string();
+    }
+    n
+}
+
 async fn online(c: &mut Ctl, group: &str, wait: u64, json: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    c.update_group(group, |r, _| ctl::req_online(r)).await?;
+    let by = format!("online requested by {}", ctl_events::actor());
+    c.update_group(group, |r, _| ctl::req_online(r).map(|n| noted(n, &by)))
+        .await?;
+    c.record("ctl-online", group, &by, 0).await;
     if wait == 0 {
         done(json, format!("online of {group} requested"));
         return Ok(());

@@ -24,11 +24,13 @@ pub mod cluster_kit;
 pub mod ctl;
 pub mod ctl_command;
 pub mod ctl_wait;
+pub mod ctl_events;
 pub mod demo;
 pub mod generate;
 pub mod guest;
 mod guest_device;
 pub mod pr;
+pub mod status_page;
 pub mod target;
 mod target_client;
 

@@ -8,6 +8,7 @@ mod common;
 
 mod agent_bench;
 mod agent_drivers;
+mod agent_events;
 mod agent_failover;
 mod agent_faults;
 mod agent_guest;
@@ -19,3 +20,4 @@ mod agent_protocol;
 mod ctl_wait;
 mod demo;
 mod kernel_node;
+mod status_page;

@@ -154,6 +154,7 @@ state_dir = "/tmp/state"
 shared_state_dir = "/tmp/shared"
 event_log = "/tmp/events.jsonl"
 metrics = "127.0.0.1:9465"
+alert_command = "logger -t holdfast-alert"
 [target]
 portals = ["127.0.0.1:3260"]
 name = "iqn.2026-11.org.example:t"
