@@ -17,7 +17,10 @@ use crate::agent::planner::{self, GroupView, Local, NodeView, Op, OutageAction, 
 use crate::agent::quorum::{self, NodeState, QuorumImage};
 use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
+use crate::agent::membership::Liveness;
 use crate::initiator::connect_portals;
+use crate::service::notify::{self, StatusLine};
+use crate::service::status::{self, AgentFacts};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +67,9 @@ pub struct Agent {
     self_fencing: bool,
     /// What STATE_DIR/paused.json says now (rewritten only on change).
     pause_file: String,
+    /// systemd's STATUS= line; READY=1 went with it once the first heartbeat landed.
+    service_status: StatusLine,
+    ready_sent: bool,
 }
 
 /// Start an agent and run it until `stop` turns true (SIGTERM): then owned groups are
@@ -97,6 +103,7 @@ pub async fn run(
             _ = tick.tick() => {
                 agent.tick().await;
                 agent.write_pause_file();
+                agent.report_service();
             }
             Some(d) = agent.done_rx.recv() => {
                 agent.on_done(d).await;
@@ -190,6 +197,8 @@ impl Agent {
             last_image: None,
             self_fencing: false,
             pause_file: String::new(),
+            service_status: StatusLine::new(),
+            ready_sent: false,
         })
     }
 
@@ -713,6 +722,49 @@ impl Agent {
         }
     }
 
+    /// systemd: READY=1 once a heartbeat write has landed (the quorum LUN is joined),
+    /// then a STATUS= line whenever it changes.
+    fn report_service(&mut self) {
+        let line = status::agent_line(&self.service_facts());
+        if !self.ready_sent && self.sh.last_heartbeat_ok.load(Ordering::SeqCst) != 0 {
+            self.ready_sent = true;
+            self.service_status.ready(&line);
+        } else {
+            self.service_status.set(&line);
+        }
+    }
+
+    fn service_facts(&self) -> AgentFacts {
+        let now = Instant::now();
+        let mut f = AgentFacts {
+            connected: self.sh.session().is_ok(),
+            ..AgentFacts::default()
+        };
+        let Some(img) = &self.last_image else {
+            return f;
+        };
+        for slot in img.slots.iter().flatten() {
+            match self.membership.liveness(slot.node_id, now) {
+                Liveness::Alive => f.alive += 1,
+                Liveness::Dead => {}
+                Liveness::Unknown | Liveness::Left => continue,
+            }
+            f.members += 1;
+        }
+        let me = (self.sh.id, self.sh.incarnation());
+        for (_, r) in &img.groups {
+            if (r.owner, r.owner_incarnation) == me && self.groups.contains_key(&r.name) {
+                f.owned.push(r.name.clone());
+            }
+        }
+        for (n, g) in &self.groups {
+            if matches!(g.local, Local::Paused { .. }) {
+                f.paused.push(n.clone());
+            }
+        }
+        f
+    }
+
     /// Wait (bounded) for the operations in flight before a SIGTERM hand-over.
     async fn settle_ops(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -742,6 +794,7 @@ impl Agent {
 
     /// SIGTERM: take every group offline so that peers take over, then say "left".
     async fn shutdown(&mut self) {
+        notify::stopping("stopping: handing the groups over");
         self.sh
             .events
             .emit("agent-stop", "", "SIGTERM", serde_json::json!({}));
