@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod hooked;
 pub mod netns;
+pub mod notify;
 pub mod pr;
 pub mod raw;
 

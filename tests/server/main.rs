@@ -19,6 +19,7 @@ mod pr_restart;
 mod quorum_fuzz_seeds;
 mod readme_config;
 mod reload;
+mod service;
 mod shutdown;
 mod soak;
 mod tmf;
