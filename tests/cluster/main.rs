@@ -14,5 +14,6 @@ mod agent_guest;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
+mod agent_service;
 mod demo;
 mod kernel_node;
