@@ -101,7 +101,7 @@ _deps_packages() {
   local use
   for use in "$@"; do
     case $use in
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils ;;
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils systemd procps ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -158,6 +158,21 @@ _deps_qemu_iscsi() {
   fi
 }
 
+# systemd-analyze verify works without systemd as PID 1 (tests/server/service.rs runs it
+# on packaging/systemd/*.service): check it on a unit of its own, and that it speaks up
+# about a bad setting (the test counts any output as a finding).
+_deps_systemd_verify() {
+  local d rc=0 out
+  d=$(mktemp -d)
+  printf '[Service]\nType=notify\nExecStart=/bin/true\n' >"$d/ok.service"
+  printf '[Service]\nType=nonsense\nExecStart=/bin/true\n' >"$d/bad.service"
+  out=$(systemd-analyze verify --man=no "$d/ok.service" 2>&1) && [ -z "$out" ] || rc=1
+  grep -q nonsense <<<"$(systemd-analyze verify --man=no "$d/bad.service" 2>&1)" || rc=1
+  rm -rf "$d"
+  [ "$rc" = 0 ] || echo "systemd-analyze verify does not work here: $out"
+  return "$rc"
+}
+
 _deps_tool() { command -v "$1" >/dev/null || { echo "$1 not on PATH"; return 1; }; }
 
 deps_verify() {
@@ -177,6 +192,7 @@ deps_verify() {
         ;;&
       test)
         _deps_check "sg_persist (sg3-utils)" _deps_tool sg_persist
+        _deps_check "systemd-analyze verify (systemd)" _deps_systemd_verify
         _deps_check "cargo fmt" cargo fmt --version
         _deps_check "cargo clippy" cargo clippy --version
         _deps_check "cargo fuzz" cargo fuzz --version

@@ -767,7 +767,7 @@ impl Agent {
 
     /// Wait (bounded) for the operations in flight before a SIGTERM hand-over.
     async fn settle_ops(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + HANDOVER_SETTLE;
         while self.groups.values().any(|g| g.local == Local::Busy) && Instant::now() < deadline {
             let Ok(Some(d)) =
                 tokio::time::timeout(Duration::from_millis(200), self.done_rx.recv()).await
@@ -856,6 +856,10 @@ where
     }
     out
 }
+
+/// How long a SIGTERM hand-over waits for the operations in flight (a claim, a start)
+/// before taking the groups offline; part of the systemd unit's TimeoutStopSec.
+pub const HANDOVER_SETTLE: Duration = Duration::from_secs(120);
 
 /// The file in STATE_DIR that lists the groups paused on this node.
 pub const PAUSE_FILE: &str = "paused.json";

@@ -133,3 +133,86 @@ fn a_second_target_on_the_same_data_directory_exits_naming_it_and_the_holder() {
     assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], p2))).is_err());
     assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], p1))).is_ok());
 }
+
+/// The shipped units with ExecStart naming the binary under test: `verify` checks that
+/// the program exists.
+fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd");
+    ["holdfast-target.service", "holdfast-agent.service"]
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(root.join(name)).expect("unit file");
+            let text = text.replace("/usr/bin/holdfast", env!("CARGO_BIN_EXE_holdfast"));
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn systemd_units_verify_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(units_for_verify(dir.path()))
+        .output()
+        .expect("systemd-analyze (Debian package systemd; tools/deps.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // verify exits 0 on a misspelt value ("Failed to parse …, ignoring"): any output
+    // is a finding.
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+}
+
+/// The values of `key=` in a unit file.
+fn setting(unit: &str, key: &str) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(unit)).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .collect()
+}
+
+fn duration(unit: &str, key: &str) -> Duration {
+    let v = setting(unit, key);
+    assert_eq!(v.len(), 1, "{unit}: {key} = {v:?}");
+    humantime::parse_duration(&v[0]).unwrap_or_else(|e| panic!("{unit}: {key}: {e}"))
+}
+
+#[test]
+fn the_units_notify_and_the_agent_stop_covers_the_handover() {
+    use holdfast::agent::config::{GroupConfig, Timings, VmConfig};
+    let (target, agent) = (
+        "packaging/systemd/holdfast-target.service",
+        "packaging/systemd/holdfast-agent.service",
+    );
+    for unit in [target, agent] {
+        assert_eq!(setting(unit, "Type"), ["notify"], "{unit}");
+        assert_eq!(setting(unit, "NotifyAccess"), ["main"], "{unit}");
+        assert_eq!(setting(unit, "Restart"), ["on-failure"], "{unit}");
+    }
+    assert!(setting(target, "ExecStart")[0].ends_with("--config /etc/holdfast/target.toml"));
+    assert!(setting(agent, "ExecStart")[0].ends_with("--config /etc/holdfast/node.toml"));
+    assert!(setting(target, "ExecReload")[0].contains("-HUP $MAINPID"));
+    // SIGTERM to the agent only; it stops the VMs itself after handing groups over.
+    assert_eq!(setting(agent, "KillMode"), ["mixed"]);
+    // The watchdog is fed from the heartbeat loop, at most every WatchdogSec/2.
+    let t = Timings::default();
+    assert!(duration(agent, "WatchdogSec") >= 4 * t.heartbeat_interval);
+    // The hand-over with the agent's defaults, for 8 running groups one after another:
+    // the settle bound, then per group its stop_timeout and ~10 quorum/disk writes.
+    let vm = VmConfig::Script {
+        path: "/x".into(),
+        timeout: Duration::from_secs(1),
+        pause: false,
+    };
+    let stop = GroupConfig::new("g", vec![1], vm).stop_timeout;
+    let handover = holdfast::agent::node::HANDOVER_SETTLE + 8 * (stop + 10 * t.io_timeout);
+    let timeout = duration(agent, "TimeoutStopSec");
+    assert!(timeout >= handover, "TimeoutStopSec {timeout:?} < hand-over {handover:?}");
+}
