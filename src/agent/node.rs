@@ -10,6 +10,7 @@
 use crate::agent::claim::{self, Identity};
 use crate::agent::config::{GroupConfig, ValidNodeConfig};
 use crate::agent::driver::{self, VmDriver};
+use crate::agent::membership::Liveness;
 use crate::agent::membership::Membership;
 use crate::agent::ops::{self, drive, Done, Shared};
 use crate::agent::placement::RestartBudget;
@@ -17,7 +18,6 @@ use crate::agent::planner::{self, GroupView, Local, NodeView, Op, OutageAction, 
 use crate::agent::quorum::{self, NodeState, QuorumImage};
 use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
-use crate::agent::membership::Liveness;
 use crate::initiator::connect_portals;
 use crate::service::notify::{self, StatusLine};
 use crate::service::status::{self, AgentFacts};

@@ -13,12 +13,12 @@
 use crate::agent::config::{
     GroupConfig, NodeConfig, NodeSection, ProcessVm, TargetSection, Timings, VmConfig,
 };
+use crate::agent::driver::procinfo;
 use crate::cli::guest::AckEvent;
 use crate::initiator::{InitiatorConfig, Session};
 use crate::server::config::{
     ByteSize, Config, IscsiSettings, LimitSettings, LunConfig, PortalConfig, TargetConfig,
 };
-use crate::agent::driver::procinfo;
 use nix::errno::Errno;
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{kill, killpg, Signal};

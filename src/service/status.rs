@@ -46,7 +46,10 @@ mod tests {
     fn lines() {
         let a: SocketAddr = "127.0.0.1:3260".parse().unwrap();
         assert_eq!(target_line(2, &[a]), "serving 2 LUNs on 127.0.0.1:3260");
-        assert_eq!(target_line(1, &[a, a]), "serving 1 LUN on 127.0.0.1:3260, 127.0.0.1:3260");
+        assert_eq!(
+            target_line(1, &[a, a]),
+            "serving 1 LUN on 127.0.0.1:3260, 127.0.0.1:3260"
+        );
         let mut f = AgentFacts {
             connected: true,
             alive: 3,

@@ -33,7 +33,12 @@ fn spawn_agent(c: &Cluster, id: u16, env: &[String], log: &str) -> Child {
         leash: false,
     };
     c.kit
-        .spawn_via(&wrapper, &["agent", "--config", config.as_str()], log, &launch)
+        .spawn_via(
+            &wrapper,
+            &["agent", "--config", config.as_str()],
+            log,
+            &launch,
+        )
         .expect("spawn holdfast agent")
 }
 
@@ -55,7 +60,10 @@ fn wait_exit(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
         if let Some(st) = c.try_wait().expect("try_wait") {
             return st;
         }
-        assert!(Instant::now() < end, "the agent did not exit within {timeout:?}");
+        assert!(
+            Instant::now() < end,
+            "the agent did not exit within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -73,7 +81,10 @@ async fn agent_notifies_ready_status_watchdog_and_stopping() {
     let (ready, _) = n.wait_for(0, T, "READY=1", |l| l == "READY=1");
     // READY=1 means joined: our heartbeat is on the quorum LUN.
     let img = c.image().await;
-    assert!(img.slots[0].is_some(), "READY=1 before node 1's first heartbeat");
+    assert!(
+        img.slots[0].is_some(),
+        "READY=1 before node 1's first heartbeat"
+    );
     c.wait_running("web", Some(1), T).await;
     n.wait_for(ready, T, "STATUS with both nodes and the group", |l| {
         l == "STATUS=2/2 nodes alive, owns web"
@@ -88,7 +99,12 @@ async fn agent_notifies_ready_status_watchdog_and_stopping() {
         .into_iter()
         .filter(|t| *t >= since)
         .collect();
-    assert!(pings.len() >= 3, "{} WATCHDOG=1 in 4.5 s: {:?}", pings.len(), n.lines());
+    assert!(
+        pings.len() >= 3,
+        "{} WATCHDOG=1 in 4.5 s: {:?}",
+        pings.len(),
+        n.lines()
+    );
     for w in pings.windows(2) {
         let gap = w[1] - w[0];
         assert!(

@@ -46,13 +46,21 @@ impl NotifySocket {
 
     /// Every line received so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
     }
 
     /// When each line equal to `line` arrived.
     pub fn times_of(&self, line: &str) -> Vec<Instant> {
         let v = self.lines.lock().unwrap();
-        v.iter().filter(|(_, l)| l == line).map(|(t, _)| *t).collect()
+        v.iter()
+            .filter(|(_, l)| l == line)
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// Wait for the first line received after the first `skip` lines that satisfies

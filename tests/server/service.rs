@@ -78,7 +78,11 @@ fn target_notifies_ready_status_reloading_and_stopping() {
     let port = free_port();
     std::fs::write(&cfg, config(&data, port, 2)).unwrap();
     let n = NotifySocket::bind(&dir.path().join("notify.sock"));
-    let mut t = Reap(spawn_target(&cfg, &dir.path().join("t.log"), Some(n.path())));
+    let mut t = Reap(spawn_target(
+        &cfg,
+        &dir.path().join("t.log"),
+        Some(n.path()),
+    ));
     let (ready, _) = n.wait_for(0, T, "READY=1", |l| l == "READY=1");
     // READY=1 promises a bound portal: a connection succeeds at once.
     TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
@@ -125,7 +129,11 @@ fn a_second_target_on_the_same_data_directory_exits_naming_it_and_the_holder() {
     let mut second = spawn_target(&cfg2, &log2, None);
     let st = wait_exit(&mut second, T, "the second target");
     let err = std::fs::read_to_string(&log2).unwrap();
-    assert!(!st.success(), "a second target ran on {}: {err}", data.display());
+    assert!(
+        !st.success(),
+        "a second target ran on {}: {err}",
+        data.display()
+    );
     assert!(err.contains(&data.display().to_string()), "{err}");
     assert!(err.contains(&format!("pid {}", first.0.id())), "{err}");
     assert!(err.contains("another holdfast target"), "{err}");
@@ -170,8 +178,7 @@ fn systemd_units_verify_cleanly() {
 
 /// The values of `key=` in a unit file.
 fn setting(unit: &str, key: &str) -> Vec<String> {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(unit)).unwrap();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(unit)).unwrap();
     text.lines()
         .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .map(str::to_string)
@@ -214,5 +221,8 @@ fn the_units_notify_and_the_agent_stop_covers_the_handover() {
     let stop = GroupConfig::new("g", vec![1], vm).stop_timeout;
     let handover = holdfast::agent::node::HANDOVER_SETTLE + 8 * (stop + 10 * t.io_timeout);
     let timeout = duration(agent, "TimeoutStopSec");
-    assert!(timeout >= handover, "TimeoutStopSec {timeout:?} < hand-over {handover:?}");
+    assert!(
+        timeout >= handover,
+        "TimeoutStopSec {timeout:?} < hand-over {handover:?}"
+    );
 }
