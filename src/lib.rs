@@ -12,6 +12,7 @@
 //! | [`server`] | all of the above + tokio | portals, the connection driver around `TargetConnection` (tasks into LU task sets, TMF aborts to every affected session), sessions, config → runtime |
 //! | [`initiator`] | `wire`, `iscsi`, the `scsi` vocabulary, tokio | [`initiator::IscsiUrl`], [`initiator::connect`], the session driver around `InitiatorConnection` (pipelined commands), PR helpers, the one unit-attention policy |
 //! | [`agent`] | the initiator (storage only through it) | quorum layout, membership, the pure planner, operations, the loop, VM drivers |
+//! | [`service`] | nothing of holdfast | systemd notifications (READY, STATUS, WATCHDOG), the single-instance directory lock, status lines |
 //! | [`cli`] | everything | `target`, `agent`, `ctl`, `pr`, `demo`, `guest` (anyhow lives here and in `main.rs`) |
 //!
 //! [`config_value`] holds what both configuration files share (errors, sizes);
@@ -30,5 +31,6 @@ pub mod metrics;
 pub mod scsi;
 pub mod secret;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod wire;

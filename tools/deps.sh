@@ -106,7 +106,8 @@ _deps_packages() {
       # prometheus: for promtool (check metrics); its daemon is not used
       # debootstrap, iproute2: tools/package-test.sh (a clean Debian root, its own netns)
       # chromium: the status page test (tests/cluster/status_page.rs)
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium ;;
+      # systemd, procps: systemd-analyze verify (tests/server/service.rs), ps
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -188,6 +189,21 @@ _deps_chromium() {
   grep -q 'holdfast-probe' <<<"$out" || { echo "chromium rendered nothing: $out"; return 1; }
 }
 
+# systemd-analyze verify works without systemd as PID 1 (tests/server/service.rs runs it
+# on packaging/systemd/*.service): check it on a unit of its own, and that it speaks up
+# about a bad setting (the test counts any output as a finding).
+_deps_systemd_verify() {
+  local d rc=0 out
+  d=$(mktemp -d)
+  printf '[Service]\nType=notify\nExecStart=/bin/true\n' >"$d/ok.service"
+  printf '[Service]\nType=nonsense\nExecStart=/bin/true\n' >"$d/bad.service"
+  out=$(systemd-analyze verify --man=no "$d/ok.service" 2>&1) && [ -z "$out" ] || rc=1
+  grep -q nonsense <<<"$(systemd-analyze verify --man=no "$d/bad.service" 2>&1)" || rc=1
+  rm -rf "$d"
+  [ "$rc" = 0 ] || echo "systemd-analyze verify does not work here: $out"
+  return "$rc"
+}
+
 _deps_tool() { command -v "$1" >/dev/null || { echo "$1 not on PATH"; return 1; }; }
 
 deps_verify() {
@@ -209,6 +225,7 @@ deps_verify() {
         _deps_check "sg_persist (sg3-utils)" _deps_tool sg_persist
         _deps_check "promtool check metrics (prometheus)" _deps_promtool
         _deps_check "chromium --headless (the status page test)" _deps_chromium
+        _deps_check "systemd-analyze verify (systemd)" _deps_systemd_verify
         _deps_check "cargo fmt" cargo fmt --version
         _deps_check "cargo clippy" cargo clippy --version
         _deps_check "cargo fuzz" cargo fuzz --version

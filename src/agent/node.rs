@@ -20,6 +20,8 @@ use crate::agent::AgentError;
 use crate::initiator::connect_portals;
 use crate::metrics::agent as metrics;
 use crate::log_limit::{FailureLog, Repeated, Verdict};
+use crate::service::notify::{self, StatusLine};
+use crate::service::status::{self, AgentFacts};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,6 +75,9 @@ pub struct Agent {
     reach_log: FailureLog,
     /// Failed quorum reads, likewise.
     read_log: FailureLog,
+    /// systemd's STATUS= line; READY=1 went with it once the first heartbeat landed.
+    service_status: StatusLine,
+    ready_sent: bool,
 }
 
 /// Start an agent and run it until `stop` turns true (SIGTERM): then owned groups are
@@ -115,6 +120,7 @@ pub async fn run(
             _ = tick.tick() => {
                 agent.tick().await;
                 agent.write_pause_file();
+                agent.report_service();
             }
             Some(d) = agent.done_rx.recv() => {
                 agent.on_done(d).await;
@@ -208,6 +214,8 @@ impl Agent {
             pause_file: String::new(),
             reach_log: FailureLog::default(),
             read_log: FailureLog::default(),
+            service_status: StatusLine::new(),
+            ready_sent: false,
         })
     }
 
@@ -792,9 +800,52 @@ impl Agent {
         }
     }
 
+    /// systemd: READY=1 once a heartbeat write has landed (the quorum LUN is joined),
+    /// then a STATUS= line whenever it changes.
+    fn report_service(&mut self) {
+        let line = status::agent_line(&self.service_facts());
+        if !self.ready_sent && self.sh.last_heartbeat_ok.load(Ordering::SeqCst) != 0 {
+            self.ready_sent = true;
+            self.service_status.ready(&line);
+        } else {
+            self.service_status.set(&line);
+        }
+    }
+
+    fn service_facts(&self) -> AgentFacts {
+        let now = Instant::now();
+        let mut f = AgentFacts {
+            connected: self.sh.session().is_ok(),
+            ..AgentFacts::default()
+        };
+        let Some(img) = &self.last_image else {
+            return f;
+        };
+        for slot in img.slots.iter().flatten() {
+            match self.membership.liveness(slot.node_id, now) {
+                Liveness::Alive => f.alive += 1,
+                Liveness::Dead => {}
+                Liveness::Unknown | Liveness::Left => continue,
+            }
+            f.members += 1;
+        }
+        let me = (self.sh.id, self.sh.incarnation());
+        for (_, r) in &img.groups {
+            if (r.owner, r.owner_incarnation) == me && self.groups.contains_key(&r.name) {
+                f.owned.push(r.name.clone());
+            }
+        }
+        for (n, g) in &self.groups {
+            if matches!(g.local, Local::Paused { .. }) {
+                f.paused.push(n.clone());
+            }
+        }
+        f
+    }
+
     /// Wait (bounded) for the operations in flight before a SIGTERM hand-over.
     async fn settle_ops(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + HANDOVER_SETTLE;
         while self.groups.values().any(|g| g.local == Local::Busy) && Instant::now() < deadline {
             let Ok(Some(d)) =
                 tokio::time::timeout(Duration::from_millis(200), self.done_rx.recv()).await
@@ -821,6 +872,7 @@ impl Agent {
 
     /// SIGTERM: take every group offline so that peers take over, then say "left".
     async fn shutdown(&mut self) {
+        notify::stopping("stopping: handing the groups over");
         self.sh
             .events
             .emit("agent-stop", "", "SIGTERM", serde_json::json!({}));
@@ -889,6 +941,10 @@ where
     }
     out
 }
+
+/// How long a SIGTERM hand-over waits for the operations in flight (a claim, a start)
+/// before taking the groups offline; part of the systemd unit's TimeoutStopSec.
+pub const HANDOVER_SETTLE: Duration = Duration::from_secs(120);
 
 /// The file in STATE_DIR that lists the groups paused on this node.
 pub const PAUSE_FILE: &str = "paused.json";

@@ -179,6 +179,9 @@ pub(super) async fn heartbeat_loop(sh: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // This loop ran: the systemd watchdog is fed here, whatever the write's outcome
+        // (a storage outage is the agent's to handle, not a reason to restart it).
+        crate::service::notify::watchdog();
         match write_heartbeat(&sh).await {
             Ok(()) => sh.last_heartbeat_ok.store(mono_ns(), Ordering::SeqCst),
             Err(AgentError::Conflict(_)) => {

@@ -31,7 +31,14 @@ pub fn main(path: &Path, check: bool, metrics: Option<SocketAddr>) -> anyhow::Re
     run(cfg)
 }
 
+/// The single-instance lock file in the state directory.
+pub const LOCK_FILE: &str = "agent.lock";
+
 fn run(cfg: ValidNodeConfig) -> anyhow::Result<()> {
+    // Before the agent kills VMs left by an earlier run: a second agent on this state
+    // directory must not kill the first one's VMs.
+    let state_dir = &cfg.config.node.state_dir;
+    let _lock = crate::service::lock::lock_dir(state_dir, LOCK_FILE, "holdfast agent")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -13,11 +13,17 @@
 use crate::agent::config::{
     GroupConfig, NodeConfig, NodeSection, ProcessVm, TargetSection, Timings, VmConfig,
 };
+use crate::agent::driver::procinfo;
 use crate::cli::guest::AckEvent;
 use crate::initiator::{InitiatorConfig, Session};
 use crate::server::config::{
     ByteSize, Config, IscsiSettings, LimitSettings, LunConfig, PortalConfig, TargetConfig,
 };
+use nix::errno::Errno;
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{getppid, setpgid, Pid};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -378,17 +384,15 @@ fn leash(cmd: &mut Command) {
     let parent = std::process::id();
     // An error's first line is what a failure report needs, not its backtrace.
     cmd.env("RUST_LIB_BACKTRACE", "0").stdin(Stdio::null());
-    // SAFETY: between fork and exec, only async-signal-safe calls and no allocation.
+    // SAFETY: between fork and exec, only async-signal-safe calls (nix's thin syscall
+    // wrappers) and no allocation.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+            setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+            set_pdeathsig(Signal::SIGKILL)?;
             // The parent died before the prctl: nobody would kill us.
-            if libc::getppid() as u32 != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            if getppid().as_raw() as u32 != parent {
+                return Err(Errno::ESRCH.into());
             }
             Ok(())
         });
@@ -482,51 +486,40 @@ impl LineTail {
 // ---------------------------------------------------------------------------------------
 // Process trees
 
-/// `/proc/PID/stat` after the ")" that ends the command name: state, ppid, ...
-fn stat_fields(path: impl AsRef<Path>) -> Option<String> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    stat.rsplit_once(") ").map(|(_, rest)| rest.to_string())
-}
-
 /// Processes whose parent is `pid` (an agent's VMs).
 pub fn children_of(pid: u32) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|p| {
-            stat_fields(format!("/proc/{p}/stat"))
-                .and_then(|rest| rest.split(' ').nth(1)?.parse::<u32>().ok())
-                == Some(pid)
-        })
+    procinfo::processes()
+        .into_iter()
+        .filter(|(_, st)| st.ppid == pid)
+        .map(|(p, _)| p as i32)
         .collect()
 }
 
 /// Whether `pid` runs (zombies count as gone).
 pub fn is_running(pid: i32) -> bool {
-    stat_fields(format!("/proc/{pid}/stat")).is_some_and(|rest| !rest.starts_with('Z'))
+    u32::try_from(pid)
+        .ok()
+        .and_then(procinfo::stat)
+        .is_some_and(|st| st.state != 'Z')
 }
 
 /// True when every thread of `pid` is stopped (or the process is gone).
 pub fn all_threads_stopped(pid: i32) -> bool {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(pid) = u32::try_from(pid) else {
         return true;
     };
-    rd.flatten().all(|t| {
-        stat_fields(t.path().join("stat")).is_none_or(|rest| rest.starts_with(['T', 't', 'Z', 'X']))
-    })
+    procinfo::threads(pid)
+        .iter()
+        .all(|(_, state)| matches!(state, 'T' | 't' | 'Z' | 'X'))
 }
 
 /// SIGKILL `pid` and its process group (guests lead their own). No SIGCONT: a stopped
 /// process dies of SIGKILL too, and a frozen agent must not run again before it dies.
 pub fn sigkill(pid: i32) {
-    // SAFETY: kill(2) with a pid we started or adopted (still unreaped, so not reused);
-    // the negative form reaches its process group, or nothing (ESRCH) if it leads none.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-        libc::kill(pid, libc::SIGKILL);
-    }
+    // A pid we started or adopted (still unreaped, so not reused); the group form
+    // reaches its process group, or nothing (ESRCH) if it leads none.
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// The target and the agents (by node id) of a cluster: children of this process.
@@ -590,9 +583,8 @@ impl Processes {
             let _ = a.wait();
         }
         for &p in pids.iter().skip(1) {
-            let mut status = 0;
-            // SAFETY: waitpid with a status int we own; ECHILD if it is not ours.
-            unsafe { libc::waitpid(p, &mut status, 0) };
+            // ECHILD at once if it is not ours.
+            let _ = waitpid(Pid::from_raw(p), None);
         }
     }
 

@@ -29,6 +29,9 @@ use crate::cli::cluster_kit::{
 use crate::cli::ctl::{self, Ctl};
 use crate::cli::guest::{self, CheckArgs, GuestError};
 use crate::initiator::InitiatorConfig;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt::Display;
@@ -857,10 +860,7 @@ fn spawn(env: &Env, args: &[&OsStr], log: &str) -> Result<Child, DemoError> {
 /// Adopt the guests of dead agents (they are the agents' children, not ours), so that
 /// they can be found and reaped. Best effort: without it they go to init.
 fn become_subreaper() {
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
-    }
+    let _ = nix::sys::prctl::set_child_subreaper(true);
 }
 
 /// Kill and reap every child of ours except `keep` (guests adopted from dead agents).
@@ -877,9 +877,8 @@ fn reap_orphans(keep: &[i32]) -> usize {
         }
         for &k in &kids {
             sigkill(k);
-            let mut status = 0;
-            // SAFETY: waitpid on a child of ours, with a status int we own.
-            if unsafe { libc::waitpid(k, &mut status, 0) } == k {
+            // A child of ours: Ok once reaped (ECHILD if someone else reaped it).
+            if waitpid(Pid::from_raw(k), None).is_ok() {
                 n += 1;
             }
         }
@@ -899,8 +898,8 @@ fn check_alive(procs: &mut Processes) -> Result<(), DemoError> {
 async fn stop_agents(procs: &mut Processes) -> Result<(), DemoError> {
     let ids: Vec<u16> = procs.agents.keys().copied().collect();
     for c in procs.agents.values() {
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        // Our own unreaped child: its pid names no stranger.
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
     }
     let mut failures = Vec::new();
     for id in ids {
@@ -938,8 +937,8 @@ async fn stop_target(procs: &mut Processes) -> Result<(), DemoError> {
     let Some(c) = procs.target.as_mut() else {
         return Ok(());
     };
-    // SAFETY: kill(2) on our own unreaped child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    // Our own unreaped child: its pid names no stranger.
+    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
     match wait_exit(c).await {
         Some(s) if s.success() => {
             procs.target = None;

@@ -12,6 +12,8 @@ use super::guest::{
     ending_status, file_err, first_counter, install_signals, log_acked, log_refused, saved_state,
     AckEvent, AckLog, DiskContents, Ending, GuestError, Instance, Layout, Record, RunArgs, Stop,
 };
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -61,7 +63,7 @@ impl Device {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .custom_flags((OFlag::O_DIRECT | OFlag::O_DSYNC).bits())
             .open(path)
             .map_err(file_err(path))?;
         let bytes = file.seek(SeekFrom::End(0)).map_err(file_err(path))?;
@@ -104,7 +106,10 @@ impl Device {
 /// direct I/O, EIO through other paths (and for a dead path, which after the kernel's
 /// own retries is as good as fenced).
 fn ending_of_write_error(e: &std::io::Error) -> Ending {
-    if matches!(e.raw_os_error(), Some(libc::EBADE | libc::EIO)) {
+    if matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EBADE | Errno::EIO)
+    ) {
         Ending::Conflict
     } else {
         Ending::Error(e.to_string())
@@ -325,11 +330,11 @@ mod tests {
 
     #[test]
     fn eio_and_ebade_mean_fenced_other_errors_do_not() {
-        for fenced in [libc::EIO, libc::EBADE] {
-            let e = std::io::Error::from_raw_os_error(fenced);
+        for fenced in [Errno::EIO, Errno::EBADE] {
+            let e = std::io::Error::from(fenced);
             assert!(matches!(ending_of_write_error(&e), Ending::Conflict));
         }
-        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let enospc = std::io::Error::from(Errno::ENOSPC);
         assert!(matches!(ending_of_write_error(&enospc), Ending::Error(_)));
         let (reason, code) = ending_status(
             &Ending::Conflict,

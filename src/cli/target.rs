@@ -6,6 +6,7 @@ use crate::server::admin::{self, AdminSocket, ConfigSource};
 use crate::server::config::{self, ValidConfig};
 use crate::server::portal::Portals;
 use crate::server::runtime::Runtime;
+use crate::service::{notify, status};
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,6 +64,9 @@ pub struct ClientArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// The single-instance lock file in the data directory.
+pub const LOCK_FILE: &str = "target.lock";
 
 /// Run `holdfast target …`; returns the exit status.
 pub fn main(args: &TargetArgs) -> anyhow::Result<i32> {
@@ -156,6 +160,8 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("holdfast")
         .build()?;
+    // Before any LUN file is opened: a second target on this data directory stops here.
+    let _lock = crate::service::lock::lock_dir(&cfg.data_dir, LOCK_FILE, "holdfast target")?;
     rt.block_on(async move {
         let runtime = Arc::new(
             Runtime::build(&cfg)
@@ -170,9 +176,12 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
             tracing::warn!(iqn = %name, portal = %addr, "portal is not on loopback and the target has neither an ACL nor CHAP: any initiator that reaches it may log in; add [[target.acl]] or [target.chap]");
         }
         tracing::info!(portals = ?portals.local_addrs(), admin_socket = %admin.path().display(), "holdfast target ready");
+        let bound = portals.local_addrs();
+        notify::ready(&status::target_line(runtime.lun_count(), &bound));
         let serve = tokio::spawn(portals.serve(runtime.clone(), rx.clone()));
         let admin = tokio::spawn(admin.serve(runtime.clone(), source.clone(), rx));
-        wait_for_stop(&runtime, &*source).await?;
+        wait_for_stop(&runtime, &*source, &bound).await?;
+        notify::stopping("stopping: closing sessions and flushing the LUNs");
         let _ = tx.send(true);
         serve.await.context("serving task failed")?;
         let _ = admin.await;
@@ -200,7 +209,11 @@ async fn serve_metrics(
 }
 
 /// Reload on SIGHUP until SIGINT or SIGTERM.
-async fn wait_for_stop(rt: &Runtime, source: &ConfigSource) -> anyhow::Result<()> {
+async fn wait_for_stop(
+    rt: &Runtime,
+    source: &ConfigSource,
+    portals: &[std::net::SocketAddr],
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {
@@ -215,8 +228,10 @@ async fn wait_for_stop(rt: &Runtime, source: &ConfigSource) -> anyhow::Result<()
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received: reloading the configuration");
+                notify::reloading();
                 // admin::reload logs the outcome.
                 let _ = admin::reload(rt, source).await;
+                notify::ready(&status::target_line(rt.lun_count(), portals));
             }
         }
     }

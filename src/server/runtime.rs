@@ -176,6 +176,11 @@ impl Runtime {
         })
     }
 
+    /// How many LUNs are served now, over all targets.
+    pub fn lun_count(&self) -> usize {
+        self.served().targets.iter().map(|t| t.luns.len()).sum()
+    }
+
     pub fn target(&self, name: &str) -> Option<Arc<TargetNode>> {
         self.served().target(name)
     }

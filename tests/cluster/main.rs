@@ -18,6 +18,7 @@ mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
 mod ctl_wait;
+mod agent_service;
 mod demo;
 mod kernel_node;
 mod status_page;

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod hooked;
 pub mod metrics;
 pub mod netns;
+pub mod notify;
 pub mod pr;
 pub mod raw;
 

@@ -21,6 +21,7 @@ mod quorum_fuzz_seeds;
 mod readme_config;
 mod reload;
 mod secrets;
+mod service;
 mod shutdown;
 mod soak;
 mod tmf;

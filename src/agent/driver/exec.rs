@@ -2,6 +2,10 @@
 //! captured, and the process-group plumbing the drivers share.
 
 use super::DriverError;
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -47,9 +51,8 @@ pub(crate) fn tail_lines(s: &str, n: usize) -> String {
 /// Send `sig` to process group `pgid`. Only call this while the group leader is known
 /// not to have been reaped: until then its pid cannot be reused, so the signal cannot
 /// reach a stranger. ESRCH (already gone) is not an error.
-pub(crate) fn signal_group(pgid: u32, sig: i32) {
-    // SAFETY: killpg has no memory-safety preconditions.
-    let _ = unsafe { libc::killpg(pgid as libc::pid_t, sig) };
+pub(crate) fn signal_group(pgid: u32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pgid as i32), sig);
 }
 
 /// What [`peek`] saw of a child.
@@ -65,34 +68,19 @@ pub(crate) enum Peek {
 /// Whether child `pid` has exited, without reaping it (WNOWAIT): the zombie keeps its
 /// pid and process group reserved, so the group can still be signalled safely.
 pub(crate) fn peek(pid: u32) -> std::io::Result<Peek> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
     loop {
-        // SAFETY: siginfo_t is plain data; waitid only writes into it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: valid pointer to a siginfo_t we own.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
+        let peek = match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+            Ok(WaitStatus::StillAlive) => Peek::Running,
+            Ok(_) => Peek::Exited,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => Peek::Lost,
+            // waitid(2) itself cannot say EINVAL with these flags: nix does, for a child
+            // killed by a signal it has no name for (a realtime one). It did exit.
+            Err(Errno::EINVAL) => Peek::Exited,
+            Err(e) => return Err(e.into()),
         };
-        if r == 0 {
-            // WNOHANG with nothing to report leaves si_pid zero.
-            // SAFETY: waitid filled (or left zeroed) the structure.
-            let pid = unsafe { info.si_pid() };
-            return Ok(if pid == 0 {
-                Peek::Running
-            } else {
-                Peek::Exited
-            });
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ECHILD) => return Ok(Peek::Lost),
-            _ => return Err(e),
-        }
+        return Ok(peek);
     }
 }
 
@@ -150,7 +138,7 @@ fn reader(
 }
 
 fn kill_and_reap(child: &mut Child) {
-    signal_group(child.id(), libc::SIGKILL);
+    signal_group(child.id(), Signal::SIGKILL);
     let _ = child.wait();
 }
 
@@ -270,12 +258,7 @@ mod tests {
 
     /// Running and not a zombie (orphans may stay zombies where init does not reap).
     pub(crate) fn alive(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => s
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-            Err(_) => false,
-        }
+        super::super::procinfo::stat(pid as u32).is_some_and(|s| s.state != 'Z')
     }
 
     #[test]
@@ -288,7 +271,7 @@ mod tests {
         assert_eq!(o.stdout, "started\n");
         let pid: i32 = o.stderr.trim().trim_start_matches("pid ").parse().unwrap();
         assert!(alive(pid));
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 
     #[test]

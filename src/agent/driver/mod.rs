@@ -5,6 +5,7 @@
 //! Calls block (they fork, wait and signal); the agent runs them on tokio's blocking
 //! pool, one group at a time.
 
+use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ mod exec;
 mod freeze;
 pub mod libvirt;
 pub mod process;
+pub(crate) mod procinfo;
 pub mod qmp;
 pub mod script;
 
@@ -228,25 +230,18 @@ pub trait VmDriver: Send {
     }
 }
 
-/// A signal number from "SIGTERM", "TERM" or "15".
-pub fn signal_number(s: &str) -> Option<i32> {
+/// A signal from "SIGTERM", "TERM" or "15" (standard signals only: realtime ones have
+/// no name to check them by).
+pub fn signal_number(s: &str) -> Option<Signal> {
     if let Ok(n) = s.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
+        return Signal::try_from(n).ok();
     }
-    let n = s.strip_prefix("SIG").unwrap_or(s);
-    Some(match n {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "TERM" => libc::SIGTERM,
-        "CONT" => libc::SIGCONT,
-        "STOP" => libc::SIGSTOP,
-        "PWR" => libc::SIGPWR,
-        _ => return None,
-    })
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    name.parse().ok()
 }
 
 #[cfg(test)]
@@ -284,9 +279,12 @@ mod tests {
 
     #[test]
     fn signals_parse() {
-        assert_eq!(signal_number("SIGUSR1"), Some(libc::SIGUSR1));
-        assert_eq!(signal_number("TERM"), Some(libc::SIGTERM));
-        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGUSR1"), Some(Signal::SIGUSR1));
+        assert_eq!(signal_number("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(signal_number("PWR"), Some(Signal::SIGPWR));
+        assert_eq!(signal_number("9"), Some(Signal::SIGKILL));
         assert_eq!(signal_number("SIGFOO"), None);
+        assert_eq!(signal_number("0"), None);
+        assert_eq!(signal_number("sigterm"), None);
     }
 }

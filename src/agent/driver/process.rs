@@ -23,8 +23,10 @@
 
 use super::exec::{self, describe, peek, signal_group, tail_lines, wait_exit, Peek};
 use super::qmp::{self, Qmp, QmpError};
-use super::{freeze, signal_number, DriverError, VmContext, VmDriver, VmStatus};
+use super::{freeze, procinfo, signal_number, DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::ProcessVm;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -307,22 +309,13 @@ fn pid_file(ctx: &VmContext) -> PathBuf {
     ctx.state_dir.join(format!("{}.pid", ctx.group))
 }
 
-/// State, process group and start time (clock ticks after boot) of `pid`, from
-/// /proc/PID/stat.
-fn proc_stat(pid: u32) -> Option<(char, u32, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields after the last
-    // ')' are fixed. They start with field 3 (state); 5 is pgrp, 22 starttime.
-    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    let state = f.first()?.chars().next()?;
-    Some((state, f.get(2)?.parse().ok()?, f.get(19)?.parse().ok()?))
-}
-
 /// Write "PID STARTTIME" atomically (temporary file, rename).
 fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
-    let (_, _, start) = proc_stat(pid).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("/proc/{pid}/stat"))
-    })?;
+    let start = procinfo::stat(pid)
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("/proc/{pid}/stat"))
+        })?
+        .starttime;
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)?;
@@ -341,13 +334,13 @@ fn orphan(path: &Path) -> Option<u32> {
     let mut it = text.split_whitespace();
     let pid: u32 = it.next()?.parse().ok()?;
     let start: u64 = it.next()?.parse().ok()?;
-    let (_, pgrp, st) = proc_stat(pid)?;
-    (pgrp == pid && st == start).then_some(pid)
+    let st = procinfo::stat(pid)?;
+    (st.pgrp == pid && st.starttime == start).then_some(pid)
 }
 
 /// Whether `pid` runs (exists and is not a zombie).
 fn running(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|(state, _, _)| state != 'Z')
+    procinfo::stat(pid).is_some_and(|st| st.state != 'Z')
 }
 
 fn wait_gone(pid: u32, timeout: Duration) -> bool {
@@ -367,7 +360,7 @@ fn wait_gone(pid: u32, timeout: Duration) -> bool {
 fn kill_orphan(
     ctx: &VmContext,
     action: &'static str,
-    graceful: Option<(i32, Duration)>,
+    graceful: Option<(Signal, Duration)>,
 ) -> Result<(), DriverError> {
     let path = pid_file(ctx);
     if let Some(pid) = orphan(&path) {
@@ -381,13 +374,13 @@ fn kill_orphan(
         if let Some((sig, timeout)) = graceful {
             signal_group(pid, sig);
             // That agent may have died with the VM paused (SIGSTOPped).
-            signal_group(pid, libc::SIGCONT);
+            signal_group(pid, Signal::SIGCONT);
             wait_gone(pid, timeout);
         }
         // After a graceful exit init may have reaped it, freeing the pid (what is left
         // of its group then escapes: it can no longer be told from a stranger's).
         if orphan(&path) == Some(pid) {
-            signal_group(pid, libc::SIGKILL);
+            signal_group(pid, Signal::SIGKILL);
         }
         if !wait_gone(pid, ORPHAN_KILL_WAIT) {
             return Err(DriverError::Failed {
@@ -408,7 +401,7 @@ fn kill_orphan(
 /// back, when its pid may name a stranger), reap the leader and say how it ended.
 fn finish(child: &mut Child, seen: Peek) -> VmStatus {
     if seen != Peek::Lost {
-        signal_group(child.id(), libc::SIGKILL);
+        signal_group(child.id(), Signal::SIGKILL);
     }
     match child.wait() {
         Ok(s) if s.success() => VmStatus::ShutDown,
@@ -517,7 +510,7 @@ impl VmDriver for ProcessDriver {
         let pid = child.id();
         signal_group(pid, sig);
         // A paused (SIGSTOPped) group keeps the stop signal pending until continued.
-        signal_group(pid, libc::SIGCONT);
+        signal_group(pid, Signal::SIGCONT);
         if wait_exit(pid, timeout).unwrap_or(Peek::Running) == Peek::Running {
             tracing::warn!(
                 group = %ctx.group,
@@ -575,10 +568,10 @@ impl VmDriver for ProcessDriver {
         }
         // The leader only: saving is a conversation with the program itself, and the
         // rest of its group must keep running until it has written its state.
-        // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
-        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        // pid is our unreaped child, so it names no stranger.
+        let _ = kill(Pid::from_raw(pid as i32), sig);
         // A paused group could neither act on the signal nor write the state.
-        signal_group(pid, libc::SIGCONT);
+        signal_group(pid, Signal::SIGCONT);
         let ended = match wait_exit(pid, timeout).unwrap_or(Peek::Running) {
             Peek::Running => {
                 self.kill_now();
