@@ -47,6 +47,9 @@ impl Target {
              [target.chap]\nusername = \"alice\"\nsecret = \"{SECRET}\"\n"
         );
         std::fs::write(dir.path().join("t.toml"), toml).expect("config");
+        // it holds a CHAP secret: the target refuses it readable by others
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(dir.path().join("t.toml"), private).expect("chmod");
         let log = std::fs::File::create(dir.path().join("target.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["--log", "info", "target", "--config"])
