@@ -37,17 +37,8 @@ pub enum CtlCommand {
         #[arg(long, default_value = "iqn.2026-11.org.holdfast:ctl",
               value_parser = crate::iscsi::name::parse_iscsi_name)]
         initiator_name: String,
-        /// CHAP user name to log in with (with --chap-secret).
-        #[arg(long, requires = "chap_secret")]
-        chap_user: Option<String>,
-        /// CHAP secret to log in with (with --chap-user; its value is never shown in --help).
-        #[arg(
-            long,
-            env = "HOLDFAST_CHAP_SECRET",
-            hide_env_values = true,
-            requires = "chap_user"
-        )]
-        chap_secret: Option<crate::secret::Secret>,
+        #[command(flatten)]
+        chap: super::chap_args::ChapArgs,
     },
     /// Nodes (alive, fenced, last heartbeat), groups (owner, state, epoch, restarts) and
     /// the PR keys of every LUN.
@@ -163,14 +154,14 @@ async fn run(args: &CtlArgs) -> anyhow::Result<i32> {
         cluster,
         force,
         initiator_name,
-        chap_user,
-        chap_secret,
+        chap,
     } = &args.command
     {
         let url: crate::initiator::IscsiUrl = url.parse()?;
-        let chap = chap_user
-            .clone()
-            .zip(chap_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()));
+        let chap = chap
+            .credentials()
+            .map_err(anyhow::Error::msg)?
+            .map(|(u, s)| (u.to_string(), s.expose().as_bytes().to_vec()));
         let msg = ctl::init_quorum(&url, initiator_name, cluster, *force, chap).await?;
         done(args.json, msg);
         return Ok(0);

@@ -583,8 +583,7 @@ async fn check_disks(env: &Env) -> Result<Vec<String>, DemoError> {
             disk: env.kit.url(lun),
             ack_log: vec![ack_log],
             json: false,
-            chap_user: None,
-            chap_secret: None,
+            chap: Default::default(),
         })
         .await
         .map_err(|source| DemoError::Guest {

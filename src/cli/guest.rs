@@ -30,6 +30,7 @@
 //! `conflict INSTANCE EPOCH COUNTER`, `exit INSTANCE EPOCH REASON`. INSTANCE is 16 hex
 //! digits, the numbers decimal.
 
+use super::chap_args::ChapArgs;
 use super::SessionError;
 use crate::backoff::Backoff;
 use crate::initiator::{
@@ -39,7 +40,6 @@ use crate::initiator::{
 use crate::log_limit::{FailureLog, Repeated, Verdict};
 use crate::scsi::sense::key as sense_key;
 use crate::scsi::status;
-use crate::secret::Secret;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -918,12 +918,8 @@ pub struct RunArgs {
     /// A command with no answer after this long counts as a lost connection
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub io_timeout: Duration,
-    /// CHAP user name
-    #[arg(long, requires = "chap_secret")]
-    pub chap_user: Option<String>,
-    /// CHAP secret
-    #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<Secret>,
+    #[command(flatten)]
+    pub chap: ChapArgs,
 }
 
 /// Arguments of `holdfast guest check`.
@@ -940,12 +936,8 @@ pub struct CheckArgs {
     /// Machine-readable report on stdout
     #[arg(long)]
     pub json: bool,
-    /// CHAP user name
-    #[arg(long, requires = "chap_secret")]
-    pub chap_user: Option<String>,
-    /// CHAP secret
-    #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<Secret>,
+    #[command(flatten)]
+    pub chap: ChapArgs,
 }
 
 /// Why `guest run` or `guest check` could not do its job.
@@ -991,11 +983,12 @@ pub(super) fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError
 fn initiator_config(
     url: &IscsiUrl,
     name: &str,
-    chap: (&Option<String>, &Option<Secret>),
+    chap: &ChapArgs,
 ) -> Result<InitiatorConfig, GuestError> {
+    let chap = chap.credentials().map_err(SessionError::Usage)?;
     // Random ISID: each login is a new I_T nexus; the agent registers the name.
-    let secret = chap.1.as_ref().map(Secret::expose);
-    let mut opts = ConnectOptions::new(name).with_chap(chap.0.as_deref(), secret);
+    let (user, secret) = (chap.map(|c| c.0), chap.map(|c| c.1.expose()));
+    let mut opts = ConnectOptions::new(name).with_chap(user, secret);
     opts.login_timeout = Some(LOGIN_TIMEOUT);
     Ok(connect::resolve_url(url, &opts)?)
 }
@@ -1328,7 +1321,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
         ));
     };
     let url: IscsiUrl = disk.parse()?;
-    let cfg = initiator_config(&url, name, (&a.chap_user, &a.chap_secret))?;
+    let cfg = initiator_config(&url, name, &a.chap)?;
     let instance = a.instance.unwrap_or_else(rand::random);
     // A state file that cannot be read fails the start before anything is written.
     let saved = saved_state(a)?;
@@ -1641,7 +1634,7 @@ pub async fn check_disk(a: &CheckArgs) -> Result<CheckReport, GuestError> {
                 .map(|(n, l)| format!("{}:{n}: not an event: {l:?}", p.display())),
         );
     }
-    let cfg = initiator_config(&url, CHECKER_INITIATOR, (&a.chap_user, &a.chap_secret))?;
+    let cfg = initiator_config(&url, CHECKER_INITIATOR, &a.chap)?;
     let disk = tokio::time::timeout(CHECK_TIMEOUT, read_disk(cfg, url.lun))
         .await
         .map_err(|_| GuestError::Timeout)??;

@@ -20,6 +20,7 @@ macro_rules! session_error_sources {
 }
 
 pub mod agent;
+pub mod chap_args;
 pub mod cluster_kit;
 pub mod ctl;
 pub mod ctl_command;

@@ -164,12 +164,8 @@ pub struct PrArgs {
     /// identifies the I_T nexus, so keep it fixed across invocations [default: 0x806866707201]
     #[arg(long)]
     pub isid: Option<String>,
-    /// CHAP user name
-    #[arg(long, requires = "chap_secret")]
-    pub chap_user: Option<String>,
-    /// CHAP secret
-    #[arg(long, env = "HOLDFAST_CHAP_SECRET", hide_env_values = true)]
-    pub chap_secret: Option<crate::secret::Secret>,
+    #[command(flatten)]
+    pub chap: crate::cli::chap_args::ChapArgs,
     /// Seconds the whole command (connect, login, command, logout) may take
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -504,17 +500,14 @@ fn validate(a: &PrArgs) -> Result<(), PrCommandError> {
 
 /// Build the login configuration from the arguments.
 pub fn initiator_config(a: &PrArgs, url: &IscsiUrl) -> Result<InitiatorConfig, PrCommandError> {
+    let chap = a.chap.credentials().map_err(SessionError::Usage)?;
+    let (user, secret) = (chap.map(|c| c.0), chap.map(|c| c.1));
     let mut opts = ConnectOptions::new(
         a.initiator_name
             .clone()
             .unwrap_or_else(default_initiator_name),
     )
-    // clap makes --chap-user require a secret; a secret alone (e.g. from the
-    // environment, shared with other tools) is not used.
-    .with_chap(
-        a.chap_user.as_deref(),
-        a.chap_secret.as_ref().map(crate::secret::Secret::expose),
-    );
+    .with_chap(user, secret.map(crate::secret::Secret::expose));
     opts.isid = Some(match a.isid.as_deref() {
         None => DEFAULT_ISID,
         Some("random") => random_isid(),

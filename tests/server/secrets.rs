@@ -290,6 +290,40 @@ async fn secret_file_chap_logs_in_and_nothing_shows_a_secret() {
             .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", text(&out)));
         shown.push((format!("{args:?}"), text(&out)));
     }
+    // `pr --chap-secret-file`: the file wins over a wrong secret in the environment, and
+    // a copy readable by others is refused with the fix named.
+    let file = dir.path().join("t.secret");
+    let f = file.to_str().unwrap();
+    let args = [
+        "pr",
+        &url,
+        "read-keys",
+        "--json",
+        "--chap-user",
+        "u",
+        "--chap-secret-file",
+        f,
+    ];
+    let out = run_with(&args, SECRETS[4]);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    shown.push((format!("{args:?}"), text(&out)));
+    let open = dir.path().join("open.secret");
+    write_mode(&open, t, 0o644);
+    let args = [
+        "pr",
+        &url,
+        "read-keys",
+        "--chap-user",
+        "u",
+        "--chap-secret-file",
+        open.to_str().unwrap(),
+    ];
+    let out = run_with(&args, t);
+    assert!(
+        !out.status.success() && text(&out).contains("chmod 600"),
+        "{}",
+        text(&out)
+    );
     s.logout().await.ok();
     drop(_target);
     let log_text = std::fs::read_to_string(&log).unwrap();
