@@ -969,15 +969,38 @@ fn fresh_incarnation() -> u64 {
     rand::random::<u64>() | 1
 }
 
-/// Minutes since local midnight (failback windows are in the node's local time).
+/// Minutes since local midnight (failback windows are in the node's local time: TZ, or
+/// /etc/localtime, as libc's localtime reads them).
 fn local_minute() -> u16 {
-    let t = unsafe { libc::time(std::ptr::null_mut()) };
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r fills the tm we own from a valid time_t.
-    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    if ok {
-        (tm.tm_hour * 60 + tm.tm_min) as u16
-    } else {
-        0
+    let now = jiff::Zoned::now();
+    (i16::from(now.hour()) * 60 + i16::from(now.minute())) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    /// The local time of day as `date` (libc's localtime) gives it, under a fixed zone.
+    #[test]
+    fn local_minute_is_the_local_time_of_day() {
+        let date = |tz: &str| {
+            let out = std::process::Command::new("date")
+                .arg("+%H %M")
+                .env("TZ", tz)
+                .output()
+                .expect("date");
+            let text = String::from_utf8(out.stdout).unwrap();
+            let (h, m) = text.trim().split_once(' ').unwrap();
+            h.parse::<u16>().unwrap() * 60 + m.parse::<u16>().unwrap()
+        };
+        // A zone 5 h 30 min from UTC tells a local reading from a UTC one.
+        let tz = "Asia/Kolkata";
+        std::env::set_var("TZ", tz);
+        let before = date(tz);
+        let ours = super::local_minute();
+        let after = date(tz);
+        std::env::remove_var("TZ");
+        assert!(
+            ours == before || ours == after,
+            "{ours} not in {before}..={after}"
+        );
     }
 }
