@@ -7,7 +7,7 @@
 #      (a conffile), README and copyright; the unpacked bash completion registers
 #      `holdfast` and completes its subcommands; holdfast-ctl-move.1 documents --wait
 #   3. package-clean-root: a minimal Debian root of the host's release (debootstrap
-#      --variant=minbase from deb.debian.org, about 1 min, cached in
+#      --variant=minbase from the host's own apt mirror, about 1 min, cached in
 #      target/package-test/root-CODENAME for reruns) gets the package with its own
 #      dpkg -i in a chroot; then, in a private network, mount and PID namespace
 #      (unshare; /proc mounted inside, gone with the namespace), the chroot runs
@@ -15,7 +15,8 @@
 #      iscsi-inq log in on 127.0.0.1:3260: LUN 0 and LUN 1 answer, direct-access; the
 #      target's files appear in /var/lib/holdfast; SIGTERM stops it with status 0.
 # Needs root (chroot, unshare), debootstrap, libiscsi-bin, cargo-deb (tools/deps.sh).
-# Env: NO_BUILD=1, DEBIAN_MIRROR (default http://deb.debian.org/debian), KEEP_TMP=1.
+# Env: NO_BUILD=1, DEBIAN_MIRROR (default: the first Debian URI of the host's apt
+#      sources), KEEP_TMP=1.
 # Greps at the end of a pipe read it all (no -q): under pipefail an early exit would
 # fail the writer with SIGPIPE.
 set -euo pipefail
@@ -30,7 +31,16 @@ done
 make_tmpdir
 CACHE=$HF_ROOT/target/package-test
 WORK=$CACHE/work
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# host_mirror: the first non-security Debian URI the host's apt sources name (deb822
+# .sources files or one-line sources.list), so the root comes from where apt installs from
+host_mirror() {
+  { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+    grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
+      awk '{for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}'
+  } | grep -v -- '-security' | head -n 1 || true
+}
+MIRROR=${DEBIAN_MIRROR:-$(host_mirror)}
+[ -n "$MIRROR" ] || die "no Debian mirror in /etc/apt/sources*: set DEBIAN_MIRROR"
 IQN=iqn.2026-11.org.holdfast:storage
 
 # --- 1. build -------------------------------------------------------------------
