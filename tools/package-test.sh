@@ -13,7 +13,7 @@
 #      (unshare; /proc mounted inside, gone with the namespace), the chroot runs
 #      `holdfast target --config /etc/holdfast/target.toml` and the host's iscsi-ls and
 #      iscsi-inq log in on 127.0.0.1:3260: LUN 0 and LUN 1 answer, direct-access; the
-#      target's files appear in /var/lib/holdfast; SIGTERM stops it with status 0.
+#      target's files appear in /var/lib/holdfast/target; SIGTERM stops it with status 0.
 # Needs root (chroot, unshare), debootstrap, libiscsi-bin, cargo-deb (tools/deps.sh).
 # Env: NO_BUILD=1, DEBIAN_MIRROR (default: the first Debian URI of the host's apt
 #      sources), KEEP_TMP=1.
@@ -171,8 +171,8 @@ clean_root_ok() {
     echo "  the LUNs did not answer as expected"
     return 1
   }
-  [ -f "$WORK/var/lib/holdfast/quorum.img" ] && [ -f "$WORK/var/lib/holdfast/vmdisk.img" ] ||
-    { echo "  no LUN files in /var/lib/holdfast of the root"; return 1; }
+  [ -f "$WORK/var/lib/holdfast/target/quorum.img" ] && [ -f "$WORK/var/lib/holdfast/target/vmdisk.img" ] ||
+    { echo "  no LUN files in /var/lib/holdfast/target of the root"; return 1; }
   echo "  clean root: $((SECONDS - t0)) s"
 }
 on_exit remove_work

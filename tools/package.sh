@@ -5,7 +5,7 @@
 #   2. from that binary (so they cannot drift from --help): man pages
 #      (target/package/man), bash/zsh/fish completions (target/package/completions),
 #      and the packaged /etc/holdfast/target.toml (target/package/etc): the embedded
-#      default configuration with data_dir = "/var/lib/holdfast", checked with
+#      default configuration with data_dir = "/var/lib/holdfast/target", checked with
 #      `holdfast target --check`
 #   3. cargo deb --no-build (assets: [package.metadata.deb] in Cargo.toml)
 # Needs cargo-deb (tools/deps.sh installs it: cargo install cargo-deb --locked).
@@ -46,20 +46,20 @@ conf=$OUT/etc/target.toml
 {
   echo "# /etc/holdfast/target.toml, installed by the holdfast package: the embedded"
   echo "# default configuration (holdfast target --print-default-config) with its data"
-  echo "# in /var/lib/holdfast. See the configuration reference in README.md."
+  echo "# in /var/lib/holdfast/target. See the configuration reference in README.md."
   "$BIN" target --print-default-config |
-    sed -e 's|^data_dir = .*|data_dir = "/var/lib/holdfast"|' \
-      -e 's|under \./holdfast-data|under /var/lib/holdfast|'
+    sed -e 's|^data_dir = .*|data_dir = "/var/lib/holdfast/target"|' \
+      -e 's|under \./holdfast-data|under /var/lib/holdfast/target|'
 } >"$conf"
-grep -qx 'data_dir = "/var/lib/holdfast"' "$conf" || {
-  say "the default configuration has no data_dir line to point at /var/lib/holdfast:"
+grep -qx 'data_dir = "/var/lib/holdfast/target"' "$conf" || {
+  say "the default configuration has no data_dir line to point at /var/lib/holdfast/target:"
   cat "$conf" >&2
   exit 1
 }
 # (captured first: grep -q in a pipe may exit before the writer, a SIGPIPE under pipefail)
 check=$("$BIN" target --check --config "$conf" 2>&1) &&
-  grep -q "data in /var/lib/holdfast" <<<"$check" || {
-  say "holdfast target --check does not accept $conf (or its data is not in /var/lib/holdfast):"
+  grep -q "data in /var/lib/holdfast/target" <<<"$check" || {
+  say "holdfast target --check does not accept $conf (or its data is not in /var/lib/holdfast/target):"
   echo "$check" >&2
   exit 1
 }
