@@ -24,6 +24,7 @@ pub mod atomic_file;
 pub mod backoff;
 pub mod cli;
 pub mod config_value;
+pub mod http;
 pub mod initiator;
 pub mod iscsi;
 pub mod log_limit;

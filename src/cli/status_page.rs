@@ -9,20 +9,16 @@ use crate::agent::config::ValidNodeConfig;
 use crate::agent::event_ring::RingEntry;
 use crate::agent::quorum::HeartbeatSlot;
 use crate::agent::wall_ms;
+use crate::http::{Handler, HttpServer, Request, Response};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const PAGE: &str = include_str!("status_page.html");
 /// Events the page and the watch show.
 const RECENT_EVENTS: usize = 40;
-/// A request head larger than this, or slower than [`REQUEST_TIMEOUT`], is refused.
-const MAX_REQUEST: usize = 8192;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What /api/status returns.
 #[derive(Debug, Serialize)]
@@ -191,10 +187,10 @@ pub async fn watch(cfg: ValidNodeConfig) -> anyhow::Result<()> {
 
 /// `ctl serve`: the page on `listen`, the snapshot refreshed every second.
 pub async fn serve(cfg: ValidNodeConfig, listen: SocketAddr) -> anyhow::Result<()> {
-    let l = TcpListener::bind(listen)
+    let server = HttpServer::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    println!("status page on http://{}/", l.local_addr()?);
+    println!("status page on http://{}/", server.local_addr()?);
     let snap = Arc::new(Mutex::new(serde_json::to_string(&Snapshot::failed(
         "starting: reading the cluster".into(),
     ))?));
@@ -210,81 +206,21 @@ pub async fn serve(cfg: ValidNodeConfig, listen: SocketAddr) -> anyhow::Result<(
             tokio::time::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed())).await;
         }
     });
-    loop {
-        let (conn, _) = match l.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "status page: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let snap = snap.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(conn, &snap)).await;
-        });
-    }
+    let (_stop, never) = tokio::sync::watch::channel(false);
+    server.serve(page_handler(snap), never).await;
+    Ok(())
 }
 
-/// Read one request head and answer it; the connection is closed after.
-async fn answer(mut conn: TcpStream, snap: &Mutex<String>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
+/// The page, its JSON snapshot, 404 for anything else.
+fn page_handler(snap: Arc<Mutex<String>>) -> Handler {
+    Arc::new(move |r: &Request| match r.path.as_str() {
+        "/" | "/index.html" => Response::ok("text/html; charset=utf-8", PAGE.into()),
+        "/api/status" => {
+            let body = snap.lock().map(|s| s.clone()).unwrap_or_default();
+            Response::ok("application/json", body)
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return respond(&mut conn, 431, "text/plain", "request too large\n").await;
-        }
-    }
-    let body = snap.lock().map(|s| s.clone()).unwrap_or_default();
-    match route(&buf) {
-        Ok("/") | Ok("/index.html") => {
-            respond(&mut conn, 200, "text/html; charset=utf-8", PAGE).await
-        }
-        Ok("/api/status") => respond(&mut conn, 200, "application/json", &body).await,
-        Ok(_) => respond(&mut conn, 404, "text/plain", "not found\n").await,
-        Err(code) => respond(&mut conn, code, "text/plain", "bad request\n").await,
-    }
-}
-
-/// The path of a GET (query ignored), or the status code refusing the request.
-pub fn route(head: &[u8]) -> Result<&str, u16> {
-    let line = head.split(|&b| b == b'\r').next().ok_or(400u16)?;
-    let line = std::str::from_utf8(line).map_err(|_| 400u16)?;
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(400);
-    };
-    if !version.starts_with("HTTP/1.") || parts.next().is_some() || !target.starts_with('/') {
-        return Err(400);
-    }
-    if method != "GET" && method != "HEAD" {
-        return Err(405);
-    }
-    Ok(target.split('?').next().unwrap_or("/"))
-}
-
-async fn respond(conn: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Bad Request",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
+        _ => Response::not_found(),
+    })
 }
 
 #[cfg(test)]
@@ -294,16 +230,24 @@ mod tests {
 
     #[test]
     fn requests_are_routed_or_refused() {
-        assert_eq!(
-            route(b"GET /api/status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Ok("/api/status")
-        );
-        assert_eq!(route(b"GET / HTTP/1.0\r\n\r\n"), Ok("/"));
-        assert_eq!(route(b"POST / HTTP/1.1\r\n\r\n"), Err(405));
-        assert_eq!(route(b"GET /\r\n\r\n"), Err(400));
-        assert_eq!(route(b"\xff\xfe / HTTP/1.1\r\n\r\n"), Err(400));
-        assert_eq!(route(b"GET x HTTP/1.1\r\n\r\n"), Err(400));
-        assert_eq!(route(b"\r\n\r\n"), Err(400));
+        let h = page_handler(Arc::new(Mutex::new("{\"cluster\":\"c\"}".into())));
+        let status = |req: &[u8]| {
+            let reply = crate::http::respond(crate::http::parse_request(req), &h);
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            text.split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .parse::<u16>()
+                .unwrap_or(0)
+        };
+        assert_eq!(status(b"GET /api/status?x=1 HTTP/1.1\r\nHost: a"), 200);
+        assert_eq!(status(b"GET / HTTP/1.0"), 200);
+        assert_eq!(status(b"GET /nothing HTTP/1.1"), 404);
+        assert_eq!(status(b"POST / HTTP/1.1"), 405);
+        assert_eq!(status(b"GET /"), 400);
+        assert_eq!(status(b"\xff\xfe / HTTP/1.1"), 400);
+        assert_eq!(status(b"GET x HTTP/1.1"), 400);
+        assert_eq!(status(b""), 400);
     }
 
     #[test]
