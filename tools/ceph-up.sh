@@ -8,11 +8,13 @@
 # Daemons are started by hand (no systemd). Writes DIR/ceph.conf, DIR/ceph.client.admin.keyring,
 # DIR/ceph.client.holdfast.keyring and DIR/env (CEPH_CONF=..., for `ceph`/`rbd`).
 # tools/ceph-down.sh DIR stops it. Env: CEPH_MON_PORT (default: a free port),
-# CEPH_POOL (default holdfast), CEPH_MEMSTORE_BYTES (per OSD, default 512 MiB).
+# CEPH_POOL (default holdfast), CEPH_MEMSTORE_BYTES (per OSD, default 1 GiB; RAM is
+# used only as objects are written), CEPH_OWNER_PID (tear the cluster down once that
+# process is gone: a test process that shares one cluster among its tests).
 set -euo pipefail
 DIR=${1:?usage: ceph-up.sh DIR}
 POOL=${CEPH_POOL:-holdfast}
-MEMSTORE=${CEPH_MEMSTORE_BYTES:-536870912}
+MEMSTORE=${CEPH_MEMSTORE_BYTES:-1073741824}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 say() { printf '[ceph-up] %s\n' "$*" >&2; }
@@ -116,4 +118,9 @@ until ceph "${CONF[@]}" pg stat 2>/dev/null | grep -Eq "^([0-9]+) pgs: \1 active
 done
 timeout 60 rbd "${CONF[@]}" pool init "$POOL" || die "rbd pool init $POOL failed"
 echo "CEPH_CONF=$DIR/ceph.conf" >"$DIR/env"
+if [ -n "${CEPH_OWNER_PID:-}" ]; then
+  # detached from our stdout/stderr, so a caller reading them to EOF is not held up
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" "$3"' \
+    watchdog "$CEPH_OWNER_PID" "$(dirname "$0")/ceph-down.sh" "$DIR" </dev/null >/dev/null 2>&1 &
+fi
 say "up: CEPH_CONF=$DIR/ceph.conf pool=$POOL user=client.holdfast"

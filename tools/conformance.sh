@@ -14,6 +14,8 @@
 #   CONFORMANCE_FAMILIES   explicit space-separated family list (overrides the above)
 #   FAMILY_TIMEOUT         per-family timeout in s (testcu.sh default 300)
 #   KEEP_TMP=1             keep the temp dir (holdfast log, config)
+#   CONFORMANCE_CEPH=DIR   serve LUNs 1 and 2 from RBD images in the cluster that
+#                          tools/ceph-up.sh started in DIR (tools/ceph-conformance.sh)
 set -euo pipefail
 HF_NAME=conformance
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -65,6 +67,18 @@ path = "lun2-4k.img"
 size = "1GiB"
 physical_block_size = 4096
 EOF
+if [ -n "${CONFORMANCE_CEPH:-}" ]; then
+  # the same LUNs on fresh RBD images (pool holdfast), reached as client.holdfast
+  for n in 1 2; do
+    rbd -c "$CONFORMANCE_CEPH/ceph.conf" create --size 1G "holdfast/conformance-$n-$$" ||
+      die "rbd create holdfast/conformance-$n-$$ failed"
+  done
+  sed -i -e "s|^path = \"lun1.img\"|rbd = \"holdfast/conformance-1-$$\"|" \
+    -e "s|^path = \"lun2-4k.img\"|rbd = \"holdfast/conformance-2-$$\"|" "$HF_TMP/holdfast.toml"
+  printf '\n[ceph]\nconf = "%s/ceph.conf"\nclient = "client.holdfast"\n' "$CONFORMANCE_CEPH" \
+    >>"$HF_TMP/holdfast.toml"
+  grep -q '^rbd = ' "$HF_TMP/holdfast.toml" || die "no RBD LUN in $HF_TMP/holdfast.toml"
+fi
 start_holdfast "$HF_TMP/holdfast.toml" "$HF_TMP/holdfast.log" || {
   report FAIL conformance "holdfast did not start"; exit 1; }
 

@@ -107,7 +107,10 @@ _deps_packages() {
       # debootstrap, iproute2: tools/package-test.sh (a clean Debian root, its own netns)
       # chromium: the status page test (tests/cluster/status_page.rs)
       # systemd, procps: systemd-analyze verify (tests/server/service.rs), ps
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps ;;
+      # ceph-*: a throwaway cluster for the RBD backend (tools/ceph-up.sh,
+      # tests/server/rbd.rs); holdfast itself loads librados2/librbd1 at run time
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps \
+        ceph-mon ceph-osd ceph-mgr ceph-common librados2 librbd1 uuid-runtime ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -204,6 +207,22 @@ _deps_systemd_verify() {
   return "$rc"
 }
 
+_deps_ceph() {
+  local c
+  for c in ceph-mon ceph-osd ceph-mgr ceph rbd ceph-authtool monmaptool uuidgen; do
+    command -v "$c" >/dev/null || { echo "$c not on PATH"; return 1; }
+  done
+  ceph --version
+}
+
+# what dlopen will find: the sonames in the loader's cache
+_deps_ceph_libs() {
+  local l
+  for l in librados.so.2 librbd.so.1; do
+    /sbin/ldconfig -p | grep -q "^[[:space:]]*$l " || { echo "$l not in the loader cache"; return 1; }
+  done
+}
+
 _deps_tool() { command -v "$1" >/dev/null || { echo "$1 not on PATH"; return 1; }; }
 
 deps_verify() {
@@ -231,6 +250,8 @@ deps_verify() {
         _deps_check "cargo fuzz" cargo fuzz --version
         _deps_check "cargo deb" cargo deb --version
         _deps_check "debootstrap" _deps_tool debootstrap
+        _deps_check "ceph-mon, ceph-osd, ceph-mgr, ceph, rbd (Ceph 15 or later)" _deps_ceph
+        _deps_check "librados.so.2, librbd.so.1 loadable (the RBD backend dlopens them)" _deps_ceph_libs
         _deps_check "unshare, chroot, ip (util-linux, coreutils, iproute2)" \
           bash -c 'command -v unshare && command -v chroot && command -v ip'
         ;;

@@ -159,6 +159,7 @@ impl Layout {
             discovery_chap: None,
             admin_socket: None,
             metrics: None,
+            ceph: None,
             targets: vec![TargetConfig {
                 name: self.target.clone(),
                 alias: None,

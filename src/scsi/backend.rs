@@ -18,6 +18,22 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Whether `offset` is mapped (holds data) and how many bytes from `offset` share that
     /// state (at least 1, at most up to the end of the store).
     fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)>;
+    /// Atomically, against every writer of the store (also other servers): if the data
+    /// at `offset` equals `verify`, write `new` there (same length). Ok(None): written;
+    /// Ok(Some(i)): byte `i` is the first that differs, nothing written. The default,
+    /// `Unsupported`, makes the device server compare and write under its range lock,
+    /// which only excludes writers through this server.
+    fn compare_and_write(&self, verify: &[u8], new: &[u8], offset: u64) -> io::Result<Option<u64>> {
+        let _ = (verify, new, offset);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Write `pattern` repeatedly over `[offset, offset+len)` (`len` a multiple of its
+    /// length) in one request to the store. The default, `Unsupported`, makes the device
+    /// server write replicated buffers.
+    fn write_same(&self, pattern: &[u8], offset: u64, len: u64) -> io::Result<()> {
+        let _ = (pattern, offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 thread_local! {

@@ -266,7 +266,7 @@ pub(crate) fn write_same(lu: &LogicalUnit, req: &Request) -> CmdResult {
             lu.backend()
                 .deallocate(r.lba * bs, blocks * bs)
                 .map_err(|e| lu.io_error(&e, "deallocate", true))?;
-        } else {
+        } else if !write_same_in_store(lu, pattern, r.lba, blocks)? {
             // Replicate into a bounded buffer and write it repeatedly.
             let chunk_blocks = ((1u64 << 20) / bs).clamp(1, blocks);
             let mut buf = Vec::with_capacity((chunk_blocks * bs) as usize);
@@ -284,6 +284,21 @@ pub(crate) fn write_same(lu: &LogicalUnit, req: &Request) -> CmdResult {
     }
     lu.complete_write(false)?;
     Ok(Bytes::new())
+}
+
+/// WRITE SAME through the store's own primitive; false if it has none.
+fn write_same_in_store(
+    lu: &LogicalUnit,
+    pattern: &[u8],
+    lba: u64,
+    blocks: u64,
+) -> Result<bool, Sense> {
+    let bs = lu.block_size();
+    match lu.backend().write_same(pattern, lba * bs, blocks * bs) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+        Err(e) => Err(lu.io_error(&e, "write same", true)),
+    }
 }
 
 pub(crate) fn unmap(lu: &LogicalUnit, req: &Request) -> CmdResult {
@@ -368,11 +383,23 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, req: &Request) -> CmdResult {
     let (verify, new) = data.split_at(len);
     {
         let _g = lu.ranges.lock(r.lba, blocks, Mode::Exclusive);
-        let current = read_blocks(lu, r.lba, blocks)?;
-        if let Some(off) = first_mismatch(&current, verify) {
-            return Err(Sense::miscompare(off as u64).into());
+        // The store's own atomic compare-and-write where it has one (RBD: also atomic
+        // against other gateways), else compare and write under the range lock.
+        match lu
+            .backend()
+            .compare_and_write(verify, new, r.lba * lu.block_size())
+        {
+            Ok(None) => {}
+            Ok(Some(off)) => return Err(Sense::miscompare(off).into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                let current = read_blocks(lu, r.lba, blocks)?;
+                if let Some(off) = first_mismatch(&current, verify) {
+                    return Err(Sense::miscompare(off as u64).into());
+                }
+                write_bytes(lu, r.lba, new)?;
+            }
+            Err(e) => return Err(lu.io_error(&e, "compare and write", true).into()),
         }
-        write_bytes(lu, r.lba, new)?;
     }
     lu.complete_write(r.fua)?;
     Ok(Bytes::new())

@@ -219,7 +219,7 @@ fn luns(rt: &Runtime) -> Vec<Value> {
             let path = backends
                 .iter()
                 .find(|(n, l, _)| *n == t.name && l == id)
-                .map(|(_, _, b)| b.path().display().to_string());
+                .map(|(_, _, b)| b.describe());
             let s = lu.settings();
             out.push(json!({
                 "target": t.name,

@@ -68,8 +68,41 @@ pub struct Config {
     /// `holdfast target --metrics ADDR` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The Ceph cluster that LUNs with `rbd = "POOL/IMAGE"` are served from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephConfig>,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+}
+
+/// `[ceph]`: how the target reaches the cluster holding its RBD images.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CephConfig {
+    /// ceph.conf naming the monitors (relative to the config file's directory).
+    #[serde(default = "default_ceph_conf")]
+    pub conf: PathBuf,
+    /// The cephx user, "client.NAME".
+    #[serde(default = "default_ceph_client")]
+    pub client: String,
+    /// Keyring holding the user's key; absent: the keyring ceph.conf names (by default
+    /// /etc/ceph/ceph.client.NAME.keyring).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
+    /// Limit on connecting and on each RADOS operation; a cluster that stops answering
+    /// fails commands (MEDIUM ERROR, logged) after this long instead of hanging them.
+    #[serde(default = "default_ceph_timeout", with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+}
+
+fn default_ceph_conf() -> PathBuf {
+    PathBuf::from("/etc/ceph/ceph.conf")
+}
+fn default_ceph_client() -> String {
+    "client.holdfast".into()
+}
+fn default_ceph_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -224,8 +257,13 @@ fn default_tpgt() -> u16 {
 pub struct LunConfig {
     /// Logical unit number (0–16383).
     pub id: u64,
-    /// Backing file (created sparse if missing; relative to data_dir).
+    /// Backing file (created sparse if missing; relative to data_dir). Give this or `rbd`.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
+    /// RBD image "POOL/IMAGE" in the `[ceph]` cluster (it must exist and hold at least
+    /// `size` bytes). Give this or `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<String>,
     /// Size of the LUN; the file is extended if smaller, never truncated.
     pub size: ByteSize,
     /// Unit serial number (VPD 0x80); generated and persisted if absent.
@@ -257,6 +295,7 @@ impl LunConfig {
         LunConfig {
             id,
             path: path.into(),
+            rbd: None,
             size,
             serial: None,
             read_only: false,
@@ -265,6 +304,36 @@ impl LunConfig {
             write_cache: true,
             thin_provisioning: true,
             product: None,
+        }
+    }
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Where a LUN's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing<'a> {
+    File(&'a Path),
+    Rbd { pool: &'a str, image: &'a str },
+}
+
+impl LunConfig {
+    /// The validated backing store (exactly one of `path` and `rbd` is set).
+    pub fn backing(&self) -> Backing<'_> {
+        match self.rbd.as_deref().and_then(|s| s.split_once('/')) {
+            Some((pool, image)) => Backing::Rbd { pool, image },
+            None => Backing::File(&self.path),
+        }
+    }
+
+    /// The file this LUN's identity and reservation sidecars hang off: the backing file,
+    /// or `rbd/POOL/IMAGE` (under data_dir) for an image.
+    pub fn sidecar_base(&self) -> PathBuf {
+        match self.backing() {
+            Backing::File(p) => p.to_path_buf(),
+            Backing::Rbd { pool, image } => Path::new("rbd").join(pool).join(image),
         }
     }
 }
@@ -405,6 +474,8 @@ pub struct ValidConfig {
     pub portal_addrs: Vec<Vec<(SocketAddr, u16)>>,
     /// The admin socket's path, resolved (see [`Config::admin_socket`]).
     pub admin_socket: PathBuf,
+    /// `[ceph]` with its paths resolved.
+    pub ceph: Option<crate::store::CephSettings>,
 }
 
 impl ValidConfig {
@@ -502,6 +573,9 @@ fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, 
     if let Some(c) = &config.discovery_chap {
         check_chap(c, "discovery_chap", &mut bad);
     }
+    if let Some(c) = &config.ceph {
+        check_ceph(c, &mut bad);
+    }
     if config.targets.is_empty() {
         bad(
             "target".into(),
@@ -541,7 +615,8 @@ fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, 
                 "at least one [[target.lun]] is required".into(),
             );
         }
-        let ids = check_luns(&tk, t, &data_dir, &mut paths, &mut bad);
+        let has_ceph = config.ceph.is_some();
+        let ids = check_luns(&tk, t, &data_dir, has_ceph, &mut paths, &mut bad);
         check_acl(&tk, t, &ids, &mut bad);
         if let Some(c) = &t.chap {
             check_chap(c, &format!("{tk}.chap"), &mut bad);
@@ -557,6 +632,12 @@ fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, 
     Ok(ValidConfig {
         source: file.to_string(),
         data_dir,
+        ceph: config.ceph.as_ref().map(|c| crate::store::CephSettings {
+            conf: base.join(&c.conf),
+            client: c.client.clone(),
+            keyring: c.keyring.as_ref().map(|k| base.join(k)),
+            timeout: c.timeout,
+        }),
         config,
         portal_addrs,
         admin_socket,
@@ -683,6 +764,7 @@ fn check_luns(
     tk: &str,
     t: &TargetConfig,
     data_dir: &Path,
+    has_ceph: bool,
     paths: &mut HashMap<PathBuf, String>,
     bad: Bad<'_>,
 ) -> HashSet<u64> {
@@ -723,22 +805,88 @@ fn check_luns(
                 );
             }
         }
-        if l.path.as_os_str().is_empty() {
-            bad(format!("{lk}.path"), "must not be empty".into());
-        }
-        let full = if l.path.is_absolute() {
-            l.path.clone()
-        } else {
-            data_dir.join(&l.path)
-        };
-        if let Some(prev) = paths.insert(full.clone(), lk.clone()) {
-            bad(
-                format!("{lk}.path"),
-                format!("{} is already the backing file of {prev}", full.display()),
-            );
-        }
+        check_backing(&lk, l, data_dir, has_ceph, paths, bad);
     }
     ids
+}
+
+fn check_ceph(c: &CephConfig, bad: Bad<'_>) {
+    if !c.client.starts_with("client.") || c.client.len() <= "client.".len() {
+        bad(
+            "ceph.client".into(),
+            format!("{:?} is not a cephx user name (client.NAME)", c.client),
+        );
+    }
+    if c.conf.as_os_str().is_empty() {
+        bad("ceph.conf".into(), "must name a ceph.conf".into());
+    }
+    if c.timeout.is_zero() {
+        bad("ceph.timeout".into(), "must be positive".into());
+    }
+}
+
+/// Exactly one of `path` and `rbd`; an image needs `[ceph]`; no backing store (nor its
+/// sidecar files) serves two LUNs.
+fn check_backing(
+    lk: &str,
+    l: &LunConfig,
+    data_dir: &Path,
+    has_ceph: bool,
+    paths: &mut HashMap<PathBuf, String>,
+    bad: Bad<'_>,
+) {
+    let key = match (&l.rbd, l.path.as_os_str().is_empty()) {
+        (Some(_), false) => {
+            bad(format!("{lk}.rbd"), "give path or rbd, not both".into());
+            return;
+        }
+        (None, true) => {
+            bad(
+                format!("{lk}.path"),
+                "give path (a backing file) or rbd (POOL/IMAGE)".into(),
+            );
+            return;
+        }
+        (None, false) => format!("{lk}.path"),
+        (Some(spec), true) => {
+            if let Err(why) = check_rbd_spec(spec) {
+                bad(format!("{lk}.rbd"), why);
+                return;
+            }
+            if !has_ceph {
+                bad(
+                    format!("{lk}.rbd"),
+                    "needs a [ceph] table naming the cluster".into(),
+                );
+            }
+            format!("{lk}.rbd")
+        }
+    };
+    let base = l.sidecar_base();
+    let full = if base.is_absolute() {
+        base
+    } else {
+        data_dir.join(base)
+    };
+    if let Some(prev) = paths.insert(full.clone(), lk.to_string()) {
+        let what = match &l.rbd {
+            Some(spec) => format!("rbd image {spec} is already served by {prev}"),
+            None => format!("{} is already the backing file of {prev}", full.display()),
+        };
+        bad(key, what);
+    }
+}
+
+/// "POOL/IMAGE": two non-empty names without '/', '@' (snapshots) or control characters.
+fn check_rbd_spec(spec: &str) -> Result<(), String> {
+    let ok =
+        |s: &str| !s.is_empty() && !s.contains(['/', '@']) && !s.chars().any(|c| c.is_control());
+    match spec.split_once('/') {
+        Some((pool, image)) if ok(pool) && ok(image) => Ok(()),
+        _ => Err(format!(
+            "{spec:?} is not POOL/IMAGE (two names; namespaces and snapshots are not supported)"
+        )),
+    }
 }
 
 fn check_acl(tk: &str, t: &TargetConfig, ids: &HashSet<u64>, bad: Bad<'_>) {

@@ -14,7 +14,7 @@ use super::runtime::{node_from_config, open_lun, Runtime, TargetNode};
 use crate::iscsi::login::ChapCredentials;
 use crate::scsi::sense::ua;
 use crate::scsi::{ItNexus, LogicalUnit, LunMap};
-use crate::store::FileBackend;
+use crate::store::LunStore;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
@@ -115,7 +115,7 @@ impl SessionLuns {
 pub struct LunBackend {
     pub target: String,
     pub lun: u64,
-    pub backend: Arc<FileBackend>,
+    pub backend: LunStore,
 }
 
 /// Everything a reload reads and changes, apart from what logins read.
@@ -175,7 +175,7 @@ impl LiveState {
         self.control().config.clone()
     }
 
-    pub fn backends(&self) -> Vec<(String, u64, Arc<FileBackend>)> {
+    pub fn backends(&self) -> Vec<(String, u64, LunStore)> {
         self.control()
             .backends
             .iter()
@@ -238,7 +238,7 @@ pub async fn reload(rt: &Runtime, new: ValidConfig) -> Result<Vec<Change>, Reloa
 
 /// What a plan needs that can fail, done before anything running changes.
 struct Prepared {
-    new_luns: Vec<(String, u64, Arc<LogicalUnit>, Arc<FileBackend>)>,
+    new_luns: Vec<(String, u64, Arc<LogicalUnit>, LunStore)>,
     grown: Vec<Arc<LogicalUnit>>,
     portals: Option<Portals>,
 }

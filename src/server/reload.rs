@@ -204,6 +204,13 @@ fn global_changes(
             what: "metrics".into(),
         });
     }
+    // Served images keep the connection they were opened with; adding [ceph] (for a
+    // first RBD LUN) is fine.
+    if old.ceph.is_some() && old.ceph != new.ceph {
+        refusals.push(Refusal::NotLive {
+            what: "[ceph] settings".into(),
+        });
+    }
     if old.discovery_chap != new.discovery_chap {
         changes.push(Change::ChapChanged {
             scope: "discovery".into(),
@@ -332,8 +339,11 @@ fn lun_refusal(o: &LunConfig, n: &LunConfig) -> Option<String> {
     if n.size.0 < o.size.0 {
         return Some(format!("shrink from {} to {} bytes", o.size.0, n.size.0));
     }
-    if o.path != n.path {
-        return Some(format!("backing file change to {}", n.path.display()));
+    if o.path != n.path || o.rbd != n.rbd {
+        return Some(match &n.rbd {
+            Some(spec) => format!("backing store change to rbd image {spec}"),
+            None => format!("backing file change to {}", n.path.display()),
+        });
     }
     if o.block_size != n.block_size || o.physical_block_size != n.physical_block_size {
         return Some("block size change".into());

@@ -1,14 +1,14 @@
 //! The configuration turned into running objects: targets, their logical units,
 //! access control and CHAP, shared by every connection.
 
-use super::config::{ChapConfig, LunConfig, TargetConfig, ValidConfig};
+use super::config::{Backing, ChapConfig, LunConfig, TargetConfig, ValidConfig};
 use super::live::{LiveState, LunBackend, Served};
 use super::session::NexusDirectory;
 use crate::iscsi::login::{ChapCredentials, LoginStatus, TargetKeyPolicy};
 use crate::metrics::target::{TargetGauges, TargetMetrics};
 use crate::scsi::backend::BlockBackend;
 use crate::scsi::{LogicalUnit, LunMap, LunSettings};
-use crate::store::{identity, FileBackend, PrFileStore};
+use crate::store::{identity, FileBackend, LunStore, PrFileStore, RbdBackend};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -256,21 +256,40 @@ pub(crate) fn node_from_config(
     }
 }
 
-/// Open (creating if need be) one LUN's backing file and build its logical unit; the
-/// error is the reason, for a [`RuntimeError::Lun`].
+/// Open (creating if need be) one LUN's backing file, or its RBD image.
+fn open_store(
+    cfg: &ValidConfig,
+    l: &LunConfig,
+    path: &std::path::Path,
+) -> Result<LunStore, String> {
+    match l.backing() {
+        Backing::File(_) => Ok(LunStore::File(Arc::new(
+            FileBackend::open(path, l.size.0, true, l.read_only).map_err(|e| e.to_string())?,
+        ))),
+        Backing::Rbd { pool, image } => {
+            let ceph = cfg.ceph.as_ref().ok_or("rbd needs a [ceph] table")?;
+            let b = RbdBackend::open(ceph, pool, image, l.size.0, l.read_only)
+                .map_err(|e| e.to_string())?;
+            Ok(LunStore::Rbd(Arc::new(b)))
+        }
+    }
+}
+
+/// Open one LUN's backing store and build its logical unit; the error is the reason,
+/// for a [`RuntimeError::Lun`]. An RBD LUN keeps its identity and reservation files
+/// under data_dir/rbd/POOL/.
 pub(crate) fn open_lun(
     cfg: &ValidConfig,
     l: &LunConfig,
     wrap: &BackendWrap,
     nexuses: &Arc<NexusDirectory>,
-) -> Result<(Arc<LogicalUnit>, Arc<FileBackend>), String> {
-    let path = cfg.resolve(&l.path);
+) -> Result<(Arc<LogicalUnit>, LunStore), String> {
+    let path = cfg.resolve(&l.sidecar_base());
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
-    let backend =
-        Arc::new(FileBackend::open(&path, l.size.0, true, l.read_only).map_err(|e| e.to_string())?);
+    let backend = open_store(cfg, l, &path)?;
     let id = identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| e.to_string())?;
     let settings = LunSettings {
         block_size: l.block_size,
@@ -293,7 +312,7 @@ pub(crate) fn open_lun(
     // relies on.
     let store = PrFileStore::for_backing(&path);
     let pr_path = store.path().display().to_string();
-    let served = wrap(&path, backend.clone());
+    let served = wrap(&path, backend.backend());
     let lu = LogicalUnit::with_persistence(settings, served, Box::new(store))
         .map_err(|e| format!("{pr_path}: {e}"))?;
     let dir = nexuses.clone();

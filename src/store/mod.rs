@@ -1,17 +1,59 @@
-//! Block backends and durable LUN metadata: file-backed and in-memory implementations of
-//! [`crate::scsi::backend::BlockBackend`], the persisted per-LUN identity (NAA + serial),
-//! and the crash-atomic file write used for durable state.
+//! Block backends and durable LUN metadata: file-backed, RBD-backed and in-memory
+//! implementations of [`crate::scsi::backend::BlockBackend`], the persisted per-LUN
+//! identity (NAA + serial), and the crash-atomic file write used for durable state.
 
 pub mod file;
 pub mod identity;
 pub mod memory;
 pub mod pr_file;
+pub mod rbd;
 
 pub use crate::atomic_file::write_file_atomically;
 pub use file::FileBackend;
 pub use identity::{load_or_create, LunIdentity};
 pub use memory::MemBackend;
 pub use pr_file::PrFileStore;
+pub use rbd::{CephSettings, RbdBackend, RbdError};
+
+use crate::scsi::backend::BlockBackend;
+use std::sync::Arc;
+
+/// The backing store a served LUN was opened on, for what the server does beyond I/O
+/// (growing on reload, flushing at shutdown, naming it in `holdfast target luns`).
+#[derive(Debug, Clone)]
+pub enum LunStore {
+    File(Arc<FileBackend>),
+    Rbd(Arc<RbdBackend>),
+}
+
+impl LunStore {
+    /// The file's path or "rbd:POOL/IMAGE".
+    pub fn describe(&self) -> String {
+        match self {
+            LunStore::File(f) => f.path().display().to_string(),
+            LunStore::Rbd(r) => format!("rbd:{}", r.spec()),
+        }
+    }
+
+    /// Serve `size` bytes (a live reload; never shrinks).
+    pub fn grow(&self, size: u64) -> Result<(), String> {
+        match self {
+            LunStore::File(f) => f.grow(size).map_err(|e| e.to_string()),
+            LunStore::Rbd(r) => r.grow(size).map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        match self {
+            LunStore::File(f) => f.clone(),
+            LunStore::Rbd(r) => r.clone(),
+        }
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        self.backend().flush()
+    }
+}
 
 use std::io;
 use std::path::PathBuf;

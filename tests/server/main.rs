@@ -18,6 +18,7 @@ mod pr;
 mod pr_cli;
 mod pr_restart;
 mod quorum_fuzz_seeds;
+mod rbd;
 mod readme_config;
 mod reload;
 mod secrets;

@@ -1,0 +1,387 @@
+//! The only unsafe code of the RBD backend: librados and librbd loaded at run time with
+//! dlopen (so one holdfast binary runs, and its package installs, on machines without
+//! Ceph), and thin handles over the C API. Every call returns librbd's negative errno as
+//! a positive `i32` error; callers turn it into typed errors.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+type Handle = *mut c_void;
+type DiffCb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+/// The C entry points we use, resolved once per process.
+struct Api {
+    rados_create2: unsafe extern "C" fn(*mut Handle, *const c_char, *const c_char, u64) -> c_int,
+    rados_conf_read_file: unsafe extern "C" fn(Handle, *const c_char) -> c_int,
+    rados_conf_set: unsafe extern "C" fn(Handle, *const c_char, *const c_char) -> c_int,
+    rados_connect: unsafe extern "C" fn(Handle) -> c_int,
+    rados_shutdown: unsafe extern "C" fn(Handle),
+    rados_ioctx_create: unsafe extern "C" fn(Handle, *const c_char, *mut Handle) -> c_int,
+    rados_ioctx_destroy: unsafe extern "C" fn(Handle),
+    rbd_open: unsafe extern "C" fn(Handle, *const c_char, *mut Handle, *const c_char) -> c_int,
+    rbd_close: unsafe extern "C" fn(Handle) -> c_int,
+    rbd_get_size: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
+    rbd_get_stripe_unit: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
+    rbd_read2: unsafe extern "C" fn(Handle, u64, usize, *mut c_char, c_int) -> isize,
+    rbd_write2: unsafe extern "C" fn(Handle, u64, usize, *const c_char, c_int) -> isize,
+    rbd_write_zeroes: unsafe extern "C" fn(Handle, u64, usize, c_int, c_int) -> isize,
+    rbd_writesame: unsafe extern "C" fn(Handle, u64, usize, *const c_char, usize, c_int) -> isize,
+    rbd_compare_and_write: unsafe extern "C" fn(
+        Handle,
+        u64,
+        usize,
+        *const c_char,
+        *const c_char,
+        *mut u64,
+        c_int,
+    ) -> isize,
+    rbd_flush: unsafe extern "C" fn(Handle) -> c_int,
+    rbd_diff_iterate2:
+        unsafe extern "C" fn(Handle, *const c_char, u64, u64, u8, u8, DiffCb, *mut c_void) -> c_int,
+}
+
+/// Why librados/librbd could not be loaded (a missing library or symbol).
+pub type LoadError = String;
+
+static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
+
+fn dlerror_text() -> String {
+    // SAFETY: dlerror returns NULL or a thread-local NUL-terminated string we copy at once.
+    let p = unsafe { libc::dlerror() };
+    if p.is_null() {
+        return "unknown dlopen error".into();
+    }
+    // SAFETY: non-NULL, NUL-terminated, valid until the next dl* call on this thread.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn open_lib(name: &CStr) -> Result<Handle, LoadError> {
+    // SAFETY: dlopen with a NUL-terminated name; the handle is never closed (the
+    // function pointers taken from it live for the whole process).
+    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if h.is_null() {
+        return Err(format!("{}: {}", name.to_string_lossy(), dlerror_text()));
+    }
+    Ok(h)
+}
+
+/// Resolve `name` in `lib` as a function pointer of type `F`.
+///
+/// # Safety
+/// `F` must be the `extern "C" fn` type matching the C declaration of `name`.
+unsafe fn sym<F: Copy>(lib: Handle, name: &CStr) -> Result<F, LoadError> {
+    // SAFETY: lib is a live dlopen handle and name NUL-terminated.
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+    if p.is_null() {
+        return Err(format!(
+            "symbol {} missing: {}",
+            name.to_string_lossy(),
+            dlerror_text()
+        ));
+    }
+    debug_assert_eq!(size_of::<F>(), size_of::<*mut c_void>());
+    // SAFETY: the caller guarantees F is the symbol's function pointer type, which has
+    // the size and representation of a data pointer on the platforms dlsym serves.
+    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+fn load() -> Result<Api, LoadError> {
+    let rados = open_lib(c"librados.so.2")?;
+    let rbd = open_lib(c"librbd.so.1")?;
+    // SAFETY: each type below is copied from librados.h / librbd.h (Ceph 15 and later).
+    unsafe {
+        Ok(Api {
+            rados_create2: sym(rados, c"rados_create2")?,
+            rados_conf_read_file: sym(rados, c"rados_conf_read_file")?,
+            rados_conf_set: sym(rados, c"rados_conf_set")?,
+            rados_connect: sym(rados, c"rados_connect")?,
+            rados_shutdown: sym(rados, c"rados_shutdown")?,
+            rados_ioctx_create: sym(rados, c"rados_ioctx_create")?,
+            rados_ioctx_destroy: sym(rados, c"rados_ioctx_destroy")?,
+            rbd_open: sym(rbd, c"rbd_open")?,
+            rbd_close: sym(rbd, c"rbd_close")?,
+            rbd_get_size: sym(rbd, c"rbd_get_size")?,
+            rbd_get_stripe_unit: sym(rbd, c"rbd_get_stripe_unit")?,
+            rbd_read2: sym(rbd, c"rbd_read2")?,
+            rbd_write2: sym(rbd, c"rbd_write2")?,
+            rbd_write_zeroes: sym(rbd, c"rbd_write_zeroes")?,
+            rbd_writesame: sym(rbd, c"rbd_writesame")?,
+            rbd_compare_and_write: sym(rbd, c"rbd_compare_and_write")?,
+            rbd_flush: sym(rbd, c"rbd_flush")?,
+            rbd_diff_iterate2: sym(rbd, c"rbd_diff_iterate2")?,
+        })
+    }
+}
+
+fn api() -> Result<&'static Api, LoadError> {
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// Whether librados and librbd can be loaded on this machine (Err: why not).
+pub fn available() -> Result<(), LoadError> {
+    api().map(|_| ())
+}
+
+fn cstr(s: &str) -> Result<CString, i32> {
+    CString::new(s).map_err(|_| libc::EINVAL)
+}
+
+fn check(r: c_int) -> Result<(), i32> {
+    if r < 0 {
+        Err(-r)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_len(r: isize) -> Result<usize, i32> {
+    if r < 0 {
+        Err(i32::try_from(-r).unwrap_or(libc::EIO))
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A connected cluster handle (`rados_t`).
+pub struct Cluster {
+    api: &'static Api,
+    h: Handle,
+}
+
+// SAFETY: librados cluster handles are thread-safe (the C API is used from many threads
+// by QEMU and tcmu-runner); we only hand out &self methods that call into librados.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Create a handle for `client` ("client.NAME"), read `conf`, apply `settings`
+    /// (key, value), then connect. Err: (step, errno).
+    pub fn connect(
+        conf: &str,
+        client: &str,
+        settings: &[(&str, String)],
+    ) -> Result<Cluster, (String, i32)> {
+        let api = api().map_err(|e| (e, libc::ENOSYS))?;
+        let name = cstr(client).map_err(|e| ("client name".to_string(), e))?;
+        let mut h: Handle = std::ptr::null_mut();
+        // SAFETY: h is an out-pointer; cluster name "ceph" and the client name are NUL-terminated.
+        check(unsafe { (api.rados_create2)(&mut h, c"ceph".as_ptr(), name.as_ptr(), 0) })
+            .map_err(|e| ("rados_create2".to_string(), e))?;
+        let cluster = Cluster { api, h };
+        let path = cstr(conf).map_err(|e| ("conf path".to_string(), e))?;
+        // SAFETY: live handle, NUL-terminated path.
+        check(unsafe { (api.rados_conf_read_file)(cluster.h, path.as_ptr()) })
+            .map_err(|e| (format!("reading {conf}"), e))?;
+        for (k, v) in settings {
+            let (ck, cv) = (cstr(k), cstr(v));
+            let (Ok(ck), Ok(cv)) = (ck, cv) else {
+                return Err((format!("setting {k}"), libc::EINVAL));
+            };
+            // SAFETY: live handle, NUL-terminated key and value.
+            check(unsafe { (api.rados_conf_set)(cluster.h, ck.as_ptr(), cv.as_ptr()) })
+                .map_err(|e| (format!("setting {k} = {v}"), e))?;
+        }
+        // SAFETY: live, configured, not yet connected handle.
+        check(unsafe { (api.rados_connect)(cluster.h) })
+            .map_err(|e| ("connecting".to_string(), e))?;
+        Ok(cluster)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: every IoCtx/Image holds an Arc<Cluster>, so none outlives this handle.
+        unsafe { (self.api.rados_shutdown)(self.h) }
+    }
+}
+
+/// An open image (`rbd_image_t`) with the pool context it was opened through.
+pub struct Image {
+    api: &'static Api,
+    ioctx: Handle,
+    h: Handle,
+    /// Keeps the cluster connected while the image is open.
+    _cluster: std::sync::Arc<Cluster>,
+}
+
+// SAFETY: librbd image handles may be used from several threads at once (librbd
+// serialises internally); close happens only in Drop, with exclusive access.
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl Image {
+    /// Open `image` in `pool`. Err: (step, errno).
+    pub fn open(
+        cluster: std::sync::Arc<Cluster>,
+        pool: &str,
+        image: &str,
+    ) -> Result<Image, (&'static str, i32)> {
+        let api = cluster.api;
+        let (p, i) = (cstr(pool), cstr(image));
+        let (Ok(p), Ok(i)) = (p, i) else {
+            return Err(("name", libc::EINVAL));
+        };
+        let mut ioctx: Handle = std::ptr::null_mut();
+        // SAFETY: connected cluster, NUL-terminated pool name, out-pointer.
+        check(unsafe { (api.rados_ioctx_create)(cluster.h, p.as_ptr(), &mut ioctx) })
+            .map_err(|e| ("opening the pool", e))?;
+        let mut h: Handle = std::ptr::null_mut();
+        // SAFETY: live ioctx, NUL-terminated image name, out-pointer, no snapshot.
+        let r = unsafe { (api.rbd_open)(ioctx, i.as_ptr(), &mut h, std::ptr::null()) };
+        if r < 0 {
+            // SAFETY: the ioctx was created above and nothing else refers to it.
+            unsafe { (api.rados_ioctx_destroy)(ioctx) };
+            return Err(("opening the image", -r));
+        }
+        Ok(Image {
+            api,
+            ioctx,
+            h,
+            _cluster: cluster,
+        })
+    }
+
+    pub fn size(&self) -> Result<u64, i32> {
+        let mut s = 0u64;
+        // SAFETY: open image, out-pointer to a local.
+        check(unsafe { (self.api.rbd_get_size)(self.h, &mut s) })?;
+        Ok(s)
+    }
+
+    pub fn stripe_unit(&self) -> Result<u64, i32> {
+        let mut s = 0u64;
+        // SAFETY: open image, out-pointer to a local.
+        check(unsafe { (self.api.rbd_get_stripe_unit)(self.h, &mut s) })?;
+        Ok(s)
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<usize, i32> {
+        // SAFETY: buf is valid for buf.len() writable bytes for the whole (synchronous) call.
+        check_len(unsafe {
+            (self.api.rbd_read2)(self.h, offset, buf.len(), buf.as_mut_ptr().cast(), 0)
+        })
+    }
+
+    /// Durable only after [`Image::flush`] (FUA is a flush in the device server).
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<usize, i32> {
+        // SAFETY: buf is valid for buf.len() bytes for the whole (synchronous) call.
+        check_len(unsafe {
+            (self.api.rbd_write2)(self.h, offset, buf.len(), buf.as_ptr().cast(), 0)
+        })
+    }
+
+    /// Zero `[offset, offset+len)`, deallocating whole objects.
+    pub fn write_zeroes(&self, offset: u64, len: usize) -> Result<usize, i32> {
+        // SAFETY: open image; no buffers involved.
+        check_len(unsafe { (self.api.rbd_write_zeroes)(self.h, offset, len, 0, 0) })
+    }
+
+    /// Write `pattern` repeatedly over `[offset, offset+len)` (len a multiple of it).
+    pub fn write_same(&self, offset: u64, len: usize, pattern: &[u8]) -> Result<usize, i32> {
+        // SAFETY: pattern is valid for pattern.len() bytes for the whole call.
+        check_len(unsafe {
+            (self.api.rbd_writesame)(
+                self.h,
+                offset,
+                len,
+                pattern.as_ptr().cast(),
+                pattern.len(),
+                0,
+            )
+        })
+    }
+
+    /// Atomically compare `verify` with the image at `offset` and write `new` on a
+    /// match. Err(EILSEQ) with the reported mismatch offset on a miscompare.
+    pub fn compare_and_write(
+        &self,
+        verify: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> Result<(), (i32, u64)> {
+        if verify.len() != new.len() {
+            return Err((libc::EINVAL, 0));
+        }
+        let mut mismatch = 0u64;
+        // SAFETY: both buffers are valid for len bytes for the whole call; out-pointer.
+        let r = unsafe {
+            (self.api.rbd_compare_and_write)(
+                self.h,
+                offset,
+                new.len(),
+                verify.as_ptr().cast(),
+                new.as_ptr().cast(),
+                &mut mismatch,
+                0,
+            )
+        };
+        check_len(r).map(|_| ()).map_err(|e| (e, mismatch))
+    }
+
+    pub fn flush(&self) -> Result<(), i32> {
+        // SAFETY: open image.
+        check(unsafe { (self.api.rbd_flush)(self.h) })
+    }
+
+    /// Allocated extents (offset, len) intersecting `[offset, offset+len)`, in order,
+    /// at most `limit` of them (the walk stops there).
+    pub fn allocated_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, i32> {
+        struct Acc {
+            v: Vec<(u64, u64)>,
+            limit: usize,
+        }
+        extern "C" fn cb(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: arg is the &mut Acc passed below, alive for the synchronous walk and
+            // touched by nothing else meanwhile.
+            let acc = unsafe { &mut *arg.cast::<Acc>() };
+            if exists != 0 {
+                acc.v.push((off, len as u64));
+            }
+            // A negative return stops the walk early.
+            if acc.v.len() >= acc.limit {
+                -libc::ECANCELED
+            } else {
+                0
+            }
+        }
+        let mut acc = Acc {
+            v: Vec::new(),
+            limit,
+        };
+        // SAFETY: open image; no snapshot (NULL: from the beginning of time); the callback
+        // gets &mut acc, which outlives the synchronous call.
+        let r = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.h,
+                std::ptr::null(),
+                offset,
+                len,
+                1,
+                0,
+                cb,
+                (&mut acc as *mut Acc).cast(),
+            )
+        };
+        if r < 0 && r != -libc::ECANCELED {
+            return Err(-r);
+        }
+        Ok(acc.v)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: we own both handles; no call on them can be running (Drop has &mut self).
+        unsafe {
+            (self.api.rbd_close)(self.h);
+            (self.api.rados_ioctx_destroy)(self.ioctx);
+        }
+    }
+}

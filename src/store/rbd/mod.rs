@@ -1,0 +1,349 @@
+//! A LUN backed by a Ceph RBD image, through librbd loaded at run time (see [`ffi`]).
+//!
+//! Every call blocks on the network, so none runs inline on the runtime thread: under
+//! [`backend::without_blocking`] each one refuses and the transport reruns the command
+//! on its blocking pool.
+
+mod ffi;
+
+use crate::scsi::backend::{self, BlockBackend};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+/// How to reach the cluster (the target config's `[ceph]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CephSettings {
+    pub conf: PathBuf,
+    /// Full cephx name, e.g. "client.holdfast".
+    pub client: String,
+    /// Keyring file; absent: what `conf` says.
+    pub keyring: Option<PathBuf>,
+    /// Limit on connecting and on each RADOS operation: a cluster that stops answering
+    /// fails commands after this long instead of hanging them forever.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error(
+        "the Ceph client libraries cannot be loaded ({0}); install librados2 and librbd1 \
+         to serve RBD images"
+    )]
+    Unavailable(String),
+    #[error("cannot connect to Ceph as {client} with {conf}: {step}: {source}")]
+    Connect {
+        conf: String,
+        client: String,
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rbd image {spec}: {step}: {source}")]
+    Open {
+        spec: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rbd image {spec} does not exist (create it with `rbd create --size SIZE {spec}`)")]
+    NoImage { spec: String },
+    #[error("pool {pool} (of rbd image {spec}) does not exist")]
+    NoPool { pool: String, spec: String },
+    #[error("rbd image {spec} holds {actual} bytes, less than the configured {configured}")]
+    TooSmall {
+        spec: String,
+        actual: u64,
+        configured: u64,
+    },
+}
+
+/// One connection per distinct [`CephSettings`], shared by the LUNs using it.
+static CLUSTERS: Mutex<Vec<(CephSettings, Weak<ffi::Cluster>)>> = Mutex::new(Vec::new());
+
+fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
+    ffi::available().map_err(RbdError::Unavailable)?;
+    let mut cache = CLUSTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    cache.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(c) = cache
+        .iter()
+        .find(|(k, _)| k == s)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(c);
+    }
+    let secs = s.timeout.as_secs().max(1).to_string();
+    let mut opts = vec![
+        ("client_mount_timeout", secs.clone()),
+        ("rados_osd_op_timeout", secs.clone()),
+        ("rados_mon_op_timeout", secs),
+    ];
+    if let Some(k) = &s.keyring {
+        opts.push(("keyring", k.display().to_string()));
+    }
+    let conf = s.conf.display().to_string();
+    let c =
+        ffi::Cluster::connect(&conf, &s.client, &opts).map_err(|(step, e)| RbdError::Connect {
+            conf: conf.clone(),
+            client: s.client.clone(),
+            step,
+            source: io::Error::from_raw_os_error(e),
+        })?;
+    let c = Arc::new(c);
+    cache.push((s.clone(), Arc::downgrade(&c)));
+    Ok(c)
+}
+
+/// A LUN's RBD image.
+pub struct RbdBackend {
+    image: ffi::Image,
+    /// "POOL/IMAGE", for messages.
+    spec: String,
+    size: std::sync::atomic::AtomicU64,
+    /// RBD's atomic compare-and-write works within one stripe unit (object).
+    stripe_unit: u64,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for RbdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RbdBackend")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+/// Largest single librbd call for zeroing (its results are ssize_t byte counts).
+const ZERO_CHUNK: u64 = 1 << 30;
+
+impl RbdBackend {
+    /// Open `pool/image` and serve its first `size` bytes (the image must be that large).
+    pub fn open(
+        settings: &CephSettings,
+        pool: &str,
+        image: &str,
+        size: u64,
+        read_only: bool,
+    ) -> Result<RbdBackend, RbdError> {
+        let spec = format!("{pool}/{image}");
+        let cluster = connect(settings)?;
+        let img = ffi::Image::open(cluster, pool, image).map_err(|(step, e)| match e {
+            libc::ENOENT if step == "opening the pool" => RbdError::NoPool {
+                pool: pool.into(),
+                spec: spec.clone(),
+            },
+            libc::ENOENT => RbdError::NoImage { spec: spec.clone() },
+            _ => RbdError::Open {
+                spec: spec.clone(),
+                step,
+                source: io::Error::from_raw_os_error(e),
+            },
+        })?;
+        let open_err = |step, e| RbdError::Open {
+            spec: spec.clone(),
+            step,
+            source: io::Error::from_raw_os_error(e),
+        };
+        let actual = img.size().map_err(|e| open_err("reading its size", e))?;
+        if actual < size {
+            return Err(RbdError::TooSmall {
+                spec,
+                actual,
+                configured: size,
+            });
+        }
+        let stripe_unit = img
+            .stripe_unit()
+            .map_err(|e| open_err("reading its layout", e))?;
+        Ok(RbdBackend {
+            image: img,
+            spec,
+            size: size.into(),
+            stripe_unit: stripe_unit.max(1),
+            read_only,
+        })
+    }
+
+    /// "POOL/IMAGE".
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// Serve `size` bytes (a live reload): the image must already be that large (grow
+    /// it with `rbd resize` first). A smaller `size` changes nothing.
+    pub fn grow(&self, size: u64) -> Result<(), RbdError> {
+        use std::sync::atomic::Ordering;
+        if size <= self.size.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let actual = self.image.size().map_err(|e| RbdError::Open {
+            spec: self.spec.clone(),
+            step: "reading its size",
+            source: io::Error::from_raw_os_error(e),
+        })?;
+        if actual < size {
+            return Err(RbdError::TooSmall {
+                spec: self.spec.clone(),
+                actual,
+                configured: size,
+            });
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// librbd's errno as an I/O error, logged here with the image and the call (the
+    /// device server logs only the error). A handle that can never work again (image
+    /// gone, client blocklisted) becomes ENODEV, which takes the LU offline (NOT READY);
+    /// a timeout or other failure stays a medium error until the device server's limit.
+    fn err(&self, what: &str, errno: i32) -> io::Error {
+        let gone = matches!(errno, libc::ENOENT | libc::ESHUTDOWN | libc::ENODEV);
+        let code = if gone { libc::ENODEV } else { errno };
+        tracing::warn!(
+            image = %self.spec,
+            call = what,
+            errno,
+            error = %io::Error::from_raw_os_error(errno),
+            "rbd call failed"
+        );
+        io::Error::from_raw_os_error(code)
+    }
+
+    fn start(&self, write: bool, offset: u64, len: u64) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
+        if write && self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only LUN",
+            ));
+        }
+        super::check_range(self.size(), offset, len)
+    }
+}
+
+impl BlockBackend for RbdBackend {
+    fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.start(false, offset, buf.len() as u64)?;
+        let n = self
+            .image
+            .read(buf, offset)
+            .map_err(|e| self.err("read", e))?;
+        if n < buf.len() {
+            // Past the image's end (it shrank under us): never serve stale buffer bytes.
+            return Err(self.err("short read", libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.start(true, offset, buf.len() as u64)?;
+        let n = self
+            .image
+            .write(buf, offset)
+            .map_err(|e| self.err("write", e))?;
+        if n < buf.len() {
+            return Err(self.err("short write", libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
+        self.image.flush().map_err(|e| self.err("flush", e))
+    }
+
+    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.start(true, offset, len)?;
+        // write_zeroes, not discard: librbd skips the unaligned parts of a discard, but
+        // LBPRZ promises zeros; write_zeroes removes whole objects and zeroes the rest.
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(ZERO_CHUNK);
+            self.image
+                .write_zeroes(at, n as usize)
+                .map_err(|e| self.err("write_zeroes", e))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        self.start(false, offset, 1)?;
+        // Look at most one window ahead: a long hole is reported in window-sized runs
+        // (GET LBA STATUS merges them).
+        let window = (self.size() - offset).min(ZERO_CHUNK);
+        let ext = self
+            .image
+            .allocated_extents(offset, window, 1)
+            .map_err(|e| self.err("diff_iterate", e))?;
+        Ok(match ext.first() {
+            Some(&(start, len)) if start <= offset => {
+                (true, (start + len).saturating_sub(offset).clamp(1, window))
+            }
+            Some(&(start, _)) => (false, start - offset),
+            None => (false, window),
+        })
+    }
+
+    fn compare_and_write(&self, verify: &[u8], new: &[u8], offset: u64) -> io::Result<Option<u64>> {
+        self.start(true, offset, new.len() as u64)?;
+        let len = new.len() as u64;
+        if len == 0 {
+            return Ok(None);
+        }
+        if offset / self.stripe_unit != (offset + len - 1) / self.stripe_unit {
+            // librbd refuses a compare-and-write across objects; the device server then
+            // compares and writes under its range lock.
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        match self.image.compare_and_write(verify, new, offset) {
+            Ok(()) => Ok(None),
+            // Ceph 16 reports no usable mismatch offset (always 0): find it by reading.
+            // The device server holds the range lock, so through this gateway nothing
+            // changed since the compare.
+            Err((libc::EILSEQ, _)) => {
+                let mut current = vec![0u8; verify.len()];
+                self.read_at(&mut current, offset)?;
+                let at = current.iter().zip(verify).position(|(a, b)| a != b);
+                Ok(Some(at.unwrap_or(0) as u64))
+            }
+            // Ceph 16 compares only single sectors (EINVAL otherwise): the device server
+            // compares and writes under its range lock instead.
+            Err((libc::EINVAL, _)) => Err(io::ErrorKind::Unsupported.into()),
+            Err((e, _)) => Err(self.err("compare_and_write", e)),
+        }
+    }
+
+    fn write_same(&self, pattern: &[u8], offset: u64, len: u64) -> io::Result<()> {
+        self.start(true, offset, len)?;
+        if pattern.is_empty() || len % pattern.len() as u64 != 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let step = ZERO_CHUNK - ZERO_CHUNK % pattern.len() as u64;
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(step);
+            self.image
+                .write_same(at, n as usize, pattern)
+                .map_err(|e| self.err("writesame", e))?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the Ceph libraries load here (for messages and tests).
+pub fn libraries_available() -> Result<(), String> {
+    ffi::available()
+}
