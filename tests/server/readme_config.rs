@@ -12,6 +12,11 @@ const EVERY_KEY: &str = r#"
 data_dir = "d"
 admin_socket = "admin.sock"
 metrics = "127.0.0.1:9464"
+[ceph]
+conf = "ceph.conf"
+client = "client.gw"
+keyring = "gw.keyring"
+timeout = "10s"
 [discovery_chap]
 username = "disc"
 secret = "discovery-secret"
@@ -45,6 +50,10 @@ physical_block_size = 4096
 write_cache = true
 thin_provisioning = true
 product = "p"
+[[target.lun]]
+id = 1
+rbd = "pool/image"
+size = "1MiB"
 [[target.acl]]
 initiator = "iqn.2026-11.org.example:i"
 luns = [0]
@@ -73,7 +82,9 @@ fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
                         walk(&path, v, out)
                     }
                     toml::Value::Array(a) if a.first().is_some_and(|x| x.is_table()) => {
-                        walk(&format!("{path}[]"), &a[0], out)
+                        for x in a {
+                            walk(&format!("{path}[]"), x, out)
+                        }
                     }
                     _ => {
                         out.insert(path);
