@@ -16,9 +16,13 @@ for f in "$DIR"/run/*.pid; do
 done
 for _ in $(seq 50); do
   alive=()
-  for p in "${pids[@]}"; do [ -d "/proc/$p" ] && alive+=("$p"); done
+  # a zombie (state Z) is dead: its parent just has not reaped it yet
+  for p in "${pids[@]}"; do
+    [ -d "/proc/$p" ] && ! grep -q '^[0-9]* (.*) Z' "/proc/$p/stat" 2>/dev/null && alive+=("$p")
+  done
   [ ${#alive[@]} -eq 0 ] && break
   sleep 0.2
 done
 for p in "${alive[@]}"; do kill -9 "$p" 2>/dev/null; done
+# the watchdog of CEPH_OWNER_PID, if any, may race us here: rm -rf of a gone DIR is fine
 rm -rf "$DIR"

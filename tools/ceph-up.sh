@@ -24,6 +24,12 @@ for c in ceph-mon ceph-osd ceph-mgr ceph ceph-authtool monmaptool rbd uuidgen; d
   command -v "$c" >/dev/null || die "$c missing (tools/deps.sh: ceph-mon ceph-osd ceph-mgr ceph-common)"
 done
 
+if [ -n "${CEPH_OWNER_PID:-}" ]; then
+  # detached from our stdout/stderr, so a caller reading them to EOF is not held up
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" "$3"' \
+    watchdog "$CEPH_OWNER_PID" "$(dirname "$0")/ceph-down.sh" "$DIR" </dev/null >/dev/null 2>&1 &
+fi
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=${CEPH_MON_PORT:-$(free_port)}
 FSID=$(uuidgen)
@@ -120,9 +126,4 @@ until ceph "${CONF[@]}" pg stat 2>/dev/null | grep -Eq "^([0-9]+) pgs: \1 active
 done
 timeout 60 rbd "${CONF[@]}" pool init "$POOL" || die "rbd pool init $POOL failed"
 echo "CEPH_CONF=$DIR/ceph.conf" >"$DIR/env"
-if [ -n "${CEPH_OWNER_PID:-}" ]; then
-  # detached from our stdout/stderr, so a caller reading them to EOF is not held up
-  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" "$3"' \
-    watchdog "$CEPH_OWNER_PID" "$(dirname "$0")/ceph-down.sh" "$DIR" </dev/null >/dev/null 2>&1 &
-fi
 say "up: CEPH_CONF=$DIR/ceph.conf pool=$POOL user=client.holdfast"

@@ -938,6 +938,70 @@ size = "1MiB"
 "#;
 
     #[test]
+    fn rbd_luns_name_pool_and_image_and_need_ceph() {
+        let lun = |body: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-11.org.example:t1\"\n[[target.portal]]\n\
+                 listen = \"127.0.0.1:3261\"\n[[target.lun]]\nid = 0\nsize = \"1MiB\"\n{body}\n"
+            )
+        };
+        let ceph = "[ceph]\nconf = \"ceph.conf\"\n";
+        let v = parse(
+            &format!("{}{ceph}", lun("rbd = \"p/img\"")),
+            "t.toml",
+            Path::new("/base"),
+        )
+        .unwrap();
+        let l = &v.config.targets[0].luns[0];
+        assert_eq!(
+            l.backing(),
+            Backing::Rbd {
+                pool: "p",
+                image: "img"
+            }
+        );
+        assert_eq!(l.sidecar_base(), Path::new("rbd/p/img"));
+        let c = v.ceph.as_ref().unwrap();
+        assert_eq!(c.conf, Path::new("/base/ceph.conf"));
+        assert_eq!(c.client, "client.holdfast");
+        assert_eq!(c.timeout, std::time::Duration::from_secs(30));
+
+        let both = err(&format!(
+            "{}{ceph}",
+            lun("rbd = \"p/img\"\npath = \"a.img\"")
+        ));
+        assert!(
+            both.contains("lun[0].rbd") && both.contains("not both"),
+            "{both}"
+        );
+        let neither = err(&format!("{}{ceph}", lun("")));
+        assert!(
+            neither.contains("lun[0].path") && neither.contains("rbd"),
+            "{neither}"
+        );
+        let no_ceph = err(&lun("rbd = \"p/img\""));
+        assert!(no_ceph.contains("[ceph]"), "{no_ceph}");
+        for spec in ["img", "p/", "/img", "p/ns/img", "p/img@snap"] {
+            let e = err(&format!("{}{ceph}", lun(&format!("rbd = \"{spec}\""))));
+            assert!(e.contains("POOL/IMAGE"), "{spec}: {e}");
+        }
+        let twice = format!(
+            "{}[[target.lun]]\nid = 1\nsize = \"1MiB\"\nrbd = \"p/img\"\n{ceph}",
+            lun("rbd = \"p/img\"")
+        );
+        let e = err(&twice);
+        assert!(
+            e.contains("lun[1].rbd") && e.contains("already served by"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{}[ceph]\nclient = \"admin\"\n",
+            lun("rbd = \"p/img\"")
+        ));
+        assert!(e.contains("ceph.client"), "{e}");
+    }
+
+    #[test]
     fn secret_files_are_read_relative_to_the_config_and_exclusive() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

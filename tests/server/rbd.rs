@@ -41,6 +41,7 @@ fn start_cluster() -> Result<PathBuf, String> {
             tail.join(" | ")
         ));
     }
+    let _ = std::fs::remove_file(format!("{}.log", dir.display()));
     Ok(dir)
 }
 
@@ -366,7 +367,11 @@ async fn a_blocklisted_gateway_answers_not_ready() {
         .args(["osd", "blocklist", "add", &addr])
         .output()
         .expect("ceph osd blocklist");
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let mut last = None;
     for _ in 0..3 {
         let r = s
@@ -392,4 +397,76 @@ async fn a_blocklisted_gateway_answers_not_ready() {
         .arg(&conf)
         .args(["osd", "blocklist", "rm", &addr])
         .output();
+}
+
+/// A live reload adds an RBD LUN (and the `[ceph]` table it needs) to a target serving
+/// files, grows it after `rbd resize`, and refuses to change `[ceph]` under served images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_grows_an_rbd_lun() {
+    use holdfast::server::{config, live, portal::Portals, runtime::Runtime};
+    use std::sync::Arc;
+    common::init_tracing();
+    let spec = image("reload", 8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file_lun = "[[target.lun]]\nid = 0\npath = \"a.img\"\nsize = \"1MiB\"\n";
+    let base = format!(
+        "data_dir = \"data\"\n[[target]]\nname = \"{TARGET}\"\n[[target.portal]]\n\
+         listen = \"127.0.0.13:0\"\n{file_lun}"
+    );
+    let cfg = config::parse(&base, "t.toml", dir.path()).expect("valid");
+    let rt = Arc::new(Runtime::build(&cfg).expect("runtime"));
+    let portals = Portals::bind(&cfg.listen_addrs()).await.expect("bind");
+    let addr = portals.local_addrs()[0];
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(portals.serve(rt.clone(), rx));
+    let ceph = |timeout: &str| {
+        format!(
+            "[ceph]\nconf = \"{}\"\ntimeout = \"{timeout}\"\n",
+            cluster().join("ceph.conf").display()
+        )
+    };
+    let with_rbd = |mib: u64, timeout: &str| {
+        let text = format!(
+            "{base}[[target.lun]]\nid = 1\nrbd = \"{spec}\"\nsize = \"{mib}MiB\"\n{}",
+            ceph(timeout)
+        );
+        config::parse(&text, "t.toml", dir.path()).expect("valid")
+    };
+    live::reload(&rt, with_rbd(8, "30s"))
+        .await
+        .expect("reload adds the RBD LUN");
+    let cfg = holdfast::initiator::InitiatorConfig::new(common::INITIATOR, TARGET, addr);
+    let s = Session::login(cfg).await.expect("login");
+    common::clear_unit_attention(&s, 1).await;
+    assert_eq!(
+        s.read_capacity16(1).await.expect("capacity").0,
+        8 * 2048 - 1
+    );
+    s.write16(1, 10, Bytes::from(pattern(4096, 5)), BLOCK, true)
+        .await
+        .expect("write to the new LUN");
+    assert_eq!(
+        &export(&spec)[10 * 512..10 * 512 + 4096],
+        &pattern(4096, 5)[..]
+    );
+
+    // Growing beyond the image is refused with its size; after `rbd resize` it works.
+    let e = live::reload(&rt, with_rbd(16, "30s"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("less than the configured"), "{e}");
+    rbd(&["resize", "--size", "16M", &spec]);
+    live::reload(&rt, with_rbd(16, "30s"))
+        .await
+        .expect("reload grows the RBD LUN");
+    let _ = s.test_unit_ready(1).await; // capacity-changed unit attention
+    let cap = holdfast::initiator::past_unit_attention(|| s.read_capacity16(1)).await;
+    assert_eq!(cap.expect("capacity").0, 16 * 2048 - 1);
+
+    let e = live::reload(&rt, with_rbd(16, "20s"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[ceph]"), "{e}");
 }
