@@ -5,7 +5,7 @@
 
 use crate::agent::claim::{self, Identity};
 use crate::agent::config::GroupConfig;
-use crate::agent::driver::VmDriver;
+use crate::agent::driver::{DriverError, VmDriver};
 use crate::agent::events::mono_ns;
 use crate::agent::ops::{drive, if_held, Done, Shared};
 use crate::agent::planner::LiveOut;
@@ -13,6 +13,7 @@ use crate::agent::quorum::{GroupRecord, GroupState, Migration};
 use crate::agent::AgentError;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 type Driver = Arc<Mutex<Box<dyn VmDriver>>>;
 
@@ -56,10 +57,8 @@ pub(super) async fn migrate_in(
         Ok(a) => a,
         Err(why) => return abort(why).await,
     };
-    let ctx = sh.ctx(cfg, epoch + 1);
-    let timeout = sh.cfg.timings().migration_timeout;
-    if let Err(e) = drive(drv, move |d| d.wait_incoming(&ctx, timeout)).await {
-        return abort(format!("incoming migration from {addr}: {e}")).await;
+    if let Err(why) = wait_incoming(sh, cfg, drv, source, epoch).await {
+        return abort(format!("incoming migration from {addr}: {why}")).await;
     }
     let arrived = mono_ns();
     // Switchover: the source's keys go (PREEMPT AND ABORT), read back, then the record.
@@ -69,6 +68,54 @@ pub(super) async fn migrate_in(
         }
     }
     switch_over(sh, cfg, drv, source, epoch, started, arrived).await
+}
+
+/// How often the destination, while its VM receives, checks that the source lives.
+const SOURCE_CHECK: Duration = Duration::from_secs(1);
+
+/// Wait for the incoming state, up to `migration_timeout`; give up early when the
+/// source's heartbeat has not moved for `dead_after` (a dead source sends nothing more,
+/// and its group is to fail over normally).
+async fn wait_incoming(
+    sh: &Shared,
+    cfg: &GroupConfig,
+    drv: &Driver,
+    source: u16,
+    epoch: u64,
+) -> Result<(), String> {
+    let t = sh.cfg.timings();
+    let end = Instant::now() + t.migration_timeout;
+    let mut last_beat: Option<(u64, Instant)> = None;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("not complete within {:?}", t.migration_timeout));
+        }
+        let ctx = sh.ctx(cfg, epoch + 1);
+        let step = left.min(SOURCE_CHECK);
+        match drive(drv, move |d| d.wait_incoming(&ctx, step)).await {
+            Ok(()) => return Ok(()),
+            Err(DriverError::Timeout { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let beat = match sh.quorum() {
+            Ok(q) => q
+                .read_image()
+                .await
+                .ok()
+                .and_then(|i| i.slot(source).cloned()),
+            Err(_) => None,
+        };
+        let now = Instant::now();
+        match (beat.map(|s| s.counter), last_beat) {
+            (Some(c), Some((seen, _))) if c != seen => last_beat = Some((c, now)),
+            (Some(c), None) => last_beat = Some((c, now)),
+            (_, Some((_, since))) if now - since >= t.dead_after => {
+                return Err(format!("node {source}'s heartbeat stopped"));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Start the incoming VM and publish its address in the record.
@@ -93,7 +140,7 @@ async fn listen(
     let me = sh.id;
     let published = sh
         .update_group(&cfg.name, |r| {
-            if !asked_of_us(r, me, source, epoch) || r.migration.as_ref()?.addr != "" {
+            if !asked_of_us(r, me, source, epoch) || !r.migration.as_ref()?.addr.is_empty() {
                 return None;
             }
             let mut n = r.clone();
