@@ -24,7 +24,7 @@ pub(super) fn migrate_in(
         && g.local == Local::Idle
         && rec.state == GroupState::Running
         && !node.self_fencing
-        && !g.backoff_until.is_some_and(|t| now < t)
+        && g.backoff_until.is_none_or(|t| now >= t)
         && membership.liveness(rec.owner, now) == Liveness::Alive;
     ready.then(|| Op::MigrateIn {
         group: g.name.to_string(),

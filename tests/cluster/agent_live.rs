@@ -158,7 +158,7 @@ async fn a_live_move_hands_the_running_guest_and_its_disk_over() {
     let k = keys(&c).await;
     assert!(k.contains(&quorum::pr_key(CLUSTER, 2)), "{k:x?}");
     assert!(!k.contains(&quorum::pr_key(CLUSTER, 1)), "{k:x?}");
-    let cfg = InitiatorConfig::new(&vm_initiator(1), TARGET, c.addr);
+    let cfg = InitiatorConfig::new(vm_initiator(1), TARGET, c.addr);
     let s = Session::login(cfg).await.unwrap();
     let r = s.write16(LUN, 0, vec![7u8; 512].into(), 512, true).await;
     assert!(
