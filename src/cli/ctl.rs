@@ -713,6 +713,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_live_move_is_asked_of_a_running_group_only_once() {
+        let mut r = GroupRecord::new("web");
+        assert!(req_live_move(&r, 2)
+            .unwrap_err()
+            .contains("only a running group"));
+        r.owner = 1;
+        r.owner_incarnation = 9;
+        r.state = GroupState::Running;
+        assert!(req_live_move(&r, 1)
+            .unwrap_err()
+            .contains("already runs on node 1"));
+        let n = req_live_move(&r, 2).unwrap();
+        assert_eq!(
+            n.migration,
+            Some(crate::agent::quorum::Migration {
+                to: 2,
+                addr: String::new()
+            })
+        );
+        assert_eq!((n.owner, n.state, n.move_to), (1, GroupState::Running, 0));
+        assert!(req_live_move(&n, 3)
+            .unwrap_err()
+            .contains("already migrating"));
+        let moving = req_move(&r, 3).unwrap();
+        assert!(req_live_move(&moving, 2)
+            .unwrap_err()
+            .contains("already moving"));
+        let mut off = r.clone();
+        off.admin = AdminState::Offline;
+        assert!(req_live_move(&off, 2).unwrap_err().contains("offline"));
+    }
+
+    #[test]
     fn no_pause_file_means_nothing_paused() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(paused_here(d.path(), 1_000), Ok(vec![]));

@@ -86,11 +86,13 @@ fn vm_file(c: &Cluster, id: u16, name: &str) -> PathBuf {
     c.path(&node_name(id)).join(name)
 }
 
-/// QMP query-status of node `id`'s guest.
+/// QMP query-status of node `id`'s guest (or why it cannot be asked: a QEMU just
+/// started may not have created its socket yet).
 fn guest_status(c: &Cluster, id: u16) -> String {
     use holdfast::agent::driver::qmp::{self, Qmp};
-    let mut q = Qmp::connect(&vm_file(c, id, "g1.qmp"), Duration::from_secs(5)).unwrap();
-    qmp::run_state(&mut q).unwrap()
+    let asked = Qmp::connect(&vm_file(c, id, "g1.qmp"), Duration::from_secs(5))
+        .and_then(|mut q| qmp::run_state(&mut q));
+    asked.unwrap_or_else(|e| format!("no answer: {e}"))
 }
 
 async fn keys(c: &Cluster) -> Vec<u64> {
@@ -259,4 +261,20 @@ async fn a_source_node_killed_mid_migration_ends_in_a_failover() {
     );
     let k = keys(&c).await;
     assert!(!k.contains(&quorum::pr_key(CLUSTER, 1)), "{k:x?}");
+}
+
+/// A group whose VM cannot migrate live (the test guest: a process without `qmp`) is
+/// refused by ctl before anything is asked of the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refuses_a_live_move_the_driver_cannot_do() {
+    let c = Cluster::new(2, vec![GroupSpec::new("g1", LUN)]).await;
+    let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "0"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot migrate live") && err.contains("qmp"),
+        "{err}"
+    );
+    let r = c.record("g1").await;
+    assert!(r.as_ref().is_none_or(|r| r.migration.is_none()), "{r:?}");
 }
