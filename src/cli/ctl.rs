@@ -746,6 +746,32 @@ mod tests {
     }
 
     #[test]
+    fn status_shows_a_group_migrating_once_the_destination_listens() {
+        let mut r = GroupRecord::new("web");
+        r.owner = 1;
+        r.state = GroupState::Running;
+        r.migration = Some(crate::agent::quorum::Migration {
+            to: 2,
+            addr: String::new(),
+        });
+        let img = |r: &GroupRecord| QuorumImage {
+            groups: vec![(0, r.clone())],
+            ..QuorumImage::default()
+        };
+        let g = &group_statuses(&img(&r), 0)[0];
+        assert_eq!(
+            (g.state.as_str(), g.migrate_to.as_deref()),
+            ("running", Some("node2"))
+        );
+        r.migration.as_mut().unwrap().addr = "10.0.0.2:4444".into();
+        let g = &group_statuses(&img(&r), 0)[0];
+        assert_eq!(
+            (g.state.as_str(), g.migrate_to.as_deref()),
+            ("migrating", Some("node2"))
+        );
+    }
+
+    #[test]
     fn no_pause_file_means_nothing_paused() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(paused_here(d.path(), 1_000), Ok(vec![]));
