@@ -10,6 +10,8 @@ use holdfast::agent::config::{ProcessVm, Timings, VmConfig};
 use holdfast::agent::quorum::{self, GroupRecord, GroupState};
 use holdfast::cli::cluster_kit as kit;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,10 @@ fn qemu_pid(c: &Cluster, id: u16) -> Option<i32> {
     let text = std::fs::read_to_string(vm_file(c, id, "g1.pid")).ok()?;
     let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
     c.is_running(pid).then_some(pid)
+}
+
+fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
 }
 
 fn vm_file(c: &Cluster, id: u16, name: &str) -> PathBuf {
@@ -224,6 +230,49 @@ async fn a_destination_qemu_dying_before_switchover_leaves_the_guest_on_the_sour
     assert_eq!(qemu_pid(&c, 1), Some(src_pid));
     assert_eq!(guest_status(&c, 1), "running");
     assert_eq!(qemu_pid(&c, 2), None);
+    let k = keys(&c).await;
+    assert_eq!(k, vec![quorum::pr_key(CLUSTER, 1); k.len()], "{k:x?}");
+}
+
+/// The destination's QEMU is killed while it listens: the source's agent is held
+/// (SIGSTOP, for less than `self_fence_after`) from the request until the kill, so the
+/// kill lands before any migration can begin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_qemu_killed_while_listening_leaves_the_guest_on_the_source() {
+    let c = cluster([64, 64]).await;
+    let before = c.wait_running("g1", Some(1), T).await;
+    wait_until("node1's QEMU", &c, || qemu_pid(&c, 1).is_some()).await;
+    let src_pid = qemu_pid(&c, 1).unwrap();
+    let agent1 = c.agent_pid(1).unwrap();
+    signal(agent1, Signal::SIGSTOP);
+    let held = Instant::now();
+    let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    c.wait_record("g1", T, "node2 listening", |r| {
+        r.migration.as_ref().is_some_and(|m| !m.addr.is_empty())
+    })
+    .await;
+    let dst_pid = qemu_pid(&c, 2).expect("node2's incoming QEMU");
+    signal(dst_pid, Signal::SIGKILL);
+    signal(agent1, Signal::SIGCONT);
+    eprintln!("node1's agent held for {} ms", held.elapsed().as_millis());
+
+    let after = c
+        .wait_record("g1", T, "back on node1", |r| settled_on(r, 1))
+        .await;
+    assert_eq!(after.epoch, before.epoch, "the run on node1 goes on");
+    wait_until("node1 cleaned up", &c, || {
+        !events_named(&c.events(), "migration-aborted").is_empty()
+    })
+    .await;
+    let all = c.events();
+    assert!(
+        !events_named(&all, "migration-failed").is_empty(),
+        "{all:#?}"
+    );
+    assert!(events_named(&all, "migrated-in").is_empty(), "{all:#?}");
+    assert_eq!(qemu_pid(&c, 1), Some(src_pid));
+    assert_eq!(guest_status(&c, 1), "running");
     let k = keys(&c).await;
     assert_eq!(k, vec![quorum::pr_key(CLUSTER, 1); k.len()], "{k:x?}");
 }
