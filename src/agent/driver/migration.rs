@@ -4,8 +4,8 @@
 //! Destination: QEMU started with `-incoming defer -S` (paused, waiting), then
 //! [`listen`] (`migrate-incoming`, and the address QEMU actually bound), [`wait_incoming`]
 //! until the state has arrived, and [`cont`] once the agent has taken the disks over.
-//! Source: [`migrate`] (`migrate`, then `query-migrate` until it ends) and, when the
-//! hand-over does not happen, [`cancel`] or [`cont`] again.
+//! Source: [`migrate`] (`migrate`, then `query-migrate` until it ends; `migrate_cancel`
+//! on timeout) and, when the hand-over does not happen after all, [`cont`] again.
 
 use super::qmp::{self, Qmp, QmpError};
 use serde_json::{json, Value};
@@ -183,14 +183,6 @@ pub fn cont(path: &Path, timeout: Duration) -> Result<(), MigrationError> {
             "after cont the guest is {other:?}, not running"
         ))),
     }
-}
-
-/// Source: cancel a migration in progress (nothing to do when none is).
-pub fn cancel(path: &Path, timeout: Duration) -> Result<(), MigrationError> {
-    let e = qmp_err(path);
-    let mut q = Qmp::connect(path, timeout).map_err(&e)?;
-    q.execute("migrate_cancel", None).map_err(&e)?;
-    Ok(())
 }
 
 #[cfg(test)]
