@@ -266,3 +266,18 @@ pub async fn release_disk(s: &Session, lun: u64, me: &Identity, t: Duration) -> 
     }
     Ok(())
 }
+
+/// Take this nexus's registration off `lun` (REGISTER with our key, service action key
+/// 0), after an incoming live migration that did not happen. Not registered is fine.
+pub async fn unregister(s: &Session, lun: u64, me: &Identity, t: Duration) -> ClaimResult {
+    match bounded(
+        t,
+        "PR OUT REGISTER (unregister)",
+        s.register(lun, me.key, 0, &aptpl()),
+    )
+    .await
+    {
+        Ok(()) | Err(AgentError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -76,6 +76,11 @@ pub struct NodeSection {
     /// An alert command still running after this is killed [default: 30s].
     #[serde(default = "default_alert_timeout", with = "humantime_serde")]
     pub alert_timeout: Duration,
+    /// The address this node's incoming live migrations listen on (a port is picked
+    /// per migration and published in the group record) [default: 127.0.0.1; set it to
+    /// an address the other nodes reach].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_address: Option<String>,
 }
 
 fn default_event_log_max_size() -> ByteSize {
@@ -168,6 +173,10 @@ pub struct Timings {
     /// kill at once.
     #[serde(with = "humantime_serde")]
     pub max_pause: Duration,
+    /// Longest a live migration may take, from the destination listening to the
+    /// switchover; past it the migration is cancelled and the VM stays on the source.
+    #[serde(with = "humantime_serde")]
+    pub migration_timeout: Duration,
 }
 
 impl Default for Timings {
@@ -179,6 +188,7 @@ impl Default for Timings {
             self_fence_after: Duration::from_millis(2000),
             dead_after: Duration::from_millis(3000),
             max_pause: Duration::from_secs(240),
+            migration_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -33,6 +33,12 @@ pub const RING_KINDS: &[&str] = &[
     "paused",
     "resumed",
     "pause-expired",
+    "migration-listening",
+    "migration-completed",
+    "migrated-in",
+    "migration-failed",
+    "migration-aborted",
+    "migrated-out",
 ];
 
 #[derive(Clone)]

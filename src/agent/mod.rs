@@ -10,6 +10,7 @@ pub mod driver;
 pub mod event_log;
 pub mod event_ring;
 pub mod events;
+mod live_ops;
 pub mod membership;
 mod ops;
 pub mod placement;

@@ -10,10 +10,11 @@
 use crate::agent::claim::{self, Identity};
 use crate::agent::config::{GroupConfig, ValidNodeConfig};
 use crate::agent::driver::{self, VmDriver};
+use crate::agent::live_ops;
 use crate::agent::membership::{Liveness, Membership};
 use crate::agent::ops::{self, drive, Done, Shared};
 use crate::agent::placement::RestartBudget;
-use crate::agent::planner::{self, GroupView, Local, NodeView, Op, OutageAction, Policy};
+use crate::agent::planner::{self, GroupView, LiveOut, Local, NodeView, Op, OutageAction, Policy};
 use crate::agent::quorum::{self, NodeState, QuorumImage};
 use crate::agent::quorum_disk::QuorumDisk;
 use crate::agent::AgentError;
@@ -46,6 +47,8 @@ struct GroupRt {
     /// A claim from a dead owner is under way: when its heartbeat last moved (for the
     /// failover duration metric).
     failover_from: Option<Instant>,
+    /// A live migration of the group away from here.
+    live: LiveOut,
 }
 
 impl GroupRt {
@@ -57,6 +60,7 @@ impl GroupRt {
             next_monitor: self.next_monitor,
             waiting_since: self.waiting_since,
             backoff_until: self.backoff_until,
+            live: self.live.clone(),
         }
     }
 }
@@ -183,6 +187,7 @@ impl Agent {
                     backoff_until: None,
                     pause_note: None,
                     failover_from: None,
+                    live: LiveOut::None,
                 },
             );
         }
@@ -539,12 +544,67 @@ impl Agent {
                 });
             }
             Op::PauseExpired { group, paused_for } => self.end_pause(&group, paused_for).await,
+            op => self.run_live_op(op, img),
+        }
+    }
+
+    /// Carry out a live-migration op (planner_live.rs decided it).
+    fn run_live_op(&mut self, op: Op, img: Option<&QuorumImage>) {
+        let vm = self.vm_identity();
+        let epoch_of = |g: &str| img.and_then(|i| i.group(g)).map(|(_, r, _)| r.epoch);
+        match op {
+            Op::SetLive { group, live } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.live = live;
+                }
+            }
+            Op::MigrateIn {
+                group,
+                source,
+                epoch,
+            } => self.spawn_op(&group, move |sh, cfg, drv| async move {
+                live_ops::migrate_in(&sh, &vm, &cfg, &drv, source, epoch).await
+            }),
+            Op::MigrateOut { group, to, addr } => {
+                let Some(epoch) = epoch_of(&group) else {
+                    return;
+                };
+                self.spawn_op(&group, move |sh, cfg, drv| async move {
+                    live_ops::migrate_out(&sh, &cfg, &drv, epoch, to, addr).await
+                });
+            }
+            Op::EndMigrationHere {
+                group,
+                epoch,
+                handed_over,
+                why,
+            } => self.spawn_op(&group, move |sh, cfg, drv| async move {
+                live_ops::end_here(&sh, &vm, &cfg, &drv, epoch, handed_over, why).await
+            }),
+            Op::FinishMigrationOut { group, to } => self
+                .spawn_op(&group, move |sh, cfg, drv| async move {
+                    live_ops::finish_out(&sh, &cfg, &drv, to).await
+                }),
+            other => tracing::error!(?other, "not a live-migration op"),
         }
     }
 
     async fn on_done(&mut self, d: Done) {
         let now = Instant::now();
+        if let Some(g) = self.groups.get_mut(d.group()) {
+            // Whatever else ends here ends a live migration away too.
+            if !matches!(d, Done::Monitored { .. } | Done::StillPaused { .. }) {
+                g.live = LiveOut::None;
+            }
+        }
         match d {
+            Done::Live { group, epoch, live } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.local = Local::Running { epoch };
+                    g.live = live;
+                    g.next_monitor = now + g.cfg.monitor_interval;
+                }
+            }
             Done::Running { group, epoch } => {
                 if let Some(g) = self.groups.get_mut(&group) {
                     if let (Some(t), Some(m)) = (g.failover_from.take(), metrics::get()) {
@@ -853,7 +913,9 @@ impl Agent {
                 continue;
             };
             let (group, local) = match d {
-                Done::Running { group, epoch } => (group, Local::Running { epoch }),
+                Done::Running { group, epoch } | Done::Live { group, epoch, .. } => {
+                    (group, Local::Running { epoch })
+                }
                 Done::Monitored { group, .. } => (group, Local::Running { epoch: 0 }),
                 Done::Idle { group } | Done::Failed { group, .. } | Done::Fenced { group, .. } => {
                     (group, Local::Idle)

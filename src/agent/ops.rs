@@ -31,12 +31,34 @@ pub(super) enum Done {
     Fenced { group: String, why: String },
     /// The operation failed; retry later.
     Failed { group: String, why: String },
+    /// A live-migration step of the source ended: the VM runs (or waits, handed over)
+    /// here at `epoch`, and this is what the owner knows of the migration now.
+    Live {
+        group: String,
+        epoch: u64,
+        live: crate::agent::planner::LiveOut,
+    },
     /// A resume could not reach the target: still paused as before.
     StillPaused {
         group: String,
         epoch: u64,
         since: Instant,
     },
+}
+
+impl Done {
+    /// The group it reports on.
+    pub(super) fn group(&self) -> &str {
+        match self {
+            Done::Running { group, .. }
+            | Done::Idle { group }
+            | Done::Monitored { group, .. }
+            | Done::Fenced { group, .. }
+            | Done::Failed { group, .. }
+            | Done::Live { group, .. }
+            | Done::StillPaused { group, .. } => group,
+        }
+    }
 }
 
 /// What the operations share.
@@ -285,6 +307,8 @@ async fn claim_record(
             n.state = GroupState::Starting;
             n.move_to = 0;
             n.restarts = 0;
+            // A live migration of the old owner's run ends with this claim.
+            n.migration = None;
             n.reason = reason.clone();
             Some(n)
         })
@@ -907,11 +931,11 @@ pub(super) async fn kill_local(
 }
 
 /// A claim on a group record: the owner's node id and incarnation, and the epoch.
-type Holder = (u16, u64, u64);
+pub(super) type Holder = (u16, u64, u64);
 
 /// A copy of `r` to update if it is still the claim of `holder`; `None` (no update) if
 /// someone has moved it on since.
-fn if_held(r: &GroupRecord, (node, incarnation, epoch): Holder) -> Option<GroupRecord> {
+pub(super) fn if_held(r: &GroupRecord, (node, incarnation, epoch): Holder) -> Option<GroupRecord> {
     (r.owner == node && r.owner_incarnation == incarnation && r.epoch == epoch).then(|| r.clone())
 }
 

@@ -28,6 +28,22 @@ pub enum Local {
     },
 }
 
+/// What the owner of a group knows of its live migration away (the record has the
+/// rest). Changed only by the ops the planner returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LiveOut {
+    #[default]
+    None,
+    /// The record asks for a migration to `to`: the destination may register on the
+    /// disks, so whatever ends the migration here must also clean up after it.
+    Pending { to: u16 },
+    /// Migrating to `addr` failed; the VM runs on here, and `addr` is not tried again.
+    Failed { to: u16, addr: String },
+    /// The state went over to `to`: the VM here is stopped for good (postmigrate) and
+    /// waits for the destination's switchover, or to be continued if none comes.
+    HandedOver { to: u16 },
+}
+
 /// Why a group is being taken offline (decides the offline action and the record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OfflineReason {
@@ -93,6 +109,8 @@ pub struct GroupView<'a> {
     pub waiting_since: Option<Instant>,
     /// No new claim before this (after a failed attempt).
     pub backoff_until: Option<Instant>,
+    /// A live migration of this group away from here.
+    pub live: LiveOut,
 }
 
 /// What the loop is to do. Ops that run I/O mark the group busy until they report.
@@ -151,6 +169,39 @@ pub enum Op {
         group: String,
         paused_for: Duration,
     },
+    /// Local state only: what the owner knows of a live migration away.
+    SetLive {
+        group: String,
+        live: LiveOut,
+    },
+    /// Destination: register on the disks without preempting, start the VM waiting for
+    /// the incoming migration, publish the address, and at switchover take the disks
+    /// and the record from `source` (which owned it at `epoch`).
+    MigrateIn {
+        group: String,
+        source: u16,
+        epoch: u64,
+    },
+    /// Source: migrate the VM running here live to `addr` on node `to`.
+    MigrateOut {
+        group: String,
+        to: u16,
+        addr: String,
+    },
+    /// Source: the migration ended without a hand-over: run the VM here again (if it
+    /// went over), take back the disks (the destination's keys go) and clear the
+    /// record's migration.
+    EndMigrationHere {
+        group: String,
+        epoch: u64,
+        handed_over: bool,
+        why: String,
+    },
+    /// Source: the destination took the group over: the stopped VM here goes.
+    FinishMigrationOut {
+        group: String,
+        to: u16,
+    },
 }
 
 /// The ops for every configured group, in the order given.
@@ -196,7 +247,14 @@ pub fn plan_group(
     if mine {
         return plan_owned(&w, g, rec);
     }
-    // Not ours: a VM still running here means someone else took it.
+    // Not ours: a VM still running here means someone else took it (the destination of
+    // a live migration, if the state went over).
+    if let (LiveOut::HandedOver { .. }, Local::Running { .. }) = (&g.live, g.local) {
+        return vec![Op::FinishMigrationOut {
+            group,
+            to: rec.owner,
+        }];
+    }
     if g.local != Local::Idle {
         let why = match g.local {
             Local::Paused { .. } => format!(
@@ -213,6 +271,9 @@ pub fn plan_group(
     }
     if rec.admin == AdminState::Offline {
         return stop_waiting(g);
+    }
+    if let Some(op) = live::migrate_in(node, g, rec, membership, now) {
+        return vec![op];
     }
     // Owned by a peer: take over only if that peer is dead or left. Alive with a new
     // incarnation, it cleans its orphans itself.
@@ -306,6 +367,9 @@ fn plan_owned(w: &World, g: &GroupView, rec: &GroupRecord) -> Vec<Op> {
     }
     if rec.frozen {
         return vec![];
+    }
+    if let Some(ops) = live::migrate_out(w.membership, g, rec, w.now) {
+        return ops;
     }
     if let Some((reason, text)) = owned_request(w, g, rec) {
         return vec![Op::TakeOffline {
@@ -539,6 +603,9 @@ pub fn expired_pauses(groups: &[GroupView], max_pause: Duration, now: Instant) -
         })
         .collect()
 }
+
+#[path = "planner_live.rs"]
+mod live;
 
 #[cfg(test)]
 #[path = "planner_tests.rs"]

@@ -49,6 +49,7 @@ struct Conf {
     next_monitor_ms: u64,
     waiting_since_ms: Option<u64>,
     backoff_until_ms: Option<u64>,
+    live: LiveOut,
 }
 
 impl Default for Conf {
@@ -63,6 +64,7 @@ impl Default for Conf {
             next_monitor_ms: 0,
             waiting_since_ms: None,
             backoff_until_ms: None,
+            live: LiveOut::None,
         }
     }
 }
@@ -270,6 +272,7 @@ impl Scene {
                 next_monitor: self.at(c.next_monitor_ms),
                 waiting_since: c.waiting_since_ms.map(|t| self.at(t)),
                 backoff_until: c.backoff_until_ms.map(|t| self.at(t)),
+                live: c.live.clone(),
             })
             .collect()
     }
@@ -1026,4 +1029,118 @@ fn on_sigterm_a_group_is_handed_to_the_best_peer() {
         handover(&node, policy, None, None, &m, s.at(LATE)).0,
         OfflineReason::NodeStop
     );
+}
+
+// ---- Live migration (planner_live.rs) ----
+
+use crate::agent::quorum::Migration;
+
+/// A live migration of `r` to `to`, listening on `addr` ("" = requested only).
+fn migrating(r: GroupRecord, to: u16, addr: &str) -> GroupRecord {
+    with(r, |r| {
+        r.migration = Some(Migration {
+            to,
+            addr: addr.into(),
+        })
+    })
+}
+fn live(s: Scene, group: &str, l: LiveOut) -> Scene {
+    s.conf(group, |c| c.live = l)
+}
+fn migrate_in(group: &str, source: u16) -> Op {
+    Op::MigrateIn {
+        group: group.into(),
+        source,
+        epoch: 4,
+    }
+}
+fn migrate_out(group: &str, to: u16, addr: &str) -> Op {
+    Op::MigrateOut {
+        group: group.into(),
+        to,
+        addr: addr.into(),
+    }
+}
+fn end_here(group: &str, handed_over: bool, why: &str) -> Op {
+    Op::EndMigrationHere {
+        group: group.into(),
+        epoch: 4,
+        handed_over,
+        why: why.into(),
+    }
+}
+const ADDR: &str = "127.0.0.1:4444";
+
+plan_cases! {
+    // Destination.
+    live_destination_starts_incoming_when_asked:
+        |s| me(2).node(1, alive()).group(migrating(owned_by("g", 1), 2, "")),
+        at LATE => vec![migrate_in("g", 1)];
+    live_destination_does_not_start_twice_once_listening:
+        |s| me(2).node(1, alive()).group(migrating(owned_by("g", 1), 2, ADDR)),
+        at LATE => vec![];
+    live_other_nodes_leave_the_migration_alone:
+        |s| me(3).node(1, alive()).node(2, alive()).group(migrating(owned_by("g", 1), 2, "")),
+        at LATE => vec![];
+    live_destination_waits_out_its_backoff:
+        |s| me(2).node(1, alive()).group(migrating(owned_by("g", 1), 2, ""))
+            .backoff_until("g", LATE + 1),
+        at LATE => vec![];
+    live_destination_self_fencing_does_not_start:
+        |s| me(2).node(1, alive()).group(migrating(owned_by("g", 1), 2, "")).self_fencing(),
+        at LATE => vec![];
+    live_source_dead_mid_migration_is_taken_over:
+        |s| me(2).node(1, silent_since(0)).group(migrating(owned_by("g", 1), 2, ADDR)),
+        at LATE => vec![claim_fencing("g", 1)];
+    live_request_for_a_dead_owner_is_a_normal_failover:
+        |s| me(2).node(1, silent_since(0)).group(migrating(owned_by("g", 1), 2, "")),
+        at LATE => vec![claim_fencing("g", 1)];
+
+    // Source.
+    live_source_notes_the_request_and_monitors_on:
+        |s| me(1).node(2, alive()).group(migrating(mine("g", 1), 2, "")).running("g"),
+        at LATE => vec![Op::SetLive { group: "g".into(), live: LiveOut::Pending { to: 2 } }];
+    live_source_monitors_while_the_destination_gets_ready:
+        |s| live(me(1).node(2, alive()).group(migrating(mine("g", 1), 2, "")).running("g"),
+            "g", LiveOut::Pending { to: 2 }),
+        at LATE => vec![monitor("g", 4)];
+    live_source_migrates_once_the_destination_listens:
+        |s| live(me(1).node(2, alive()).group(migrating(mine("g", 1), 2, ADDR)).running("g"),
+            "g", LiveOut::Pending { to: 2 }),
+        at LATE => vec![migrate_out("g", 2, ADDR)];
+    live_source_does_not_retry_a_failed_address:
+        |s| live(me(1).node(2, alive()).group(migrating(mine("g", 1), 2, ADDR)).running("g")
+            .next_monitor("g", LATE + 1),
+            "g", LiveOut::Failed { to: 2, addr: ADDR.into() }),
+        at LATE => vec![];
+    live_source_handed_over_waits_for_the_switchover_without_monitoring:
+        |s| live(me(1).node(2, alive()).group(migrating(mine("g", 1), 2, ADDR)).running("g"),
+            "g", LiveOut::HandedOver { to: 2 }),
+        at LATE => vec![];
+    live_source_handed_over_ends_when_the_destination_took_the_record:
+        |s| live(me(1).node(2, alive()).group(owned_by("g", 2)).running("g"),
+            "g", LiveOut::HandedOver { to: 2 }),
+        at LATE => vec![Op::FinishMigrationOut { group: "g".into(), to: 2 }];
+    live_source_handed_over_runs_again_when_the_destination_dies:
+        |s| live(me(1).node(2, silent_since(0)).group(migrating(mine("g", 1), 2, ADDR))
+            .running("g"), "g", LiveOut::HandedOver { to: 2 }),
+        at LATE => vec![end_here("g", true,
+            "node 2 did not take the migrated VM over; it runs here again")];
+    live_source_handed_over_runs_again_when_the_destination_gave_up:
+        |s| live(me(1).node(2, alive()).group(mine("g", 1)).running("g"),
+            "g", LiveOut::HandedOver { to: 2 }),
+        at LATE => vec![end_here("g", true,
+            "node 2 did not take the migrated VM over; it runs here again")];
+    live_source_cleans_up_after_a_dead_destination:
+        |s| live(me(1).node(2, silent_since(0)).group(migrating(mine("g", 1), 2, ADDR))
+            .running("g"), "g", LiveOut::Failed { to: 2, addr: ADDR.into() }),
+        at LATE => vec![end_here("g", false, "live migration to node 2: the node is gone")];
+    live_source_cleans_up_after_the_destination_aborted:
+        |s| live(me(1).node(2, alive()).group(mine("g", 1)).running("g"),
+            "g", LiveOut::Pending { to: 2 }),
+        at LATE => vec![end_here("g", false, "live migration ended without a hand-over")];
+    live_source_does_not_move_or_fail_back_during_a_migration:
+        |s| me(1).node(2, alive()).node(3, alive())
+            .group(moving_to(migrating(mine("g", 1), 2, ""), 3)).running("g"),
+        at LATE => vec![Op::SetLive { group: "g".into(), live: LiveOut::Pending { to: 2 } }];
 }

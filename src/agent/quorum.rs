@@ -482,7 +482,26 @@ pub struct GroupRecord {
     pub reason: String,
     /// Wall-clock milliseconds of the last transition (display only).
     pub changed_wall_ms: u64,
+    /// A live migration under way (kept in a trailer after the record's CRC; see
+    /// [`Migration`]).
+    pub migration: Option<Migration>,
 }
+
+/// A live migration of a running group to `to`. Requested by `ctl move --live` with an
+/// empty `addr`; the destination fills `addr` once its incoming QEMU listens, and the
+/// record then shows `migrating`. The owner stays the source (state running) until the
+/// destination's switchover claims the record, so an agent that predates live migration
+/// reads the record as an ordinary running group and ignores the trailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub to: u16,
+    /// host:port the destination's incoming QEMU listens on; empty until it does.
+    pub addr: String,
+}
+
+const MIGRATION_MAGIC: &[u8] = b"HFMIG1";
+const MIGRATION_ADDR_CAP: usize = 64;
+const MIGRATION_BODY: usize = 2 + 1 + MIGRATION_ADDR_CAP;
 
 const GROUP_BODY: usize =
     1 + GROUP_NAME_CAP + 2 + 8 + 8 + 1 + 1 + 1 + 2 + 1 + 2 + 8 + 1 + REASON_CAP + 8;
@@ -503,6 +522,14 @@ impl GroupRecord {
             failed_on: 0,
             reason: "created".into(),
             changed_wall_ms: 0,
+            migration: None,
+        }
+    }
+    /// The state shown to people: `migrating` while a destination listens.
+    pub fn state_name(&self) -> &'static str {
+        match &self.migration {
+            Some(m) if !m.addr.is_empty() && self.state == GroupState::Running => "migrating",
+            _ => self.state.name(),
         }
     }
     pub fn failed_on_node(&self, id: u16) -> bool {
@@ -533,7 +560,36 @@ impl GroupRecord {
             .u64(self.failed_on)
             .text(&reason, REASON_CAP, "reason")?
             .u64(self.changed_wall_ms);
-        Ok(e.finish(block_size))
+        let mut b = e.finish(block_size);
+        if let Some(m) = &self.migration {
+            let mut t = Enc::new(MIGRATION_MAGIC);
+            t.u16(m.to)
+                .text(&m.addr, MIGRATION_ADDR_CAP, "migration address")?;
+            let trailer = t.finish(block_size);
+            let at = GROUP_MAGIC.len() + GROUP_BODY + 4;
+            let len = MIGRATION_MAGIC.len() + MIGRATION_BODY + 4;
+            b[at..at + len].copy_from_slice(&trailer[..len]);
+        }
+        Ok(b)
+    }
+
+    /// The migration trailer after the record's CRC: zeros (every record written before
+    /// live migration existed) mean none.
+    fn decode_migration(b: &[u8], lba: u64) -> Result<Option<Migration>, QuorumError> {
+        let at = GROUP_MAGIC.len() + GROUP_BODY + 4;
+        let Some(rest) = b.get(at..) else {
+            return Ok(None);
+        };
+        let what = "group record's migration";
+        let Some(mut d) = Dec::open(rest, MIGRATION_MAGIC, MIGRATION_BODY, what, lba)? else {
+            return Ok(None);
+        };
+        let to = d.u16();
+        let addr = d.text(MIGRATION_ADDR_CAP)?;
+        if to == 0 || to > MAX_NODE_ID {
+            return Err(d.corrupt("migration target out of range"));
+        }
+        Ok(Some(Migration { to, addr }))
     }
     pub fn decode(b: &[u8], lba: u64) -> Result<Option<GroupRecord>, QuorumError> {
         let Some(mut d) = Dec::open(b, GROUP_MAGIC, GROUP_BODY, "group record", lba)? else {
@@ -575,6 +631,7 @@ impl GroupRecord {
             failed_on,
             reason,
             changed_wall_ms,
+            migration: GroupRecord::decode_migration(b, lba)?,
         }))
     }
 }
@@ -691,6 +748,35 @@ mod tests {
         g.set_failed_on(5);
         g.reason = "claimed after node 1 died".into();
         g
+    }
+
+    #[test]
+    fn the_migration_trailer_round_trips_and_old_records_have_none() {
+        for bs in [512u32, 4096] {
+            let lba = QuorumLayout::group_lba(0);
+            let old = group();
+            let b = old.encode(bs).unwrap();
+            assert_eq!(
+                GroupRecord::decode(&b, lba).unwrap().unwrap().migration,
+                None
+            );
+            let mut g = group();
+            g.migration = Some(Migration {
+                to: 2,
+                addr: "10.0.0.2:49152".into(),
+            });
+            let b = g.encode(bs).unwrap();
+            // The record proper is byte for byte what an older agent writes and reads.
+            let body = GROUP_MAGIC.len() + GROUP_BODY + 4;
+            assert_eq!(b[..body], old.encode(bs).unwrap()[..body]);
+            assert_eq!(GroupRecord::decode(&b, lba), Ok(Some(g.clone())));
+            assert_eq!(g.state_name(), "migrating");
+            g.migration.as_mut().unwrap().addr.clear();
+            assert_eq!(g.state_name(), "running");
+            let mut b = g.encode(bs).unwrap();
+            b[body + 8] ^= 1;
+            assert!(GroupRecord::decode(&b, lba).is_err());
+        }
     }
 
     #[test]

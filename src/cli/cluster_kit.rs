@@ -192,6 +192,7 @@ impl Layout {
                 event_log_keep: 5,
                 alert_command: None,
                 alert_timeout: Duration::from_secs(30),
+                migration_address: None,
             },
             target: TargetSection {
                 portals: vec![self.addr.to_string()],

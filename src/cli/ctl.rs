@@ -278,12 +278,13 @@ fn group_statuses(img: &QuorumImage, now_wall: u64) -> Vec<GroupStatus> {
         .map(|(_, r)| GroupStatus {
             name: r.name.clone(),
             owner: (r.owner != 0).then(|| name_of(r.owner)),
-            state: r.state.name().to_string(),
+            state: r.state_name().to_string(),
             admin: r.admin.name().to_string(),
             frozen: r.frozen,
             epoch: r.epoch,
             restarts: r.restarts,
             move_to: (r.move_to != 0).then(|| name_of(r.move_to)),
+            migrate_to: r.migration.as_ref().map(|m| name_of(m.to)),
             saved: r.saved,
             failed_on: (1..=64u16)
                 .filter(|i| r.failed_on_node(*i))
@@ -335,6 +336,8 @@ pub struct GroupStatus {
     pub epoch: u64,
     pub restarts: u16,
     pub move_to: Option<String>,
+    /// A live migration is requested or under way to this node.
+    pub migrate_to: Option<String>,
     pub saved: bool,
     pub failed_on: Vec<String>,
     pub reason: String,
@@ -390,6 +393,9 @@ impl std::fmt::Display for ClusterStatus {
             }
             if let Some(m) = &g.move_to {
                 flags.push(format!("moving to {m}"));
+            }
+            if let Some(m) = &g.migrate_to {
+                flags.push(format!("migrating live to {m}"));
             }
             if g.saved {
                 flags.push("saved state".into());
@@ -659,9 +665,111 @@ pub fn req_move(r: &GroupRecord, to: u16) -> Result<GroupRecord, String> {
     Ok(n)
 }
 
+/// `ctl move --live`: the group must run (on a node other than `to`) with no other
+/// migration or move pending; the destination then starts its incoming VM.
+pub fn req_live_move(r: &GroupRecord, to: u16) -> Result<GroupRecord, String> {
+    let mut n = req_move(r, to)?;
+    if r.state != GroupState::Running || r.owner == 0 {
+        return Err(format!(
+            "group {} is {}: only a running group migrates live",
+            r.name,
+            r.state_name()
+        ));
+    }
+    if let Some(m) = &r.migration {
+        return Err(format!(
+            "group {} is already migrating live to node {}",
+            r.name, m.to
+        ));
+    }
+    if r.move_to != 0 {
+        return Err(format!(
+            "group {} is already moving to node {}",
+            r.name, r.move_to
+        ));
+    }
+    n.move_to = 0;
+    n.migration = Some(crate::agent::quorum::Migration {
+        to,
+        addr: String::new(),
+    });
+    Ok(n)
+}
+
+/// Why `group`'s VM, as this node's config describes it, cannot migrate live; `None`
+/// when it can (or the group is not in this config: the destination then decides).
+pub fn live_migration_refusal(cfg: &ValidNodeConfig, group: &str) -> Option<String> {
+    let g = cfg.config.groups.iter().find(|g| g.name == group)?;
+    let d = crate::agent::driver::build(&g.vm, std::path::PathBuf::from("/dev/null"));
+    (!d.can_migrate_live()).then(|| {
+        format!(
+            "group {group}'s VM driver cannot migrate live (a `process` VM needs `qmp` set,              pointing at the QEMU's -qmp socket); use `ctl move` without --live"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_move_is_asked_of_a_running_group_only_once() {
+        let mut r = GroupRecord::new("web");
+        assert!(req_live_move(&r, 2)
+            .unwrap_err()
+            .contains("only a running group"));
+        r.owner = 1;
+        r.owner_incarnation = 9;
+        r.state = GroupState::Running;
+        assert!(req_live_move(&r, 1)
+            .unwrap_err()
+            .contains("already runs on node 1"));
+        let n = req_live_move(&r, 2).unwrap();
+        assert_eq!(
+            n.migration,
+            Some(crate::agent::quorum::Migration {
+                to: 2,
+                addr: String::new()
+            })
+        );
+        assert_eq!((n.owner, n.state, n.move_to), (1, GroupState::Running, 0));
+        assert!(req_live_move(&n, 3)
+            .unwrap_err()
+            .contains("already migrating"));
+        let moving = req_move(&r, 3).unwrap();
+        assert!(req_live_move(&moving, 2)
+            .unwrap_err()
+            .contains("already moving"));
+        let mut off = r.clone();
+        off.admin = AdminState::Offline;
+        assert!(req_live_move(&off, 2).unwrap_err().contains("offline"));
+    }
+
+    #[test]
+    fn status_shows_a_group_migrating_once_the_destination_listens() {
+        let mut r = GroupRecord::new("web");
+        r.owner = 1;
+        r.state = GroupState::Running;
+        r.migration = Some(crate::agent::quorum::Migration {
+            to: 2,
+            addr: String::new(),
+        });
+        let img = |r: &GroupRecord| QuorumImage {
+            groups: vec![(0, r.clone())],
+            ..QuorumImage::default()
+        };
+        let g = &group_statuses(&img(&r), 0)[0];
+        assert_eq!(
+            (g.state.as_str(), g.migrate_to.as_deref()),
+            ("running", Some("node2"))
+        );
+        r.migration.as_mut().unwrap().addr = "10.0.0.2:4444".into();
+        let g = &group_statuses(&img(&r), 0)[0];
+        assert_eq!(
+            (g.state.as_str(), g.migrate_to.as_deref()),
+            ("migrating", Some("node2"))
+        );
+    }
 
     #[test]
     fn no_pause_file_means_nothing_paused() {

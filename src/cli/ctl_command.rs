@@ -77,6 +77,10 @@ pub enum CtlCommand {
         /// 0 = don't wait). Exit status 3 if it has not by then, 4 if the move failed.
         #[arg(long, default_value_t = 120)]
         wait: u64,
+        /// Live migration: the VM keeps running while its memory is copied to NODE,
+        /// which then takes the disks over (QEMU with a QMP socket only).
+        #[arg(long)]
+        live: bool,
     },
     /// Maintenance: stop the group and keep it stopped.
     Offline {
@@ -233,7 +237,12 @@ async fn on_cluster(c: &mut Ctl, command: &CtlCommand, json: bool) -> anyhow::Re
             lines,
             follow,
         } => ctl_events::run(c, since.as_deref(), *lines, *follow, json).await?,
-        CtlCommand::Move { group, node, wait } => move_group(c, group, node, *wait, json).await?,
+        CtlCommand::Move {
+            group,
+            node,
+            wait,
+            live,
+        } => move_group(c, group, node, *wait, *live, json).await?,
         CtlCommand::Offline { group, wait } => {
             let t0 = Instant::now();
             let by = format!("offline requested by {}", ctl_events::actor());
@@ -293,17 +302,29 @@ async fn move_group(
     group: &str,
     node: &str,
     wait: u64,
+    live: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    if live {
+        if let Some(why) = ctl::live_migration_refusal(&c.cfg, group) {
+            anyhow::bail!(why);
+        }
+    }
     let img = c.quorum.read_image().await?;
     let to = Ctl::resolve_node(&img, node)?;
     let t0 = Instant::now();
-    let by = format!("move to {node} requested by {}", ctl_events::actor());
-    c.update_group(group, |r, _| ctl::req_move(r, to).map(|n| noted(n, &by)))
+    let kind = if live { "live migration" } else { "move" };
+    let by = format!("{kind} to {node} requested by {}", ctl_events::actor());
+    let request = if live {
+        ctl::req_live_move
+    } else {
+        ctl::req_move
+    };
+    c.update_group(group, |r, _| request(r, to).map(|n| noted(n, &by)))
         .await?;
     c.record("ctl-move", group, &by, to).await;
     if wait == 0 {
-        done(json, format!("move of {group} to {node} requested"));
+        done(json, format!("{kind} of {group} to {node} requested"));
         return Ok(());
     }
     let timeout = Duration::from_secs(wait);

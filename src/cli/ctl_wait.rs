@@ -69,6 +69,7 @@ struct Seen {
     state: GroupState,
     admin: AdminState,
     move_to: u16,
+    migration: Option<crate::agent::quorum::Migration>,
 }
 
 /// Sans-IO: fed each record read (with the time since the request), says what to print
@@ -101,6 +102,7 @@ impl Progress {
             state: r.state,
             admin: r.admin,
             move_to: r.move_to,
+            migration: r.migration.clone(),
         };
         let line = (self.last.as_ref() != Some(&seen)).then(|| {
             format!(
@@ -128,13 +130,16 @@ pub fn describe(r: &GroupRecord, name_of: &dyn Fn(u16) -> String) -> String {
     let mut s = if r.owner == 0 {
         r.state.name().to_string()
     } else {
-        format!("{} on {}", r.state.name(), name_of(r.owner))
+        format!("{} on {}", r.state_name(), name_of(r.owner))
     };
     if r.admin == AdminState::Offline {
         s.push_str(", offline");
     }
     if r.move_to != 0 {
         s.push_str(&format!(", moving to {}", name_of(r.move_to)));
+    }
+    if let Some(m) = &r.migration {
+        s.push_str(&format!(", migrating live to {}", name_of(m.to)));
     }
     if !r.reason.is_empty() {
         s.push_str(&format!(" ({})", r.reason));
@@ -158,9 +163,17 @@ fn verdict(goal: Goal, r: &GroupRecord, name_of: &dyn Fn(u16) -> String) -> Verd
             Verdict::Failed(format!("it failed on {}", name_of(to)))
         }
         // Another node claimed it (a claim clears move_to) or the request was dropped.
-        Goal::RunOn(to) if r.owner != 0 && r.owner != to && r.move_to != to => Verdict::Failed(
-            format!("the move was dropped: it is {}", describe(r, name_of)),
-        ),
+        Goal::RunOn(to)
+            if r.owner != 0
+                && r.owner != to
+                && r.move_to != to
+                && r.migration.as_ref().is_none_or(|m| m.to != to) =>
+        {
+            Verdict::Failed(format!(
+                "the move was dropped: it is {}",
+                describe(r, name_of)
+            ))
+        }
         _ => Verdict::Waiting,
     }
 }

@@ -12,6 +12,7 @@ mod agent_events;
 mod agent_failover;
 mod agent_faults;
 mod agent_guest;
+mod agent_live;
 mod agent_logs;
 mod agent_metrics;
 mod agent_outage;

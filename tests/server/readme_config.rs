@@ -166,6 +166,7 @@ shared_state_dir = "/tmp/shared"
 event_log = "/tmp/events.jsonl"
 metrics = "127.0.0.1:9465"
 alert_command = "logger -t holdfast-alert"
+migration_address = "10.0.0.1"
 [target]
 portals = ["127.0.0.1:3260"]
 name = "iqn.2026-11.org.example:t"

@@ -12,6 +12,7 @@ use std::time::Duration;
 mod exec;
 mod freeze;
 pub mod libvirt;
+pub mod migration;
 pub mod process;
 pub(crate) mod procinfo;
 pub mod qmp;
@@ -227,6 +228,52 @@ pub trait VmDriver: Send {
     fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
         let _ = ctx;
         Err(DriverError::Unsupported { action: "resume" })
+    }
+
+    // Live migration. A driver that can do it implements all five; the agent asks
+    // nothing of one that cannot beyond `start_incoming`, whose `Unsupported` ends the
+    // attempt before anything changed.
+
+    /// Destination: start the VM paused, waiting for an incoming migration on `host`;
+    /// returns the `host:port` it listens on.
+    fn start_incoming(&mut self, ctx: &VmContext, host: &str) -> Result<String, DriverError> {
+        let _ = (ctx, host);
+        Err(DriverError::Unsupported {
+            action: "live migration",
+        })
+    }
+    /// Destination: wait until the incoming state has arrived (the VM stays paused).
+    fn wait_incoming(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
+        let _ = (ctx, timeout);
+        Err(DriverError::Unsupported {
+            action: "live migration",
+        })
+    }
+    /// Source: migrate the running VM live to `addr` (host:port) and return QEMU's
+    /// figures once it completed; the VM here is then stopped for good (postmigrate). On
+    /// failure or timeout the migration is cancelled and the VM keeps running here.
+    fn migrate_live(
+        &mut self,
+        ctx: &VmContext,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<migration::MigrationStats, DriverError> {
+        let _ = (ctx, addr, timeout);
+        Err(DriverError::Unsupported {
+            action: "live migration",
+        })
+    }
+    /// Run the VM after a migration: the destination once it owns the disks, or the
+    /// source again when the hand-over did not happen.
+    fn continue_migrated(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let _ = ctx;
+        Err(DriverError::Unsupported {
+            action: "live migration",
+        })
+    }
+    /// Whether this VM's driver can migrate live at all (for `ctl move --live`).
+    fn can_migrate_live(&self) -> bool {
+        false
     }
 }
 

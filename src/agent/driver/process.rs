@@ -22,6 +22,7 @@
 //! since a stopped process only acts on a signal once it is continued.
 
 use super::exec::{self, describe, peek, signal_group, tail_lines, wait_exit, Peek};
+use super::migration::{self, MigrationError, MigrationStats};
 use super::qmp::{self, Qmp, QmpError};
 use super::{freeze, procinfo, signal_number, DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::ProcessVm;
@@ -247,6 +248,48 @@ impl ProcessDriver {
         self.running_pid(action)?;
         tracing::debug!(group = %ctx.group, pid, action, "VM {action}d");
         Ok(())
+    }
+}
+
+/// Live migration, for a QEMU started with `-qmp` (the `qmp` setting): the destination
+/// runs the command line with `-S -incoming defer` added, the rest is QMP
+/// ([`migration`]).
+impl ProcessDriver {
+    /// The QMP socket of the running VM, for a live-migration step.
+    fn live_qmp(&mut self, ctx: &VmContext, action: &'static str) -> Result<PathBuf, DriverError> {
+        let path = self.qmp_path(ctx).ok_or(DriverError::Unsupported {
+            action: "live migration (the process VM has no `qmp` socket)",
+        })?;
+        self.running_pid(action)?;
+        Ok(path)
+    }
+
+    fn incoming(&mut self, ctx: &VmContext, host: &str) -> Result<String, DriverError> {
+        if self.vm.qmp.is_none() {
+            return self.live_qmp(ctx, "start incoming").map(|_| String::new());
+        }
+        let extra = ["-S", "-incoming", "defer"].map(String::from);
+        self.spawn(ctx, "start incoming", &extra)?;
+        let path = self.live_qmp(ctx, "start incoming")?;
+        migration::listen(&path, host, MIGRATION_QMP_TIMEOUT).map_err(|e| {
+            // A half-started destination must not linger.
+            self.kill_now();
+            live_error("start incoming", e)
+        })
+    }
+}
+
+/// Longest wait for a QMP answer (and for a fresh QEMU's socket) in a migration step;
+/// the migration itself has the agent's `migration_timeout`.
+const MIGRATION_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn live_error(action: &'static str, e: MigrationError) -> DriverError {
+    match e {
+        MigrationError::Timeout(after) => DriverError::Timeout { action, after },
+        e => DriverError::Failed {
+            action,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -638,6 +681,35 @@ impl VmDriver for ProcessDriver {
 
     fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
         self.set_paused(ctx, false)
+    }
+
+    fn start_incoming(&mut self, ctx: &VmContext, host: &str) -> Result<String, DriverError> {
+        self.incoming(ctx, host)
+    }
+
+    fn wait_incoming(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
+        let path = self.live_qmp(ctx, "incoming migration")?;
+        migration::wait_incoming(&path, timeout).map_err(|e| live_error("incoming migration", e))
+    }
+
+    fn migrate_live(
+        &mut self,
+        ctx: &VmContext,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<MigrationStats, DriverError> {
+        let path = self.live_qmp(ctx, "live migration")?;
+        migration::migrate(&path, addr, timeout).map_err(|e| live_error("live migration", e))
+    }
+
+    fn continue_migrated(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        let path = self.live_qmp(ctx, "continue after migration")?;
+        migration::cont(&path, MIGRATION_QMP_TIMEOUT)
+            .map_err(|e| live_error("continue after migration", e))
+    }
+
+    fn can_migrate_live(&self) -> bool {
+        self.vm.qmp.is_some()
     }
 }
 
