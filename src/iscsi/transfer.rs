@@ -72,6 +72,9 @@ pub struct WriteTransfer {
     /// Bytes the device server wants (≤ edtl); data past it is accepted and dropped.
     wanted: u32,
     buf: BytesMut,
+    /// All of the command's data when it came as immediate data (see
+    /// [`WriteTransfer::from_immediate`]); `buf` is then empty.
+    whole: Option<Bytes>,
     limits: WriteLimits,
     unsolicited_open: bool,
     unsolicited_received: u32,
@@ -101,6 +104,7 @@ impl WriteTransfer {
             edtl,
             wanted,
             buf: BytesMut::zeroed(wanted as usize),
+            whole: None,
             limits,
             unsolicited_open: !final_,
             unsolicited_received: 0,
@@ -118,6 +122,33 @@ impl WriteTransfer {
         if !immediate.is_empty() {
             t.accept_unsolicited_bytes(0, immediate)?;
         }
+        Ok(t)
+    }
+
+    /// As [`WriteTransfer::new`], but when the immediate data is all the command's data
+    /// (F bit, exactly the bytes wanted) the transfer keeps that buffer (a slice of the
+    /// receive buffer) instead of copying it into a zeroed one of its own.
+    pub fn from_immediate(
+        edtl: u32,
+        wanted: u32,
+        immediate: &Bytes,
+        final_: bool,
+        limits: WriteLimits,
+        ttt_base: u32,
+    ) -> Result<Self, DataOutError> {
+        let len = immediate.len();
+        let whole = final_ && len > 0 && len == wanted.min(edtl) as usize;
+        if !whole {
+            return Self::new(edtl, wanted, immediate, final_, limits, ttt_base);
+        }
+        if len as u32 > limits.first_burst_length {
+            return Err(DataOutError::FirstBurstExceeded);
+        }
+        let mut t = Self::new(edtl, 0, &[], final_, limits, ttt_base)?;
+        t.wanted = len as u32;
+        t.unsolicited_received = len as u32;
+        t.received_total = len as u32;
+        t.whole = Some(immediate.clone());
         Ok(t)
     }
 
@@ -253,7 +284,10 @@ impl WriteTransfer {
     }
 
     pub fn into_data(self) -> Bytes {
-        self.buf.freeze()
+        match self.whole {
+            Some(data) => data,
+            None => self.buf.freeze(),
+        }
     }
 }
 
@@ -356,6 +390,29 @@ mod tests {
             WriteTransfer::new(8, 8, &[1; 8], true, limits(false, 65536, 262144, 1), 0).unwrap();
         assert!(t.is_complete());
         assert_eq!(&t.into_data()[..], &[1; 8]);
+    }
+
+    #[test]
+    fn whole_immediate_data_is_kept_not_copied() {
+        let l = limits(false, 65536, 262144, 1);
+        let data = Bytes::from(vec![5u8; 4096]);
+        let mut t = WriteTransfer::from_immediate(4096, 4096, &data, true, l, 0).unwrap();
+        assert!(t.is_complete());
+        assert!(t.next_r2ts().is_empty());
+        assert_eq!(t.r2t_count(), 0);
+        let out = t.into_data();
+        assert_eq!(out, data);
+        assert_eq!(out.as_ptr(), data.as_ptr(), "same buffer, no copy");
+        // Part of the data, or more Data-Out to come: the copying path, as before.
+        let part = data.slice(..1024);
+        let mut t = WriteTransfer::from_immediate(4096, 4096, &part, true, l, 0).unwrap();
+        assert!(!t.is_complete());
+        assert_eq!(t.next_r2ts().len(), 1);
+        let t = WriteTransfer::from_immediate(4096, 4096, &data, false, l, 0).unwrap();
+        assert!(!t.is_complete());
+        // The first burst limit still applies.
+        let small = limits(false, 1024, 2048, 1);
+        assert!(WriteTransfer::from_immediate(4096, 4096, &data, true, small, 0).is_err());
     }
 
     #[test]

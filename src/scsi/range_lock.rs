@@ -20,9 +20,18 @@ struct Stripe {
     exclusive: bool,
 }
 
+/// The stripes and how many acquirers wait for one of them.
+#[derive(Debug)]
+struct Table {
+    stripes: [Stripe; STRIPES],
+    /// Waiting `lock` calls: a release only signals the condvar when there are some (a
+    /// notify is a futex system call even with nobody waiting, once per plain write).
+    waiting: u32,
+}
+
 #[derive(Debug)]
 pub struct RangeLock {
-    stripes: Mutex<[Stripe; STRIPES]>,
+    table: Mutex<Table>,
     released: Condvar,
 }
 
@@ -44,7 +53,10 @@ pub struct RangeGuard<'a> {
 impl Default for RangeLock {
     fn default() -> Self {
         RangeLock {
-            stripes: Mutex::new([Stripe::default(); STRIPES]),
+            table: Mutex::new(Table {
+                stripes: [Stripe::default(); STRIPES],
+                waiting: 0,
+            }),
             released: Condvar::new(),
         }
     }
@@ -79,10 +91,10 @@ impl RangeLock {
 
     fn acquire(&self, lba: u64, blocks: u64, mode: Mode, wait: bool) -> Option<RangeGuard<'_>> {
         let (first, count) = Self::span(lba, blocks);
-        let mut table = self.stripes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let busy = (0..count).any(|i| {
-                let s = &table[(first + i) % STRIPES];
+                let s = &table.stripes[(first + i) % STRIPES];
                 match mode {
                     Mode::Shared => s.exclusive,
                     Mode::Exclusive => s.exclusive || s.shared > 0,
@@ -94,13 +106,15 @@ impl RangeLock {
             if !wait {
                 return None;
             }
+            table.waiting += 1;
             table = self
                 .released
                 .wait(table)
                 .unwrap_or_else(PoisonError::into_inner);
+            table.waiting -= 1;
         }
         for i in 0..count {
-            let s = &mut table[(first + i) % STRIPES];
+            let s = &mut table.stripes[(first + i) % STRIPES];
             match mode {
                 Mode::Shared => s.shared += 1,
                 Mode::Exclusive => s.exclusive = true,
@@ -119,18 +133,21 @@ impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut table = self
             .lock
-            .stripes
+            .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for i in 0..self.count {
-            let s = &mut table[(self.first + i) % STRIPES];
+            let s = &mut table.stripes[(self.first + i) % STRIPES];
             match self.mode {
                 Mode::Shared => s.shared = s.shared.saturating_sub(1),
                 Mode::Exclusive => s.exclusive = false,
             }
         }
+        let waiting = table.waiting > 0;
         drop(table);
-        self.lock.released.notify_all();
+        if waiting {
+            self.lock.released.notify_all();
+        }
     }
 }
 
@@ -161,12 +178,16 @@ mod tests {
             let _x = l2.lock(3, 1, Mode::Exclusive);
             g2.store(true, Ordering::SeqCst);
         });
-        std::thread::sleep(std::time::Duration::from_millis(30));
+        // The waiter is counted, so the releases below signal it.
+        while l.table.lock().unwrap().waiting == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(!got.load(Ordering::SeqCst));
         drop(a);
         drop(_b);
         t.join().unwrap();
         assert!(got.load(Ordering::SeqCst));
+        assert_eq!(l.table.lock().unwrap().waiting, 0);
     }
 
     #[test]

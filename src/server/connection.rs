@@ -324,7 +324,7 @@ impl Shared {
 /// Largest READ answered inline (bounds how long one command holds a runtime thread).
 const INLINE_READ_MAX: u32 = 256 * 1024;
 /// Largest WRITE tried inline: small writes are where the pool round trip dominates.
-const INLINE_WRITE_MAX: u32 = 64 * 1024;
+const INLINE_WRITE_MAX: u32 = 128 * 1024;
 
 /// Whether a command may be tried on the calling (runtime) thread first: plain READs and
 /// WRITEs without FUA, whose attempt has no effect beyond the transfer itself, so that

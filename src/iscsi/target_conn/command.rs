@@ -154,7 +154,7 @@ impl TargetConnection {
     /// A write: take its immediate data, ask for the rest.
     fn start_transfer(&mut self, c: wire::ScsiCommand, ready: Ready, data: &Bytes) {
         let ttt_base = self.alloc_ttt().wrapping_mul(0x1_0000) & 0x7fff_ffff;
-        match WriteTransfer::new(
+        match WriteTransfer::from_immediate(
             c.expected_data_transfer_length,
             ready.cdb_out_len,
             data,
