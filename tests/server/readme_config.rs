@@ -368,6 +368,7 @@ fn readme_agent_examples_are_valid() {
         .iter()
         .map(|g| match g.vm {
             agent_config::VmConfig::Process(_) => "process",
+            agent_config::VmConfig::Qemu(_) => "qemu",
             agent_config::VmConfig::Script { .. } => "script",
             agent_config::VmConfig::Libvirt { .. } => "libvirt",
         })
