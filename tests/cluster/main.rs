@@ -17,6 +17,7 @@ mod agent_metrics;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
+mod agent_qemu;
 mod agent_service;
 mod ctl_wait;
 mod demo;

@@ -373,7 +373,7 @@ fn readme_agent_examples_are_valid() {
             agent_config::VmConfig::Libvirt { .. } => "libvirt",
         })
         .collect();
-    assert_eq!(drivers.len(), 3, "the complete example shows every driver");
+    assert_eq!(drivers.len(), 4, "the complete example shows every driver");
     // Every other agent snippet (whole node configs, or groups alone) validates too.
     let mut checked = 0;
     for block in readme.split("```toml").skip(1) {
