@@ -107,7 +107,8 @@ _deps_packages() {
       # debootstrap, iproute2: tools/package-test.sh (a clean Debian root, its own netns)
       # chromium: the status page test (tests/cluster/status_page.rs)
       # systemd, procps: systemd-analyze verify (tests/server/service.rs), ps
-      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps ;;
+      # cpio, binutils (strip): the QEMU test guest's initramfs (fixtures/qemu-guest/build.sh)
+      test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps cpio binutils ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -231,6 +232,8 @@ deps_verify() {
         _deps_check "cargo fuzz" cargo fuzz --version
         _deps_check "cargo deb" cargo deb --version
         _deps_check "debootstrap" _deps_tool debootstrap
+        _deps_check "cpio, strip, dpkg-deb (fixtures/qemu-guest/build.sh)" \
+          bash -c 'command -v cpio && command -v strip && command -v dpkg-deb'
         _deps_check "unshare, chroot, ip (util-linux, coreutils, iproute2)" \
           bash -c 'command -v unshare && command -v chroot && command -v ip'
         ;;

@@ -2,7 +2,7 @@
 //! initramfs of fixtures/qemu-guest, whose /init writes the test guest's counter records
 //! to its virtio disk (iscsi:// LUN, cache=none) with O_DIRECT|O_DSYNC and echoes every
 //! acknowledged write on its second serial port, which QEMU appends to the group's ack
-//! log. One two-node cluster goes through: start; crash (kill -9 of QEMU) → restart in
+//! log (src/cli/guest_qemu.rs). One two-node cluster goes through: start; crash (kill -9 of QEMU) → restart in
 //! place; kill -9 of the owner node → the guest boots on the survivor; planned move with
 //! save/restore → the same run continues; an ACPI power-down the agent did not ask for →
 //! the group is kept offline. `holdfast guest check` is clean after each step.
@@ -14,11 +14,12 @@
 use crate::common;
 
 use common::cluster::{node_name, Cluster, GroupSpec};
-use holdfast::agent::config::{OfflineAction, QemuVm, Timings, VmConfig};
+use holdfast::agent::config::{OfflineAction, Timings};
 use holdfast::agent::driver::qmp::Qmp;
 use holdfast::agent::quorum::{AdminState, GroupState};
 use holdfast::cli::cluster_kit as kit;
 use holdfast::cli::guest::AckEvent;
+use holdfast::cli::guest_qemu::{qemu_guest_vm, vm_initiator_dir, GuestImage};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,22 +29,16 @@ const LUN: u64 = 1;
 /// A TCG guest boots in ~10-20 s on a shared machine; twice that and more is a failure.
 const BOOT: Duration = Duration::from_secs(90);
 
-/// The guest's kernel and initramfs.
-struct GuestImage {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-}
-
 /// Build (or find cached) the guest image, or None (reason printed) when the test may
-/// skip.
-fn guest_image() -> Option<GuestImage> {
-    let vmi = std::env::var_os("VM_INITIATOR_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/vm-initiator")
-        });
+/// skip: locally without the prerequisites, or anywhere with SKIP_VM=1. Under CI=true or
+/// HOLDFAST_VM_TESTS=require a missing prerequisite fails the test.
+pub(crate) fn guest_image(test: &str) -> Option<GuestImage> {
+    let vmi = vm_initiator_dir();
     let kernel = vmi.join("vmlinuz");
-    let missing = if !kernel.is_file() || !vmi.join("initrd.img").is_file() {
+    let missing = if std::env::var("SKIP_VM").as_deref() == Ok("1") {
+        eprintln!("SKIP {test}: SKIP_VM=1");
+        return None;
+    } else if !kernel.is_file() || !vmi.join("initrd.img").is_file() {
         Some(format!(
             "{}/{{vmlinuz,initrd.img}} missing (../shared/vm-initiator/build-image.sh)",
             vmi.display()
@@ -61,8 +56,8 @@ fn guest_image() -> Option<GuestImage> {
     if let Some(why) = missing {
         let required = std::env::var("CI").as_deref() == Ok("true")
             || std::env::var("HOLDFAST_VM_TESTS").as_deref() == Ok("require");
-        assert!(!required, "agent_qemu: {why}");
-        eprintln!("SKIP agent_qemu: {why}");
+        assert!(!required, "{test}: {why}");
+        eprintln!("SKIP {test}: {why}");
         return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -82,23 +77,12 @@ fn guest_image() -> Option<GuestImage> {
     Some(GuestImage { kernel, initramfs })
 }
 
-/// The group's VM: the test guest under the qemu driver, acks on ttyS1 into the ack log.
-fn qemu_vm(c: &Cluster, img: &GuestImage) -> VmConfig {
-    let mut vm = QemuVm::new(Some(img.kernel.clone()));
-    vm.machine = "q35,accel=tcg".into();
-    vm.initrd = Some(img.initramfs.clone());
-    vm.append = Some("console=ttyS0 loglevel=4 hf.epoch={epoch} hf.interval=20ms".into());
-    vm.serial = vec![
-        PathBuf::from("{state_dir}/{group}.console"),
-        c.ack_log(GROUP),
-    ];
-    VmConfig::Qemu(vm)
-}
-
+/// Every node runs the group's guest under the qemu driver (TCG: KVM may be there and
+/// unusable), acks on ttyS1 into the ack log.
 fn write_configs(c: &Cluster, img: &GuestImage) {
     for id in 1..=c.nodes {
         let mut cfg = c.kit.node_config(id, &c.groups, &Timings::default());
-        cfg.groups[0].vm = qemu_vm(c, img);
+        cfg.groups[0].vm = qemu_guest_vm(img, &c.ack_log(GROUP), "tcg");
         kit::write_toml(&c.node_config(id), "", &cfg).unwrap();
     }
 }
@@ -173,7 +157,9 @@ fn secs(d: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_guest_restarts_fails_over_moves_and_powers_off() {
-    let Some(img) = guest_image() else { return };
+    let Some(img) = guest_image("agent_qemu") else {
+        return;
+    };
     let mut spec = GroupSpec::new(GROUP, LUN);
     spec.preferred = vec![node_name(1)];
     spec.settings.offline_action = OfflineAction::Save;

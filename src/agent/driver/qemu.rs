@@ -107,7 +107,7 @@ impl QemuDriver {
         let uri = format!("exec:cat > {}", shell_quote(&tmp.display().to_string()));
         q.execute("migrate", Some(json!({ "uri": uri })))
             .map_err(fail)?;
-        wait_migration(&mut q, Instant::now() + timeout, "save")?;
+        wait_migration(&mut q, timeout, "save")?;
         sync_file(tmp).map_err(|e| DriverError::Failed {
             action: "save",
             detail: format!("{}: {e}", tmp.display()),
@@ -124,7 +124,7 @@ impl QemuDriver {
         );
         q.execute("migrate-incoming", Some(json!({ "uri": uri })))
             .map_err(fail)?;
-        wait_migration(q, Instant::now() + RESTORE_TIMEOUT, "restore")?;
+        wait_migration(q, RESTORE_TIMEOUT, "restore")?;
         q.execute("cont", None).map_err(fail)?;
         match qmp::run_state(q).map_err(fail)?.as_str() {
             "running" => Ok(()),
@@ -259,8 +259,10 @@ fn wait_qmp(path: &Path, timeout: Duration, alive: impl Fn() -> bool) -> Result<
     }
 }
 
-/// Poll `query-migrate` until the migration completed (Ok) or failed (Err).
-fn wait_migration(q: &mut Qmp, deadline: Instant, action: &'static str) -> Result<(), DriverError> {
+/// Poll `query-migrate` until the migration completed (Ok) or failed (Err); one still
+/// going after `timeout` is cancelled.
+fn wait_migration(q: &mut Qmp, timeout: Duration, action: &'static str) -> Result<(), DriverError> {
+    let deadline = Instant::now() + timeout;
     loop {
         let v = q
             .execute("query-migrate", None)
@@ -277,7 +279,7 @@ fn wait_migration(q: &mut Qmp, deadline: Instant, action: &'static str) -> Resul
             let _ = q.execute("migrate_cancel", None);
             return Err(DriverError::Timeout {
                 action,
-                after: deadline.saturating_duration_since(Instant::now()),
+                after: timeout,
             });
         }
         std::thread::sleep(MIGRATION_POLL);
