@@ -200,6 +200,23 @@ timeout = "60s"
 pause = true
 
 [[group]]
+name = "q"
+disks = [4]
+[group.vm]
+driver = "qemu"
+qemu = "qemu-system-x86_64"
+machine = "q35,accel=kvm:tcg"
+memory = "256M"
+cpus = 1
+kernel = "/tmp/vmlinuz"
+initrd = "/tmp/initrd"
+append = "console=ttyS0"
+serial = ["/tmp/q.console"]
+args = ["-S"]
+qmp = "/tmp/q.qmp"
+log = "/tmp/q.log"
+
+[[group]]
 name = "l"
 disks = [3]
 [group.vm]
@@ -319,7 +336,7 @@ fn readme_agent_reference_matches_the_config_structs() {
     let (code, drivers) = agent_code_keys();
     assert_eq!(
         drivers,
-        ["libvirt", "process", "script"]
+        ["libvirt", "process", "qemu", "script"]
             .map(String::from)
             .into_iter()
             .collect(),
