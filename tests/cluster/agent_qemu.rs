@@ -270,3 +270,75 @@ async fn power_off_from_the_guest(c: &Cluster) {
     let now = c.record(GROUP).await.expect("record");
     assert_eq!(now.state, GroupState::Stopped, "{now:?}");
 }
+
+/// The qemu driver alone, on a local disk file (no cluster): QMP pause really stops the
+/// guest's writes and resume continues them, and a stop of a paused guest is still a
+/// clean ACPI power-down (the driver continues it so it can see the button).
+#[test]
+fn qemu_driver_pauses_resumes_and_powers_down_a_paused_guest() {
+    use holdfast::agent::driver::qemu::QemuDriver;
+    use holdfast::agent::driver::{VmContext, VmDriver, VmStatus};
+    let Some(img) = guest_image("agent_qemu driver") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (disk, acks) = (dir.path().join("disk.img"), dir.path().join("acks.log"));
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("disk file");
+    let holdfast::agent::config::VmConfig::Qemu(mut vm) = qemu_guest_vm(&img, &acks, "tcg") else {
+        unreachable!("qemu_guest_vm builds a qemu VM")
+    };
+    vm.args = vec![
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio,cache=none", disk.display()),
+    ];
+    let ctx = VmContext {
+        group: "solo".into(),
+        node: "n1".into(),
+        node_id: 1,
+        epoch: 1,
+        initiator_name: "iqn.2026-11.org.holdfast:solo.vm".into(),
+        portal: "127.0.0.1:1".into(),
+        target: "iqn.2026-11.org.holdfast:none".into(),
+        disks: vec![],
+        state_file: dir.path().join("solo.state"),
+        state_dir: dir.path().to_path_buf(),
+    };
+    let acked = || {
+        kit::ack_events(&acks)
+            .filter(|e| matches!(e, AckEvent::Ack { .. }))
+            .count()
+    };
+    let wait_acks = |n: usize| {
+        let end = Instant::now() + BOOT;
+        while acked() < n {
+            assert!(Instant::now() < end, "{n} acks: {}", acked());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut d = QemuDriver::new(vm, dir.path().join("solo.log"));
+    d.start(&ctx).expect("start");
+    wait_acks(10);
+
+    d.pause(&ctx).expect("pause");
+    assert_eq!(d.status(&ctx).unwrap(), VmStatus::Running, "paused by us");
+    let frozen = acked();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(acked(), frozen, "a paused guest writes nothing");
+    d.resume(&ctx).expect("resume");
+    wait_acks(frozen + 10);
+
+    d.pause(&ctx).expect("pause");
+    let t = Instant::now();
+    d.stop(&ctx, Duration::from_secs(60)).expect("stop");
+    let took = t.elapsed();
+    let last = kit::ack_events(&acks).last();
+    assert!(
+        matches!(&last, Some(AckEvent::Exit { reason, .. }) if reason == "sigterm"),
+        "the guest powered down cleanly, not killed after {took:?}: {last:?}"
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(d.status(&ctx).unwrap(), VmStatus::Stopped);
+    assert!(d.pid().is_none());
+}
