@@ -372,8 +372,11 @@ impl VmDriver for QemuDriver {
             Ok(())
         });
         if let Err(e) = asked {
+            // No guest shutdown then, but QEMU still flushes and exits on SIGTERM.
             tracing::warn!(group = %ctx.group, "ACPI power-down not sent: {e}");
-        } else if wait_exit(pid, timeout).unwrap_or(Peek::Running) == Peek::Running {
+            return self.inner.stop(ctx, timeout);
+        }
+        if wait_exit(pid, timeout).unwrap_or(Peek::Running) == Peek::Running {
             tracing::warn!(group = %ctx.group, pid, ?timeout, "guest did not power down in time; killing it");
         }
         self.inner.kill(ctx)
