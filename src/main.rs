@@ -69,6 +69,18 @@ enum Command {
         /// No narration: only the failover time and the check results
         #[arg(long)]
         quiet: bool,
+        /// Run the guests as QEMU VMs booting this initramfs (made by
+        /// fixtures/qemu-guest/build.sh) instead of as processes
+        #[arg(long, value_name = "INITRAMFS")]
+        vm: Option<PathBuf>,
+        /// The kernel the --vm guests boot [default: $VM_INITIATOR_DIR/vmlinuz, else
+        /// ~/.cache/vm-initiator/vmlinuz]
+        #[arg(long, value_name = "KERNEL", requires = "vm")]
+        vm_kernel: Option<PathBuf>,
+        /// QEMU accelerators of the --vm guests, in order of preference (e.g. "tcg"
+        /// where /dev/kvm exists but does not work) [default: kvm:tcg]
+        #[arg(long, value_name = "ACCEL", requires = "vm")]
+        vm_accel: Option<String>,
     },
     /// Write man pages or shell completions from these definitions (for packaging).
     #[command(hide = true)]
@@ -130,8 +142,26 @@ fn main() -> anyhow::Result<()> {
         } => cli::agent::main(&config, check, metrics),
         Command::Ctl(args) => std::process::exit(cli::ctl_command::main(&args)?),
         Command::Guest { command } => std::process::exit(cli::guest::main(command)?),
-        Command::Demo { port, keep, quiet } => {
-            let opts = cli::demo::DemoOptions { port, keep, quiet };
+        Command::Demo {
+            port,
+            keep,
+            quiet,
+            vm,
+            vm_kernel,
+            vm_accel,
+        } => {
+            let vm = vm.map(|initramfs| cli::guest_qemu::GuestImage {
+                kernel: vm_kernel
+                    .unwrap_or_else(|| cli::guest_qemu::vm_initiator_dir().join("vmlinuz")),
+                initramfs,
+            });
+            let opts = cli::demo::DemoOptions {
+                port,
+                keep,
+                quiet,
+                vm,
+                vm_accel,
+            };
             // run() has stopped everything it started by the time it returns.
             if let Err(e) = cli::demo::run(&opts) {
                 eprintln!("holdfast demo: {e}");

@@ -109,8 +109,9 @@ _deps_packages() {
       # systemd, procps: systemd-analyze verify (tests/server/service.rs), ps
       # ceph-*: a throwaway cluster for the RBD backend (tools/ceph-up.sh,
       # tests/server/rbd.rs); holdfast itself loads librados2/librbd1 at run time
+      # cpio, binutils (strip): the QEMU test guest's initramfs (fixtures/qemu-guest/build.sh)
       test) echo libiscsi-bin tgt bc iperf3 sg3-utils prometheus debootstrap iproute2 chromium systemd procps \
-        ceph-mon ceph-osd ceph-mgr ceph-common librados2 librbd1 uuid-runtime ;;
+        ceph-mon ceph-osd ceph-mgr ceph-common librados2 librbd1 uuid-runtime cpio binutils ;;
       bench) echo libiscsi-bin tgt bc iperf3 ;;
       fuzz | vm) ;;
       *) echo "deps: unknown use '$use' (test|bench|fuzz|vm)" >&2; return 1 ;;
@@ -252,6 +253,8 @@ deps_verify() {
         _deps_check "debootstrap" _deps_tool debootstrap
         _deps_check "ceph-mon, ceph-osd, ceph-mgr, ceph, rbd (Ceph 15 or later)" _deps_ceph
         _deps_check "librados.so.2, librbd.so.1 loadable (the RBD backend dlopens them)" _deps_ceph_libs
+        _deps_check "cpio, strip, dpkg-deb (fixtures/qemu-guest/build.sh)" \
+          bash -c 'command -v cpio && command -v strip && command -v dpkg-deb'
         _deps_check "unshare, chroot, ip (util-linux, coreutils, iproute2)" \
           bash -c 'command -v unshare && command -v chroot && command -v ip'
         ;;

@@ -358,6 +358,8 @@ pub enum VmConfig {
         #[serde(default)]
         pause: bool,
     },
+    /// A QEMU guest the agent runs itself and drives over QMP (see [`QemuVm`]).
+    Qemu(QemuVm),
     /// A libvirt domain driven through virsh.
     Libvirt {
         domain: String,
@@ -422,6 +424,80 @@ impl ProcessVm {
             qmp: None,
         }
     }
+}
+
+/// The `qemu` driver's settings ([`VmConfig::Qemu`]): the agent builds the QEMU command
+/// line (the group's disks over iscsi:// with the node's VM initiator name, a QMP socket,
+/// serial ports appended to files) and stops, saves, restores, pauses and watches the
+/// guest over QMP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuVm {
+    /// The emulator [default: qemu-system-x86_64].
+    #[serde(default = "default_qemu")]
+    pub qemu: String,
+    /// `-machine` [default: q35,accel=kvm:tcg].
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// `-m` [default: 256M].
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// `-smp` [default: 1].
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Kernel to boot directly (`-kernel`); without it the guest boots from its disks.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// `-initrd`; needs `kernel`.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (`-append`); needs `kernel`.
+    #[serde(default)]
+    pub append: Option<String>,
+    /// Files the guest's serial ports (ttyS0, ttyS1, …) are appended to.
+    #[serde(default)]
+    pub serial: Vec<PathBuf>,
+    /// More QEMU arguments, added after the ones the driver builds (NICs, say).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// QMP socket [default: {state_dir}/{group}.qmp].
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
+    /// File receiving QEMU's stdout and stderr [default: STATE_DIR/GROUP.log].
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+}
+
+impl QemuVm {
+    /// A guest booting `kernel`, every other setting at its default.
+    pub fn new(kernel: Option<PathBuf>) -> QemuVm {
+        QemuVm {
+            qemu: default_qemu(),
+            machine: default_machine(),
+            memory: default_memory(),
+            cpus: default_cpus(),
+            kernel,
+            initrd: None,
+            append: None,
+            serial: vec![],
+            args: vec![],
+            qmp: None,
+            log: None,
+        }
+    }
+}
+
+fn default_qemu() -> String {
+    "qemu-system-x86_64".into()
+}
+fn default_machine() -> String {
+    "q35,accel=kvm:tcg".into()
+}
+fn default_memory() -> String {
+    "256M".into()
+}
+fn default_cpus() -> u32 {
+    1
 }
 
 fn default_stop_signal() -> String {
@@ -766,10 +842,44 @@ fn check_vm(
                 return Err(bad(&key("vm.path"), "must name a script".into()));
             }
         }
+        VmConfig::Qemu(q) => check_qemu(q, key, bad)?,
         VmConfig::Libvirt { domain, .. } => {
             if domain.is_empty() {
                 return Err(bad(&key("vm.domain"), "must name a domain".into()));
             }
+        }
+    }
+    Ok(())
+}
+
+fn check_qemu(
+    q: &QemuVm,
+    key: &dyn Fn(&str) -> String,
+    bad: &Bad<'_>,
+) -> Result<(), AgentConfigError> {
+    if q.qemu.is_empty() {
+        return Err(bad(&key("vm.qemu"), "must name a program".into()));
+    }
+    if q.cpus == 0 {
+        return Err(bad(&key("vm.cpus"), "must be at least 1".into()));
+    }
+    if q.kernel.is_none() {
+        for (k, set) in [
+            ("vm.initrd", q.initrd.is_some()),
+            ("vm.append", q.append.is_some()),
+        ] {
+            if set {
+                return Err(bad(&key(k), "needs vm.kernel".into()));
+            }
+        }
+    }
+    // QEMU reads these as comma-separated option lists: a comma would split them.
+    for (k, p) in [("vm.qmp", q.qmp.as_ref())]
+        .into_iter()
+        .chain(q.serial.iter().map(|p| ("vm.serial", Some(p))))
+    {
+        if p.is_some_and(|p| p.to_string_lossy().contains(',')) {
+            return Err(bad(&key(k), "a path with a comma".into()));
         }
     }
     Ok(())
@@ -929,6 +1039,37 @@ command = ["sleep", "1000"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn qemu_vm_parses_with_defaults_and_refuses_what_qemu_cannot_take() {
+        let qemu = |vm: &str| {
+            MINIMAL.replace(
+                "driver = \"process\"\ncommand = [\"sleep\", \"1000\"]",
+                &format!("driver = \"qemu\"\n{vm}"),
+            )
+        };
+        let c = parse(&qemu("kernel = \"/k\"\nserial = [\"/a\"]"), "t.toml").unwrap();
+        let VmConfig::Qemu(q) = &c.config.groups[0].vm else {
+            panic!("{:?}", c.config.groups[0].vm)
+        };
+        assert_eq!(
+            (&*q.qemu, &*q.machine, &*q.memory, q.cpus),
+            ("qemu-system-x86_64", "q35,accel=kvm:tcg", "256M", 1)
+        );
+        assert_eq!(q.serial, vec![PathBuf::from("/a")]);
+        assert!(q.qmp.is_none() && q.initrd.is_none());
+        for (vm, key) in [
+            ("append = \"quiet\"", "group[0].vm.append"),
+            ("cpus = 0", "group[0].vm.cpus"),
+            ("qemu = \"\"", "group[0].vm.qemu"),
+            ("serial = [\"/a,b\"]", "group[0].vm.serial"),
+            ("qmp = \"/q,server=off\"", "group[0].vm.qmp"),
+            ("kernel = \"/k\"\nbogus = 1", "bogus"),
+        ] {
+            let e = parse(&qemu(vm), "t.toml").unwrap_err().to_string();
+            assert!(e.contains(key), "{vm}: {e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! `holdfast guest check` on both disks (no lost acknowledged write, no double run, no
 //! late write) and stops everything.
 //!
+//! With `--vm` the guests are real QEMU VMs under the `qemu` driver
+//! ([`crate::cli::guest_qemu`]): the same writer inside a kernel and initramfs, on a
+//! virtio disk over iscsi://, its acks on a serial port. Booting takes longer (seconds
+//! under KVM, 10-20 s under TCG), so the waits for writes get [`VM_BOOT_TIMEOUT`].
+//!
 //! Every process is a child of this one (target, agents) or a grandchild (guests, which
 //! this process collects as a child subreaper once their agent is gone). Each runs in
 //! its own process group with a parent-death signal, so a Ctrl-C at the terminal reaches
@@ -28,6 +33,7 @@ use crate::cli::cluster_kit::{
 };
 use crate::cli::ctl::{self, Ctl};
 use crate::cli::guest::{self, CheckArgs, GuestError};
+use crate::cli::guest_qemu::{qemu_guest_vm, GuestImage};
 use crate::initiator::InitiatorConfig;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
@@ -55,6 +61,8 @@ const GROUPS: [(&str, u64, [&str; 3]); 2] = [
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for an agent or the target to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for a QEMU guest (`--vm`) to boot and write; TCG on a busy machine.
+pub const VM_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Acknowledged writes a guest run must show before the demo goes on.
 const ACKS: usize = 20;
 /// Log filter of the target and the agents (their stderr goes to DIR/*.log).
@@ -71,6 +79,10 @@ pub struct DemoOptions {
     pub keep: Option<PathBuf>,
     /// No narration: only the result lines.
     pub quiet: bool,
+    /// Run the guests as QEMU VMs booting this image (`--vm`).
+    pub vm: Option<GuestImage>,
+    /// QEMU's accelerators for those guests [default: "kvm:tcg"].
+    pub vm_accel: Option<String>,
 }
 
 /// What the demo measured.
@@ -156,6 +168,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
             cluster: CLUSTER.into(),
         },
         say,
+        vm: opts.vm.clone(),
+        vm_accel: opts.vm_accel.clone().unwrap_or_else(|| "kvm:tcg".into()),
     };
     become_subreaper();
     let mut procs = Processes::default();
@@ -232,6 +246,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
 struct Env {
     kit: Layout,
     say: Narrator,
+    /// QEMU guests instead of `guest run` processes.
+    vm: Option<GuestImage>,
+    vm_accel: String,
 }
 
 impl Env {
@@ -287,6 +304,15 @@ async fn scenario(env: &Env, procs: &mut Processes) -> Result<DemoReport, DemoEr
         env.kit.dir.display()
     ));
     write_configs(env)?;
+    if let Some(img) = &env.vm {
+        env.say.say(format!(
+            "the guests are QEMU VMs: kernel {}, initramfs {}; each writes through its \
+             virtio disk (an iscsi:// LUN) and reports every acknowledged write on a serial \
+             port",
+            img.kernel.display(),
+            img.initramfs.display()
+        ));
+    }
     start_target(env, procs).await?;
     let admin = create_offline_groups(env).await?;
     start_agents(env, procs, admin).await?;
@@ -684,8 +710,13 @@ fn write_configs(env: &Env) -> Result<(), DemoError> {
         .write_target_config(&groups, "# holdfast demo: the shared storage\n")?;
     for id in 1..=NODES {
         let header = format!("# holdfast demo: the agent of node{id}\n");
-        env.kit
-            .write_node_config(id, &groups, &Timings::default(), &header)?;
+        let mut cfg = env.kit.node_config(id, &groups, &Timings::default());
+        if let Some(img) = &env.vm {
+            for g in &mut cfg.groups {
+                g.vm = qemu_guest_vm(img, &env.kit.ack_log(&g.name), &env.vm_accel);
+            }
+        }
+        crate::cli::cluster_kit::write_toml(&env.kit.node_config_path(id), &header, &cfg)?;
     }
     Ok(())
 }
@@ -814,13 +845,20 @@ async fn wait_acks(
     group: &str,
     epoch: u64,
 ) -> Result<(), DemoError> {
-    let end = tokio::time::Instant::now() + STEP_TIMEOUT;
+    let limit = if env.vm.is_some() {
+        VM_BOOT_TIMEOUT
+    } else {
+        STEP_TIMEOUT
+    };
+    let end = tokio::time::Instant::now() + limit;
     while env.kit.acks_in(group, epoch).len() < ACKS {
         check_alive(procs)?;
         if tokio::time::Instant::now() >= end {
-            return Err(DemoError::Timeout {
-                what: format!("{group}'s guest (epoch {epoch}) to acknowledge {ACKS} writes"),
-            });
+            return Err(DemoError::Failed(format!(
+                "timed out after {} s waiting for {group}'s guest (epoch {epoch}) to \
+                 acknowledge {ACKS} writes",
+                limit.as_secs()
+            )));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -834,6 +872,7 @@ fn diagnostics(kit: &Layout) -> String {
         names.push(format!("agent{id}.log"));
         for (g, _, _) in GROUPS {
             names.push(format!("node{id}/{g}.log"));
+            names.push(format!("node{id}/{g}.console"));
         }
     }
     for (g, _, _) in GROUPS {

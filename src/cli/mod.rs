@@ -30,6 +30,7 @@ pub mod demo;
 pub mod generate;
 pub mod guest;
 mod guest_device;
+pub mod guest_qemu;
 pub mod pr;
 pub mod status_page;
 pub mod target;

@@ -58,3 +58,54 @@ fn demo_fails_over_and_checks_clean() {
         );
     }
 }
+
+/// `holdfast demo --quiet --vm INITRAMFS`: the same scenario with QEMU guests (the
+/// agent_qemu test's image, TCG here) — both groups boot, the owner of `web` dies, `web`
+/// boots on a survivor, both disks check clean and nothing is left running.
+#[test]
+fn demo_vm_runs_real_guests_fails_over_and_checks_clean() {
+    let Some(img) = super::agent_qemu::guest_image("demo --vm") else {
+        return;
+    };
+    let keep = tempfile::tempdir().expect("tempdir");
+    let dir = keep.path().join("demo");
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["demo", "--quiet", "--keep"])
+        .arg(&dir)
+        .arg("--vm")
+        .arg(&img.initramfs)
+        .arg("--vm-kernel")
+        .arg(&img.kernel)
+        // KVM may be present and unusable here.
+        .args(["--vm-accel", "tcg"])
+        .env_remove("HOLDFAST_LOG")
+        .output()
+        .expect("run holdfast demo --vm");
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "holdfast demo --vm failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    eprintln!("holdfast demo --quiet --vm took {took:?}:\n{stdout}");
+    assert!(stdout.contains("failover time: "), "{stdout}");
+    assert!(
+        stdout.contains("guest check: web OK, db OK"),
+        "checker verdicts missing:\n{stdout}"
+    );
+    // The guests were QEMU VMs: their configs name the qemu driver, and QEMU appended
+    // their ack lines (from the serial port) to the ack logs.
+    let node1 = std::fs::read_to_string(dir.join("node1.toml")).expect("node1.toml");
+    assert!(node1.contains("driver = \"qemu\""), "{node1}");
+    let acks = std::fs::read_to_string(dir.join("acks-web.log")).expect("web's ack log");
+    assert!(acks.lines().filter(|l| l.starts_with("ack ")).count() >= 20);
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(!cmdline.contains(&needle), "left behind: {cmdline}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Cluster integration tests in one crate: `holdfast agent` processes against a target,
 //! the VM drivers, the test guest and its checker, the demo, the fault test, the
-//! failover benchmark, and a node inside a QEMU guest writing through the kernel
-//! initiator (kernel_node). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
+//! failover benchmark, a node inside a QEMU guest writing through the kernel initiator
+//! (kernel_node), and real QEMU guests under the qemu driver (agent_qemu). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -18,6 +18,7 @@ mod agent_metrics;
 mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
+mod agent_qemu;
 mod agent_service;
 mod ctl_wait;
 mod demo;

@@ -212,6 +212,23 @@ timeout = "60s"
 pause = true
 
 [[group]]
+name = "q"
+disks = [4]
+[group.vm]
+driver = "qemu"
+qemu = "qemu-system-x86_64"
+machine = "q35,accel=kvm:tcg"
+memory = "256M"
+cpus = 1
+kernel = "/tmp/vmlinuz"
+initrd = "/tmp/initrd"
+append = "console=ttyS0"
+serial = ["/tmp/q.console"]
+args = ["-S"]
+qmp = "/tmp/q.qmp"
+log = "/tmp/q.log"
+
+[[group]]
 name = "l"
 disks = [3]
 [group.vm]
@@ -331,7 +348,7 @@ fn readme_agent_reference_matches_the_config_structs() {
     let (code, drivers) = agent_code_keys();
     assert_eq!(
         drivers,
-        ["libvirt", "process", "script"]
+        ["libvirt", "process", "qemu", "script"]
             .map(String::from)
             .into_iter()
             .collect(),
@@ -380,11 +397,12 @@ fn readme_agent_examples_are_valid() {
         .iter()
         .map(|g| match g.vm {
             agent_config::VmConfig::Process(_) => "process",
+            agent_config::VmConfig::Qemu(_) => "qemu",
             agent_config::VmConfig::Script { .. } => "script",
             agent_config::VmConfig::Libvirt { .. } => "libvirt",
         })
         .collect();
-    assert_eq!(drivers.len(), 3, "the complete example shows every driver");
+    assert_eq!(drivers.len(), 4, "the complete example shows every driver");
     // Every other agent snippet (whole node configs, or groups alone) validates too.
     let mut checked = 0;
     for block in readme.split("```toml").skip(1) {

@@ -1,6 +1,6 @@
 //! VM drivers: one trait (start, stop, kill, save, restore, status, pause, resume) over
-//! the ways a node runs a guest: a supervised process, an rgmanager-style script, or
-//! libvirt.
+//! the ways a node runs a guest: a supervised process, a QEMU guest driven over QMP, an
+//! rgmanager-style script, or libvirt.
 //!
 //! Calls block (they fork, wait and signal); the agent runs them on tokio's blocking
 //! pool, one group at a time.
@@ -15,6 +15,7 @@ pub mod libvirt;
 pub mod migration;
 pub mod process;
 pub(crate) mod procinfo;
+pub mod qemu;
 pub mod qmp;
 pub mod script;
 
@@ -24,6 +25,7 @@ pub fn build(vm: &crate::agent::config::VmConfig, default_log: PathBuf) -> Box<d
     use crate::agent::config::VmConfig;
     match vm {
         VmConfig::Process(p) => Box::new(process::ProcessDriver::new(p.clone(), default_log)),
+        VmConfig::Qemu(q) => Box::new(qemu::QemuDriver::new(q.clone(), default_log)),
         VmConfig::Script {
             path,
             timeout,

@@ -93,6 +93,17 @@ impl ProcessDriver {
         }
     }
 
+    /// Start the configured command with `extra` arguments after it (placeholders
+    /// expanded): what the qemu driver starts its guests with.
+    pub(super) fn start_with_args(
+        &mut self,
+        ctx: &VmContext,
+        action: &'static str,
+        extra: &[String],
+    ) -> Result<(), DriverError> {
+        self.spawn(ctx, action, extra)
+    }
+
     fn log_path(&self, ctx: &VmContext) -> PathBuf {
         match self.log.to_str() {
             Some(s) => PathBuf::from(ctx.expand(s)),
