@@ -292,9 +292,9 @@ impl ProcessDriver {
 
 /// Longest wait for a QMP answer (and for a fresh QEMU's socket) in a migration step;
 /// the migration itself has the agent's `migration_timeout`.
-const MIGRATION_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const MIGRATION_QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn live_error(action: &'static str, e: MigrationError) -> DriverError {
+pub(super) fn live_error(action: &'static str, e: MigrationError) -> DriverError {
     match e {
         MigrationError::Timeout(after) => DriverError::Timeout { action, after },
         e => DriverError::Failed {

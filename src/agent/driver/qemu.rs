@@ -19,7 +19,8 @@
 //!   that runs or that the agent paused; see [`status_of_run_state`].
 
 use super::exec::{wait_exit, Peek};
-use super::process::{ProcessDriver, ProcessVm};
+use super::migration;
+use super::process::{live_error, ProcessDriver, ProcessVm, MIGRATION_QMP_TIMEOUT};
 use super::qmp::{self, Qmp, QmpError};
 use super::{DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::QemuVm;
@@ -445,6 +446,43 @@ impl VmDriver for QemuDriver {
 
     fn resume(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
         self.inner.resume(ctx)
+    }
+
+    // Live migration: the destination is this driver's own command line (disks,
+    // initiator name, QMP) held with -S; the other steps are the process driver's, which
+    // reach the same QMP socket.
+
+    fn start_incoming(&mut self, ctx: &VmContext, host: &str) -> Result<String, DriverError> {
+        let extra = ["-S", "-incoming", "defer"].map(String::from);
+        self.start_with_args(ctx, "start incoming", &extra)?;
+        let path = self.qmp_socket(ctx);
+        migration::listen(&path, host, MIGRATION_QMP_TIMEOUT).map_err(|e| {
+            // A half-started destination must not linger.
+            let _ = self.inner.kill(ctx);
+            live_error("start incoming", e)
+        })
+    }
+
+    fn wait_incoming(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
+        self.inner.wait_incoming(ctx, timeout)
+    }
+
+    fn migrate_live(
+        &mut self,
+        ctx: &VmContext,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<migration::MigrationStats, DriverError> {
+        self.inner.migrate_live(ctx, addr, timeout)
+    }
+
+    fn continue_migrated(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.ended = None;
+        self.inner.continue_migrated(ctx)
+    }
+
+    fn can_migrate_live(&self) -> bool {
+        true
     }
 }
 
