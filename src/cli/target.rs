@@ -6,7 +6,7 @@ use crate::server::admin::{self, AdminSocket, ConfigSource};
 use crate::server::config::{self, ValidConfig};
 use crate::server::portal::Portals;
 use crate::server::runtime::Runtime;
-use crate::service::{notify, status};
+use crate::service::{nofile, notify, status};
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,6 +162,7 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         .build()?;
     // Before any LUN file is opened: a second target on this data directory stops here.
     let _lock = crate::service::lock::lock_dir(&cfg.data_dir, LOCK_FILE, "holdfast target")?;
+    raise_open_file_limit(&cfg);
     rt.block_on(async move {
         let runtime = Arc::new(
             Runtime::build(&cfg)
@@ -187,6 +188,31 @@ fn run(cfg: ValidConfig, source: Arc<ConfigSource>) -> anyhow::Result<()> {
         let _ = admin.await;
         Ok(())
     })
+}
+
+/// Lift the soft open-file limit to the hard one before the LUN files are opened, and
+/// say so up front when even that cannot hold every LUN file and connection the
+/// configuration allows.
+fn raise_open_file_limit(cfg: &ValidConfig) {
+    let luns: usize = cfg.config.targets.iter().map(|t| t.luns.len()).sum();
+    let max_connections = cfg.config.limits.max_connections;
+    let need = nofile::needed(luns as u64, u64::from(max_connections));
+    match nofile::raise(need) {
+        Ok(r) if r.enough() => {
+            if r.now != r.before {
+                tracing::info!(needed = r.needed, "open-file limit raised from {} to {}", r.before, r.now);
+            }
+        }
+        Ok(r) => tracing::warn!(
+            limit = r.now,
+            needed = r.needed,
+            "open-file limit (RLIMIT_NOFILE) {} is below the {} descriptors this configuration may use ({luns} LUN files + limits.max_connections {max_connections} + {} reserved): connections or LUNs will fail with \"too many open files\"; raise the hard limit (LimitNOFILE= in the unit, ulimit -Hn) or lower limits.max_connections",
+            r.now,
+            r.needed,
+            nofile::RESERVED_FDS
+        ),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit (RLIMIT_NOFILE): {e}"),
+    }
 }
 
 /// Bind the metrics endpoint, if configured, and serve it until `stop`.

@@ -15,6 +15,7 @@ mod mode;
 pub mod opcode;
 pub mod pr;
 pub mod pr_codes;
+mod pr_index;
 pub mod range_lock;
 mod sbc;
 pub mod sense;

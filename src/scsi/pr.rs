@@ -15,6 +15,7 @@
 use super::cdb;
 use super::lun::CmdError;
 use super::pr_codes::{PrInAction, PrOutAction, PrType};
+pub use super::pr_index::Registrations;
 use super::sense::{ua, Sense};
 use super::transport_id::TransportId;
 use super::ItNexus;
@@ -122,7 +123,8 @@ pub struct PrState {
     pub generation: u32,
     /// The last APTPL bit received with REGISTER / REGISTER AND IGNORE / REGISTER AND MOVE.
     pub aptpl: bool,
-    pub registrations: Vec<Registration>,
+    /// In registration order, indexed by initiator name (serialized as a plain list).
+    pub registrations: Registrations,
     pub reservation: Option<Reservation>,
 }
 
@@ -226,10 +228,7 @@ fn transport_id_of(id: &RegId) -> TransportId {
 impl PrState {
     /// Index of the registration covering `n`, the exact (ISID) one first.
     pub fn find(&self, n: &ItNexus) -> Option<usize> {
-        let regs = &self.registrations;
-        regs.iter()
-            .position(|r| r.id.isid.is_some() && r.id.matches(n))
-            .or_else(|| regs.iter().position(|r| r.id.matches(n)))
+        self.registrations.find(n)
     }
 
     pub fn is_registered(&self, n: &ItNexus) -> bool {
@@ -396,7 +395,7 @@ impl PrState {
                         if new.contains(&id) {
                             continue;
                         }
-                        if self.registrations.iter().any(|r| r.id == id) {
+                        if self.registrations.contains_id(&id) {
                             return bad_param(24, None);
                         }
                         new.push(id);
@@ -420,7 +419,7 @@ impl PrState {
                 if p.sa_key == 0 {
                     self.unregister(i, &mut fx);
                 } else {
-                    self.registrations[i].key = p.sa_key;
+                    self.registrations.set_key(i, p.sa_key);
                 }
             }
         }

@@ -3,5 +3,6 @@
 //! both daemons report ([`status`]).
 
 pub mod lock;
+pub mod nofile;
 pub mod notify;
 pub mod status;

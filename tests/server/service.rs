@@ -226,3 +226,50 @@ fn the_units_notify_and_the_agent_stop_covers_the_handover() {
         "TimeoutStopSec {timeout:?} < hand-over {handover:?}"
     );
 }
+
+/// Under a soft open-file limit of 100 and a hard one of 150 (prlimit(1)), the target
+/// raises its soft limit to 150 and warns, at start-up, that 150 cannot hold the
+/// 2 LUN files + 1,024 connections its configuration allows.
+#[test]
+fn target_raises_its_open_file_limit_and_warns_when_the_hard_one_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cfg, log) = (
+        dir.path().join("data"),
+        dir.path().join("t.toml"),
+        dir.path().join("t.log"),
+    );
+    let port = free_port();
+    std::fs::write(&cfg, config(&data, port, 2)).unwrap();
+    let child = Command::new("prlimit")
+        .arg("--nofile=100:150")
+        .arg(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["--log", "info", "target", "--config"])
+        .arg(&cfg)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn prlimit holdfast target");
+    let mut t = Reap(child);
+    let end = Instant::now() + T;
+    while TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_err() {
+        assert!(Instant::now() < end, "target never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", t.0.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["150", "150"], "{open_files}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("open-file limit (RLIMIT_NOFILE) 150 is below the 1090 descriptors")
+            && text.contains("2 LUN files + limits.max_connections 1024"),
+        "{text}"
+    );
+    signal(&t.0, Signal::SIGTERM);
+    let st = wait_exit(&mut t.0, T, "the target");
+    assert!(st.success(), "{st}");
+}
