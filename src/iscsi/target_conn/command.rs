@@ -34,7 +34,14 @@ impl TargetConnection {
             let (seg, burst) = (self.cfg.max_send_segment, self.cfg.max_burst);
             pdus::build_response(&ready, &outcome, seg, burst, &mut self.transmits);
             if let Some(h) = ready.hold.take() {
-                self.events.push_back(Event::Release(h));
+                // Data-In leaves by reference, so its budget returns once the writer
+                // has sent it; nothing refers to any other buffer now, and its budget
+                // comes back before the status can reach the initiator.
+                if outcome.data_in.is_empty() {
+                    drop(h);
+                } else {
+                    self.events.push_back(Event::Release(h));
+                }
             }
         } else {
             debug!(itt, "task aborted: response suppressed");

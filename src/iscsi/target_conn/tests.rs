@@ -927,3 +927,18 @@ fn logout_drops_waiting_tasks_without_a_response() {
         "the task set's later start finds nothing to run"
     );
 }
+
+#[test]
+fn a_write_returns_its_buffer_budget_before_its_status_leaves() {
+    // Only Data-In is sent by reference; a write's buffer is free once it ran, so its
+    // budget must not wait for the writer (an initiator that got GOOD may send at once).
+    let mut s = Sim::new();
+    s.send(write10(3, 1, 4), &[7; 2048]);
+    let ex = s.executes();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(s.complete(ex[0].task, Outcome::default()), Delivery::Sent);
+    assert!(
+        !s.events.iter().any(|e| matches!(e, Event::Release(_))),
+        "no Release left for the writer"
+    );
+}
