@@ -15,7 +15,7 @@ use crate::iscsi::login::ChapCredentials;
 use crate::scsi::sense::ua;
 use crate::scsi::{ItNexus, LogicalUnit, LunMap};
 use crate::store::LunStore;
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::SystemTime;
@@ -52,14 +52,15 @@ pub struct SessionLuns {
     pub tsih: u16,
     pub since: SystemTime,
     map: RwLock<Arc<LunMap>>,
-    /// Every LU the session could ever see: a task entered into an LU's task set is
-    /// completed or aborted there even after a mask change hid the LU.
-    ever: Mutex<BTreeMap<u64, Arc<LogicalUnit>>>,
+    /// Every map the session had, newest last (one per reload that changed it): a task
+    /// entered into an LU's task set is completed or aborted there even after a mask
+    /// change hid the LU. Maps, not a merged copy, so sessions keep sharing tables.
+    ever: Mutex<Vec<LunMap>>,
 }
 
 impl SessionLuns {
     pub fn new(nexus: Arc<ItNexus>, tsih: u16, map: LunMap) -> SessionLuns {
-        let ever = map.ids().into_iter().zip(map.units()).collect();
+        let ever = vec![map.clone()];
         SessionLuns {
             nexus,
             tsih,
@@ -79,23 +80,34 @@ impl SessionLuns {
 
     /// An LU this session could see at some point (for its tasks' completion).
     pub fn lu(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
-        self.ever_lock().get(&lun).cloned()
+        let ever = self.ever_lock();
+        ever.iter().rev().find_map(|m| m.get(lun)).cloned()
     }
 
-    /// Every LU this session could see at some point (for the nexus's end).
+    /// Every LU this session could see at some point (for the nexus's end), once each.
     pub fn every_lu(&self) -> Vec<Arc<LogicalUnit>> {
-        self.ever_lock().values().cloned().collect()
+        let mut seen = HashSet::new();
+        let ever = self.ever_lock();
+        let units = ever.iter().flat_map(|m| m.units());
+        units.filter(|lu| seen.insert(Arc::as_ptr(lu))).collect()
     }
 
-    fn ever_lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<LogicalUnit>>> {
+    fn ever_lock(&self) -> MutexGuard<'_, Vec<LunMap>> {
         self.ever.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Install `map`; true when the LUN inventory it shows changed.
     fn replace(&self, map: LunMap) -> bool {
         let changed = self.current().ids() != map.ids();
-        self.ever_lock()
-            .extend(map.ids().into_iter().zip(map.units()));
+        let mut ever = self.ever_lock();
+        if !ever.last().is_some_and(|last| last.same_table(&map)) {
+            // An older map whose every LU the new one holds adds nothing: drop it, so
+            // reloads do not pile maps up.
+            let held: HashSet<_> = map.units().iter().map(Arc::as_ptr).collect();
+            ever.retain(|m| m.units().iter().any(|lu| !held.contains(&Arc::as_ptr(lu))));
+            ever.push(map.clone());
+        }
+        drop(ever);
         *self.map.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(map);
         changed
     }

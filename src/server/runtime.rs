@@ -11,7 +11,7 @@ use crate::scsi::{LogicalUnit, LunMap, LunSettings};
 use crate::store::{identity, FileBackend, LunStore, PrFileStore, RbdBackend};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -34,6 +34,9 @@ pub struct TargetNode {
     pub alias: Option<String>,
     pub portals: Vec<(SocketAddr, u16)>,
     pub luns: BTreeMap<u64, Arc<LogicalUnit>>,
+    /// `luns` as the map every initiator without a LUN list shares, made on first use
+    /// (a node serves behind an `Arc`, so `luns` no longer changes by then).
+    all: OnceLock<LunMap>,
     /// Empty: every initiator may log in and sees every LUN.
     pub acl: Vec<AclEntry>,
     pub chap: Option<ChapCredentials>,
@@ -58,8 +61,13 @@ impl TargetNode {
             .or_else(|| self.chap.clone())
     }
 
+    /// The LUN list `initiator`'s ACL entry restricts it to, if any.
+    fn lun_list(&self, initiator: &str) -> Option<&Vec<u64>> {
+        self.acl_entry(initiator).and_then(|a| a.luns.as_ref())
+    }
+
     fn visible(&self, initiator: &str) -> BTreeMap<u64, Arc<LogicalUnit>> {
-        match self.acl_entry(initiator).and_then(|a| a.luns.as_ref()) {
+        match self.lun_list(initiator) {
             Some(list) => self
                 .luns
                 .iter()
@@ -72,7 +80,13 @@ impl TargetNode {
 
     /// The LUNs `initiator` sees (LUN masking).
     pub fn lun_map_for(&self, initiator: &str) -> LunMap {
-        LunMap::new(self.visible(initiator))
+        match self.lun_list(initiator) {
+            Some(_) => LunMap::new(self.visible(initiator)),
+            None => self
+                .all
+                .get_or_init(|| LunMap::new(self.luns.clone()))
+                .clone(),
+        }
     }
 
     pub fn visible_luns(&self, initiator: &str) -> Vec<Arc<LogicalUnit>> {
@@ -242,6 +256,7 @@ pub(crate) fn node_from_config(
         name: t.name.clone(),
         alias: t.alias.clone(),
         portals,
+        all: OnceLock::new(),
         luns,
         acl: t
             .acl
