@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const GROUP: &str = "vm1";
-const LUN: u64 = 1;
+pub(crate) const GROUP: &str = "vm1";
+pub(crate) const LUN: u64 = 1;
 /// A TCG guest boots in ~10-20 s on a shared machine; twice that and more is a failure.
-const BOOT: Duration = Duration::from_secs(90);
+pub(crate) const BOOT: Duration = Duration::from_secs(90);
 
 /// Build (or find cached) the guest image, or None (reason printed) when the test may
 /// skip: locally without the prerequisites, or anywhere with SKIP_VM=1. Under CI=true or
@@ -79,25 +79,25 @@ pub(crate) fn guest_image(test: &str) -> Option<GuestImage> {
 
 /// Every node runs the group's guest under the qemu driver (TCG: KVM may be there and
 /// unusable), acks on ttyS1 into the ack log.
-fn write_configs(c: &Cluster, img: &GuestImage) {
+pub(crate) fn write_configs(c: &Cluster, img: &GuestImage, timings: &Timings) {
     for id in 1..=c.nodes {
-        let mut cfg = c.kit.node_config(id, &c.groups, &Timings::default());
+        let mut cfg = c.kit.node_config(id, &c.groups, timings);
         cfg.groups[0].vm = qemu_guest_vm(img, &c.ack_log(GROUP), "tcg");
         kit::write_toml(&c.node_config(id), "", &cfg).unwrap();
     }
 }
 
-fn events(c: &Cluster) -> Vec<AckEvent> {
+pub(crate) fn events(c: &Cluster) -> Vec<AckEvent> {
     kit::ack_events(&c.ack_log(GROUP)).collect()
 }
 
-fn starts(ev: &[AckEvent]) -> usize {
+pub(crate) fn starts(ev: &[AckEvent]) -> usize {
     ev.iter()
         .filter(|e| matches!(e, AckEvent::Start { .. }))
         .count()
 }
 
-fn acks(ev: &[AckEvent]) -> usize {
+pub(crate) fn acks(ev: &[AckEvent]) -> usize {
     ev.iter()
         .filter(|e| matches!(e, AckEvent::Ack { .. }))
         .count()
@@ -105,7 +105,7 @@ fn acks(ev: &[AckEvent]) -> usize {
 
 /// Wait until the ack log holds `starts` start lines and, after the last of them, `n`
 /// acknowledged writes; returns when the first of those writes was seen.
-async fn wait_writing(c: &Cluster, want_starts: usize, n: usize, what: &str) -> Instant {
+pub(crate) async fn wait_writing(c: &Cluster, want_starts: usize, n: usize, what: &str) -> Instant {
     let end = Instant::now() + BOOT;
     let mut first = None;
     loop {
@@ -131,7 +131,7 @@ async fn wait_writing(c: &Cluster, want_starts: usize, n: usize, what: &str) -> 
     }
 }
 
-fn diagnostics(c: &Cluster) -> String {
+pub(crate) fn diagnostics(c: &Cluster) -> String {
     let names: Vec<String> = (1..=c.nodes)
         .flat_map(|id| {
             let n = node_name(id);
@@ -151,7 +151,7 @@ fn qemu_pid(c: &Cluster, id: u16) -> i32 {
         .expect("pid")
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
@@ -166,7 +166,7 @@ async fn qemu_guest_restarts_fails_over_moves_and_powers_off() {
     spec.settings.stop_timeout = Duration::from_secs(60);
     spec.settings.monitor_interval = Duration::from_millis(500);
     let mut c = Cluster::new(2, vec![spec]).await;
-    write_configs(&c, &img);
+    write_configs(&c, &img, &Timings::default());
     c.start_agent(1);
     c.start_agent(2);
 

@@ -1,7 +1,8 @@
 //! Cluster integration tests in one crate: `holdfast agent` processes against a target,
 //! the VM drivers, the test guest and its checker, the demo, the fault test, the
 //! failover benchmark, a node inside a QEMU guest writing through the kernel initiator
-//! (kernel_node), and real QEMU guests under the qemu driver (agent_qemu). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
+//! (kernel_node), and real QEMU guests under the qemu driver (agent_qemu), live-migrated under write load
+//! (agent_qemu_live). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -19,6 +20,7 @@ mod agent_outage;
 mod agent_partitions;
 mod agent_protocol;
 mod agent_qemu;
+mod agent_qemu_live;
 mod agent_service;
 mod ctl_wait;
 mod demo;
