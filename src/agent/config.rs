@@ -372,6 +372,11 @@ pub enum VmConfig {
         /// virsh binary [default: virsh].
         #[serde(default = "default_virsh")]
         virsh: String,
+        /// The libvirt URI the source migrates to when this node receives a live
+        /// migration; `{migration_address}` is `node.migration_address`
+        /// [default: `qemu+ssh://{migration_address}/system`].
+        #[serde(default)]
+        migrate_uri: Option<String>,
     },
 }
 

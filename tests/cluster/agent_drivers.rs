@@ -691,7 +691,9 @@ impl FakeLibvirt {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("web.xml"),
-            "<domain type='kvm'>\n  <name>web</name>\n  <memory>1024</memory>\n</domain>\n",
+            "<domain type='kvm'>\n  <name>web</name>\n  <memory>1024</memory>\n  <devices><disk>\
+             <source><initiator><iqn name='iqn.2026-11.org.holdfast:lab.n1.vm'/></initiator>\
+             </source></disk></devices>\n</domain>\n",
         )
         .unwrap();
         FakeLibvirt { dir }
@@ -704,12 +706,18 @@ impl FakeLibvirt {
     /// The driver for domain "{group}" (= web) through `-c fake://DIR`: the fake finds its
     /// domains through that URI, so every logged call proves `-c` was passed.
     fn driver(&self, with_xml: bool) -> Box<dyn VmDriver> {
+        self.driver_migrating_to(with_xml, None)
+    }
+
+    /// With `migrate_uri` set: the URI a live migration to this "host" goes to.
+    fn driver_migrating_to(&self, with_xml: bool, migrate_uri: Option<&str>) -> Box<dyn VmDriver> {
         build(
             &VmConfig::Libvirt {
                 domain: "{group}".into(),
                 xml: with_xml.then(|| self.path().join("web.xml")),
                 uri: Some(format!("fake://{}", self.path().display())),
                 virsh: fixture("fake-virsh.sh").display().to_string(),
+                migrate_uri: migrate_uri.map(str::to_string),
             },
             PathBuf::new(),
         )
@@ -972,6 +980,7 @@ fn libvirt_missing_virsh_is_a_spawn_error() {
             xml: None,
             uri: None,
             virsh: "/nonexistent/virsh".into(),
+            migrate_uri: None,
         },
         PathBuf::new(),
     );
@@ -1252,4 +1261,164 @@ fn libvirt_pause_suspends_and_resume_resumes() {
         e.contains("virsh suspend web") && e.contains("not running"),
         "{e}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// libvirt live migration: two fake "hosts", the source's virsh migrating to the other
+
+const N2_VM: &str = "iqn.2026-11.org.holdfast:lab.n2.vm";
+
+/// The destination node's context (its own VM initiator name).
+fn dest_ctx(dir: &Path) -> VmContext {
+    VmContext {
+        node: "n2".into(),
+        node_id: 2,
+        initiator_name: N2_VM.into(),
+        ..ctx(dir)
+    }
+}
+
+/// A destination "host" whose libvirt runs the repo's qemu hook with this node's name.
+fn dest_with_hook() -> FakeLibvirt {
+    let f = FakeLibvirt::new();
+    std::fs::copy(fixture("libvirt-qemu-hook.sh"), f.path().join("hook-qemu")).unwrap();
+    std::fs::write(
+        f.path().join("holdfast-vm-initiator-name"),
+        format!("{N2_VM}\n"),
+    )
+    .unwrap();
+    f
+}
+
+fn read(p: PathBuf) -> String {
+    std::fs::read_to_string(p).unwrap().trim().to_string()
+}
+
+#[test]
+fn libvirt_live_migration_arrives_paused_and_resumes_on_the_destination() {
+    let (src, dst) = (FakeLibvirt::new(), dest_with_hook());
+    let (c1, c2) = (ctx(src.path()), dest_ctx(dst.path()));
+    let mut s = src.driver(true);
+    let mut d = dst.driver_migrating_to(false, Some("fake://{migration_address}"));
+    assert!(s.can_migrate_live() && d.can_migrate_live());
+    s.start(&c1).unwrap();
+    src.calls();
+
+    let uri = d.start_incoming(&c2, dst.path().to_str().unwrap()).unwrap();
+    assert_eq!(uri, format!("fake://{}", dst.path().display()));
+    assert_eq!(dst.calls(), ["domstate web"]);
+    // Nothing has come yet: the wait times out (the agent asks again).
+    let e = d
+        .wait_incoming(&c2, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    dst.calls();
+
+    let st = s.migrate_live(&c1, &uri, Duration::from_secs(10)).unwrap();
+    assert_eq!(st.downtime, Duration::from_millis(41));
+    assert_eq!(st.total, Duration::from_millis(1530));
+    assert_eq!(st.transferred, 12 * 1024 * 1024 + 512 * 1024);
+    assert_eq!(
+        src.calls(),
+        [
+            format!("migrate --live --suspend --abort-on-error web {uri}"),
+            "domjobinfo --completed web".into(),
+        ]
+    );
+    assert_eq!(s.status(&c1).unwrap(), VmStatus::Stopped); // shut off (migrated)
+
+    d.wait_incoming(&c2, Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.calls(), ["domstate --reason web", "dumpxml web"]);
+    assert_eq!(read(dst.path().join("web/state")), "paused");
+    // The hook gave the disks this node's initiator name.
+    let xml = read(dst.path().join("web/xml"));
+    assert!(xml.contains(N2_VM) && !xml.contains("n1.vm"), "{xml}");
+
+    d.continue_migrated(&c2).unwrap();
+    assert_eq!(dst.calls(), ["resume web", "domstate web"]);
+    assert_eq!(d.status(&c2).unwrap(), VmStatus::Running);
+    assert_eq!(dst.reason(), "unpaused");
+
+    // No way back on the source: libvirt's domain left it.
+    let e = s.continue_migrated(&c1).unwrap_err().to_string();
+    assert!(
+        e.contains("virsh resume web") && e.contains("not running"),
+        "{e}"
+    );
+    s.kill(&c1).unwrap();
+    // A second incoming on a node where the domain runs is refused before anything.
+    let e = d.start_incoming(&c2, "h").unwrap_err().to_string();
+    assert!(e.contains("already running"), "{e}");
+}
+
+#[test]
+fn libvirt_failed_live_migration_leaves_the_domain_running_on_the_source() {
+    let (src, dst) = (FakeLibvirt::new(), dest_with_hook());
+    let (c1, c2) = (ctx(src.path()), dest_ctx(dst.path()));
+    let mut s = src.driver(true);
+    let mut d = dst.driver_migrating_to(false, Some("fake://{migration_address}"));
+    s.start(&c1).unwrap();
+    let uri = d.start_incoming(&c2, dst.path().to_str().unwrap()).unwrap();
+
+    std::fs::write(src.path().join("fail-migrate"), "").unwrap();
+    src.calls();
+    let e = s
+        .migrate_live(&c1, &uri, Duration::from_secs(10))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unexpectedly failed"), "{e}");
+    assert_eq!(
+        src.calls(),
+        [format!(
+            "migrate --live --suspend --abort-on-error web {uri}"
+        )]
+    );
+    assert_eq!(s.status(&c1).unwrap(), VmStatus::Running);
+    assert_eq!(src.reason(), "booted");
+    assert!(!dst.path().join("web").exists());
+
+    // A virsh that hangs: killed at the timeout, libvirt's job aborted, still here.
+    std::fs::remove_file(src.path().join("fail-migrate")).unwrap();
+    std::fs::write(src.path().join("hang-migrate"), "").unwrap();
+    src.calls();
+    let t = Instant::now();
+    let e = s
+        .migrate_live(&c1, &uri, Duration::from_millis(500))
+        .unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let calls = src.calls();
+    assert_eq!(calls[1..], ["domjobabort web", "domstate --reason web"]);
+    assert_eq!(s.status(&c1).unwrap(), VmStatus::Running);
+
+    // The destination gives up: nothing arrived, and its clean-up (kill) finds nothing.
+    let e = d
+        .wait_incoming(&c2, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    d.kill(&c2).unwrap();
+    assert_eq!(d.status(&c2).unwrap(), VmStatus::Stopped);
+}
+
+#[test]
+fn libvirt_incoming_domain_with_the_source_initiator_is_refused() {
+    // No hook on the destination: the disks would log in with the source's name.
+    let (src, dst) = (FakeLibvirt::new(), FakeLibvirt::new());
+    let (c1, c2) = (ctx(src.path()), dest_ctx(dst.path()));
+    let mut s = src.driver(true);
+    let mut d = dst.driver_migrating_to(false, Some("fake://{migration_address}"));
+    s.start(&c1).unwrap();
+    let uri = d.start_incoming(&c2, dst.path().to_str().unwrap()).unwrap();
+    s.migrate_live(&c1, &uri, Duration::from_secs(10)).unwrap();
+    let e = d
+        .wait_incoming(&c2, Duration::from_secs(10))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("iqn.2026-11.org.holdfast:lab.n1.vm") && e.contains(N2_VM),
+        "{e}"
+    );
+    // The agent's abort then destroys the paused domain there.
+    d.kill(&c2).unwrap();
+    assert_eq!(dst.reason(), "destroyed");
 }

@@ -14,6 +14,7 @@ mod agent_failover;
 mod agent_faults;
 mod agent_guest;
 mod agent_live;
+mod agent_live_libvirt;
 mod agent_logs;
 mod agent_metrics;
 mod agent_outage;

@@ -237,6 +237,7 @@ domain = "l"
 xml = "/tmp/l.xml"
 uri = "qemu:///system"
 virsh = "virsh"
+migrate_uri = "qemu+ssh://{migration_address}/system"
 "#;
 
 /// Tables of the agent config documented as one key.

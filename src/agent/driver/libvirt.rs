@@ -9,12 +9,17 @@
 //! virsh runs with `LC_ALL=C` (its states and messages are parsed) and with
 //! [`VmContext::env`] in its environment; each call has a timeout (60 s, or what is left
 //! of the agent's timeout for stop and save), after which it is killed.
+//!
+//! Live migration is `virsh migrate --live --suspend`: see [`live`].
 
 use super::exec::{self, describe, tail_lines};
 use super::{DriverError, VmContext, VmDriver, VmStatus};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+#[path = "libvirt_live.rs"]
+pub mod live;
 
 /// Timeout of a virsh call outside stop and save.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,6 +33,8 @@ pub struct LibvirtDriver {
     xml: Option<PathBuf>,
     uri: Option<String>,
     virsh: String,
+    /// `migrate_uri` of the config (placeholders unexpanded).
+    migrate_uri: Option<String>,
     /// Whether the domain is down because this driver stopped, killed or saved it: a
     /// guest that powers off on our ACPI request reads "shut off (shutdown)", which is
     /// only its admin's doing when we did not ask.
@@ -37,12 +44,19 @@ pub struct LibvirtDriver {
 impl LibvirtDriver {
     /// Settings as in [`crate::agent::config::VmConfig::Libvirt`]; strings may hold
     /// placeholders.
-    pub fn new(domain: String, xml: Option<PathBuf>, uri: Option<String>, virsh: String) -> Self {
+    pub fn new(
+        domain: String,
+        xml: Option<PathBuf>,
+        uri: Option<String>,
+        virsh: String,
+        migrate_uri: Option<String>,
+    ) -> Self {
         LibvirtDriver {
             domain,
             xml,
             uri,
             virsh,
+            migrate_uri,
             stopped_by_us: false,
         }
     }
@@ -357,6 +371,34 @@ impl VmDriver for LibvirtDriver {
         self.virsh(ctx, "resume", &["resume", &dom], COMMAND_TIMEOUT)?
             .checked()?;
         Ok(())
+    }
+
+    // Live migration: `virsh migrate --live --suspend` (see [`live`]). `host` is
+    // `node.migration_address`; the "address" published is the libvirt URI to migrate to.
+
+    fn start_incoming(&mut self, ctx: &VmContext, host: &str) -> Result<String, DriverError> {
+        self.incoming_uri(ctx, host)
+    }
+
+    fn wait_incoming(&mut self, ctx: &VmContext, timeout: Duration) -> Result<(), DriverError> {
+        self.await_incoming(ctx, timeout)
+    }
+
+    fn migrate_live(
+        &mut self,
+        ctx: &VmContext,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<super::migration::MigrationStats, DriverError> {
+        self.migrate_to(ctx, addr, timeout)
+    }
+
+    fn continue_migrated(&mut self, ctx: &VmContext) -> Result<(), DriverError> {
+        self.resume_migrated(ctx)
+    }
+
+    fn can_migrate_live(&self) -> bool {
+        true
     }
 }
 

@@ -36,11 +36,13 @@ pub fn build(vm: &crate::agent::config::VmConfig, default_log: PathBuf) -> Box<d
             xml,
             uri,
             virsh,
+            migrate_uri,
         } => Box::new(libvirt::LibvirtDriver::new(
             domain.clone(),
             xml.clone(),
             uri.clone(),
             virsh.clone(),
+            migrate_uri.clone(),
         )),
     }
 }
