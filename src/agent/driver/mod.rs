@@ -76,6 +76,16 @@ pub struct VmContext {
 }
 
 impl VmContext {
+    /// Whether a saved state waits at `state_file` (for a restore).
+    pub fn has_saved_state(&self) -> Result<bool, DriverError> {
+        self.state_file
+            .try_exists()
+            .map_err(|e| DriverError::Failed {
+                action: "restore",
+                detail: format!("{}: {e}", self.state_file.display()),
+            })
+    }
+
     pub fn disk_url(&self, i: usize) -> Option<String> {
         self.disks
             .get(i)

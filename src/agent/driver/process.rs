@@ -535,14 +535,7 @@ impl VmDriver for ProcessDriver {
     }
 
     fn restore(&mut self, ctx: &VmContext) -> Result<bool, DriverError> {
-        let saved = ctx
-            .state_file
-            .try_exists()
-            .map_err(|e| DriverError::Failed {
-                action: "restore",
-                detail: format!("{}: {e}", ctx.state_file.display()),
-            })?;
-        if !saved {
+        if !ctx.has_saved_state()? {
             return Ok(false);
         }
         let extra = self.vm.restore_args.clone();

@@ -334,14 +334,7 @@ impl VmDriver for QemuDriver {
     }
 
     fn restore(&mut self, ctx: &VmContext) -> Result<bool, DriverError> {
-        let saved = ctx
-            .state_file
-            .try_exists()
-            .map_err(|e| DriverError::Failed {
-                action: "restore",
-                detail: format!("{}: {e}", ctx.state_file.display()),
-            })?;
-        if !saved {
+        if !ctx.has_saved_state()? {
             return Ok(false);
         }
         let incoming = ["-incoming".to_string(), "defer".to_string()];
