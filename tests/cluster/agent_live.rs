@@ -4,6 +4,7 @@
 //! like any other. QEMU must be installed: these tests fail without it.
 
 use crate::common;
+use common::cluster::{events_named, show_output};
 
 use common::cluster::{node_name, Cluster, GroupSpec, CLUSTER, TARGET};
 use holdfast::agent::config::{ProcessVm, Timings, VmConfig};
@@ -113,31 +114,6 @@ fn vm_initiator(id: u16) -> String {
     format!("iqn.2026-11.org.holdfast:{CLUSTER}.{}.vm", node_name(id))
 }
 
-fn events_named<'a>(all: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
-    all.iter().filter(|e| e["event"] == name).collect()
-}
-
-fn show(out: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
-    let end = Instant::now() + T;
-    while !f() {
-        assert!(
-            Instant::now() < end,
-            "timed out: {what}\n{}",
-            c.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn settled_on(r: &GroupRecord, id: u16) -> bool {
     r.owner == id && r.state == GroupState::Running && r.migration.is_none()
 }
@@ -152,8 +128,13 @@ async fn a_live_move_hands_the_running_guest_and_its_disk_over() {
 
     let t0 = Instant::now();
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "40"]);
-    eprintln!("ctl move --live: {}", show(&out));
-    assert!(out.status.success(), "{}\n{}", show(&out), c.diagnostics());
+    eprintln!("ctl move --live: {}", show_output(&out));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        show_output(&out),
+        c.diagnostics()
+    );
     let moved_in = t0.elapsed();
     let after = c
         .wait_record("g1", T, "settled on node2", |r| settled_on(r, 2))
@@ -206,12 +187,12 @@ async fn a_destination_qemu_dying_before_switchover_leaves_the_guest_on_the_sour
     let src_pid = qemu_pid(&c, 1).unwrap();
 
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "40"]);
-    eprintln!("ctl move --live: {}", show(&out));
+    eprintln!("ctl move --live: {}", show_output(&out));
     assert_eq!(
         out.status.code(),
         Some(4),
         "{}\n{}",
-        show(&out),
+        show_output(&out),
         c.diagnostics()
     );
     let after = c
@@ -247,7 +228,7 @@ async fn a_destination_qemu_killed_while_listening_leaves_the_guest_on_the_sourc
     signal(agent1, Signal::SIGSTOP);
     let held = Instant::now();
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "0"]);
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.status.success(), "{}", show_output(&out));
     c.wait_record("g1", T, "node2 listening", |r| {
         r.migration.as_ref().is_some_and(|m| !m.addr.is_empty())
     })
@@ -284,7 +265,7 @@ async fn a_source_node_killed_mid_migration_ends_in_a_failover() {
     wait_until("node1's QEMU", &c, || qemu_pid(&c, 1).is_some()).await;
 
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "0"]);
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.status.success(), "{}", show_output(&out));
     c.wait_record("g1", T, "a migration under way", |r| r.migration.is_some())
         .await;
     let killed = Instant::now();
@@ -318,7 +299,7 @@ async fn a_source_node_killed_mid_migration_ends_in_a_failover() {
 async fn ctl_refuses_a_live_move_the_driver_cannot_do() {
     let c = Cluster::new(2, vec![GroupSpec::new("g1", LUN)]).await;
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "0"]);
-    assert!(!out.status.success(), "{}", show(&out));
+    assert!(!out.status.success(), "{}", show_output(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot migrate live") && err.contains("qmp"),
@@ -326,4 +307,8 @@ async fn ctl_refuses_a_live_move_the_driver_cannot_do() {
     );
     let r = c.record("g1").await;
     assert!(r.as_ref().is_none_or(|r| r.migration.is_none()), "{r:?}");
+}
+
+async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
+    common::cluster::wait_until(what, T, f, || c.diagnostics()).await
 }

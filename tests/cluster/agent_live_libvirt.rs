@@ -5,13 +5,14 @@
 //! The agents, target, reservations and record are real; the guest does no I/O.
 
 use crate::common;
+use common::cluster::{events_named, show_output};
 
 use common::cluster::{node_name, Cluster, GroupSpec, CLUSTER};
 use holdfast::agent::config::{Timings, VmConfig};
 use holdfast::agent::quorum::{self, GroupRecord, GroupState};
 use holdfast::cli::cluster_kit as kit;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(40);
 const LUN: u64 = 1;
@@ -93,31 +94,6 @@ fn settled_on(r: &GroupRecord, id: u16) -> bool {
     r.owner == id && r.state == GroupState::Running && r.migration.is_none()
 }
 
-fn events_named(all: &[serde_json::Value], name: &str) -> Vec<serde_json::Value> {
-    all.iter().filter(|e| e["event"] == name).cloned().collect()
-}
-
-async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
-    let end = Instant::now() + T;
-    while !f() {
-        assert!(
-            Instant::now() < end,
-            "timed out: {what}\n{}",
-            c.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn show(out: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 async fn keys(c: &Cluster) -> Vec<u64> {
     use holdfast::initiator::{InitiatorConfig, Session};
     let cfg = InitiatorConfig::new(
@@ -141,7 +117,12 @@ async fn a_libvirt_live_move_hands_the_domain_and_its_disk_over() {
     .await;
 
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "40"]);
-    assert!(out.status.success(), "{}\n{}", show(&out), c.diagnostics());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        show_output(&out),
+        c.diagnostics()
+    );
     let after = c
         .wait_record("g1", T, "settled on node2", |r| settled_on(r, 2))
         .await;
@@ -192,7 +173,7 @@ async fn a_failed_libvirt_migration_leaves_the_domain_running_on_the_source() {
         out.status.code(),
         Some(4),
         "{}\n{}",
-        show(&out),
+        show_output(&out),
         c.diagnostics()
     );
     let after = c
@@ -213,4 +194,8 @@ async fn a_failed_libvirt_migration_leaves_the_domain_running_on_the_source() {
     assert_eq!(domstate(&c, 2), "");
     let k = keys(&c).await;
     assert_eq!(k, vec![quorum::pr_key(CLUSTER, 1); k.len()], "{k:x?}");
+}
+
+async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
+    common::cluster::wait_until(what, T, f, || c.diagnostics()).await
 }

@@ -21,6 +21,7 @@ use crate::agent_qemu::{
     LUN,
 };
 use crate::common;
+use crate::common::cluster::{events_named, show_output};
 
 use common::cluster::{node_name, Cluster, GroupSpec, CLUSTER, TARGET};
 use holdfast::agent::config::Timings;
@@ -176,31 +177,6 @@ fn listening(r: &GroupRecord) -> bool {
     r.migration.as_ref().is_some_and(|m| !m.addr.is_empty())
 }
 
-fn events_named(all: &[serde_json::Value], name: &str) -> Vec<serde_json::Value> {
-    all.iter().filter(|e| e["event"] == name).cloned().collect()
-}
-
-fn show(out: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
-    let end = Instant::now() + T;
-    while !f() {
-        assert!(
-            Instant::now() < end,
-            "timed out: {what}\n{}",
-            diagnostics(c)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Wait until `MORE` writes past `acked` are acknowledged.
 async fn wait_more_acks(c: &Cluster, acked: usize, what: &str) {
     wait_until(what, c, || acks(&events(c)) >= acked + MORE).await;
@@ -294,7 +270,7 @@ async fn destination_dies_before_switchover(c: &Cluster) {
     signal(agent1, Signal::SIGSTOP);
     let held = Instant::now();
     let out = c.ctl(&["move", GROUP, &node_name(2), "--live", "--wait", "0"]);
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.status.success(), "{}", show_output(&out));
     c.wait_record(GROUP, T, "node2 listening", listening).await;
     let dst = qemu_pid(c, 2).expect("node2's incoming QEMU");
     signal(dst, Signal::SIGKILL);
@@ -340,7 +316,12 @@ async fn live_move_under_write_load(c: &Cluster, watch: &AckWatch) {
     let starts0 = starts(&events(c));
     let t0 = Instant::now();
     let out = c.ctl(&["move", GROUP, &node_name(2), "--live", "--wait", "60"]);
-    assert!(out.status.success(), "{}\n{}", show(&out), diagnostics(c));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        show_output(&out),
+        diagnostics(c)
+    );
     let moved = t0.elapsed();
     let after = c
         .wait_record(GROUP, T, "settled on node2", |r| settled_on(r, 2))
@@ -391,7 +372,7 @@ async fn source_dies_mid_migration(c: &mut Cluster) {
     let starts0 = starts(&events(c));
     let arrived0 = events_named(&c.events(), "migrated-in").len();
     let out = c.ctl(&["move", GROUP, &node_name(1), "--live", "--wait", "0"]);
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.status.success(), "{}", show_output(&out));
     let r = c.wait_record(GROUP, T, "node1 listening", listening).await;
     let addr = r.migration.map(|m| m.addr).unwrap_or_default();
     // Killed once the state is on its way, if that is seen within 5 s.
@@ -430,4 +411,8 @@ async fn source_dies_mid_migration(c: &mut Cluster) {
     assert!(!k.contains(&quorum::pr_key(CLUSTER, 2)), "{k:x?}");
     assert_continuous(c, "after the source died");
     c.check(GROUP);
+}
+
+async fn wait_until(what: &str, c: &Cluster, f: impl Fn() -> bool) {
+    common::cluster::wait_until(what, T, f, || diagnostics(c)).await
 }

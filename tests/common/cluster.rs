@@ -594,3 +594,33 @@ impl AckTally {
         }
     }
 }
+
+/// The events among `all` named `name` (`ctl events --json` lines).
+pub fn events_named(all: &[serde_json::Value], name: &str) -> Vec<serde_json::Value> {
+    all.iter().filter(|e| e["event"] == name).cloned().collect()
+}
+
+/// A finished command's exit status and output, for assertion messages.
+pub fn show_output(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}stderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Poll `done` every 50 ms until it holds; after `limit`, fail with `what` and
+/// `diagnostics()`.
+pub async fn wait_until(
+    what: &str,
+    limit: Duration,
+    done: impl Fn() -> bool,
+    diagnostics: impl Fn() -> String,
+) {
+    let end = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < end, "timed out: {what}\n{}", diagnostics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
