@@ -109,9 +109,20 @@ pub fn migrate(
     .map_err(&e)?;
     q.execute("migrate", Some(json!({ "uri": format!("tcp:{addr}") })))
         .map_err(&e)?;
+    follow(&mut q, path, timeout)
+}
+
+/// Follow a migration that `q`'s QEMU runs (either side: `migrate` or
+/// `migrate-incoming` was sent) through `query-migrate` until it ends; cancel it once
+/// `timeout` passes.
+pub fn follow(
+    q: &mut Qmp,
+    path: &Path,
+    timeout: Duration,
+) -> Result<MigrationStats, MigrationError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let info = q.execute("query-migrate", None).map_err(&e)?;
+        let info = q.execute("query-migrate", None).map_err(qmp_err(path))?;
         if let Some(end) = migration_end(&info) {
             return end;
         }
@@ -136,7 +147,8 @@ pub fn migration_end(info: &Value) -> Option<Result<MigrationStats, MigrationErr
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
         })),
-        "failed" | "cancelled" | "none" => {
+        // "none" (or no status yet) is a migration QEMU has not begun: still going.
+        "failed" | "cancelled" => {
             let why = info
                 .get("error-desc")
                 .and_then(Value::as_str)

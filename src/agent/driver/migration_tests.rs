@@ -18,6 +18,8 @@ fn the_listening_address_is_read_from_query_migrate() {
 fn query_migrate_tells_progress_completion_and_failure() {
     assert!(migration_end(&json!({"status": "active"})).is_none());
     assert!(migration_end(&json!({"status": "setup"})).is_none());
+    assert!(migration_end(&json!({})).is_none());
+    assert!(migration_end(&json!({"status": "none"})).is_none());
     let done = json!({"status": "completed", "downtime": 7, "total-time": 120,
         "ram": {"transferred": 4096}});
     assert_eq!(

@@ -24,7 +24,7 @@ use super::process::{live_error, ProcessDriver, ProcessVm, MIGRATION_QMP_TIMEOUT
 use super::qmp::{self, Qmp, QmpError};
 use super::{DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::QemuVm;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,6 @@ const QMP_READY: Duration = Duration::from_secs(15);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a restore may take to load the saved state.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often a migration's progress is asked for.
-const MIGRATION_POLL: Duration = Duration::from_millis(50);
 /// Where the QMP socket is when the config names none.
 const DEFAULT_QMP: &str = "{state_dir}/{group}.qmp";
 
@@ -108,7 +106,7 @@ impl QemuDriver {
         let uri = format!("exec:cat > {}", shell_quote(&tmp.display().to_string()));
         q.execute("migrate", Some(json!({ "uri": uri })))
             .map_err(fail)?;
-        wait_migration(&mut q, timeout, "save")?;
+        migration::follow(&mut q, &path, timeout).map_err(|e| live_error("save", e))?;
         sync_file(tmp).map_err(|e| DriverError::Failed {
             action: "save",
             detail: format!("{}: {e}", tmp.display()),
@@ -125,7 +123,7 @@ impl QemuDriver {
         );
         q.execute("migrate-incoming", Some(json!({ "uri": uri })))
             .map_err(fail)?;
-        wait_migration(q, RESTORE_TIMEOUT, "restore")?;
+        migration::follow(q, &path, RESTORE_TIMEOUT).map_err(|e| live_error("restore", e))?;
         q.execute("cont", None).map_err(fail)?;
         match qmp::run_state(q).map_err(fail)?.as_str() {
             "running" => Ok(()),
@@ -257,52 +255,6 @@ fn wait_qmp(path: &Path, timeout: Duration, alive: impl Fn() -> bool) -> Result<
             Err(QmpError::Connect { .. }) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Poll `query-migrate` until the migration completed (Ok) or failed (Err); one still
-/// going after `timeout` is cancelled.
-fn wait_migration(q: &mut Qmp, timeout: Duration, action: &'static str) -> Result<(), DriverError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = q
-            .execute("query-migrate", None)
-            .map_err(|e| DriverError::Failed {
-                action,
-                detail: format!("query-migrate: {e}"),
-            })?;
-        match migration_progress(&v) {
-            Progress::Completed => return Ok(()),
-            Progress::Failed(detail) => return Err(DriverError::Failed { action, detail }),
-            Progress::Going => {}
-        }
-        if Instant::now() >= deadline {
-            let _ = q.execute("migrate_cancel", None);
-            return Err(DriverError::Timeout {
-                action,
-                after: timeout,
-            });
-        }
-        std::thread::sleep(MIGRATION_POLL);
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Progress {
-    Going,
-    Completed,
-    Failed(String),
-}
-
-/// A `query-migrate` answer as progress. No status yet: not started, still going.
-fn migration_progress(v: &Value) -> Progress {
-    match v.get("status").and_then(Value::as_str) {
-        Some("completed") => Progress::Completed,
-        Some(s @ ("failed" | "cancelled")) => {
-            let why = v.get("error-desc").and_then(Value::as_str).unwrap_or("");
-            Progress::Failed(format!("migration {s}: {why}"))
-        }
-        _ => Progress::Going,
     }
 }
 
@@ -560,24 +512,6 @@ mod tests {
             ]
         );
     }
-
-    #[test]
-    fn migration_progress_reads_query_migrate() {
-        assert_eq!(migration_progress(&json!({})), Progress::Going);
-        assert_eq!(
-            migration_progress(&json!({"status": "active"})),
-            Progress::Going
-        );
-        assert_eq!(
-            migration_progress(&json!({"status": "completed"})),
-            Progress::Completed
-        );
-        assert_eq!(
-            migration_progress(&json!({"status": "failed", "error-desc": "disk full"})),
-            Progress::Failed("migration failed: disk full".into())
-        );
-    }
-
     #[test]
     fn shell_quoting_keeps_a_path_one_word() {
         assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
