@@ -414,6 +414,10 @@ pub struct ProcessVm {
     /// instead of SIGSTOP and SIGCONT to the process group.
     #[serde(default)]
     pub qmp: Option<PathBuf>,
+    /// Cap on a live migration's transfer from this VM, bytes per second ("100MiB")
+    /// [default: 1GiB]: the migration network's share is the operator's to size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_bandwidth: Option<ByteSize>,
 }
 
 impl ProcessVm {
@@ -427,6 +431,7 @@ impl ProcessVm {
             env: Default::default(),
             log: None,
             qmp: None,
+            migration_bandwidth: None,
         }
     }
 }
@@ -471,6 +476,10 @@ pub struct QemuVm {
     /// File receiving QEMU's stdout and stderr [default: STATE_DIR/GROUP.log].
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// Cap on a live migration's transfer from this guest, bytes per second ("100MiB")
+    /// [default: 1GiB].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_bandwidth: Option<ByteSize>,
 }
 
 impl QemuVm {
@@ -488,6 +497,7 @@ impl QemuVm {
             args: vec![],
             qmp: None,
             log: None,
+            migration_bandwidth: None,
         }
     }
 }
@@ -826,11 +836,13 @@ fn check_vm(
             command,
             save_signal,
             stop_signal,
+            migration_bandwidth,
             ..
         }) => {
             if command.is_empty() || command[0].is_empty() {
                 return Err(bad(&key("vm.command"), "must name a program".into()));
             }
+            check_bandwidth(*migration_bandwidth, key, bad)?;
             for (k, s) in [
                 ("vm.stop_signal", Some(stop_signal)),
                 ("vm.save_signal", save_signal.as_ref()),
@@ -857,6 +869,21 @@ fn check_vm(
     Ok(())
 }
 
+/// A zero cap is refused: it names no rate (QEMU versions differ on what 0 means).
+fn check_bandwidth(
+    b: Option<ByteSize>,
+    key: &dyn Fn(&str) -> String,
+    bad: &Bad<'_>,
+) -> Result<(), AgentConfigError> {
+    match b {
+        Some(ByteSize(0)) => Err(bad(
+            &key("vm.migration_bandwidth"),
+            "must be more than 0".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_qemu(
     q: &QemuVm,
     key: &dyn Fn(&str) -> String,
@@ -868,6 +895,7 @@ fn check_qemu(
     if q.cpus == 0 {
         return Err(bad(&key("vm.cpus"), "must be at least 1".into()));
     }
+    check_bandwidth(q.migration_bandwidth, key, bad)?;
     if q.kernel.is_none() {
         for (k, set) in [
             ("vm.initrd", q.initrd.is_some()),
@@ -1071,10 +1099,35 @@ command = ["sleep", "1000"]
             ("serial = [\"/a,b\"]", "group[0].vm.serial"),
             ("qmp = \"/q,server=off\"", "group[0].vm.qmp"),
             ("kernel = \"/k\"\nbogus = 1", "bogus"),
+            ("migration_bandwidth = 0", "group[0].vm.migration_bandwidth"),
         ] {
             let e = parse(&qemu(vm), "t.toml").unwrap_err().to_string();
             assert!(e.contains(key), "{vm}: {e}");
         }
+    }
+
+    #[test]
+    fn migration_bandwidth_is_a_size_per_second_and_never_zero() {
+        let with = |line: &str| {
+            MINIMAL.replace(
+                "driver = \"process\"\n",
+                &format!("driver = \"process\"\n{line}\n"),
+            )
+        };
+        let c = parse(&with("migration_bandwidth = \"4MiB\""), "t.toml").unwrap();
+        let VmConfig::Process(p) = &c.config.groups[0].vm else {
+            panic!("{:?}", c.config.groups[0].vm)
+        };
+        assert_eq!(p.migration_bandwidth, Some(ByteSize(4 << 20)));
+        let c = parse(MINIMAL, "t.toml").unwrap();
+        let VmConfig::Process(p) = &c.config.groups[0].vm else {
+            panic!("{:?}", c.config.groups[0].vm)
+        };
+        assert_eq!(p.migration_bandwidth, None);
+        let e = parse(&with("migration_bandwidth = \"0\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group[0].vm.migration_bandwidth"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,12 @@
 //! 2. `ctl move --live` under write load: the same run goes on (no new start line, the
 //!    counter strictly consecutive), the source's QEMU is gone and its key preempted, a
 //!    late write through the source's VM initiator name gets RESERVATION CONFLICT;
-//! 3. a live move back whose source node is killed (agent and QEMU) once the destination
+//! 3. a live move back whose destination node is killed (agent and incoming QEMU) while
+//!    the state is on its way (node 2, the source, migrates at `SLOW` bytes per second to
+//!    leave that window): the guest runs on on node 2 in the same run and epoch, node 1's
+//!    registrations are preempted, the migration is cleared with an event saying why,
+//!    and nobody is fenced; node 1's agent is then started again;
+//! 4. a live move back whose source node is killed (agent and QEMU) once the destination
 //!    listens: the group fails over (or, if the state went over first, arrives).
 //!
 //! `holdfast guest check` is clean after each step. QEMU's downtime and total time
@@ -17,17 +22,20 @@
 //! them appear in the log) are printed.
 
 use crate::agent_qemu::{
-    acks, diagnostics, events, guest_image, secs, starts, wait_writing, write_configs, BOOT, GROUP,
-    LUN,
+    acks, diagnostics, events, guest_image, secs, starts, wait_writing, BOOT, GROUP, LUN,
 };
 use crate::common;
 use crate::common::cluster::{events_named, show_output};
 
 use common::cluster::{node_name, Cluster, GroupSpec, CLUSTER, TARGET};
-use holdfast::agent::config::Timings;
+use holdfast::agent::config::{Timings, VmConfig};
+use holdfast::agent::events::mono_ns;
 use holdfast::agent::quorum::{self, GroupRecord, GroupState};
+use holdfast::cli::cluster_kit as kit;
 use holdfast::cli::cluster_kit::LineTail;
 use holdfast::cli::guest::AckEvent;
+use holdfast::cli::guest_qemu::{qemu_guest_vm, GuestImage};
+use holdfast::config_value::ByteSize;
 use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -41,6 +49,11 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(60);
 /// Acks to see after a step before judging it (20 ms apart in the guest).
 const MORE: usize = 25;
+
+/// Node 2's cap on its outgoing migrations, bytes per second: slow enough that the
+/// guest's state (tens of MB of RAM in use) takes seconds to send, so its destination
+/// can be killed mid-way.
+const SLOW: u64 = 8 << 20;
 
 /// Self-fencing late enough that the source's agent may be held (SIGSTOP) while the
 /// destination's QEMU starts under TCG on a busy machine.
@@ -244,7 +257,7 @@ async fn qemu_guest_migrates_live_under_write_load_and_survives_failed_migration
     spec.preferred = vec![node_name(1)];
     spec.settings.monitor_interval = Duration::from_millis(500);
     let mut c = Cluster::new(2, vec![spec]).await;
-    write_configs(&c, &img, &timings());
+    write_configs(&c, &img);
     c.start_agent(1);
     c.start_agent(2);
     let watch = AckWatch::start(c.ack_log(GROUP));
@@ -255,7 +268,22 @@ async fn qemu_guest_migrates_live_under_write_load_and_survives_failed_migration
 
     destination_dies_before_switchover(&c).await;
     live_move_under_write_load(&c, &watch).await;
+    destination_node_dies_mid_migration(&mut c).await;
     source_dies_mid_migration(&mut c).await;
+}
+
+/// agent_qemu's configs (the qemu driver running the test guest), node 2's guest
+/// migrating out at [`SLOW`].
+fn write_configs(c: &Cluster, img: &GuestImage) {
+    for id in 1..=c.nodes {
+        let mut cfg = c.kit.node_config(id, &c.groups, &timings());
+        let mut vm = qemu_guest_vm(img, &c.ack_log(GROUP), "tcg");
+        if let (2, VmConfig::Qemu(q)) = (id, &mut vm) {
+            q.migration_bandwidth = Some(ByteSize(SLOW));
+        }
+        cfg.groups[0].vm = vm;
+        kit::write_toml(&c.node_config(id), "", &cfg).unwrap();
+    }
 }
 
 /// Node 2's incoming QEMU is killed while it listens; node 1's agent is held from the
@@ -364,6 +392,89 @@ async fn live_move_under_write_load(c: &Cluster, watch: &AckWatch) {
         secs(moved)
     );
     c.check(GROUP);
+}
+
+/// A live move back to node 1 (node 2 sending at [`SLOW`]) whose destination node is
+/// killed -9 (agent and incoming QEMU) while the state is on its way: node 2 keeps the
+/// guest, takes the disks back and clears the migration; node 1 is a dead node like any
+/// other (it owned nothing: nobody is fenced). Node 1's agent is started again after.
+async fn destination_node_dies_mid_migration(c: &mut Cluster) {
+    let before = c
+        .wait_record(GROUP, T, "settled on node2", |r| settled_on(r, 2))
+        .await;
+    let src = qemu_pid(c, 2).expect("node2's QEMU");
+    let starts0 = starts(&events(c));
+    let fenced0 = counted(c, &["fenced", "self-fence"]);
+    let completed0 = counted(c, &["migration-completed"]);
+    let aborted0 = counted(c, &["migration-aborted"]);
+
+    let out = c.ctl(&["move", GROUP, &node_name(1), "--live", "--wait", "0"]);
+    assert!(out.status.success(), "{}", show_output(&out));
+    let r = c.wait_record(GROUP, T, "node1 listening", listening).await;
+    let addr = r.migration.map(|m| m.addr).unwrap_or_default();
+    wait_until("node2 sending the state", c, || migration_connected(&addr)).await;
+    let dst = qemu_pid(c, 1).expect("node1's incoming QEMU");
+    let killed = Instant::now();
+    c.kill_node(1);
+    let mid = listening(&c.record(GROUP).await.expect("record"))
+        && counted(c, &["migration-completed"]) == completed0;
+    assert!(
+        mid,
+        "the migration ended before node1 was killed\n{}",
+        diagnostics(c)
+    );
+    assert!(
+        !c.is_running(dst),
+        "node1's incoming QEMU survived the kill"
+    );
+
+    let after = c
+        .wait_record(GROUP, T, "migration cleared on node2", |r| settled_on(r, 2))
+        .await;
+    let cleared = killed.elapsed();
+    assert_eq!(after.epoch, before.epoch, "the run on node2 goes on");
+    assert_eq!(qemu_pid(c, 2), Some(src), "the same QEMU");
+    wait_keys(c, "only node2's keys", |k| {
+        !k.is_empty() && k.iter().all(|&k| k == quorum::pr_key(CLUSTER, 2))
+    })
+    .await;
+    let all = c.events();
+    let aborted = events_named(&all, "migration-aborted");
+    let why = aborted.get(aborted0).map(|e| e["reason"].to_string());
+    assert!(
+        why.as_ref()
+            .is_some_and(|w| w.contains("node 1") && w.contains("gone")),
+        "no migration-aborted event naming the dead node: {why:?}\n{all:#?}"
+    );
+    assert_eq!(counted(c, &["fenced", "self-fence"]), fenced0, "{all:#?}");
+    assert_eq!(counted(c, &["migration-completed"]), completed0, "{all:#?}");
+    wait_more_acks(c, acks(&events(c)), "writes on node2 after node1 died").await;
+    assert_eq!(starts(&events(c)), starts0, "not restarted");
+    let (first, last) = assert_continuous(c, "destination node died");
+    eprintln!(
+        "qemu live: destination node killed while receiving: the guest ran on on node2, \
+         migration cleared and node1's keys preempted {} after the kill, counters \
+         {first}..={last} without a gap; abandoned because {}",
+        secs(cleared),
+        why.unwrap_or_default()
+    );
+    c.check(GROUP);
+
+    let since = mono_ns();
+    c.start_agent(1);
+    assert!(
+        c.wait_agent_started(1, since, T).await,
+        "node1's agent did not start again\n{}",
+        diagnostics(c)
+    );
+    // Node 2 must see node 1's heartbeat move again before node 1 can be asked for more.
+    tokio::time::sleep(timings().self_fence_after).await;
+}
+
+/// How many of the cluster's events are named one of `names`.
+fn counted(c: &Cluster, names: &[&str]) -> usize {
+    let all = c.events();
+    names.iter().map(|n| events_named(&all, n).len()).sum()
 }
 
 /// A live move back to node 1, whose source (node 2: agent and QEMU) is killed once

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 /// How often a migration's progress is asked for.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Bandwidth cap for the transfer, bytes per second. QEMU's default (32 MiB/s) would make
-/// even a small guest take seconds; the migration network is the operator's to size.
-const MAX_BANDWIDTH: u64 = 1 << 30;
+/// Bandwidth cap for the transfer when the VM's config sets none, bytes per second.
+/// QEMU's default (32 MiB/s) would make even a small guest take seconds.
+pub const DEFAULT_BANDWIDTH: u64 = 1 << 30;
 
 /// What QEMU reports about a completed migration (source side).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,18 +93,20 @@ pub fn bound_address(info: &Value) -> Option<String> {
     })
 }
 
-/// Source: migrate to `addr` (host:port) and follow it to its end. On timeout the
-/// migration is cancelled (the guest keeps running here).
+/// Source: migrate to `addr` (host:port) at up to `bandwidth` bytes per second and
+/// follow it to its end. On timeout the migration is cancelled (the guest keeps running
+/// here).
 pub fn migrate(
     path: &Path,
     addr: &str,
+    bandwidth: u64,
     timeout: Duration,
 ) -> Result<MigrationStats, MigrationError> {
     let e = qmp_err(path);
     let mut q = Qmp::connect(path, timeout.min(Duration::from_secs(10))).map_err(&e)?;
     q.execute(
         "migrate-set-parameters",
-        Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
+        Some(json!({ "max-bandwidth": bandwidth })),
     )
     .map_err(&e)?;
     q.execute("migrate", Some(json!({ "uri": format!("tcp:{addr}") })))

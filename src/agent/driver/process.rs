@@ -703,7 +703,12 @@ impl VmDriver for ProcessDriver {
         timeout: Duration,
     ) -> Result<MigrationStats, DriverError> {
         let path = self.live_qmp(ctx, "live migration")?;
-        migration::migrate(&path, addr, timeout).map_err(|e| live_error("live migration", e))
+        let bandwidth = self
+            .vm
+            .migration_bandwidth
+            .map_or(migration::DEFAULT_BANDWIDTH, |b| b.0);
+        migration::migrate(&path, addr, bandwidth, timeout)
+            .map_err(|e| live_error("live migration", e))
     }
 
     fn continue_migrated(&mut self, ctx: &VmContext) -> Result<(), DriverError> {

@@ -52,6 +52,7 @@ impl QemuDriver {
         let mut p = ProcessVm::new(base_argv(&vm));
         p.qmp = Some(qmp_template(&vm));
         p.log = vm.log.clone();
+        p.migration_bandwidth = vm.migration_bandwidth;
         QemuDriver {
             inner: ProcessDriver::new(p, default_log),
             vm,
