@@ -703,7 +703,9 @@ pub fn live_migration_refusal(cfg: &ValidNodeConfig, group: &str) -> Option<Stri
     let d = crate::agent::driver::build(&g.vm, std::path::PathBuf::from("/dev/null"));
     (!d.can_migrate_live()).then(|| {
         format!(
-            "group {group}'s VM driver cannot migrate live (a `process` VM needs `qmp` set,              pointing at the QEMU's -qmp socket); use `ctl move` without --live"
+            "group {group}'s VM cannot migrate live: live migration needs the `qemu` driver, \
+             the `process` driver with `qmp` set to its QEMU's -qmp socket, or the `libvirt` \
+             driver (use `ctl move` without --live to move it by stop or save and start)"
         )
     })
 }
@@ -711,6 +713,34 @@ pub fn live_migration_refusal(cfg: &ValidNodeConfig, group: &str) -> Option<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_move_refusal_names_every_driver_that_can_migrate_live() {
+        let text = |vm: &str| {
+            format!(
+                "[node]\nname = \"n1\"\nid = 1\ncluster = \"lab\"\n[target]\n\
+                 portals = [\"127.0.0.1:3260\"]\nname = \"iqn.2026-11.org.holdfast:s\"\n\
+                 quorum_lun = 0\n[[group]]\nname = \"web\"\ndisks = [1]\n[group.vm]\n{vm}\n"
+            )
+        };
+        let plain =
+            crate::agent::config::parse(&text("driver = \"process\"\ncommand = [\"q\"]"), "t")
+                .unwrap();
+        let why = live_migration_refusal(&plain, "web").expect("refused");
+        for name in ["`qemu` driver", "`process` driver with `qmp`", "`libvirt`"] {
+            assert!(why.contains(name), "{name}: {why}");
+        }
+        assert!(!why.contains("  "), "{why}");
+        assert_eq!(live_migration_refusal(&plain, "other"), None);
+        for vm in [
+            "driver = \"process\"\ncommand = [\"q\"]\nqmp = \"/run/q.qmp\"",
+            "driver = \"qemu\"",
+            "driver = \"libvirt\"\ndomain = \"web\"",
+        ] {
+            let c = crate::agent::config::parse(&text(vm), "t").unwrap();
+            assert_eq!(live_migration_refusal(&c, "web"), None, "{vm}");
+        }
+    }
 
     #[test]
     fn a_live_move_is_asked_of_a_running_group_only_once() {
