@@ -47,25 +47,11 @@ fn qmp_err(path: &Path) -> impl Fn(QmpError) -> MigrationError + '_ {
     }
 }
 
-/// Connect to a QEMU that may still be creating its socket (just started), trying until
-/// `timeout` passes.
-pub fn connect_when_up(path: &Path, timeout: Duration) -> Result<Qmp, MigrationError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Qmp::connect(path, timeout) {
-            Ok(q) => return Ok(q),
-            Err(QmpError::Connect { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(POLL);
-            }
-            Err(e) => return Err(qmp_err(path)(e)),
-        }
-    }
-}
-
 /// Destination: listen for the incoming migration on `host` (a port QEMU picks) and
 /// return the `host:port` it bound.
 pub fn listen(path: &Path, host: &str, timeout: Duration) -> Result<String, MigrationError> {
-    let mut q = connect_when_up(path, timeout)?;
+    // Just started: its socket may not be there yet.
+    let mut q = Qmp::connect_when_up(path, timeout, timeout, || true).map_err(qmp_err(path))?;
     let uri = if host.contains(':') {
         format!("tcp:[{host}]:0")
     } else {

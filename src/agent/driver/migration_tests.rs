@@ -96,7 +96,8 @@ fn a_process_qemu_migrates_live_to_an_incoming_one() {
     let (mut dst, dctx) = qemu_driver(dir.path(), "b");
     assert!(src.can_migrate_live());
     src.start(&sctx).unwrap();
-    connect_when_up(&sctx.state_dir.join("web.qmp"), Duration::from_secs(10)).unwrap();
+    let up = Duration::from_secs(10);
+    Qmp::connect_when_up(&sctx.state_dir.join("web.qmp"), up, up, || true).unwrap();
     let addr = dst.start_incoming(&dctx, "127.0.0.1").unwrap();
     assert!(
         addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
@@ -126,7 +127,8 @@ fn a_migration_to_a_dead_destination_leaves_the_source_running() {
     let (mut src, sctx) = qemu_driver(dir.path(), "a");
     let (mut dst, dctx) = qemu_driver(dir.path(), "b");
     src.start(&sctx).unwrap();
-    connect_when_up(&sctx.state_dir.join("web.qmp"), Duration::from_secs(10)).unwrap();
+    let up = Duration::from_secs(10);
+    Qmp::connect_when_up(&sctx.state_dir.join("web.qmp"), up, up, || true).unwrap();
     let addr = dst.start_incoming(&dctx, "127.0.0.1").unwrap();
     dst.kill(&dctx).unwrap();
     let e = src.migrate_live(&sctx, &addr, Duration::from_secs(30));

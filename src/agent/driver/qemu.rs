@@ -83,7 +83,7 @@ impl QemuDriver {
         args.extend_from_slice(extra);
         self.inner.start_with_args(ctx, action, &args)?;
         let path = self.qmp_socket(ctx);
-        match wait_qmp(&path, QMP_READY, || self.inner.pid().is_some()) {
+        match Qmp::connect_when_up(&path, QMP_READY, QMP_TIMEOUT, || self.inner.pid().is_some()) {
             Ok(q) => Ok(q),
             Err(e) => {
                 let _ = self.inner.kill(ctx);
@@ -241,21 +241,6 @@ fn qmp_failed(action: &'static str, path: &Path, e: QmpError) -> DriverError {
             action,
             detail: format!("QMP {}: {e}", path.display()),
         },
-    }
-}
-
-/// Connect to a QMP socket QEMU is about to create, while `alive` says it still runs.
-fn wait_qmp(path: &Path, timeout: Duration, alive: impl Fn() -> bool) -> Result<Qmp, QmpError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Qmp::connect(path, QMP_TIMEOUT) {
-            Ok(q) => return Ok(q),
-            Err(e @ QmpError::Connect { .. }) if Instant::now() >= deadline || !alive() => {
-                return Err(e)
-            }
-            Err(QmpError::Connect { .. }) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(e),
-        }
     }
 }
 

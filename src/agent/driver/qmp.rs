@@ -121,6 +121,26 @@ impl Qmp {
         Ok(q)
     }
 
+    /// Connect to the socket of a QEMU that may still be creating it (just started),
+    /// trying every 20 ms until `ready` has passed or `alive` says QEMU is gone;
+    /// `timeout` as for [`Qmp::connect`].
+    pub fn connect_when_up(
+        path: &Path,
+        ready: Duration,
+        timeout: Duration,
+        alive: impl Fn() -> bool,
+    ) -> Result<Qmp, QmpError> {
+        let deadline = Instant::now() + ready;
+        loop {
+            match Qmp::connect(path, timeout) {
+                Err(QmpError::Connect { .. }) if Instant::now() < deadline && alive() => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Run `command` and return its `return` value; QEMU's refusal is
     /// [`QmpError::Command`]. Events that arrive meanwhile are skipped.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
