@@ -563,7 +563,15 @@ impl Agent {
                 source,
                 epoch,
             } => self.spawn_op(&group, move |sh, cfg, drv| async move {
-                live_ops::migrate_in(&sh, &vm, &cfg, &drv, source, epoch).await
+                let incoming = live_ops::Incoming {
+                    sh: &sh,
+                    vm: &vm,
+                    cfg: &cfg,
+                    drv: &drv,
+                    source,
+                    epoch,
+                };
+                incoming.run().await
             }),
             Op::MigrateOut { group, to, addr } => {
                 let Some(epoch) = epoch_of(&group) else {
