@@ -673,20 +673,8 @@ impl Agent {
     /// Peers, group records and local states for the metrics (if on).
     fn report_metrics(&mut self, img: &QuorumImage, now: Instant) {
         let Some(m) = metrics::get() else { return };
-        let peers = img
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| s.node_id != self.sh.id);
-        let (mut alive, mut dead) = (0, 0);
-        for p in peers {
-            match self.membership.liveness(p.node_id, now) {
-                Liveness::Alive => alive += 1,
-                Liveness::Dead => dead += 1,
-                Liveness::Unknown | Liveness::Left => {}
-            }
-        }
-        m.peers(alive, dead);
+        let peers = self.tally_members(img, now, Some(self.sh.id));
+        m.peers(peers.alive, peers.dead);
         for (_, r) in &img.groups {
             m.group_record(&r.name, r.state.name(), r.owner);
         }
@@ -880,6 +868,23 @@ impl Agent {
         }
     }
 
+    /// The nodes with a slot in `img` (but `except`) that our membership judges alive
+    /// and dead; nodes not yet judged or gone for good count in neither.
+    fn tally_members(&self, img: &QuorumImage, now: Instant, except: Option<u16>) -> Tally {
+        let mut t = Tally::default();
+        for slot in img.slots.iter().flatten() {
+            if Some(slot.node_id) == except {
+                continue;
+            }
+            match self.membership.liveness(slot.node_id, now) {
+                Liveness::Alive => t.alive += 1,
+                Liveness::Dead => t.dead += 1,
+                Liveness::Unknown | Liveness::Left => {}
+            }
+        }
+        t
+    }
+
     fn service_facts(&self) -> AgentFacts {
         let now = Instant::now();
         let mut f = AgentFacts {
@@ -889,14 +894,8 @@ impl Agent {
         let Some(img) = &self.last_image else {
             return f;
         };
-        for slot in img.slots.iter().flatten() {
-            match self.membership.liveness(slot.node_id, now) {
-                Liveness::Alive => f.alive += 1,
-                Liveness::Dead => {}
-                Liveness::Unknown | Liveness::Left => continue,
-            }
-            f.members += 1;
-        }
+        let all = self.tally_members(img, now, None);
+        (f.alive, f.members) = (all.alive, all.alive + all.dead);
         let me = (self.sh.id, self.sh.incarnation());
         for (_, r) in &img.groups {
             if (r.owner, r.owner_incarnation) == me && self.groups.contains_key(&r.name) {
@@ -1018,6 +1017,13 @@ pub const HANDOVER_SETTLE: Duration = Duration::from_secs(120);
 
 /// The file in STATE_DIR that lists the groups paused on this node.
 pub const PAUSE_FILE: &str = "paused.json";
+
+/// Nodes counted by liveness ([`Agent::tally_members`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    alive: usize,
+    dead: usize,
+}
 
 /// Why a VM is paused, and since when on the wall clock (for people reading status).
 #[derive(Debug, Clone)]
