@@ -26,7 +26,7 @@ use super::{DriverError, VmContext, VmDriver, VmStatus};
 pub use crate::agent::config::QemuVm;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// QEMU creates its QMP socket before it runs the guest: this long is a QEMU that did
 /// not come up.
