@@ -124,7 +124,12 @@ async fn a_live_move_hands_the_running_guest_and_its_disk_over() {
     let before = c.wait_running("g1", Some(1), T).await;
     wait_until("node1's QEMU", &c, || qemu_pid(&c, 1).is_some()).await;
     let src_pid = qemu_pid(&c, 1).unwrap();
-    assert_eq!(guest_status(&c, 1), "running");
+    // The process driver's start returns once QEMU is spawned: its QMP socket may come
+    // a moment later on a busy machine.
+    wait_until("node1's guest running (QMP)", &c, || {
+        guest_status(&c, 1) == "running"
+    })
+    .await;
 
     let t0 = Instant::now();
     let out = c.ctl(&["move", "g1", "node2", "--live", "--wait", "40"]);
