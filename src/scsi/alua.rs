@@ -73,7 +73,11 @@ const STATUS_IMPLICIT: u8 = 0x02;
 ///   gateway, whose first write then takes the lock.
 pub fn group_states(alua: &AluaSettings, lock: ExclusiveLock) -> Vec<(&PortGroup, AccessState)> {
     use AccessState::{ActiveNonOptimized as Ano, ActiveOptimized as Ao};
-    let lowest = alua.peers.iter().map(|p| p.id).fold(alua.local.id, u16::min);
+    let lowest = alua
+        .peers
+        .iter()
+        .map(|p| p.id)
+        .fold(alua.local.id, u16::min);
     let local = match lock {
         ExclusiveLock::NotShared | ExclusiveLock::HeldHere => Ao,
         ExclusiveLock::HeldElsewhere => Ano,
@@ -173,7 +177,10 @@ mod tests {
         let (a, b) = (gateways(1, &[2]), gateways(2, &[1]));
         // A holds the lock: A's view and B's view name the same optimized group.
         assert_eq!(states(&a, ExclusiveLock::HeldHere), [(1, Ao), (2, Ano)]);
-        assert_eq!(states(&b, ExclusiveLock::HeldElsewhere), [(2, Ano), (1, Ao)]);
+        assert_eq!(
+            states(&b, ExclusiveLock::HeldElsewhere),
+            [(2, Ano), (1, Ao)]
+        );
         assert_eq!(states(&b, ExclusiveLock::HeldHere), [(2, Ao), (1, Ano)]);
     }
 
@@ -276,9 +283,8 @@ mod tests {
         };
         let lu = LogicalUnit::new(settings, store.clone());
         let rtpg = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
-        let state_of = |data: &[u8], group: u8| {
-            data[4..].chunks(12).find(|d| d[3] == group).map(|d| d[0])
-        };
+        let state_of =
+            |data: &[u8], group: u8| data[4..].chunks(12).find(|d| d[3] == group).map(|d| d[0]);
         let out = execute(&lu, &rtpg);
         assert_eq!(out.status, 0);
         // Nobody holds the lock: group 1 (the lowest) is optimized, we are not.
@@ -290,9 +296,15 @@ mod tests {
         assert_eq!(state_of(&out.data_in, 1), Some(Ano as u8));
         // A parameter data format we do not know is an invalid field; a short allocation
         // length truncates.
-        assert_eq!(execute(&lu, &[0xA3, 0x4A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]).status, 2);
+        assert_eq!(
+            execute(&lu, &[0xA3, 0x4A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]).status,
+            2
+        );
         let out = execute(&lu, &[0xA3, 0x2A, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0]);
-        assert_eq!(&out.data_in[..], &[0, 0, 0, 28, 0x10, IMPLICIT_TRANSITION_SECS]);
+        assert_eq!(
+            &out.data_in[..],
+            &[0, 0, 0, 28, 0x10, IMPLICIT_TRANSITION_SECS]
+        );
     }
 
     #[test]
@@ -322,7 +334,10 @@ mod tests {
     #[test]
     fn extended_header_carries_the_transition_time() {
         let b = report(&AluaSettings::default(), ExclusiveLock::NotShared, true);
-        assert_eq!(&b[..8], &[0, 0, 0, 16, 0x10, IMPLICIT_TRANSITION_SECS, 0, 0]);
+        assert_eq!(
+            &b[..8],
+            &[0, 0, 0, 16, 0x10, IMPLICIT_TRANSITION_SECS, 0, 0]
+        );
         assert_eq!(b.len(), 8 + 12);
         assert_eq!(b[8], Ao as u8);
     }

@@ -1077,10 +1077,26 @@ size = "1MiB"
         assert_eq!(d.alua("iqn.2026-11.org.example:t1"), Default::default());
         for (alua, key, why) in [
             ("group = 0", "alua.group", "1 to 65535"),
-            ("group = 2\n[[alua.peer]]\ngroup = 2", "alua.peer[0].group", "already taken"),
-            ("[[alua.peer]]\ngroup = 0", "alua.peer[0].group", "1 to 65535"),
-            ("[[alua.peer]]\ngroup = 2\nports = [1]", "alua.peer[0].ports", "unique across gateways"),
-            ("[[alua.peer]]\ngroup = 2\n[[alua.peer]]\ngroup = 3\nports = [2]", "alua.peer[1].ports", "two peers"),
+            (
+                "group = 2\n[[alua.peer]]\ngroup = 2",
+                "alua.peer[0].group",
+                "already taken",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 0",
+                "alua.peer[0].group",
+                "1 to 65535",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 2\nports = [1]",
+                "alua.peer[0].ports",
+                "unique across gateways",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 2\n[[alua.peer]]\ngroup = 3\nports = [2]",
+                "alua.peer[1].ports",
+                "two peers",
+            ),
         ] {
             let e = err(&with(alua));
             assert!(e.contains(key) && e.contains(why), "{alua}: {e}");

@@ -119,7 +119,11 @@ async fn port_groups(s: &Session) -> Vec<(u16, u8, Vec<u16>)> {
         let ports = (0..n)
             .map(|i| u16::from_be_bytes([d[at + 10 + 4 * i], d[at + 11 + 4 * i]]))
             .collect();
-        v.push((u16::from_be_bytes([d[at + 2], d[at + 3]]), d[at] & 0x0F, ports));
+        v.push((
+            u16::from_be_bytes([d[at + 2], d[at + 3]]),
+            d[at] & 0x0F,
+            ports,
+        ));
         at += 8 + 4 * n;
     }
     v
@@ -163,7 +167,10 @@ async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
     let serial = |p: Bytes| p[4..].to_vec();
     let sa = serial(a.inquiry(0, true, 0x80, 255).await.expect("VPD 0x80"));
     assert!(!sa.is_empty());
-    assert_eq!(sa, serial(b.inquiry(0, true, 0x80, 255).await.expect("VPD 0x80")));
+    assert_eq!(
+        sa,
+        serial(b.inquiry(0, true, 0x80, 255).await.expect("VPD 0x80"))
+    );
     let (da, db) = (designators(&a).await, designators(&b).await);
     let lu = |d: &[(u8, u8, Vec<u8>)]| d.iter().filter(|x| x.0 == 0).cloned().collect::<Vec<_>>();
     assert!(lu(&da).iter().any(|(_, t, _)| *t == 3), "an NAA: {da:?}");
@@ -184,6 +191,58 @@ async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
     // ...and a write through gateway 1 moves both back (the implicit transition).
     write(&a, 2).await;
     expect_states(&a, &b, 1).await;
-    let back = b.read16(0, 8, 8, BLOCK).await.expect("read through gateway 2");
-    assert_eq!(&back[..], &[2u8; 4096][..], "one disk: gateway 2 reads gateway 1's write");
+    let back = b
+        .read16(0, 8, 8, BLOCK)
+        .await
+        .expect("read through gateway 2");
+    assert_eq!(
+        &back[..],
+        &[2u8; 4096][..],
+        "one disk: gateway 2 reads gateway 1's write"
+    );
+    // Without FUA or SYNCHRONIZE CACHE too: a write acknowledged by one gateway is what
+    // the other reads next (no gateway-local cache hides it).
+    for i in 0..40u8 {
+        let (w, r) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let lba = u64::from(i % 4) * 64;
+        w.write16(0, lba, Bytes::from(vec![i; 8192]), BLOCK, false)
+            .await
+            .expect("write");
+        let back = r.read16(0, lba, 16, BLOCK).await.expect("read");
+        assert!(
+            back.iter().all(|&x| x == i),
+            "round {i}: the other gateway read stale data"
+        );
+    }
+}
+
+/// The README's gateway configs ("When one storage box is not enough") validate, and
+/// describe two gateways of one image with distinct groups and tpgts.
+#[test]
+fn readme_gateway_configs_are_valid() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let section = readme
+        .split("## When one storage box is not enough")
+        .nth(1)
+        .expect("the section")
+        .split("\n## ")
+        .next()
+        .unwrap_or_default();
+    let configs: Vec<_> = section
+        .split("```toml")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or_default())
+        .map(|b| {
+            holdfast::server::config::parse(b, "README gateway", Path::new("/tmp"))
+                .unwrap_or_else(|e| panic!("README gateway config: {e}\n{b}"))
+        })
+        .collect();
+    assert_eq!(configs.len(), 2, "two gateway configs");
+    let (a, b) = (&configs[0].config, &configs[1].config);
+    assert_ne!(a.alua.group, b.alua.group);
+    assert_eq!(a.alua.peers[0].group, b.alua.group);
+    assert_eq!(b.alua.peers[0].group, a.alua.group);
+    assert_ne!(a.targets[0].portals[0].tpgt, b.targets[0].portals[0].tpgt);
+    assert_eq!(a.targets[0].luns[0].rbd, b.targets[0].luns[0].rbd);
 }

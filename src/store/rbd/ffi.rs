@@ -43,7 +43,8 @@ struct Api {
     rados_ioctx_get_id: unsafe extern "C" fn(Handle) -> i64,
     rbd_get_id: unsafe extern "C" fn(Handle, *mut c_char, usize) -> c_int,
     rbd_is_exclusive_lock_owner: unsafe extern "C" fn(Handle, *mut c_int) -> c_int,
-    rbd_lock_get_owners: unsafe extern "C" fn(Handle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
+    rbd_lock_get_owners:
+        unsafe extern "C" fn(Handle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
     rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
     // --- ALUA and shared identity: end ---
 }

@@ -78,6 +78,10 @@ fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
     }
     let secs = s.timeout.as_secs().max(1).to_string();
     let mut opts = vec![
+        // No librbd cache: a write is acknowledged only once it is in RADOS, so a read
+        // through another gateway (another path to the same LU) sees it; a gateway-local
+        // writeback or read cache would make the paths disagree.
+        ("rbd_cache", "false".to_string()),
         ("client_mount_timeout", secs.clone()),
         ("rados_osd_op_timeout", secs.clone()),
         ("rados_mon_op_timeout", secs),
