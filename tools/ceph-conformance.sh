@@ -1,9 +1,10 @@
 #!/bin/bash
-# tools/ceph-conformance.sh [OUTDIR]: libiscsi's conformance suite through a gateway on
-# RBD images: starts a throwaway Ceph cluster (tools/ceph-up.sh), runs
-# tools/conformance.sh with CONFORMANCE_CEPH (the same families, exclusions and checks
-# as on files; LUNs 1 and 2 are RBD images), stops the cluster. Results in OUTDIR
-# (default target/conformance-rbd/). About 2 minutes here (cluster 25 s, suite 80 s).
+# tools/ceph-conformance.sh [OUTDIR]: libiscsi's conformance suite through two gateways
+# on the same RBD images: starts a throwaway Ceph cluster (tools/ceph-up.sh), runs
+# tools/conformance.sh with CONFORMANCE_CEPH and CONFORMANCE_GATEWAYS=2 (the same
+# families, exclusions and checks as on files, through each gateway; LUNs 1 and 2 are
+# RBD images; SCSI.MultipathIO with one path through each gateway), stops the cluster.
+# Results in OUTDIR (default target/conformance-rbd/).
 set -euo pipefail
 HF_NAME=ceph-conformance
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -18,4 +19,4 @@ log "starting a Ceph cluster in $CEPH_DIR"
   report FAIL ceph-conformance "tools/ceph-up.sh failed"
   exit 1
 }
-CONFORMANCE_CEPH=$CEPH_DIR "$HF_ROOT/tools/conformance.sh" "$OUT"
+CONFORMANCE_CEPH=$CEPH_DIR CONFORMANCE_GATEWAYS=2 "$HF_ROOT/tools/conformance.sh" "$OUT"

@@ -160,6 +160,7 @@ impl Layout {
             admin_socket: None,
             metrics: None,
             ceph: None,
+            alua: Default::default(),
             targets: vec![TargetConfig {
                 name: self.target.clone(),
                 alias: None,

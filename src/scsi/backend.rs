@@ -34,6 +34,27 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
         let _ = (pattern, offset, len);
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Who holds the store's exclusive write lock, when several servers (gateways) serve
+    /// the same store and it moves between them on write (an RBD image's exclusive
+    /// lock). The default, `NotShared`, is a store only this server writes. Blocks (it
+    /// may ask the cluster).
+    fn exclusive_lock(&self) -> io::Result<ExclusiveLock> {
+        Ok(ExclusiveLock::NotShared)
+    }
+}
+
+/// Where a shared store's exclusive write lock is (see [`BlockBackend::exclusive_lock`]);
+/// ALUA reports access states from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExclusiveLock {
+    /// Only this server writes the store: there is no lock to move.
+    NotShared,
+    /// The store is shared but nobody holds the lock now.
+    Unowned,
+    /// This server holds it.
+    HeldHere,
+    /// Another server (gateway) holds it.
+    HeldElsewhere,
 }
 
 thread_local! {

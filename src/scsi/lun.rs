@@ -1,6 +1,7 @@
 //! One logical unit: settings, the command table (the single source for dispatch, Data-Out
 //! sizing and REPORT SUPPORTED OPERATION CODES), unit attentions and SCSI-2 reservations.
 
+use super::alua::{self, AluaSettings};
 use super::backend::BlockBackend;
 use super::cdb;
 use super::opcode;
@@ -35,6 +36,8 @@ pub struct LunSettings {
     pub write_cache: bool,
     /// Thin provisioning: UNMAP, WRITE SAME with UNMAP, GET LBA STATUS, LBPME.
     pub thin_provisioning: bool,
+    /// Target port groups (one per gateway) for ALUA.
+    pub alua: AluaSettings,
 }
 
 impl Default for LunSettings {
@@ -50,6 +53,7 @@ impl Default for LunSettings {
             revision: "0001".into(),
             write_cache: true,
             thin_provisioning: true,
+            alua: AluaSettings::default(),
         }
     }
 }
@@ -217,6 +221,7 @@ pub(crate) static COMMANDS: &[CommandSpec] = &[
     cmd!(Some(opcode::SA_READ_CAPACITY_16), "READ CAPACITY(16)", [opcode::SERVICE_ACTION_IN_16, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Status, sbc::read_capacity_16),
     CommandSpec { thin_only: true, ..cmd!(Some(opcode::SA_GET_LBA_STATUS), "GET LBA STATUS", [opcode::SERVICE_ACTION_IN_16, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Read, sbc::get_lba_status) },
     CommandSpec { ua_exempt: true, ..cmd!(None, "REPORT LUNS", [opcode::REPORT_LUNS, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Any, spc::report_luns_single) },
+    cmd!(Some(opcode::SA_REPORT_TARGET_PORT_GROUPS), "REPORT TARGET PORT GROUPS", [opcode::MAINTENANCE_IN, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Any, alua::report_target_port_groups),
     cmd!(Some(opcode::SA_REPORT_SUPPORTED_OPCODES), "REPORT SUPPORTED OPERATION CODES", [opcode::MAINTENANCE_IN, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C], DataOut::None, Access::Any, spc::report_supported_opcodes),
     cmd!(None, "READ(12)", with12(opcode::READ_12, 0xFA), DataOut::None, Access::Read, sbc::read),
     cmd!(None, "WRITE(12)", with12(opcode::WRITE_12, 0xFA), DataOut::Blocks, Access::Write, sbc::write),

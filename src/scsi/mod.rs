@@ -7,6 +7,7 @@
 //! The SCSI vocabulary lives here once, for the device server and the initiator alike:
 //! [`status`], [`sense`], [`opcode`], [`pr_codes`] and [`transport_id`].
 
+pub mod alua;
 pub mod backend;
 pub mod cdb;
 pub mod lun;

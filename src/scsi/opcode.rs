@@ -49,5 +49,6 @@ pub const READ_DEFECT_12: u8 = 0xB7;
 /// Service actions of SERVICE ACTION IN(16).
 pub const SA_READ_CAPACITY_16: u16 = 0x10;
 pub const SA_GET_LBA_STATUS: u16 = 0x12;
-/// Service action of MAINTENANCE IN.
+/// Service actions of MAINTENANCE IN.
+pub const SA_REPORT_TARGET_PORT_GROUPS: u16 = 0x0A;
 pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;

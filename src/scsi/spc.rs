@@ -51,7 +51,7 @@ pub(crate) fn standard_inquiry(lu: Option<&LogicalUnit>) -> BytesMut {
     b.put_u8(0x06); // SPC-4
     b.put_u8(0x12); // HiSup, response data format 2
     b.put_u8(96 - 5);
-    b.put_u8(0x00); // SCCS, ACC, TPGS = 0, 3PC, PROTECT
+    b.put_u8(0x10); // SCCS = 0, ACC = 0, TPGS = 01b (implicit ALUA only), 3PC, PROTECT
     b.put_u8(0x00);
     b.put_u8(0x02); // CmdQue
     let (vendor, product, revision) = match lu {

@@ -210,7 +210,7 @@ fn standard_inquiry() {
     assert_good(&o);
     let d = &o.data_in;
     assert_eq!(d.len(), 96);
-    assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0, 0, 2]);
+    assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0x10, 0, 2]);
     assert_eq!(&d[8..16], b"HOLDFAST");
     assert_eq!(&d[16..32], b"holdfast disk   ");
     assert_eq!(&d[32..36], b"0001");

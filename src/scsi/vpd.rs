@@ -43,8 +43,8 @@ pub(crate) fn page(lu: &LogicalUnit, nexus: &ItNexus, code: u8) -> Result<BytesM
     Ok(b)
 }
 
-/// Device Identification: NAA and T10 vendor id (LU), SCSI name string and relative port
-/// (target port), SCSI name string (target device).
+/// Device Identification: NAA and T10 vendor id (LU), SCSI name string, relative port and
+/// target port group (target port), SCSI name string (target device).
 fn device_identification(lu: &LogicalUnit, nexus: &ItNexus, b: &mut BytesMut) {
     let s = lu.settings();
     // NAA, binary, associated with the LU.
@@ -64,6 +64,9 @@ fn device_identification(lu: &LogicalUnit, nexus: &ItNexus, b: &mut BytesMut) {
     // Relative target port identifier.
     b.put_slice(&[0x51, 0x94, 0x00, 4, 0, 0]);
     b.put_u16(nexus.relative_port_id);
+    // Target port group (ALUA): one per gateway.
+    b.put_slice(&[0x51, 0x95, 0x00, 4, 0, 0]);
+    b.put_u16(s.alua.local.id);
     name_string(b, 0xA0, &nexus.target_name);
 }
 

@@ -71,6 +71,10 @@ pub struct Config {
     /// The Ceph cluster that LUNs with `rbd = "POOL/IMAGE"` are served from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph: Option<CephConfig>,
+    /// ALUA: this gateway's target port group and the other gateways' (RBD LUNs served
+    /// through several gateways). Absent: one group, id 1.
+    #[serde(default, skip_serializing_if = "AluaConfig::is_default")]
+    pub alua: AluaConfig,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
 }
@@ -93,6 +97,59 @@ pub struct CephConfig {
     /// fails commands (MEDIUM ERROR, logged) after this long instead of hanging them.
     #[serde(default = "default_ceph_timeout", with = "humantime_serde")]
     pub timeout: std::time::Duration,
+}
+
+/// `[alua]`: one target port group per gateway. A group's target ports are its targets'
+/// portal groups: relative target port id = tpgt, so tpgts must be unique across the
+/// gateways serving the same images (as group ids must).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AluaConfig {
+    /// This gateway's target port group id (1–65535).
+    #[serde(default = "default_alua_group")]
+    pub group: u16,
+    /// The other gateways serving the same images, reported by REPORT TARGET PORT GROUPS.
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<AluaPeer>,
+}
+
+impl Default for AluaConfig {
+    fn default() -> Self {
+        AluaConfig {
+            group: default_alua_group(),
+            peers: Vec::new(),
+        }
+    }
+}
+
+fn default_alua_group() -> u16 {
+    1
+}
+
+/// `[[alua.peer]]`: another gateway's target port group.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AluaPeer {
+    pub group: u16,
+    /// That gateway's tpgts (its relative target port ids); absent: `[group]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+impl AluaConfig {
+    fn is_default(&self) -> bool {
+        *self == AluaConfig::default()
+    }
+}
+
+impl AluaPeer {
+    pub fn ports(&self) -> Vec<u16> {
+        if self.ports.is_empty() {
+            vec![self.group]
+        } else {
+            self.ports.clone()
+        }
+    }
 }
 
 fn default_ceph_conf() -> PathBuf {
@@ -487,6 +544,33 @@ impl ValidConfig {
         }
     }
 
+    /// The ALUA port groups of `target`'s LUNs: this gateway's group holds the target's
+    /// tpgts (its relative target port ids).
+    pub fn alua(&self, target: &str) -> crate::scsi::alua::AluaSettings {
+        use crate::scsi::alua::{AluaSettings, PortGroup};
+        let a = &self.config.alua;
+        let mut ports: Vec<u16> = self
+            .config
+            .targets
+            .iter()
+            .filter(|t| t.name == target)
+            .flat_map(|t| t.portals.iter().map(|p| p.tpgt))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        AluaSettings {
+            local: PortGroup { id: a.group, ports },
+            peers: a
+                .peers
+                .iter()
+                .map(|p| PortGroup {
+                    id: p.group,
+                    ports: p.ports(),
+                })
+                .collect(),
+        }
+    }
+
     /// Distinct listen addresses over all targets.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         let mut v: Vec<SocketAddr> = self
@@ -576,6 +660,7 @@ fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, 
     if let Some(c) = &config.ceph {
         check_ceph(c, &mut bad);
     }
+    check_alua(&config.alua, &config.targets, &mut bad);
     if config.targets.is_empty() {
         bad(
             "target".into(),
@@ -810,6 +895,43 @@ fn check_luns(
     ids
 }
 
+/// Group ids 1–65535, one per gateway; peer ports 1–65535 and never one of this
+/// gateway's tpgts (relative target port ids are unique across gateways).
+fn check_alua(a: &AluaConfig, targets: &[TargetConfig], bad: Bad<'_>) {
+    if a.group == 0 {
+        bad("alua.group".into(), "must be 1 to 65535".into());
+    }
+    let local: HashSet<u16> = targets
+        .iter()
+        .flat_map(|t| t.portals.iter().map(|p| p.tpgt))
+        .collect();
+    let mut groups = HashSet::from([a.group]);
+    let mut ports = HashSet::new();
+    for (i, p) in a.peers.iter().enumerate() {
+        let key = format!("alua.peer[{i}]");
+        if p.group == 0 {
+            bad(format!("{key}.group"), "must be 1 to 65535".into());
+        } else if !groups.insert(p.group) {
+            bad(
+                format!("{key}.group"),
+                format!("target port group {} is already taken (by this gateway or another peer); each gateway has its own", p.group),
+            );
+        }
+        for port in p.ports() {
+            let why = if port == 0 {
+                "relative target port ids are 1 to 65535".to_string()
+            } else if local.contains(&port) {
+                format!("{port} is also a tpgt of this gateway; relative target port ids (tpgts) must be unique across gateways")
+            } else if !ports.insert(port) {
+                format!("port {port} is listed for two peers")
+            } else {
+                continue;
+            };
+            bad(format!("{key}.ports"), why);
+        }
+    }
+}
+
 fn check_ceph(c: &CephConfig, bad: Bad<'_>) {
     if !c.client.starts_with("client.") || c.client.len() <= "client.".len() {
         bad(
@@ -936,6 +1058,50 @@ id = 0
 path = "a.img"
 size = "1MiB"
 "#;
+
+    #[test]
+    fn alua_groups_are_validated_and_map_to_port_groups() {
+        let with = |alua: &str| format!("{MIN}[alua]\n{alua}\n");
+        let v = parse(
+            &with("group = 3\n[[alua.peer]]\ngroup = 2\n[[alua.peer]]\ngroup = 5\nports = [6, 7]"),
+            "t.toml",
+            Path::new("/base"),
+        )
+        .unwrap();
+        let a = v.alua("iqn.2026-11.org.example:t1");
+        assert_eq!((a.local.id, a.local.ports.as_slice()), (3, &[1][..]));
+        let peers: Vec<_> = a.peers.iter().map(|p| (p.id, p.ports.clone())).collect();
+        assert_eq!(peers, [(2, vec![2]), (5, vec![6, 7])]);
+        // Without [alua]: one group, id 1, holding the target's tpgt.
+        let d = parse(MIN, "t.toml", Path::new("/base")).unwrap();
+        assert_eq!(d.alua("iqn.2026-11.org.example:t1"), Default::default());
+        for (alua, key, why) in [
+            ("group = 0", "alua.group", "1 to 65535"),
+            (
+                "group = 2\n[[alua.peer]]\ngroup = 2",
+                "alua.peer[0].group",
+                "already taken",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 0",
+                "alua.peer[0].group",
+                "1 to 65535",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 2\nports = [1]",
+                "alua.peer[0].ports",
+                "unique across gateways",
+            ),
+            (
+                "[[alua.peer]]\ngroup = 2\n[[alua.peer]]\ngroup = 3\nports = [2]",
+                "alua.peer[1].ports",
+                "two peers",
+            ),
+        ] {
+            let e = err(&with(alua));
+            assert!(e.contains(key) && e.contains(why), "{alua}: {e}");
+        }
+    }
 
     #[test]
     fn rbd_luns_name_pool_and_image_and_need_ceph() {

@@ -273,7 +273,7 @@ async fn prepare(
         if let Change::LunAdded { target, lun } = c {
             let l = lun_config(new, target, *lun)
                 .ok_or_else(|| prepare_error(format!("{target} LUN {lun}"), "not configured"))?;
-            let (lu, backend) = open_lun(new, l, &|_, b| b, &rt.nexuses)
+            let (lu, backend) = open_lun(new, target, l, &|_, b| b, &rt.nexuses)
                 .map_err(|r| prepare_error(format!("{target} LUN {lun}"), r))?;
             new_luns.push((target.clone(), *lun, lu, backend));
         }

@@ -157,7 +157,7 @@ impl Runtime {
             let mut luns = BTreeMap::new();
             for (li, l) in t.luns.iter().enumerate() {
                 let key = format!("target[{ti}].lun[{li}]");
-                let (lu, backend) = open_lun(cfg, l, wrap, &nexuses)
+                let (lu, backend) = open_lun(cfg, &t.name, l, wrap, &nexuses)
                     .map_err(|reason| RuntimeError::Lun { key, reason })?;
                 backends.push(LunBackend {
                     target: t.name.clone(),
@@ -295,6 +295,7 @@ fn open_store(
 /// under data_dir/rbd/POOL/.
 pub(crate) fn open_lun(
     cfg: &ValidConfig,
+    target: &str,
     l: &LunConfig,
     wrap: &BackendWrap,
     nexuses: &Arc<NexusDirectory>,
@@ -305,7 +306,13 @@ pub(crate) fn open_lun(
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     let backend = open_store(cfg, l, &path)?;
-    let id = identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| e.to_string())?;
+    // An image's identity is derived from Ceph's ids, the same on every gateway.
+    let id = match &backend {
+        LunStore::Rbd(b) => b.identity(l.serial.as_deref()).map_err(|e| e.to_string())?,
+        LunStore::File(_) => {
+            identity::load_or_create(&path, l.serial.as_deref()).map_err(|e| e.to_string())?
+        }
+    };
     let settings = LunSettings {
         block_size: l.block_size,
         physical_block_size: l.physical_block_size.unwrap_or(l.block_size),
@@ -321,6 +328,7 @@ pub(crate) fn open_lun(
             .collect(),
         write_cache: l.write_cache,
         thin_provisioning: l.thin_provisioning,
+        alua: cfg.alua(target),
     };
     // Persistent reservations (APTPL) live next to the identity sidecar; a state file
     // that cannot be read stops this LUN rather than dropping reservations a cluster

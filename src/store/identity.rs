@@ -1,6 +1,7 @@
 //! Durable per-LUN identity: the NAA designator (VPD 0x83) and unit serial number
 //! (VPD 0x80). Cluster software keys disks on these, so they must never change for the
-//! life of the backing file; they live in a sidecar `<backing file>.holdfast-id`.
+//! life of the backing file; they live in a sidecar `<backing file>.holdfast-id`. A LUN
+//! on a store several gateways serve (RBD) derives them instead ([`derive`]).
 
 use super::StoreError;
 use crate::atomic_file::write_file_atomically;
@@ -131,10 +132,38 @@ fn validate_serial(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The identity of a LUN on a shared store, derived from names the store itself holds
+/// (for an RBD image: the cluster fsid, the pool id and the image's immutable id), so
+/// every gateway serving it computes the same NAA and serial with no file and no
+/// coordination, and a renamed image keeps them. `key` must be unique per store
+/// worldwide and never change; a configured serial overrides the derived one.
+pub fn derive(key: &[&str], configured_serial: Option<&str>) -> Result<LunIdentity, StoreError> {
+    use md5::{Digest, Md5};
+    if let Some(s) = configured_serial {
+        validate_serial(s).map_err(|reason| StoreError::InvalidSerial {
+            serial: s.into(),
+            reason,
+        })?;
+    }
+    // Not a security boundary: MD5 spreads the key over the designator's 100 free bits.
+    let mut h = Md5::new();
+    h.update(b"holdfast shared LUN identity v1");
+    for part in key {
+        h.update([0]);
+        h.update(part.as_bytes());
+    }
+    Ok(with_holdfast_naa(h.finalize().into(), configured_serial))
+}
+
 /// New identity: NAA 6, [`HOLDFAST_OUI`], 100 random bits (36-bit vendor specific
 /// identifier + 64-bit extension). The default serial is the extension in hex.
 fn generate(configured_serial: Option<&str>) -> LunIdentity {
-    let mut naa: [u8; 16] = rand::random();
+    with_holdfast_naa(rand::random(), configured_serial)
+}
+
+/// NAA 6 and [`HOLDFAST_OUI`] over the top 28 bits of `bits`; the serial defaults to
+/// the designator's 64-bit extension in hex.
+fn with_holdfast_naa(mut naa: [u8; 16], configured_serial: Option<&str>) -> LunIdentity {
     let oui = HOLDFAST_OUI;
     naa[0] = 0x60 | ((oui >> 20) & 0x0f) as u8;
     naa[1] = (oui >> 12) as u8;
@@ -167,6 +196,20 @@ mod tests {
         assert_eq!(id.serial.len(), 16);
         assert_eq!(id.serial, hex::encode(&id.naa[8..]));
         assert_ne!(generate(None).naa, id.naa);
+    }
+
+    #[test]
+    fn derived_identity_depends_only_on_its_key() {
+        let a = derive(&["fsid", "3", "10af"], None).unwrap();
+        assert_eq!(a, derive(&["fsid", "3", "10af"], None).unwrap());
+        assert_eq!(a.naa[0] >> 4, 6);
+        assert_eq!(a.serial, hex::encode(&a.naa[8..]));
+        // Each part counts, and parts do not run into each other.
+        assert_ne!(a.naa, derive(&["fsid", "4", "10af"], None).unwrap().naa);
+        assert_ne!(a.naa, derive(&["fsid", "31", "0af"], None).unwrap().naa);
+        let pinned = derive(&["fsid", "3", "10af"], Some("SER-9")).unwrap();
+        assert_eq!((pinned.serial.as_str(), pinned.naa), ("SER-9", a.naa));
+        assert!(derive(&["x"], Some("bad serial")).is_err());
     }
 
     #[test]

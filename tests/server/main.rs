@@ -19,6 +19,7 @@ mod pr_cli;
 mod pr_restart;
 mod quorum_fuzz_seeds;
 mod rbd;
+mod rbd_multipath;
 mod readme_config;
 mod reload;
 mod secrets;

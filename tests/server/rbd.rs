@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const POOL: &str = "holdfast";
+pub(crate) const POOL: &str = "holdfast";
 
 /// The cluster's directory (ceph.conf, keyrings), started on first use.
-fn cluster() -> &'static Path {
+pub(crate) fn cluster() -> &'static Path {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(start_cluster)
         .as_deref()
@@ -46,7 +46,7 @@ fn start_cluster() -> Result<PathBuf, String> {
 }
 
 /// `rbd ARGS` as client.admin on the test cluster; stdout.
-fn rbd(args: &[&str]) -> String {
+pub(crate) fn rbd(args: &[&str]) -> String {
     let conf = cluster().join("ceph.conf");
     let out = Command::new("rbd")
         .arg("-c")
@@ -63,7 +63,7 @@ fn rbd(args: &[&str]) -> String {
 }
 
 /// A fresh image of `mib` MiB, named after the test.
-fn image(name: &str, mib: u64) -> String {
+pub(crate) fn image(name: &str, mib: u64) -> String {
     let spec = format!("{POOL}/{name}-{}", std::process::id());
     rbd(&["create", "--size", &format!("{mib}M"), &spec]);
     spec

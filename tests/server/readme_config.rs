@@ -17,6 +17,11 @@ conf = "ceph.conf"
 client = "client.gw"
 keyring = "gw.keyring"
 timeout = "10s"
+[alua]
+group = 3
+[[alua.peer]]
+group = 4
+ports = [4, 5]
 [discovery_chap]
 username = "disc"
 secret = "discovery-secret"

@@ -38,6 +38,15 @@ struct Api {
     rbd_flush: unsafe extern "C" fn(Handle) -> c_int,
     rbd_diff_iterate2:
         unsafe extern "C" fn(Handle, *const c_char, u64, u64, u8, u8, DiffCb, *mut c_void) -> c_int,
+    // --- ALUA and shared identity: begin ---
+    rados_cluster_fsid: unsafe extern "C" fn(Handle, *mut c_char, usize) -> c_int,
+    rados_ioctx_get_id: unsafe extern "C" fn(Handle) -> i64,
+    rbd_get_id: unsafe extern "C" fn(Handle, *mut c_char, usize) -> c_int,
+    rbd_is_exclusive_lock_owner: unsafe extern "C" fn(Handle, *mut c_int) -> c_int,
+    rbd_lock_get_owners:
+        unsafe extern "C" fn(Handle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
+    rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
+    // --- ALUA and shared identity: end ---
 }
 
 /// Why librados/librbd could not be loaded (a missing library or symbol).
@@ -109,6 +118,14 @@ fn load() -> Result<Api, LoadError> {
             rbd_compare_and_write: sym(rbd, c"rbd_compare_and_write")?,
             rbd_flush: sym(rbd, c"rbd_flush")?,
             rbd_diff_iterate2: sym(rbd, c"rbd_diff_iterate2")?,
+            // --- ALUA and shared identity: begin ---
+            rados_cluster_fsid: sym(rados, c"rados_cluster_fsid")?,
+            rados_ioctx_get_id: sym(rados, c"rados_ioctx_get_id")?,
+            rbd_get_id: sym(rbd, c"rbd_get_id")?,
+            rbd_is_exclusive_lock_owner: sym(rbd, c"rbd_is_exclusive_lock_owner")?,
+            rbd_lock_get_owners: sym(rbd, c"rbd_lock_get_owners")?,
+            rbd_lock_get_owners_cleanup: sym(rbd, c"rbd_lock_get_owners_cleanup")?,
+            // --- ALUA and shared identity: end ---
         })
     }
 }
@@ -375,6 +392,74 @@ impl Image {
         Ok(acc.v)
     }
 }
+
+// --- ALUA and shared identity: begin ---
+
+/// Where an image's exclusive lock is, as librbd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOwner {
+    /// The image has no exclusive-lock feature: every client writes freely.
+    NoLock,
+    Nobody,
+    This,
+    Other,
+}
+
+/// Copy a NUL-terminated string out of `buf` (all of it if it has no NUL).
+fn c_text(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+impl Image {
+    /// What names the image for good: (cluster fsid, pool id, image id). The image id
+    /// survives renames; pool ids are never reused within a cluster.
+    pub fn identity_key(&self) -> Result<(String, i64, String), i32> {
+        let mut fsid = [0u8; 64];
+        // SAFETY: connected cluster; buf is valid for its whole length (librbd writes
+        // at most len bytes, NUL included).
+        let r = unsafe {
+            (self.api.rados_cluster_fsid)(self._cluster.h, fsid.as_mut_ptr().cast(), fsid.len())
+        };
+        check(r)?;
+        // SAFETY: live ioctx; returns the pool id, no pointers involved.
+        let pool = unsafe { (self.api.rados_ioctx_get_id)(self.ioctx) };
+        let mut id = [0u8; 128];
+        // SAFETY: open image; buf valid for its whole length (-ERANGE if too short).
+        check(unsafe { (self.api.rbd_get_id)(self.h, id.as_mut_ptr().cast(), id.len()) })?;
+        Ok((c_text(&fsid), pool, c_text(&id)))
+    }
+
+    /// Who holds the image's exclusive lock (asks the cluster unless it is us).
+    pub fn lock_owner(&self) -> Result<LockOwner, i32> {
+        let mut mine: c_int = 0;
+        // SAFETY: open image, out-pointer to a local.
+        check(unsafe { (self.api.rbd_is_exclusive_lock_owner)(self.h, &mut mine) })?;
+        if mine != 0 {
+            return Ok(LockOwner::This);
+        }
+        let mut mode: c_int = 0;
+        let mut owners: [*mut c_char; 4] = [std::ptr::null_mut(); 4];
+        let mut n = owners.len();
+        // SAFETY: open image; owners has room for n pointers, which librbd fills with
+        // strdup'ed strings and counts in n (on success only).
+        let r = unsafe {
+            (self.api.rbd_lock_get_owners)(self.h, &mut mode, owners.as_mut_ptr(), &mut n)
+        };
+        match r {
+            0 => {
+                // SAFETY: the n strings librbd allocated above, freed once.
+                unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+                Ok(LockOwner::Other)
+            }
+            r if r == -libc::ENOENT => Ok(LockOwner::Nobody),
+            r if r == -libc::EINVAL => Ok(LockOwner::NoLock),
+            r => Err(-r),
+        }
+    }
+}
+
+// --- ALUA and shared identity: end ---
 
 impl Drop for Image {
     fn drop(&mut self) {

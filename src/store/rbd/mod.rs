@@ -6,7 +6,8 @@
 
 mod ffi;
 
-use crate::scsi::backend::{self, BlockBackend};
+use super::identity::{self, LunIdentity};
+use crate::scsi::backend::{self, BlockBackend, ExclusiveLock};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -51,6 +52,8 @@ pub enum RbdError {
     NoImage { spec: String },
     #[error("pool {pool} (of rbd image {spec}) does not exist")]
     NoPool { pool: String, spec: String },
+    #[error("rbd image {spec}: {reason}")]
+    Identity { spec: String, reason: String },
     #[error("rbd image {spec} holds {actual} bytes, less than the configured {configured}")]
     TooSmall {
         spec: String,
@@ -75,6 +78,10 @@ fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
     }
     let secs = s.timeout.as_secs().max(1).to_string();
     let mut opts = vec![
+        // No librbd cache: a write is acknowledged only once it is in RADOS, so a read
+        // through another gateway (another path to the same LU) sees it; a gateway-local
+        // writeback or read cache would make the paths disagree.
+        ("rbd_cache", "false".to_string()),
         ("client_mount_timeout", secs.clone()),
         ("rados_osd_op_timeout", secs.clone()),
         ("rados_mon_op_timeout", secs),
@@ -162,6 +169,24 @@ impl RbdBackend {
             size: size.into(),
             stripe_unit: stripe_unit.max(1),
             read_only,
+        })
+    }
+
+    /// The LUN's NAA and serial, derived from the cluster fsid, the pool id and the
+    /// image's id (see [`identity::derive`]): every gateway serving this image reports the
+    /// same disk, with no file and no coordination. A configured serial overrides the
+    /// derived one (set it on every gateway alike).
+    pub fn identity(&self, configured_serial: Option<&str>) -> Result<LunIdentity, RbdError> {
+        let (fsid, pool, id) = self.image.identity_key().map_err(|e| RbdError::Open {
+            spec: self.spec.clone(),
+            step: "reading its ids",
+            source: io::Error::from_raw_os_error(e),
+        })?;
+        identity::derive(&[&fsid, &pool.to_string(), &id], configured_serial).map_err(|e| {
+            RbdError::Identity {
+                spec: self.spec.clone(),
+                reason: e.to_string(),
+            }
         })
     }
 
@@ -322,6 +347,22 @@ impl BlockBackend for RbdBackend {
             Err((libc::EINVAL, _)) => Err(io::ErrorKind::Unsupported.into()),
             Err((e, _)) => Err(self.err("compare_and_write", e)),
         }
+    }
+
+    fn exclusive_lock(&self) -> io::Result<ExclusiveLock> {
+        if backend::must_not_block() {
+            return Err(backend::refuse_to_block());
+        }
+        let owner = self
+            .image
+            .lock_owner()
+            .map_err(|e| self.err("lock_get_owners", e))?;
+        Ok(match owner {
+            ffi::LockOwner::NoLock => ExclusiveLock::NotShared,
+            ffi::LockOwner::Nobody => ExclusiveLock::Unowned,
+            ffi::LockOwner::This => ExclusiveLock::HeldHere,
+            ffi::LockOwner::Other => ExclusiveLock::HeldElsewhere,
+        })
     }
 
     fn write_same(&self, pattern: &[u8], offset: u64, len: u64) -> io::Result<()> {
