@@ -17,6 +17,7 @@ conf = "ceph.conf"
 client = "client.gw"
 keyring = "gw.keyring"
 timeout = "10s"
+notify_timeout = "5s"
 [discovery_chap]
 username = "disc"
 secret = "discovery-secret"
