@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod ceph_fixture;
 mod faults;
 mod hostile;
 mod io;
@@ -19,6 +20,7 @@ mod pr_cli;
 mod pr_restart;
 mod quorum_fuzz_seeds;
 mod rbd;
+mod rbd_pr;
 mod readme_config;
 mod reload;
 mod secrets;

@@ -45,14 +45,16 @@ pub fn share_reservations(
     let pool = Arc::new(Pool::open(cluster, pool).map_err(|e| err(&spec, "opening the pool", e))?);
     let obj = Arc::new(PrObject::new(pool, image));
     let others = others_watching(&obj).map_err(|e| err(&spec, "probing other gateways", e))?;
+    // Publishing the address also creates the object (empty: the initial state), which
+    // a watch needs.
+    obj.pool
+        .setxattr(&obj.oid, &pr_sync::address_xattr(gid), addr.as_bytes())
+        .map_err(|e| err(&spec, "publishing the gateway address", e))?;
     let (tx, rx) = mpsc::channel();
     let watch = obj
         .pool
         .watch(&obj.oid, 0, tx.clone())
         .map_err(|e| err(&spec, "watching the PR object", e))?;
-    obj.pool
-        .setxattr(&obj.oid, &pr_sync::address_xattr(gid), addr.as_bytes())
-        .map_err(|e| err(&spec, "publishing the gateway address", e))?;
     let mut at_start = |cur: &PrState| {
         Ok(match pr_sync::state_at_start(cur, others) {
             Some(s) => (
