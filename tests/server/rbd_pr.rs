@@ -367,3 +367,38 @@ async fn pr_out_latency_with_one_two_and_three_gateways() {
         assert!(*med < Duration::from_secs(5), "no notify timed out");
     }
 }
+
+/// The logical unit spans the gateways: non-APTPL registrations survive one gateway's
+/// restart while another serves, and are cleared when a gateway starts with none
+/// serving (the whole LU was power-cycled); APTPL ones survive that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_aptpl_state_lasts_while_a_gateway_serves_and_aptpl_survives_all() {
+    let spec = image("prlife", MIB);
+    let a = Gateway::start("127.0.0.13", 1, &spec, "2s").await;
+    let b = Gateway::start("127.0.0.14", 2, &spec, "2s").await;
+    let s = a.login("host1", 1).await;
+    assert_eq!(pr::register(&s, 0, 0, 0xa1).await, Outcome::Good);
+    drop((s, a));
+    let a = Gateway::start("127.0.0.13", 1, &spec, "2s").await;
+    let s = a.login("host1", 1).await;
+    assert_eq!(
+        pr::read_keys(&s, 0).await.1,
+        vec![0xa1],
+        "B served meanwhile"
+    );
+    drop((s, a, b));
+    // Both gone (their watches linger until the OSDs time them out, and are fenced).
+    let a = Gateway::start("127.0.0.13", 1, &spec, "2s").await;
+    let s = a.login("host1", 1).await;
+    assert!(
+        pr::read_keys(&s, 0).await.1.is_empty(),
+        "power cycle clears"
+    );
+    let o = pr::prout_basic(&s, 0, sa::REGISTER, 0, 0, 0xc3, pr::APTPL).await;
+    assert_eq!(o, Outcome::Good);
+    drop((s, a));
+    let a = Gateway::start("127.0.0.13", 1, &spec, "2s").await;
+    let s = a.login("host1", 1).await;
+    assert_eq!(pr::read_keys(&s, 0).await.1, vec![0xc3], "APTPL survives");
+    // The fenced entries are dead gateways' old connections: left to expire.
+}

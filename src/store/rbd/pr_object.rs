@@ -5,7 +5,7 @@
 use super::ffi::Pool;
 use super::pr_sync::{self, GuardedObject, PrNotice, UpdateError};
 use crate::scsi::lun::{CmdError, PrApply, SharedCommit, SharedPr};
-use crate::scsi::pr::PrState;
+use crate::scsi::pr::{PrState, ProutEffects};
 use crate::scsi::sense::Sense;
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -84,6 +84,18 @@ impl RbdSharedPr {
         }
     }
 
+    /// Have every other gateway install committed state `seq` and apply `fx`; silent
+    /// ones are fenced. True: none can act on older state any more.
+    pub fn publish(&self, seq: u64, state: &PrState, fx: &ProutEffects) -> bool {
+        let notice = PrNotice {
+            seq,
+            state: state.clone(),
+            uas: fx.uas.clone(),
+            aborted: fx.aborted.clone(),
+        };
+        self.notify_and_fence(&notice.encode())
+    }
+
     /// Notify the watchers and fence the silent ones. True: every other gateway
     /// installed the state or can no longer reach the image.
     fn notify_and_fence(&self, payload: &[u8]) -> bool {
@@ -145,15 +157,7 @@ impl SharedPr for RbdSharedPr {
                 CmdError::from(Sense::INTERNAL_TARGET_FAILURE)
             }
         })?;
-        let complete = !c.effects.changed || {
-            let notice = PrNotice {
-                seq: c.seq,
-                state: c.state.clone(),
-                uas: c.effects.uas.clone(),
-                aborted: c.effects.aborted.clone(),
-            };
-            self.notify_and_fence(&notice.encode())
-        };
+        let complete = !c.effects.changed || self.publish(c.seq, &c.state, &c.effects);
         Ok(SharedCommit {
             state: c.state,
             effects: c.effects,

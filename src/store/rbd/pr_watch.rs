@@ -72,11 +72,12 @@ pub fn share_reservations(
         .map_err(|e| err(&spec, "reading the PR object", e.errno()))?;
     tracing::info!(image = %spec, others_serving = others, cleared = c.effects.changed,
         registrations = c.state.registrations.len(), "shared persistent reservations");
+    let shared = Arc::new(RbdSharedPr::new(obj.clone(), settings.notify_timeout));
+    if c.effects.changed && !shared.publish(c.seq, &c.state, &c.effects) {
+        tracing::warn!(image = %spec, "a silent gateway could not be fenced after clearing");
+    }
     lu.install_shared_pr(c.seq, c.state, &ProutEffects::default(), None);
-    lu.set_shared_pr(Arc::new(RbdSharedPr::new(
-        obj.clone(),
-        settings.notify_timeout,
-    )));
+    lu.set_shared_pr(shared);
     let w = Watcher {
         obj,
         lu: Arc::downgrade(lu),
@@ -95,13 +96,16 @@ pub fn share_reservations(
     Ok(())
 }
 
-/// Whether another gateway watches the object now (a probe notify: its watchers ack or
-/// time out; nobody watching answers at once).
+/// Whether another gateway serves the image now (a probe notify its watchers ack;
+/// nobody watching answers at once).
 fn others_watching(obj: &PrObject) -> Result<bool, i32> {
     match obj.pool.notify(&obj.oid, b"", PROBE_MS) {
         Ok((_, raw)) => {
             let r = pr_sync::parse_notify_reply(&raw).unwrap_or_default();
-            Ok(!r.acked.is_empty() || !r.timed_out.is_empty())
+            // Only a gateway that answers is serving: a crashed one's watch lingers
+            // until the OSD times it out, and a frozen one is fenced when the cleared
+            // state is published.
+            Ok(!r.acked.is_empty())
         }
         Err(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
