@@ -1059,3 +1059,7 @@ impl LogicalUnit {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "tests/shared_pr.rs"]
+mod shared_pr_tests;
