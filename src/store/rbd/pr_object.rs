@@ -17,11 +17,14 @@ const BLOCKLIST_SECS: u32 = 3600;
 
 /// One LUN's PR object in its image's pool.
 pub struct PrObject {
+    /// Watch, notify, acks and xattrs.
     pub(super) pool: Arc<Pool>,
     pub(super) oid: String,
-    /// librados reports an op's object version per io context: a read or write and
-    /// its version are taken under this lock.
-    io: Mutex<()>,
+    /// The guarded read and write only, under the lock: librados reports an op's object
+    /// version per io context, and any other op on the context (an ack observing a
+    /// newer version) would hand a read the wrong version and let a write overwrite a
+    /// commit it never saw.
+    cas: Mutex<Pool>,
 }
 
 impl std::fmt::Debug for PrObject {
@@ -31,12 +34,12 @@ impl std::fmt::Debug for PrObject {
 }
 
 impl PrObject {
-    /// `holdfast.pr.IMAGE` in `pool`.
-    pub fn new(pool: Arc<Pool>, image: &str) -> PrObject {
+    /// `holdfast.pr.IMAGE` in `pool`; `cas` is a second context on the same pool.
+    pub fn new(pool: Arc<Pool>, cas: Pool, image: &str) -> PrObject {
         PrObject {
             pool,
             oid: format!("holdfast.pr.{image}"),
-            io: Mutex::new(()),
+            cas: Mutex::new(cas),
         }
     }
 
@@ -56,13 +59,13 @@ impl PrObject {
 
 impl GuardedObject for PrObject {
     fn read(&self) -> Result<Option<(Vec<u8>, u64)>, i32> {
-        let _g = self.io.lock().unwrap_or_else(PoisonError::into_inner);
-        self.pool.read(&self.oid, pr_sync::MAX_OBJECT)
+        let cas = self.cas.lock().unwrap_or_else(PoisonError::into_inner);
+        cas.read(&self.oid, pr_sync::MAX_OBJECT)
     }
 
     fn write(&self, data: &[u8], expected: Option<u64>) -> Result<u64, i32> {
-        let _g = self.io.lock().unwrap_or_else(PoisonError::into_inner);
-        self.pool.write_guarded(&self.oid, data, expected)
+        let cas = self.cas.lock().unwrap_or_else(PoisonError::into_inner);
+        cas.write_guarded(&self.oid, data, expected)
     }
 }
 

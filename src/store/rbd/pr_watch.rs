@@ -42,8 +42,9 @@ pub fn share_reservations(
     let addr = cluster
         .address()
         .map_err(|e| err(&spec, "reading the client address", e))?;
-    let pool = Arc::new(Pool::open(cluster, pool).map_err(|e| err(&spec, "opening the pool", e))?);
-    let obj = Arc::new(PrObject::new(pool, image));
+    let open = |c| Pool::open(c, pool).map_err(|e| err(&spec, "opening the pool", e));
+    let cas = open(cluster.clone())?;
+    let obj = Arc::new(PrObject::new(Arc::new(open(cluster)?), cas, image));
     let others = others_watching(&obj).map_err(|e| err(&spec, "probing other gateways", e))?;
     // Publishing the address also creates the object (empty: the initial state), which
     // a watch needs.
