@@ -560,7 +560,6 @@ extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: c_int) {
 /// A registered watch; unwatched (and its callbacks drained) on drop.
 pub struct Watch {
     pool: std::sync::Arc<Pool>,
-    oid: CString,
     cookie: u64,
     sink: *mut EventTx,
 }
@@ -587,7 +586,6 @@ impl Drop for Watch {
             (api.rados_watch_flush)(self.pool.cluster.h);
             drop(Box::from_raw(self.sink));
         }
-        let _ = &self.oid;
     }
 }
 
@@ -719,7 +717,6 @@ impl Pool {
         }
         Ok(Watch {
             pool: self.clone(),
-            oid: o,
             cookie,
             sink,
         })
