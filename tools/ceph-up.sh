@@ -112,8 +112,9 @@ for _ in 1 2 3; do start_osd; done
 say "pool $POOL for RBD"
 ceph "${CONF[@]}" osd pool create "$POOL" 16 16 replicated >/dev/null 2>&1
 ceph "${CONF[@]}" osd pool set "$POOL" size 2 >/dev/null 2>&1
-# A gateway's user: image I/O in the pool, and (profile rbd on the monitor) the right to
-# blocklist another client, which fencing a frozen gateway needs.
+# A gateway's user: image I/O and the PR objects (holdfast.pr.IMAGE) in the pool, and
+# (profile rbd on the monitor) the right to blocklist another client, which fencing a
+# frozen gateway needs (tests/server/rbd_pr.rs fences one as this user).
 ceph "${CONF[@]}" auth get-or-create client.holdfast mon 'profile rbd' \
   osd "profile rbd pool=$POOL" mgr "profile rbd pool=$POOL" -o "$DIR/ceph.client.holdfast.keyring"
 chmod 0600 "$DIR"/*.keyring

@@ -5,7 +5,7 @@ use super::alua::{self, AluaSettings};
 use super::backend::BlockBackend;
 use super::cdb;
 use super::opcode;
-use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore, Scsi2Verdict};
+use super::pr::{self, PrCaps, PrLoadError, PrState, PrStore, ProutEffects, Scsi2Verdict};
 use super::range_lock::RangeLock;
 use super::sense::{key, ua, Sense};
 use super::{mode, sbc, spc, status, ItNexus, ScsiCommand, ScsiOutcome};
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 
 /// Static description of one logical unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,6 +305,15 @@ pub struct LogicalUnit {
     /// Where the state goes when APTPL is set; None: APTPL is not supported.
     pr_store: Option<Box<dyn PrStore>>,
     abort_hook: AbortHook,
+    /// The PR state is shared with other gateways (an RBD image): PR OUT goes through it.
+    shared_pr: OnceLock<Arc<dyn SharedPr>>,
+    /// Sequence number of the shared state installed in `pr` (changed under its write lock).
+    shared_seq: AtomicU64,
+    /// The shared state may be out of date (the watch broke): NOT READY until re-read.
+    pr_stale: AtomicBool,
+    /// One shared PR OUT at a time from this gateway (the PR lock is not held across
+    /// the round trip: other gateways' notices must be able to install meanwhile).
+    pr_out_serial: Mutex<()>,
     /// The task set (one for all nexuses, TST=000b); see `task_set.rs` and `tmf.rs`.
     pub(super) tasks: Mutex<super::task_set::TaskSet>,
     /// Set after a fatal backend error: medium access answers NOT READY from then on.
@@ -324,6 +333,36 @@ fn fatal_io_error(e: &io::Error) -> bool {
         Some(libc::ENODEV | libc::ENXIO | libc::EBADF | libc::ESTALE)
     )
 }
+
+/// A PR OUT committed to shared state, installed on every other gateway.
+#[derive(Debug, Clone)]
+pub struct SharedCommit {
+    pub state: PrState,
+    pub effects: ProutEffects,
+    /// Sequence number of `state` (orders installs from concurrent notices).
+    pub seq: u64,
+    /// Every other gateway acknowledged, or was fenced: false means the state is
+    /// committed but a silent gateway could not be fenced (the command fails).
+    pub complete: bool,
+}
+
+/// What a shared PR OUT applies to the authoritative state: the next state and its
+/// effects, or the command's error.
+pub type PrApply<'a> = dyn FnMut(&PrState) -> Result<(PrState, ProutEffects), CmdError> + 'a;
+
+/// Persistent reservation state kept outside this process and shared by several
+/// gateways (one logical unit spanning them). Implemented by the RBD backend.
+pub trait SharedPr: Send + Sync + std::fmt::Debug {
+    /// Apply `apply` to the current shared state (retrying it on a concurrent change),
+    /// commit the result and have every other gateway install it. A PR OUT that
+    /// changes nothing is not written (`effects.changed` false).
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError>;
+}
+
+/// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY: the gateway is re-reading
+/// the shared reservation state; initiators retry it (or another path) instead of
+/// failing the I/O.
+const PR_STATE_RELOADING: Sense = Sense::new(key::NOT_READY, 0x04, 0x01);
 
 /// Called after PREEMPT AND ABORT with the preempted nexuses this LU has seen, so the
 /// transport can abort their queued tasks. The conflict guarantee does not depend on it.
@@ -387,6 +426,10 @@ impl LogicalUnit {
             pr: RwLock::new(PrState::default()),
             pr_store: None,
             abort_hook: AbortHook::default(),
+            shared_pr: OnceLock::new(),
+            shared_seq: AtomicU64::new(0),
+            pr_stale: AtomicBool::new(false),
+            pr_out_serial: Mutex::new(()),
             tasks: Mutex::default(),
             offline: AtomicBool::new(false),
             consecutive_errors: AtomicUsize::new(0),
@@ -440,8 +483,116 @@ impl LogicalUnit {
 
     fn pr_caps(&self) -> PrCaps {
         PrCaps {
-            ptpl: self.pr_store.is_some(),
+            ptpl: self.pr_store.is_some() || self.shared_pr.get().is_some(),
         }
+    }
+
+    /// Serve PR OUT through shared state from now on (the local APTPL store is no
+    /// longer used). Call once, before the LU serves commands.
+    pub fn set_shared_pr(&self, shared: Arc<dyn SharedPr>) {
+        let _ = self.shared_pr.set(shared);
+    }
+
+    /// Mark the shared state possibly stale (true: commands subject to reservations get
+    /// NOT READY) or fresh again after it was re-read and installed.
+    pub fn set_pr_stale(&self, stale: bool) {
+        if self.pr_stale.swap(stale, Ordering::AcqRel) != stale {
+            tracing::warn!(stale, serial = %self.settings.serial, "shared reservation state");
+        }
+    }
+
+    /// Install shared state `seq` (unless a newer one is already installed) and apply
+    /// `fx`: unit attentions for this gateway's matching nexuses, aborts for its
+    /// preempted ones. Under the PR write lock, so every command admitted under the old
+    /// state has finished when this returns. `issuer`: the nexus that sent the PR OUT,
+    /// when it is on this gateway (it gets no unit attention and is not aborted).
+    pub fn install_shared_pr(
+        &self,
+        seq: u64,
+        state: PrState,
+        fx: &ProutEffects,
+        issuer: Option<&ItNexus>,
+    ) {
+        let mut st = self.pr.write().unwrap_or_else(PoisonError::into_inner);
+        if seq >= self.shared_seq.load(Ordering::Acquire) {
+            *st = state;
+            self.shared_seq.store(seq, Ordering::Release);
+        }
+        let victims = self.queue_effects(fx, issuer);
+        drop(st);
+        self.abort(&victims);
+    }
+
+    /// Queue `fx`'s unit attentions and return the nexuses it preempts (call with the PR
+    /// write lock held).
+    fn queue_effects(&self, fx: &ProutEffects, issuer: Option<&ItNexus>) -> Vec<ItNexus> {
+        let not_issuer = |x: &ItNexus| issuer != Some(x);
+        for n in &fx.uas {
+            self.queue_unit_attention(
+                &|x| not_issuer(x) && n.to.iter().any(|id| id.matches(x)),
+                n.asc,
+                n.ascq,
+            );
+        }
+        if fx.aborted.is_empty() {
+            return Vec::new();
+        }
+        self.nexuses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .filter(|x| not_issuer(x) && fx.aborted.iter().any(|id| id.matches(x)))
+            .cloned()
+            .collect()
+    }
+
+    fn abort(&self, victims: &[ItNexus]) {
+        if victims.is_empty() {
+            return;
+        }
+        tracing::info!(victims = victims.len(), "preempt and abort");
+        if let Some(hook) = &*self
+            .abort_hook
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            hook(victims);
+        }
+    }
+
+    /// PR OUT through shared state: applied to the authoritative copy, committed and
+    /// installed on every other gateway, then installed here.
+    fn pr_out_shared(&self, shared: &dyn SharedPr, req: &Request) -> CmdResult {
+        let nexus: &ItNexus = &req.cmd.nexus;
+        let _one = self
+            .pr_out_serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // SCSI-2 reservations stay local to this gateway.
+        if self.access_check(None, nexus, Access::PrOut).is_err() {
+            return Err(CmdError::ReservationConflict);
+        }
+        let caps = self.pr_caps();
+        let mut apply = |cur: &PrState| {
+            let mut next = cur.clone();
+            let fx = next.prout(nexus, req.cdb, &req.cmd.data_out, caps)?;
+            Ok((next, fx))
+        };
+        let c = shared.update(&mut apply)?;
+        tracing::debug!(
+            action = cdb::byte(req.cdb, 1) & 0x1F,
+            initiator = %nexus.initiator_port_id(),
+            seq = c.seq,
+            "shared persistent reserve out"
+        );
+        if c.effects.changed {
+            self.install_shared_pr(c.seq, c.state, &c.effects, Some(nexus));
+        }
+        if !c.complete {
+            return Err(Sense::INTERNAL_TARGET_FAILURE.into());
+        }
+        Ok(Bytes::new())
     }
 
     /// PERSISTENT RESERVE IN.
@@ -454,6 +605,9 @@ impl LogicalUnit {
     /// in-flight command admitted under the old state; the new state is made durable
     /// (APTPL) before it is installed and before the command completes.
     pub(crate) fn pr_out(&self, req: &Request) -> CmdResult {
+        if let Some(shared) = self.shared_pr.get() {
+            return self.pr_out_shared(&**shared, req);
+        }
         let nexus: &ItNexus = &req.cmd.nexus;
         let mut st = self.pr.write().unwrap_or_else(PoisonError::into_inner);
         if let Err(o) = self.access_check(Some(&st), nexus, Access::PrOut) {
@@ -485,36 +639,9 @@ impl LogicalUnit {
             generation = st.generation,
             "persistent reserve out"
         );
-        for n in &fx.uas {
-            self.queue_unit_attention(
-                &|x| x != nexus && n.to.iter().any(|id| id.matches(x)),
-                n.asc,
-                n.ascq,
-            );
-        }
-        let victims: Vec<ItNexus> = if fx.aborted.is_empty() {
-            Vec::new()
-        } else {
-            self.nexuses
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .keys()
-                .filter(|x| *x != nexus && fx.aborted.iter().any(|id| id.matches(x)))
-                .cloned()
-                .collect()
-        };
+        let victims = self.queue_effects(&fx, Some(nexus));
         drop(st);
-        if !victims.is_empty() {
-            tracing::info!(victims = victims.len(), "preempt and abort");
-            if let Some(hook) = &*self
-                .abort_hook
-                .0
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-            {
-                hook(&victims);
-            }
-        }
+        self.abort(&victims);
         Ok(Bytes::new())
     }
 
@@ -636,6 +763,10 @@ impl LogicalUnit {
             Access::Any | Access::PrOut => None,
             _ => Some(self.pr_read()),
         };
+        let subject = spec.access != Access::Any || spec.opcode == opcode::PERSISTENT_RESERVE_IN;
+        if subject && self.pr_stale.load(Ordering::Acquire) {
+            return self.check(PR_STATE_RELOADING);
+        }
         if spec.access != Access::PrOut {
             if let Err(outcome) = self.access_check(guard.as_deref(), &cmd.nexus, spec.access) {
                 return outcome;
@@ -933,3 +1064,7 @@ impl LogicalUnit {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "tests/shared_pr.rs"]
+mod shared_pr_tests;

@@ -139,7 +139,7 @@ pub enum Scsi2Verdict {
 }
 
 /// A unit attention to raise for every nexus covered by `to`, except the issuing one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UaNotice {
     pub to: Vec<RegId>,
     pub asc: u8,

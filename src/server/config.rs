@@ -97,6 +97,10 @@ pub struct CephConfig {
     /// fails commands (MEDIUM ERROR, logged) after this long instead of hanging them.
     #[serde(default = "default_ceph_timeout", with = "humantime_serde")]
     pub timeout: std::time::Duration,
+    /// How long a PR OUT waits for every other gateway to install the new reservation
+    /// state; a gateway that has not acknowledged by then is blocklisted in Ceph.
+    #[serde(default = "default_ceph_notify_timeout", with = "humantime_serde")]
+    pub notify_timeout: std::time::Duration,
 }
 
 /// `[alua]`: one target port group per gateway. A group's target ports are its targets'
@@ -160,6 +164,9 @@ fn default_ceph_client() -> String {
 }
 fn default_ceph_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
+}
+fn default_ceph_notify_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -722,6 +729,7 @@ fn validate(mut config: Config, file: &str, base: &Path) -> Result<ValidConfig, 
             client: c.client.clone(),
             keyring: c.keyring.as_ref().map(|k| base.join(k)),
             timeout: c.timeout,
+            notify_timeout: c.notify_timeout,
         }),
         config,
         portal_addrs,
@@ -944,6 +952,9 @@ fn check_ceph(c: &CephConfig, bad: Bad<'_>) {
     }
     if c.timeout.is_zero() {
         bad("ceph.timeout".into(), "must be positive".into());
+    }
+    if c.notify_timeout.is_zero() {
+        bad("ceph.notify_timeout".into(), "must be positive".into());
     }
 }
 

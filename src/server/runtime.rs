@@ -341,7 +341,12 @@ pub(crate) fn open_lun(
     let dir = nexuses.clone();
     let lun_id = l.id;
     lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
-    Ok((Arc::new(lu), backend))
+    let lu = Arc::new(lu);
+    // An RBD image may be served by several gateways: its reservations are shared.
+    if let (Backing::Rbd { pool, image }, Some(ceph)) = (l.backing(), cfg.ceph.as_ref()) {
+        crate::store::rbd::share_reservations(ceph, pool, image, &lu).map_err(|e| e.to_string())?;
+    }
+    Ok((lu, backend))
 }
 
 #[cfg(test)]

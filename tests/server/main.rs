@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod ceph_fixture;
 mod faults;
 mod hostile;
 mod io;
@@ -20,6 +21,7 @@ mod pr_restart;
 mod quorum_fuzz_seeds;
 mod rbd;
 mod rbd_multipath;
+mod rbd_pr;
 mod readme_config;
 mod reload;
 mod secrets;

@@ -3,71 +3,12 @@
 //! the Ceph daemons and CLI (tools/deps.sh installs them); without them these tests fail.
 //! The whole libiscsi suite on RBD runs in tools/ceph-conformance.sh.
 
+use crate::ceph_fixture::{cluster, export, image, rbd, POOL};
 use crate::common::{self, BLOCK, TARGET};
 use bytes::Bytes;
 use holdfast::initiator::{cdb, InitiatorError, Session};
 use holdfast::scsi::sense::key;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-
-pub(crate) const POOL: &str = "holdfast";
-
-/// The cluster's directory (ceph.conf, keyrings), started on first use.
-pub(crate) fn cluster() -> &'static Path {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(start_cluster)
-        .as_deref()
-        .unwrap_or_else(|e| panic!("no Ceph test cluster: {e}"))
-}
-
-fn start_cluster() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("holdfast-ceph-{}", std::process::id()));
-    let log = std::fs::File::create(format!("{}.log", dir.display())).map_err(|e| e.to_string())?;
-    // status(), not output(): the daemons it starts may keep inherited pipes open.
-    let st = Command::new(root.join("tools/ceph-up.sh"))
-        .arg(&dir)
-        .env("CEPH_OWNER_PID", std::process::id().to_string())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .status()
-        .map_err(|e| format!("tools/ceph-up.sh: {e}"))?;
-    if !st.success() {
-        let text = std::fs::read_to_string(format!("{}.log", dir.display())).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(15).collect();
-        return Err(format!(
-            "tools/ceph-up.sh failed ({st}): {}",
-            tail.join(" | ")
-        ));
-    }
-    let _ = std::fs::remove_file(format!("{}.log", dir.display()));
-    Ok(dir)
-}
-
-/// `rbd ARGS` as client.admin on the test cluster; stdout.
-pub(crate) fn rbd(args: &[&str]) -> String {
-    let conf = cluster().join("ceph.conf");
-    let out = Command::new("rbd")
-        .arg("-c")
-        .arg(&conf)
-        .args(args)
-        .output()
-        .expect("run rbd");
-    assert!(
-        out.status.success(),
-        "rbd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A fresh image of `mib` MiB, named after the test.
-pub(crate) fn image(name: &str, mib: u64) -> String {
-    let spec = format!("{POOL}/{name}-{}", std::process::id());
-    rbd(&["create", "--size", &format!("{mib}M"), &spec]);
-    spec
-}
 
 fn config(spec: &str, mib: u64, extra: &str) -> String {
     let conf = cluster().join("ceph.conf");
@@ -90,21 +31,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
         .collect()
-}
-
-/// The image's bytes as `rbd export` sees them (straight from RADOS, not via holdfast).
-fn export(spec: &str) -> Vec<u8> {
-    let out = cluster().join(format!("export-{}", spec.replace('/', "-")));
-    let _ = std::fs::remove_file(&out);
-    rbd(&[
-        "export",
-        "--no-progress",
-        spec,
-        out.to_str().expect("utf-8 path"),
-    ]);
-    let data = std::fs::read(&out).expect("read export");
-    let _ = std::fs::remove_file(&out);
-    data
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,10 @@
 //! Two `holdfast target` gateways (separate processes, so separate Ceph clients) serving
 //! one RBD image: one disk with two paths. Identical device identity, distinct relative
 //! port ids and target port groups, and ALUA states that follow the image's exclusive
-//! lock as writes move it. The cluster is rbd.rs's throwaway one.
+//! lock as writes move it. The cluster is ceph_fixture.rs's throwaway one.
 
+use crate::ceph_fixture::{cluster, image};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
-use crate::rbd::{cluster, image};
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, Session};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

@@ -17,6 +17,7 @@ conf = "ceph.conf"
 client = "client.gw"
 keyring = "gw.keyring"
 timeout = "10s"
+notify_timeout = "5s"
 [alua]
 group = 3
 [[alua.peer]]

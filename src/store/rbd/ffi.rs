@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 type Handle = *mut c_void;
 type DiffCb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+type WatchCb = extern "C" fn(*mut c_void, u64, u64, u64, *mut c_void, usize);
+type WatchErrCb = extern "C" fn(*mut c_void, u64, c_int);
 
 /// The C entry points we use, resolved once per process.
 struct Api {
@@ -47,6 +49,48 @@ struct Api {
         unsafe extern "C" fn(Handle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
     rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
     // --- ALUA and shared identity: end ---
+    // --- shared persistent reservations (pr_object.rs, pr_watch.rs): begin ---
+    rados_read: unsafe extern "C" fn(Handle, *const c_char, *mut c_char, usize, u64) -> c_int,
+    rados_get_last_version: unsafe extern "C" fn(Handle) -> u64,
+    rados_create_write_op: unsafe extern "C" fn() -> Handle,
+    rados_release_write_op: unsafe extern "C" fn(Handle),
+    rados_write_op_assert_version: unsafe extern "C" fn(Handle, u64),
+    rados_write_op_create: unsafe extern "C" fn(Handle, c_int, *const c_char),
+    rados_write_op_write_full: unsafe extern "C" fn(Handle, *const c_char, usize),
+    rados_write_op_operate:
+        unsafe extern "C" fn(Handle, Handle, *const c_char, *mut libc::time_t, c_int) -> c_int,
+    rados_getxattr:
+        unsafe extern "C" fn(Handle, *const c_char, *const c_char, *mut c_char, usize) -> c_int,
+    rados_setxattr:
+        unsafe extern "C" fn(Handle, *const c_char, *const c_char, *const c_char, usize) -> c_int,
+    rados_watch3: unsafe extern "C" fn(
+        Handle,
+        *const c_char,
+        *mut u64,
+        WatchCb,
+        WatchErrCb,
+        u32,
+        *mut c_void,
+    ) -> c_int,
+    rados_unwatch2: unsafe extern "C" fn(Handle, u64) -> c_int,
+    rados_watch_flush: unsafe extern "C" fn(Handle) -> c_int,
+    rados_notify2: unsafe extern "C" fn(
+        Handle,
+        *const c_char,
+        *const c_char,
+        c_int,
+        u64,
+        *mut *mut c_char,
+        *mut usize,
+    ) -> c_int,
+    rados_notify_ack:
+        unsafe extern "C" fn(Handle, *const c_char, u64, u64, *const c_char, c_int) -> c_int,
+    rados_buffer_free: unsafe extern "C" fn(*mut c_char),
+    rados_blocklist_add: unsafe extern "C" fn(Handle, *mut c_char, u32) -> c_int,
+    rados_wait_for_latest_osdmap: unsafe extern "C" fn(Handle) -> c_int,
+    rados_get_instance_id: unsafe extern "C" fn(Handle) -> u64,
+    rados_getaddrs: unsafe extern "C" fn(Handle, *mut *mut c_char) -> c_int,
+    // --- shared persistent reservations: end ---
 }
 
 /// Why librados/librbd could not be loaded (a missing library or symbol).
@@ -126,6 +170,28 @@ fn load() -> Result<Api, LoadError> {
             rbd_lock_get_owners: sym(rbd, c"rbd_lock_get_owners")?,
             rbd_lock_get_owners_cleanup: sym(rbd, c"rbd_lock_get_owners_cleanup")?,
             // --- ALUA and shared identity: end ---
+            // --- shared persistent reservations: begin ---
+            rados_read: sym(rados, c"rados_read")?,
+            rados_get_last_version: sym(rados, c"rados_get_last_version")?,
+            rados_create_write_op: sym(rados, c"rados_create_write_op")?,
+            rados_release_write_op: sym(rados, c"rados_release_write_op")?,
+            rados_write_op_assert_version: sym(rados, c"rados_write_op_assert_version")?,
+            rados_write_op_create: sym(rados, c"rados_write_op_create")?,
+            rados_write_op_write_full: sym(rados, c"rados_write_op_write_full")?,
+            rados_write_op_operate: sym(rados, c"rados_write_op_operate")?,
+            rados_getxattr: sym(rados, c"rados_getxattr")?,
+            rados_setxattr: sym(rados, c"rados_setxattr")?,
+            rados_watch3: sym(rados, c"rados_watch3")?,
+            rados_unwatch2: sym(rados, c"rados_unwatch2")?,
+            rados_watch_flush: sym(rados, c"rados_watch_flush")?,
+            rados_notify2: sym(rados, c"rados_notify2")?,
+            rados_notify_ack: sym(rados, c"rados_notify_ack")?,
+            rados_buffer_free: sym(rados, c"rados_buffer_free")?,
+            rados_blocklist_add: sym(rados, c"rados_blocklist_add")?,
+            rados_wait_for_latest_osdmap: sym(rados, c"rados_wait_for_latest_osdmap")?,
+            rados_get_instance_id: sym(rados, c"rados_get_instance_id")?,
+            rados_getaddrs: sym(rados, c"rados_getaddrs")?,
+            // --- shared persistent reservations: end ---
         })
     }
 }
@@ -470,3 +536,328 @@ impl Drop for Image {
         }
     }
 }
+
+// --- shared persistent reservations: begin ---
+
+impl Cluster {
+    /// This client's global id (the `notifier_id` of its notifies, `client.GID`).
+    pub fn instance_id(&self) -> u64 {
+        // SAFETY: connected handle.
+        unsafe { (self.api.rados_get_instance_id)(self.h) }
+    }
+
+    /// This client's address as the OSDs see it (what `osd blocklist add` takes).
+    pub fn address(&self) -> Result<String, i32> {
+        let mut p: *mut c_char = std::ptr::null_mut();
+        // SAFETY: connected handle; out-pointer to a string librados strdup()s.
+        check(unsafe { (self.api.rados_getaddrs)(self.h, &mut p) })?;
+        if p.is_null() {
+            return Err(libc::EIO);
+        }
+        // SAFETY: non-NULL NUL-terminated string from strdup, copied, then freed once.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        // SAFETY: allocated with malloc by librados (strdup); freed exactly once here.
+        unsafe { libc::free(p.cast()) };
+        Ok(s)
+    }
+
+    /// Blocklist `addr` for `expire_secs` (the mon commits it before this returns).
+    pub fn blocklist_add(&self, addr: &str, expire_secs: u32) -> Result<(), i32> {
+        let a = cstr(addr)?;
+        // SAFETY: connected handle; librados only reads the NUL-terminated address (the
+        // C prototype lacks const).
+        check(unsafe { (self.api.rados_blocklist_add)(self.h, a.as_ptr().cast_mut(), expire_secs) })
+    }
+
+    /// Wait until this client has the newest OSD map (so ops sent after this
+    /// return are judged under a blocklist committed before it).
+    pub fn wait_for_latest_osdmap(&self) -> Result<(), i32> {
+        // SAFETY: connected handle.
+        check(unsafe { (self.api.rados_wait_for_latest_osdmap)(self.h) })
+    }
+}
+
+/// A pool context (`rados_ioctx_t`) for plain RADOS objects.
+pub struct Pool {
+    api: &'static Api,
+    io: Handle,
+    cluster: std::sync::Arc<Cluster>,
+}
+
+// SAFETY: librados io contexts are thread-safe for the object operations used here;
+// rados_get_last_version is read right after the op on the same thread, and callers
+// serialise the read/version pairs they rely on (see pr_object.rs).
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+/// One watch or watch-error event, delivered from librados's callback thread.
+#[derive(Debug)]
+pub enum WatchEvent {
+    Notify {
+        notify_id: u64,
+        cookie: u64,
+        notifier_id: u64,
+        payload: Vec<u8>,
+    },
+    /// The watch broke (errno, e.g. ENOTCONN after a timeout, ESHUTDOWN when blocklisted).
+    Error { cookie: u64, errno: i32 },
+}
+
+type EventTx = std::sync::Mutex<std::sync::mpsc::Sender<WatchEvent>>;
+
+extern "C" fn on_notify(
+    arg: *mut c_void,
+    notify_id: u64,
+    cookie: u64,
+    notifier_id: u64,
+    data: *mut c_void,
+    len: usize,
+) {
+    // SAFETY: arg is the Box<EventTx> a Watch owns; it is freed only after unwatch2 and
+    // watch_flush, so no callback runs past it.
+    let tx = unsafe { &*arg.cast::<EventTx>() };
+    let payload = if data.is_null() || len == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: librados passes `len` readable bytes at `data` for this call.
+        unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }.to_vec()
+    };
+    let ev = WatchEvent::Notify {
+        notify_id,
+        cookie,
+        notifier_id,
+        payload,
+    };
+    let _ = tx.lock().map(|t| t.send(ev));
+}
+
+extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: c_int) {
+    // SAFETY: as in on_notify.
+    let tx = unsafe { &*arg.cast::<EventTx>() };
+    let ev = WatchEvent::Error {
+        cookie,
+        errno: -err,
+    };
+    let _ = tx.lock().map(|t| t.send(ev));
+}
+
+/// A registered watch; unwatched (and its callbacks drained) on drop.
+pub struct Watch {
+    pool: std::sync::Arc<Pool>,
+    cookie: u64,
+    sink: *mut EventTx,
+}
+
+// SAFETY: the sink is only read (through its Mutex) by callbacks and freed in Drop after
+// librados has stopped calling them.
+unsafe impl Send for Watch {}
+// SAFETY: as above; &Watch gives no access to the sink.
+unsafe impl Sync for Watch {}
+
+impl Watch {
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let api = self.pool.api;
+        // SAFETY: live ioctx and our cookie; then watch_flush waits for every callback
+        // in flight, after which the sink is no longer referenced and is freed once.
+        unsafe {
+            (api.rados_unwatch2)(self.pool.io, self.cookie);
+            (api.rados_watch_flush)(self.pool.cluster.h);
+            drop(Box::from_raw(self.sink));
+        }
+    }
+}
+
+/// Version of the object last read or written through this context (racy if another
+/// thread uses the same context in between: callers hold a lock).
+fn last_version(api: &Api, io: Handle) -> u64 {
+    // SAFETY: live ioctx.
+    unsafe { (api.rados_get_last_version)(io) }
+}
+
+impl Pool {
+    pub fn open(cluster: std::sync::Arc<Cluster>, pool: &str) -> Result<Pool, i32> {
+        let api = cluster.api;
+        let p = cstr(pool)?;
+        let mut io: Handle = std::ptr::null_mut();
+        // SAFETY: connected cluster, NUL-terminated pool name, out-pointer.
+        check(unsafe { (api.rados_ioctx_create)(cluster.h, p.as_ptr(), &mut io) })?;
+        Ok(Pool { api, io, cluster })
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The whole object (at most `max` bytes) and its version; Ok(None) if absent.
+    pub fn read(&self, oid: &str, max: usize) -> Result<Option<(Vec<u8>, u64)>, i32> {
+        let o = cstr(oid)?;
+        let mut buf = vec![0u8; max];
+        // SAFETY: live ioctx; buf is valid for max writable bytes for the synchronous call.
+        let r =
+            unsafe { (self.api.rados_read)(self.io, o.as_ptr(), buf.as_mut_ptr().cast(), max, 0) };
+        if r == -libc::ENOENT {
+            return Ok(None);
+        }
+        check(r)?;
+        buf.truncate(r as usize);
+        Ok(Some((buf, last_version(self.api, self.io))))
+    }
+
+    /// Replace the object with `data` if its version is still `expected` (None: only
+    /// if it does not exist). Err(ERANGE/EOVERFLOW/EEXIST): someone wrote in between.
+    /// Ok: the new version.
+    pub fn write_guarded(&self, oid: &str, data: &[u8], expected: Option<u64>) -> Result<u64, i32> {
+        let o = cstr(oid)?;
+        // SAFETY: creates an op we release below on every path.
+        let op = unsafe { (self.api.rados_create_write_op)() };
+        if op.is_null() {
+            return Err(libc::ENOMEM);
+        }
+        // SAFETY: live op; data outlives operate (the op copies it when executed).
+        let r = unsafe {
+            match expected {
+                Some(v) => (self.api.rados_write_op_assert_version)(op, v),
+                None => (self.api.rados_write_op_create)(op, 1, std::ptr::null()),
+            }
+            (self.api.rados_write_op_write_full)(op, data.as_ptr().cast(), data.len());
+            let r =
+                (self.api.rados_write_op_operate)(op, self.io, o.as_ptr(), std::ptr::null_mut(), 0);
+            (self.api.rados_release_write_op)(op);
+            r
+        };
+        check(r)?;
+        Ok(last_version(self.api, self.io))
+    }
+
+    /// An xattr's value; Ok(None) if the object or attribute is absent.
+    pub fn getxattr(&self, oid: &str, name: &str) -> Result<Option<Vec<u8>>, i32> {
+        let (o, n) = (cstr(oid)?, cstr(name)?);
+        let mut buf = vec![0u8; 512];
+        // SAFETY: live ioctx; buf valid for its length for the synchronous call.
+        let r = unsafe {
+            (self.api.rados_getxattr)(
+                self.io,
+                o.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if r == -libc::ENOENT || r == -libc::ENODATA {
+            return Ok(None);
+        }
+        check(r)?;
+        buf.truncate(r as usize);
+        Ok(Some(buf))
+    }
+
+    pub fn setxattr(&self, oid: &str, name: &str, value: &[u8]) -> Result<(), i32> {
+        let (o, n) = (cstr(oid)?, cstr(name)?);
+        // SAFETY: live ioctx; value valid for its length for the synchronous call.
+        check(unsafe {
+            (self.api.rados_setxattr)(
+                self.io,
+                o.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+            )
+        })
+    }
+
+    /// Watch `oid`; events go to `tx` until the returned [`Watch`] is dropped.
+    pub fn watch(
+        self: &std::sync::Arc<Pool>,
+        oid: &str,
+        timeout_secs: u32,
+        tx: std::sync::mpsc::Sender<WatchEvent>,
+    ) -> Result<Watch, i32> {
+        let o = cstr(oid)?;
+        let sink = Box::into_raw(Box::new(std::sync::Mutex::new(tx)));
+        let mut cookie = 0u64;
+        // SAFETY: live ioctx; the callbacks get `sink`, which lives until the Watch's Drop
+        // (or is freed right here if registering fails, when no callback can come).
+        let r = unsafe {
+            (self.api.rados_watch3)(
+                self.io,
+                o.as_ptr(),
+                &mut cookie,
+                on_notify,
+                on_watch_error,
+                timeout_secs,
+                sink.cast(),
+            )
+        };
+        if r < 0 {
+            // SAFETY: registration failed: librados holds no reference to sink.
+            drop(unsafe { Box::from_raw(sink) });
+            return Err(-r);
+        }
+        Ok(Watch {
+            pool: self.clone(),
+            cookie,
+            sink,
+        })
+    }
+
+    /// Notify the watchers of `oid` and wait up to `timeout_ms` for their acks. Returns
+    /// librados's result (0, or ETIMEDOUT when some did not ack) and the raw reply.
+    pub fn notify(
+        &self,
+        oid: &str,
+        payload: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(i32, Vec<u8>), i32> {
+        let o = cstr(oid)?;
+        let len = c_int::try_from(payload.len()).map_err(|_| libc::EINVAL)?;
+        let (mut reply, mut reply_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        // SAFETY: live ioctx; payload valid for len bytes; out-pointers to locals.
+        let r = unsafe {
+            (self.api.rados_notify2)(
+                self.io,
+                o.as_ptr(),
+                payload.as_ptr().cast(),
+                len,
+                timeout_ms,
+                &mut reply,
+                &mut reply_len,
+            )
+        };
+        let bytes = if reply.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: librados returned reply_len bytes at reply; copied, then freed once.
+            let v = unsafe { std::slice::from_raw_parts(reply.cast::<u8>(), reply_len) }.to_vec();
+            // SAFETY: a buffer librados allocated for us; freed exactly once.
+            unsafe { (self.api.rados_buffer_free)(reply) };
+            v
+        };
+        if r < 0 && r != -libc::ETIMEDOUT {
+            return Err(-r);
+        }
+        Ok((-r, bytes))
+    }
+
+    pub fn notify_ack(&self, oid: &str, notify_id: u64, cookie: u64) -> Result<(), i32> {
+        let o = cstr(oid)?;
+        // SAFETY: live ioctx; empty ack payload.
+        check(unsafe {
+            (self.api.rados_notify_ack)(self.io, o.as_ptr(), notify_id, cookie, std::ptr::null(), 0)
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: every Watch holds an Arc<Pool>, so none is live; we own the context.
+        unsafe { (self.api.rados_ioctx_destroy)(self.io) }
+    }
+}
+// --- shared persistent reservations: end ---

@@ -5,6 +5,11 @@
 //! on its blocking pool.
 
 mod ffi;
+mod pr_object;
+mod pr_sync;
+mod pr_watch;
+
+pub use pr_watch::share_reservations;
 
 use super::identity::{self, LunIdentity};
 use crate::scsi::backend::{self, BlockBackend, ExclusiveLock};
@@ -24,6 +29,8 @@ pub struct CephSettings {
     /// Limit on connecting and on each RADOS operation: a cluster that stops answering
     /// fails commands after this long instead of hanging them forever.
     pub timeout: Duration,
+    /// How long a PR OUT waits for the other gateways' acknowledgements.
+    pub notify_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

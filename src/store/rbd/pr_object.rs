@@ -1,0 +1,171 @@
+//! The PR object of one RBD LUN: read and guarded write through librados, the notify
+//! that makes every other gateway install a committed state, and the fence (blocklist
+//! and OSD map barrier) for gateways that stay silent. Decisions are in `pr_sync.rs`.
+
+use super::ffi::Pool;
+use super::pr_sync::{self, GuardedObject, PrNotice, UpdateError};
+use crate::scsi::lun::{CmdError, PrApply, SharedCommit, SharedPr};
+use crate::scsi::pr::{PrState, ProutEffects};
+use crate::scsi::sense::Sense;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// How long a fenced gateway stays blocklisted: far longer than any restart, so its
+/// old connection can never write again (a restarted gateway connects afresh).
+const BLOCKLIST_SECS: u32 = 3600;
+
+/// One LUN's PR object in its image's pool.
+pub struct PrObject {
+    /// Watch, notify, acks and xattrs.
+    pub(super) pool: Arc<Pool>,
+    pub(super) oid: String,
+    /// The guarded read and write only, under the lock: librados reports an op's object
+    /// version per io context, and any other op on the context (an ack observing a
+    /// newer version) would hand a read the wrong version and let a write overwrite a
+    /// commit it never saw.
+    cas: Mutex<Pool>,
+}
+
+impl std::fmt::Debug for PrObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrObject").field("oid", &self.oid).finish()
+    }
+}
+
+impl PrObject {
+    /// `holdfast.pr.IMAGE` in `pool`; `cas` is a second context on the same pool.
+    pub fn new(pool: Arc<Pool>, cas: Pool, image: &str) -> PrObject {
+        PrObject {
+            pool,
+            oid: format!("holdfast.pr.{image}"),
+            cas: Mutex::new(cas),
+        }
+    }
+
+    /// The committed (sequence, state).
+    pub fn read_state(&self) -> io::Result<(u64, PrState)> {
+        match self.read().map_err(io::Error::from_raw_os_error)? {
+            None => Ok((0, PrState::default())),
+            Some((b, _)) => pr_sync::decode_object(&b)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    pub fn update(&self, apply: &mut PrApply<'_>) -> Result<pr_sync::Committed, UpdateError> {
+        pr_sync::update(self, apply)
+    }
+}
+
+impl GuardedObject for PrObject {
+    fn read(&self) -> Result<Option<(Vec<u8>, u64)>, i32> {
+        let cas = self.cas.lock().unwrap_or_else(PoisonError::into_inner);
+        cas.read(&self.oid, pr_sync::MAX_OBJECT)
+    }
+
+    fn write(&self, data: &[u8], expected: Option<u64>) -> Result<u64, i32> {
+        let cas = self.cas.lock().unwrap_or_else(PoisonError::into_inner);
+        cas.write_guarded(&self.oid, data, expected)
+    }
+}
+
+/// [`SharedPr`] on a RADOS object: what an RBD LUN's PR OUT goes through.
+#[derive(Debug)]
+pub struct RbdSharedPr {
+    obj: Arc<PrObject>,
+    notify_timeout: Duration,
+    own_gid: u64,
+}
+
+impl RbdSharedPr {
+    pub fn new(obj: Arc<PrObject>, notify_timeout: Duration) -> RbdSharedPr {
+        let own_gid = obj.pool.cluster().instance_id();
+        RbdSharedPr {
+            obj,
+            notify_timeout,
+            own_gid,
+        }
+    }
+
+    /// Have every other gateway install committed state `seq` and apply `fx`; silent
+    /// ones are fenced. True: none can act on older state any more.
+    pub fn publish(&self, seq: u64, state: &PrState, fx: &ProutEffects) -> bool {
+        let notice = PrNotice {
+            seq,
+            state: state.clone(),
+            uas: fx.uas.clone(),
+            aborted: fx.aborted.clone(),
+        };
+        self.notify_and_fence(&notice.encode())
+    }
+
+    /// Notify the watchers and fence the silent ones. True: every other gateway
+    /// installed the state or can no longer reach the image.
+    fn notify_and_fence(&self, payload: &[u8]) -> bool {
+        let ms = self.notify_timeout.as_millis().max(1) as u64;
+        let (r, raw) = match self.obj.pool.notify(&self.obj.oid, payload, ms) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(object = %self.obj.oid, errno = e, "PR notify failed");
+                return false;
+            }
+        };
+        if r == 0 {
+            return true;
+        }
+        let Some(reply) = pr_sync::parse_notify_reply(&raw) else {
+            tracing::error!(object = %self.obj.oid, "PR notify: unreadable reply");
+            return false;
+        };
+        let mut fenced_all = true;
+        for gid in pr_sync::gateways_to_fence(&reply, self.own_gid) {
+            if let Err(e) = self.fence(gid) {
+                tracing::error!(object = %self.obj.oid, gid, error = %e,
+                    "cannot fence a gateway that did not acknowledge");
+                fenced_all = false;
+            }
+        }
+        if let Err(e) = self.obj.pool.cluster().wait_for_latest_osdmap() {
+            tracing::error!(errno = e, "waiting for the OSD map after fencing failed");
+            return false;
+        }
+        fenced_all
+    }
+
+    /// Blocklist gateway `gid` by the address it published on the object.
+    fn fence(&self, gid: u64) -> Result<(), String> {
+        let name = pr_sync::address_xattr(gid);
+        let addr = match self.obj.pool.getxattr(&self.obj.oid, &name) {
+            Ok(Some(a)) => String::from_utf8_lossy(&a).into_owned(),
+            Ok(None) => return Err(format!("gateway client.{gid} published no address")),
+            Err(e) => return Err(format!("reading {name}: errno {e}")),
+        };
+        self.obj
+            .pool
+            .cluster()
+            .blocklist_add(&addr, BLOCKLIST_SECS)
+            .map_err(|e| format!("blocklisting {addr}: {}", io::Error::from_raw_os_error(e)))?;
+        tracing::warn!(gid, %addr, object = %self.obj.oid,
+            "gateway did not acknowledge the reservation change: blocklisted");
+        Ok(())
+    }
+}
+
+impl SharedPr for RbdSharedPr {
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError> {
+        let c = self.obj.update(apply).map_err(|e| match e {
+            UpdateError::Command(c) => c,
+            other => {
+                tracing::error!(object = %self.obj.oid, error = %other, "PR OUT not committed");
+                CmdError::from(Sense::INTERNAL_TARGET_FAILURE)
+            }
+        })?;
+        let complete = !c.effects.changed || self.publish(c.seq, &c.state, &c.effects);
+        Ok(SharedCommit {
+            state: c.state,
+            effects: c.effects,
+            seq: c.seq,
+            complete,
+        })
+    }
+}
