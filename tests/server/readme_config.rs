@@ -207,6 +207,7 @@ stop_signal = "SIGTERM"
 env = { A = "b" }
 log = "/tmp/p.log"
 qmp = "/tmp/p.qmp"
+migration_bandwidth = "100MiB"
 
 [[group]]
 name = "s"
@@ -233,6 +234,7 @@ serial = ["/tmp/q.console"]
 args = ["-S"]
 qmp = "/tmp/q.qmp"
 log = "/tmp/q.log"
+migration_bandwidth = "200MiB"
 
 [[group]]
 name = "l"
