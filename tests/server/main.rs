@@ -20,6 +20,7 @@ mod pr_cli;
 mod pr_restart;
 mod quorum_fuzz_seeds;
 mod rbd;
+mod rbd_fence_scsi;
 mod rbd_multipath;
 mod rbd_pr;
 mod readme_config;

@@ -24,14 +24,14 @@ const NO_RESPONSE: Duration = Duration::from_secs(5);
 const FENCED_BLOCKS: u32 = 64;
 
 /// One `holdfast target` process serving `spec` on one portal.
-struct Gateway {
+pub(crate) struct Gateway {
     dir: tempfile::TempDir,
     child: Child,
-    portal: SocketAddr,
+    pub(crate) portal: SocketAddr,
 }
 
 impl Gateway {
-    async fn start(ip: &str, tpgt: u16, spec: &str, notify_timeout: &str) -> Gateway {
+    pub(crate) async fn start(ip: &str, tpgt: u16, spec: &str, notify_timeout: &str) -> Gateway {
         let port = std::net::TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .expect("free port")
