@@ -9,6 +9,8 @@
 # gateway of the active (optimized) path; fio must finish clean through the other one,
 # the dead path must show failed, e2fsck -fn must be clean. Prints PASS/FAIL
 # vm-multipath/failover with the I/O stall (fio's longest write completion latency).
+# KILL_BOTH=1 (self-check of the checks: both gateways are killed, so I/O has no path
+# left; fio fails once no_path_retry runs out) must FAIL.
 # Env: FIO_SIZE (256M), VM_TIMEOUT (guest, s; 600), VM_MPATH_IMAGE_DIR (guest image
 #      with multipath-tools; ~/.cache/vm-initiator-mpath), KEEP_TMP=1.
 set -euo pipefail
@@ -96,6 +98,10 @@ kill_active() {
     kill -KILL "${PID[$n]}"
     wait "${PID[$n]}" 2>/dev/null || true
     KILLED=$n
+    if [ "${KILL_BOTH:-0}" = 1 ]; then
+      log "KILL_BOTH=1: kill -9 gateway $((3 - n)) too (pid ${PID[$((3 - n))]})"
+      kill -KILL "${PID[$((3 - n))]}"
+    fi
     date +%s.%N >"$share/killed"
     return 0
   done
