@@ -83,6 +83,20 @@ for n in 1 2; do
   PID[$n]=$HOLDFAST_PID
 done
 
+# log_lock_holder: logs the image's RBD lock holder whenever it changes (once a
+# second), so the log shows when the lock moved after the kill
+log_lock_holder() {
+  local prev=- cur
+  while :; do
+    cur=$(rbd -c "$CEPH_DIR/ceph.conf" lock ls "$IMAGE" 2>/dev/null | awk 'NR > 2 {printf "%s %s ", $1, $NF}')
+    [ "$cur" = "$prev" ] || log "rbd lock holder: ${cur:-none}"
+    prev=$cur
+    sleep 1
+  done
+}
+log_lock_holder &
+on_exit kill "$!"
+
 # kill_active: waits for the guest's io-running file, kill -9s the gateway on the port
 # it names, then tells the guest (killed)
 kill_active() {
@@ -94,7 +108,7 @@ kill_active() {
   port=$(sed -n 's/^PORT=\([0-9]*\)$/\1/p' "$share/io-running")
   for n in 1 2; do
     [ "${PORT[$n]}" = "$port" ] || continue
-    log "guest I/O running: kill -9 gateway $n (pid ${PID[$n]}, port $port, the optimized path)"
+    log "guest I/O running: kill -9 gateway $n (pid ${PID[$n]}, port $port, the path carrying the I/O)"
     kill -KILL "${PID[$n]}"
     wait "${PID[$n]}" 2>/dev/null || true
     KILLED=$n
