@@ -6,7 +6,7 @@
 # boots the vm-initiator guest built with multipath-tools and runs
 # fixtures/guest/multipath.sh in it: both paths, one map in two priority groups, ext4,
 # fio randwrite with crc32c verify. Once the guest says I/O runs, this script kill -9s the
-# gateway of the active (optimized) path; fio must finish clean through the other one,
+# gateway whose path carries the writes; fio must finish clean through the other one,
 # the dead path must show failed, e2fsck -fn must be clean. Prints PASS/FAIL
 # vm-multipath/failover with the I/O stall (fio's longest write completion latency).
 # KILL_BOTH=1 (self-check of the checks: both gateways are killed, so I/O has no path
