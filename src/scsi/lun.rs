@@ -495,6 +495,11 @@ impl LogicalUnit {
 
     /// Mark the shared state possibly stale (true: commands subject to reservations get
     /// NOT READY) or fresh again after it was re-read and installed.
+    /// Whether the shared state may be out of date (commands answer NOT READY).
+    pub fn is_pr_stale(&self) -> bool {
+        self.pr_stale.load(Ordering::Acquire)
+    }
+
     pub fn set_pr_stale(&self, stale: bool) {
         if self.pr_stale.swap(stale, Ordering::AcqRel) != stale {
             tracing::warn!(stale, serial = %self.settings.serial, "shared reservation state");
@@ -1018,6 +1023,14 @@ impl LogicalUnit {
             // A non-blocking attempt (backend::without_blocking): not an error, the
             // transport discards this outcome and runs the command again.
             return Sense::READ_ERROR;
+        }
+        if e.raw_os_error() == Some(libc::ESHUTDOWN) && self.shared_pr.get().is_some() {
+            // A shared (RBD) backend's client was blocklisted: not a device failure. The
+            // PR watcher reconnects and re-reads the state; NOT READY until then.
+            tracing::warn!(error = %e, what, serial = %self.settings.serial,
+                "backend client fenced: NOT READY until reconnected");
+            self.set_pr_stale(true);
+            return PR_STATE_RELOADING;
         }
         tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
         if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -343,8 +343,11 @@ pub(crate) fn open_lun(
     lu.set_abort_hook(Box::new(move |victims| dir.abort(victims, lun_id)));
     let lu = Arc::new(lu);
     // An RBD image may be served by several gateways: its reservations are shared.
-    if let (Backing::Rbd { pool, image }, Some(ceph)) = (l.backing(), cfg.ceph.as_ref()) {
-        crate::store::rbd::share_reservations(ceph, pool, image, &lu).map_err(|e| e.to_string())?;
+    if let (Backing::Rbd { pool, image }, Some(ceph), LunStore::Rbd(b)) =
+        (l.backing(), cfg.ceph.as_ref(), &backend)
+    {
+        crate::store::rbd::share_reservations(ceph, pool, image, &lu, b)
+            .map_err(|e| e.to_string())?;
     }
     Ok((lu, backend))
 }

@@ -273,7 +273,8 @@ fn blocklist() -> Vec<String> {
 
 /// The same with gateway A frozen (SIGSTOP) during the preempt: B's PREEMPT completes
 /// within the notify timeout plus the map barrier, A is blocklisted, and after SIGCONT
-/// none of A's queued victim writes land; A answers NOT READY.
+/// none of A's queued victim writes land; A answers NOT READY, then reconnects by
+/// itself and serves again with the new state (the victim's writes conflict).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_gateway_is_blocklisted_and_none_of_its_writes_land() {
     let spec = image("prfrozen", MIB);
@@ -302,29 +303,23 @@ async fn a_frozen_gateway_is_blocklisted_and_none_of_its_writes_land() {
         .await
         .expect("marker write through B");
     a.signal("-CONT");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resumed = Instant::now();
+    // A reconnects by itself (new client, image reopened, state re-read) and serves
+    // again: reads work, and the preempted victim's writes meet the new reservation.
+    a_serves_again(&victim).await;
+    let recovered = resumed.elapsed();
     stop_victim(&stop, tasks).await;
-    let img = export(&spec);
-    assert!(
-        img[..marker().len()] == marker()[..],
-        "a write of the fenced gateway landed"
-    );
-    // A can no longer reach the image, nor its watch: commands there fail NOT READY.
-    let c = cdb::write16(0, 1, false);
-    let task = victim
-        .submit(0, &c, Some(Bytes::from(vec![7u8; BLOCK as usize])), 0)
-        .await
-        .expect("the victim's session on A survives the freeze");
-    let r = tokio::time::timeout(NO_RESPONSE, task.wait()).await;
-    let o = pr::outcome(&r.expect("A answers after SIGCONT").expect("response"));
-    assert!(matches!(o, Outcome::Check(0x02, 0x04, _)), "{o:?}");
+    // Until then its victim writes were answered NOT READY (the blocklisted handle
+    // refused them, or the watch was known lost).
     let not_ready = log
         .lock()
         .unwrap()
         .iter()
-        .filter(|(_, r)| matches!(r, Some(Outcome::Check(0x02, _, _))))
+        .filter(|(_, r)| matches!(r, Some(Outcome::Check(0x02, 0x04, _))))
         .count();
-    println!("frozen-gateway PREEMPT AND ABORT took {took:?}; blocklisted {added:?}; victim NOT READY answers {not_ready}");
+    assert!(not_ready > 0, "A answered NOT READY before serving again");
+    assert_eq!(victim_write(&victim).await, Outcome::Conflict);
+    println!("frozen-gateway PREEMPT AND ABORT took {took:?}; blocklisted {added:?}; victim NOT READY answers {not_ready}; A served again {recovered:?} after SIGCONT");
     let img = export(&spec);
     assert!(
         img[..marker().len()] == marker()[..],
@@ -401,4 +396,37 @@ async fn non_aptpl_state_lasts_while_a_gateway_serves_and_aptpl_survives_all() {
     let s = a.login("host1", 1).await;
     assert_eq!(pr::read_keys(&s, 0).await.1, vec![0xc3], "APTPL survives");
     // The fenced entries are dead gateways' old connections: left to expire.
+}
+
+/// Wait until a READ through the victim's session on A succeeds; panics after a minute.
+async fn a_serves_again(victim: &Session) {
+    let t0 = Instant::now();
+    loop {
+        // NOT READY while A reconnects; unit attentions (the victim was preempted) once.
+        if victim.read16(0, 0, 1, BLOCK).await.is_ok() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "gateway A never served again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The victim's WRITE through A, past any pending unit attentions.
+async fn victim_write(victim: &Session) -> Outcome {
+    for _ in 0..4 {
+        let c = cdb::write16(0, 1, false);
+        let task = victim
+            .submit(0, &c, Some(Bytes::from(vec![9u8; BLOCK as usize])), 0)
+            .await
+            .expect("submit through A");
+        let r = tokio::time::timeout(NO_RESPONSE, task.wait()).await;
+        let o = pr::outcome(&r.expect("A answers").expect("response"));
+        if !matches!(o, Outcome::Check(0x06, _, _)) {
+            return o;
+        }
+    }
+    panic!("unit attentions without end through A")
 }

@@ -695,6 +695,11 @@ impl Pool {
         &self.cluster
     }
 
+    /// The connection this context belongs to, shared.
+    pub fn cluster_arc(&self) -> std::sync::Arc<Cluster> {
+        self.cluster.clone()
+    }
+
     /// The whole object (at most `max` bytes) and its version; Ok(None) if absent.
     pub fn read(&self, oid: &str, max: usize) -> Result<Option<(Vec<u8>, u64)>, i32> {
         let o = cstr(oid)?;

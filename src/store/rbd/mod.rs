@@ -8,6 +8,7 @@ mod ffi;
 mod pr_object;
 mod pr_sync;
 mod pr_watch;
+mod recovery;
 
 pub use pr_watch::share_reservations;
 
@@ -15,7 +16,7 @@ use super::identity::{self, LunIdentity};
 use crate::scsi::backend::{self, BlockBackend, ExclusiveLock};
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 /// How to reach the cluster (the target config's `[ceph]` table).
@@ -73,6 +74,16 @@ pub enum RbdError {
 static CLUSTERS: Mutex<Vec<(CephSettings, Weak<ffi::Cluster>)>> = Mutex::new(Vec::new());
 
 fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
+    connect_replacing(s, None)
+}
+
+/// The shared connection for `s`, made anew if the cached one is `dead` (a blocklisted
+/// client instance can never be used again; LUNs still holding it reconnect in turn
+/// and share the replacement).
+fn connect_replacing(
+    s: &CephSettings,
+    dead: Option<&Arc<ffi::Cluster>>,
+) -> Result<Arc<ffi::Cluster>, RbdError> {
     ffi::available().map_err(RbdError::Unavailable)?;
     let mut cache = CLUSTERS.lock().unwrap_or_else(PoisonError::into_inner);
     cache.retain(|(_, w)| w.strong_count() > 0);
@@ -80,9 +91,11 @@ fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
         .iter()
         .find(|(k, _)| k == s)
         .and_then(|(_, w)| w.upgrade())
+        .filter(|c| !dead.is_some_and(|d| Arc::ptr_eq(c, d)))
     {
         return Ok(c);
     }
+    cache.retain(|(k, _)| k != s);
     let secs = s.timeout.as_secs().max(1).to_string();
     let mut opts = vec![
         // No librbd cache: a write is acknowledged only once it is in RADOS, so a read
@@ -111,7 +124,11 @@ fn connect(s: &CephSettings) -> Result<Arc<ffi::Cluster>, RbdError> {
 
 /// A LUN's RBD image.
 pub struct RbdBackend {
-    image: ffi::Image,
+    /// Swapped for a handle on a new connection when this client was blocklisted; each
+    /// call clones the Arc under an uncontended read lock.
+    image: RwLock<Arc<ffi::Image>>,
+    pool: String,
+    name: String,
     /// "POOL/IMAGE", for messages.
     spec: String,
     size: std::sync::atomic::AtomicU64,
@@ -171,7 +188,9 @@ impl RbdBackend {
             .stripe_unit()
             .map_err(|e| open_err("reading its layout", e))?;
         Ok(RbdBackend {
-            image: img,
+            image: RwLock::new(Arc::new(img)),
+            pool: pool.into(),
+            name: image.into(),
             spec,
             size: size.into(),
             stripe_unit: stripe_unit.max(1),
@@ -184,7 +203,7 @@ impl RbdBackend {
     /// same disk, with no file and no coordination. A configured serial overrides the
     /// derived one (set it on every gateway alike).
     pub fn identity(&self, configured_serial: Option<&str>) -> Result<LunIdentity, RbdError> {
-        let (fsid, pool, id) = self.image.identity_key().map_err(|e| RbdError::Open {
+        let (fsid, pool, id) = self.image().identity_key().map_err(|e| RbdError::Open {
             spec: self.spec.clone(),
             step: "reading its ids",
             source: io::Error::from_raw_os_error(e),
@@ -195,6 +214,28 @@ impl RbdBackend {
                 reason: e.to_string(),
             }
         })
+    }
+
+    fn image(&self) -> Arc<ffi::Image> {
+        self.image
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reopen the image through `cluster` (a new connection after this client was
+    /// blocklisted) and serve through it from now on. Returns the old handle, for the
+    /// caller to drop where a slow close cannot hold up commands.
+    fn reopen(&self, cluster: Arc<ffi::Cluster>) -> Result<Arc<ffi::Image>, RbdError> {
+        let img = ffi::Image::open(cluster, &self.pool, &self.name).map_err(|(step, e)| {
+            RbdError::Open {
+                spec: self.spec.clone(),
+                step,
+                source: io::Error::from_raw_os_error(e),
+            }
+        })?;
+        let mut cur = self.image.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(std::mem::replace(&mut *cur, Arc::new(img)))
     }
 
     /// "POOL/IMAGE".
@@ -209,7 +250,7 @@ impl RbdBackend {
         if size <= self.size.load(Ordering::Acquire) {
             return Ok(());
         }
-        let actual = self.image.size().map_err(|e| RbdError::Open {
+        let actual = self.image().size().map_err(|e| RbdError::Open {
             spec: self.spec.clone(),
             step: "reading its size",
             source: io::Error::from_raw_os_error(e),
@@ -227,10 +268,12 @@ impl RbdBackend {
 
     /// librbd's errno as an I/O error, logged here with the image and the call (the
     /// device server logs only the error). A handle that can never work again (image
-    /// gone, client blocklisted) becomes ENODEV, which takes the LU offline (NOT READY);
-    /// a timeout or other failure stays a medium error until the device server's limit.
+    /// gone) becomes ENODEV, which takes the LU offline (NOT READY); a blocklisted
+    /// client stays ESHUTDOWN, which the LU answers NOT READY until the PR watcher has
+    /// reconnected; a timeout or other failure stays a medium error until the device
+    /// server's limit.
     fn err(&self, what: &str, errno: i32) -> io::Error {
-        let gone = matches!(errno, libc::ENOENT | libc::ESHUTDOWN | libc::ENODEV);
+        let gone = matches!(errno, libc::ENOENT | libc::ENODEV);
         let code = if gone { libc::ENODEV } else { errno };
         tracing::warn!(
             image = %self.spec,
@@ -264,7 +307,7 @@ impl BlockBackend for RbdBackend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.start(false, offset, buf.len() as u64)?;
         let n = self
-            .image
+            .image()
             .read(buf, offset)
             .map_err(|e| self.err("read", e))?;
         if n < buf.len() {
@@ -277,7 +320,7 @@ impl BlockBackend for RbdBackend {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.start(true, offset, buf.len() as u64)?;
         let n = self
-            .image
+            .image()
             .write(buf, offset)
             .map_err(|e| self.err("write", e))?;
         if n < buf.len() {
@@ -290,7 +333,7 @@ impl BlockBackend for RbdBackend {
         if backend::must_not_block() {
             return Err(backend::refuse_to_block());
         }
-        self.image.flush().map_err(|e| self.err("flush", e))
+        self.image().flush().map_err(|e| self.err("flush", e))
     }
 
     fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -301,7 +344,7 @@ impl BlockBackend for RbdBackend {
         let end = offset + len;
         while at < end {
             let n = (end - at).min(ZERO_CHUNK);
-            self.image
+            self.image()
                 .write_zeroes(at, n as usize)
                 .map_err(|e| self.err("write_zeroes", e))?;
             at += n;
@@ -315,7 +358,7 @@ impl BlockBackend for RbdBackend {
         // (GET LBA STATUS merges them).
         let window = (self.size() - offset).min(ZERO_CHUNK);
         let ext = self
-            .image
+            .image()
             .allocated_extents(offset, window, 1)
             .map_err(|e| self.err("diff_iterate", e))?;
         Ok(match ext.first() {
@@ -338,7 +381,7 @@ impl BlockBackend for RbdBackend {
             // compares and writes under its range lock.
             return Err(io::ErrorKind::Unsupported.into());
         }
-        match self.image.compare_and_write(verify, new, offset) {
+        match self.image().compare_and_write(verify, new, offset) {
             Ok(()) => Ok(None),
             // Ceph 16 reports no usable mismatch offset (always 0): find it by reading.
             // The device server holds the range lock, so through this gateway nothing
@@ -361,7 +404,7 @@ impl BlockBackend for RbdBackend {
             return Err(backend::refuse_to_block());
         }
         let owner = self
-            .image
+            .image()
             .lock_owner()
             .map_err(|e| self.err("lock_get_owners", e))?;
         Ok(match owner {
@@ -382,7 +425,7 @@ impl BlockBackend for RbdBackend {
         let end = offset + len;
         while at < end {
             let n = (end - at).min(step);
-            self.image
+            self.image()
                 .write_same(at, n as usize, pattern)
                 .map_err(|e| self.err("writesame", e))?;
             at += n;

@@ -8,7 +8,7 @@ use crate::scsi::lun::{CmdError, PrApply, SharedCommit, SharedPr};
 use crate::scsi::pr::{PrState, ProutEffects};
 use crate::scsi::sense::Sense;
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 /// How long a fenced gateway stays blocklisted: far longer than any restart, so its
@@ -72,19 +72,29 @@ impl GuardedObject for PrObject {
 /// [`SharedPr`] on a RADOS object: what an RBD LUN's PR OUT goes through.
 #[derive(Debug)]
 pub struct RbdSharedPr {
-    obj: Arc<PrObject>,
+    /// Replaced when the gateway reconnects after being blocklisted.
+    obj: RwLock<Arc<PrObject>>,
     notify_timeout: Duration,
-    own_gid: u64,
 }
 
 impl RbdSharedPr {
     pub fn new(obj: Arc<PrObject>, notify_timeout: Duration) -> RbdSharedPr {
-        let own_gid = obj.pool.cluster().instance_id();
         RbdSharedPr {
-            obj,
+            obj: RwLock::new(obj),
             notify_timeout,
-            own_gid,
         }
+    }
+
+    fn object(&self) -> Arc<PrObject> {
+        self.obj
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Go through `obj` (on a new connection) from now on.
+    pub fn replace_object(&self, obj: Arc<PrObject>) {
+        *self.obj.write().unwrap_or_else(PoisonError::into_inner) = obj;
     }
 
     /// Have every other gateway install committed state `seq` and apply `fx`; silent
@@ -102,11 +112,12 @@ impl RbdSharedPr {
     /// Notify the watchers and fence the silent ones. True: every other gateway
     /// installed the state or can no longer reach the image.
     fn notify_and_fence(&self, payload: &[u8]) -> bool {
+        let obj = self.object();
         let ms = self.notify_timeout.as_millis().max(1) as u64;
-        let (r, raw) = match self.obj.pool.notify(&self.obj.oid, payload, ms) {
+        let (r, raw) = match obj.pool.notify(&obj.oid, payload, ms) {
             Ok(x) => x,
             Err(e) => {
-                tracing::error!(object = %self.obj.oid, errno = e, "PR notify failed");
+                tracing::error!(object = %obj.oid, errno = e, "PR notify failed");
                 return false;
             }
         };
@@ -114,49 +125,50 @@ impl RbdSharedPr {
             return true;
         }
         let Some(reply) = pr_sync::parse_notify_reply(&raw) else {
-            tracing::error!(object = %self.obj.oid, "PR notify: unreadable reply");
+            tracing::error!(object = %obj.oid, "PR notify: unreadable reply");
             return false;
         };
         let mut fenced_all = true;
-        for gid in pr_sync::gateways_to_fence(&reply, self.own_gid) {
-            if let Err(e) = self.fence(gid) {
-                tracing::error!(object = %self.obj.oid, gid, error = %e,
+        let own_gid = obj.pool.cluster().instance_id();
+        for gid in pr_sync::gateways_to_fence(&reply, own_gid) {
+            if let Err(e) = fence(&obj, gid) {
+                tracing::error!(object = %obj.oid, gid, error = %e,
                     "cannot fence a gateway that did not acknowledge");
                 fenced_all = false;
             }
         }
-        if let Err(e) = self.obj.pool.cluster().wait_for_latest_osdmap() {
+        if let Err(e) = obj.pool.cluster().wait_for_latest_osdmap() {
             tracing::error!(errno = e, "waiting for the OSD map after fencing failed");
             return false;
         }
         fenced_all
     }
+}
 
-    /// Blocklist gateway `gid` by the address it published on the object.
-    fn fence(&self, gid: u64) -> Result<(), String> {
-        let name = pr_sync::address_xattr(gid);
-        let addr = match self.obj.pool.getxattr(&self.obj.oid, &name) {
-            Ok(Some(a)) => String::from_utf8_lossy(&a).into_owned(),
-            Ok(None) => return Err(format!("gateway client.{gid} published no address")),
-            Err(e) => return Err(format!("reading {name}: errno {e}")),
-        };
-        self.obj
-            .pool
-            .cluster()
-            .blocklist_add(&addr, BLOCKLIST_SECS)
-            .map_err(|e| format!("blocklisting {addr}: {}", io::Error::from_raw_os_error(e)))?;
-        tracing::warn!(gid, %addr, object = %self.obj.oid,
-            "gateway did not acknowledge the reservation change: blocklisted");
-        Ok(())
-    }
+/// Blocklist gateway `gid` by the address it published on `obj`.
+fn fence(obj: &PrObject, gid: u64) -> Result<(), String> {
+    let name = pr_sync::address_xattr(gid);
+    let addr = match obj.pool.getxattr(&obj.oid, &name) {
+        Ok(Some(a)) => String::from_utf8_lossy(&a).into_owned(),
+        Ok(None) => return Err(format!("gateway client.{gid} published no address")),
+        Err(e) => return Err(format!("reading {name}: errno {e}")),
+    };
+    obj.pool
+        .cluster()
+        .blocklist_add(&addr, BLOCKLIST_SECS)
+        .map_err(|e| format!("blocklisting {addr}: {}", io::Error::from_raw_os_error(e)))?;
+    tracing::warn!(gid, %addr, object = %obj.oid,
+        "gateway did not acknowledge the reservation change: blocklisted");
+    Ok(())
 }
 
 impl SharedPr for RbdSharedPr {
     fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError> {
-        let c = self.obj.update(apply).map_err(|e| match e {
+        let obj = self.object();
+        let c = obj.update(apply).map_err(|e| match e {
             UpdateError::Command(c) => c,
             other => {
-                tracing::error!(object = %self.obj.oid, error = %other, "PR OUT not committed");
+                tracing::error!(object = %obj.oid, error = %other, "PR OUT not committed");
                 CmdError::from(Sense::INTERNAL_TARGET_FAILURE)
             }
         })?;

@@ -3,19 +3,21 @@
 //! state) before it is acknowledged. A broken watch makes the LU answer NOT READY for
 //! commands subject to reservations until it is re-established and the state re-read.
 
-use super::ffi::{Pool, Watch, WatchEvent};
+use super::ffi::{Cluster, Pool, Watch, WatchEvent};
 use super::pr_object::{PrObject, RbdSharedPr};
 use super::pr_sync::{self, PrNotice};
-use super::{CephSettings, RbdError};
+use super::recovery::{Recovery, Step};
+use super::{CephSettings, RbdBackend, RbdError};
 use crate::scsi::lun::LogicalUnit;
 use crate::scsi::pr::{PrState, ProutEffects};
 use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How often the watcher checks that its LU still exists, and retries a broken watch.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the watcher checks that its LU still exists and whether a recovery
+/// attempt is due (the backoff's first wait is shorter than this).
+const RECOVERY_TICK: Duration = Duration::from_millis(100);
 /// How long the start-up probe waits for other gateways to answer.
 const PROBE_MS: u64 = 2000;
 
@@ -29,47 +31,22 @@ fn err(spec: &str, step: &'static str, e: i32) -> RbdError {
 
 /// Serve `lu`'s persistent reservations from the PR object of `pool/image`, shared with
 /// every gateway serving that image. Applies the start-up rule of
-/// [`pr_sync::state_at_start`] and keeps watching until `lu` is dropped.
+/// [`pr_sync::state_at_start`] and keeps watching until `lu` is dropped; when this
+/// client is blocklisted, reconnects (reopening `backend`'s image) and serves again.
 pub fn share_reservations(
     settings: &CephSettings,
     pool: &str,
     image: &str,
     lu: &Arc<LogicalUnit>,
+    backend: &Arc<RbdBackend>,
 ) -> Result<(), RbdError> {
     let spec = format!("{pool}/{image}");
     let cluster = super::connect(settings)?;
-    let gid = cluster.instance_id();
-    let addr = cluster
-        .address()
-        .map_err(|e| err(&spec, "reading the client address", e))?;
-    let open = |c| Pool::open(c, pool).map_err(|e| err(&spec, "opening the pool", e));
-    let cas = open(cluster.clone())?;
-    let obj = Arc::new(PrObject::new(Arc::new(open(cluster)?), cas, image));
-    let others = others_watching(&obj).map_err(|e| err(&spec, "probing other gateways", e))?;
-    // Publishing the address also creates the object (empty: the initial state), which
-    // a watch needs.
-    obj.pool
-        .setxattr(&obj.oid, &pr_sync::address_xattr(gid), addr.as_bytes())
-        .map_err(|e| err(&spec, "publishing the gateway address", e))?;
     let (tx, rx) = mpsc::channel();
-    let watch = obj
-        .pool
-        .watch(&obj.oid, 0, tx.clone())
-        .map_err(|e| err(&spec, "watching the PR object", e))?;
-    let mut at_start = |cur: &PrState| {
-        Ok(match pr_sync::state_at_start(cur, others) {
-            Some(s) => (
-                s,
-                ProutEffects {
-                    changed: true,
-                    ..Default::default()
-                },
-            ),
-            None => (cur.clone(), ProutEffects::default()),
-        })
-    };
+    let (obj, watch, others) = open_session(cluster, pool, image, &tx, &mut others_watching)
+        .map_err(|(step, e)| err(&spec, step, e))?;
     let c = obj
-        .update(&mut at_start)
+        .update(&mut |cur: &PrState| Ok(start_state(cur, others)))
         .map_err(|e| err(&spec, "reading the PR object", e.errno()))?;
     tracing::info!(image = %spec, others_serving = others, cleared = c.effects.changed,
         registrations = c.state.registrations.len(), "shared persistent reservations");
@@ -78,13 +55,18 @@ pub fn share_reservations(
         tracing::warn!(image = %spec, "a silent gateway could not be fenced after clearing");
     }
     lu.install_shared_pr(c.seq, c.state, &ProutEffects::default(), None);
-    lu.set_shared_pr(shared);
+    lu.set_shared_pr(shared.clone());
     let w = Watcher {
         obj,
         lu: Arc::downgrade(lu),
-        gid,
         tx,
         watch: Some(watch),
+        recovery: Recovery::default(),
+        settings: settings.clone(),
+        pool: pool.into(),
+        image: image.into(),
+        backend: Arc::downgrade(backend),
+        shared,
     };
     std::thread::Builder::new()
         .name("holdfast-pr-watch".into())
@@ -95,6 +77,50 @@ pub fn share_reservations(
             source: e,
         })?;
     Ok(())
+}
+
+/// The start-up rule as a PR update: the state to write, or the stored one unchanged.
+fn start_state(cur: &PrState, others: bool) -> (PrState, ProutEffects) {
+    match pr_sync::state_at_start(cur, others) {
+        Some(s) => (
+            s,
+            ProutEffects {
+                changed: true,
+                ..Default::default()
+            },
+        ),
+        None => (cur.clone(), ProutEffects::default()),
+    }
+}
+
+type StepError = (&'static str, i32);
+
+/// On `cluster`: the PR object of `image`, `probe`'s answer (asked before this gateway
+/// watches), this client's address published on the object (which also creates it,
+/// empty: the initial state; a watch needs it) and the watch.
+fn open_session<T>(
+    cluster: Arc<Cluster>,
+    pool: &str,
+    image: &str,
+    tx: &Sender<WatchEvent>,
+    probe: &mut dyn FnMut(&PrObject) -> Result<T, i32>,
+) -> Result<(Arc<PrObject>, Watch, T), StepError> {
+    let gid = cluster.instance_id();
+    let addr = cluster
+        .address()
+        .map_err(|e| ("reading the client address", e))?;
+    let open = |c| Pool::open(c, pool).map_err(|e| ("opening the pool", e));
+    let cas = open(cluster.clone())?;
+    let obj = Arc::new(PrObject::new(Arc::new(open(cluster)?), cas, image));
+    let probed = probe(&obj).map_err(|e| ("probing other gateways", e))?;
+    obj.pool
+        .setxattr(&obj.oid, &pr_sync::address_xattr(gid), addr.as_bytes())
+        .map_err(|e| ("publishing the gateway address", e))?;
+    let watch = obj
+        .pool
+        .watch(&obj.oid, 0, tx.clone())
+        .map_err(|e| ("watching the PR object", e))?;
+    Ok((obj, watch, probed))
 }
 
 /// Whether another gateway serves the image now (a probe notify its watchers ack;
@@ -125,15 +151,22 @@ impl pr_sync::UpdateError {
 struct Watcher {
     obj: Arc<PrObject>,
     lu: Weak<LogicalUnit>,
-    gid: u64,
     tx: Sender<WatchEvent>,
     watch: Option<Watch>,
+    recovery: Recovery,
+    /// What a reconnect needs: where to connect, the image to reopen, the PR OUT path
+    /// to move to the new connection.
+    settings: CephSettings,
+    pool: String,
+    image: String,
+    backend: Weak<RbdBackend>,
+    shared: Arc<RbdSharedPr>,
 }
 
 impl Watcher {
     fn run(mut self, rx: Receiver<WatchEvent>) {
         loop {
-            let ev = rx.recv_timeout(TICK);
+            let ev = rx.recv_timeout(RECOVERY_TICK);
             let Some(lu) = self.lu.upgrade() else { break };
             match ev {
                 Ok(WatchEvent::Notify {
@@ -148,64 +181,134 @@ impl Watcher {
                     }
                 }
                 Ok(WatchEvent::Error { cookie, errno }) => {
-                    let current = self.watch.as_ref().is_some_and(|w| w.cookie() == cookie);
-                    if current {
+                    if self.watch.as_ref().is_some_and(|w| w.cookie() == cookie) {
                         tracing::warn!(object = %self.obj.oid, errno, "PR watch lost");
-                        lu.set_pr_stale(true);
-                        self.watch = None;
+                        self.lose(&lu, errno);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.watch.is_none() {
-                self.rewatch(&lu);
+            // Image I/O that found this client blocklisted marked the LU stale itself.
+            if lu.is_pr_stale() && !self.recovery.is_lost() {
+                tracing::warn!(object = %self.obj.oid, "image I/O refused: reconnecting");
+                self.lose(&lu, super::recovery::EBLOCKLISTED);
+            }
+            if let Some(step) = self.recovery.due(Instant::now()) {
+                self.attempt(&lu, step);
+            }
+        }
+    }
+
+    fn lose(&mut self, lu: &LogicalUnit, errno: i32) {
+        lu.set_pr_stale(true);
+        self.watch = None;
+        self.recovery.lost(errno, Instant::now());
+    }
+
+    /// One recovery attempt; only a complete one makes the LU ready again.
+    fn attempt(&mut self, lu: &LogicalUnit, step: Step) {
+        let t0 = Instant::now();
+        let r = match step {
+            Step::Rewatch => self.rewatch(lu),
+            Step::Reconnect => self.reconnect(lu),
+        };
+        match r {
+            Ok(()) => {
+                self.recovery.recovered();
+                lu.set_pr_stale(false);
+                tracing::info!(object = %self.obj.oid, ?step, took = ?t0.elapsed(),
+                    "PR watch re-established and state re-read: serving again");
+            }
+            Err((what, errno)) => {
+                self.watch = None;
+                let unit = jitter();
+                self.recovery.failed(step, errno, Instant::now(), unit);
+                tracing::warn!(object = %self.obj.oid, ?step, what, errno,
+                    "PR watch recovery failed; retrying");
             }
         }
     }
 
     /// Install a notice from another gateway (ours are installed by the PR OUT itself;
     /// an empty payload is a start-up probe).
-    fn on_notify(&self, lu: &LogicalUnit, notifier: u64, payload: &[u8]) {
-        if notifier == self.gid || payload.is_empty() {
+    fn on_notify(&mut self, lu: &LogicalUnit, notifier: u64, payload: &[u8]) {
+        if notifier == self.obj.pool.cluster().instance_id() || payload.is_empty() {
             return;
         }
         match PrNotice::decode(payload) {
             Some(n) => lu.install_shared_pr(n.seq, n.state.clone(), &n.effects(), None),
             None => {
                 tracing::warn!(object = %self.obj.oid, "unreadable PR notice: re-reading");
-                self.reload(lu);
-            }
-        }
-    }
-
-    /// Re-read the committed state and install it. False if it could not be read.
-    fn reload(&self, lu: &LogicalUnit) -> bool {
-        match self.obj.read_state() {
-            Ok((seq, st)) => {
-                lu.install_shared_pr(seq, st, &ProutEffects::default(), None);
-                true
-            }
-            Err(e) => {
-                tracing::warn!(object = %self.obj.oid, error = %e, "cannot re-read PR state");
-                false
-            }
-        }
-    }
-
-    /// Re-establish the watch, then re-read: only then is the LU ready again. A
-    /// blocklisted client never gets its watch back (it needs a new connection).
-    fn rewatch(&mut self, lu: &LogicalUnit) {
-        match self.obj.pool.watch(&self.obj.oid, 0, self.tx.clone()) {
-            Ok(w) => {
-                self.watch = Some(w);
-                if self.reload(lu) {
-                    lu.set_pr_stale(false);
-                } else {
-                    self.watch = None;
+                if let Err((what, errno)) = self.reload(lu) {
+                    tracing::warn!(object = %self.obj.oid, what, errno, "PR state unknown");
+                    self.lose(lu, errno);
                 }
             }
-            Err(e) => tracing::debug!(object = %self.obj.oid, errno = e, "PR re-watch failed"),
         }
     }
+
+    /// Re-read the committed state and install it.
+    fn reload(&self, lu: &LogicalUnit) -> Result<(), StepError> {
+        let (seq, st) = self.obj.read_state().map_err(|e| {
+            (
+                "re-reading the PR state",
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        })?;
+        lu.install_shared_pr(seq, st, &ProutEffects::default(), None);
+        Ok(())
+    }
+
+    /// Re-establish the watch on the current connection, then re-read.
+    fn rewatch(&mut self, lu: &LogicalUnit) -> Result<(), StepError> {
+        let w = self
+            .obj
+            .pool
+            .watch(&self.obj.oid, 0, self.tx.clone())
+            .map_err(|e| ("watching the PR object", e))?;
+        self.watch = Some(w);
+        self.reload(lu)
+    }
+
+    /// A new connection (this client was blocklisted): reopen the image, publish the
+    /// new address, watch, re-read; then PR OUT goes through the new connection too.
+    fn reconnect(&mut self, lu: &LogicalUnit) -> Result<(), StepError> {
+        let dead = self.obj.pool.cluster_arc();
+        let cluster = super::connect_replacing(&self.settings, Some(&dead))
+            .map_err(|_| ("connecting anew", libc::ENOTCONN))?;
+        let (obj, watch, ()) = open_session(
+            cluster.clone(),
+            &self.pool,
+            &self.image,
+            &self.tx,
+            &mut |_| Ok(()),
+        )?;
+        self.obj = obj.clone();
+        self.watch = Some(watch);
+        // Install first: that waits out every command admitted under the old state
+        // (they fail on the old handle), so none of them can reach the new one.
+        self.reload(lu)?;
+        if let Some(b) = self.backend.upgrade() {
+            let old = b
+                .reopen(cluster)
+                .map_err(|_| ("reopening the image", libc::EIO))?;
+            // Closing a blocklisted client's image may wait on the cluster: not here.
+            let _ = std::thread::Builder::new()
+                .name("holdfast-rbd-close".into())
+                .spawn(move || drop(old));
+        }
+        self.shared.replace_object(obj);
+        Ok(())
+    }
+}
+
+/// Jitter in [0, 1) for the backoff, from the clock (no RNG needed for spreading
+/// retries of gateways that lost their connections together).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
 }
