@@ -80,6 +80,29 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (utime + stime, all threads) a process has used so far; `None` for self.
+fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let p = match pid {
+        Some(pid) => procfs::process::Process::new(pid as i32).ok()?,
+        None => procfs::process::Process::myself().ok()?,
+    };
+    let st = p.stat().ok()?;
+    Some((st.utime + st.stime) as f64 / procfs::ticks_per_second() as f64)
+}
+
+/// CPU µs per I/O of the target and of this client over a step: which side bounds it.
+fn report_cpu(target_pid: Option<u32>, before: (Option<f64>, Option<f64>), ios: usize) {
+    let per_io = |pid, b: Option<f64>| match (b, cpu_secs(pid)) {
+        (Some(b), Some(a)) if ios > 0 => format!("{:.1}", (a - b) * 1e6 / ios as f64),
+        _ => "?".into(),
+    };
+    println!(
+        "  CPU us per I/O: target {}  client (this process) {}",
+        per_io(target_pid, before.0),
+        per_io(None, before.1)
+    );
+}
+
 fn pct(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -323,8 +346,11 @@ async fn main() -> anyhow::Result<()> {
             a.secs
         );
         let sampler = sample_rss(a.target_pid, Duration::from_secs(a.secs));
+        let cpu_before = (a.target_pid.and_then(|p| cpu_secs(Some(p))), cpu_secs(None));
         let per_session = run_io(&a, &sessions, &caps).await?;
         let p99_us = report_step(&per_session);
+        let ios = per_session.iter().map(|(l, _)| l.len()).sum();
+        report_cpu(a.target_pid, cpu_before, ios);
         if let (Some(pid), Some(s)) = (a.target_pid, sampler) {
             println!(
                 "  target VmRSS MiB: idle {}  logged in {}  peak during I/O {}  VmHWM {}",

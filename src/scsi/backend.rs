@@ -1,5 +1,6 @@
 //! What the device server needs from a block store. Implemented in `crate::store`.
 
+use bytes::BytesMut;
 use std::io;
 
 /// Byte-addressed backing store of one logical unit. Calls block; the transport runs
@@ -9,6 +10,14 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// Fill `buf` from `offset`; holes read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// `len` bytes from `offset` in a new buffer (what a READ sends). The default zeroes
+    /// a buffer and calls [`BlockBackend::read_at`]; a store that can read into
+    /// uninitialised memory overrides it (zeroing cost 12 % of a 1 MiB read's CPU).
+    fn read_buf(&self, len: usize, offset: u64) -> io::Result<BytesMut> {
+        let mut buf = BytesMut::zeroed(len);
+        self.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
     /// Write all of `buf` at `offset`. Not durable until [`BlockBackend::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable (fdatasync).

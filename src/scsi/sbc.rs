@@ -78,11 +78,9 @@ fn write_data<'a>(lu: &LogicalUnit, req: &'a Request) -> Result<Option<WriteData
 /// Read `blocks` from `lba` into one buffer (the only allocation of a READ).
 fn read_blocks(lu: &LogicalUnit, lba: u64, blocks: u64) -> Result<BytesMut, Sense> {
     let bs = lu.block_size();
-    let mut buf = BytesMut::zeroed((blocks * bs) as usize);
     lu.backend()
-        .read_at(&mut buf, lba * bs)
-        .map_err(|e| lu.io_error(&e, "read", false))?;
-    Ok(buf)
+        .read_buf((blocks * bs) as usize, lba * bs)
+        .map_err(|e| lu.io_error(&e, "read", false))
 }
 
 fn write_bytes(lu: &LogicalUnit, lba: u64, data: &[u8]) -> Result<(), Sense> {

@@ -2,6 +2,7 @@
 
 use super::{check_range, StoreError};
 use crate::scsi::backend::{self, BlockBackend};
+use bytes::BytesMut;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -213,6 +214,44 @@ impl FileBackend {
 impl FileBackend {
     /// Read only what the page cache holds (preadv2 RWF_NOWAIT); anything that would wait
     /// for the device, including a short read, is refused as a whole.
+    /// `len` bytes at `offset` into a new buffer that is never zeroed: its length only
+    /// grows over what the kernel wrote. Without waiting when `must_not_block` (as
+    /// [`FileBackend::read_cached`]: anything but the whole range at once refuses).
+    fn read_uninit(&self, len: usize, offset: u64) -> io::Result<BytesMut> {
+        let nowait = backend::must_not_block();
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        let mut buf = BytesMut::with_capacity(len);
+        while buf.len() < len {
+            let done = buf.len();
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let spare = &mut buf.spare_capacity_mut()[..len - done];
+            let iov = libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len(),
+            };
+            // SAFETY: one iovec over spare capacity of `buf` (`len - done` bytes, within
+            // its allocation), which outlives the call; the kernel only writes there.
+            let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, flags) };
+            match r {
+                _ if nowait && (r < 0 || r as usize != len) => {
+                    return Err(backend::refuse_to_block())
+                }
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                r if r < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                // SAFETY: the kernel initialised the first `r` (≤ `len - done`) bytes
+                // of the spare capacity.
+                r => unsafe { buf.set_len(done + r as usize) },
+            }
+        }
+        Ok(buf)
+    }
+
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -254,6 +293,11 @@ impl BlockBackend for FileBackend {
             return self.read_cached(buf, offset);
         }
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_buf(&self, len: usize, offset: u64) -> io::Result<BytesMut> {
+        check_range(self.size(), offset, len as u64)?;
+        self.read_uninit(len, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -381,6 +425,31 @@ mod tests {
         // Outside without_blocking nothing is refused.
         b.flush().unwrap();
         assert!(!crate::scsi::backend::must_not_block());
+    }
+
+    #[test]
+    fn read_buf_returns_data_holes_and_bounds_without_zeroing() {
+        use crate::scsi::backend::without_blocking;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, b) = open_new(&dir, 4 * MIB);
+        let data: Vec<u8> = (0..(MIB + 4096) as u32).map(|i| (i % 253) as u8).collect();
+        b.write_at(&data, MIB).unwrap();
+        // Data, a range ending in a hole, and 1 MiB (several pages of uninitialised
+        // capacity filled by one call).
+        assert_eq!(&b.read_buf(8192, MIB).unwrap()[..], &data[..8192]);
+        assert_eq!(&b.read_buf(data.len(), MIB).unwrap()[..], &data[..]);
+        let tail = b.read_buf(8192, 2 * MIB).unwrap();
+        assert_eq!(&tail[..4096], &data[MIB as usize..]);
+        assert!(
+            tail[4096..].iter().all(|&x| x == 0),
+            "a hole reads as zeros"
+        );
+        assert!(b.read_buf(0, 0).unwrap().is_empty());
+        assert!(b.read_buf(4096, 4 * MIB - 2048).is_err(), "past the end");
+        // Cached data without blocking: the same bytes (where RWF_NOWAIT is supported).
+        if let Some(r) = without_blocking(|| b.read_buf(4096, MIB + 4096)) {
+            assert_eq!(&r.unwrap()[..], &data[4096..8192]);
+        }
     }
 
     #[test]
