@@ -493,13 +493,13 @@ impl LogicalUnit {
         let _ = self.shared_pr.set(shared);
     }
 
-    /// Mark the shared state possibly stale (true: commands subject to reservations get
-    /// NOT READY) or fresh again after it was re-read and installed.
     /// Whether the shared state may be out of date (commands answer NOT READY).
     pub fn is_pr_stale(&self) -> bool {
         self.pr_stale.load(Ordering::Acquire)
     }
 
+    /// Mark the shared state possibly stale (true: commands subject to reservations get
+    /// NOT READY) or fresh again after it was re-read and installed.
     pub fn set_pr_stale(&self, stale: bool) {
         if self.pr_stale.swap(stale, Ordering::AcqRel) != stale {
             tracing::warn!(stale, serial = %self.settings.serial, "shared reservation state");

@@ -212,8 +212,6 @@ impl FileBackend {
 }
 
 impl FileBackend {
-    /// Read only what the page cache holds (preadv2 RWF_NOWAIT); anything that would wait
-    /// for the device, including a short read, is refused as a whole.
     /// `len` bytes at `offset` into a new buffer that is never zeroed: its length only
     /// grows over what the kernel wrote. Without waiting when `must_not_block` (as
     /// [`FileBackend::read_cached`]: anything but the whole range at once refuses).
@@ -252,6 +250,8 @@ impl FileBackend {
         Ok(buf)
     }
 
+    /// Read only what the page cache holds (preadv2 RWF_NOWAIT); anything that would wait
+    /// for the device, including a short read, is refused as a whole.
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
