@@ -216,6 +216,45 @@ async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
     }
 }
 
+/// The gateway holding the image's exclusive lock is killed: the other one's next write
+/// stalls behind the dead holder's lock, so it probes the gateways on the PR object and
+/// blocklists the silent one; the OSDs drop the dead client's watches, librbd breaks its
+/// lock and the write completes (without the probe it would wait for Ceph's watch
+/// timeout, 30 s by default). The elapsed time is printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lock_holder_is_fenced_so_the_survivor_takes_the_lock() {
+    let spec = image("deadholder", 16);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ga = start_gateway(dir.path(), &spec, 1, 2, Ipv4Addr::new(127, 0, 0, 15));
+    let gb = start_gateway(dir.path(), &spec, 2, 1, Ipv4Addr::new(127, 0, 0, 16));
+    let (a, b) = (login(&ga).await, login(&gb).await);
+    write(&a, 1).await;
+    expect_states(&a, &b, 1).await;
+
+    drop(a);
+    drop(ga); // SIGKILL while it holds the lock
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), write(&b, 2))
+        .await
+        .expect("the survivor's write completes");
+    let took = t0.elapsed();
+    eprintln!("write through the survivor completed {took:?} after the holder died");
+
+    let log = std::fs::read_to_string(&gb.log).unwrap_or_default();
+    assert!(
+        log.contains("probing the gateways") && log.contains("blocklisted"),
+        "the survivor probed and fenced the dead holder: {log}"
+    );
+    let state = port_groups(&b).await;
+    assert_eq!(
+        state[1],
+        (2, AO, vec![2]),
+        "the survivor holds the lock: {state:?}"
+    );
+    let back = b.read16(0, 8, 8, BLOCK).await.expect("read");
+    assert_eq!(&back[..], &[2u8; 4096][..]);
+}
+
 /// The README's gateway configs ("When one storage box is not enough") validate, and
 /// describe two gateways of one image with distinct groups and tpgts.
 #[test]

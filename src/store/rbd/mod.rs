@@ -9,6 +9,7 @@ mod pr_object;
 mod pr_sync;
 mod pr_watch;
 mod recovery;
+mod stall;
 
 pub use pr_watch::share_reservations;
 
@@ -135,6 +136,8 @@ pub struct RbdBackend {
     /// RBD's atomic compare-and-write works within one stripe unit (object).
     stripe_unit: u64,
     read_only: bool,
+    /// Calls in flight and completed: the PR watcher tells a stall from them.
+    progress: stall::IoProgress,
 }
 
 impl std::fmt::Debug for RbdBackend {
@@ -195,6 +198,7 @@ impl RbdBackend {
             size: size.into(),
             stripe_unit: stripe_unit.max(1),
             read_only,
+            progress: stall::IoProgress::default(),
         })
     }
 
@@ -285,7 +289,8 @@ impl RbdBackend {
         io::Error::from_raw_os_error(code)
     }
 
-    fn start(&self, write: bool, offset: u64, len: u64) -> io::Result<()> {
+    /// Checks before a call; the guard counts it in flight until dropped.
+    fn start(&self, write: bool, offset: u64, len: u64) -> io::Result<stall::InFlight<'_>> {
         if backend::must_not_block() {
             return Err(backend::refuse_to_block());
         }
@@ -295,7 +300,8 @@ impl RbdBackend {
                 "read-only LUN",
             ));
         }
-        super::check_range(self.size(), offset, len)
+        super::check_range(self.size(), offset, len)?;
+        Ok(self.progress.begin())
     }
 }
 
@@ -305,7 +311,7 @@ impl BlockBackend for RbdBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.start(false, offset, buf.len() as u64)?;
+        let _io = self.start(false, offset, buf.len() as u64)?;
         let n = self
             .image()
             .read(buf, offset)
@@ -318,7 +324,7 @@ impl BlockBackend for RbdBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.start(true, offset, buf.len() as u64)?;
+        let _io = self.start(true, offset, buf.len() as u64)?;
         let n = self
             .image()
             .write(buf, offset)
@@ -333,11 +339,12 @@ impl BlockBackend for RbdBackend {
         if backend::must_not_block() {
             return Err(backend::refuse_to_block());
         }
+        let _io = self.progress.begin();
         self.image().flush().map_err(|e| self.err("flush", e))
     }
 
     fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.start(true, offset, len)?;
+        let _io = self.start(true, offset, len)?;
         // write_zeroes, not discard: librbd skips the unaligned parts of a discard, but
         // LBPRZ promises zeros; write_zeroes removes whole objects and zeroes the rest.
         let mut at = offset;
@@ -353,7 +360,7 @@ impl BlockBackend for RbdBackend {
     }
 
     fn allocation_at(&self, offset: u64) -> io::Result<(bool, u64)> {
-        self.start(false, offset, 1)?;
+        let _io = self.start(false, offset, 1)?;
         // Look at most one window ahead: a long hole is reported in window-sized runs
         // (GET LBA STATUS merges them).
         let window = (self.size() - offset).min(ZERO_CHUNK);
@@ -371,7 +378,7 @@ impl BlockBackend for RbdBackend {
     }
 
     fn compare_and_write(&self, verify: &[u8], new: &[u8], offset: u64) -> io::Result<Option<u64>> {
-        self.start(true, offset, new.len() as u64)?;
+        let _io = self.start(true, offset, new.len() as u64)?;
         let len = new.len() as u64;
         if len == 0 {
             return Ok(None);
@@ -416,7 +423,7 @@ impl BlockBackend for RbdBackend {
     }
 
     fn write_same(&self, pattern: &[u8], offset: u64, len: u64) -> io::Result<()> {
-        self.start(true, offset, len)?;
+        let _io = self.start(true, offset, len)?;
         if pattern.is_empty() || len % pattern.len() as u64 != 0 {
             return Err(io::ErrorKind::InvalidInput.into());
         }

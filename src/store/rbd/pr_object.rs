@@ -109,6 +109,13 @@ impl RbdSharedPr {
         self.notify_and_fence(&notice.encode())
     }
 
+    /// Probe the other gateways (an empty notice: acknowledged, nothing installed) and
+    /// fence the silent ones, whose watches the OSDs then drop at once (see
+    /// `stall.rs`). True: every other gateway answered or is fenced.
+    pub fn fence_silent(&self) -> bool {
+        self.notify_and_fence(b"")
+    }
+
     /// Notify the watchers and fence the silent ones. True: every other gateway
     /// installed the state or can no longer reach the image.
     fn notify_and_fence(&self, payload: &[u8]) -> bool {
@@ -158,7 +165,7 @@ fn fence(obj: &PrObject, gid: u64) -> Result<(), String> {
         .blocklist_add(&addr, BLOCKLIST_SECS)
         .map_err(|e| format!("blocklisting {addr}: {}", io::Error::from_raw_os_error(e)))?;
     tracing::warn!(gid, %addr, object = %obj.oid,
-        "gateway did not acknowledge the reservation change: blocklisted");
+        "gateway did not acknowledge a notice on the PR object: blocklisted");
     Ok(())
 }
 

@@ -7,10 +7,13 @@ use super::ffi::{Cluster, Pool, Watch, WatchEvent};
 use super::pr_object::{PrObject, RbdSharedPr};
 use super::pr_sync::{self, PrNotice};
 use super::recovery::{Recovery, Step};
+use super::stall::StallDetector;
 use super::{CephSettings, RbdBackend, RbdError};
+use crate::scsi::backend::{BlockBackend, ExclusiveLock};
 use crate::scsi::lun::LogicalUnit;
 use crate::scsi::pr::{PrState, ProutEffects};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -67,6 +70,8 @@ pub fn share_reservations(
         image: image.into(),
         backend: Arc::downgrade(backend),
         shared,
+        stall: StallDetector::default(),
+        probing: Arc::default(),
     };
     std::thread::Builder::new()
         .name("holdfast-pr-watch".into())
@@ -161,6 +166,10 @@ struct Watcher {
     image: String,
     backend: Weak<RbdBackend>,
     shared: Arc<RbdSharedPr>,
+    stall: StallDetector,
+    /// A stall probe is running (on its own thread: it may wait `notify_timeout`, and
+    /// this thread must keep acknowledging other gateways' notices meanwhile).
+    probing: Arc<AtomicBool>,
 }
 
 impl Watcher {
@@ -197,6 +206,37 @@ impl Watcher {
             if let Some(step) = self.recovery.due(Instant::now()) {
                 self.attempt(&lu, step);
             }
+            self.check_stall();
+        }
+    }
+
+    /// Image I/O stalled: if another gateway holds the exclusive lock, probe the
+    /// gateways and fence a silent one (a dead holder would keep the lock until the
+    /// OSDs time its watch out).
+    fn check_stall(&mut self) {
+        let Some(b) = self.backend.upgrade() else {
+            return;
+        };
+        let due = self
+            .stall
+            .handle_sample(Instant::now(), b.progress.sample());
+        if !due || self.recovery.is_lost() || self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (shared, probing) = (self.shared.clone(), self.probing.clone());
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-rbd-probe".into())
+            .spawn(move || {
+                if matches!(b.exclusive_lock(), Ok(ExclusiveLock::HeldElsewhere)) {
+                    tracing::warn!(image = %b.spec(), "image I/O stalled while another gateway \
+                        holds the exclusive lock: probing the gateways, fencing a silent one");
+                    let answered = shared.fence_silent();
+                    tracing::info!(image = %b.spec(), answered_or_fenced = answered, "probe done");
+                }
+                probing.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.probing.store(false, Ordering::Release);
         }
     }
 
