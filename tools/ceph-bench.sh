@@ -95,6 +95,19 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
 fi
 [ -x "$HOLDFAST_BIN" ] || die "$HOLDFAST_BIN missing"
 
+# kill_below PID: TERM to every process below PID, deepest first: at exit, the bench
+# clients still running (`timeout` puts each in a process group of its own, so neither a
+# terminal's ^C nor the exit trap would reach them, and they would wait out CASE_TIMEOUT
+# against a cluster already gone)
+kill_below() {
+  local p
+  for p in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    kill_below "$p"
+    kill -TERM "$p" 2>/dev/null || true
+  done
+}
+on_exit kill_below $$
+
 make_tmpdir
 RES=$HF_TMP/results.txt   # round case mode ios seconds gw_cpu_ticks all_cpu_ticks
 : >"$RES"
