@@ -191,6 +191,15 @@ async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
     // ...and a write through gateway 1 moves both back (the implicit transition).
     write(&a, 2).await;
     expect_states(&a, &b, 1).await;
+    // A SYNCHRONIZE CACHE through the non-optimized path leaves the lock where it is
+    // (every acknowledged write is already in RADOS; librbd's flush would take the lock).
+    b.synchronize_cache(0)
+        .await
+        .expect("SYNCHRONIZE CACHE through gateway 2");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = (port_groups(&a).await, port_groups(&b).await);
+    assert_eq!(still.0[0].1, AO, "a flush moved the lock: {still:?}");
+    assert_eq!(still.1[0].1, AO, "a flush moved the lock: {still:?}");
     let back = b
         .read16(0, 8, 8, BLOCK)
         .await
