@@ -17,35 +17,77 @@ pub fn cluster() -> &'static Path {
 }
 
 fn start_cluster() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("holdfast-ceph-{}", std::process::id()));
-    let log = std::fs::File::create(format!("{}.log", dir.display())).map_err(|e| e.to_string())?;
+    up(&dir)?;
+    Ok(dir)
+}
+
+/// tools/ceph-up.sh DIR, torn down by its watchdog when this process exits.
+fn up(dir: &Path) -> Result<(), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let log_path = format!("{}.log", dir.display());
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     // status(), not output(): the daemons it starts may keep inherited pipes open.
     let st = Command::new(root.join("tools/ceph-up.sh"))
-        .arg(&dir)
+        .arg(dir)
         .env("CEPH_OWNER_PID", std::process::id().to_string())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
         .status()
         .map_err(|e| format!("tools/ceph-up.sh: {e}"))?;
     if !st.success() {
-        let text = std::fs::read_to_string(format!("{}.log", dir.display())).unwrap_or_default();
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
         return Err(format!(
             "tools/ceph-up.sh failed ({st}): {}",
             tail.join(" | ")
         ));
     }
-    let _ = std::fs::remove_file(format!("{}.log", dir.display()));
-    Ok(dir)
+    let _ = std::fs::remove_file(&log_path);
+    Ok(())
+}
+
+/// A cluster of one test's own, for faults the shared one must not see (killing an
+/// OSD); stopped when dropped.
+pub struct OwnCluster {
+    pub dir: PathBuf,
+}
+
+impl OwnCluster {
+    pub fn start(name: &str) -> OwnCluster {
+        let dir = std::env::temp_dir().join(format!("holdfast-ceph-{name}-{}", std::process::id()));
+        up(&dir).unwrap_or_else(|e| panic!("no Ceph cluster for {name}: {e}"));
+        OwnCluster { dir }
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("ceph.conf")
+    }
+
+    /// `rbd ARGS` on this cluster; stdout.
+    pub fn rbd(&self, args: &[&str]) -> String {
+        run_rbd(&self.conf(), args)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(root.join("tools/ceph-down.sh"))
+            .arg(&self.dir)
+            .status();
+    }
 }
 
 /// `rbd ARGS` as client.admin on the test cluster; stdout.
 pub fn rbd(args: &[&str]) -> String {
-    let conf = cluster().join("ceph.conf");
+    run_rbd(&cluster().join("ceph.conf"), args)
+}
+
+fn run_rbd(conf: &Path, args: &[&str]) -> String {
     let out = Command::new("rbd")
         .arg("-c")
-        .arg(&conf)
+        .arg(conf)
         .args(args)
         .output()
         .expect("run rbd");

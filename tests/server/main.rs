@@ -22,6 +22,7 @@ mod quorum_fuzz_seeds;
 mod rbd;
 mod rbd_fence_scsi;
 mod rbd_multipath;
+mod rbd_osd;
 mod rbd_pr;
 mod readme_config;
 mod reload;

@@ -37,7 +37,6 @@ struct Api {
         *mut u64,
         c_int,
     ) -> isize,
-    rbd_flush: unsafe extern "C" fn(Handle) -> c_int,
     rbd_diff_iterate2:
         unsafe extern "C" fn(Handle, *const c_char, u64, u64, u8, u8, DiffCb, *mut c_void) -> c_int,
     // --- ALUA and shared identity: begin ---
@@ -160,7 +159,6 @@ fn load() -> Result<Api, LoadError> {
             rbd_write_zeroes: sym(rbd, c"rbd_write_zeroes")?,
             rbd_writesame: sym(rbd, c"rbd_writesame")?,
             rbd_compare_and_write: sym(rbd, c"rbd_compare_and_write")?,
-            rbd_flush: sym(rbd, c"rbd_flush")?,
             rbd_diff_iterate2: sym(rbd, c"rbd_diff_iterate2")?,
             // --- ALUA and shared identity: begin ---
             rados_cluster_fsid: sym(rados, c"rados_cluster_fsid")?,
@@ -347,7 +345,8 @@ impl Image {
         })
     }
 
-    /// Durable only after [`Image::flush`] (FUA is a flush in the device server).
+    /// Returns once every replica has committed the data (the gateway runs with librbd's
+    /// cache off), so an acknowledged write is durable without a flush.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<usize, i32> {
         // SAFETY: buf is valid for buf.len() bytes for the whole (synchronous) call.
         check_len(unsafe {
@@ -401,11 +400,6 @@ impl Image {
             )
         };
         check_len(r).map(|_| ()).map_err(|e| (e, mismatch))
-    }
-
-    pub fn flush(&self) -> Result<(), i32> {
-        // SAFETY: open image.
-        check(unsafe { (self.api.rbd_flush)(self.h) })
     }
 
     /// Allocated extents (offset, len) intersecting `[offset, offset+len)`, in order,
