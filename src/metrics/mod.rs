@@ -4,6 +4,7 @@
 //! ([`http`]). Every series is named `holdfast_*`.
 
 pub mod agent;
+pub mod ceph;
 pub mod histogram;
 pub mod http;
 pub mod target;

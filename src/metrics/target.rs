@@ -252,6 +252,7 @@ impl TargetMetrics {
 
     fn register_process_wide(&mut self) {
         let r = &mut self.registry;
+        super::ceph::get().register(r);
         r.register(
             "holdfast_logins",
             "Logins that completed",

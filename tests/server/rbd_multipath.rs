@@ -4,6 +4,7 @@
 //! lock as writes move it. The cluster is ceph_fixture.rs's throwaway one.
 
 use crate::ceph_fixture::{cluster, image};
+use crate::common::metrics::{samples, scrape, value};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, Session};
@@ -19,6 +20,8 @@ const ANO: u8 = 1;
 struct Gateway {
     child: Child,
     addr: SocketAddr,
+    /// Its Prometheus endpoint.
+    metrics: SocketAddr,
     log: PathBuf,
 }
 
@@ -39,11 +42,12 @@ fn free_addr(ip: Ipv4Addr) -> SocketAddr {
 /// Gateway `group` (tpgt = port group = `group`) on `ip`, with `peer` as the other one.
 fn start_gateway(dir: &Path, spec: &str, group: u16, peer: u16, ip: Ipv4Addr) -> Gateway {
     let addr = free_addr(ip);
+    let metrics = free_addr(ip);
     let gw = dir.join(format!("gw{group}"));
     std::fs::create_dir_all(&gw).expect("gateway dir");
     let conf = cluster().join("ceph.conf");
     let text = format!(
-        "data_dir = \"data\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
+        "data_dir = \"data\"\nmetrics = \"{metrics}\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
          [alua]\ngroup = {group}\n[[alua.peer]]\ngroup = {peer}\n\
          [[target]]\nname = \"{TARGET}\"\n[[target.portal]]\nlisten = \"{addr}\"\ntpgt = {group}\n\
          [[target.lun]]\nid = 0\nrbd = \"{spec}\"\nsize = \"16MiB\"\n",
@@ -61,7 +65,12 @@ fn start_gateway(dir: &Path, spec: &str, group: u16, peer: u16, ip: Ipv4Addr) ->
         .stderr(out)
         .spawn()
         .expect("spawn holdfast target");
-    Gateway { child, addr, log }
+    Gateway {
+        child,
+        addr,
+        metrics,
+        log,
+    }
 }
 
 async fn login(g: &Gateway) -> Session {
@@ -260,6 +269,17 @@ async fn a_dead_lock_holder_is_fenced_so_the_survivor_takes_the_lock() {
         (2, AO, vec![2]),
         "the survivor holds the lock: {state:?}"
     );
+    let m = samples(&scrape(gb.metrics));
+    let image = [("image", spec.as_str())];
+    for name in [
+        "holdfast_rbd_stall_probes_total",
+        "holdfast_rbd_gateways_fenced_total",
+    ] {
+        assert!(
+            value(&m, name, &image).is_some_and(|v| v >= 1.0),
+            "{name} counts it: {m:?}"
+        );
+    }
     let back = b.read16(0, 8, 8, BLOCK).await.expect("read");
     assert_eq!(&back[..], &[2u8; 4096][..]);
 }

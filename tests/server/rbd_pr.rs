@@ -4,6 +4,7 @@
 //! cluster (ceph_fixture); portals on 127.0.0.13-15, one TPGT per gateway.
 
 use crate::ceph_fixture::{ceph, cluster, export, image};
+use crate::common::metrics::{samples, scrape, value};
 use crate::common::pr::{self, sa, ty, Outcome};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
 use bytes::Bytes;
@@ -28,6 +29,8 @@ pub(crate) struct Gateway {
     dir: tempfile::TempDir,
     child: Child,
     pub(crate) portal: SocketAddr,
+    /// Its Prometheus endpoint.
+    metrics: SocketAddr,
 }
 
 impl Gateway {
@@ -37,10 +40,13 @@ impl Gateway {
             .expect("free port")
             .port();
         let portal: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+        let metrics = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port");
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = cluster().join("ceph.conf");
         let toml = format!(
-            "data_dir = \"data\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
+            "data_dir = \"data\"\nmetrics = \"{metrics}\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
              notify_timeout = \"{notify_timeout}\"\n\
              [[target]]\nname = \"{TARGET}\"\n[[target.portal]]\nlisten = \"{portal}\"\n\
              tpgt = {tpgt}\n[[target.lun]]\nid = 0\nrbd = \"{spec}\"\nsize = \"{MIB}MiB\"\n",
@@ -55,7 +61,12 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn holdfast target");
-        let mut g = Gateway { dir, child, portal };
+        let mut g = Gateway {
+            dir,
+            child,
+            portal,
+            metrics,
+        };
         g.wait_up().await;
         g
     }
@@ -308,6 +319,11 @@ async fn a_frozen_gateway_is_blocklisted_and_none_of_its_writes_land() {
     // again: reads work, and the preempted victim's writes meet the new reservation.
     a_serves_again(&victim).await;
     let recovered = resumed.elapsed();
+    let image = [("image", spec.as_str())];
+    let count = |g: &Gateway, name: &str| value(&samples(&scrape(g.metrics)), name, &image);
+    assert!(count(&b, "holdfast_rbd_gateways_fenced_total").is_some_and(|v| v >= 1.0));
+    assert!(count(&a, "holdfast_rbd_pr_watches_lost_total").is_some_and(|v| v >= 1.0));
+    assert!(count(&a, "holdfast_rbd_pr_watches_recovered_total").is_some_and(|v| v >= 1.0));
     stop_victim(&stop, tasks).await;
     // Until then its victim writes were answered NOT READY (the blocklisted handle
     // refused them, or the watch was known lost).
@@ -403,7 +419,10 @@ async fn a_serves_again(victim: &Session) {
     let t0 = Instant::now();
     loop {
         // NOT READY while A reconnects; unit attentions (the victim was preempted) once.
-        if victim.read16(0, 0, 1, BLOCK).await.is_ok() {
+        // A read admitted just before A installs the preempt is aborted with the
+        // victim's other tasks and, TAS being 0, never answered: hence the timeout.
+        let read = tokio::time::timeout(NO_RESPONSE, victim.read16(0, 0, 1, BLOCK)).await;
+        if matches!(read, Ok(Ok(_))) {
             return;
         }
         assert!(

@@ -20,6 +20,8 @@ pub struct PrObject {
     /// Watch, notify, acks and xattrs.
     pub(super) pool: Arc<Pool>,
     pub(super) oid: String,
+    /// "POOL/IMAGE", for messages and metrics.
+    pub(super) spec: String,
     /// The guarded read and write only, under the lock: librados reports an op's object
     /// version per io context, and any other op on the context (an ack observing a
     /// newer version) would hand a read the wrong version and let a write overwrite a
@@ -34,11 +36,13 @@ impl std::fmt::Debug for PrObject {
 }
 
 impl PrObject {
-    /// `holdfast.pr.IMAGE` in `pool`; `cas` is a second context on the same pool.
-    pub fn new(pool: Arc<Pool>, cas: Pool, image: &str) -> PrObject {
+    /// `holdfast.pr.IMAGE` in `pool` (named `pool_name`); `cas` is a second context on
+    /// the same pool.
+    pub fn new(pool: Arc<Pool>, cas: Pool, pool_name: &str, image: &str) -> PrObject {
         PrObject {
             pool,
             oid: format!("holdfast.pr.{image}"),
+            spec: format!("{pool_name}/{image}"),
             cas: Mutex::new(cas),
         }
     }
@@ -164,6 +168,7 @@ fn fence(obj: &PrObject, gid: u64) -> Result<(), String> {
         .cluster()
         .blocklist_add(&addr, BLOCKLIST_SECS)
         .map_err(|e| format!("blocklisting {addr}: {}", io::Error::from_raw_os_error(e)))?;
+    crate::metrics::ceph::get().gateway_fenced(&obj.spec);
     tracing::warn!(gid, %addr, object = %obj.oid,
         "gateway did not acknowledge a notice on the PR object: blocklisted");
     Ok(())

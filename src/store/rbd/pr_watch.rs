@@ -116,7 +116,7 @@ fn open_session<T>(
         .map_err(|e| ("reading the client address", e))?;
     let open = |c| Pool::open(c, pool).map_err(|e| ("opening the pool", e));
     let cas = open(cluster.clone())?;
-    let obj = Arc::new(PrObject::new(Arc::new(open(cluster)?), cas, image));
+    let obj = Arc::new(PrObject::new(Arc::new(open(cluster)?), cas, pool, image));
     let probed = probe(&obj).map_err(|e| ("probing other gateways", e))?;
     obj.pool
         .setxattr(&obj.oid, &pr_sync::address_xattr(gid), addr.as_bytes())
@@ -230,6 +230,7 @@ impl Watcher {
                 if matches!(b.exclusive_lock(), Ok(ExclusiveLock::HeldElsewhere)) {
                     tracing::warn!(image = %b.spec(), "image I/O stalled while another gateway \
                         holds the exclusive lock: probing the gateways, fencing a silent one");
+                    crate::metrics::ceph::get().stall_probe(b.spec());
                     let answered = shared.fence_silent();
                     tracing::info!(image = %b.spec(), answered_or_fenced = answered, "probe done");
                 }
@@ -241,6 +242,9 @@ impl Watcher {
     }
 
     fn lose(&mut self, lu: &LogicalUnit, errno: i32) {
+        if !self.recovery.is_lost() {
+            crate::metrics::ceph::get().watch_lost(&self.obj.spec);
+        }
         lu.set_pr_stale(true);
         self.watch = None;
         self.recovery.lost(errno, Instant::now());
@@ -256,6 +260,7 @@ impl Watcher {
         match r {
             Ok(()) => {
                 self.recovery.recovered();
+                crate::metrics::ceph::get().watch_recovered(&self.obj.spec);
                 lu.set_pr_stale(false);
                 tracing::info!(object = %self.obj.oid, ?step, took = ?t0.elapsed(),
                     "PR watch re-established and state re-read: serving again");
