@@ -7,6 +7,7 @@
 //! its watches at once, so librbd can take the lock. Decisions here are sans-IO.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// No I/O completed for this long while some is outstanding: probe. Longer than a
@@ -24,11 +25,12 @@ pub struct IoProgress {
     completed: AtomicU64,
 }
 
-/// One call in flight; completes when dropped (whatever its result).
+/// One call in flight; completes when dropped (whatever its result). Owned, so an
+/// asynchronous read's completion callback can carry it.
 #[derive(Debug)]
-pub struct InFlight<'a>(&'a IoProgress);
+pub struct InFlight(Arc<IoProgress>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.completed.fetch_add(1, Ordering::Relaxed);
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -43,9 +45,9 @@ pub struct Sample {
 }
 
 impl IoProgress {
-    pub fn begin(&self) -> InFlight<'_> {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     pub fn sample(&self) -> Sample {
@@ -135,7 +137,7 @@ mod tests {
 
     #[test]
     fn counters_follow_calls_in_flight() {
-        let p = IoProgress::default();
+        let p = Arc::new(IoProgress::default());
         let a = p.begin();
         let b = p.begin();
         assert_eq!(
