@@ -356,7 +356,22 @@ pub trait SharedPr: Send + Sync + std::fmt::Debug {
     /// Apply `apply` to the current shared state (retrying it on a concurrent change),
     /// commit the result and have every other gateway install it. A PR OUT that
     /// changes nothing is not written (`effects.changed` false).
-    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError>;
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, SharedPrError>;
+}
+
+/// Why a shared PR OUT was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedPrError {
+    /// The command itself failed (a conflict, an invalid field): answered as it is.
+    #[error(transparent)]
+    Command(#[from] CmdError),
+    /// This gateway's client was fenced (blocklisted) in the shared store: NOT READY
+    /// until the watcher has reconnected and re-read the state, as for any other command.
+    #[error("this gateway's client is fenced")]
+    Fenced,
+    /// The shared state could not be read or written (the store logged why).
+    #[error("the shared reservation state is unavailable")]
+    Unavailable,
 }
 
 /// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY: the gateway is re-reading
@@ -584,7 +599,16 @@ impl LogicalUnit {
             let fx = next.prout(nexus, req.cdb, &req.cmd.data_out, caps)?;
             Ok((next, fx))
         };
-        let c = shared.update(&mut apply)?;
+        let c = shared.update(&mut apply).map_err(|e| match e {
+            SharedPrError::Command(c) => c,
+            SharedPrError::Fenced => {
+                tracing::warn!(serial = %self.settings.serial,
+                    "PR OUT refused: this gateway is fenced; NOT READY until reconnected");
+                self.set_pr_stale(true);
+                PR_STATE_RELOADING.into()
+            }
+            SharedPrError::Unavailable => Sense::INTERNAL_TARGET_FAILURE.into(),
+        })?;
         tracing::debug!(
             action = cdb::byte(req.cdb, 1) & 0x1F,
             initiator = %nexus.initiator_port_id(),

@@ -68,7 +68,8 @@ pub struct StallDetector {
 }
 
 impl StallDetector {
-    /// Feed the sample taken at `now`; true: probe the other gateways now.
+    /// Feed the sample taken at `now`; true: a probe of the other gateways is due (it
+    /// stays due until [`StallDetector::probed`] says one started).
     pub fn handle_sample(&mut self, now: Instant, s: Sample) -> bool {
         if s.inflight == 0 || s.completed != self.last_completed {
             self.last_completed = s.completed;
@@ -76,14 +77,17 @@ impl StallDetector {
             return false;
         }
         let since = *self.stalled_since.get_or_insert(now);
-        let due = now.duration_since(since) >= STALL_AFTER
+        now.duration_since(since) >= STALL_AFTER
             && self
                 .last_probe
-                .is_none_or(|p| now.duration_since(p) >= PROBE_EVERY);
-        if due {
-            self.last_probe = Some(now);
-        }
-        due
+                .is_none_or(|p| now.duration_since(p) >= PROBE_EVERY)
+    }
+
+    /// A probe started at `now` (the next one waits [`PROBE_EVERY`]). A due probe the
+    /// watcher could not start (one still running, the watch being recovered) is not
+    /// recorded, so it starts as soon as it can.
+    pub fn probed(&mut self, now: Instant) {
+        self.last_probe = Some(now);
     }
 }
 
@@ -93,24 +97,37 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(100);
 
-    /// Feeds `samples` one tick apart; the ticks (from 0) at which a probe was due.
-    fn probes(samples: &[(usize, u64)]) -> Vec<usize> {
+    /// Feeds `samples` one tick apart, starting a probe whenever one is due except at
+    /// the ticks in `busy`; the ticks (from 0) at which a probe started.
+    fn probes_except(samples: &[(usize, u64)], busy: &[usize]) -> Vec<usize> {
         let t0 = Instant::now();
         let mut d = StallDetector::default();
-        samples
-            .iter()
-            .enumerate()
-            .filter(|(i, &(inflight, completed))| {
-                d.handle_sample(
-                    t0 + TICK * *i as u32,
-                    Sample {
-                        inflight,
-                        completed,
-                    },
-                )
-            })
-            .map(|(i, _)| i)
-            .collect()
+        let mut started = Vec::new();
+        for (i, &(inflight, completed)) in samples.iter().enumerate() {
+            let now = t0 + TICK * i as u32;
+            let due = d.handle_sample(
+                now,
+                Sample {
+                    inflight,
+                    completed,
+                },
+            );
+            if due && !busy.contains(&i) {
+                d.probed(now);
+                started.push(i);
+            }
+        }
+        started
+    }
+
+    fn probes(samples: &[(usize, u64)]) -> Vec<usize> {
+        probes_except(samples, &[])
+    }
+
+    #[test]
+    fn a_due_probe_that_could_not_start_starts_at_the_next_tick() {
+        // Due at tick 21 (see below), but the watcher is busy at 21 and 22.
+        assert_eq!(probes_except(&[(1, 7); 30], &[21, 22]), vec![23]);
     }
 
     #[test]
