@@ -48,7 +48,8 @@
 #   of what the gateway costs a real initiator.
 # CPU: holdfast's CPU time (utime+stime from /proc/PID/stat, both gateways summed) per
 # I/O, and the CPU time of everything the bench runs (Ceph daemons, gateways, clients;
-# not other work on the machine) per I/O, for each mode.
+# not other work on the machine) per I/O, for each mode, and the clients' own (rbd bench
+# holds librbd's client side, so its CPU per I/O is what librbd costs inside a gateway).
 # All daemons (3 memstore OSDs, mon, mgr), gateways and clients share this machine's
 # cores: on a small machine this measures CPU cost per I/O more than Ceph throughput.
 #
@@ -109,7 +110,7 @@ kill_below() {
 on_exit kill_below $$
 
 make_tmpdir
-RES=$HF_TMP/results.txt   # round case mode ios seconds gw_cpu_ticks all_cpu_ticks
+RES=$HF_TMP/results.txt   # round case mode ios seconds gw_cpu_ticks all_cpu_ticks client_cpu_ticks
 : >"$RES"
 CLK_TCK=$(getconf CLK_TCK)
 load() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -201,13 +202,16 @@ case_params() {
   esac
 }
 
+# client_ticks PID: the clients' CPU: cutime+cstime of PID, the shell that started them
+# and has waited for them (their CPU and their children's). The PID is measure()'s shell,
+# passed in: $BASHPID inside $(...) would be the command substitution's own subshell.
+client_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
 gw_ticks() { local n s=0; for n in 1 2; do s=$((s + $(awk '{print $14 + $15}' "/proc/${GWPID[$n]}/stat"))); done; echo "$s"; }
-# all_ticks: CPU of everything this bench runs: the Ceph daemons, both gateways, and the
-# clients (cutime+cstime of this shell: children it has waited for, with theirs), but
-# not other work on the machine
+# all_ticks PID: CPU of everything this bench runs: the Ceph daemons, both gateways, and
+# the clients (client_ticks PID), but not other work on the machine
 all_ticks() {
   local f pid s
-  s=$(($(gw_ticks) + $(awk '{print $16 + $17}' "/proc/$BASHPID/stat")))
+  s=$(($(gw_ticks) + $(client_ticks "$1")))
   for f in "$CEPH_DIR"/run/*.pid; do
     pid=$(cat "$f" 2>/dev/null) || continue
     [ -r "/proc/$pid/stat" ] && s=$((s + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
@@ -228,7 +232,7 @@ client() {
 
 # measure ROUND CASE MODE: runs the mode's clients (in parallel), appends a result line
 measure() {
-  local r=$1 c=$2 m=$3 specs=() pids=() i g0 g1 b0 b1 ios=0 secs=0 n t ok=1
+  local r=$1 c=$2 m=$3 specs=() pids=() i g0 g1 b0 b1 c0 c1 ios=0 secs=0 n t ok=1 me=$BASHPID
   case $m in
     rbd) specs=("rbd:$IMG_A") ;;
     gw) specs=("gw:1:0:1") ;;
@@ -237,13 +241,13 @@ measure() {
     gw2) specs=("gw:1:0:1" "gw:2:1:2") ;;
   esac
   case_params "$c"
-  g0=$(gw_ticks); b0=$(all_ticks)
+  g0=$(gw_ticks); b0=$(all_ticks "$me"); c0=$(client_ticks "$me")
   for i in "${!specs[@]}"; do
     client "${specs[$i]}" "$HF_TMP/out.$i" &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || ok=0; done
-  g1=$(gw_ticks); b1=$(all_ticks)
+  g1=$(gw_ticks); b1=$(all_ticks "$me"); c1=$(client_ticks "$me")
   if [ "$ok" = 1 ]; then
     for i in "${!specs[@]}"; do
       read -r n t <"$HF_TMP/out.$i"
@@ -254,7 +258,7 @@ measure() {
     log "round $r $c $m: a client failed; recorded as 0"
     ios=0 secs=0
   fi
-  echo "$r $c $m $ios $secs $((g1 - g0)) $((b1 - b0))" >>"$RES"
+  echo "$r $c $m $ios $secs $((g1 - g0)) $((b1 - b0)) $((c1 - c0))" >>"$RES"
   if [ "$ios" -gt 0 ]; then
     log "$(printf 'round %s %-13s %-6s %8.0f IOPS %8.1f MiB/s' "$r" "$c" "$m" \
       "$(echo "$ios / $secs" | bc -l)" "$(echo "$ios * $IOSZ / 1048576 / $secs" | bc -l)")"
@@ -283,11 +287,12 @@ python3 - "$RES" "$CLK_TCK" "$ROUNDS" <<'PY'
 import sys, statistics as st, collections
 res, tck, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 iosz = {"randread-4k": 4096, "randwrite-4k": 4096, "seqread-1m": 1 << 20, "seqwrite-1m": 1 << 20}
-d = collections.OrderedDict()   # (round, case) -> mode -> (iops, ios, gw_s, busy_s)
+d = collections.OrderedDict()   # (round, case) -> mode -> (iops, ios, gw_s, busy_s, client_s)
 for line in open(res):
-    r, case, mode, ios, secs, g, b = line.split()
+    r, case, mode, ios, secs, g, b, c = line.split()
     ios, secs = int(ios), float(secs)
-    d.setdefault((int(r), case), {})[mode] = (ios / secs if secs else 0.0, ios, int(g) / tck, int(b) / tck)
+    d.setdefault((int(r), case), {})[mode] = (ios / secs if secs else 0.0, ios, int(g) / tck, int(b) / tck,
+                                              int(c) / tck)
 
 def pct(a, b):
     return f"{(1 - a / b) * 100:+.0f}%" if a and b else "-"
@@ -297,20 +302,21 @@ def us(cpu, ios):
     return f"{cpu / ios * 1e6:.0f}" if ios else "-"
 
 def tables(title, rows):
-    # rows: case -> mode -> (iops, ios, gw_s, busy_s)
+    # rows: case -> mode -> (iops, ios, gw_s, busy_s, client_s)
     print(f"\n{title}")
     print(f"{'case':<13} {'rbd IOPS':>9} {'rbd MiB/s':>9} {'gw IOPS':>9} {'gw MiB/s':>9} {'gw cost':>7}"
-          f" {'gw cpu':>7} {'all rbd':>8} {'all gw':>8}")
+          f" {'gw cpu':>7} {'all rbd':>8} {'all gw':>8} {'cl rbd':>7} {'cl gw':>7}")
     for case, m in rows.items():
-        z = (0, 0, 0, 0)
+        z = (0, 0, 0, 0, 0)
         a, g = m.get("rbd", z), m.get("gw", z)
         mb = iosz[case] / 1048576
         print(f"{case:<13} {a[0]:9.0f} {a[0]*mb:9.1f} {g[0]:9.0f} {g[0]*mb:9.1f} {pct(g[0], a[0]):>7}"
-              f" {us(g[2], g[1]):>7} {us(a[3], a[1]):>8} {us(g[3], g[1]):>8}")
+              f" {us(g[2], g[1]):>7} {us(a[3], a[1]):>8} {us(g[3], g[1]):>8}"
+              f" {us(a[4], a[1]):>7} {us(g[4], g[1]):>7}")
     print(f"{'case':<13} {'rbd x2':>9} {'1gw 2cl':>9} {'2gw 2cl':>9} {'2gw MiB/s':>9} {'2gw cost':>8}"
           f" {'2gw/1gw':>7} {'2gw/gw':>7} {'cpu 1gw':>7} {'cpu 2gw':>7}")
     for case, m in rows.items():
-        z = (0, 0, 0, 0)
+        z = (0, 0, 0, 0, 0)
         a2, g12, g2, g = m.get("rbd2", z), m.get("gw1x2", z), m.get("gw2", z), m.get("gw", z)
         mb = iosz[case] / 1048576
         print(f"{case:<13} {a2[0]:9.0f} {g12[0]:9.0f} {g2[0]:9.0f} {g2[0]*mb:9.1f} {pct(g2[0], a2[0]):>8}"
@@ -326,13 +332,14 @@ for (r, case), m in d.items():
         per.setdefault(case, {}).setdefault(mode, []).append(v)
 med = collections.OrderedDict()
 for case, m in per.items():
-    med[case] = {mode: (st.median(x[0] for x in v), sum(x[1] for x in v), sum(x[2] for x in v), sum(x[3] for x in v))
+    med[case] = {mode: (st.median(x[0] for x in v), *(sum(x[i] for x in v) for i in range(1, 5)))
                  for mode, v in m.items()}
 tables(f"result ({'median of ' + str(rounds) + ' rounds' if rounds > 1 else '1 round'})", med)
 print("""
 gw cost = 1 - gw/rbd (positive: the gateway is slower; the goal is under 20 %); 2gw cost = 1 - (2gw 2cl)/(rbd x2).
 gw cpu, cpu 1gw, cpu 2gw = holdfast CPU microseconds per I/O (both gateways summed);
 all rbd / all gw = CPU microseconds per I/O of everything the bench runs (Ceph daemons, gateways, clients).
+cl rbd / cl gw = the client's CPU microseconds per I/O: rbd bench (librbd's client side) / qemu-img bench (libiscsi).
 rbd x2 = two rbd bench on two images; 1gw 2cl = two qemu-img bench through gateway 1; 2gw 2cl = one through each gateway.
 2gw/1gw = (2gw 2cl)/(1gw 2cl): one gateway to two for the same two clients; 2gw/gw = (2gw 2cl)/(gw, one client).""")
 PY

@@ -5,6 +5,9 @@ use std::io;
 
 /// Byte-addressed backing store of one logical unit. Calls block; the transport runs
 /// them off the async runtime.
+/// Where an asynchronous read's result goes (see [`BlockBackend::start_read`]).
+pub type ReadDone = Box<dyn FnOnce(io::Result<BytesMut>) + Send>;
+
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes: fixed, except that a live reload may grow it (never shrink it).
     fn size(&self) -> u64;
@@ -17,6 +20,18 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
         let mut buf = BytesMut::zeroed(len);
         self.read_at(&mut buf, offset)?;
         Ok(buf)
+    }
+    /// Whether [`BlockBackend::start_read`] works: reads complete on the store's own
+    /// threads, so a READ takes no thread of ours while it waits (librbd's aio).
+    fn reads_async(&self) -> bool {
+        false
+    }
+    /// Start reading `len` bytes from `offset` and return at once; `done` gets the buffer
+    /// (or the error) exactly once, on whatever thread the store completes on. Called only
+    /// when [`BlockBackend::reads_async`]; the default fails.
+    fn start_read(&self, len: usize, offset: u64, done: ReadDone) {
+        let _ = (len, offset);
+        done(Err(io::ErrorKind::Unsupported.into()));
     }
     /// Write all of `buf` at `offset`. Not durable until [`BlockBackend::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;

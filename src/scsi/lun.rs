@@ -356,7 +356,22 @@ pub trait SharedPr: Send + Sync + std::fmt::Debug {
     /// Apply `apply` to the current shared state (retrying it on a concurrent change),
     /// commit the result and have every other gateway install it. A PR OUT that
     /// changes nothing is not written (`effects.changed` false).
-    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError>;
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, SharedPrError>;
+}
+
+/// Why a shared PR OUT was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedPrError {
+    /// The command itself failed (a conflict, an invalid field): answered as it is.
+    #[error(transparent)]
+    Command(#[from] CmdError),
+    /// This gateway's client was fenced (blocklisted) in the shared store: NOT READY
+    /// until the watcher has reconnected and re-read the state, as for any other command.
+    #[error("this gateway's client is fenced")]
+    Fenced,
+    /// The shared state could not be read or written (the store logged why).
+    #[error("the shared reservation state is unavailable")]
+    Unavailable,
 }
 
 /// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY: the gateway is re-reading
@@ -584,7 +599,16 @@ impl LogicalUnit {
             let fx = next.prout(nexus, req.cdb, &req.cmd.data_out, caps)?;
             Ok((next, fx))
         };
-        let c = shared.update(&mut apply)?;
+        let c = shared.update(&mut apply).map_err(|e| match e {
+            SharedPrError::Command(c) => c,
+            SharedPrError::Fenced => {
+                tracing::warn!(serial = %self.settings.serial,
+                    "PR OUT refused: this gateway is fenced; NOT READY until reconnected");
+                self.set_pr_stale(true);
+                PR_STATE_RELOADING.into()
+            }
+            SharedPrError::Unavailable => Sense::INTERNAL_TARGET_FAILURE.into(),
+        })?;
         tracing::debug!(
             action = cdb::byte(req.cdb, 1) & 0x1F,
             initiator = %nexus.initiator_port_id(),
@@ -729,6 +753,26 @@ impl LogicalUnit {
 
     /// Execute one command (blocking on backend I/O).
     pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
+        let (spec, guard) = match self.admit(cmd) {
+            Ok(admitted) => admitted,
+            Err(outcome) => return outcome,
+        };
+        tracing::trace!(command = spec.name, lun = cmd.lun, "execute");
+        let req = Request { cmd, cdb: &cmd.cdb };
+        let result = (spec.handler)(self, &req);
+        drop(guard);
+        self.finish(spec, result)
+    }
+
+    /// The checks every command passes before its handler: unit offline, unit attention,
+    /// opcode and CDB, reservations. Ok: the command's entry and, for commands subject to
+    /// reservations, the read side of the PR lock, to hold through the handler's I/O (the
+    /// PREEMPT AND ABORT fence; PR IN and PR OUT take the lock themselves). Err: the
+    /// outcome to send instead.
+    pub(crate) fn admit(
+        &self,
+        cmd: &ScsiCommand,
+    ) -> Result<(&'static CommandSpec, Option<RwLockReadGuard<'_, PrState>>), ScsiOutcome> {
         let cdb: &[u8] = &cmd.cdb;
         self.note_nexus(&cmd.nexus);
         if self.offline.load(Ordering::Acquire)
@@ -738,49 +782,43 @@ impl LogicalUnit {
             )
         {
             // SPC-4: identification and LUN inventory still work on a failed unit.
-            return self.check(Sense::LOGICAL_UNIT_OFFLINE);
+            return Err(self.check(Sense::LOGICAL_UNIT_OFFLINE));
         }
         let found = lookup(cdb);
         let exempt = matches!(found, Ok(spec) if spec.ua_exempt);
         if !exempt {
             if let Some((asc, ascq)) = self.take_unit_attention(&cmd.nexus) {
-                return self.check(Sense::unit_attention(asc, ascq));
+                return Err(self.check(Sense::unit_attention(asc, ascq)));
             }
         }
-        let spec = match found {
-            Ok(spec) => spec,
-            Err(sense) => return self.check(sense),
-        };
+        let spec = found.map_err(|sense| self.check(sense))?;
         if spec.thin_only && !self.settings.thin_provisioning {
-            return self.check(Sense::INVALID_OPCODE);
+            return Err(self.check(Sense::INVALID_OPCODE));
         }
         let len = spec.usage.len();
         if cdb.len() < len {
-            return self.check(Sense::invalid_cdb(0, None));
+            return Err(self.check(Sense::invalid_cdb(0, None)));
         }
         // No ACA support: NACA=1 in the control byte is an invalid field.
         if cdb::byte(cdb, len - 1) & 0x04 != 0 {
-            return self.check(Sense::invalid_cdb((len - 1) as u16, Some(2)));
+            return Err(self.check(Sense::invalid_cdb((len - 1) as u16, Some(2))));
         }
-        // The read side of the PR lock is held through the handler's I/O (the PREEMPT AND
-        // ABORT fence); PR IN and PR OUT take the lock themselves.
         let guard = match spec.access {
             Access::Any | Access::PrOut => None,
             _ => Some(self.pr_read()),
         };
         let subject = spec.access != Access::Any || spec.opcode == opcode::PERSISTENT_RESERVE_IN;
         if subject && self.pr_stale.load(Ordering::Acquire) {
-            return self.check(PR_STATE_RELOADING);
+            return Err(self.check(PR_STATE_RELOADING));
         }
         if spec.access != Access::PrOut {
-            if let Err(outcome) = self.access_check(guard.as_deref(), &cmd.nexus, spec.access) {
-                return outcome;
-            }
+            self.access_check(guard.as_deref(), &cmd.nexus, spec.access)?;
         }
-        tracing::trace!(command = spec.name, lun = cmd.lun, "execute");
-        let req = Request { cmd, cdb };
-        let result = (spec.handler)(self, &req);
-        drop(guard);
+        Ok((spec, guard))
+    }
+
+    /// The outcome of a handler's `result`, after the bookkeeping every command shares.
+    pub(crate) fn finish(&self, spec: &CommandSpec, result: CmdResult) -> ScsiOutcome {
         // Only a command that touched the medium proves the backend works again (a TEST
         // UNIT READY poll must not hide a dead device).
         if result.is_ok()

@@ -44,6 +44,14 @@ impl LunMap {
         self.luns.values().cloned().collect()
     }
 
+    /// The LU that runs `cmd` asynchronously (a READ on a store with asynchronous
+    /// reads: [`LogicalUnit::start_read`]); None: [`LunMap::execute`] it.
+    pub fn async_reader(&self, cmd: &ScsiCommand) -> Option<&Arc<LogicalUnit>> {
+        self.luns
+            .get(&cmd.lun)
+            .filter(|lu| lu.reads_async(&cmd.cdb))
+    }
+
     pub fn execute(&self, cmd: &ScsiCommand) -> ScsiOutcome {
         let cdb: &[u8] = &cmd.cdb;
         let opcode = cdb::byte(cdb, 0);

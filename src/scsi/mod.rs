@@ -18,6 +18,7 @@ pub mod pr;
 pub mod pr_codes;
 mod pr_index;
 pub mod range_lock;
+pub mod read_async;
 mod sbc;
 pub mod sense;
 mod spc;

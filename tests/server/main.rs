@@ -21,6 +21,7 @@ mod pr_restart;
 mod quorum_fuzz_seeds;
 mod rbd;
 mod rbd_fence_scsi;
+mod rbd_gateway;
 mod rbd_multipath;
 mod rbd_osd;
 mod rbd_pr;

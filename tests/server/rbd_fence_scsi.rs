@@ -6,7 +6,7 @@
 
 use crate::ceph_fixture::image;
 use crate::common::TARGET;
-use crate::rbd_pr::Gateway;
+use crate::rbd_gateway::Gateway;
 use std::net::SocketAddr;
 
 const MIB: u64 = 8;

@@ -3,78 +3,33 @@
 //! port ids and target port groups, and ALUA states that follow the image's exclusive
 //! lock as writes move it. The cluster is ceph_fixture.rs's throwaway one.
 
-use crate::ceph_fixture::{cluster, image};
+use crate::ceph_fixture::image;
 use crate::common::metrics::{samples, scrape, value};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
+use crate::rbd_gateway::{Gateway, GatewayConfig};
 use bytes::Bytes;
 use holdfast::initiator::{InitiatorConfig, Session};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const AO: u8 = 0;
 const ANO: u8 = 1;
 
-/// A gateway process, killed when dropped.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    /// Its Prometheus endpoint.
-    metrics: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port on `ip` (bound and released: the gateway binds it right after).
-fn free_addr(ip: Ipv4Addr) -> SocketAddr {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// Gateway `group` (tpgt = port group = `group`) on `ip`, with `peer` as the other one.
-fn start_gateway(dir: &Path, spec: &str, group: u16, peer: u16, ip: Ipv4Addr) -> Gateway {
-    let addr = free_addr(ip);
-    let metrics = free_addr(ip);
-    let gw = dir.join(format!("gw{group}"));
-    std::fs::create_dir_all(&gw).expect("gateway dir");
-    let conf = cluster().join("ceph.conf");
-    let text = format!(
-        "data_dir = \"data\"\nmetrics = \"{metrics}\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
-         [alua]\ngroup = {group}\n[[alua.peer]]\ngroup = {peer}\n\
-         [[target]]\nname = \"{TARGET}\"\n[[target.portal]]\nlisten = \"{addr}\"\ntpgt = {group}\n\
-         [[target.lun]]\nid = 0\nrbd = \"{spec}\"\nsize = \"16MiB\"\n",
-        conf.display()
-    );
-    let path = gw.join("target.toml");
-    std::fs::write(&path, text).expect("write config");
-    let log = gw.join("target.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["target", "--config"])
-        .arg(&path)
-        .env("HOLDFAST_LOG", "info")
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn holdfast target");
-    Gateway {
-        child,
-        addr,
-        metrics,
-        log,
-    }
+/// Gateway `group` (tpgt = port group = `group`) of `spec` on `ip`, `peer` the other.
+async fn start_gateway(spec: &str, group: u16, peer: u16, ip: &str) -> Gateway {
+    Gateway::with(&GatewayConfig {
+        ip,
+        tpgt: group,
+        spec,
+        mib: 16,
+        notify_timeout: None,
+        alua_peer: Some(peer),
+    })
+    .await
 }
 
 async fn login(g: &Gateway) -> Session {
-    let mut cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:multipath-host", TARGET, g.addr);
+    let mut cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:multipath-host", TARGET, g.portal);
     cfg.login_timeout = Duration::from_secs(2);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -85,8 +40,8 @@ async fn login(g: &Gateway) -> Session {
         assert!(
             Instant::now() < deadline,
             "gateway {} did not come up: {}",
-            g.addr,
-            std::fs::read_to_string(&g.log).unwrap_or_default()
+            g.portal,
+            g.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -167,9 +122,8 @@ async fn write(s: &Session, seed: u8) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
     let spec = image("multipath", 16);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ga = start_gateway(dir.path(), &spec, 1, 2, Ipv4Addr::new(127, 0, 0, 13));
-    let gb = start_gateway(dir.path(), &spec, 2, 1, Ipv4Addr::new(127, 0, 0, 14));
+    let ga = start_gateway(&spec, 1, 2, "127.0.0.13").await;
+    let gb = start_gateway(&spec, 2, 1, "127.0.0.14").await;
     let (a, b) = (login(&ga).await, login(&gb).await);
 
     // One disk: the same serial, NAA and T10 vendor id through both gateways.
@@ -242,9 +196,8 @@ async fn two_gateways_are_one_disk_whose_optimized_path_follows_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lock_holder_is_fenced_so_the_survivor_takes_the_lock() {
     let spec = image("deadholder", 16);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ga = start_gateway(dir.path(), &spec, 1, 2, Ipv4Addr::new(127, 0, 0, 15));
-    let gb = start_gateway(dir.path(), &spec, 2, 1, Ipv4Addr::new(127, 0, 0, 16));
+    let ga = start_gateway(&spec, 1, 2, "127.0.0.15").await;
+    let gb = start_gateway(&spec, 2, 1, "127.0.0.16").await;
     let (a, b) = (login(&ga).await, login(&gb).await);
     write(&a, 1).await;
     expect_states(&a, &b, 1).await;
@@ -258,7 +211,7 @@ async fn a_dead_lock_holder_is_fenced_so_the_survivor_takes_the_lock() {
     let took = t0.elapsed();
     eprintln!("write through the survivor completed {took:?} after the holder died");
 
-    let log = std::fs::read_to_string(&gb.log).unwrap_or_default();
+    let log = gb.log();
     assert!(
         log.contains("probing the gateways") && log.contains("blocklisted"),
         "the survivor probed and fenced the dead holder: {log}"

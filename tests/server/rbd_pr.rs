@@ -3,16 +3,15 @@
 //! the blocklist fence for a gateway that does not answer. Uses the shared throwaway
 //! cluster (ceph_fixture); portals on 127.0.0.13-15, one TPGT per gateway.
 
-use crate::ceph_fixture::{ceph, cluster, export, image};
+use crate::ceph_fixture::{ceph, export, image};
 use crate::common::metrics::{samples, scrape, value};
 use crate::common::pr::{self, sa, ty, Outcome};
-use crate::common::{clear_unit_attention, BLOCK, TARGET};
+use crate::common::BLOCK;
+use crate::rbd_gateway::Gateway;
 use bytes::Bytes;
 use holdfast::initiator::cdb;
 use holdfast::initiator::pr::PrInAction;
-use holdfast::initiator::{InitiatorConfig, Session};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use holdfast::initiator::Session;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,99 +22,6 @@ const MIB: u64 = 8;
 const NO_RESPONSE: Duration = Duration::from_secs(5);
 /// The LBAs the victim writes and the preemptor's fence marker covers.
 const FENCED_BLOCKS: u32 = 64;
-
-/// One `holdfast target` process serving `spec` on one portal.
-pub(crate) struct Gateway {
-    dir: tempfile::TempDir,
-    child: Child,
-    pub(crate) portal: SocketAddr,
-    /// Its Prometheus endpoint.
-    metrics: SocketAddr,
-}
-
-impl Gateway {
-    pub(crate) async fn start(ip: &str, tpgt: u16, spec: &str, notify_timeout: &str) -> Gateway {
-        let port = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let portal: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
-        let metrics = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .expect("free port");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let conf = cluster().join("ceph.conf");
-        let toml = format!(
-            "data_dir = \"data\"\nmetrics = \"{metrics}\"\n[ceph]\nconf = \"{}\"\nclient = \"client.holdfast\"\n\
-             notify_timeout = \"{notify_timeout}\"\n\
-             [[target]]\nname = \"{TARGET}\"\n[[target.portal]]\nlisten = \"{portal}\"\n\
-             tpgt = {tpgt}\n[[target.lun]]\nid = 0\nrbd = \"{spec}\"\nsize = \"{MIB}MiB\"\n",
-            conf.display()
-        );
-        std::fs::write(dir.path().join("gw.toml"), toml).expect("config");
-        let log = std::fs::File::create(dir.path().join("gw.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .args(["--log", "info", "target", "--config"])
-            .arg(dir.path().join("gw.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn holdfast target");
-        let mut g = Gateway {
-            dir,
-            child,
-            portal,
-            metrics,
-        };
-        g.wait_up().await;
-        g
-    }
-
-    async fn wait_up(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("gateway exited ({st}): {}", self.log());
-            }
-            if tokio::net::TcpStream::connect(self.portal).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("gateway {} not up: {}", self.portal, self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gw.log")).unwrap_or_default()
-    }
-
-    async fn login(&self, who: &str, isid_last: u8) -> Session {
-        let mut c = InitiatorConfig::new(
-            format!("iqn.2026-12.org.holdfast:{who}"),
-            TARGET,
-            self.portal,
-        );
-        c.isid = Some([0x80, 0, 0, 0, 0, isid_last]);
-        let s = Session::login(c).await.expect("login");
-        clear_unit_attention(&s, 0).await;
-        s
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success());
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn marker() -> Bytes {
     Bytes::from(vec![0xfe; (FENCED_BLOCKS * BLOCK) as usize])

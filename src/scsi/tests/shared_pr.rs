@@ -11,6 +11,8 @@ use std::sync::Weak;
 struct Store {
     committed: Mutex<(u64, PrState)>,
     gateways: Mutex<Vec<Weak<LogicalUnit>>>,
+    /// Every gateway's client is blocklisted.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// Gateway `me`'s view of the shared store.
@@ -21,7 +23,10 @@ struct FakeShared {
 }
 
 impl SharedPr for FakeShared {
-    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError> {
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, SharedPrError> {
+        if self.store.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SharedPrError::Fenced);
+        }
         let mut c = self.store.committed.lock().unwrap();
         let (state, effects) = apply(&c.1)?;
         if effects.changed {
@@ -44,8 +49,13 @@ impl SharedPr for FakeShared {
     }
 }
 
-fn gateways() -> (Arc<LogicalUnit>, Arc<LogicalUnit>, Arc<Mutex<Vec<ItNexus>>>) {
-    let store = Arc::new(Store::default());
+type Gateways = (Arc<LogicalUnit>, Arc<LogicalUnit>, Arc<Mutex<Vec<ItNexus>>>);
+
+fn gateways() -> Gateways {
+    gateways_of(Arc::new(Store::default()))
+}
+
+fn gateways_of(store: Arc<Store>) -> Gateways {
     let aborted = Arc::new(Mutex::new(Vec::new()));
     let mk = |me: usize| {
         let lu = Arc::new(LogicalUnit::new(
@@ -169,6 +179,22 @@ fn a_stale_gateway_answers_not_ready_to_reservation_commands_only() {
         status::GOOD
     );
     assert_eq!(sense(&prout(&a, &n, 0, 0, 0, 1)), (0x02, 0x04, 0x01));
+    a.set_pr_stale(false);
+    assert_eq!(write(&a, &n).status, status::GOOD);
+}
+
+#[test]
+fn a_pr_out_through_a_fenced_gateway_answers_not_ready_and_the_lu_waits_for_the_reload() {
+    let store = Arc::new(Store::default());
+    let (a, _b, _) = gateways_of(store.clone());
+    let n = nexus("host1", 1);
+    store
+        .fenced
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Not HARDWARE ERROR: the initiator retries NOT READY (or takes another path).
+    assert_eq!(sense(&prout(&a, &n, 0, 0, 0, 0xA1)), (2, 0x04, 0x01));
+    assert_eq!(sense(&write(&a, &n)), (2, 0x04, 0x01));
+    // The watcher's re-read makes it ready again.
     a.set_pr_stale(false);
     assert_eq!(write(&a, &n).status, status::GOOD);
 }

@@ -3,13 +3,15 @@
 //! Ceph), and thin handles over the C API. Every call returns librbd's negative errno as
 //! a positive `i32` error; callers turn it into typed errors.
 
+use bytes::BytesMut;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 type Handle = *mut c_void;
 type DiffCb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 type WatchCb = extern "C" fn(*mut c_void, u64, u64, u64, *mut c_void, usize);
 type WatchErrCb = extern "C" fn(*mut c_void, u64, c_int);
+type AioCb = extern "C" fn(Handle, *mut c_void);
 
 /// The C entry points we use, resolved once per process.
 struct Api {
@@ -26,6 +28,10 @@ struct Api {
     rbd_get_stripe_unit: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
     rbd_read2: unsafe extern "C" fn(Handle, u64, usize, *mut c_char, c_int) -> isize,
     rbd_write2: unsafe extern "C" fn(Handle, u64, usize, *const c_char, c_int) -> isize,
+    rbd_aio_create_completion: unsafe extern "C" fn(*mut c_void, AioCb, *mut Handle) -> c_int,
+    rbd_aio_read2: unsafe extern "C" fn(Handle, u64, usize, *mut c_char, Handle, c_int) -> c_int,
+    rbd_aio_get_return_value: unsafe extern "C" fn(Handle) -> isize,
+    rbd_aio_release: unsafe extern "C" fn(Handle),
     rbd_write_zeroes: unsafe extern "C" fn(Handle, u64, usize, c_int, c_int) -> isize,
     rbd_writesame: unsafe extern "C" fn(Handle, u64, usize, *const c_char, usize, c_int) -> isize,
     rbd_compare_and_write: unsafe extern "C" fn(
@@ -156,6 +162,10 @@ fn load() -> Result<Api, LoadError> {
             rbd_get_stripe_unit: sym(rbd, c"rbd_get_stripe_unit")?,
             rbd_read2: sym(rbd, c"rbd_read2")?,
             rbd_write2: sym(rbd, c"rbd_write2")?,
+            rbd_aio_create_completion: sym(rbd, c"rbd_aio_create_completion")?,
+            rbd_aio_read2: sym(rbd, c"rbd_aio_read2")?,
+            rbd_aio_get_return_value: sym(rbd, c"rbd_aio_get_return_value")?,
+            rbd_aio_release: sym(rbd, c"rbd_aio_release")?,
             rbd_write_zeroes: sym(rbd, c"rbd_write_zeroes")?,
             rbd_writesame: sym(rbd, c"rbd_writesame")?,
             rbd_compare_and_write: sym(rbd, c"rbd_compare_and_write")?,
@@ -220,6 +230,54 @@ fn check_len(r: isize) -> Result<usize, i32> {
         Err(i32::try_from(-r).unwrap_or(libc::EIO))
     } else {
         Ok(r as usize)
+    }
+}
+
+/// Where an asynchronous read's data (or librbd's errno) goes.
+pub type AioReadDone = Box<dyn FnOnce(Result<BytesMut, i32>) + Send>;
+
+/// An asynchronous read in flight: its buffer, and the image kept open until it ends.
+struct AioRead {
+    buf: BytesMut,
+    len: usize,
+    image: Arc<Image>,
+    done: AioReadDone,
+}
+
+extern "C" fn aio_read_done(c: Handle, arg: *mut c_void) {
+    // SAFETY: arg is the AioRead that Image::aio_read leaked for this completion; librbd
+    // calls this once per completion, so it is taken back exactly once.
+    let read = unsafe { Box::from_raw(arg.cast::<AioRead>()) };
+    let AioRead {
+        mut buf,
+        len,
+        image,
+        done,
+    } = *read;
+    // SAFETY: c is this callback's completion, complete; released once, here.
+    let r = unsafe { (image.api.rbd_aio_get_return_value)(c) };
+    // SAFETY: as above; nothing uses c after this.
+    unsafe { (image.api.rbd_aio_release)(c) };
+    let result = match check_len(r) {
+        Ok(n) if n == len => {
+            // SAFETY: librbd wrote all `len` bytes of the buffer's capacity (n == len).
+            unsafe { buf.set_len(len) };
+            Ok(buf)
+        }
+        // Past the image's end (it shrank under us): never serve uninitialised bytes.
+        Ok(_) => Err(libc::EIO),
+        Err(e) => Err(e),
+    };
+    done(result);
+    release_image(image);
+}
+
+/// Drop an image handle on a librbd thread. rbd_close waits for librbd's own threads,
+/// so the last handle (the image was swapped or its LUN removed meanwhile) closes on a
+/// thread of its own instead.
+fn release_image(image: Arc<Image>) {
+    if let Some(last) = Arc::into_inner(image) {
+        std::thread::spawn(move || drop(last));
     }
 }
 
@@ -343,6 +401,41 @@ impl Image {
         check_len(unsafe {
             (self.api.rbd_read2)(self.h, offset, buf.len(), buf.as_mut_ptr().cast(), 0)
         })
+    }
+
+    /// Start reading `len` (> 0) bytes at `offset`; `done` gets them, or librbd's errno,
+    /// on librbd's completion thread. The buffer is never zeroed: librbd fills all of it
+    /// (holes read as zeros) or the read fails.
+    pub fn aio_read(self: &Arc<Self>, len: usize, offset: u64, done: AioReadDone) {
+        let api = self.api;
+        let mut read = Box::new(AioRead {
+            buf: BytesMut::with_capacity(len),
+            len,
+            image: self.clone(),
+            done,
+        });
+        let dst = read.buf.spare_capacity_mut().as_mut_ptr();
+        let arg = Box::into_raw(read);
+        let mut c: Handle = std::ptr::null_mut();
+        // SAFETY: arg stays valid until aio_read_done takes it back (exactly once: librbd
+        // calls the callback once per completion); c is an out-pointer.
+        let r = unsafe { (api.rbd_aio_create_completion)(arg.cast(), aio_read_done, &mut c) };
+        if r < 0 {
+            // SAFETY: no completion exists, so no callback will take arg: reclaim it here.
+            let read = unsafe { Box::from_raw(arg) };
+            return (read.done)(Err(-r));
+        }
+        // SAFETY: open image; dst points to the buffer's `len` bytes of capacity, owned by
+        // the AioRead that lives until the callback; c is the completion made above.
+        let r = unsafe { (api.rbd_aio_read2)(self.h, offset, len, dst.cast(), c, 0) };
+        if r < 0 {
+            // librbd refused the request before queueing it: no callback will come.
+            // SAFETY: c was created above and never handed on; arg as above.
+            unsafe { (api.rbd_aio_release)(c) };
+            // SAFETY: as above.
+            let read = unsafe { Box::from_raw(arg) };
+            (read.done)(Err(-r));
+        }
     }
 
     /// Returns once every replica has committed the data (the gateway runs with librbd's

@@ -14,7 +14,7 @@ mod stall;
 pub use pr_watch::share_reservations;
 
 use super::identity::{self, LunIdentity};
-use crate::scsi::backend::{self, BlockBackend, ExclusiveLock};
+use crate::scsi::backend::{self, BlockBackend, ExclusiveLock, ReadDone};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
@@ -130,14 +130,14 @@ pub struct RbdBackend {
     image: RwLock<Arc<ffi::Image>>,
     pool: String,
     name: String,
-    /// "POOL/IMAGE", for messages.
-    spec: String,
+    /// "POOL/IMAGE", for messages (shared with read callbacks).
+    spec: Arc<str>,
     size: std::sync::atomic::AtomicU64,
     /// RBD's atomic compare-and-write works within one stripe unit (object).
     stripe_unit: u64,
     read_only: bool,
     /// Calls in flight and completed: the PR watcher tells a stall from them.
-    progress: stall::IoProgress,
+    progress: Arc<stall::IoProgress>,
 }
 
 impl std::fmt::Debug for RbdBackend {
@@ -194,11 +194,11 @@ impl RbdBackend {
             image: RwLock::new(Arc::new(img)),
             pool: pool.into(),
             name: image.into(),
-            spec,
+            spec: spec.into(),
             size: size.into(),
             stripe_unit: stripe_unit.max(1),
             read_only,
-            progress: stall::IoProgress::default(),
+            progress: Arc::default(),
         })
     }
 
@@ -208,13 +208,13 @@ impl RbdBackend {
     /// derived one (set it on every gateway alike).
     pub fn identity(&self, configured_serial: Option<&str>) -> Result<LunIdentity, RbdError> {
         let (fsid, pool, id) = self.image().identity_key().map_err(|e| RbdError::Open {
-            spec: self.spec.clone(),
+            spec: self.spec.to_string(),
             step: "reading its ids",
             source: io::Error::from_raw_os_error(e),
         })?;
         identity::derive(&[&fsid, &pool.to_string(), &id], configured_serial).map_err(|e| {
             RbdError::Identity {
-                spec: self.spec.clone(),
+                spec: self.spec.to_string(),
                 reason: e.to_string(),
             }
         })
@@ -233,7 +233,7 @@ impl RbdBackend {
     fn reopen(&self, cluster: Arc<ffi::Cluster>) -> Result<Arc<ffi::Image>, RbdError> {
         let img = ffi::Image::open(cluster, &self.pool, &self.name).map_err(|(step, e)| {
             RbdError::Open {
-                spec: self.spec.clone(),
+                spec: self.spec.to_string(),
                 step,
                 source: io::Error::from_raw_os_error(e),
             }
@@ -255,13 +255,13 @@ impl RbdBackend {
             return Ok(());
         }
         let actual = self.image().size().map_err(|e| RbdError::Open {
-            spec: self.spec.clone(),
+            spec: self.spec.to_string(),
             step: "reading its size",
             source: io::Error::from_raw_os_error(e),
         })?;
         if actual < size {
             return Err(RbdError::TooSmall {
-                spec: self.spec.clone(),
+                spec: self.spec.to_string(),
                 actual,
                 configured: size,
             });
@@ -277,20 +277,11 @@ impl RbdBackend {
     /// reconnected; a timeout or other failure stays a medium error until the device
     /// server's limit.
     fn err(&self, what: &str, errno: i32) -> io::Error {
-        let gone = matches!(errno, libc::ENOENT | libc::ENODEV);
-        let code = if gone { libc::ENODEV } else { errno };
-        tracing::warn!(
-            image = %self.spec,
-            call = what,
-            errno,
-            error = %io::Error::from_raw_os_error(errno),
-            "rbd call failed"
-        );
-        io::Error::from_raw_os_error(code)
+        call_failed(&self.spec, what, errno)
     }
 
     /// Checks before a call; the guard counts it in flight until dropped.
-    fn start(&self, write: bool, offset: u64, len: u64) -> io::Result<stall::InFlight<'_>> {
+    fn start(&self, write: bool, offset: u64, len: u64) -> io::Result<stall::InFlight> {
         if backend::must_not_block() {
             return Err(backend::refuse_to_block());
         }
@@ -321,6 +312,27 @@ impl BlockBackend for RbdBackend {
             return Err(self.err("short read", libc::EIO));
         }
         Ok(())
+    }
+
+    fn reads_async(&self) -> bool {
+        true
+    }
+
+    /// librbd's aio: the read takes no thread of ours while the OSDs answer.
+    fn start_read(&self, len: usize, offset: u64, done: ReadDone) {
+        if let Err(e) = super::check_range(self.size(), offset, len as u64) {
+            return done(Err(e));
+        }
+        let io = self.progress.begin();
+        let spec = self.spec.clone();
+        self.image().aio_read(
+            len,
+            offset,
+            Box::new(move |read| {
+                done(read.map_err(|e| call_failed(&spec, "aio_read", e)));
+                drop(io);
+            }),
+        );
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -440,6 +452,20 @@ impl BlockBackend for RbdBackend {
         }
         Ok(())
     }
+}
+
+/// See [`RbdBackend::err`].
+fn call_failed(spec: &str, what: &str, errno: i32) -> io::Error {
+    let gone = matches!(errno, libc::ENOENT | libc::ENODEV);
+    let code = if gone { libc::ENODEV } else { errno };
+    tracing::warn!(
+        image = %spec,
+        call = what,
+        errno,
+        error = %io::Error::from_raw_os_error(errno),
+        "rbd call failed"
+    );
+    io::Error::from_raw_os_error(code)
 }
 
 /// Whether the Ceph libraries load here (for messages and tests).

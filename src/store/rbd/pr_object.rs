@@ -4,9 +4,8 @@
 
 use super::ffi::Pool;
 use super::pr_sync::{self, GuardedObject, PrNotice, UpdateError};
-use crate::scsi::lun::{CmdError, PrApply, SharedCommit, SharedPr};
+use crate::scsi::lun::{PrApply, SharedCommit, SharedPr, SharedPrError};
 use crate::scsi::pr::{PrState, ProutEffects};
-use crate::scsi::sense::Sense;
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -175,13 +174,14 @@ fn fence(obj: &PrObject, gid: u64) -> Result<(), String> {
 }
 
 impl SharedPr for RbdSharedPr {
-    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, CmdError> {
+    fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, SharedPrError> {
         let obj = self.object();
         let c = obj.update(apply).map_err(|e| match e {
-            UpdateError::Command(c) => c,
+            UpdateError::Command(c) => SharedPrError::Command(c),
+            UpdateError::Io(libc::ESHUTDOWN) => SharedPrError::Fenced,
             other => {
                 tracing::error!(object = %obj.oid, error = %other, "PR OUT not committed");
-                CmdError::from(Sense::INTERNAL_TARGET_FAILURE)
+                SharedPrError::Unavailable
             }
         })?;
         let complete = !c.effects.changed || self.publish(c.seq, &c.state, &c.effects);

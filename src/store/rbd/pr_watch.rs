@@ -217,12 +217,12 @@ impl Watcher {
         let Some(b) = self.backend.upgrade() else {
             return;
         };
-        let due = self
-            .stall
-            .handle_sample(Instant::now(), b.progress.sample());
+        let now = Instant::now();
+        let due = self.stall.handle_sample(now, b.progress.sample());
         if !due || self.recovery.is_lost() || self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.stall.probed(now);
         let (shared, probing) = (self.shared.clone(), self.probing.clone());
         let spawned = std::thread::Builder::new()
             .name("holdfast-rbd-probe".into())

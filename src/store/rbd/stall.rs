@@ -7,6 +7,7 @@
 //! its watches at once, so librbd can take the lock. Decisions here are sans-IO.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// No I/O completed for this long while some is outstanding: probe. Longer than a
@@ -24,11 +25,12 @@ pub struct IoProgress {
     completed: AtomicU64,
 }
 
-/// One call in flight; completes when dropped (whatever its result).
+/// One call in flight; completes when dropped (whatever its result). Owned, so an
+/// asynchronous read's completion callback can carry it.
 #[derive(Debug)]
-pub struct InFlight<'a>(&'a IoProgress);
+pub struct InFlight(Arc<IoProgress>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.completed.fetch_add(1, Ordering::Relaxed);
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -43,9 +45,9 @@ pub struct Sample {
 }
 
 impl IoProgress {
-    pub fn begin(&self) -> InFlight<'_> {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     pub fn sample(&self) -> Sample {
@@ -66,7 +68,8 @@ pub struct StallDetector {
 }
 
 impl StallDetector {
-    /// Feed the sample taken at `now`; true: probe the other gateways now.
+    /// Feed the sample taken at `now`; true: a probe of the other gateways is due (it
+    /// stays due until [`StallDetector::probed`] says one started).
     pub fn handle_sample(&mut self, now: Instant, s: Sample) -> bool {
         if s.inflight == 0 || s.completed != self.last_completed {
             self.last_completed = s.completed;
@@ -74,14 +77,17 @@ impl StallDetector {
             return false;
         }
         let since = *self.stalled_since.get_or_insert(now);
-        let due = now.duration_since(since) >= STALL_AFTER
+        now.duration_since(since) >= STALL_AFTER
             && self
                 .last_probe
-                .is_none_or(|p| now.duration_since(p) >= PROBE_EVERY);
-        if due {
-            self.last_probe = Some(now);
-        }
-        due
+                .is_none_or(|p| now.duration_since(p) >= PROBE_EVERY)
+    }
+
+    /// A probe started at `now` (the next one waits [`PROBE_EVERY`]). A due probe the
+    /// watcher could not start (one still running, the watch being recovered) is not
+    /// recorded, so it starts as soon as it can.
+    pub fn probed(&mut self, now: Instant) {
+        self.last_probe = Some(now);
     }
 }
 
@@ -91,24 +97,37 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(100);
 
-    /// Feeds `samples` one tick apart; the ticks (from 0) at which a probe was due.
-    fn probes(samples: &[(usize, u64)]) -> Vec<usize> {
+    /// Feeds `samples` one tick apart, starting a probe whenever one is due except at
+    /// the ticks in `busy`; the ticks (from 0) at which a probe started.
+    fn probes_except(samples: &[(usize, u64)], busy: &[usize]) -> Vec<usize> {
         let t0 = Instant::now();
         let mut d = StallDetector::default();
-        samples
-            .iter()
-            .enumerate()
-            .filter(|(i, &(inflight, completed))| {
-                d.handle_sample(
-                    t0 + TICK * *i as u32,
-                    Sample {
-                        inflight,
-                        completed,
-                    },
-                )
-            })
-            .map(|(i, _)| i)
-            .collect()
+        let mut started = Vec::new();
+        for (i, &(inflight, completed)) in samples.iter().enumerate() {
+            let now = t0 + TICK * i as u32;
+            let due = d.handle_sample(
+                now,
+                Sample {
+                    inflight,
+                    completed,
+                },
+            );
+            if due && !busy.contains(&i) {
+                d.probed(now);
+                started.push(i);
+            }
+        }
+        started
+    }
+
+    fn probes(samples: &[(usize, u64)]) -> Vec<usize> {
+        probes_except(samples, &[])
+    }
+
+    #[test]
+    fn a_due_probe_that_could_not_start_starts_at_the_next_tick() {
+        // Due at tick 21 (see below), but the watcher is busy at 21 and 22.
+        assert_eq!(probes_except(&[(1, 7); 30], &[21, 22]), vec![23]);
     }
 
     #[test]
@@ -135,7 +154,7 @@ mod tests {
 
     #[test]
     fn counters_follow_calls_in_flight() {
-        let p = IoProgress::default();
+        let p = Arc::new(IoProgress::default());
         let a = p.begin();
         let b = p.begin();
         assert_eq!(
