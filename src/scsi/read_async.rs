@@ -21,13 +21,14 @@ impl LogicalUnit {
     }
 
     /// Check a READ and start its backend I/O; `done` gets the outcome exactly once: at
-    /// once when a check fails, else on the backend's thread. The PR read lock is held
-    /// only while the I/O starts, not until it ends as for a write: a PREEMPT AND ABORT
-    /// that comes in between aborts the task in its task set, which discards the data,
-    /// and a read changes nothing a fence must keep off the medium.
+    /// once when a check fails (or the store fails at once), else on the backend's
+    /// thread. The PR read lock covers the checks only, not the I/O as for a write: a
+    /// PREEMPT AND ABORT that comes later aborts the task in its task set, which discards
+    /// the data, and a read puts nothing on the medium that a fence must stop. Released
+    /// before `done` can run, so nothing `done` does can wait on it.
     pub fn start_read(self: &Arc<Self>, cmd: &ScsiCommand, done: Done) {
-        let (spec, guard) = match self.admit(cmd) {
-            Ok(admitted) => admitted,
+        let spec = match self.admit(cmd) {
+            Ok((spec, _pr_guard)) => spec,
             Err(outcome) => return done(outcome),
         };
         tracing::trace!(command = spec.name, lun = cmd.lun, "start");
@@ -47,10 +48,5 @@ impl LogicalUnit {
                 done(lu.finish(spec, result));
             }),
         );
-        drop(guard);
     }
 }
-
-#[cfg(test)]
-#[path = "read_async_tests.rs"]
-mod tests;

@@ -1032,6 +1032,7 @@ fn block_size_4096() {
 }
 
 mod pr;
+mod read_async;
 mod tmf;
 
 mod fuzz {

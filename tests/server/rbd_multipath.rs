@@ -3,7 +3,7 @@
 //! port ids and target port groups, and ALUA states that follow the image's exclusive
 //! lock as writes move it. The cluster is ceph_fixture.rs's throwaway one.
 
-use crate::ceph_fixture::image;
+use crate::ceph_fixture::{image, rbd};
 use crate::common::metrics::{samples, scrape, value};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
 use crate::rbd_gateway::{Gateway, GatewayConfig};
@@ -235,6 +235,59 @@ async fn a_dead_lock_holder_is_fenced_so_the_survivor_takes_the_lock() {
     }
     let back = b.read16(0, 8, 8, BLOCK).await.expect("read");
     assert_eq!(&back[..], &[2u8; 4096][..]);
+}
+
+/// An image without the exclusive-lock feature (what the quorum LUN should be: every node
+/// writes its own slots through its own gateway) has no lock to move: every path is
+/// active/optimized, writes through both gateways interleave without a handover, and when
+/// a gateway is killed the other one's next write goes straight to RADOS, with no stall
+/// and no probe. The survivor's write time is printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_the_exclusive_lock_is_optimized_everywhere_and_never_stalls() {
+    let spec = format!(
+        "{}/nolock-{}",
+        crate::ceph_fixture::POOL,
+        std::process::id()
+    );
+    rbd(&[
+        "create",
+        "--size",
+        "16M",
+        "--image-feature",
+        "layering",
+        &spec,
+    ]);
+    let ga = start_gateway(&spec, 1, 2, "127.0.0.18").await;
+    let gb = start_gateway(&spec, 2, 1, "127.0.0.19").await;
+    let (a, b) = (login(&ga).await, login(&gb).await);
+    let all_optimized = vec![(1, AO, vec![1]), (2, AO, vec![2])];
+    assert_eq!(port_groups(&a).await, all_optimized);
+    assert_eq!(port_groups(&b).await, all_optimized);
+    for i in 0..20u8 {
+        let (w, r) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        write(w, i).await;
+        let back = r.read16(0, 8, 8, BLOCK).await.expect("read");
+        assert!(back.iter().all(|&x| x == i), "round {i}: stale read");
+    }
+    assert_eq!(port_groups(&b).await, all_optimized, "writes moved nothing");
+
+    drop(a);
+    drop(ga); // SIGKILL
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), write(&b, 0xEE))
+        .await
+        .expect("the survivor's write completes");
+    eprintln!(
+        "write through the survivor completed {:?} after the other gateway died",
+        t0.elapsed()
+    );
+    let back = b.read16(0, 8, 8, BLOCK).await.expect("read");
+    assert_eq!(&back[..], &[0xEEu8; 4096][..]);
+    assert!(
+        !gb.log().contains("probing the gateways"),
+        "no stall, so no probe: {}",
+        gb.log()
+    );
 }
 
 /// The README's gateway configs ("When one storage box is not enough") validate, and

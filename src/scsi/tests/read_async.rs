@@ -1,14 +1,10 @@
-//! `start_read` against `execute`: the same checks and answers, the data from the
-//! store's own thread, and no store I/O for a READ that a check ends.
+//! `LogicalUnit::start_read` against `execute`: the same checks and answers, the data
+//! from the store's own thread, and no store I/O for a READ that a check ends.
 
 use super::*;
-use crate::scsi::backend::{BlockBackend, ReadDone};
-use crate::scsi::lun::LunSettings;
+use crate::scsi::backend::ReadDone;
 use crate::scsi::sense::{key, Sense};
-use crate::scsi::{status, ItNexus};
 use crate::store::MemBackend;
-use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, ThreadId};
 use std::time::Duration;
@@ -55,11 +51,9 @@ impl BlockBackend for ThreadedMem {
     }
 }
 
-const BLOCKS: usize = 256;
-
 fn unit() -> (Arc<LogicalUnit>, Arc<ThreadedMem>) {
     let be = Arc::new(ThreadedMem {
-        mem: Arc::new(MemBackend::new(BLOCKS * 512)),
+        mem: Arc::new(MemBackend::new(BLOCKS as usize * 512)),
         started: AtomicUsize::new(0),
         fail: AtomicBool::new(false),
     });
@@ -69,28 +63,6 @@ fn unit() -> (Arc<LogicalUnit>, Arc<ThreadedMem>) {
         ..LunSettings::default()
     };
     (Arc::new(LogicalUnit::new(settings, be.clone())), be)
-}
-
-fn nexus(i: u8) -> Arc<ItNexus> {
-    Arc::new(ItNexus {
-        initiator_name: format!("iqn.2024-01.test:init{i}"),
-        isid: [0x40, 0, 0, 0, 0, i],
-        target_name: "iqn.2024-01.test:target".into(),
-        tpgt: 1,
-        relative_port_id: 1,
-    })
-}
-
-fn cmd(n: &Arc<ItNexus>, cdb: &[u8], data: &[u8]) -> ScsiCommand {
-    ScsiCommand {
-        nexus: n.clone(),
-        lun: 0,
-        cdb: Bytes::copy_from_slice(cdb),
-        data_out: Bytes::copy_from_slice(data),
-        data_in_len: 65536,
-        data_out_len: data.len() as u32,
-        attr: Default::default(),
-    }
 }
 
 /// Start `c` and wait for its outcome; also which thread delivered it.
