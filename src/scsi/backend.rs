@@ -3,11 +3,11 @@
 use bytes::BytesMut;
 use std::io;
 
-/// Byte-addressed backing store of one logical unit. Calls block; the transport runs
-/// them off the async runtime.
 /// Where an asynchronous read's result goes (see [`BlockBackend::start_read`]).
 pub type ReadDone = Box<dyn FnOnce(io::Result<BytesMut>) + Send>;
 
+/// Byte-addressed backing store of one logical unit. Calls block (except
+/// [`BlockBackend::start_read`]); the transport runs them off the async runtime.
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes: fixed, except that a live reload may grow it (never shrink it).
     fn size(&self) -> u64;

@@ -90,17 +90,15 @@ fn write_bytes(lu: &LogicalUnit, lba: u64, data: &[u8]) -> Result<(), Sense> {
 }
 
 pub(crate) fn read(lu: &LogicalUnit, req: &Request) -> CmdResult {
-    match read_extent(lu, req.cdb)? {
-        None => Ok(Bytes::new()),
-        Some((offset, len)) => lu
-            .backend()
-            .read_buf(len, offset)
-            .map(BytesMut::freeze)
-            .map_err(|e| lu.io_error(&e, "read", false).into()),
+    let r = media_checks(lu, req.cdb, false)?;
+    if r.blocks == 0 {
+        return Ok(Bytes::new());
     }
+    Ok(read_blocks(lu, r.lba, u64::from(r.blocks))?.freeze())
 }
 
-/// A READ's byte offset and length after its media checks; None: it reads nothing.
+/// A READ's byte offset and length after its media checks (as [`read`] makes them);
+/// None: it reads nothing. For [`LogicalUnit::start_read`].
 pub(crate) fn read_extent(lu: &LogicalUnit, cdb: &[u8]) -> Result<Option<(u64, usize)>, Sense> {
     let r = media_checks(lu, cdb, false)?;
     let bs = lu.block_size();
