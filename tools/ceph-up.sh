@@ -66,6 +66,9 @@ auth allow insecure global id reclaim = false
 mon data avail warn = 0
 mon data avail crit = 0
 ms bind msgr1 = false
+# every OSD is on this one host: without this, the monitor needs reports from two hosts
+# and never marks a hung (SIGSTOPped) OSD down
+mon osd min down reporters = 1
 # small machine: keep the daemons lean
 osd op num shards = 1
 osd op num threads per shard = 1

@@ -23,6 +23,8 @@ pub struct Identity {
     pub initiator_name: String,
     pub isid: [u8; 6],
     /// The VMs' initiator name, registered name-only (every ISID) via SPEC_I_PT.
+    /// Both registrations are ALL_TG_PT: a node or VM that logs in again through another
+    /// target port (another portal group, or another gateway on Ceph) is still registered.
     pub vm_initiator_name: Option<String>,
 }
 
@@ -92,7 +94,7 @@ pub async fn ensure_registered(s: &Session, lun: u64, me: &Identity, t: Duration
             None => {
                 let flags = RegisterFlags {
                     aptpl: true,
-                    all_tg_pt: false,
+                    all_tg_pt: true,
                     spec_i_pt: match (&me.vm_initiator_name, vm_ok) {
                         (Some(vm), false) => vec![TransportId::iscsi_name(vm.clone())],
                         _ => vec![],

@@ -120,19 +120,23 @@ impl Shared {
     pub(super) fn ctx(&self, g: &GroupConfig, epoch: u64) -> VmContext {
         let st = &self.cfg.config.node.state_dir;
         let shared = self.cfg.config.node.shared_state_dir.as_ref().unwrap_or(st);
+        let portal = self
+            .portal
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .unwrap_or(self.cfg.portals[0]);
         VmContext {
             group: g.name.clone(),
             node: self.cfg.config.node.name.clone(),
             node_id: self.id,
             epoch,
             initiator_name: self.cfg.vm_initiator_name.clone(),
-            portal: self
-                .portal
-                .lock()
-                .ok()
-                .and_then(|p| *p)
-                .unwrap_or(self.cfg.portals[0])
-                .to_string(),
+            portal: portal.to_string(),
+            other_portals: (self.cfg.portals.iter())
+                .filter(|&&p| p != portal)
+                .map(ToString::to_string)
+                .collect(),
             target: self.cfg.config.target.name.clone(),
             disks: g.disks.clone(),
             state_file: shared.join(format!("{}.state", g.name)),

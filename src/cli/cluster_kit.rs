@@ -240,6 +240,8 @@ impl Layout {
             "run",
             "--disk",
             "{disk0}",
+            "--portals",
+            "{portals}",
             "--initiator-name",
             "{initiator_name}",
             "--epoch",
@@ -708,7 +710,7 @@ mod tests {
             panic!("not a process VM: {:?}", db.vm);
         };
         assert_eq!(command[0], "/usr/bin/holdfast");
-        assert_eq!(command[10], l.ack_log("db").display().to_string());
+        assert_eq!(command[12], l.ack_log("db").display().to_string());
         assert_eq!(command[command.len() - 2..], ["--fail-after", "10"]);
         assert_eq!(restore_args, &["--restore"]);
         assert_eq!(save_signal.as_deref(), Some("SIGUSR1"));

@@ -33,6 +33,7 @@
 use super::chap_args::ChapArgs;
 use super::SessionError;
 use crate::backoff::Backoff;
+use crate::initiator::url::parse_portal;
 use crate::initiator::{
     connect, past_unit_attention, ConnectError, ConnectOptions, InitiatorConfig, InitiatorError,
     IscsiUrl, Session,
@@ -46,6 +47,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -918,6 +920,11 @@ pub struct RunArgs {
     /// A command with no answer after this long counts as a lost connection
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub io_timeout: Duration,
+    /// More portals of the disk's target (HOST[:PORT], comma separated), tried in turn
+    /// after the --disk URL's when a login fails: another gateway's path (the agent's
+    /// `{portals}`)
+    #[arg(long, value_delimiter = ',', value_name = "PORTALS", requires = "disk")]
+    pub portals: Vec<String>,
     #[command(flatten)]
     pub chap: ChapArgs,
 }
@@ -1134,8 +1141,21 @@ pub(super) enum Ending {
     Error(String),
 }
 
+/// A login that no portal accepted: the last portal tried and its error.
+type LoginFailed = (SocketAddr, InitiatorError);
+
+/// Why a run could not start writing.
+enum StartFailed {
+    /// No portal accepted the first login.
+    Login(ConnectError),
+    /// Stopped, fenced or failed while logging in or reading the disk.
+    Setup(Fail),
+}
+
 struct Guest {
     cfg: InitiatorConfig,
+    /// Where to log in: the URL's portal first, then --portals; `cfg.addr` is one of them.
+    portals: Vec<SocketAddr>,
     lun: u64,
     io_timeout: Duration,
     session: Option<Session>,
@@ -1184,29 +1204,26 @@ impl Guest {
         let mut failures = FailureLog::default();
         let mut began = Instant::now();
         loop {
-            let mut rx = self.stop.clone();
-            let attempt = tokio::select! {
-                r = Session::login(self.cfg.clone()) => r,
-                _ = rx.wait_for(Option::is_some) => {
-                    return Err(Fail::Stopped(self.stop_requested().unwrap_or(Stop::Term)));
-                }
-            };
+            let attempt = self.login_somewhere().await?;
             match attempt {
                 Ok(s) => {
                     let failed = match failures.success(Instant::now().into_std()) {
                         Verdict::Recovered { failures, .. } => failures,
                         _ => 0,
                     };
-                    info!(isid = %hex::encode(s.isid()), failed, "logged in again");
+                    let isid = hex::encode(s.isid());
+                    info!(%isid, portal = %self.cfg.addr, failed, "logged in again");
                     self.session = Some(s);
                     return Ok(());
                 }
-                Err(e) => match failures.failure(&e.to_string(), Instant::now().into_std()) {
-                    Verdict::Log { repeated } => {
-                        warn!(error = %e, "re-login failed; retrying{}", Repeated(repeated))
+                Err((portal, e)) => {
+                    match failures.failure(&e.to_string(), Instant::now().into_std()) {
+                        Verdict::Log { repeated } => {
+                            warn!(%portal, error = %e, "re-login failed; retrying{}", Repeated(repeated))
+                        }
+                        _ => debug!(%portal, error = %e, "re-login failed"),
                     }
-                    _ => debug!(error = %e, "re-login failed"),
-                },
+                }
             }
             // A round (wait + attempt) far longer than its limits means this process was
             // stopped (a VM paused through a storage outage): that is not patience spent.
@@ -1219,6 +1236,36 @@ impl Guest {
             began = Instant::now();
             let wait = backoff.next_delay(rand::random());
             self.pause(wait).await.map_err(Fail::Stopped)?;
+        }
+    }
+
+    /// One login through each portal in turn, from the current one, until one accepts;
+    /// the last error if none does. The portal that accepted stays current.
+    async fn login_somewhere(&mut self) -> Result<Result<Session, LoginFailed>, Fail> {
+        let mut last = None;
+        for _ in 0..self.portals.len() {
+            let mut rx = self.stop.clone();
+            let attempt = tokio::select! {
+                r = Session::login(self.cfg.clone()) => r,
+                _ = rx.wait_for(Option::is_some) => {
+                    return Err(Fail::Stopped(self.stop_requested().unwrap_or(Stop::Term)));
+                }
+            };
+            match attempt {
+                Ok(s) => return Ok(Ok(s)),
+                Err(e) => {
+                    debug!(portal = %self.cfg.addr, error = %e, "login failed");
+                    last = Some((self.cfg.addr, e));
+                    self.next_portal();
+                }
+            }
+        }
+        Ok(Err(last.unwrap_or((self.cfg.addr, InitiatorError::Timeout))))
+    }
+
+    fn next_portal(&mut self) {
+        if let Some(i) = self.portals.iter().position(|&p| p == self.cfg.addr) {
+            self.cfg.addr = self.portals[(i + 1) % self.portals.len()];
         }
     }
 
@@ -1294,6 +1341,23 @@ impl Guest {
         .await
     }
 
+    /// The first login, then [`Guest::setup`]. The login is not retried (beyond one
+    /// try per portal): a guest that cannot reach its disk at all fails at once, and the
+    /// agent sees it.
+    async fn start(&mut self, target: &str) -> Result<(Layout, DiskContents), StartFailed> {
+        match self.login_somewhere().await.map_err(StartFailed::Setup)? {
+            Ok(s) => self.session = Some(s),
+            Err((addr, source)) => {
+                return Err(StartFailed::Login(ConnectError::Login {
+                    target: target.to_string(),
+                    addr,
+                    source,
+                }))
+            }
+        }
+        self.setup().await.map_err(StartFailed::Setup)
+    }
+
     /// The disk's layout (from its capacity) and what is on it.
     async fn setup(&mut self) -> Result<(Layout, DiskContents), Fail> {
         let lun = self.lun;
@@ -1322,6 +1386,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
     };
     let url: IscsiUrl = disk.parse()?;
     let cfg = initiator_config(&url, name, &a.chap)?;
+    let portals = portal_list(cfg.addr, &a.portals)?;
     let instance = a.instance.unwrap_or_else(rand::random);
     // A state file that cannot be read fails the start before anything is written.
     let saved = saved_state(a)?;
@@ -1329,6 +1394,7 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
     let stop = install_signals().map_err(GuestError::Signals)?;
     let mut g = Guest {
         cfg,
+        portals,
         lun: url.lun,
         io_timeout: a.io_timeout,
         session: None,
@@ -1342,24 +1408,13 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
         })
     };
 
-    // The first login is not retried: a guest that cannot reach its disk at all fails
-    // at once, and the agent sees it.
-    let addr = g.cfg.addr;
-    match Session::login(g.cfg.clone()).await {
-        Ok(s) => g.session = Some(s),
-        Err(source) => {
-            exit(&mut log, "login-failed")?;
-            return Err(ConnectError::Login {
-                target: url.target.clone(),
-                addr,
-                source,
-            }
-            .into());
-        }
-    }
-    let (layout, disk) = match g.setup().await {
+    let (layout, disk) = match g.start(&url.target).await {
         Ok(v) => v,
-        Err(f) => {
+        Err(StartFailed::Login(e)) => {
+            exit(&mut log, "login-failed")?;
+            return Err(e.into());
+        }
+        Err(StartFailed::Setup(f)) => {
             let (reason, code, err) = ending_of_setup(f);
             exit(&mut log, reason)?;
             if let Some(e) = err {
@@ -1410,6 +1465,20 @@ pub async fn run(a: &RunArgs) -> Result<i32, GuestError> {
     }
     info!(instance = %Instance(instance), epoch = a.epoch, acked = w.acked, reason, code, "guest exits");
     Ok(code)
+}
+
+/// The URL's portal, then the others of --portals (resolved, without repeats).
+fn portal_list(first: SocketAddr, more: &[String]) -> Result<Vec<SocketAddr>, GuestError> {
+    let mut all = vec![first];
+    for p in more {
+        let (host, port) =
+            parse_portal(p).map_err(|e| SessionError::Usage(format!("--portals {p:?}: {e}")))?;
+        let addr = connect::resolve(&host, port).map_err(SessionError::from)?;
+        if !all.contains(&addr) {
+            all.push(addr);
+        }
+    }
+    Ok(all)
 }
 
 /// The state to restore (`--restore` with a `--state-file`), if any.

@@ -326,6 +326,17 @@ pub struct LogicalUnit {
 /// EIO may be a bad sector, a run of them is a dead device.
 pub const OFFLINE_AFTER_ERRORS: usize = 8;
 
+/// Errors of a store reached over the network that did not answer in time (librados'
+/// operation timeout): the store may answer again, the medium is not at fault.
+fn unreachable_store(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ETIMEDOUT | libc::ENOTCONN))
+}
+
+/// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY for a store that did not
+/// answer: the one NOT READY that initiators retry after a delay (Linux:
+/// ACTION_DELAYED_RETRY) rather than failing the I/O, as MEDIUM ERROR would.
+const STORE_UNREACHABLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x01);
+
 /// Errors that mean the device itself is gone, not one bad range.
 fn fatal_io_error(e: &io::Error) -> bool {
     matches!(
@@ -341,9 +352,21 @@ pub struct SharedCommit {
     pub effects: ProutEffects,
     /// Sequence number of `state` (orders installs from concurrent notices).
     pub seq: u64,
-    /// Every other gateway acknowledged, or was fenced: false means the state is
-    /// committed but a silent gateway could not be fenced (the command fails).
-    pub complete: bool,
+    /// Whether every other gateway has the state.
+    pub published: Published,
+}
+
+/// How far a committed shared PR state reached the other gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Every other gateway installed it or was fenced (or nothing changed).
+    Everywhere,
+    /// A silent gateway could not be fenced: the command fails.
+    Incomplete,
+    /// This gateway was fenced before it could tell the others: the command answers
+    /// NOT READY, as a PR OUT refused for that reason does, and the LU waits for the
+    /// watcher's reload (which re-publishes what it reads).
+    FencedHere,
 }
 
 /// What a shared PR OUT applies to the authoritative state: the next state and its
@@ -601,12 +624,7 @@ impl LogicalUnit {
         };
         let c = shared.update(&mut apply).map_err(|e| match e {
             SharedPrError::Command(c) => c,
-            SharedPrError::Fenced => {
-                tracing::warn!(serial = %self.settings.serial,
-                    "PR OUT refused: this gateway is fenced; NOT READY until reconnected");
-                self.set_pr_stale(true);
-                PR_STATE_RELOADING.into()
-            }
+            SharedPrError::Fenced => self.fenced_here("PR OUT refused"),
             SharedPrError::Unavailable => Sense::INTERNAL_TARGET_FAILURE.into(),
         })?;
         tracing::debug!(
@@ -618,10 +636,20 @@ impl LogicalUnit {
         if c.effects.changed {
             self.install_shared_pr(c.seq, c.state, &c.effects, Some(nexus));
         }
-        if !c.complete {
-            return Err(Sense::INTERNAL_TARGET_FAILURE.into());
+        match c.published {
+            Published::Everywhere => Ok(Bytes::new()),
+            Published::Incomplete => Err(Sense::INTERNAL_TARGET_FAILURE.into()),
+            Published::FencedHere => Err(self.fenced_here("PR OUT committed but not published")),
         }
-        Ok(Bytes::new())
+    }
+
+    /// This gateway is fenced in the shared store: NOT READY (becoming ready) until the
+    /// watcher has reconnected and re-read the state.
+    fn fenced_here(&self, what: &str) -> CmdError {
+        tracing::warn!(serial = %self.settings.serial, what,
+            "this gateway is fenced; NOT READY until reconnected");
+        self.set_pr_stale(true);
+        PR_STATE_RELOADING.into()
     }
 
     /// PERSISTENT RESERVE IN.
@@ -1069,6 +1097,13 @@ impl LogicalUnit {
                 "backend client fenced: NOT READY until reconnected");
             self.set_pr_stale(true);
             return PR_STATE_RELOADING;
+        }
+        if unreachable_store(e) {
+            // A network store (RBD) that did not answer in time says nothing about the
+            // medium: retryable NOT READY, never counted towards taking the LU offline.
+            tracing::warn!(error = %e, what, serial = %self.settings.serial,
+                "backing store unreachable: NOT READY (retryable)");
+            return STORE_UNREACHABLE;
         }
         tracing::error!(error = %e, what, serial = %self.settings.serial, "backend I/O error");
         if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -16,6 +16,7 @@ fn ctx(dir: &Path) -> VmContext {
         epoch: 7,
         initiator_name: "iqn.2026-11.org.holdfast:lab.n1.vm".into(),
         portal: "127.0.0.1:3260".into(),
+        other_portals: vec![],
         target: "iqn.t".into(),
         disks: vec![2, 1],
         state_file: dir.join("web.state"),

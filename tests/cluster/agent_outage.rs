@@ -28,12 +28,12 @@ const GROUPS: [(&str, u16); 3] = [("a", 1), ("b", 2), ("c", 3)];
 /// The only events an outage may cause about a group; anything else (vm-killed,
 /// claimed, fenced, vm-started, vm-restart, pause-expired...) means a VM was killed,
 /// restarted or taken away.
-const ALLOWED: [&str; 2] = ["paused", "resumed"];
+pub(crate) const ALLOWED: [&str; 2] = ["paused", "resumed"];
 /// Node events that would kill every VM of the node.
-const NODE_FORBIDDEN: [&str; 2] = ["self-fence", "rejoin"];
+pub(crate) const NODE_FORBIDDEN: [&str; 2] = ["self-fence", "rejoin"];
 
 /// Events named `event` about `group` logged at or after `since` (mono_ns).
-fn events_of(c: &Cluster, event: &str, group: &str, since: u64) -> Vec<Value> {
+pub(crate) fn events_of(c: &Cluster, event: &str, group: &str, since: u64) -> Vec<Value> {
     c.events()
         .into_iter()
         .filter(|e| {
@@ -64,7 +64,10 @@ fn run_of(c: &Cluster, group: &str, epoch: u64) -> (Vec<(u64, u64)>, usize, usiz
 }
 
 /// Per group: acknowledged writes of its run so far.
-fn ack_counts(c: &Cluster, runs: &BTreeMap<String, (u16, u64)>) -> BTreeMap<String, usize> {
+pub(crate) fn ack_counts(
+    c: &Cluster,
+    runs: &BTreeMap<String, (u16, u64)>,
+) -> BTreeMap<String, usize> {
     runs.iter()
         .map(|(g, &(_, e))| (g.clone(), c.acked_in_epoch(g, e)))
         .collect()
@@ -224,7 +227,7 @@ async fn outage(
 
 /// Each group's run goes on: one start line and no exit in its epoch, every ack from
 /// the same guest instance, counters consecutive across the gaps.
-fn assert_runs_continue(c: &Cluster, runs: &BTreeMap<String, (u16, u64)>) {
+pub(crate) fn assert_runs_continue(c: &Cluster, runs: &BTreeMap<String, (u16, u64)>) {
     for (g, &(_, epoch)) in runs {
         let (acks, starts, exits) = run_of(c, g, epoch);
         assert_eq!(

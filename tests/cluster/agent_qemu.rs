@@ -300,6 +300,7 @@ fn qemu_driver_pauses_resumes_and_powers_down_a_paused_guest() {
         epoch: 1,
         initiator_name: "iqn.2026-11.org.holdfast:solo.vm".into(),
         portal: "127.0.0.1:1".into(),
+        other_portals: vec![],
         target: "iqn.2026-11.org.holdfast:none".into(),
         disks: vec![],
         state_file: dir.path().join("solo.state"),

@@ -2,7 +2,7 @@
 //! the VM drivers, the test guest and its checker, the demo, the fault test, the
 //! failover benchmark, a node inside a QEMU guest writing through the kernel initiator
 //! (kernel_node), and real QEMU guests under the qemu driver (agent_qemu), live-migrated under write load
-//! (agent_qemu_live). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
+//! (agent_qemu_live), and the cluster spread over gateways on Ceph RBD (agent_gateways). Run one area with a filter: `cargo test --test cluster -- agent_failover::`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -12,6 +12,7 @@ mod agent_drivers;
 mod agent_events;
 mod agent_failover;
 mod agent_faults;
+mod agent_gateways;
 mod agent_guest;
 mod agent_live;
 mod agent_live_libvirt;

@@ -13,6 +13,7 @@
 //! are never cut, and a target restarted while a link is down still binds (a down
 //! link's address is not local).
 
+use super::gateways::Gateways;
 use super::netns::Netns;
 use holdfast::agent::config::Timings;
 use holdfast::agent::quorum::{GroupRecord, GroupState, QuorumImage};
@@ -42,6 +43,8 @@ pub struct Cluster {
     /// (in `Drop`), so no process of ours is left in a namespace it deletes.
     net: Option<Netns>,
     procs: Processes,
+    /// On Ceph: the gateways (and their Ceph cluster) instead of the one target.
+    pub gateways: Option<Gateways>,
 }
 
 impl Cluster {
@@ -57,7 +60,23 @@ impl Cluster {
         Cluster::build(nodes, groups, Some(Netns::new(nodes))).await
     }
 
+    /// [`Cluster::new`] with its LUNs on RBD images of a Ceph cluster of its own, served
+    /// by `gateways` holdfast gateways (tests/common/gateways.rs); node i's portals list
+    /// every gateway, starting from a different one per node.
+    pub async fn new_on_ceph(nodes: u16, groups: Vec<GroupSpec>, gateways: u16) -> Cluster {
+        Cluster::build_with(nodes, groups, None, gateways).await
+    }
+
     async fn build(nodes: u16, groups: Vec<GroupSpec>, net: Option<Netns>) -> Cluster {
+        Cluster::build_with(nodes, groups, net, 0).await
+    }
+
+    async fn build_with(
+        nodes: u16,
+        groups: Vec<GroupSpec>,
+        net: Option<Netns>,
+        gateways: u16,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
         let addr = SocketAddr::from(([127, 0, 0, 1], kit::free_port().expect("a free port")));
@@ -78,9 +97,15 @@ impl Cluster {
             groups,
             net,
             procs: Processes::default(),
+            gateways: None,
         };
-        c.write_target_config();
-        c.start_target().await;
+        if gateways == 0 {
+            c.write_target_config();
+            c.start_target().await;
+        } else {
+            c.gateways = Some(Gateways::start(&c.kit, &c.groups, gateways));
+            c.wait_gateways().await;
+        }
         let out = c.run(&["ctl", "init-quorum", &c.kit.url(0), "--cluster", CLUSTER]);
         assert!(
             out.status.success(),
@@ -115,6 +140,9 @@ impl Cluster {
         if let Some(net) = &self.net {
             let portal = SocketAddr::from((net.host_addr(id), self.addr.port()));
             cfg.target.portals = vec![portal.to_string()];
+        }
+        if let Some(g) = &self.gateways {
+            cfg.target.portals = g.portals_for(id);
         }
         kit::write_toml(&self.node_config(id), "", &cfg).unwrap();
     }
@@ -197,6 +225,23 @@ impl Cluster {
             "target did not come up; see {}",
             self.path("target.log").display()
         );
+    }
+
+    /// Wait until every gateway accepts logins.
+    async fn wait_gateways(&self) {
+        let portals = self.gateways.as_ref().map_or(vec![], |g| g.portals.clone());
+        for p in portals {
+            let cfg = InitiatorConfig::new("iqn.2026-11.org.holdfast:probe", TARGET, p);
+            let end = Instant::now() + Duration::from_secs(60);
+            while !kit::accepts_login(&cfg).await {
+                assert!(
+                    Instant::now() < end,
+                    "gateway {p} did not come up\n{}",
+                    self.diagnostics()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     /// SIGKILL the target (APTPL state and data are on disk).
@@ -419,6 +464,9 @@ impl Cluster {
     /// The tail of every log, for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut names = vec!["target.log".to_string(), "events.jsonl".to_string()];
+        for i in 1..=self.gateways.as_ref().map_or(0, Gateways::count) {
+            names.push(format!("gw{i}.log"));
+        }
         for id in 1..=self.nodes {
             names.push(format!("agent{id}.log"));
         }
@@ -466,6 +514,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Never leave processes behind a failed assertion: guests first, then agents.
         self.procs.kill_all();
+        self.gateways = None;
         if std::env::var_os("KEEP_CLUSTER").is_some() {
             let p = self.dir.path().to_path_buf();
             std::mem::forget(std::mem::replace(

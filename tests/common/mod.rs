@@ -2,7 +2,9 @@
 //! with its backing files in a temporary directory.
 #![allow(dead_code)]
 
+pub mod ceph_fixture;
 pub mod cluster;
+pub mod gateways;
 pub mod hooked;
 pub mod metrics;
 pub mod netns;

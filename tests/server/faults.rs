@@ -21,6 +21,8 @@ const BAD_SECTORS: u8 = 1;
 const GONE: u8 = 2;
 /// Every call fails with EIO.
 const ALL_EIO: u8 = 3;
+/// Every call times out (a network store, such as RBD, that does not answer).
+const TIMING_OUT: u8 = 4;
 
 const BAD_RANGE: std::ops::Range<u64> = (1 << 20)..((1 << 20) + 65536);
 
@@ -37,6 +39,7 @@ impl Hook for Faulty {
             }
             GONE => Err(io::Error::from_raw_os_error(libc::ENODEV)),
             ALL_EIO => Err(io::Error::from_raw_os_error(libc::EIO)),
+            TIMING_OUT => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
             _ => Ok(()),
         }
     }
@@ -173,6 +176,32 @@ async fn a_dead_store_takes_only_its_lun_offline() {
     // LUN 1 never noticed.
     s.write16(1, 0, blocks(9, 16), BLOCK, true).await.unwrap();
     assert_eq!(s.read16(1, 0, 16, BLOCK).await.unwrap(), blocks(9, 16));
+    s.logout().await.unwrap();
+}
+
+/// A store that stops answering (librados' ETIMEDOUT) for longer than a run of errors
+/// that would take a LU offline: every command gets the retryable NOT READY 04/01, never
+/// MEDIUM ERROR, and the LU serves again as soon as the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_does_not_answer_is_not_ready_and_never_takes_the_lun_offline() {
+    let (t, m0, _) = faulty_target().await;
+    let s = ready(&t).await;
+    s.write16(0, 0, blocks(1, 8), BLOCK, false).await.unwrap();
+    m0.store(TIMING_OUT, Ordering::SeqCst);
+    for i in 0..3 * holdfast::scsi::lun::OFFLINE_AFTER_ERRORS as u64 {
+        let e = match i % 2 {
+            0 => s.read16(0, i, 1, BLOCK).await.unwrap_err(),
+            _ => s
+                .write16(0, 8 + i, blocks(2, 1), BLOCK, true)
+                .await
+                .unwrap_err(),
+        };
+        assert_eq!(sense(&e), (2, 0x04, 0x01), "command {i}");
+    }
+    m0.store(HEALTHY, Ordering::SeqCst);
+    s.test_unit_ready(0).await.expect("online again");
+    assert_eq!(s.read16(0, 0, 8, BLOCK).await.unwrap(), blocks(1, 8));
+    s.write16(0, 100, blocks(3, 8), BLOCK, true).await.unwrap();
     s.logout().await.unwrap();
 }
 

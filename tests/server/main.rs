@@ -6,7 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod ceph_fixture;
+use common::ceph_fixture;
 mod faults;
 mod hostile;
 mod io;

@@ -300,7 +300,29 @@ async fn a_blocklisted_gateway_answers_not_ready() {
     );
     // `blocklist add` returns once the monitors committed it; an OSD that has not yet
     // seen that map may still take a write or two (the cross-gateway fence waits for
-    // the OSD map for this reason). So write until the gateway is refused...
+    // the OSD map for this reason). A PR OUT first: refused as NOT READY, whether its
+    // commit was refused (SharedPrError::Fenced) or landed before its notice was
+    // (Published::FencedHere); never GOOD once refused, never HARDWARE ERROR.
+    let flags = holdfast::initiator::RegisterFlags::default();
+    let mut pr_refused = None;
+    for i in 0..20u64 {
+        match s.register_ignore(0, 0x100 + i, &flags).await {
+            Ok(()) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            other => {
+                pr_refused = Some(other);
+                break;
+            }
+        }
+    }
+    match pr_refused.expect("the blocklisted gateway refused a PR OUT within 4 s") {
+        Err(InitiatorError::CheckCondition {
+            key: key::NOT_READY,
+            asc: 0x04,
+            ascq: 0x01,
+        }) => {}
+        other => panic!("a blocklisted gateway's PR OUT: {other:?}"),
+    }
+    // Then write until the gateway is refused (at once now: the LU waits for the reload)...
     let mut refused = None;
     for _ in 0..20 {
         match s

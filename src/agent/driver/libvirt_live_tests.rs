@@ -8,6 +8,7 @@ fn ctx() -> VmContext {
         epoch: 7,
         initiator_name: "iqn.x:hv2.vm".into(),
         portal: "127.0.0.1:3260".into(),
+        other_portals: vec![],
         target: "iqn.t".into(),
         disks: vec![3],
         state_file: "/s/web.state".into(),

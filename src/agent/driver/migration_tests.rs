@@ -74,6 +74,7 @@ fn qemu_driver(dir: &Path, node: &str) -> (ProcessDriver, VmContext) {
         epoch: 1,
         initiator_name: "iqn.x:vm".into(),
         portal: "127.0.0.1:3260".into(),
+        other_portals: vec![],
         target: "iqn.t".into(),
         disks: vec![],
         state_file: state_dir.join("web.state"),

@@ -64,6 +64,10 @@ pub struct VmContext {
     pub initiator_name: String,
     /// `{portal}`: host:port of the portal the agent is logged in through.
     pub portal: String,
+    /// The node's other portals (node.toml's list without `portal`). `{portals}`: all of
+    /// them, `portal` first, comma separated: where a VM's data path may log in again
+    /// when its portal (a gateway) is lost.
+    pub other_portals: Vec<String>,
     /// `{target}`: the target's iSCSI name.
     pub target: String,
     /// `{disk0}`, `{disk1}`, …: iscsi://PORTAL/TARGET/LUN of each disk, in config order;
@@ -90,6 +94,15 @@ impl VmContext {
         self.disks
             .get(i)
             .map(|l| format!("iscsi://{}/{}/{}", self.portal, self.target, l))
+    }
+
+    /// `{portals}`: the agent's portal first, then the node's others.
+    pub fn portals(&self) -> String {
+        std::iter::once(&self.portal)
+            .chain(&self.other_portals)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Replace the placeholders listed on the fields; unknown `{…}` stay as written.
@@ -126,6 +139,7 @@ impl VmContext {
             "epoch" => self.epoch.to_string(),
             "initiator_name" => self.initiator_name.clone(),
             "portal" => self.portal.clone(),
+            "portals" => self.portals(),
             "target" => self.target.clone(),
             "state_file" => self.state_file.display().to_string(),
             "state_dir" => self.state_dir.display().to_string(),
@@ -160,6 +174,7 @@ impl VmContext {
                 self.initiator_name.clone(),
             ),
             ("HOLDFAST_PORTAL".to_string(), self.portal.clone()),
+            ("HOLDFAST_PORTALS".to_string(), self.portals()),
             ("HOLDFAST_TARGET".to_string(), self.target.clone()),
             (
                 "HOLDFAST_STATE_FILE".to_string(),
@@ -317,6 +332,7 @@ mod tests {
             epoch: 7,
             initiator_name: "iqn.x:vm".into(),
             portal: "127.0.0.1:3260".into(),
+            other_portals: vec![],
             target: "iqn.t".into(),
             disks: vec![2, 1],
             state_file: "/s/web.state".into(),
@@ -336,6 +352,12 @@ mod tests {
             "iscsi://127.0.0.1:3260/iqn.t/2 iscsi://127.0.0.1:3260/iqn.t/1"
         );
         assert_eq!(c.expand("{disk9}"), "{disk9}");
+        assert_eq!(c.expand("{portals}"), "127.0.0.1:3260");
+        let two = VmContext {
+            other_portals: vec!["127.0.0.2:3260".into()],
+            ..c
+        };
+        assert_eq!(two.expand("{portals}"), "127.0.0.1:3260,127.0.0.2:3260");
     }
 
     #[test]

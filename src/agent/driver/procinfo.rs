@@ -96,6 +96,7 @@ mod tests {
         let st = st.expect("the child's stat");
         assert_eq!(st.ppid, std::process::id());
         assert_eq!(st.pgrp, nix::unistd::getpgrp().as_raw() as u32);
-        assert!(matches!(st.state, 'R' | 'S'), "{st:?}");
+        // D: a loaded machine may catch the child paging in its executable.
+        assert!(matches!(st.state, 'R' | 'S' | 'D'), "{st:?}");
     }
 }

@@ -429,6 +429,7 @@ mod tests {
             epoch: 7,
             initiator_name: "iqn.x:vm".into(),
             portal: "127.0.0.1:3260".into(),
+            other_portals: vec![],
             target: "iqn.t".into(),
             disks: vec![2, 1],
             state_file: "/s/web.state".into(),

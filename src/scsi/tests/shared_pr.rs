@@ -5,7 +5,7 @@
 use super::*;
 use crate::scsi::status;
 use crate::store::MemBackend;
-use std::sync::Weak;
+use std::sync::{atomic, Weak};
 
 #[derive(Debug, Default)]
 struct Store {
@@ -13,6 +13,9 @@ struct Store {
     gateways: Mutex<Vec<Weak<LogicalUnit>>>,
     /// Every gateway's client is blocklisted.
     fenced: std::sync::atomic::AtomicBool,
+    /// The next commit lands, then its publisher finds itself blocklisted: no other
+    /// gateway hears of it.
+    fenced_after_commit: std::sync::atomic::AtomicBool,
 }
 
 /// Gateway `me`'s view of the shared store.
@@ -29,6 +32,16 @@ impl SharedPr for FakeShared {
         }
         let mut c = self.store.committed.lock().unwrap();
         let (state, effects) = apply(&c.1)?;
+        let cut_off = (self.store.fenced_after_commit).swap(false, atomic::Ordering::SeqCst);
+        if cut_off {
+            *c = (c.0 + 1, state.clone());
+            return Ok(SharedCommit {
+                state,
+                effects,
+                seq: c.0,
+                published: Published::FencedHere,
+            });
+        }
         if effects.changed {
             *c = (c.0 + 1, state.clone());
             let gws = self.store.gateways.lock().unwrap();
@@ -44,7 +57,7 @@ impl SharedPr for FakeShared {
             state,
             effects,
             seq: c.0,
-            complete: true,
+            published: Published::Everywhere,
         })
     }
 }
@@ -197,4 +210,34 @@ fn a_pr_out_through_a_fenced_gateway_answers_not_ready_and_the_lu_waits_for_the_
     // The watcher's re-read makes it ready again.
     a.set_pr_stale(false);
     assert_eq!(write(&a, &n).status, status::GOOD);
+}
+
+#[test]
+fn a_pr_out_committed_by_a_gateway_fenced_before_publishing_answers_not_ready() {
+    let store = Arc::new(Store::default());
+    let (a, b, _) = gateways_of(store.clone());
+    let n = nexus("host1", 1);
+    store
+        .fenced_after_commit
+        .store(true, atomic::Ordering::SeqCst);
+    // Committed but not published: not GOOD (the others do not have it yet), and not
+    // HARDWARE ERROR either: NOT READY, until the watcher has reconnected.
+    assert_eq!(sense(&prout(&a, &n, 0, 0, 0, 0xA1)), (2, 0x04, 0x01));
+    assert_eq!(sense(&write(&a, &n)), (2, 0x04, 0x01));
+    assert_ne!(
+        a.pr_state(),
+        b.pr_state(),
+        "the other gateway never heard of it"
+    );
+    // What the watcher's recovery does: re-read, serve, re-publish to the others.
+    let (seq, committed) = store.committed.lock().unwrap().clone();
+    a.install_shared_pr(seq, committed.clone(), &ProutEffects::default(), None);
+    a.set_pr_stale(false);
+    b.install_shared_pr(seq, committed, &ProutEffects::default(), None);
+    assert_eq!(a.pr_state(), b.pr_state());
+    // The registration stands: REGISTER again with the old key 0 now conflicts.
+    assert_eq!(
+        prout(&a, &n, 0, 0, 0, 0xA1).status,
+        status::RESERVATION_CONFLICT
+    );
 }

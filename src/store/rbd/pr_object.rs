@@ -4,7 +4,7 @@
 
 use super::ffi::Pool;
 use super::pr_sync::{self, GuardedObject, PrNotice, UpdateError};
-use crate::scsi::lun::{PrApply, SharedCommit, SharedPr, SharedPrError};
+use crate::scsi::lun::{PrApply, Published, SharedCommit, SharedPr, SharedPrError};
 use crate::scsi::pr::{PrState, ProutEffects};
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -101,8 +101,8 @@ impl RbdSharedPr {
     }
 
     /// Have every other gateway install committed state `seq` and apply `fx`; silent
-    /// ones are fenced. True: none can act on older state any more.
-    pub fn publish(&self, seq: u64, state: &PrState, fx: &ProutEffects) -> bool {
+    /// ones are fenced. Everywhere: none can act on older state any more.
+    pub fn publish(&self, seq: u64, state: &PrState, fx: &ProutEffects) -> Published {
         let notice = PrNotice {
             seq,
             state: state.clone(),
@@ -116,27 +116,31 @@ impl RbdSharedPr {
     /// fence the silent ones, whose watches the OSDs then drop at once (see
     /// `stall.rs`). True: every other gateway answered or is fenced.
     pub fn fence_silent(&self) -> bool {
-        self.notify_and_fence(b"")
+        self.notify_and_fence(b"") == Published::Everywhere
     }
 
-    /// Notify the watchers and fence the silent ones. True: every other gateway
+    /// Notify the watchers and fence the silent ones. Everywhere: every other gateway
     /// installed the state or can no longer reach the image.
-    fn notify_and_fence(&self, payload: &[u8]) -> bool {
+    fn notify_and_fence(&self, payload: &[u8]) -> Published {
         let obj = self.object();
         let ms = self.notify_timeout.as_millis().max(1) as u64;
+        let failed = |errno: i32| match errno {
+            libc::ESHUTDOWN => Published::FencedHere,
+            _ => Published::Incomplete,
+        };
         let (r, raw) = match obj.pool.notify(&obj.oid, payload, ms) {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(object = %obj.oid, errno = e, "PR notify failed");
-                return false;
+                return failed(e);
             }
         };
         if r == 0 {
-            return true;
+            return Published::Everywhere;
         }
         let Some(reply) = pr_sync::parse_notify_reply(&raw) else {
             tracing::error!(object = %obj.oid, "PR notify: unreadable reply");
-            return false;
+            return Published::Incomplete;
         };
         let mut fenced_all = true;
         let own_gid = obj.pool.cluster().instance_id();
@@ -149,9 +153,13 @@ impl RbdSharedPr {
         }
         if let Err(e) = obj.pool.cluster().wait_for_latest_osdmap() {
             tracing::error!(errno = e, "waiting for the OSD map after fencing failed");
-            return false;
+            return failed(e);
         }
-        fenced_all
+        if fenced_all {
+            Published::Everywhere
+        } else {
+            Published::Incomplete
+        }
     }
 }
 
@@ -184,12 +192,15 @@ impl SharedPr for RbdSharedPr {
                 SharedPrError::Unavailable
             }
         })?;
-        let complete = !c.effects.changed || self.publish(c.seq, &c.state, &c.effects);
+        let published = match c.effects.changed {
+            true => self.publish(c.seq, &c.state, &c.effects),
+            false => Published::Everywhere,
+        };
         Ok(SharedCommit {
             state: c.state,
             effects: c.effects,
             seq: c.seq,
-            complete,
+            published,
         })
     }
 }

@@ -10,7 +10,7 @@ use super::recovery::{Recovery, Step};
 use super::stall::StallDetector;
 use super::{CephSettings, RbdBackend, RbdError};
 use crate::scsi::backend::{BlockBackend, ExclusiveLock};
-use crate::scsi::lun::LogicalUnit;
+use crate::scsi::lun::{LogicalUnit, Published};
 use crate::scsi::pr::{PrState, ProutEffects};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +54,7 @@ pub fn share_reservations(
     tracing::info!(image = %spec, others_serving = others, cleared = c.effects.changed,
         registrations = c.state.registrations.len(), "shared persistent reservations");
     let shared = Arc::new(RbdSharedPr::new(obj.clone(), settings.notify_timeout));
-    if c.effects.changed && !shared.publish(c.seq, &c.state, &c.effects) {
+    if c.effects.changed && shared.publish(c.seq, &c.state, &c.effects) != Published::Everywhere {
         tracing::warn!(image = %spec, "a silent gateway could not be fenced after clearing");
     }
     lu.install_shared_pr(c.seq, c.state, &ProutEffects::default(), None);
@@ -258,12 +258,13 @@ impl Watcher {
             Step::Reconnect => self.reconnect(lu),
         };
         match r {
-            Ok(()) => {
+            Ok((seq, state)) => {
                 self.recovery.recovered();
                 crate::metrics::ceph::get().watch_recovered(&self.obj.spec);
                 lu.set_pr_stale(false);
                 tracing::info!(object = %self.obj.oid, ?step, took = ?t0.elapsed(),
                     "PR watch re-established and state re-read: serving again");
+                self.republish(seq, state);
             }
             Err((what, errno)) => {
                 self.watch = None;
@@ -293,20 +294,40 @@ impl Watcher {
         }
     }
 
-    /// Re-read the committed state and install it.
-    fn reload(&self, lu: &LogicalUnit) -> Result<(), StepError> {
+    /// Publish the state just re-read to the other gateways, on a thread of its own
+    /// (this one must keep acknowledging their notices). A PR OUT of ours may have
+    /// committed while we were cut off without its notice reaching them (the commit
+    /// landed, then we found ourselves fenced); until another PR OUT, they would act
+    /// on the state before it. A silent gateway is fenced, as for any notice.
+    fn republish(&self, seq: u64, state: PrState) {
+        let shared = self.shared.clone();
+        let oid = self.obj.oid.clone();
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-pr-republish".into())
+            .spawn(move || {
+                let published = shared.publish(seq, &state, &ProutEffects::default());
+                tracing::info!(object = %oid, seq, ?published,
+                    "re-published the PR state after recovery");
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(object = %self.obj.oid, error = %e, "cannot re-publish the PR state");
+        }
+    }
+
+    /// Re-read the committed state and install it; what was installed.
+    fn reload(&self, lu: &LogicalUnit) -> Result<(u64, PrState), StepError> {
         let (seq, st) = self.obj.read_state().map_err(|e| {
             (
                 "re-reading the PR state",
                 e.raw_os_error().unwrap_or(libc::EIO),
             )
         })?;
-        lu.install_shared_pr(seq, st, &ProutEffects::default(), None);
-        Ok(())
+        lu.install_shared_pr(seq, st.clone(), &ProutEffects::default(), None);
+        Ok((seq, st))
     }
 
     /// Re-establish the watch on the current connection, then re-read.
-    fn rewatch(&mut self, lu: &LogicalUnit) -> Result<(), StepError> {
+    fn rewatch(&mut self, lu: &LogicalUnit) -> Result<(u64, PrState), StepError> {
         let w = self
             .obj
             .pool
@@ -318,7 +339,7 @@ impl Watcher {
 
     /// A new connection (this client was blocklisted): reopen the image, publish the
     /// new address, watch, re-read; then PR OUT goes through the new connection too.
-    fn reconnect(&mut self, lu: &LogicalUnit) -> Result<(), StepError> {
+    fn reconnect(&mut self, lu: &LogicalUnit) -> Result<(u64, PrState), StepError> {
         let dead = self.obj.pool.cluster_arc();
         let cluster = super::connect_replacing(&self.settings, Some(&dead))
             .map_err(|_| ("connecting anew", libc::ENOTCONN))?;
@@ -333,7 +354,7 @@ impl Watcher {
         self.watch = Some(watch);
         // Install first: that waits out every command admitted under the old state
         // (they fail on the old handle), so none of them can reach the new one.
-        self.reload(lu)?;
+        let loaded = self.reload(lu)?;
         if let Some(b) = self.backend.upgrade() {
             let old = b
                 .reopen(cluster)
@@ -344,7 +365,7 @@ impl Watcher {
                 .spawn(move || drop(old));
         }
         self.shared.replace_object(obj);
-        Ok(())
+        Ok(loaded)
     }
 }
 
