@@ -1225,9 +1225,11 @@ impl Guest {
                     }
                 }
             }
-            // A round (wait + attempt) far longer than its limits means this process was
-            // stopped (a VM paused through a storage outage): that is not patience spent.
-            if began.elapsed() > RELOGIN_CAP + LOGIN_TIMEOUT + Duration::from_secs(1) {
+            // A round (wait + one attempt per portal) far longer than its limits means this
+            // process was stopped (a VM paused through a storage outage): that is not
+            // patience spent.
+            let round = RELOGIN_CAP + LOGIN_TIMEOUT * self.portals.len() as u32;
+            if began.elapsed() > round + Duration::from_secs(1) {
                 deadline = Instant::now() + RELOGIN_FOR;
             }
             if Instant::now() >= deadline {

@@ -380,6 +380,11 @@ pub trait SharedPr: Send + Sync + std::fmt::Debug {
     /// commit the result and have every other gateway install it. A PR OUT that
     /// changes nothing is not written (`effects.changed` false).
     fn update(&self, apply: &mut PrApply<'_>) -> Result<SharedCommit, SharedPrError>;
+
+    /// Tell every other gateway that this logical unit was reset here (LOGICAL UNIT
+    /// RESET or a target reset): each aborts its tasks on it and raises 29/03 for its
+    /// nexuses ([`LogicalUnit::reset_from_peer`]). Silent gateways are fenced.
+    fn announce_reset(&self) -> Published;
 }
 
 /// Why a shared PR OUT was not committed.
@@ -593,7 +598,10 @@ impl LogicalUnit {
         if victims.is_empty() {
             return;
         }
-        tracing::info!(victims = victims.len(), "preempt and abort");
+        tracing::info!(
+            victims = victims.len(),
+            "aborting the tasks of other nexuses"
+        );
         if let Some(hook) = &*self
             .abort_hook
             .0
@@ -917,6 +925,39 @@ impl LogicalUnit {
         self.clear_reservation();
         let (asc, ascq) = ua::BUS_DEVICE_RESET_FUNCTION_OCCURRED;
         self.queue_unit_attention(&|_| true, asc, ascq);
+    }
+
+    /// A LU reset done on another gateway of a logical unit spanning several: every
+    /// task here is aborted (through the abort hook, as PREEMPT AND ABORT does) and
+    /// every nexus gets 29/03, as for a reset here.
+    pub fn reset_from_peer(&self) {
+        let all: Vec<ItNexus> = (self.nexuses.read())
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        tracing::info!(serial = %self.settings.serial, nexuses = all.len(),
+            "logical unit reset on another gateway");
+        self.abort(&all);
+        self.reset();
+    }
+
+    /// After a reset here: have the other gateways reset too (a no-op without shared
+    /// state). Blocks up to the shared store's notify timeout.
+    pub fn announce_reset(&self) {
+        let Some(shared) = self.shared_pr.get() else {
+            return;
+        };
+        match shared.announce_reset() {
+            Published::Everywhere => {}
+            other => tracing::error!(serial = %self.settings.serial, ?other,
+                "the other gateways could not all be told of the reset"),
+        }
+    }
+
+    /// Whether a reset here must be announced to other gateways.
+    pub fn spans_gateways(&self) -> bool {
+        self.shared_pr.get().is_some()
     }
 
     /// I_T nexus loss: release its SCSI-2 reservation and forget its state (a nexus that

@@ -18,10 +18,10 @@
 //!
 //! KEEP_CLUSTER=1 keeps the cluster's files (gwN.log, agentN.log, ack logs).
 
-use crate::agent_outage::{ack_counts, assert_runs_continue};
+use crate::agent_outage::{ack_counts, assert_runs_continue, group_per_node, start_runs};
 use crate::common;
 
-use common::cluster::{node_name, Cluster, GroupSpec};
+use common::cluster::Cluster;
 use holdfast::agent::node::mono_ns;
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
@@ -144,25 +144,9 @@ fn pauses_resumed(c: &Cluster, since: u64) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_or_an_osd_killed_under_load_kills_no_vm() {
-    let groups = GROUPS
-        .iter()
-        .map(|&(name, node)| {
-            let mut g = GroupSpec::new(name, u64::from(node));
-            g.preferred = vec![node_name(node)];
-            g
-        })
-        .collect();
-    let mut c = Cluster::new_on_ceph(3, groups, 2).await;
+    let mut c = Cluster::new_on_ceph(3, group_per_node(&GROUPS), 2).await;
     let portals = c.gateways.as_ref().expect("on Ceph").portals.clone();
-    for id in 1..=3 {
-        c.start_agent(id);
-    }
-    let mut runs = BTreeMap::new();
-    for (g, node) in GROUPS {
-        let r = c.wait_running(g, Some(node), T).await;
-        c.wait_acks(g, r.epoch, 5, T).await;
-        runs.insert(g.to_string(), (node, r.epoch));
-    }
+    let runs = start_runs(&mut c, &GROUPS).await;
     assert!(
         agent_used(&c, 2, portals[1]) && agent_used(&c, 1, portals[0]),
         "nodes not spread over the gateways\n{}",

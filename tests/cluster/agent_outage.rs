@@ -73,6 +73,36 @@ pub(crate) fn ack_counts(
         .collect()
 }
 
+/// Group (name, node) on LUN `node`, preferring that node: one group per node.
+pub(crate) fn group_per_node(groups: &[(&str, u16)]) -> Vec<GroupSpec> {
+    groups
+        .iter()
+        .map(|&(name, node)| {
+            let mut g = GroupSpec::new(name, u64::from(node));
+            g.preferred = vec![node_name(node)];
+            g
+        })
+        .collect()
+}
+
+/// Start the agents of nodes 1..=N; wait until each group runs on its node and has
+/// acknowledged 5 writes. Per group: (node, epoch) of its run.
+pub(crate) async fn start_runs(
+    c: &mut Cluster,
+    groups: &[(&str, u16)],
+) -> BTreeMap<String, (u16, u64)> {
+    for id in 1..=c.nodes {
+        c.start_agent(id);
+    }
+    let mut runs = BTreeMap::new();
+    for &(g, node) in groups {
+        let r = c.wait_running(g, Some(node), T).await;
+        c.wait_acks(g, r.epoch, 5, T).await;
+        runs.insert(g.to_string(), (node, r.epoch));
+    }
+    runs
+}
+
 /// Whether every guest of the cluster is stopped (SIGSTOP: paused).
 fn all_guests_paused(c: &Cluster) -> bool {
     let g = c.guests();
@@ -259,24 +289,8 @@ async fn target_restarts_after_1_10_and_60_s_pause_and_resume_every_vm_in_place(
     // max_pause: every VM pauses and must come back, in place.
     assert!(Duration::from_secs(10) > t.dead_after && Duration::from_secs(10) > t.self_fence_after);
     assert!(Duration::from_secs(60) + T < t.max_pause);
-    let groups = GROUPS
-        .iter()
-        .map(|&(name, node)| {
-            let mut g = GroupSpec::new(name, u64::from(node));
-            g.preferred = vec![node_name(node)];
-            g
-        })
-        .collect();
-    let mut c = Cluster::new(3, groups).await;
-    for id in 1..=3 {
-        c.start_agent(id);
-    }
-    let mut runs = BTreeMap::new();
-    for (g, node) in GROUPS {
-        let r = c.wait_running(g, Some(node), T).await;
-        c.wait_acks(g, r.epoch, 5, T).await;
-        runs.insert(g.to_string(), (node, r.epoch));
-    }
+    let mut c = Cluster::new(3, group_per_node(&GROUPS)).await;
+    let runs = start_runs(&mut c, &GROUPS).await;
     let pids: BTreeMap<u16, Vec<i32>> = (1..=3).map(|id| (id, c.guest_pids(id))).collect();
     assert!(
         pids.values().all(|p| p.len() == 1),

@@ -8,7 +8,7 @@ use crate::common::metrics::{samples, scrape, value};
 use crate::common::{clear_unit_attention, BLOCK, TARGET};
 use crate::rbd_gateway::{Gateway, GatewayConfig};
 use bytes::Bytes;
-use holdfast::initiator::{InitiatorConfig, Session};
+use holdfast::initiator::{InitiatorConfig, InitiatorError, Session};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -288,6 +288,37 @@ async fn an_image_without_the_exclusive_lock_is_optimized_everywhere_and_never_s
         "no stall, so no probe: {}",
         gb.log()
     );
+}
+
+/// LOGICAL UNIT RESET through gateway A resets the one logical unit: a nexus on gateway B
+/// gets BUS DEVICE RESET FUNCTION OCCURRED (29/03) too (the reset notice on the image's
+/// PR object), once, and B serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lu_reset_through_one_gateway_is_a_unit_attention_through_the_other() {
+    let spec = image("lureset", 16);
+    let ga = start_gateway(&spec, 1, 2, "127.0.0.20").await;
+    let gb = start_gateway(&spec, 2, 1, "127.0.0.21").await;
+    let (a, b) = (login(&ga).await, login(&gb).await);
+    write(&b, 1).await;
+    let response = a.lun_reset(0).await.expect("LU reset");
+    assert_eq!(response, 0, "function complete");
+    let seen = |r: Result<(), InitiatorError>| match r {
+        Err(InitiatorError::CheckCondition { key, asc, ascq }) => (key, asc, ascq),
+        other => panic!("expected a unit attention, got {other:?}"),
+    };
+    assert_eq!(
+        seen(b.test_unit_ready(0).await),
+        (6, 0x29, 0x03),
+        "{}",
+        gb.log()
+    );
+    b.test_unit_ready(0)
+        .await
+        .expect("the unit attention is reported once");
+    assert_eq!(seen(a.test_unit_ready(0).await), (6, 0x29, 0x03));
+    write(&b, 2).await;
+    let back = a.read16(0, 8, 8, BLOCK).await.expect("read");
+    assert!(back.iter().all(|&x| x == 2));
 }
 
 /// The README's gateway configs ("When one storage box is not enough") validate, and

@@ -60,6 +60,16 @@ impl SharedPr for FakeShared {
             published: Published::Everywhere,
         })
     }
+
+    fn announce_reset(&self) -> Published {
+        let gws = self.store.gateways.lock().unwrap();
+        for (i, g) in gws.iter().enumerate() {
+            if i != self.me {
+                g.upgrade().unwrap().reset_from_peer();
+            }
+        }
+        Published::Everywhere
+    }
 }
 
 type Gateways = (Arc<LogicalUnit>, Arc<LogicalUnit>, Arc<Mutex<Vec<ItNexus>>>);
@@ -240,4 +250,23 @@ fn a_pr_out_committed_by_a_gateway_fenced_before_publishing_answers_not_ready() 
         prout(&a, &n, 0, 0, 0, 0xA1).status,
         status::RESERVATION_CONFLICT
     );
+}
+
+#[test]
+fn a_lu_reset_on_one_gateway_aborts_and_alerts_the_nexuses_of_the_other() {
+    let (a, b, _) = gateways();
+    let (here, there) = (nexus("here", 1), nexus("there", 2));
+    let aborted_b = Arc::new(Mutex::new(Vec::new()));
+    let rec = aborted_b.clone();
+    b.set_abort_hook(Box::new(move |v| rec.lock().unwrap().extend_from_slice(v)));
+    assert_eq!(write(&a, &here).status, status::GOOD);
+    assert_eq!(write(&b, &there).status, status::GOOD);
+    assert!(a.spans_gateways() && b.spans_gateways());
+    // What the connection does for LOGICAL UNIT RESET on a: reset here, then announce.
+    a.reset();
+    a.announce_reset();
+    assert_eq!(*aborted_b.lock().unwrap(), vec![there.clone()]);
+    assert_eq!(sense(&write(&b, &there)), (0x06, 0x29, 0x03));
+    assert_eq!(write(&b, &there).status, status::GOOD);
+    assert_eq!(sense(&write(&a, &here)), (0x06, 0x29, 0x03));
 }

@@ -7,6 +7,7 @@ use super::Shared;
 use crate::iscsi::target_conn::{Aborted, Execute, Submit, TargetConnection, TmfRequest};
 use crate::scsi::{
     AbortedTask, LogicalUnit, NexusId, Task, TaskAttr, TaskKey, TmfFunction, TmfResponse,
+    TmfUnitAttention,
 };
 use crate::wire::tmf_function::*;
 use crate::wire::tmf_response::{COMPLETE, NO_TASK, REJECTED};
@@ -34,6 +35,9 @@ pub(super) struct Deferred {
     response: u8,
     own: Vec<Aborted>,
     others: Vec<(Arc<LogicalUnit>, TaskKey)>,
+    /// Reset logical units that span gateways: the other gateways reset them too
+    /// before the response (`LogicalUnit::announce_reset`).
+    announce: Vec<Arc<LogicalUnit>>,
 }
 
 /// How often a deferred TMF response looks whether the tasks it waits for ended.
@@ -171,9 +175,13 @@ impl Shared {
             response: COMPLETE,
             own: Vec::new(),
             others: Vec::new(),
+            announce: Vec::new(),
         };
         for lu in &lus {
             let decision = lu.task_management(self.id, f);
+            if matches!(decision.unit_attention, TmfUnitAttention::Reset) && lu.spans_gateways() {
+                d.announce.push(lu.clone());
+            }
             d.response = response_code(decision.response);
             for (nexus, tasks) in by_nexus(&decision.removal.aborted) {
                 if nexus == self.id {
@@ -194,7 +202,7 @@ impl Shared {
             elsewhere = d.others.len(),
             "task management decided"
         );
-        if d.others.is_empty() {
+        if d.others.is_empty() && d.announce.is_empty() {
             return conn.tmf_decided(d.itt, d.response, &d.own, now);
         }
         // Our own aborted tasks stop answering now; the response waits.
@@ -202,11 +210,20 @@ impl Shared {
         work.push(Work::Answer(d));
     }
 
-    /// Answer a deferred TMF once the other sessions' tasks it aborted have left their
-    /// task sets (they complete as their execution ends).
+    /// Answer a deferred TMF once the other gateways have reset too and the other
+    /// sessions' tasks it aborted have left their task sets (they complete as their
+    /// execution ends).
     fn answer_later(self: &Arc<Self>, d: Deferred) {
         let me = self.clone();
         self.handle.spawn(async move {
+            let announce = d.announce.clone();
+            // A notify waits for the other gateways' acknowledgements: not on a worker.
+            let told = tokio::task::spawn_blocking(move || {
+                announce.iter().for_each(|lu| lu.announce_reset())
+            });
+            if let Err(e) = told.await {
+                tracing::error!(error = %e, "announcing a reset to the other gateways failed");
+            }
             while d.others.iter().any(|(lu, key)| lu.has_task(*key)) {
                 tokio::time::sleep(ANSWER_POLL).await;
             }

@@ -203,4 +203,8 @@ impl SharedPr for RbdSharedPr {
             published,
         })
     }
+
+    fn announce_reset(&self) -> Published {
+        self.notify_and_fence(pr_sync::RESET_NOTICE)
+    }
 }

@@ -44,6 +44,10 @@ pub fn decode_object(b: &[u8]) -> Result<(u64, PrState), PrObjectError> {
     Ok((seq, state))
 }
 
+/// The notice of a LU reset on one gateway (the others abort their tasks on the image
+/// and raise 29/03). Not JSON: a gateway that predates it re-reads the state instead.
+pub const RESET_NOTICE: &[u8] = b"HFRESET1";
+
 /// What a notify tells the other gateways: the committed state and the effects they
 /// apply to their own nexuses. An empty payload is a probe (ack, nothing else).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

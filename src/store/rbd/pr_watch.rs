@@ -277,10 +277,13 @@ impl Watcher {
     }
 
     /// Install a notice from another gateway (ours are installed by the PR OUT itself;
-    /// an empty payload is a start-up probe).
+    /// an empty payload is a start-up probe), or carry out its LU reset.
     fn on_notify(&mut self, lu: &LogicalUnit, notifier: u64, payload: &[u8]) {
         if notifier == self.obj.pool.cluster().instance_id() || payload.is_empty() {
             return;
+        }
+        if payload == pr_sync::RESET_NOTICE {
+            return lu.reset_from_peer();
         }
         match PrNotice::decode(payload) {
             Some(n) => lu.install_shared_pr(n.seq, n.state.clone(), &n.effects(), None),
