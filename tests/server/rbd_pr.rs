@@ -231,15 +231,18 @@ async fn a_frozen_gateway_is_blocklisted_and_none_of_its_writes_land() {
     assert!(count(&a, "holdfast_rbd_pr_watches_lost_total").is_some_and(|v| v >= 1.0));
     assert!(count(&a, "holdfast_rbd_pr_watches_recovered_total").is_some_and(|v| v >= 1.0));
     stop_victim(&stop, tasks).await;
-    // Until then its victim writes were answered NOT READY (the blocklisted handle
-    // refused them, or the watch was known lost).
+    // Victim writes that reached A before it had recovered were answered NOT READY (the
+    // blocklisted handle refused them, or the watch was known lost). Counted, not
+    // asserted: when A recovers (~0.2 s) before the victim's next write reaches it, there
+    // are none (seen once in CI). The answer itself is asserted in
+    // rbd::a_blocklisted_gateway_answers_not_ready; here the watch's loss and recovery
+    // (metrics above), the conflict below and the intact marker are what A shows.
     let not_ready = log
         .lock()
         .unwrap()
         .iter()
         .filter(|(_, r)| matches!(r, Some(Outcome::Check(0x02, 0x04, _))))
         .count();
-    assert!(not_ready > 0, "A answered NOT READY before serving again");
     assert_eq!(victim_write(&victim).await, Outcome::Conflict);
     println!("frozen-gateway PREEMPT AND ABORT took {took:?}; blocklisted {added:?}; victim NOT READY answers {not_ready}; A served again {recovered:?} after SIGCONT");
     let img = export(&spec);
